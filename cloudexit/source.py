@@ -1,0 +1,220 @@
+"""The object store: listing, ranged GET and HEAD over any S3 API (boto3).
+
+All botocore exceptions are translated here into the errors of `cloudexit.errors`, with a
+message that names the endpoint and profile, so the rest of the code never sees botocore.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Any, Iterator
+from urllib.parse import urlparse
+
+from .config import SourceConfig
+from .errors import (BucketNotFound, CredentialsError, EndpointUnreachable, SourceError,
+                     UsageError)
+
+# Provider checksum headers worth keeping: they let migrate verify without trusting the ETag.
+CHECKSUM_HEADERS = (
+    "x-amz-checksum-crc32", "x-amz-checksum-crc32c", "x-amz-checksum-crc64nvme",
+    "x-amz-checksum-sha1", "x-amz-checksum-sha256", "x-amz-checksum-type",
+    "x-oss-hash-crc64ecma", "x-cos-hash-crc64ecma", "x-obs-hash-crc64ecma",
+)
+CREDENTIAL_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken",
+                    "InvalidToken", "TokenRefreshRequired", "AuthorizationHeaderMalformed"}
+
+
+def parse_s3_url(url: str) -> tuple[str, str]:
+    """`s3://bucket/prefix` -> (bucket, prefix)."""
+    parsed = urlparse(url)
+    if parsed.scheme != "s3" or not parsed.netloc:
+        raise UsageError(f"not an S3 URL: {url!r}", hint="write it as s3://BUCKET or s3://BUCKET/PREFIX")
+    return parsed.netloc, parsed.path.lstrip("/")
+
+
+@dataclass(frozen=True)
+class ListedObject:
+    key: str
+    size: int
+    etag: str
+    last_modified: str
+    storage_class: str
+
+
+@dataclass(frozen=True)
+class ListPage:
+    objects: list[ListedObject]
+    prefixes: list[str]
+    truncated: bool
+    next_token: str | None
+
+
+@dataclass(frozen=True)
+class RangeRead:
+    data: bytes
+    size: int  # the whole object's size, from Content-Range
+    etag: str
+    checksums: dict[str, str]
+
+
+class ObjectGone(SourceError):
+    """The object was deleted since it was listed."""
+
+
+class ObjectChanged(SourceError):
+    """The object's ETag no longer matches the one recorded (HTTP 412)."""
+
+
+class Source:
+    """One bucket (and prefix) on one endpoint."""
+
+    def __init__(self, url: str, config: SourceConfig | None = None) -> None:
+        self.url = url
+        self.bucket, self.prefix = parse_s3_url(url)
+        self.config = config or SourceConfig()
+        self._local = threading.local()
+        self._session: Any = None
+
+    # -- plumbing -------------------------------------------------------------------------
+    @property
+    def where(self) -> str:
+        """Endpoint and profile, for messages."""
+        endpoint = self.config.endpoint_url or "the default AWS endpoint"
+        profile = self.config.profile or "default credential chain"
+        return f"{endpoint} (profile: {profile})"
+
+    def client(self) -> Any:
+        """A boto3 client per thread: clients are thread-safe, but one each avoids pool contention."""
+        client = getattr(self._local, "client", None)
+        if client is None:
+            client = self._new_client()
+            self._local.client = client
+        return client
+
+    def _new_client(self) -> Any:
+        import boto3
+        from botocore.config import Config
+        from botocore.exceptions import ProfileNotFound
+
+        if self._session is None:
+            try:
+                self._session = boto3.Session(profile_name=self.config.profile,
+                                              region_name=self.config.region)
+            except ProfileNotFound as exc:
+                raise CredentialsError(f"AWS profile not found: {self.config.profile}",
+                                       hint="check ~/.aws/config or drop --profile") from exc
+        cfg = Config(
+            retries={"max_attempts": self.config.max_attempts, "mode": "standard"},
+            connect_timeout=self.config.connect_timeout,
+            read_timeout=self.config.read_timeout,
+            max_pool_connections=self.config.max_pool_connections,
+            s3={"addressing_style": "path"} if self.config.endpoint_url else {},
+        )
+        return self._session.client("s3", endpoint_url=self.config.endpoint_url,
+                                    region_name=self.config.region or None, config=cfg)
+
+    def translate(self, exc: Exception, what: str) -> Exception:
+        """A botocore exception as a cloudexit error with an actionable message."""
+        from botocore.exceptions import (ClientError, ConnectionError as BotoConnectionError,
+                                         NoCredentialsError, PartialCredentialsError,
+                                         ReadTimeoutError)
+
+        if isinstance(exc, (NoCredentialsError, PartialCredentialsError)):
+            return CredentialsError(f"no usable credentials for {self.where}",
+                                    hint="set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or pass --profile")
+        if isinstance(exc, (BotoConnectionError, ReadTimeoutError)):
+            return EndpointUnreachable(
+                f"cannot reach {self.where} after {self.config.max_attempts} attempts: {exc}",
+                hint="check the network and --endpoint-url; the run can be resumed by running it again")
+        if isinstance(exc, ClientError):
+            err = exc.response.get("Error", {})
+            code = str(err.get("Code", ""))
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if code in CREDENTIAL_CODES:
+                return CredentialsError(f"{what}: the credentials were refused by {self.where} ({code})",
+                                        hint="check the access key and secret (or --profile) for this endpoint")
+            if code in ("NoSuchBucket",) or (code == "404" and what.startswith("bucket")):
+                return BucketNotFound(f"bucket {self.bucket!r} does not exist at {self.where}",
+                                      hint="check the bucket name, --endpoint-url and --region")
+            if code in ("NoSuchKey", "404"):
+                return ObjectGone(f"{what}: not found")
+            if code in ("PreconditionFailed", "412") or status == 412:
+                return ObjectChanged(f"{what}: changed since it was listed")
+            if code in ("AccessDenied", "403", "AllAccessDisabled"):
+                return CredentialsError(f"{what}: access denied by {self.where}",
+                                        hint="these credentials lack s3:ListBucket/s3:GetObject on the bucket")
+            return SourceError(f"{what}: {code or status}: {err.get('Message', exc)}")
+        return exc
+
+    # -- operations -----------------------------------------------------------------------
+    def check(self) -> None:
+        """Fail early and clearly if the bucket cannot be listed with these credentials."""
+        try:
+            self.client().list_objects_v2(Bucket=self.bucket, Prefix=self.prefix, MaxKeys=1)
+        except Exception as exc:  # noqa: BLE001 - translated below
+            raise self.translate(exc, f"bucket {self.bucket}") from exc
+
+    def list_page(self, prefix: str, start_after: str | None = None, token: str | None = None,
+                  delimiter: str | None = None, max_keys: int = 1000) -> ListPage:
+        """One ListObjectsV2 page."""
+        args: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix, "MaxKeys": max_keys}
+        if token:
+            args["ContinuationToken"] = token
+        elif start_after:
+            args["StartAfter"] = start_after
+        if delimiter:
+            args["Delimiter"] = delimiter
+        try:
+            resp = self.client().list_objects_v2(**args)
+        except Exception as exc:  # noqa: BLE001
+            raise self.translate(exc, f"bucket {self.bucket}: listing {prefix!r}") from exc
+        objects = [
+            ListedObject(o["Key"], int(o["Size"]), o.get("ETag", "").strip('"'),
+                         o["LastModified"].isoformat(), o.get("StorageClass") or "STANDARD")
+            for o in resp.get("Contents", ())
+        ]
+        prefixes = [p["Prefix"] for p in resp.get("CommonPrefixes", ())]
+        return ListPage(objects, prefixes, bool(resp.get("IsTruncated")),
+                        resp.get("NextContinuationToken"))
+
+    def read_range(self, key: str, start: int, end: int, etag: str | None = None) -> RangeRead:
+        """Bytes [start, end] of an object (inclusive, as HTTP Range), checked against `etag`."""
+        args: dict[str, Any] = {"Bucket": self.bucket, "Key": key, "Range": f"bytes={start}-{end}"}
+        if etag:
+            args["IfMatch"] = f'"{etag}"'
+        try:
+            resp = self.client().get_object(**args)
+            data = resp["Body"].read()
+        except Exception as exc:  # noqa: BLE001
+            raise self.translate(exc, f"object {key!r}") from exc
+        headers = resp["ResponseMetadata"]["HTTPHeaders"]
+        total = _total_size(headers.get("content-range"), len(data))
+        checksums = {h: headers[h] for h in CHECKSUM_HEADERS if h in headers}
+        return RangeRead(data, total, resp.get("ETag", "").strip('"'), checksums)
+
+    def head(self, key: str) -> dict[str, Any]:
+        try:
+            return self.client().head_object(Bucket=self.bucket, Key=key)
+        except Exception as exc:  # noqa: BLE001
+            raise self.translate(exc, f"object {key!r}") from exc
+
+
+def _total_size(content_range: str | None, fallback: int) -> int:
+    # "bytes 0-65535/1048576"
+    if content_range and "/" in content_range:
+        total = content_range.rsplit("/", 1)[1]
+        if total.isdigit():
+            return int(total)
+    return fallback
+
+
+def iter_pages(source: Source, prefix: str, start_after: str | None = None) -> Iterator[ListPage]:
+    """Every page of a flat listing from `start_after` on."""
+    token = None
+    while True:
+        page = source.list_page(prefix, start_after=start_after, token=token)
+        yield page
+        if not page.truncated or not page.next_token:
+            return
+        token = page.next_token

@@ -1,0 +1,214 @@
+"""The state database: one SQLite file per migration, the single source of truth.
+
+Every command reads and writes here. The schema is documented in docs/state-db.md; change
+both together and add a migration step to `_MIGRATIONS`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import sqlite3
+import threading
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator
+
+import sqlite_utils
+
+from . import __version__
+from .errors import StateError
+
+APP_ID = 0x43455854  # "CEXT": tells our databases from any other SQLite file
+SCHEMA_VERSION = 1
+
+_SCHEMA_V1 = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT);
+CREATE TABLE objects (
+    key TEXT PRIMARY KEY,
+    size INTEGER NOT NULL,
+    etag TEXT,
+    last_modified TEXT,
+    storage_class TEXT,
+    checksums TEXT,                      -- JSON {header: value} from the provider
+    status TEXT NOT NULL DEFAULT 'present',   -- present | deleted
+    change TEXT NOT NULL DEFAULT 'new',       -- new | unchanged | changed | deleted
+    change_round INTEGER,                -- inventory round that set `change`
+    kind TEXT NOT NULL DEFAULT 'pending',     -- pending | dicom | other | unreadable
+    reason TEXT,
+    key_flags TEXT,                      -- why the key is unsafe as a path, comma separated
+    study_uid TEXT, series_uid TEXT, sop_uid TEXT, sop_class_uid TEXT,
+    modality TEXT, study_date TEXT, transfer_syntax TEXT, patient_hash TEXT,
+    header_source TEXT,                  -- header | key-pattern
+    header_bytes INTEGER NOT NULL DEFAULT 0,  -- bytes downloaded to classify this object
+    first_seen_round INTEGER NOT NULL,
+    last_seen_round INTEGER NOT NULL,
+    updated_at TEXT
+);
+CREATE INDEX objects_pending ON objects(key) WHERE kind = 'pending';
+CREATE INDEX objects_study ON objects(study_uid, series_uid);
+CREATE INDEX objects_sop ON objects(sop_uid);
+CREATE TABLE inventory_rounds (
+    id INTEGER PRIMARY KEY,
+    started_at TEXT NOT NULL,
+    finished_at TEXT,
+    status TEXT NOT NULL,                -- running | complete | failed
+    resumed INTEGER NOT NULL DEFAULT 0,  -- times this round was resumed after an interruption
+    list_requests INTEGER NOT NULL DEFAULT 0,
+    get_requests INTEGER NOT NULL DEFAULT 0,
+    header_bytes INTEGER NOT NULL DEFAULT 0,
+    key_pattern TEXT
+);
+CREATE TABLE list_tasks (
+    id INTEGER PRIMARY KEY,
+    round INTEGER NOT NULL,
+    prefix TEXT NOT NULL,
+    start_after TEXT,                    -- exclusive lower bound (S3 StartAfter)
+    end_before TEXT,                     -- exclusive upper bound, NULL: to the end of prefix
+    explore INTEGER NOT NULL DEFAULT 0,  -- 1: delimiter listing that plans the others
+    last_key TEXT,                       -- resume point: last key committed
+    done INTEGER NOT NULL DEFAULT 0,
+    pages INTEGER NOT NULL DEFAULT 0,
+    keys INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE events (
+    id INTEGER PRIMARY KEY,
+    at TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    detail TEXT                          -- JSON
+);
+"""
+
+_MIGRATIONS: dict[int, str] = {1: _SCHEMA_V1}
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _create_private(path: Path) -> None:
+    """Create the DB file 0600 in a 0700 directory before SQLite touches it."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    os.close(fd)
+
+
+class State:
+    """An open state database. Thread-safe: writes are serialised by a lock."""
+
+    def __init__(self, path: str | os.PathLike[str], create: bool = False) -> None:
+        self.path = Path(path)
+        fresh = not self.path.exists()
+        if fresh and not create:
+            raise StateError(f"no state database at {self.path}",
+                             hint="run `cloudexit inventory s3://BUCKET` first, or pass --db")
+        if fresh:
+            _create_private(self.path)
+        self.conn = sqlite3.connect(self.path, check_same_thread=False, timeout=30,
+                                    isolation_level=None)
+        self.lock = threading.RLock()
+        try:
+            self.conn.execute("PRAGMA journal_mode=WAL")
+            self.conn.execute("PRAGMA synchronous=NORMAL")
+            self.conn.execute("PRAGMA busy_timeout=30000")
+            app_id = self.conn.execute("PRAGMA application_id").fetchone()[0]
+        except sqlite3.DatabaseError as exc:
+            self.conn.close()
+            raise StateError(f"{self.path} is not a cloudexit state database ({exc})") from exc
+        if fresh:
+            self._migrate(0)
+        elif app_id != APP_ID:
+            self.conn.close()
+            raise StateError(f"{self.path} is not a cloudexit state database",
+                             hint="pass --db with a new file name for a new migration")
+        else:
+            self._migrate(self.schema_version())
+        self.db = sqlite_utils.Database(self.conn)
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def __enter__(self) -> "State":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- schema ---------------------------------------------------------------------------
+    def schema_version(self) -> int:
+        return int(self.conn.execute("PRAGMA user_version").fetchone()[0])
+
+    def _migrate(self, current: int) -> None:
+        if current > SCHEMA_VERSION:
+            raise StateError(f"{self.path} was written by a newer cloudexit (schema {current})",
+                             hint="upgrade cloudexit")
+        for version in range(current + 1, SCHEMA_VERSION + 1):
+            with self.transaction():
+                for statement in _MIGRATIONS[version].split(";"):
+                    if statement.strip():
+                        self.conn.execute(statement)
+                self.conn.execute(f"PRAGMA user_version={version}")
+                self.conn.execute(f"PRAGMA application_id={APP_ID}")
+        if current == 0:
+            self.set_meta(created_at=now(), tool_version=__version__,
+                          salt=secrets.token_hex(16))
+
+    # -- helpers --------------------------------------------------------------------------
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """One atomic write; everything inside commits together or not at all."""
+        with self.lock:
+            self.conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self.conn
+            except BaseException:
+                self.conn.execute("ROLLBACK")
+                raise
+            self.conn.execute("COMMIT")
+
+    def query(self, sql: str, params: Any = ()) -> list[sqlite3.Row]:
+        with self.lock:
+            cur = self.conn.execute(sql, params)
+            cur.row_factory = sqlite3.Row  # type: ignore[assignment]
+            return cur.fetchall()
+
+    def scalar(self, sql: str, params: Any = ()) -> Any:
+        with self.lock:
+            row = self.conn.execute(sql, params).fetchone()
+        return row[0] if row else None
+
+    def meta(self, key: str) -> str | None:
+        return self.scalar("SELECT value FROM meta WHERE key = ?", (key,))
+
+    def set_meta(self, **values: str | None) -> None:
+        with self.transaction() as conn:
+            for key, value in values.items():
+                conn.execute("INSERT INTO meta(key, value) VALUES (?, ?) "
+                             "ON CONFLICT(key) DO UPDATE SET value = excluded.value", (key, value))
+
+    def log(self, kind: str, conn: sqlite3.Connection | None = None, **detail: Any) -> None:
+        """Append to the event log (the audit's chain of custody reads it)."""
+        args = (now(), kind, json.dumps(detail, sort_keys=True, default=str))
+        sql = "INSERT INTO events(at, kind, detail) VALUES (?, ?, ?)"
+        if conn is not None:
+            conn.execute(sql, args)
+        else:
+            with self.transaction() as tx:
+                tx.execute(sql, args)
+
+    # -- source identity ------------------------------------------------------------------
+    def bind_source(self, url: str, endpoint_url: str | None, region: str | None) -> None:
+        """Tie this DB to one source; refuse to mix another bucket into it."""
+        bound = self.meta("source_url")
+        endpoint = endpoint_url or "aws"
+        if bound is None:
+            self.set_meta(source_url=url, endpoint_url=endpoint, region=region)
+            return
+        bound_endpoint = self.meta("endpoint_url")
+        if bound != url or bound_endpoint != endpoint:
+            raise StateError(
+                f"{self.path} belongs to the migration of {bound} at {bound_endpoint}, "
+                f"not {url} at {endpoint}",
+                hint="use another --db (or CLOUDEXIT_DB) for a different bucket or prefix")

@@ -1,0 +1,56 @@
+"""Shared fixtures: a real S3 server (SeaweedFS) on loopback, buckets, the CLI runner."""
+
+from __future__ import annotations
+
+import itertools
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+from click.testing import CliRunner, Result
+
+from cloudexit.cli import main
+from cloudexit.s3server import SeaweedServer
+
+_bucket_ids = itertools.count(1)
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedServer]:
+    """One SeaweedFS for the whole test session, started once, stopped after."""
+    with SeaweedServer(tmp_path_factory.mktemp("seaweed")) as server:
+        yield server
+
+
+@pytest.fixture
+def s3_env(s3: SeaweedServer, monkeypatch: pytest.MonkeyPatch) -> SeaweedServer:
+    """Point boto3 (in this process and in subprocesses) at the test server."""
+    for name, value in s3.env().items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    return s3
+
+
+@pytest.fixture
+def bucket(s3: SeaweedServer) -> str:
+    """A fresh, empty bucket."""
+    name = f"test-{os.getpid()}-{next(_bucket_ids)}"
+    s3.client().create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Path:
+    return tmp_path / "state" / "cloudexit.db"
+
+
+@pytest.fixture
+def cli(s3_env: SeaweedServer) -> Any:
+    """Call the CLI in-process, as a user would type it."""
+    runner = CliRunner()
+
+    def run(*args: str, input: str | None = None) -> Result:
+        return runner.invoke(main, list(args), input=input, catch_exceptions=False)
+
+    return run
