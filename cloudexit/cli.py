@@ -62,6 +62,9 @@ def source_options(f: Callable[..., Any]) -> Callable[..., Any]:
                      help="S3 API endpoint (OSS, COS, OBS, MinIO...). Env AWS_ENDPOINT_URL.")(f)
     f = click.option("--profile", envvar="AWS_PROFILE", help="Credentials profile from ~/.aws.")(f)
     f = click.option("--region", envvar="AWS_REGION", help="Region of the bucket.")(f)
+    f = click.option("--retries", default=SourceConfig.max_attempts, show_default=True,
+                     type=click.IntRange(1, 100),
+                     help="Attempts per request (exponential backoff with jitter) before giving up.")(f)
     return f
 
 
@@ -92,7 +95,7 @@ def main() -> None:
               help="Take UIDs from keys, e.g. '{study}/{series}/{sop}.dcm'; headers are read only on a random sample to check it.")
 @output_options
 def inventory(url: str, db_path: str, endpoint_url: str | None, profile: str | None,
-              region: str | None, workers: int, list_workers: int, header_bytes: int,
+              region: str | None, retries: int, workers: int, list_workers: int, header_bytes: int,
               key_pattern: str | None, as_json: bool, quiet: bool) -> None:
     """List and classify every object in a bucket, reading DICOM headers.
 
@@ -104,7 +107,8 @@ def inventory(url: str, db_path: str, endpoint_url: str | None, profile: str | N
     from .state import State
     from .status import inventory_summary
 
-    source = Source(url, SourceConfig(endpoint_url=endpoint_url, profile=profile, region=region))
+    source = Source(url, SourceConfig(endpoint_url=endpoint_url, profile=profile, region=region,
+                                      max_attempts=retries))
     config = InventoryConfig(workers=workers, list_workers=list_workers, header_bytes=header_bytes,
                              key_pattern=key_pattern)
     with State(db_path, create=True) as state, _InventoryBar(quiet or as_json) as bar:
@@ -211,8 +215,9 @@ def _print_summary(t: dict[str, Any]) -> None:
 
 # -- demo -----------------------------------------------------------------------------------
 @main.command()
-@click.option("--workdir", type=click.Path(file_okay=False), default=None,
-              help="Keep the demo's files here (default: a temporary directory, removed after).")
+@click.option("--workdir", type=click.Path(file_okay=False), default="cloudexit-demo",
+              show_default=True,
+              help="Where the demo keeps its state DB, archive and reports (reset on each run).")
 @click.option("--size", type=click.Choice(["tiny", "demo"]), default="demo", show_default=True,
               help="How big a synthetic PACS to make.")
 @output_options
@@ -225,6 +230,8 @@ def demo(workdir: str | None, size: str, as_json: bool, quiet: bool) -> None:
             click.echo(text)
 
     result = run_demo(workdir, size=size, say=say)
+    if not quiet and not as_json:
+        _print_summary(result["inventory"])
     if as_json:
         click.echo(json.dumps(result, indent=2, default=str))
 

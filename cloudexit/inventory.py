@@ -191,6 +191,7 @@ class Inventory:
             lister.shutdown(wait=True, cancel_futures=True)
             reader.shutdown(wait=True, cancel_futures=True)
         if self.pattern is not None:
+            self._stop.clear()
             self._check_pattern_sample()
         return self._finish(resumed)
 
@@ -222,7 +223,6 @@ class Inventory:
             open_tasks += 1
         in_flight: dict[str, Future[_HeaderResult]] = {}
         cursor = ""
-        results: list[_HeaderResult] = []
         max_in_flight = self.config.workers * 4
         while True:
             # 1. Commit listing pages as they come (blocking briefly when nothing else to do).
@@ -240,11 +240,10 @@ class Inventory:
                     item = None
             self.progress.listing_done = open_tasks == 0
             # 2. Collect finished header reads and commit them in batches.
-            for key in [k for k, f in in_flight.items() if f.done()]:
-                results.append(in_flight.pop(key).result())
-            if results and (len(results) >= 200 or not in_flight or open_tasks == 0):
+            # Committed before dispatching more, so a finished key is never dispatched twice.
+            results = [in_flight.pop(k).result() for k, f in list(in_flight.items()) if f.done()]
+            if results:
                 self._commit_headers(results)
-                results = []
             # 3. Keep the header readers busy.
             if len(in_flight) < max_in_flight:
                 rows = self.state.query(
@@ -263,7 +262,7 @@ class Inventory:
             self.progress.pending = self.state.scalar(
                 "SELECT count(*) FROM objects WHERE kind = 'pending' AND status = 'present'") or 0
             self.on_progress(self.progress)
-            if open_tasks == 0 and not in_flight and not results:
+            if open_tasks == 0 and not in_flight:
                 if self.progress.pending <= len(self._failed):
                     return
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import re
-import unicodedata
 from pathlib import PurePosixPath
 
 MAX_SEGMENT_BYTES = 255
@@ -35,11 +34,13 @@ def key_flags(key: str) -> list[str]:
 def safe_relative_path(key: str) -> PurePosixPath:
     """A relative path for `key` that cannot leave the directory it is joined to.
 
-    Unsafe segments are rewritten (never dropped silently, so two keys stay two paths): `..`
+    Unsafe segments are rewritten (never dropped, so two keys stay two paths): `..`
     becomes `%2E%2E`, backslashes and control characters are escaped, drive letters lose their
     colon, and over-long segments are shortened with a hash suffix.
     """
-    text = unicodedata.normalize("NFC", key).replace("\\", "%5C")
+    # '%' is escaped first so that the mapping stays one-to-one (a key that already looks
+    # escaped cannot collide with an escaped one).
+    text = key.replace("%", "%25").replace("\\", "%5C")
     text = _CONTROL.sub(lambda m: f"%{ord(m.group()):02X}", text)
     parts = []
     for segment in text.split("/"):

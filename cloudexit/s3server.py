@@ -60,7 +60,7 @@ class SeaweedServer:
 
     def __init__(self, workdir: str | os.PathLike[str] | None = None) -> None:
         self._own_dir = workdir is None
-        self.workdir = Path(workdir or tempfile.mkdtemp(prefix="cloudexit-s3-"))
+        self.workdir = Path(workdir or tempfile.mkdtemp(prefix="cloudexit-s3-")).resolve()
         self.port = 0
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -90,7 +90,8 @@ class SeaweedServer:
             "s3",
             endpoint_url=self.endpoint_url,
             region_name=REGION,
-            config=Config(s3={"addressing_style": "path"}, **config),
+            config=Config(**{"s3": {"addressing_style": "path"}, "max_pool_connections": 32,
+                             **config}),
             **self.credentials,
         )
 

@@ -1,0 +1,120 @@
+"""Header classification on crafted bytes (pure functions; no server needed)."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
+
+from cloudexit.dicom import classify, patient_hash
+from cloudexit.paths import key_flags, safe_relative_path
+
+
+def _dicom(pixels: int = 1000, ts: str = ExplicitVRLittleEndian, preamble: bool = True,
+           extra: int = 0) -> bytes:
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ts
+    ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.Modality, ds.StudyDate, ds.PatientID = "CT", "20200101", "P1"
+    if extra:
+        ds.add_new(0x00091010, "OB", b"\0" * extra)  # private data making the header long
+    ds.PixelData = b"\1" * pixels
+    ds["PixelData"].VR = "OW"
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=preamble, implicit_vr=ts == ImplicitVRLittleEndian,
+               little_endian=True)
+    return buf.getvalue()
+
+
+def test_plain_dicom() -> None:
+    data = _dicom()
+    h = classify(data, len(data))
+    assert h.kind == "dicom" and h.modality == "CT" and h.transfer_syntax == ExplicitVRLittleEndian
+
+
+def test_implicit_vr_and_no_preamble() -> None:
+    data = _dicom(ts=ImplicitVRLittleEndian, preamble=False)
+    assert data[128:132] != b"DICM"
+    h = classify(data, len(data))
+    assert h.kind == "dicom" and h.sop_uid
+
+
+def test_truncated_pixel_data_is_unreadable() -> None:
+    data = _dicom(pixels=4000)
+    h = classify(data[:-1000], len(data) - 1000)
+    assert h.kind == "unreadable" and "truncated" in (h.reason or "")
+
+
+def test_long_header_asks_for_more_then_parses() -> None:
+    data = _dicom(extra=100_000)
+    assert classify(data[:65536], len(data)).need_more
+    assert classify(data, len(data)).kind == "dicom"
+
+
+def test_first_bytes_suffice_when_pixel_data_is_reached() -> None:
+    data = _dicom(pixels=2_000_000)
+    h = classify(data[:65536], len(data))
+    assert h.kind == "dicom" and not h.need_more and h.header_length and h.header_length < 1000
+
+
+@pytest.mark.parametrize("data,reason", [
+    (b"", "empty object"),
+    (b"\x89PNG\r\n\x1a\n" + b"\0" * 200, "PNG"),
+    (b'{"0020000D": {"vr": "UI"}}', "JSON"),
+    (b"hello world, this is a readme file" * 10, "not DICOM"),
+])
+def test_other_objects(data: bytes, reason: str) -> None:
+    h = classify(data, len(data))
+    assert h.kind == "other" and reason in (h.reason or "")
+
+
+def test_garbage_after_dicm_is_unreadable() -> None:
+    data = b"\0" * 128 + b"DICM" + b"\xff" * 300
+    h = classify(data, len(data))
+    assert h.kind == "unreadable"
+
+
+def test_patient_hash_is_salted_and_stable() -> None:
+    assert patient_hash("s1", "P1") == patient_hash("s1", "P1 ")
+    assert patient_hash("s1", "P1") != patient_hash("s2", "P1")
+    assert "P1" not in (patient_hash("s1", "P1") or "")
+    assert patient_hash("s1", None) is None
+
+
+@pytest.mark.parametrize("key,flags", [
+    ("study/series/1.dcm", []),
+    ("../../etc/passwd", ["dot-segment"]),
+    ("a/./b", ["dot-segment"]),
+    ("/etc/passwd", ["absolute", "empty-segment"]),
+    ("C:\\Windows\\x", ["absolute", "backslash"]),
+    ("a\\..\\b", ["dot-segment", "backslash"]),
+    ("a//b", ["empty-segment"]),
+    ("bell\x07", ["control-char"]),
+    ("x" * 300, ["too-long"]),
+    ("影像/张三 study/1.dcm", []),
+])
+def test_key_flags(key: str, flags: list[str]) -> None:
+    assert key_flags(key) == flags
+
+
+@pytest.mark.parametrize("key", ["../../etc/passwd", "/abs/x", "a/../../b", "C:\\x\\..\\..\\y",
+                                 "..", ".", "a//b", "x" * 600, "a/\x00/b", "影像/../张三"])
+def test_safe_relative_path_stays_inside(tmp_path, key: str) -> None:
+    rel = safe_relative_path(key)
+    assert not rel.is_absolute()
+    assert ".." not in rel.parts and "." not in rel.parts
+    target = (tmp_path / rel).resolve()
+    assert target.is_relative_to(tmp_path.resolve())
+    assert all(len(p.encode()) <= 255 for p in rel.parts)
+
+
+def test_safe_relative_paths_keep_distinct_keys_distinct() -> None:
+    keys = ["a/../b", "a/%2E%2E/b", "a/b", "a//b", "x" * 300, "x" * 299 + "y"]
+    paths = [safe_relative_path(k) for k in keys]
+    assert len(set(paths)) == len(paths)
