@@ -105,7 +105,7 @@ class Source:
                 raise CredentialsError(f"AWS profile not found: {self.config.profile}",
                                        hint="check ~/.aws/config or drop --profile") from exc
         cfg = Config(
-            retries={"max_attempts": self.config.max_attempts, "mode": "standard"},
+            retries={"total_max_attempts": self.config.max_attempts, "mode": "standard"},
             connect_timeout=self.config.connect_timeout,
             read_timeout=self.config.read_timeout,
             max_pool_connections=self.config.max_pool_connections,

@@ -104,7 +104,9 @@ def parse_size(text: str) -> int:
 def format_bytes(count: float, binary: bool = False) -> str:
     """``12.3 TB`` style, decimal by default (cloud bills and disk vendors count in 1000s)."""
     step = 1024.0 if binary else 1000.0
-    names = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"] if binary else ["B", "kB", "MB", "GB", "TB", "PB"]
+    names = (
+        ["B", "KiB", "MiB", "GiB", "TiB", "PiB"] if binary else ["B", "kB", "MB", "GB", "TB", "PB"]
+    )
     value = float(count)
     for name in names:
         if abs(value) < step or name == names[-1]:

@@ -12,6 +12,7 @@ from click.testing import CliRunner, Result
 
 from cloudexit.cli import main
 from cloudexit.s3server import SeaweedServer
+from faultproxy import fault_proxy  # noqa: F401 - a fixture, registered for every test
 
 _bucket_ids = itertools.count(1)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -207,6 +208,39 @@ def test_unreachable_endpoint(cli, bucket: str, db: Path) -> None:
     assert result.exit_code == 1
     assert "cannot reach http://127.0.0.1:" in result.stderr and "after 3 attempts" in result.stderr
     assert time.monotonic() - started < 30
+
+
+def test_throttling_and_server_errors_are_retried(cli, tiny_pacs, fault_proxy, db: Path) -> None:
+    bucket, truth = tiny_pacs
+    fault_proxy.status(503, method="GET", query="list-type", times=3)  # SlowDown on listing
+    fault_proxy.status(503, method="GET", key=r"\.dcm$", times=10)  # and on header reads
+    fault_proxy.status(500, method="GET", key=r"\.dcm$", times=5)  # InternalError too
+    fault_proxy.drop(method="GET", key=r"\.dcm$", times=3)  # and connections reset
+    result = cli("inventory", f"s3://{bucket}", "--db", str(db), "--json",
+                 "--endpoint-url", fault_proxy.endpoint_url)
+    assert result.exit_code == 0, result.output
+    assert sum(1 for r in fault_proxy.requests if r.fault) == 21
+    totals = json.loads(result.stdout)["inventory"]
+    assert totals["objects"] == len(truth)
+    assert totals["unreadable"] == sum(o.kind == "unreadable" for o in truth)
+    assert totals["pending"] == 0
+
+
+def test_persistent_errors_leave_objects_pending_and_exit_3(cli, tiny_pacs, fault_proxy,
+                                                            db: Path) -> None:
+    bucket, truth = tiny_pacs
+    victim = next(o for o in truth if o.case == "normal")
+    fault_proxy.status(500, method="GET", key=re.escape(victim.key) + "$")
+    result = cli("inventory", f"s3://{bucket}", "--db", str(db), "--retries", "2",
+                 "--endpoint-url", fault_proxy.endpoint_url)
+    assert result.exit_code == 3
+    assert "1 object(s) could not be read; run inventory again to retry" in result.stderr
+    assert victim.key in result.stderr
+    fault_proxy.clear()
+    again = cli("inventory", f"s3://{bucket}", "--db", str(db), "--json",
+                "--endpoint-url", fault_proxy.endpoint_url)
+    assert again.exit_code == 0
+    assert json.loads(again.stdout)["inventory"]["pending"] == 0
 
 
 def test_not_an_s3_url(cli, db: Path) -> None:
