@@ -16,7 +16,7 @@ import click
 
 from . import __version__
 from .config import InventoryConfig, SourceConfig
-from .errors import CloudexitError
+from .errors import CloudexitError, UsageError
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_PARTIAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
@@ -213,6 +213,125 @@ def _print_summary(t: dict[str, Any]) -> None:
     click.echo("\n".join(lines))
 
 
+# -- plan -----------------------------------------------------------------------------------
+@main.command()
+@db_option
+@click.option("--provider", help="Price catalogue: aws-s3, aliyun-oss, tencent-cos, huawei-obs, "
+              "azure-blob, gcs (default: from the endpoint).")
+@click.option("--price-file", type=click.Path(exists=True, dir_okay=False),
+              help="Your contract prices, same format as the catalogue (docs/pricing.md).")
+@click.option("--bandwidth", help="The link's nominal speed, with its unit: 200Mbit/s or 25MB/s.")
+@click.option("--measure", is_flag=True,
+              help="Download a stratified sample from the bucket to measure throughput and latency.")
+@click.option("--measure-bytes", default="512MB", show_default=True,
+              help="At most this much for the large objects of the --measure sample.")
+@click.option("--schedule", "schedule_text",
+              help='Bandwidth timetable, e.g. "Mon-Fri 08:00,50M 18:00,off" (as migrate --bwlimit).')
+@click.option("--concurrency", default=16, show_default=True, type=click.IntRange(1, 1024),
+              help="Parallel requests the migration will use.")
+@click.option("--start", "start_text", help="When the migration starts (ISO 8601; default now).")
+@click.option("--offline-threshold", default="7d", show_default=True,
+              help="Price an offline device when the network would take longer (e.g. 7d, 36h).")
+@click.option("--out", "outs", multiple=True, type=click.Path(dir_okay=False),
+              help="Write the plan: .md, .html (with a chart) or .json; repeatable.")
+@source_options
+@output_options
+def plan(db_path: str, provider: str | None, region: str | None, price_file: str | None,
+         bandwidth: str | None, measure: bool, measure_bytes: str, schedule_text: str | None,
+         concurrency: int, start_text: str | None, offline_threshold: str, outs: tuple[str, ...],
+         endpoint_url: str | None, profile: str | None, retries: int, as_json: bool,
+         quiet: bool) -> None:
+    """Estimate egress cost and transfer time, as ranges, per scenario.
+
+    Scenarios side by side: fastest, cheapest (e.g. night-only on Alibaba OSS), within your
+    timetable, the provider's free-exit program, and an offline device when the network would
+    take too long. Every price carries its source and date; unverified ones are flagged.
+    """
+    from datetime import datetime
+
+    from . import plan as plan_model
+    from .measure import measure_link, stored_measurement
+    from .planning import build_plan, link_from
+    from .schedule import parse_schedule
+    from .source import Source
+    from .state import State
+    from .units import format_bytes, format_duration, parse_duration, parse_rate, parse_size
+
+    rate = parse_rate(bandwidth) if bandwidth else None
+    schedule = parse_schedule(schedule_text) if schedule_text else None
+    threshold = parse_duration(offline_threshold)
+    start = datetime.fromisoformat(start_text) if start_text else datetime.now()
+    start = start if start.tzinfo else start.astimezone()
+    with State(db_path) as state:
+        measurement = None
+        if measure:
+            url = state.meta("source_url")
+            if url is None:
+                raise UsageError("the inventory is empty: nothing to measure",
+                                 hint="run `cloudexit inventory s3://BUCKET` first")
+            endpoint = endpoint_url or (None if state.meta("endpoint_url") == "aws"
+                                        else state.meta("endpoint_url"))
+            source = Source(url, SourceConfig(endpoint_url=endpoint, profile=profile,
+                                              max_attempts=retries))
+            with _ByteBar(quiet or as_json, "measuring") as bar:
+                measurement = measure_link(state, source, max_bytes=parse_size(measure_bytes),
+                                           progress=bar.update)
+            if not quiet and not as_json:
+                click.echo(f"Measured the link on {measurement.objects} objects "
+                           f"({format_bytes(measurement.bytes)}, {measurement.get_requests} GETs, "
+                           f"{format_duration(measurement.seconds)}): "
+                           f"{format_bytes(measurement.throughput_expected)}/s, "
+                           f"latency {measurement.latency_s * 1000:.0f} ms. "
+                           f"The sample itself cost {format_bytes(measurement.bytes)} of egress.")
+        elif rate is None:
+            measurement = stored_measurement(state)
+        link = link_from(rate, measurement, concurrency)
+        result = build_plan(state, provider, region, price_file, link, schedule, start, threshold)
+    for out in outs:
+        suffix = out.rsplit(".", 1)[-1].lower()
+        render = {"md": plan_model.render_markdown, "html": plan_model.render_html,
+                  "json": lambda p: json.dumps(p.to_dict(), indent=2, default=str)}.get(suffix)
+        if render is None:
+            raise UsageError(f"--out {out}: unknown format", hint="end the name in .md, .html or .json")
+        _write_private(out, render(result))
+        if not quiet and not as_json:
+            click.echo(f"Wrote {out}")
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2, default=str))
+    elif not quiet:
+        click.echo(plan_model.render_text(result))
+
+
+def _write_private(path: str, text: str) -> None:
+    """Reports may name the bucket and counts: write them 0600."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(text)
+
+
+class _ByteBar:
+    """A tqdm byte counter on a terminal, nothing otherwise."""
+
+    def __init__(self, quiet: bool, desc: str) -> None:
+        self.show = not quiet and sys.stderr.isatty()
+        self.desc = desc
+        self.bar: Any = None
+
+    def __enter__(self) -> "_ByteBar":
+        if self.show:
+            from tqdm import tqdm
+            self.bar = tqdm(unit="B", unit_scale=True, desc=self.desc, file=sys.stderr)
+        return self
+
+    def update(self, n: int) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 # -- demo -----------------------------------------------------------------------------------
 @main.command()
 @click.option("--workdir", type=click.Path(file_okay=False), default="cloudexit-demo",
@@ -229,9 +348,16 @@ def demo(workdir: str | None, size: str, as_json: bool, quiet: bool) -> None:
         if not quiet and not as_json:
             click.echo(text)
 
-    result = run_demo(workdir, size=size, say=say)
-    if not quiet and not as_json:
-        _print_summary(result["inventory"])
+    def show(step: str, data: Any) -> None:
+        if quiet or as_json:
+            return
+        if step == "inventory":
+            _print_summary(data)
+        elif step == "plan":
+            from .plan import render_text
+            click.echo(render_text(data))
+
+    result = run_demo(workdir, size=size, say=say, show=show)
     if as_json:
         click.echo(json.dumps(result, indent=2, default=str))
 

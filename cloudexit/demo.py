@@ -19,11 +19,13 @@ DEMO_BUCKET = "branch-hospital-pacs"
 
 
 def run_demo(workdir: str | None = None, size: str = "demo",
-             say: Callable[[str], None] = print) -> dict[str, Any]:
+             say: Callable[[str], None] = print,
+             show: Callable[[str, Any], None] = lambda step, data: None) -> dict[str, Any]:
     """Start SeaweedFS, upload a synthetic PACS, inventory it; return what was found.
 
     `workdir` keeps the state DB (and what later steps write) after the demo; it is reset at
-    the start of each run. None: a temporary directory, removed after.
+    the start of each run. None: a temporary directory, removed after. `say` prints a line;
+    `show(step, data)` renders a step's result ("inventory": totals, "plan": a Plan).
     """
     from . import synthetic
 
@@ -52,10 +54,35 @@ def run_demo(workdir: str | None = None, size: str = "demo",
                 say(f"$ cloudexit inventory {url} --endpoint-url {server.endpoint_url} --db {db_path}")
                 summary = Inventory(state, source, InventoryConfig()).run()
                 totals = inventory_summary(state)
+                show("inventory", totals)
+                plan = _plan(state, root, say)
+                show("plan", plan)
             say(f"State database: {db_path if not own else '(temporary)'}"
                 + (f"  (look again with: cloudexit status --db {db_path})" if not own else ""))
             return {"bucket": DEMO_BUCKET, "uploaded": len(objects), "round": summary.__dict__,
-                    "inventory": totals}
+                    "inventory": totals, "plan": plan.to_dict()}
     finally:
         if own:
             shutil.rmtree(root, ignore_errors=True)
+
+
+def _plan(state: State, root: Path, say: Callable[[str], None]) -> Any:
+    """The branch hospital's question: what does leaving Alibaba OSS cost on a 100 Mbit/s link,
+    moving only at night so clinical hours keep their bandwidth?"""
+    from datetime import datetime, timedelta
+
+    from .plan import Link, render_html
+    from .planning import build_plan
+    from .schedule import parse_schedule
+
+    schedule = parse_schedule("Mon-Sun 07:30,0 19:00,off")
+    say('$ cloudexit plan --provider aliyun-oss --bandwidth 100Mbit/s '
+        '--schedule "Mon-Sun 07:30,0 19:00,off" --out plan.html')
+    plan = build_plan(state, "aliyun-oss", None, None, Link.from_bandwidth(100e6 / 8), schedule,
+                      datetime.now().astimezone(), timedelta(days=7))
+    out = root / "plan.html"
+    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(render_html(plan))
+    say(f"Plan written to {out}")
+    return plan

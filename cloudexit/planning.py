@@ -1,0 +1,77 @@
+"""From the state DB to a plan: the workload in numbers, the provider, the link."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timedelta
+
+from .errors import UsageError
+from .measure import Measurement
+from .plan import ClassLoad, Link, Plan, Range, Workload, make_plan
+from .pricing import load_catalogue
+from .schedule import Schedule
+from .state import State
+
+# Endpoint host fragments -> catalogue names, so `--provider` is rarely needed.
+PROVIDER_HOSTS = {
+    "amazonaws.com": "aws-s3", "aliyuncs.com": "aliyun-oss", "myqcloud.com": "tencent-cos",
+    "myhuaweicloud.com": "huawei-obs", "blob.core.windows.net": "azure-blob",
+    "storage.googleapis.com": "gcs",
+}
+MULTIPART_THRESHOLD = 64 * 2**20  # migrate reads objects this large in ranged parts
+PART_SIZE = 64 * 2**20
+
+
+def guess_provider(endpoint: str | None) -> str | None:
+    if not endpoint or endpoint == "aws":
+        return "aws-s3"
+    return next((name for host, name in PROVIDER_HOSTS.items() if host in endpoint), None)
+
+
+def workload_from_state(state: State) -> Workload:
+    """What is left to move, by storage class, plus what the inventory already cost."""
+    classes = {}
+    for row in state.query(
+            "SELECT coalesce(storage_class, 'STANDARD') AS sc, count(*) AS n, sum(size) AS b, "
+            "sum(size >= ?) AS big, sum(CASE WHEN size >= ? THEN (size + ? - 1) / ? ELSE 0 END) AS parts "
+            "FROM objects WHERE status = 'present' GROUP BY 1",
+            (MULTIPART_THRESHOLD, MULTIPART_THRESHOLD, PART_SIZE, PART_SIZE)):
+        classes[row["sc"]] = ClassLoad(row["n"], row["b"] or 0, row["big"] or 0, row["parts"] or 0)
+    rounds = state.query("SELECT sum(list_requests) AS l, sum(get_requests) AS g, "
+                         "sum(header_bytes) AS b FROM inventory_rounds")[0]
+    return Workload(classes, inventory_header_bytes=rounds["b"] or 0,
+                    inventory_get_requests=rounds["g"] or 0,
+                    inventory_list_requests=rounds["l"] or 0)
+
+
+def link_from(bandwidth: float | None, measurement: Measurement | None, concurrency: int) -> Link:
+    """A measured link when there is a measurement, else the nominal bandwidth."""
+    if measurement is not None:
+        return Link(Range(measurement.throughput_low, measurement.throughput_expected,
+                          measurement.throughput_high), latency_s=measurement.latency_s,
+                    concurrency=concurrency,
+                    source=f"measured {measurement.measured_at} on {measurement.objects} objects")
+    if bandwidth is None:
+        raise UsageError("the plan needs the link's speed",
+                         hint="give --bandwidth (e.g. 200Mbit/s or 25MB/s) or --measure")
+    return Link.from_bandwidth(bandwidth, concurrency=concurrency)
+
+
+def build_plan(state: State, provider: str | None, region: str | None, price_file: str | None,
+               link: Link, schedule: Schedule | None, start: datetime,
+               offline_threshold: timedelta) -> Plan:
+    provider = provider or (None if price_file else guess_provider(state.meta("endpoint_url")))
+    if provider is None and price_file is None:
+        from .pricing import known_providers
+        raise UsageError(f"cannot tell the provider from endpoint {state.meta('endpoint_url')}",
+                         hint=f"give --provider, one of: {', '.join(known_providers())}")
+    if state.scalar("SELECT count(*) FROM inventory_rounds") == 0:
+        raise UsageError("the inventory is empty: nothing to plan",
+                         hint="run `cloudexit inventory s3://BUCKET` first")
+    catalogue = load_catalogue(provider, region or state.meta("region") or None, price_file)
+    plan = make_plan(workload_from_state(state), catalogue, link, start, schedule,
+                     offline_threshold)
+    state.set_meta(plan=json.dumps(plan.to_dict(), default=str))
+    state.log("plan.made", provider=catalogue.provider, region=catalogue.region,
+              link=link.source, schedule=schedule.text if schedule else None)
+    return plan

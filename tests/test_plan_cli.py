@@ -1,0 +1,96 @@
+"""`cloudexit plan` over a real inventory: workload from the DB, --measure, outputs, bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from cloudexit import synthetic
+
+
+@pytest.fixture
+def inventoried(cli, s3, bucket: str, db: Path) -> tuple[Path, list[synthetic.SyntheticObject]]:
+    truth = synthetic.upload(s3.client(), bucket, synthetic.generate(synthetic.Profile.tiny()))
+    assert cli("inventory", f"s3://{bucket}", "--db", str(db)).exit_code == 0
+    return db, truth
+
+
+def test_plan_from_inventory(cli, inventoried, tmp_path: Path) -> None:
+    db, truth = inventoried
+    outs = [tmp_path / f"plan.{ext}" for ext in ("md", "html", "json")]
+    result = cli("plan", "--db", str(db), "--provider", "aws-s3", "--bandwidth", "100Mbit/s",
+                 "--json", *[a for o in outs for a in ("--out", str(o))])
+    assert result.exit_code == 0, result.output
+    plan = json.loads(result.stdout)
+    assert plan["workload"]["objects"] == len(truth)
+    assert plan["workload"]["bytes"] == sum(o.size for o in truth)
+    keys = [s["key"] for s in plan["scenarios"]]
+    assert "fastest" in keys and "cheapest" in keys and "free_exit" in keys
+    fastest = next(s for s in plan["scenarios"] if s["key"] == "fastest")
+    # 6.7 MB over 100 Mbit/s at 60-95% usable: about a second, never an hour.
+    assert 0 < fastest["time_s"]["expected"] < 60
+    assert json.loads(outs[2].read_text())["workload"]["bytes"] == plan["workload"]["bytes"]
+    html = outs[1].read_text()
+    assert "<svg" in html and "http://" not in html.replace("http://www.w3.org/2000/svg", "")
+    assert outs[0].read_text().startswith("#")
+    assert all(o.stat().st_mode & 0o777 == 0o600 for o in outs)
+
+
+def test_plan_measure_stores_and_uses_the_link(cli, inventoried) -> None:
+    db, _ = inventoried
+    result = cli("plan", "--db", str(db), "--provider", "aws-s3", "--measure")
+    assert result.exit_code == 0, result.output
+    assert "Measured the link on" in result.stdout and "The sample itself cost" in result.stdout
+    # The stored measurement is used by the next plan without --measure or --bandwidth.
+    again = cli("plan", "--db", str(db), "--provider", "aws-s3", "--json")
+    assert again.exit_code == 0, again.output
+    link = json.loads(again.stdout)["link"]
+    assert link["source"].startswith("measured")
+    rates = link["throughput_bytes_per_s"]
+    assert 0 < rates["low"] <= rates["expected"] <= rates["high"]
+
+
+def test_plan_without_inventory(cli, tmp_path: Path) -> None:
+    result = cli("plan", "--db", str(tmp_path / "none.db"), "--bandwidth", "1Gbit/s")
+    assert result.exit_code == 1 and "run `cloudexit inventory s3://BUCKET` first" in result.stderr
+
+
+def test_plan_on_empty_bucket(cli, bucket: str, db: Path) -> None:
+    assert cli("inventory", f"s3://{bucket}", "--db", str(db)).exit_code == 0
+    result = cli("plan", "--db", str(db), "--provider", "aws-s3", "--bandwidth", "1Gbit/s")
+    assert result.exit_code == 2
+    assert "the inventory is empty" in result.stderr
+
+
+def test_plan_bad_input(cli, inventoried, tmp_path: Path) -> None:
+    db, _ = inventoried
+    unknown = cli("plan", "--db", str(db), "--provider", "dropbox", "--bandwidth", "1Gbit/s")
+    assert unknown.exit_code == 2
+    assert "unknown provider 'dropbox'; known providers: aliyun-oss, aws-s3" in unknown.stderr
+    no_provider = cli("plan", "--db", str(db), "--bandwidth", "1Gbit/s")
+    assert no_provider.exit_code == 2 and "give --provider" in no_provider.stderr
+    ambiguous = cli("plan", "--db", str(db), "--provider", "aws-s3", "--bandwidth", "200M")
+    assert ambiguous.exit_code == 2 and "write 200Mbit/s or 200MB/s" in ambiguous.stderr
+    never = cli("plan", "--db", str(db), "--provider", "aws-s3", "--bandwidth", "1Gbit/s",
+                "--schedule", "00:00,0")
+    assert never.exit_code == 2 and "never allows transfer" in never.stderr
+    no_link = cli("plan", "--db", str(db), "--provider", "aws-s3")
+    assert no_link.exit_code == 2 and "give --bandwidth" in no_link.stderr
+    price = tmp_path / "contract.json"
+    text = json.loads((Path(__file__).parents[1] / "cloudexit/pricing/data/aws-s3.json").read_text())
+    del text["egress"]["tiers"][0]["price_per_gb"]["source"]
+    price.write_text(json.dumps(text, indent=2))
+    bad = cli("plan", "--db", str(db), "--price-file", str(price), "--bandwidth", "1Gbit/s")
+    assert bad.exit_code == 2
+    assert "contract.json, line" in bad.stderr and "egress.tiers[0].price_per_gb.source" in bad.stderr
+
+
+def test_measure_with_the_bucket_unreachable(cli, inventoried, fault_proxy) -> None:
+    db, _ = inventoried
+    fault_proxy.down()
+    result = cli("plan", "--db", str(db), "--provider", "aws-s3", "--measure", "--retries", "2",
+                 "--endpoint-url", fault_proxy.endpoint_url)
+    assert result.exit_code == 1
+    assert "cannot reach" in result.stderr and fault_proxy.endpoint_url in result.stderr
