@@ -6,6 +6,7 @@ both together and add a migration step to `_MIGRATIONS`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import secrets
@@ -22,7 +23,7 @@ from . import __version__
 from .errors import StateError
 
 APP_ID = 0x43455854  # "CEXT": tells our databases from any other SQLite file
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA_V1 = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT);
@@ -77,11 +78,95 @@ CREATE TABLE events (
     id INTEGER PRIMARY KEY,
     at TEXT NOT NULL,
     kind TEXT NOT NULL,
-    detail TEXT                          -- JSON
+    detail TEXT,                         -- JSON
+    prev_hash TEXT NOT NULL,             -- hash of the previous event (64 zeros for the first)
+    hash TEXT NOT NULL                   -- sha256(prev_hash, at, kind, detail): a hash chain
 );
 """
 
-_MIGRATIONS: dict[int, str] = {1: _SCHEMA_V1}
+# Version 2: migrate (runs, per-object transfers per destination, ranges of large objects,
+# archive restores). See docs/state-db.md.
+_SCHEMA_V2 = """
+CREATE TABLE migration_runs (
+    id INTEGER PRIMARY KEY,
+    started_at TEXT NOT NULL,
+    finished_at TEXT,
+    status TEXT NOT NULL,                -- running | complete | partial | interrupted | stopped
+    dest TEXT NOT NULL,                  -- destination id (file:///srv/pacs-archive)
+    options TEXT NOT NULL,               -- JSON: layout, order, non_dicom, restore tier...
+    bwlimit TEXT,                        -- timetable in force, changed live by `migrate --bwlimit`
+    resumed INTEGER NOT NULL DEFAULT 0,
+    pid INTEGER, host TEXT, heartbeat_at TEXT,
+    waiting_since TEXT,                  -- the endpoint has not answered since (NULL: link up)
+    stop_reason TEXT,
+    get_requests INTEGER NOT NULL DEFAULT 0,
+    head_requests INTEGER NOT NULL DEFAULT 0,
+    list_requests INTEGER NOT NULL DEFAULT 0,
+    restore_requests INTEGER NOT NULL DEFAULT 0,
+    bytes_downloaded INTEGER NOT NULL DEFAULT 0,   -- body bytes received, retries included
+    bytes_verified INTEGER NOT NULL DEFAULT 0,
+    objects_verified INTEGER NOT NULL DEFAULT 0,
+    retries INTEGER NOT NULL DEFAULT 0,
+    link_outages INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE transfers (
+    key TEXT NOT NULL,
+    dest TEXT NOT NULL,
+    seq INTEGER NOT NULL,                -- order of work
+    state TEXT NOT NULL,                 -- queued | fetching | verified | duplicate | quarantined | failed | missing | skipped | restoring
+    etag TEXT,                           -- the version this row is about
+    size INTEGER,
+    kind TEXT,
+    path TEXT,                           -- relative to the destination
+    sha256 TEXT,
+    md5 TEXT,
+    checks TEXT,                         -- checks passed, comma separated
+    not_checked TEXT,                    -- checks that could not be made, and why
+    reason TEXT,
+    conflict_with TEXT,                  -- key holding the SOP Instance UID's canonical path
+    attempts INTEGER NOT NULL DEFAULT 0,
+    changes INTEGER NOT NULL DEFAULT 0,  -- times the source changed under us
+    range_size INTEGER,                  -- large objects: bytes per ranged GET
+    run_id INTEGER,
+    started_at TEXT,
+    verified_at TEXT,
+    updated_at TEXT,
+    PRIMARY KEY (key, dest)
+);
+CREATE INDEX transfers_work ON transfers(dest, state, seq);
+CREATE UNIQUE INDEX transfers_path ON transfers(dest, path);
+CREATE TABLE transfer_ranges (
+    key TEXT NOT NULL,
+    dest TEXT NOT NULL,
+    etag TEXT NOT NULL,
+    idx INTEGER NOT NULL,                -- range number (range_size bytes each) on disk and fsynced
+    PRIMARY KEY (key, dest, etag, idx)
+);
+CREATE TABLE restores (
+    key TEXT PRIMARY KEY,
+    etag TEXT,
+    storage_class TEXT,
+    tier TEXT,
+    days INTEGER,
+    status TEXT NOT NULL,                -- requested | restored | failed
+    requested_at TEXT,
+    checked_at TEXT,
+    restored_at TEXT,
+    expiry TEXT,
+    checks INTEGER NOT NULL DEFAULT 0,
+    reason TEXT
+);
+"""
+
+_MIGRATIONS: dict[int, str] = {1: _SCHEMA_V1, 2: _SCHEMA_V2}
+
+
+GENESIS_HASH = "0" * 64
+
+
+def event_hash(prev: str, at: str, kind: str, detail: str | None) -> str:
+    payload = json.dumps([prev, at, kind, detail], ensure_ascii=False)
+    return hashlib.sha256(payload.encode()).hexdigest()
 
 
 def now() -> str:
@@ -189,14 +274,32 @@ class State:
                              "ON CONFLICT(key) DO UPDATE SET value = excluded.value", (key, value))
 
     def log(self, kind: str, conn: sqlite3.Connection | None = None, **detail: Any) -> None:
-        """Append to the event log (the audit's chain of custody reads it)."""
-        args = (now(), kind, json.dumps(detail, sort_keys=True, default=str))
-        sql = "INSERT INTO events(at, kind, detail) VALUES (?, ?, ?)"
-        if conn is not None:
-            conn.execute(sql, args)
-        else:
+        """Append to the event log (the audit's chain of custody reads it).
+
+        Each event carries the hash of the one before, so an edit or a deletion anywhere in
+        the log breaks the chain (`verify_event_chain`).
+        """
+        if conn is None:
             with self.transaction() as tx:
-                tx.execute(sql, args)
+                self.log(kind, tx, **detail)
+            return
+        at, text = now(), json.dumps(detail, sort_keys=True, default=str)
+        row = conn.execute("SELECT hash FROM events ORDER BY id DESC LIMIT 1").fetchone()
+        prev = row[0] if row else GENESIS_HASH
+        conn.execute("INSERT INTO events(at, kind, detail, prev_hash, hash) VALUES (?, ?, ?, ?, ?)",
+                     (at, kind, text, prev, event_hash(prev, at, kind, text)))
+
+    def verify_event_chain(self) -> list[str]:
+        """Problems found in the event log's hash chain (empty: intact)."""
+        problems, prev = [], GENESIS_HASH
+        for row in self.query("SELECT id, at, kind, detail, prev_hash, hash FROM events ORDER BY id"):
+            if row["prev_hash"] != prev:
+                problems.append(f"event {row['id']}: does not follow the event before it "
+                                "(an event was removed or inserted)")
+            if event_hash(row["prev_hash"], row["at"], row["kind"], row["detail"]) != row["hash"]:
+                problems.append(f"event {row['id']} ({row['kind']}): content altered")
+            prev = row["hash"]
+        return problems
 
     # -- source identity ------------------------------------------------------------------
     def bind_source(self, url: str, endpoint_url: str | None, region: str | None) -> None:

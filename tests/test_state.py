@@ -1,0 +1,47 @@
+"""The state DB itself: creation, identity, the event log's hash chain."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from cloudexit.errors import StateError
+from cloudexit.state import State
+
+
+def test_event_chain_detects_edits_and_removals(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    with State(path, create=True) as state:
+        for i in range(5):
+            state.log("test.event", n=i)
+        assert state.verify_event_chain() == []
+    conn = sqlite3.connect(path)
+    conn.execute("UPDATE events SET detail = '{\"n\": 99}' WHERE id = 2")
+    conn.commit()
+    with State(path) as state:
+        assert state.verify_event_chain() == ["event 2 (test.event): content altered"]
+    conn.execute("UPDATE events SET detail = '{\"n\": 1}' WHERE id = 2")
+    conn.execute("DELETE FROM events WHERE id = 3")
+    conn.commit()
+    conn.close()
+    with State(path) as state:
+        problems = state.verify_event_chain()
+        assert problems == ["event 4: does not follow the event before it "
+                            "(an event was removed or inserted)"]
+
+
+def test_newer_schema_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    State(path, create=True).close()
+    conn = sqlite3.connect(path)
+    conn.execute("PRAGMA user_version = 999")
+    conn.close()
+    with pytest.raises(StateError, match="newer cloudexit"):
+        State(path)
+
+
+def test_meta_salt_is_random_per_migration(tmp_path: Path) -> None:
+    with State(tmp_path / "a.db", create=True) as a, State(tmp_path / "b.db", create=True) as b:
+        assert a.meta("salt") and a.meta("salt") != b.meta("salt")
