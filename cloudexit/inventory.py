@@ -22,7 +22,7 @@ from .config import InventoryConfig
 from .dicom import Header, classify, patient_hash
 from .errors import CloudexitError, UsageError
 from .paths import key_flags
-from .source import ListedObject, ObjectChanged, ObjectGone, Source
+from .source import ListedObject, ObjectChanged, ObjectGone, Source, iso
 from .state import State, now
 
 MAX_CHAR = "\U0010ffff"
@@ -411,7 +411,7 @@ class Inventory:
             head = self.source.head(key)
             result.requests += 1
             result.changed_to = (head.get("ETag", "").strip('"'), int(head["ContentLength"]),
-                                 head["LastModified"].isoformat())
+                                 iso(head["LastModified"]))
         except ObjectGone:
             result.gone = True
         except CloudexitError as exc:

@@ -104,6 +104,10 @@ class Source:
             except ProfileNotFound as exc:
                 raise CredentialsError(f"AWS profile not found: {self.config.profile}",
                                        hint="check ~/.aws/config or drop --profile") from exc
+            # Timestamps stay ISO text: botocore's dateutil parsing of every LastModified was
+            # the largest cost of a listing page, and we store the text anyway.
+            factory = self._session._session.get_component("response_parser_factory")
+            factory.set_parser_defaults(timestamp_parser=str)
         cfg = Config(
             retries={"total_max_attempts": self.config.max_attempts, "mode": "standard"},
             connect_timeout=self.config.connect_timeout,
@@ -171,7 +175,7 @@ class Source:
             raise self.translate(exc, f"bucket {self.bucket}: listing {prefix!r}") from exc
         objects = [
             ListedObject(o["Key"], int(o["Size"]), o.get("ETag", "").strip('"'),
-                         o["LastModified"].isoformat(), o.get("StorageClass") or "STANDARD")
+                         iso(o["LastModified"]), o.get("StorageClass") or "STANDARD")
             for o in resp.get("Contents", ())
         ]
         prefixes = [p["Prefix"] for p in resp.get("CommonPrefixes", ())]
@@ -208,6 +212,11 @@ class Source:
             return self.client().head_object(Bucket=self.bucket, Key=key)
         except Exception as exc:  # noqa: BLE001
             raise self.translate(exc, f"object {key!r}") from exc
+
+
+def iso(value: Any) -> str:
+    """A timestamp from botocore (ISO text here, a datetime elsewhere) as ISO text."""
+    return value if isinstance(value, str) else value.isoformat()
 
 
 def _total_size(content_range: str | None, fallback: int) -> int:
