@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import queue
-import random
 import re
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -27,8 +26,7 @@ from .state import State, now
 
 MAX_CHAR = "\U0010ffff"
 EXPLORE_DEPTH = 4  # levels of common prefixes explored before switching to range listing
-CPS_PER_TASK = 64  # common prefixes grouped into one range task
-FLAT_SPLIT = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+CPS_PER_TASK = 64  # with fewer folders than this at a level, explore each of them further
 
 _UPSERT = """
 INSERT INTO objects (key, size, etag, last_modified, storage_class, status, change, change_round,
@@ -107,7 +105,6 @@ class _Page:
     prefixes: list[str]
     last_key: str | None
     done: bool
-    split: bool = False  # an explore task found a flat level and asks to split the rest
 
 
 @dataclass
@@ -121,16 +118,6 @@ class _HeaderResult:
     gone: bool = False
     changed_to: tuple[str, int, str] | None = None  # new (etag, size, last_modified)
     error: str | None = None
-
-
-def just_before(text: str) -> str:
-    """A string sorting just below `text`, for S3's exclusive StartAfter."""
-    if not text:
-        return text
-    code = ord(text[-1])
-    if code == 0:
-        return text[:-1]
-    return text[:-1] + chr(code - 1) + MAX_CHAR
 
 
 def compile_key_pattern(pattern: str) -> re.Pattern[str]:
@@ -307,12 +294,11 @@ class Inventory:
         while not self._stop.is_set():
             page = self.source.list_page(task.prefix, start_after=last_key, token=token,
                                          delimiter="/")
+            # Resume point: past the last key, and past everything under the last folder.
             marks = [o.key for o in page.objects] + [p + MAX_CHAR for p in page.prefixes]
             last = max(marks) if marks else last_key
-            flat = page.truncated and not page.prefixes and page.objects
-            self._put(_Page(task, page.objects, page.prefixes, last,
-                            done=not page.truncated or bool(flat), split=bool(flat)))
-            if not page.truncated or flat:
+            self._put(_Page(task, page.objects, page.prefixes, last, done=not page.truncated))
+            if not page.truncated:
                 return
             last_key, token = last, page.next_token
 
@@ -349,27 +335,16 @@ class Inventory:
         return len(new_tasks) - (1 if page.done else 0)
 
     def _plan_tasks(self, page: _Page) -> list[_Task]:
-        """Turn what an explore page found into more listing tasks."""
+        """Turn the folders an explore page found into more listing tasks.
+
+        Every task is bounded by a real prefix, never by a synthetic StartAfter: SeaweedFS (and
+        other filer-backed stores) walk folders in name order, which differs from S3's key order
+        for a made-up bound such as "X." + U+10FFFF, and skipped whole folders that way.
+        """
         task = page.task
-        if page.split:
-            # A flat level (thousands of keys, no folders): split the rest of it by first character.
-            after = page.last_key or ""
-            bounds = [task.prefix + c for c in FLAT_SPLIT if task.prefix + c > after]
-            starts = [after] + bounds
-            ends = bounds + [None]
-            return [_Task(0, task.prefix, just_before(s) if i else s, e, False)
-                    for i, (s, e) in enumerate(zip(starts, ends))]
-        cps = page.prefixes
-        if not cps:
-            return []
-        if not page.done or len(cps) >= CPS_PER_TASK:
-            # Many folders: list consecutive groups of them flat, one range task per group.
-            groups = [cps[i:i + CPS_PER_TASK] for i in range(0, len(cps), CPS_PER_TASK)]
-            return [_Task(0, task.prefix, just_before(g[0]), g[-1][:-1] + chr(ord(g[-1][-1]) + 1),
-                          False) for g in groups]
-        if task.depth + 1 < EXPLORE_DEPTH:
-            return [_Task(0, cp, None, None, True, task.depth + 1) for cp in cps]
-        return [_Task(0, cp, None, None, False) for cp in cps]
+        if task.depth + 1 < EXPLORE_DEPTH and page.done and len(page.prefixes) < CPS_PER_TASK:
+            return [_Task(0, cp, None, None, True, task.depth + 1) for cp in page.prefixes]
+        return [_Task(0, cp, None, None, False) for cp in page.prefixes]
 
     def _uids_from_key(self, key: str) -> tuple[str | None, str | None, str] | None:
         if self.pattern is None:

@@ -14,19 +14,12 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from dbutil import rows as _rows
 
 from cloudexit import synthetic
 from cloudexit.s3server import SeaweedServer
-from cloudexit.state import State
 
 
-def _rows(db: Path, sql: str, params: tuple = ()) -> list[sqlite3.Row]:
-    conn = sqlite3.connect(db)
-    conn.row_factory = sqlite3.Row
-    try:
-        return conn.execute(sql, params).fetchall()
-    finally:
-        conn.close()
 
 
 @pytest.fixture
@@ -130,6 +123,19 @@ def test_rerun_records_new_changed_and_deleted(cli, s3, tiny_pacs, db: Path) -> 
     again = json.loads(cli("inventory", f"s3://{bucket}", "--db", str(db), "--json").stdout)
     assert (again["round"]["new"], again["round"]["changed"], again["round"]["deleted"]) == (0, 0, 0)
     assert again["inventory"]["objects"] == len(truth)
+
+
+def test_every_key_of_many_folders_is_listed(cli, s3, bucket: str, db: Path) -> None:
+    """Regression: range bounds made up between folders skipped whole studies on SeaweedFS."""
+    profile = synthetic.Profile(patients=70, studies_per_patient=2, ct_slices_per_series=2,
+                                ct_matrix=8, cr_per_study=0, multiframe_objects=0, awkward=False,
+                                layouts=("uid",))
+    truth = synthetic.upload(s3.client(), bucket, synthetic.generate(profile), workers=16)
+    assert len({o.study_uid for o in truth}) == 140
+    assert cli("inventory", f"s3://{bucket}", "--db", str(db), "--key-pattern",
+               "{study}/{series}/{sop}.dcm").exit_code == 0
+    listed = {r["key"] for r in _rows(db, "SELECT key FROM objects")}
+    assert listed == {o.key for o in truth}
 
 
 def test_prefix_limits_the_inventory(cli, tiny_pacs, db: Path) -> None:
