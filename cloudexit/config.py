@@ -29,3 +29,30 @@ class InventoryConfig:
     key_pattern: str | None = None  # e.g. "{study}/{series}/{sop}.dcm": UIDs from keys, no reads
     pattern_sample: int = 20  # objects whose headers are read to check the key pattern
     commit_every: int = 1000  # rows per SQLite transaction
+
+
+@dataclass(frozen=True)
+class MigrateConfig:
+    """How `migrate` downloads, verifies and places objects (see docs/performance.md)."""
+
+    layout: str = "uid"  # "uid": STUDY/SERIES/SOP.dcm; "keys": the source keys, sanitised
+    non_dicom: str = "copy"  # "copy": into DEST/_non-dicom/ (by key); "skip": recorded, not copied
+    order: str = "newest"  # newest | oldest | key: newest studies first, whole studies together
+    processes: int = 0  # worker processes; 0: one per CPU (at most 8)
+    threads: int = 8  # download threads per worker process, one connection each
+    large_object: int = 64 * 2**20  # objects this big or bigger download in parallel ranges
+    range_size: int = 16 * 2**20  # bytes per ranged GET of a large object
+    range_streams: int = 4  # ranges of one large object in flight at once
+    buffer_size: int = 1 * 2**20  # read/hash/write buffer per stream
+    attempts: int = 6  # per object for transient errors (5xx, SlowDown, resets, corruption)
+    backoff_base: float = 0.5  # seconds; retry n waits up to base * 2**n (full jitter)
+    backoff_max: float = 30.0
+    link_probe_max: float = 60.0  # seconds between probes when the endpoint is down, at most
+    restore_tier: str = "Bulk"  # Bulk | Standard | Expedited
+    restore_days: int = 7  # days a restored copy stays readable
+    restore_poll: float = 900.0  # seconds between checks of restores in progress
+    bwlimit: str | None = None  # rclone timetable, e.g. "08:00,20M 18:00,off"; None: no limit
+    fsync: bool = True  # fsync each file and its directory before it counts as verified
+    connect_timeout: float = 10.0
+    read_timeout: float = 60.0
+    commit_interval: float = 0.25  # seconds between DB commits of finished objects

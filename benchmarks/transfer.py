@@ -1,0 +1,259 @@
+"""Transfer benchmark: `cloudexit migrate` (all verification on) beside s5cmd, rclone, aws cli.
+
+    python benchmarks/transfer.py                      # all three workloads, 3 alternating rounds
+    python benchmarks/transfer.py --workloads ct2000 --rounds 5 --write-docs
+
+Workloads, on one local SeaweedFS (loopback), each tool downloading the whole bucket into a fresh
+folder on the same disk:
+  ct2000    2,000 synthetic CT slices of ~0.5 MB (1.05 GB), `synthetic.Profile.ct_bench(2000)`
+  big4      4 multi-frame DICOM objects of 256 MiB, uploaded in 8 MiB parts (multipart ETags)
+  small20k  20,000 tiny DICOM objects (~0.5 KB), `benchmarks.common.populate`
+Tools run in alternating order each round (so drifting machine load hits all alike); the report
+gives the median wall time, CPU (user+sys of the tool and its children), the peak RSS of the
+process tree, the S3 server's CPU meanwhile, and the ratio of wall time to s5cmd.
+
+cloudexit runs `migrate --to DEST` on a copy of a finished inventory DB (the inventory is not
+timed: the other tools have none): every object is fetched with If-Match, MD5/multipart ETag,
+SHA-256 and the stored CRC32 are checked, the DICOM header is walked and its SOP Instance UID
+compared, each file is fsynced and renamed, its folder fsynced, and each result committed.
+s5cmd, rclone and aws cli write without fsync; rclone checks MD5 for single-part objects only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import REPO, bench_server, ensure_bucket, measure, tool, versions  # noqa: E402
+
+from cloudexit import synthetic  # noqa: E402
+
+TOOLS = ("s5cmd", "cloudexit", "rclone", "aws")
+
+
+def _fill_synthetic(server, bucket: str, profile: synthetic.Profile, log) -> None:
+    marker = server.workdir / f"populated-{bucket}.json"
+    if marker.exists():
+        log(f"bucket {bucket}: reusing")
+        return
+    started = time.monotonic()
+    objects = synthetic.upload(server.client(max_pool_connections=16), bucket,
+                               synthetic.generate(profile), workers=8)
+    marker.write_text(json.dumps({"objects": len(objects), "bytes": sum(o.size for o in objects),
+                                  "seconds": time.monotonic() - started}))
+    log(f"bucket {bucket}: {len(objects)} objects in {time.monotonic() - started:.0f} s")
+
+
+def prepare(server, workload: str, log) -> str:
+    bucket = f"bench-{workload}"
+    if workload == "ct2000":
+        _fill_synthetic(server, bucket, synthetic.Profile.ct_bench(2000), log)
+    elif workload == "big4":
+        profile = synthetic.Profile(patients=1, studies_per_patient=1, ct_slices_per_series=0,
+                                    cr_per_study=0, multiframe_objects=4,
+                                    multiframe_bytes=256_000_000, awkward=False, seed=3)  # 256 MB
+        _fill_synthetic(server, bucket, profile, log)
+    elif workload == "small20k":
+        ensure_bucket(server, bucket, 20_000, "uid", log=log)
+    else:
+        raise SystemExit(f"unknown workload {workload}")
+    return bucket
+
+
+def inventory_db(server, bucket: str, work: Path, env: dict[str, str], log) -> Path:
+    db = work / f"{bucket}.db"
+    if not db.exists():
+        log(f"inventory of {bucket} (not timed)")
+        result = measure([tool("cloudexit"), "inventory", f"s3://{bucket}", "--db", str(db), "-q"],
+                         env=env)
+        if result.returncode not in (0, 3):
+            raise SystemExit("inventory failed")
+    return db
+
+
+def command(name: str, bucket: str, dest: Path, server, db_copy: Path) -> list[str]:
+    ep = server.endpoint_url
+    if name == "s5cmd":
+        return [tool("s5cmd"), "--endpoint-url", ep, "cp", f"s3://{bucket}/*", f"{dest}/"]
+    if name == "rclone":
+        return [tool("rclone"), "copy", f":s3:{bucket}", str(dest), "--transfers", "16",
+                "--checkers", "16", "--s3-provider", "Other", "--s3-endpoint", ep,
+                "--s3-force-path-style=true", "--s3-env-auth=false"]
+    if name == "aws":
+        return [tool("aws"), "s3", "cp", "--recursive", "--quiet", "--endpoint-url", ep,
+                f"s3://{bucket}", str(dest)]
+    if name == "cloudexit":
+        return [tool("cloudexit"), "migrate", "--to", str(dest), "--db", str(db_copy), "-q"]
+    raise ValueError(name)
+
+
+def run(args: argparse.Namespace) -> dict:
+    log = print
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    server = bench_server(work / "s3")
+    results: dict = {"versions": versions(), "workloads": {}, "rounds": args.rounds,
+                     "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    try:
+        env = {**os.environ, **server.env(),
+               "RCLONE_S3_ACCESS_KEY_ID": server.env()["AWS_ACCESS_KEY_ID"],
+               "RCLONE_S3_SECRET_ACCESS_KEY": server.env()["AWS_SECRET_ACCESS_KEY"]}
+        server_pid = server.proc.pid if server.proc else None
+        for workload in args.workloads:
+            bucket = prepare(server, workload, log)
+            db = inventory_db(server, bucket, work, env, log)
+            data: dict[str, list] = {t: [] for t in args.tools}
+            for round_ in range(args.rounds):
+                order = list(args.tools)
+                order = order[round_ % len(order):] + order[:round_ % len(order)]
+                for name in order:
+                    dest = Path(args.dest_root) / f"{workload}-{name}"
+                    shutil.rmtree(dest, ignore_errors=True)
+                    dest.mkdir(parents=True)
+                    db_copy = work / f"run-{workload}.db"
+                    for suffix in ("", "-wal", "-shm", ".lock"):
+                        Path(str(db_copy) + suffix).unlink(missing_ok=True)
+                    shutil.copy(db, db_copy)
+                    m = measure(command(name, bucket, dest, server, db_copy), env=env,
+                                server_pid=server_pid, count_lines=False)
+                    files = sum(1 for p in dest.rglob("*") if p.is_file())
+                    data[name].append({**m.as_dict(), "files": files})
+                    log(f"{workload} round {round_ + 1} {name:<9} wall {m.wall_s:6.2f} s  cpu {m.cpu_s:6.2f} s  "
+                        f"rss {m.peak_tree_rss_mb:6.0f} MB  server cpu {m.server_cpu_s:5.2f} s  "
+                        f"rc {m.returncode}  files {files}")
+                    shutil.rmtree(dest, ignore_errors=True)
+            summary = {}
+            for name, runs in data.items():
+                ok = [r for r in runs if r["returncode"] in (0, 3)] or runs
+                summary[name] = {
+                    "wall_s": statistics.median(r["wall_s"] for r in ok),
+                    "cpu_s": statistics.median(r["cpu_s"] for r in ok),
+                    "peak_rss_mb": max(r["peak_tree_rss_mb"] for r in ok),
+                    "server_cpu_s": statistics.median(r["server_cpu_s"] for r in ok),
+                    "runs": len(ok), "files": ok[0]["files"],
+                }
+            base = summary.get("s5cmd", {}).get("wall_s")
+            for name in summary:
+                summary[name]["ratio_to_s5cmd"] = summary[name]["wall_s"] / base if base else None
+            results["workloads"][workload] = {"bucket": bucket, "summary": summary, "runs": data}
+    finally:
+        server.stop()
+    return results
+
+
+def table(results: dict) -> str:
+    lines = []
+    names = {"ct2000": "2,000 CT objects of ~0.5 MB (1.05 GB)",
+             "big4": "4 multipart objects of 256 MB (1 GB)",
+             "small20k": "20,000 small objects (~0.5 KB)"}
+    for workload, data in results["workloads"].items():
+        lines += [f"**{names.get(workload, workload)}**", "",
+                  "| tool | wall (median) | ratio to s5cmd | CPU user+sys | peak RSS (tree) | S3 server CPU |",
+                  "|---|---|---|---|---|---|"]
+        for name, s in sorted(data["summary"].items(), key=lambda kv: kv[1]["wall_s"]):
+            ratio = f"{s['ratio_to_s5cmd']:.2f}x" if s["ratio_to_s5cmd"] else "-"
+            lines.append(f"| {name} | {s['wall_s']:.2f} s | {ratio} | {s['cpu_s']:.2f} s | "
+                         f"{s['peak_rss_mb']:.0f} MB | {s['server_cpu_s']:.2f} s |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_docs(results: dict, text: str) -> None:
+    path = REPO / "docs" / "performance.md"
+    doc = path.read_text() if path.exists() else "# Performance\n"
+    start = doc.find("\n## Transfer")
+    section = TRANSFER_SECTION.format(date=results["started"], rounds=results["rounds"],
+                                      versions=", ".join(f"{k} {v}" for k, v in results["versions"].items()),
+                                      table=text)
+    if start < 0:
+        doc = doc.rstrip("\n") + "\n\n" + section
+    else:
+        end = doc.find("\n## ", start + 5)
+        doc = doc[:start + 1] + section + (doc[end:] if end >= 0 else "")
+    path.write_text(doc)
+
+
+TRANSFER_SECTION = """## Transfer (`cloudexit migrate`)
+
+Measured with `python benchmarks/transfer.py --write-docs` on {date}, {rounds} alternating
+rounds per tool, median shown; {versions}. The S3 server (SeaweedFS) runs on the same two
+cores, and other work shared the machine during the runs, so compare within a table (same
+moment, alternating order), not across documents.
+
+{table}
+What each tool does per object: cloudexit GETs with If-Match, computes MD5 (or the multipart
+ETag, with the part size learned by `HEAD ?partNumber=1`), SHA-256 and the stored
+`x-amz-checksum-crc32` in one pass, walks the DICOM header and compares the SOP Instance UID,
+fsyncs the file, renames it, fsyncs the folder and commits the result. s5cmd, rclone and aws cli
+write without fsync; s5cmd checks nothing, rclone compares MD5 with single-part ETags only,
+aws cli checks `x-amz-checksum-*` when present.
+
+### Design choices, from profiles
+* Per-request Python CPU was the first obstacle: boto3's `get_object` costs ~1.5 ms of CPU
+  before a byte moves. The GET path is `http.client` keep-alive connections (one per thread)
+  with a standard-library SigV4 signer (tested against botocore's, and checked by the server on
+  every request); the whole per-object Python overhead (sign, request, headers, loop, DICOM walk,
+  rename, result) is now ~0.3-0.5 ms.
+* Worker processes (one per CPU, 8 threads each) do the I/O and hashing; the engine process
+  only plans, dispatches and commits (batched, ~0.25 s). Hashing releases the GIL, so threads
+  overlap it with network and disk.
+* pydicom's header parse (~1 ms per object) was replaced on the hot path by a `struct` walk of
+  the header (~40 µs; `cloudexit/dicomscan.py`) that falls back to pydicom for anything unusual.
+* Hashing is now the dominant cost and cannot go away with verification on: on this CPU,
+  MD5 runs at ~440 MB/s (1.2 ms per 0.5 MB object), SHA-256 (SHA-NI) at ~1 GB/s (0.5 ms), CRC32
+  (zlib) at ~1.1 GB/s (0.46 ms): ~2.2 ms of CPU per CT slice, about what s5cmd spends on the
+  whole object. With two cores shared with the S3 server, that is what separates cloudexit's
+  wall time from s5cmd's on the 0.5 MB workload. `awscrt` was measured: its CRC32 is no faster
+  than zlib here (its CRC32C and CRC64NVME are, and are used when it is installed).
+* fsync of each file and its folder costs ~10% of wall time on this disk (measured with
+  `MigrateConfig(fsync=False)`, which is not exposed: a verified object must be durable).
+* Large objects: ranges of 16 MiB, 4 in flight per object, written with `pwrite` into one temp
+  file; a follower thread hashes the bytes in order as they land (from the page cache), so
+  verification overlaps the download.
+
+### Bandwidth limit
+`--bwlimit` takes rclone's timetable syntax (`"20M"`, `"08:00,20M 18:00,off"`,
+`"Mon-Fri 08:00,512k 19:00,off"`). All worker processes draw from one token bucket in shared
+memory; the socket receive buffer is capped at 256 KiB when a limit is set, so the kernel cannot
+run ahead of the limit by more than a few MB. Change it while the run goes on with
+`cloudexit migrate --bwlimit TIMETABLE --db DB` (from any terminal): the live run reads it from
+the state DB within two seconds, and `--resume` keeps it.
+"""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workloads", nargs="+", default=["ct2000", "big4", "small20k"])
+    parser.add_argument("--tools", nargs="+", default=list(TOOLS))
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--workdir", default="/tmp/cloudexit-bench-transfer",
+                        help="SeaweedFS data and inventory DBs, kept between invocations")
+    parser.add_argument("--dest-root", default="/var/tmp/cloudexit-bench-dest",
+                        help="where the tools download to (a disk, not tmpfs)")
+    parser.add_argument("--json", default=None, help="write all measurements here")
+    parser.add_argument("--write-docs", action="store_true", help="update docs/performance.md")
+    parser.add_argument("--docs-from", default=None, help="re-render the docs from a --json file")
+    args = parser.parse_args()
+    if args.docs_from:
+        results = json.loads(Path(args.docs_from).read_text())
+        write_docs(results, table(results))
+        return
+    results = run(args)
+    text = table(results)
+    print(text)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2, default=str))
+    if args.write_docs:
+        write_docs(results, text)
+
+
+if __name__ == "__main__":
+    main()

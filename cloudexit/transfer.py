@@ -1,0 +1,956 @@
+"""The download path of `migrate`: a lean S3 GET client and the worker processes that use it.
+
+Why not boto3 here: on a small machine, per-request Python CPU is what limits a download of
+thousands of 0.5 MB objects (botocore spends ~1.5 ms of CPU per GET before a byte moves; see
+docs/performance.md). This module keeps botocore for what it is good at (credential chains,
+error translation, the rare RestoreObject; see `source.py`) and does the hot path itself:
+
+* SigV4 signing with the standard library (`hmac`, `hashlib`), the signing key cached per day;
+  checked against botocore's signer in the tests, and against the real server on every request;
+* `http.client` keep-alive connections, one per thread, reused for thousands of requests;
+* bodies read into one reusable buffer and fed to MD5 + SHA-256 (+ provider checksums) in C
+  (`cloudexit.checksums`), written with `os.write`, so the GIL is mostly released;
+* worker processes (one per CPU by default), each with a few threads, fed by the engine in
+  `migrate.py`, which alone writes the state DB.
+
+Every GET carries `If-Match` with the inventoried ETag, so bytes of two versions are never
+mixed, and `x-amz-checksum-mode: ENABLED` so S3 returns the object's stored checksums.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import datetime as _dt
+import errno
+import hashlib
+import hmac
+import http.client
+import os
+import queue
+import random
+import re
+import signal
+import socket
+import ssl
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+from urllib.parse import quote, urlsplit
+
+from .checksums import Expectation, ObjectHasher, expectations, part_bounds
+from .dicomscan import scan
+
+EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
+CREDENTIAL_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken",
+                    "TokenRefreshRequired", "AuthorizationHeaderMalformed", "ExpiredTokenException",
+                    "RequestTimeTooSkewed"}
+TRANSIENT_CODES = {"SlowDown", "InternalError", "ServiceUnavailable", "RequestTimeout",
+                   "Throttling", "ThrottlingException", "RequestLimitExceeded", "BadDigest",
+                   "OperationAborted", "IncompleteBody"}
+_CODE = re.compile(rb"<Code>([^<]+)</Code>")
+_MESSAGE = re.compile(rb"<Message>([^<]*)</Message>")
+HEADER_BYTES = 64 * 1024  # first bytes kept in memory for the DICOM check
+TEMP_PREFIX = ".cloudexit-"  # temp files are hidden and never a name a layout produces
+
+
+# -- errors ------------------------------------------------------------------------------------
+class FetchError(Exception):
+    """A failed request or transfer, classified for the engine.
+
+    kind: unreachable (no answer: link down?), transient (5xx, throttling, a cut body: retry),
+    corrupt (bytes did not verify: retry), changed (412), gone (404), archived (needs a restore),
+    credentials (refused: stop the run), denied (403 on this object), disk (destination full or
+    not writable: stop the run), permanent (anything else, recorded per object).
+    """
+
+    def __init__(self, kind: str, detail: str, status: int | None = None, code: str | None = None,
+                 restart: bool = False) -> None:
+        super().__init__(detail)
+        self.kind, self.detail, self.status, self.code = kind, detail, status, code
+        self.restart = restart  # a resumed temp file did not verify: start over from byte 0
+
+
+DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
+
+
+def disk_error(exc: OSError, what: str) -> FetchError:
+    return FetchError("disk", f"{what}: {os.strerror(exc.errno or 0)} ({errno.errorcode.get(exc.errno or 0, '?')})",
+                      code=errno.errorcode.get(exc.errno or 0))
+
+
+# -- where the bucket is -------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Endpoint:
+    """How to address objects of one bucket (picklable: handed to the worker processes)."""
+
+    scheme: str
+    host: str  # host[:port] as sent in the Host header
+    port: int
+    bucket: str
+    region: str
+    path_style: bool
+    verify: bool | str = True  # TLS verification: True, False, or a CA bundle path
+    proxy: str | None = None  # http://host:port from HTTPS_PROXY / HTTP_PROXY
+    connect_timeout: float = 10.0
+    read_timeout: float = 60.0
+    rcvbuf: int = 0  # SO_RCVBUF when a bandwidth limit is set (keeps the kernel from bursting)
+
+    @classmethod
+    def from_url(cls, endpoint_url: str, bucket: str, region: str, path_style: bool,
+                 **kwargs: Any) -> "Endpoint":
+        parts = urlsplit(endpoint_url)
+        scheme = parts.scheme or "https"
+        port = parts.port or (443 if scheme == "https" else 80)
+        host = parts.hostname or ""
+        if not path_style:
+            host = f"{bucket}.{host}"
+        netloc = host if parts.port is None else f"{host}:{parts.port}"
+        return cls(scheme, netloc, port, bucket, region, path_style, **kwargs)
+
+    def path(self, key: str) -> str:
+        """The canonical (and request) path of `key`: S3 encodes once, keeps '/'."""
+        encoded = quote(key, safe="/~")
+        if self.path_style:
+            return f"/{quote(self.bucket, safe='')}/{encoded}"
+        return f"/{encoded}"
+
+    def bucket_path(self) -> str:
+        return f"/{quote(self.bucket, safe='')}/" if self.path_style else "/"
+
+
+@dataclass(frozen=True)
+class Credentials:
+    access_key: str
+    secret_key: str = field(repr=False)
+    token: str | None = field(default=None, repr=False)
+
+
+# -- SigV4 -----------------------------------------------------------------------------------------
+class Signer:
+    """AWS Signature Version 4 for S3 requests without a body (GET, HEAD)."""
+
+    def __init__(self, credentials: Credentials, region: str, service: str = "s3") -> None:
+        self.credentials = credentials
+        self.region = region
+        self.service = service
+        self._keys: dict[str, bytes] = {}
+
+    def _key(self, day: str) -> bytes:
+        key = self._keys.get(day)
+        if key is None:
+            key = ("AWS4" + self.credentials.secret_key).encode()
+            for part in (day, self.region, self.service, "aws4_request"):
+                key = hmac.new(key, part.encode(), hashlib.sha256).digest()
+            self._keys = {day: key}
+        return key
+
+    def sign(self, method: str, host: str, path: str, query: dict[str, str] | None = None,
+             headers: dict[str, str] | None = None, when: _dt.datetime | None = None) -> dict[str, str]:
+        """Headers (lower-case names) to send, Authorization included."""
+        when = when or _dt.datetime.now(_dt.timezone.utc)
+        amz_date = when.strftime("%Y%m%dT%H%M%SZ")
+        day = amz_date[:8]
+        signed = {"host": host, "x-amz-content-sha256": EMPTY_SHA256, "x-amz-date": amz_date}
+        if self.credentials.token:
+            signed["x-amz-security-token"] = self.credentials.token
+        for name, value in (headers or {}).items():
+            signed[name.lower()] = str(value)
+        names = sorted(signed)
+        canonical_query = "&".join(
+            f"{quote(k, safe='-_.~')}={quote(v, safe='-_.~')}" for k, v in sorted((query or {}).items()))
+        canonical = "\n".join([
+            method, path, canonical_query,
+            "".join(f"{n}:{' '.join(signed[n].split())}\n" for n in names),
+            ";".join(names), EMPTY_SHA256])
+        scope = f"{day}/{self.region}/{self.service}/aws4_request"
+        to_sign = "\n".join(["AWS4-HMAC-SHA256", amz_date, scope,
+                             hashlib.sha256(canonical.encode()).hexdigest()])
+        signature = hmac.new(self._key(day), to_sign.encode(), hashlib.sha256).hexdigest()
+        signed["authorization"] = (f"AWS4-HMAC-SHA256 Credential={self.credentials.access_key}/{scope}, "
+                                   f"SignedHeaders={';'.join(names)}, Signature={signature}")
+        return signed
+
+
+# -- bandwidth ----------------------------------------------------------------------------------
+class SharedRate:
+    """A token bucket shared by all worker processes (shared memory + a lock).
+
+    rate < 0: unlimited; 0: paused; > 0: bytes per second. Callers take what they read and
+    sleep off any debt, so the aggregate rate holds however many streams run.
+    """
+
+    def __init__(self, ctx: Any) -> None:
+        self.values = ctx.RawArray("d", 3)  # rate, tokens, last refill (monotonic)
+        self.values[0] = -1.0
+        self.lock = ctx.Lock()
+
+    def set(self, rate: float | None) -> None:
+        with self.lock:
+            new = -1.0 if rate is None else float(rate)
+            if new != self.values[0]:
+                self.values[0] = new
+                self.values[1] = 0.0
+                self.values[2] = time.monotonic()
+
+    @property
+    def rate(self) -> float | None:
+        value = self.values[0]
+        return None if value < 0 else value
+
+    def take(self, n: int, stop: Any = None) -> None:
+        while True:
+            with self.lock:
+                rate = self.values[0]
+                if rate < 0:
+                    return
+                now = time.monotonic()
+                if rate > 0:
+                    burst = max(rate * 0.2, 65536.0)
+                    tokens = min(self.values[1] + (now - self.values[2]) * rate, burst) - n
+                    self.values[1], self.values[2] = tokens, now
+                    wait = -tokens / rate if tokens < 0 else 0.0
+                    if wait <= 0:
+                        return
+                else:
+                    self.values[2] = now
+                    wait = -1.0
+            if wait > 0:
+                time.sleep(min(wait, 5.0))
+                if wait <= 5.0:
+                    return
+                continue  # a long debt (the rate fell): keep sleeping in steps
+            if stop is not None and stop.is_set():
+                return
+            time.sleep(0.25)  # paused
+
+
+# -- HTTP ---------------------------------------------------------------------------------------------
+@dataclass
+class Counters:
+    get: int = 0
+    head: int = 0
+    list: int = 0
+    bytes: int = 0  # body bytes received, retries and discarded attempts included
+
+    def add(self, other: "Counters") -> None:
+        self.get += other.get
+        self.head += other.head
+        self.list += other.list
+        self.bytes += other.bytes
+
+
+class S3Reader:
+    """Signed GET/HEAD over keep-alive connections, one per thread."""
+
+    def __init__(self, endpoint: Endpoint, credentials: Credentials) -> None:
+        self.endpoint = endpoint
+        self.signer = Signer(credentials, endpoint.region)
+        self._local = threading.local()
+        self._ssl: ssl.SSLContext | None = None
+
+    def set_credentials(self, credentials: Credentials) -> None:
+        if credentials != self.signer.credentials:
+            self.signer = Signer(credentials, self.endpoint.region)
+
+    def _context(self) -> ssl.SSLContext:
+        if self._ssl is None:
+            verify = self.endpoint.verify
+            if verify is False:
+                ctx = ssl._create_unverified_context()  # noqa: S323 - the user asked (--no-verify-ssl)
+            else:
+                ctx = ssl.create_default_context(cafile=verify if isinstance(verify, str) else None)
+            self._ssl = ctx
+        return self._ssl
+
+    def _connection(self, fresh: bool = False) -> http.client.HTTPConnection:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None and not fresh:
+            return conn
+        if conn is not None:
+            conn.close()
+        ep = self.endpoint
+        host = ep.host.rsplit(":", 1)[0] if ep.host.count(":") == 1 else ep.host
+        if ep.proxy:
+            proxy = urlsplit(ep.proxy)
+            target: tuple[str, int] = (proxy.hostname or "", proxy.port or 8080)
+        else:
+            target = (host, ep.port)
+        if ep.scheme == "https":
+            conn = http.client.HTTPSConnection(*target, timeout=ep.connect_timeout, context=self._context())
+            if ep.proxy:
+                conn.set_tunnel(host, ep.port)
+        else:
+            conn = http.client.HTTPConnection(*target, timeout=ep.connect_timeout)
+        conn.connect()
+        conn.sock.settimeout(ep.read_timeout)
+        conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if ep.rcvbuf:
+            conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, ep.rcvbuf)
+        self._local.conn = conn
+        return conn
+
+    def close(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+    def request(self, method: str, key: str | None, query: dict[str, str] | None = None,
+                headers: dict[str, str] | None = None, counters: Counters | None = None
+                ) -> http.client.HTTPResponse:
+        """Send a signed request; return the response with its body unread (status checked by
+        the caller). Raises FetchError("unreachable") when no answer came."""
+        ep = self.endpoint
+        path = ep.path(key) if key is not None else ep.bucket_path()
+        signed = self.signer.sign(method, ep.host, path, query, headers)
+        target = path
+        if query:
+            target += "?" + "&".join(f"{quote(k, safe='-_.~')}={quote(v, safe='-_.~')}" if v else quote(k)
+                                     for k, v in query.items())
+        if ep.proxy and ep.scheme == "http":
+            target = f"http://{ep.host}{target}"
+        if counters is not None:
+            if method == "HEAD":
+                counters.head += 1
+            elif key is None:
+                counters.list += 1
+            else:
+                counters.get += 1
+        for attempt in (0, 1):
+            reused = getattr(self._local, "conn", None) is not None
+            try:
+                conn = self._connection(fresh=attempt > 0)
+                conn.putrequest(method, target, skip_host=True, skip_accept_encoding=True)
+                for name, value in signed.items():
+                    conn.putheader(name, value)
+                conn.endheaders()
+                return conn.getresponse()
+            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError,
+                    ConnectionAbortedError) as exc:
+                self.close()
+                if attempt == 0 and reused:
+                    continue  # the server closed an idle keep-alive connection: one fresh try
+                raise FetchError("unreachable", f"connection lost before an answer: {_short(exc)}") from exc
+            except (OSError, http.client.HTTPException) as exc:
+                self.close()
+                raise FetchError("unreachable", f"cannot reach {ep.host}: {_short(exc)}") from exc
+        raise AssertionError("unreachable")
+
+    def fail(self, resp: http.client.HTTPResponse, what: str) -> FetchError:
+        """Read an error answer and classify it (the connection stays usable)."""
+        try:
+            body = resp.read(65536) if resp.status != 304 else b""
+        except (OSError, http.client.HTTPException):
+            body = b""
+            self.close()
+        match = _CODE.search(body)
+        code = match.group(1).decode(errors="replace") if match else str(resp.status)
+        message = _MESSAGE.search(body)
+        detail = f"{what}: HTTP {resp.status} {code}"
+        if message and message.group(1):
+            detail += f": {message.group(1).decode(errors='replace')[:200]}"
+        status = resp.status
+        if status == 412 or code == "PreconditionFailed":
+            return FetchError("changed", f"{what}: changed at the source since inventory", status, code)
+        if status == 404 or code in ("NoSuchKey", "NotFound"):
+            return FetchError("gone", f"{what}: no longer at the source (deleted)", status, code)
+        if code == "InvalidObjectState":
+            return FetchError("archived", f"{what}: in an archive storage class, needs a restore",
+                              status, code)
+        if code in CREDENTIAL_CODES or (status in (400, 401) and "token" in code.lower()):
+            return FetchError("credentials", detail, status, code)
+        if status >= 500 or code in TRANSIENT_CODES or status == 429:
+            return FetchError("transient", detail, status, code)
+        if status == 403:
+            return FetchError("denied", detail, status, code)
+        return FetchError("permanent", detail, status, code)
+
+    def head(self, key: str, counters: Counters, part_number: int | None = None,
+             etag: str | None = None) -> dict[str, str]:
+        """HEAD (optionally of one part); lower-case headers."""
+        headers = {"x-amz-checksum-mode": "ENABLED"}
+        if etag:
+            headers["if-match"] = f'"{etag}"'
+        query = {"partNumber": str(part_number)} if part_number else None
+        resp = self.request("HEAD", key, query, headers, counters)
+        if resp.status not in (200, 206):
+            raise self.fail(resp, f"HEAD {key!r}" + (f" part {part_number}" if part_number else ""))
+        resp.read()
+        return {k.lower(): v for k, v in resp.getheaders()}
+
+    def probe(self, counters: Counters) -> bool:
+        """Whether the endpoint answers at all (any HTTP answer counts)."""
+        try:
+            resp = self.request("GET", None, {"list-type": "2", "max-keys": "1"}, None, counters)
+            resp.read()
+            return True
+        except FetchError:
+            return False
+        except (OSError, http.client.HTTPException):
+            self.close()
+            return False
+
+
+def _short(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    return text[:200]
+
+
+# -- tasks and results --------------------------------------------------------------------------
+@dataclass
+class Task:
+    """One object to fetch, verify and place (built by the engine, run by a worker)."""
+
+    id: int
+    key: str
+    etag: str
+    size: int
+    kind: str  # dicom | other | unreadable
+    final: str  # absolute final path
+    temp: str  # absolute temp path beside it
+    quarantine: str | None  # where a DICOM file that does not match its inventory goes
+    expect: dict[str, str | None]  # sop_uid, study_uid, series_uid from the inventory
+    provider: dict[str, str]  # checksum headers recorded by the inventory
+    credentials: Credentials
+    large: bool = False
+    range_size: int = 16 * 2**20
+    done_ranges: dict[int, int] = field(default_factory=dict)  # range -> bytes on disk and fsynced
+    fresh: bool = False  # discard any temp file (a resumed one failed verification)
+
+
+@dataclass
+class Result:
+    id: int
+    key: str
+    outcome: str  # verified | quarantined | failed | cancelled
+    error_kind: str | None = None
+    detail: str | None = None
+    path: str | None = None  # where the file landed (absolute)
+    sha256: str | None = None
+    md5: str | None = None
+    checks: list[str] = field(default_factory=list)
+    not_checked: list[str] = field(default_factory=list)
+    counters: Counters = field(default_factory=Counters)
+    retries: int = 0
+    resumed_from: int = 0  # bytes of a temp file reused
+    local: bool = False  # verified from a file already at its final path: no GET
+    replaced: bool = False  # a different file at the final path was replaced
+    etag: str | None = None
+    changed_to: dict[str, Any] | None = None  # 412: the object's new ETag/size (from HEAD)
+    restart: bool = False
+    elapsed: float = 0.0
+
+
+# -- the worker side ---------------------------------------------------------------------------------
+class Fetcher:
+    """Runs tasks in one process: download, verify, place. Thread-safe."""
+
+    def __init__(self, endpoint: Endpoint, credentials: Credentials, rate: SharedRate | None,
+                 stop: Any, root: str, attempts: int = 6, backoff_base: float = 0.5, backoff_max: float = 30.0,
+                 buffer_size: int = 2**20, range_streams: int = 4, fsync: bool = True,
+                 report: Callable[[tuple[Any, ...]], None] | None = None) -> None:
+        from .stores.filesystem import Placer
+
+        self.reader = S3Reader(endpoint, credentials)
+        self.rate = rate
+        self.stop = stop
+        self.attempts = attempts
+        self.backoff_base, self.backoff_max = backoff_base, backoff_max
+        self.buffer_size = buffer_size
+        self.range_streams = range_streams
+        self.placer = Placer(root, fsync=fsync)
+        self.report = report or (lambda message: None)
+        self._local = threading.local()
+
+    def _buffer(self) -> memoryview:
+        buf = getattr(self._local, "buf", None)
+        if buf is None:
+            buf = self._local.buf = memoryview(bytearray(self.buffer_size))
+        return buf
+
+    def _sleep(self, attempt: int) -> None:
+        delay = random.uniform(0, min(self.backoff_max, self.backoff_base * 2 ** attempt))
+        end = time.monotonic() + delay
+        while time.monotonic() < end and not self.stop.is_set():
+            time.sleep(min(0.1, end - time.monotonic()) if end > time.monotonic() else 0)
+
+    # -- one task --------------------------------------------------------------------------------
+    def run(self, task: Task) -> Result:
+        started = time.monotonic()
+        result = Result(task.id, task.key, "failed", etag=task.etag)
+        self.reader.set_credentials(task.credentials)
+        try:
+            if self.stop.is_set():
+                result.outcome = "cancelled"
+                return result
+            self.placer.prepare(task.final)
+            if os.path.exists(task.final) and self._verify_local(task, result):
+                return result
+            attempt = connection_failures = 0
+            while True:
+                try:
+                    if task.large:
+                        self._fetch_large(task, result)
+                    else:
+                        self._fetch(task, result)
+                    return result
+                except FetchError as exc:
+                    if exc.kind == "cancelled":
+                        result.outcome = "cancelled"
+                        return result
+                    if exc.kind in ("transient", "corrupt") and attempt + 1 < self.attempts \
+                            and not self.stop.is_set():
+                        if exc.restart:
+                            task.fresh, task.done_ranges = True, {}
+                        attempt += 1
+                        result.retries += 1
+                        self._sleep(attempt)
+                        continue
+                    if exc.kind in ("unreachable", "cut"):
+                        # The connection failed: one quick retry (bytes already on disk are
+                        # kept), then the engine judges whether the link is down.
+                        connection_failures += 1
+                        if connection_failures < 2 and not self.stop.is_set():
+                            result.retries += 1
+                            time.sleep(random.uniform(0.05, 0.3))
+                            continue
+                        exc.kind = "unreachable"
+                    if exc.kind == "changed":
+                        result.changed_to = self._new_version(task, result)
+                    result.error_kind, result.detail, result.restart = exc.kind, exc.detail, exc.restart
+                    if exc.restart:
+                        self.placer.discard(task.temp)
+                    return result
+        except OSError as exc:
+            err = disk_error(exc, f"writing {task.final}")
+            result.error_kind, result.detail = err.kind, err.detail
+            if exc.errno not in DISK_ERRNOS:
+                result.error_kind = "permanent"
+            return result
+        finally:
+            result.elapsed = time.monotonic() - started
+
+    def _new_version(self, task: Task, result: Result) -> dict[str, Any] | None:
+        try:
+            head = self.reader.head(task.key, result.counters)
+        except FetchError as exc:
+            return {"gone": True} if exc.kind == "gone" else None
+        return {"etag": head.get("etag", "").strip('"'), "size": int(head.get("content-length", 0)),
+                "last_modified": head.get("last-modified")}
+
+    def _checks(self, task: Task, headers: dict[str, str], result: Result, can_ask: bool = True
+                ) -> tuple[list[Expectation], list[int] | None]:
+        """The checks that apply and, for multipart objects, the part boundaries."""
+        provider = dict(task.provider)
+        provider.update({k: v for k, v in headers.items()
+                         if k.startswith(("x-amz-checksum-", "x-oss-hash-", "x-cos-hash-", "x-obs-hash-"))})
+        checks = expectations(task.etag, provider, headers.get("x-amz-server-side-encryption")
+                              or ("customer" if headers.get("x-amz-server-side-encryption-customer-algorithm") else None))
+        if headers.get("x-amz-server-side-encryption") in ("aws:kms", "aws:kms:dsse"):
+            result.not_checked.append("md5 (SSE-KMS: the ETag is not an MD5)")
+        if not any(c.per_part for c in checks):
+            return checks, None
+        parts = max(c.parts for c in checks if c.per_part)
+        if not can_ask:  # a response body is being read on this connection: no HEADs now
+            for c in [c for c in checks if c.per_part]:
+                result.not_checked.append(f"{c.name} (composite checksum without a multipart ETag)")
+            return [c for c in checks if not c.per_part], None
+        try:
+            first = self.reader.head(task.key, result.counters, part_number=1, etag=task.etag)
+            part_size = int(first.get("content-length", 0))
+            bounds = part_bounds(task.size, part_size=part_size) if part_size else None
+        except FetchError as exc:
+            if exc.kind in ("unreachable", "transient", "credentials", "changed", "gone"):
+                raise
+            bounds = None
+        if bounds is None or len(bounds) - 1 != parts:
+            # Parts of unequal size: ask each part's size (one HEAD per part).
+            sizes = []
+            try:
+                for number in range(1, parts + 1):
+                    info = self.reader.head(task.key, result.counters, part_number=number, etag=task.etag)
+                    sizes.append(int(info.get("content-length", 0)))
+                bounds = part_bounds(task.size, part_sizes=sizes)
+            except FetchError as exc:
+                if exc.kind in ("unreachable", "transient", "credentials", "changed", "gone"):
+                    raise
+                bounds = None
+        if bounds is None or bounds[-1] != task.size:
+            for c in [c for c in checks if c.per_part]:
+                result.not_checked.append(f"{c.name} (the endpoint does not tell part sizes)")
+            checks = [c for c in checks if not c.per_part]
+        return checks, bounds
+
+    # -- small objects: one streaming GET ---------------------------------------------------------
+    def _fetch(self, task: Task, result: Result) -> None:
+        counters = result.counters
+        offset = 0 if task.fresh else self.placer.partial_size(task.temp, task.size)
+        checks: list[Expectation] | None = None
+        bounds: list[int] | None = None
+        if "-" in task.etag or offset:
+            # Multipart (part sizes needed before hashing) or resumed (a ranged GET carries no
+            # full-object checksums): ask HEAD first, on this thread's idle connection.
+            info = self.reader.head(task.key, counters, etag=task.etag)
+            if int(info.get("content-length", -1)) != task.size:
+                raise FetchError("changed", f"HEAD {task.key!r}: size differs from the inventory")
+            checks, bounds = self._checks(task, info, result)
+        headers = {"if-match": f'"{task.etag}"', "x-amz-checksum-mode": "ENABLED"}
+        if offset:
+            headers["range"] = f"bytes={offset}-"
+        resp = self.reader.request("GET", task.key, None, headers, counters)
+        if resp.status not in (200, 206):
+            if resp.status == 416 and offset:
+                resp.read()
+                raise FetchError("transient", "resume offset refused", restart=True)
+            raise self.reader.fail(resp, f"GET {task.key!r}")
+        if offset and resp.status != 206:
+            offset = 0  # the server ignored the Range: take the whole object
+        expected_len = task.size - offset
+        length = resp.getheader("content-length")
+        if length is not None and int(length) != expected_len:
+            resp.close()
+            self.reader.close()
+            raise FetchError("changed" if not offset else "transient",
+                             f"GET {task.key!r}: {length} bytes announced, {expected_len} expected",
+                             restart=bool(offset))
+        if checks is None:
+            checks, bounds = self._checks(task, {k.lower(): v for k, v in resp.getheaders()}, result,
+                                          can_ask=False)
+        hasher = ObjectHasher(task.size, checks, bounds)
+        head = bytearray()
+        fd = self.placer.open_temp(task.temp, truncate=offset == 0)
+        try:
+            if offset:
+                result.resumed_from = offset
+                self._rehash(fd, offset, hasher, head)
+                os.ftruncate(fd, offset)
+                os.lseek(fd, offset, os.SEEK_SET)
+            self._stream(resp, fd, hasher, head, expected_len, counters, task)
+            self._finish(task, result, fd, hasher, bytes(head), resumed=offset > 0)
+        finally:
+            os.close(fd)
+
+    def _rehash(self, fd: int, upto: int, hasher: ObjectHasher, head: bytearray) -> None:
+        buf = self._buffer()
+        pos = 0
+        while pos < upto:
+            n = os.preadv(fd, [buf[:min(len(buf), upto - pos)]], pos)
+            if n <= 0:
+                raise FetchError("transient", "temp file shorter than recorded", restart=True)
+            chunk = buf[:n]
+            hasher.update(chunk)
+            if len(head) < HEADER_BYTES:
+                head += chunk[:HEADER_BYTES - len(head)]
+            pos += n
+
+    def _stream(self, resp: http.client.HTTPResponse, fd: int, hasher: ObjectHasher,
+                head: bytearray, expected: int, counters: Counters, task: Task,
+                offset: int | None = None, progress: Callable[[int], None] | None = None) -> None:
+        """Body -> hasher + file (at `offset` with pwrite when given)."""
+        buf = self._buffer()
+        got = 0
+        rate = self.rate
+        try:
+            while got < expected:
+                if self.stop.is_set():
+                    raise FetchError("cancelled", "stopped")
+                n = resp.readinto(buf[:min(len(buf), expected - got)])
+                if not n:
+                    break
+                counters.bytes += n
+                chunk = buf[:n]
+                if hasher is not None:
+                    hasher.update(chunk)
+                if len(head) < HEADER_BYTES:
+                    head += chunk[:HEADER_BYTES - len(head)]
+                if offset is None:
+                    written = os.write(fd, chunk)
+                    while written < n:
+                        written += os.write(fd, chunk[written:])
+                else:
+                    written = os.pwrite(fd, chunk, offset + got)
+                    while written < n:
+                        written += os.pwrite(fd, chunk[written:], offset + got + written)
+                got += n
+                if progress is not None:
+                    progress(got)
+                if rate is not None:
+                    rate.take(n, self.stop)  # after the write: a kill now leaves the bytes on disk
+        except FetchError:
+            self.reader.close()
+            raise
+        except OSError as exc:
+            self.reader.close()
+            if isinstance(exc, (socket.timeout, ConnectionError)) or exc.errno in (
+                    errno.ECONNRESET, errno.EPIPE, errno.ETIMEDOUT, None):
+                raise FetchError("cut", f"body cut after {got} of {expected} bytes: {_short(exc)}") from exc
+            raise
+        except http.client.HTTPException as exc:
+            self.reader.close()
+            raise FetchError("cut", f"body cut after {got} of {expected} bytes: {_short(exc)}") from exc
+        if got < expected:
+            self.reader.close()
+            raise FetchError("cut", f"body cut after {got} of {expected} bytes")
+        if not resp.isclosed():
+            # Content-Length met: http.client marks the response done; drain defensively.
+            resp.read()
+
+    def _finish(self, task: Task, result: Result, fd: int, hasher: ObjectHasher, head: bytes,
+                resumed: bool) -> None:
+        """Verify everything, then fsync and rename into place."""
+        check = hasher.verify()
+        if not check.ok:
+            name, expected, got = check.failed[0]
+            raise FetchError("corrupt", f"{name} mismatch: expected {expected}, got {got}",
+                             restart=True)
+        result.checks = list(check.passed)
+        result.sha256 = hasher.sha256_hex()
+        result.md5 = hasher.md5_hex()
+        target = task.final
+        if task.kind == "dicom":
+            problem = self._check_dicom(task, head, result)
+            if problem:
+                target = task.quarantine or self._mismatch_path(task.key)
+                result.outcome, result.detail = "quarantined", problem
+        elif task.kind == "unreadable":
+            result.outcome = "quarantined"
+        if result.outcome != "quarantined":
+            result.outcome = "verified"
+        if target != task.final:
+            self.placer.prepare(target)
+        result.replaced = self.placer.place(fd, task.temp, target)
+        result.path = target
+
+    def _mismatch_path(self, key: str) -> str:
+        from .stores.filesystem import MISMATCH, safe_key_path
+
+        return os.path.join(self.placer.base, MISMATCH, safe_key_path(key))
+
+    def _check_dicom(self, task: Task, head: bytes, result: Result, path: str | None = None) -> str | None:
+        """None if the file is DICOM with the inventoried UIDs; else what is wrong."""
+        found = scan(head, task.size)
+        if found.need_more or not found.decided:
+            from .dicom import parse_file
+
+            header = parse_file(path or task.temp)
+            kind, uids = header.kind, (header.sop_uid, header.study_uid, header.series_uid)
+            reason = header.reason
+        else:
+            kind, uids, reason = found.kind, (found.sop_uid, found.study_uid, found.series_uid), found.reason
+        if kind != "dicom":
+            return f"downloaded file is not usable DICOM: {reason}"
+        for name, got in zip(("sop_uid", "study_uid", "series_uid"), uids):
+            want = task.expect.get(name)
+            if want and got != want:
+                label = {"sop_uid": "SOP Instance UID", "study_uid": "Study Instance UID",
+                         "series_uid": "Series Instance UID"}[name]
+                return f"{label} in the file ({got}) differs from the inventory ({want})"
+        result.checks.append("dicom-sop-uid")
+        return None
+
+    def _verify_local(self, task: Task, result: Result) -> bool:
+        """A file already at the final path (a crash after rename, before the DB commit):
+        accept it if it verifies, without fetching it again."""
+        try:
+            if os.path.getsize(task.final) != task.size:
+                return False
+            checks, bounds = self._checks(task, {}, result)
+        except (OSError, FetchError):
+            return False
+        if not any(c.algorithm in ("md5", "sha256", "crc32", "crc32c", "crc64nvme", "crc64ecma", "sha1")
+                   for c in checks):
+            return False  # nothing to compare with: fetch it
+        hasher = ObjectHasher(task.size, checks, bounds)
+        head = bytearray()
+        fd = os.open(task.final, os.O_RDONLY | os.O_NOFOLLOW)
+        try:
+            self._rehash(fd, task.size, hasher, head)
+        except FetchError:
+            return False
+        finally:
+            os.close(fd)
+        check = hasher.verify()
+        if not check.ok:
+            return False
+        result.checks = []
+        if task.kind == "dicom" and self._check_dicom(task, bytes(head), result, path=task.final):
+            return False
+        check.passed.extend(result.checks)
+        result.outcome = "quarantined" if task.kind == "unreadable" else "verified"
+        result.checks, result.sha256, result.md5 = check.passed, hasher.sha256_hex(), hasher.md5_hex()
+        result.path, result.local = task.final, True
+        self.placer.discard(task.temp)
+        return True
+
+    # -- large objects: parallel ranges, hashed in order as they land ------------------------------
+    def _fetch_large(self, task: Task, result: Result) -> None:
+        counters = result.counters
+        info = self.reader.head(task.key, counters, etag=task.etag)
+        if int(info.get("content-length", -1)) != task.size:
+            raise FetchError("changed", f"HEAD {task.key!r}: size differs from the inventory")
+        checks, bounds = self._checks(task, info, result)
+        fresh = task.fresh or not os.path.exists(task.temp)
+        fd = self.placer.open_temp(task.temp, truncate=fresh, size=task.size)
+        ranges = [(s, min(s + task.range_size, task.size)) for s in range(0, task.size, task.range_size)]
+        done = {} if fresh else dict(task.done_ranges)
+        written = [min(done.get(i, 0), r[1] - r[0]) for i, r in enumerate(ranges)]
+        failure: list[FetchError] = []
+        cond = threading.Condition()
+        result.resumed_from = sum(written)
+
+        def fetch_range(index: int) -> None:
+            start, end = ranges[index]
+            tries = cuts = 0
+            while written[index] < end - start:
+                if failure or self.stop.is_set():
+                    return
+                pos = start + written[index]
+                try:
+                    resp = self.reader.request("GET", task.key, None, {
+                        "if-match": f'"{task.etag}"', "range": f"bytes={pos}-{end - 1}"}, counters)
+                    if resp.status != 206:
+                        raise self.reader.fail(resp, f"GET {task.key!r} bytes {pos}-{end - 1}")
+
+                    def moved(n: int, base: int = written[index]) -> None:
+                        with cond:
+                            written[index] = base + n
+                            cond.notify_all()
+                        if written[index] - synced[index] >= sync_step:
+                            os.fdatasync(fd)  # what is reported must survive a power cut
+                            synced[index] = written[index]
+                            self.report(("range", task.id, index, synced[index]))
+
+                    self._stream(resp, fd, None, bytearray(HEADER_BYTES), end - pos, counters, task,
+                                 offset=pos, progress=moved)
+                except FetchError as exc:
+                    if exc.kind in ("unreachable", "cut"):
+                        cuts += 1
+                        if cuts < 2 and not self.stop.is_set():
+                            result.retries += 1
+                            time.sleep(random.uniform(0.05, 0.3))
+                            continue
+                        exc.kind = "unreachable"  # the engine judges the link
+                    elif exc.kind == "transient" and tries + 1 < self.attempts and not self.stop.is_set():
+                        tries += 1
+                        result.retries += 1
+                        self._sleep(tries)
+                        continue
+                    with cond:
+                        failure.append(exc)
+                        cond.notify_all()
+                    return
+                except OSError as exc:
+                    with cond:
+                        failure.append(disk_error(exc, f"writing {task.temp}"))
+                        cond.notify_all()
+                    return
+            os.fdatasync(fd)
+            synced[index] = end - start
+            self.report(("range", task.id, index, end - start))
+
+        threads: list[threading.Thread] = []
+        synced = list(written)
+        sync_step = max(2**20, task.range_size // 4)  # progress inside a range, for resume
+        pending = [i for i in range(len(ranges)) if written[i] < ranges[i][1] - ranges[i][0]]
+        lock = threading.Lock()
+
+        def stream_worker() -> None:
+            while True:
+                with lock:
+                    if not pending or failure:
+                        return
+                    index = pending.pop(0)
+                fetch_range(index)
+
+        for _ in range(min(self.range_streams, len(pending))):
+            t = threading.Thread(target=stream_worker, daemon=True)
+            t.start()
+            threads.append(t)
+        # Meanwhile: hash the bytes in order as they land (read back from the page cache).
+        hasher = ObjectHasher(task.size, checks, bounds)
+        head = bytearray()
+        buf = self._buffer()
+        pos = 0
+        try:
+            while pos < task.size:
+                index = pos // task.range_size
+                with cond:
+                    while True:
+                        available = ranges[index][0] + written[index]
+                        if available > pos or failure or self.stop.is_set():
+                            break
+                        cond.wait(0.5)
+                if failure:
+                    raise failure[0]
+                if self.stop.is_set():
+                    raise FetchError("cancelled", "stopped")
+                n = os.preadv(fd, [buf[:min(len(buf), available - pos)]], pos)
+                if n <= 0:
+                    raise FetchError("transient", "temp file shorter than written", restart=True)
+                chunk = buf[:n]
+                hasher.update(chunk)
+                if len(head) < HEADER_BYTES:
+                    head += chunk[:HEADER_BYTES - len(head)]
+                pos += n
+        except FetchError as exc:
+            with cond:
+                failure.append(exc)
+                cond.notify_all()
+            for t in threads:
+                t.join()
+            os.close(fd)
+            if exc.restart or exc.kind == "corrupt":
+                raise
+            raise exc
+        for t in threads:
+            t.join()
+        try:
+            self._finish(task, result, fd, hasher, bytes(head), resumed=bool(done))
+        finally:
+            os.close(fd)
+
+
+# -- worker processes -----------------------------------------------------------------------------
+def _die_with_parent() -> None:
+    """Linux: get SIGKILL when the engine dies (kill -9 included), never orphaned writers."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def worker_main(endpoint: Endpoint, credentials: Credentials, inbox: Any, outbox: Any,
+                rate: SharedRate, stop: Any, threads: int, options: dict[str, Any],
+                parent: int) -> None:
+    """Entry point of a worker process: `threads` threads take tasks until a None arrives."""
+    _die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the engine handles Ctrl-C and tells us
+    if os.getppid() != parent:
+        return
+    fetcher = Fetcher(endpoint, credentials, rate, stop, report=outbox.put, **options)
+
+    def loop() -> None:
+        while True:
+            try:
+                task = inbox.get(timeout=1.0)
+            except queue.Empty:
+                if os.getppid() != parent:
+                    os._exit(1)
+                continue
+            if task is None:
+                inbox.put(None)  # let the other threads (and processes) see it too
+                return
+            try:
+                result = fetcher.run(task)
+            except BaseException as exc:  # noqa: BLE001 - a bug must not hang the engine
+                result = Result(task.id, task.key, "failed", error_kind="permanent",
+                                detail=f"internal error: {_short(exc)}")
+            outbox.put(("result", result))
+
+    pool = [threading.Thread(target=loop, daemon=True) for _ in range(threads)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
