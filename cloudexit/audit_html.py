@@ -1,0 +1,492 @@
+"""audit.html: the report for management, one self-contained file (inline CSS and SVG only).
+
+Renders the facts of `cloudexit.audit.audit_facts` in English or Chinese. Every figure is
+wrapped as `<span class="n" data-v="VALUE">shown</span>`, so a test can check that both
+languages show the same numbers, and so can anyone reading the source.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from html import escape
+from typing import Any, Callable
+
+from . import charts
+from .audit_i18n import texts
+from .units import format_bytes, format_duration
+
+
+def _n(value: Any) -> str:
+    v = int(value or 0)
+    return f'<span class="n" data-v="{v}">{v:,}</span>'
+
+
+def _b(value: Any) -> str:
+    v = int(value or 0)
+    return f'<span class="n" data-v="{v}" title="{v:,} bytes">{escape(format_bytes(v))}</span>'
+
+
+def _d(seconds: Any) -> str:
+    if seconds is None:
+        return "-"
+    v = float(seconds)
+    return f'<span class="n" data-v="{round(v)}">{escape(format_duration(v))}</span>'
+
+
+def _money(value: Any) -> str:
+    if value is None:
+        return "-"
+    return f'<span class="n" data-v="{float(value):.2f}">{float(value):,.2f}</span>'
+
+
+def _t(text: Any) -> str:
+    """An ISO timestamp shown as `YYYY-MM-DD HH:MM:SS UTC`."""
+    if not text:
+        return "-"
+    try:
+        moment = datetime.fromisoformat(str(text))
+    except ValueError:
+        return escape(str(text))
+    return f'<time datetime="{escape(str(text))}">{moment.strftime("%Y-%m-%d %H:%M:%S")}' \
+           f'{" UTC" if moment.utcoffset() is not None and not moment.utcoffset() else ""}</time>'
+
+
+def _table(head: list[str] | None, rows: list[list[str]], cls: str = "") -> str:
+    body = "".join("<tr>" + "".join(_td(c) for c in row) + "</tr>" for row in rows)
+    if head is None:  # a key / value table: the first column names the row
+        body = "".join("<tr>" + "".join((f"<th>{c}</th>" if i == 0 else f"<td>{c}</td>")
+                                        for i, c in enumerate(row)) + "</tr>" for row in rows)
+        return f'<table class="kv {cls}"><tbody>{body}</tbody></table>'
+    h = "".join(f"<th>{c}</th>" for c in head)
+    return f'<table class="{cls}"><thead><tr>{h}</tr></thead><tbody>{body}</tbody></table>'
+
+
+def _td(cell: str) -> str:
+    """A cell; right-aligned when it holds a figure."""
+    bare = cell.removeprefix("<strong>")
+    if bare.startswith('<span class="n"'):
+        return f'<td class="num">{cell}</td>'
+    return f"<td>{cell}</td>"
+
+
+def _code(text: Any) -> str:
+    return f"<code>{escape(str(text))}</code>" if text not in (None, "") else "-"
+
+
+def _inline_md(text: str) -> str:
+    """`code` spans in translated text (already escaped)."""
+    parts = escape(text).split("`")
+    return "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
+
+
+CSS = """
+:root{--ok:#2e7d4f;--warn:#b26a00;--bad:#c62828;--line:#d0d7de;--soft:#f5f7f9}
+*{box-sizing:border-box}
+body{font-family:"Noto Sans CJK SC","Source Han Sans SC","WenQuanYi Micro Hei","Microsoft YaHei","PingFang SC","DejaVu Sans",Arial,sans-serif;
+ color:#1d2329;max-width:62em;margin:1.5em auto;padding:0 1.2em;line-height:1.45;font-size:14px}
+h1{font-size:1.7em;margin:.2em 0}h2{font-size:1.3em;border-bottom:2px solid var(--line);padding-bottom:.2em;margin-top:1.8em}
+h3{font-size:1.05em;margin:1.2em 0 .4em}
+p.meta{color:#57606a;font-size:.9em;margin:.2em 0}
+table{border-collapse:collapse;margin:.5em 0 1em;width:100%}
+td,th{border:1px solid var(--line);padding:3px 7px;text-align:left;vertical-align:top}
+th{background:var(--soft);font-weight:600}
+td .n,td.num{font-variant-numeric:tabular-nums}
+td.num{text-align:right;white-space:nowrap}
+table.items td:first-child{width:34%}
+table.xsum td:first-child{width:30%}
+table.sign th:first-child{width:30%}table.sign th:nth-child(2){width:25%}table.sign th:nth-child(3){width:30%}
+code{background:var(--soft);padding:0 3px;border-radius:3px;font-size:.92em;word-break:break-all}
+.verdict{display:inline-block;padding:.35em .9em;border-radius:4px;color:#fff;font-weight:700;font-size:1.15em;margin:.5em 0}
+.verdict.complete{background:var(--ok)}.verdict.complete_with_exceptions{background:var(--warn)}.verdict.incomplete{background:var(--bad)}
+.phi{background:var(--bad);color:#fff;font-weight:700;padding:.5em .8em;margin-bottom:1em}
+.note{color:#57606a}
+.none{color:#57606a;font-style:italic}
+nav ol{columns:2;margin:.3em 0}
+.chart{max-width:100%;height:auto;display:block;margin:.3em 0 1em}
+.fingerprint{font-family:"DejaVu Sans Mono",monospace;font-size:1.05em;word-break:break-all;background:var(--soft);padding:.4em .6em;border:1px solid var(--line)}
+table.sign td{height:3.2em}
+table.kv th{width:34%;font-weight:normal;background:#fafbfc}
+.small{font-size:.85em}
+@media print{
+ body{max-width:none;margin:0;padding:0;font-size:10pt}
+ nav{display:none}
+ h2{break-after:avoid;page-break-after:avoid}
+ h3{break-after:avoid}
+ tr,svg,.verdict{break-inside:avoid;page-break-inside:avoid}
+ section.signoff{break-before:page;page-break-before:always}
+ a{color:inherit;text-decoration:none}
+}
+"""
+
+
+def render_html(facts: dict[str, Any], lang: str, fingerprint: str) -> str:
+    T = texts(lang)
+
+    def tr(key: str, **fields: Any) -> str:
+        """Translated text: plain fields escaped, number markup (already HTML) kept."""
+        template = _inline_md(T[key])
+        return template.format(**{k: v if isinstance(v, _Html) else escape(str(v)) for k, v in fields.items()})
+
+    src, dests = facts["source"], facts["destinations"]
+    phi = facts["phi_included"]
+    dest_names = ", ".join(d["dest"] for d in dests)
+    sections: list[str] = []
+    head = [
+        f'<h1>{escape(T["title"])}</h1>',
+        f'<p class="meta">{tr("subtitle", source=src["url"] or "-", dests=dest_names or "-")}</p>',
+        f'<p class="meta">{tr("generated", at=facts["generated_at"], user=facts["audit_by"]["user"], host=facts["audit_by"]["host"], version=facts["tool_version"], db=facts["db"]["path"])}</p>',
+        f'<p class="meta">{escape(T["phi_page"] if phi else T["no_phi"])}</p>',
+    ]
+    sections.append(_verdict(facts, T, tr))
+    sections.append(_summary(facts, T, tr))
+    sections.append(_charts(facts, T, tr))
+    sections.append(_exceptions(facts, T, tr))
+    sections.append(_verification(facts, T, tr))
+    sections.append(_custody(facts, T, tr))
+    sections.append(_residency(facts, T, tr))
+    sections.append(_decommission(facts, T, tr))
+    sections.append(_signoff(facts, T, tr, fingerprint))
+    toc = "".join(f'<li><a href="#{k}">{escape(T["s." + k])}</a></li>' for k in
+                  ("summary", "charts", "exceptions", "verification", "custody", "residency",
+                   "decommission", "signoff"))
+    page_head = _css_string(f'{T["title"]} · {src["url"] or ""}')
+    page_phi = _css_string(T["phi_page"]) if phi else '""'
+    page_css = (
+        "@page{size:A4;margin:16mm 13mm 17mm 13mm;"
+        f"@top-left{{content:{page_head};font-size:8pt;color:#57606a}}"
+        f"@top-right{{content:{page_phi};font-size:8pt;color:#c62828;font-weight:bold}}"
+        f"@bottom-left{{content:{_css_string('SHA-256 ' + fingerprint[:16] + '…')};font-size:7pt;color:#57606a}}"
+        '@bottom-right{content:counter(page) " / " counter(pages);font-size:8pt;color:#57606a}}'
+    )
+    banner = f'<div class="phi" role="alert">{escape(T["phi_banner"])}</div>' if phi else ""
+    html_lang = "zh-CN" if lang == "zh" else "en"
+    return (
+        f'<!DOCTYPE html>\n<html lang="{html_lang}"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        '<meta name="generator" content="cloudexit">'
+        "<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; style-src 'unsafe-inline'; img-src data:\">"
+        f'<title>{escape(T["title"])}: {escape(src["url"] or "")}</title>'
+        f"<style>{CSS}{page_css}</style></head>\n<body>\n{banner}<header>{''.join(head)}</header>\n"
+        f'<nav><h3>{escape(T["toc"])}</h3><ol>{toc}</ol></nav>\n'
+        + "\n".join(sections)
+        + f'\n<p class="small note">{tr("files", rows=_Html(_n(facts["manifest"]["rows"])), events=_Html(_n(facts["events_export"]["events"])))}</p>'
+        + "\n</body></html>\n"
+    )
+
+
+class _Html(str):
+    """Markup that `tr` must not escape."""
+
+
+def _css_string(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", " ") + '"'
+
+
+def _reason_text(reason: dict[str, Any], T: dict[str, str], tr: Callable[..., str]) -> str:
+    code = reason["code"]
+    fields: dict[str, Any] = {}
+    if "n" in reason:
+        fields["n"] = _Html(_n(reason["n"]))
+    if "status" in reason:
+        fields["status"] = reason["status"]
+    return tr("reason." + code, **fields)
+
+
+def _verdict(facts: dict[str, Any], T: dict[str, str], tr: Callable[..., str]) -> str:
+    v = facts["verdict"]
+    out = [f'<div class="verdict {v["status"]}" id="verdict">{escape(T["verdict." + v["status"]])}</div>']
+    if v["reasons"]:
+        out.append(f'<p>{escape(T["verdict.why"])}</p><ul>'
+                   + "".join(f"<li>{_reason_text(r, T, tr)}</li>" for r in v["reasons"]) + "</ul>")
+    else:
+        out.append(f'<p>{escape(T["verdict.why_complete"])}</p>')
+    if v["notes"]:
+        out.append('<ul class="note">' + "".join(f"<li>{_reason_text(r, T, tr)}</li>" for r in v["notes"]) + "</ul>")
+    return "\n".join(out)
+
+
+def _summary(facts: dict[str, Any], T: dict[str, str], tr: Callable[..., str]) -> str:
+    src, dests = facts["source"], facts["destinations"]
+    head = [escape(T["c.item"]), escape(T["c.source"])]
+    for d in dests:
+        head.append(tr("c.dest", dest=d["dest"]))
+        head.append(escape(T["c.quarantined"]))
+    rows = []
+    for key, field, fmt in (("row.patients", "patients", _n), ("row.studies", "studies", _n),
+                            ("row.series", "series", _n), ("row.instances", "instances", _n),
+                            ("row.objects", "objects", _n), ("row.bytes", "bytes", _b)):
+        row = [escape(T[key]), fmt(src[field])]
+        for d in dests:
+            row.append(fmt(d[field]))
+            q = d["quarantined"]
+            row.append(fmt(q["objects"]) if field == "objects" else (_b(q["bytes"]) if field == "bytes" else ""))
+        rows.append(row)
+    rows.append([escape(T["row.studies_complete"]), _n(src["studies"])]
+                + sum(([_n(d["studies_complete"]), ""] for d in dests), []))
+    rows.append([escape(T["row.non_dicom"]), _n(src["non_dicom"])] + ["", ""] * len(dests))
+    rows.append([escape(T["row.unreadable"]), _n(src["unreadable"])] + ["", ""] * len(dests))
+    tl, usage, inv = facts["timeline"], facts["usage"], src["inventory"]
+    times = _table(None, [
+        [escape(T["t.inventory"]), f'{_t(inv["started_at"])} – {_t(inv["finished_at"]) if inv["finished_at"] else escape(T["t.not_finished"])}'],
+        [escape(T["t.start"]), _t(tl["started_at"])],
+        [escape(T["t.end"]), _t(tl["finished_at"]) if tl["finished_at"] else escape(T["t.not_finished"])],
+        [escape(T["t.duration"]), _d(tl["duration_s"])],
+        [escape(T["t.active"]), _d(tl["active_s"])],
+    ])
+    req = usage["requests"]
+    used = _table(None, [
+        [escape(T["u.downloaded"]), _b(usage["bytes_downloaded"])],
+        [escape(T["u.requests"]), " · ".join(f"{k} {_n(v)}" for k, v in req.items())],
+        [escape(T["u.retries"]), _n(usage["retries"])],
+        [escape(T["u.outages"]), _n(usage["link_outages"])],
+        [escape(T["u.inventory"]), f'{_b(inv["header_bytes"])} · GET {_n(inv["get_requests"])} · LIST {_n(inv["list_requests"])}'],
+    ])
+    return (f'<section id="summary"><h2>{escape(T["s.summary"])}</h2>'
+            f'<h3>{escape(T["counts"])}</h3>{_table(head, rows, "nums")}'
+            f'<h3>{escape(T["times"])}</h3>{times}<h3>{escape(T["usage"])}</h3>{used}'
+            f'<h3>{escape(T["cost"])}</h3>{_cost(facts, T, tr)}</section>')
+
+
+def _range(r: dict[str, Any] | None, fmt: Callable[[Any], str]) -> str:
+    if not r:
+        return "-"
+    return " / ".join(fmt(r.get(k)) for k in ("low", "expected", "high"))
+
+
+def _cost(facts: dict[str, Any], T: dict[str, str], tr: Callable[..., str]) -> str:
+    cost = facts["cost"]
+    est, act = cost["estimated"], cost["actual"]
+    if est is None:
+        return (f'<p>{_inline_md(T["cost.none"])}</p>'
+                + _table([escape(T["cost.scenario"]), escape(T["t.duration"]), escape(T["t.active"])],
+                         [[escape(T["cost.actual"]), _d(act["time_s"]), _d(act["active_s"])]]))
+    schedule = f', {est["schedule"]}' if est.get("schedule") else ""
+    out = [f'<p class="note">{tr("cost.plan", at=est["made_at"] or "-", provider=est["provider"] or "-", region=est["region"] or "", link=est["link"] or "-", schedule=schedule)}</p>']
+    rows = []
+    for s in est["scenarios"]:
+        if s.get("available"):
+            rows.append([escape(s.get("title") or s["key"]), _range(s.get("time_s"), _d),
+                         _range(s.get("cost"), _money)])
+        else:
+            rows.append([escape(s.get("title") or s["key"]), escape(T["cost.unavailable"]), "-"])
+    rows.append([f'<strong>{escape(T["cost.actual"])}</strong>', f'<strong>{_d(act["time_s"])}</strong>',
+                 f'<strong>{_money(act["cost"])}</strong>'])
+    out.append(_table([escape(T["cost.scenario"]), escape(T["cost.time"]),
+                       tr("cost.money", currency=est["currency"] or "")], rows, "nums"))
+    if act["cost"] is not None:
+        out.append(f'<p class="small note">{tr("cost.actual_note", catalogue=est["catalogue"] or "-")}</p>')
+    else:
+        out.append(f'<p class="small note">{tr("cost.actual_unpriced", why=act.get("why_not") or "-")}</p>')
+    return "".join(out)
+
+
+def _charts(facts: dict[str, Any], T: dict[str, str], tr: Callable[..., str]) -> str:
+    ch = facts["charts"]
+    tp = ch["throughput"]
+    t0 = datetime.fromisoformat(tp["t0"]) if tp["t0"] else datetime.now()
+    base = t0.timestamp()
+    shaded: list[tuple[float, float, str, str]] = []
+    sessions = sorted((s for r in facts["runs"] for s in r["sessions"]), key=lambda s: s["start"])
+    for a, b in zip(sessions, sessions[1:]):
+        if a["end"] and b["start"] > a["end"]:
+            shaded.append((_sec(a["end"], base), _sec(b["start"], base), charts.PAUSE, T["ch.paused"]))
+    for r in facts["runs"]:
+        for o in r["outages"]:
+            end = o["to"] or facts["timeline"]["last_activity_at"] or o["from"]
+            shaded.append((_sec(o["from"], base), _sec(end, base), charts.OUTAGE, T["ch.outage"]))
+    legend = [(charts.BAR, tr("ch.per", bucket=format_duration(tp["bucket_s"])))]
+    if any(c == charts.OUTAGE for _, _, c, _ in shaded):
+        legend.append((charts.OUTAGE, T["ch.outage"]))
+    if any(c == charts.PAUSE for _, _, c, _ in shaded):
+        legend.append((charts.PAUSE, T["ch.paused"]))
+    svg1 = charts.throughput(t0, tp["end_s"], tp["bucket_s"], tp["points"], shaded,
+                             T["ch.throughput"], T["ch.throughput_empty"], legend)
+    years = [((r["name"] or T["ch.unknown"]), r["done_bytes"], r["bytes"],
+              f'{format_bytes(r["done_bytes"])} / {format_bytes(r["bytes"])}') for r in ch["by_study_year"]]
+    svg2 = charts.hbars(years, T["ch.year"], [(charts.DONE, T["ch.done"]), (charts.TODO, T["ch.todo"])])
+    mods = [((r["name"] or T["ch.unknown"]), r["bytes"], r["bytes"],
+             f'{format_bytes(r["bytes"])} · {r["objects"]:,}') for r in ch["by_modality"]]
+    svg3 = charts.hbars(mods, T["ch.modality"])
+    return (f'<section id="charts"><h2>{escape(T["s.charts"])}</h2>'
+            f'<h3>{escape(T["ch.throughput"])}</h3>{svg1}'
+            f'<h3>{escape(T["ch.year"])}</h3>{svg2}'
+            f'<h3>{escape(T["ch.modality"])}</h3>{svg3}</section>')
+
+
+def _sec(text: str, base: float) -> float:
+    return datetime.fromisoformat(text).timestamp() - base
+
+
+_X_ORDER = ("failed", "unfinished", "not_migrated", "quarantined", "conflicts", "changed", "missing",
+            "deleted", "skipped", "duplicates")
+_X_TITLE: dict[str, str] = {}
+
+
+def _exceptions(facts: dict[str, Any], T: dict[str, str], tr: Callable[..., str]) -> str:
+    x = facts["exceptions"]
+    phi = facts["phi_included"]
+    pacs = x["pacs"]
+    summary = []
+    for name in _X_ORDER:
+        cat = x[name]
+        summary.append([f'<a href="#x-{name}">{escape(T["x." + name])}</a>' if cat["count"] else escape(T["x." + name]),
+                        _n(cat["count"]), _b(cat["bytes"]),
+                        _inline_md(T["remedy." + cat["remedy"]]) if cat["count"] else f'<span class="none">{escape(T["x.none"])}</span>'])
+    if pacs["checked"]:
+        summary.append([_inline_md(T["x.pacs"]), _n(pacs["count"]), "",
+                        _inline_md(T["remedy.verify"]) if pacs["count"] else f'<span class="none">{escape(T["x.none"])}</span>'])
+    else:
+        summary.append([_inline_md(T["x.pacs"]), "-", "", f'<span class="none">{_inline_md(T["x.pacs_unchecked"])}</span>'])
+    out = [f'<section id="exceptions"><h2>{escape(T["s.exceptions"])}</h2><p class="note">{escape(T["x.intro"])}</p>',
+           _table([escape(T["x.category"]), escape(T["v.objects"]), escape(T["row.bytes"]), escape(T["x.remedy"])],
+                  summary, "xsum")]
+    for name in _X_ORDER:
+        cat = x[name]
+        if not cat["count"]:
+            continue
+        out.append(f'<h3 id="x-{name}">{escape(T["x." + name])}: {_n(cat["count"])}</h3>')
+        rows = [[_code(i["key"]), escape(i.get("dest") or "-"), escape(i.get("reason") or "-"), _patient(i, phi)]
+                for i in cat["items"]]
+        out.append(_table([escape(T["x.key"]), escape(T["x.dest"]), escape(T["x.reason"]),
+                           escape(T["x.patient"])], rows, "small items"))
+        if cat["count"] > len(cat["items"]):
+            out.append(f'<p class="note">{tr("x.more", n=_Html(_n(cat["count"] - len(cat["items"]))))}</p>')
+    if pacs["checked"] and pacs["count"]:
+        out.append(f'<h3 id="x-pacs">{_inline_md(T["x.pacs"])}: {_n(pacs["count"])}</h3>')
+        rows = [[_code(i["key"]), escape(i["dest"] or "-"), escape(i["reason"] or "-")] for i in pacs["items"]]
+        out.append(_table([escape(T["x.key"]), escape(T["x.dest"]), escape(T["x.reason"])], rows, "small items"))
+        if pacs["count"] > len(pacs["items"]):
+            out.append(f'<p class="note">{tr("x.more", n=_Html(_n(pacs["count"] - len(pacs["items"]))))}</p>')
+    out.append("</section>")
+    return "".join(out)
+
+
+def _patient(item: dict[str, Any], phi: bool) -> str:
+    if phi and item.get("patient_id"):
+        return escape(item["patient_id"])
+    h = item.get("patient_hash")
+    return f'<code title="{escape(h)}">{escape(h[:10])}…</code>' if h else "-"
+
+
+def _verification(facts: dict[str, Any], T: dict[str, str], tr: Callable[..., str]) -> str:
+    v = facts["verification"]
+    rows = []
+    for m in ("size", "md5", "multipart", "crc32", "crc64", "sha", "sha256", "dicom", "pacs", "sample"):
+        if m in ("pacs", "sample") and not v[f"{m}_checked"]:
+            count = _inline_md(T["v.not_run"])
+        else:
+            count = _n(v["methods"][m])
+        rows.append([escape(T["m." + m]), _inline_md(T["m." + m + "_p"]), count])
+    out = [f'<section id="verification"><h2>{escape(T["s.verification"])}</h2>',
+           f'<p class="note">{escape(T["v.intro"])}</p>',
+           _table([escape(T["v.method"]), escape(T["v.proves"]), escape(T["v.objects"])], rows)]
+    if v["size_only"]:
+        out.append(f'<p>{tr("v.size_only", n=_Html(_n(v["size_only"])))}</p>')
+    out.append(f'<h3>{escape(T["v.not_checked"])}</h3>')
+    if v["not_checked"]:
+        out.append(_table([escape(T["x.reason"]), escape(T["v.objects"])],
+                          [[escape(r["reason"]), _n(r["objects"])] for r in v["not_checked"]], "small"))
+    else:
+        out.append(f'<p class="none">{escape(T["x.none"])}</p>')
+    out.append(f'<h3>{_inline_md(T["v.verify"])}</h3>')
+    runs = v["verify"]["runs"]
+    if runs:
+        rows = []
+        for r in runs:
+            rows.append([_code(r["dest"]), _t(r["finished_at"]),
+                         escape(T.get("v.r." + r["status"], r["status"])) + (f': {escape(r["error"])}' if r["error"] else ""),
+                         _n(r["files_rehashed"]) if r["deep"] else "-",
+                         f'{_n(r["studies_ok"])} / {_n(r["studies_total"])}', _n(r["findings_total"]),
+                         f'{_n(r["samples_same"])} / {_n(r["samples_total"])}' if r["samples_total"] else "-"])
+        out.append(_table([escape(T["v.r." + k]) for k in ("dest", "when", "status", "deep", "studies",
+                                                           "findings", "samples")], rows, "small"))
+    if v["verify"]["unverified"]:
+        out.append(f'<p>{tr("v.unverified", dests=", ".join(v["verify"]["unverified"]))}</p>')
+    if not v["verify"]["run"]:
+        out.append(f'<p>{_inline_md(T["v.verify_none"])}</p>')
+    out.append("</section>")
+    return "".join(out)
+
+
+def _custody(facts: dict[str, Any], T: dict[str, str], tr: Callable[..., str]) -> str:
+    k = facts["custody"]
+    chain = facts["event_chain"]
+    facts_rows = [
+        [escape(T["k.operator"]), escape(", ".join(k["operators"]) or "-")],
+        [escape(T["k.audit_by"]), escape(f'{facts["audit_by"]["user"]} @ {facts["audit_by"]["host"]}')],
+        [escape(T["k.hosts"]), escape(", ".join(k["hosts"]) or "-")],
+        [escape(T["k.tool"]), tr("k.tool_v", created=k["created_by_version"] or "-", now=k["audit_version"])],
+        [escape(T["k.source"]), _code(k["source"])],
+        [escape(T["k.endpoint"]), _code(k["endpoint"])],
+        [escape(T["k.region"]), escape(k["region"] or T["r.unknown"])],
+        [escape(T["k.dests"]), "<br>".join(_code(d) for d in k["destinations"])],
+    ]
+    if chain["intact"]:
+        chain_text = tr("k.chain_ok", n=_Html(_n(chain["events"])), head=_Html(_code(chain["head_hash"])))
+    else:
+        chain_text = tr("k.chain_bad", n=_Html(_n(chain["events"])), problems="; ".join(chain["problems"]))
+    facts_rows.append([escape(T["k.chain"]), chain_text])
+    runs = []
+    for r in facts["runs"]:
+        for i, s in enumerate(r["sessions"]):
+            how = s["how"] or "-"
+            if how == "running":
+                how = T["k.still_running"]
+            elif how == "killed":
+                how = f'{how} {T["k.open"]}'
+            runs.append([_n(r["id"]) if i == 0 else "", escape(s["kind"]), _t(s["start"]), _t(s["end"]),
+                         escape(how), escape(r["host"] or "-"), escape(r["user"] or "-"),
+                         _code(r["dest"]) if i == 0 else ""])
+    rounds = [[_n(x["id"]), _t(x["started_at"]), _t(x["finished_at"]), escape(x["status"]), _n(x["resumed"])]
+              for x in k["inventory_rounds"]]
+    return (f'<section id="custody"><h2>{escape(T["s.custody"])}</h2><p class="note">{escape(T["k.intro"])}</p>'
+            + _table(None, facts_rows)
+            + f'<h3>{escape(T["k.runs"])}</h3>'
+            + _table([escape(T["k.run"]), escape(T["k.session"]), escape(T["k.from"]), escape(T["k.to"]),
+                      escape(T["k.how"]), escape(T["k.host"]), escape(T["k.user"]), escape(T["x.dest"])],
+                     runs, "small")
+            + f'<h3>{escape(T["k.rounds"])}</h3>'
+            + _table([escape(T["k.round"]), escape(T["k.from"]), escape(T["k.to"]), escape(T["k.status"]),
+                      "resumed"], rounds, "small")
+            + "</section>")
+
+
+def _residency(facts: dict[str, Any], T: dict[str, str], tr: Callable[..., str]) -> str:
+    r = facts["residency"]
+    s = r["source"]
+    before = "<br>".join([
+        f'{escape(T["r.provider"])}: {escape(s["provider"] or T["r.unknown"])}',
+        f'{escape(T["k.endpoint"])}: {_code(s["endpoint"])}',
+        f'{escape(T["k.region"])}: {escape(s["region"] or T["r.unknown"])}',
+        f'{escape(T["k.source"])}: {_code(s["url"])}',
+    ])
+    now = "<br>".join(
+        f'{_code(d["dest"])} ' + (tr("r.dest_host", host=", ".join(d["hosts"])) if d["hosts"] else "")
+        for d in r["destinations"])
+    return (f'<section id="residency"><h2>{escape(T["s.residency"])}</h2><p class="note">{escape(T["r.intro"])}</p>'
+            + _table([escape(T["r.before"]), escape(T["r.now"])], [[before, now]]) + "</section>")
+
+
+def _decommission(facts: dict[str, Any], T: dict[str, str], tr: Callable[..., str]) -> str:
+    d = facts["decommission"]
+    rows = [[f'<strong>{escape(T["d." + r["decision"]])}</strong>', escape(T["dr." + r["reason"]]),
+             _n(r["objects"]), _b(r["bytes"])] for r in d["rows"]]
+    out = [f'<section id="decommission"><h2>{escape(T["s.decommission"])}</h2><p class="note">{escape(T["d.intro"])}</p>',
+           _table([escape(T["d.decision"]), escape(T["d.reason"]), escape(T["v.objects"]),
+                   escape(T["row.bytes"])], rows, "nums")]
+    if not facts["verification"]["verify"]["run"] and d["totals"]["safe"]["objects"]:
+        out.append(f'<p><strong>{_inline_md(T["d.verify_first"])}</strong></p>')
+    out.append("</section>")
+    return "".join(out)
+
+
+def _signoff(facts: dict[str, Any], T: dict[str, str], tr: Callable[..., str], fingerprint: str) -> str:
+    rows = [[escape(T[f"o.r{i}"]), "", "", ""] for i in range(1, 5)]
+    return (f'<section id="signoff" class="signoff"><h2>{escape(T["s.signoff"])}</h2>'
+            f'<p>{_inline_md(T["o.intro"])}</p>'
+            f'<p>{escape(T["o.fingerprint"])}:</p>'
+            f'<p class="fingerprint" data-fingerprint="{fingerprint}">{fingerprint}</p>'
+            f'<p class="verdict {facts["verdict"]["status"]}">{escape(T["verdict." + facts["verdict"]["status"]])}</p>'
+            + _table([escape(T["o.role"]), escape(T["o.name"]), escape(T["o.signature"]), escape(T["o.date"])],
+                     rows, "sign")
+            + "</section>")

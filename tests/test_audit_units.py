@@ -1,0 +1,171 @@
+"""The audit's queries on small state DBs written with SQL (no S3): every decommission case,
+several destinations, runs with resumes and outages, `cloudexit verify` results."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import pytest
+
+from cloudexit.audit import (DECISION_ONE_SQL, DECISION_SQL, _bucket_size, audit_facts, manifest_lines,
+                             verify_audit, write_audit)
+from cloudexit.state import State
+
+ARCHIVE, PACS = "file:///srv/archive", "dicom://ORTHANC@pacs:4242"
+
+# key: (object status, object etag, {dest: (state, transfer etag)}), expected decision
+CASES = {
+    "ok": ("present", "e1", {ARCHIVE: ("verified", "e1")}, "safe: verified"),
+    "dup": ("present", "e1", {ARCHIVE: ("duplicate", "e1")}, "safe: verified"),
+    "quar": ("present", "e1", {ARCHIVE: ("quarantined", "e1")}, "review: quarantined"),
+    "stale": ("present", "e2", {ARCHIVE: ("verified", "e1")}, "keep: stale"),
+    "failed": ("present", "e1", {ARCHIVE: ("failed", "e1")}, "keep: failed"),
+    "missing": ("present", "e1", {ARCHIVE: ("missing", "e1")}, "keep: missing"),
+    "skipped": ("present", "e1", {ARCHIVE: ("skipped", "e1")}, "keep: skipped"),
+    "queued": ("present", "e1", {ARCHIVE: ("queued", "e1")}, "keep: unfinished"),
+    "restoring": ("present", "e1", {ARCHIVE: ("restoring", "e1")}, "keep: unfinished"),
+    "new": ("present", "e1", {}, "keep: not_migrated"),
+    "deleted": ("deleted", "e1", {ARCHIVE: ("verified", "e1")}, "gone: deleted"),
+}
+# With a PACS as a second destination.
+CASES_2 = {
+    "both": ("present", "e1", {ARCHIVE: ("verified", "e1"), PACS: ("stored", "e1")}, "safe: verified"),
+    "pacs-warning": ("present", "e1", {ARCHIVE: ("verified", "e1"), PACS: ("warning", "e1")}, "safe: verified"),
+    "pacs-conflict": ("present", "e1", {ARCHIVE: ("verified", "e1"), PACS: ("conflict", "e1")}, "review: quarantined"),
+    "pacs-failed": ("present", "e1", {ARCHIVE: ("verified", "e1"), PACS: ("failed", "e1")}, "keep: failed"),
+    "archive-only": ("present", "e1", {ARCHIVE: ("verified", "e1")}, "keep: not_migrated"),
+    "none": ("present", "e1", {}, "keep: not_migrated"),
+    "gone": ("deleted", "e1", {}, "gone: deleted"),
+}
+
+
+def make_db(path: Path, cases: dict, dests: list[str]) -> State:
+    state = State(path, create=True)
+    state.set_meta(source_url="s3://unit", endpoint_url="https://oss-cn-beijing.aliyuncs.com", region="cn-beijing")
+    with state.transaction() as tx:
+        tx.execute("INSERT INTO inventory_rounds(started_at, finished_at, status) VALUES "
+                   "('2025-01-01T00:00:00+00:00', '2025-01-01T01:00:00+00:00', 'complete')")
+        for i, dest in enumerate(dests, 1):
+            tx.execute("INSERT INTO migration_runs(id, started_at, finished_at, status, dest, options, host) "
+                       "VALUES (?, '2025-01-02T00:00:00+00:00', '2025-01-02T02:00:00+00:00', 'partial', ?, '{}', 'gw')",
+                       (i, dest))
+        for n, (key, (status, etag, rows, _)) in enumerate(sorted(cases.items())):
+            tx.execute("INSERT INTO objects(key, size, etag, status, kind, study_uid, series_uid, sop_uid, "
+                       "modality, study_date, patient_hash, first_seen_round, last_seen_round) VALUES "
+                       "(?, ?, ?, ?, 'dicom', 'st1', 'se1', ?, 'CT', '20200101', 'p1', 1, 1)",
+                       (key, 1000 + n, etag, status, f"sop-{key}"))
+            for dest, (tstate, tetag) in rows.items():
+                done = tstate in ("verified", "duplicate", "quarantined", "stored", "warning", "conflict")
+                tx.execute("INSERT INTO transfers(key, dest, seq, state, etag, size, kind, path, checks, reason, "
+                           "verified_at) VALUES (?, ?, ?, ?, ?, ?, 'dicom', ?, ?, ?, ?)",
+                           (key, dest, n, tstate, tetag, 1000 + n, f"p/{key}" if dest == ARCHIVE else None,
+                            "size,md5,dicom-sop-uid" if done else None, None if done else f"{tstate} here",
+                            "2025-01-02T01:00:00+00:00" if done else None))
+    return state
+
+
+def test_decisions_single_destination(tmp_path: Path) -> None:
+    with make_db(tmp_path / "one.db", CASES, [ARCHIVE]) as state:
+        for sql, params in ((DECISION_ONE_SQL, ()), (DECISION_SQL, {"n": 1})):
+            source = "objects o LEFT JOIN transfers t ON t.key = o.key" if sql is DECISION_ONE_SQL else "objects o"
+            got = {r[0]: r[1] for r in state.query(f"SELECT o.key, {sql} FROM {source}", params or {"n": 1})}
+            assert got == {k: v[3] for k, v in CASES.items()}
+        facts = audit_facts(state)
+        lines = "".join(text for text, _ in manifest_lines(state, 1))
+    rows = list(csv.reader(io.StringIO(lines)))
+    assert {r[0]: r[-1] for r in rows} == {k: v[3] for k, v in CASES.items()}
+    totals = facts["decommission"]["totals"]
+    assert totals["safe"]["objects"] == 2 and totals["review"]["objects"] == 1
+    assert totals["gone"]["objects"] == 1 and totals["keep"]["objects"] == 7
+    x = facts["exceptions"]
+    assert (x["failed"]["count"], x["missing"]["count"], x["skipped"]["count"], x["unfinished"]["count"],
+            x["changed"]["count"], x["not_migrated"]["count"], x["deleted"]["count"]) == (1, 1, 1, 2, 1, 1, 1)
+    assert x["changed"]["items"][0]["remedy"] == "stale"
+    assert facts["verdict"]["status"] == "incomplete"
+    assert {r["code"] for r in facts["verdict"]["reasons"]} == {
+        "not_migrated", "unfinished", "failed", "stale", "missing", "quarantined", "skipped"}
+
+
+def test_decisions_two_destinations(tmp_path: Path) -> None:
+    with make_db(tmp_path / "two.db", CASES_2, [ARCHIVE, PACS]) as state:
+        got = {r[0]: r[1] for r in state.query(f"SELECT o.key, {DECISION_SQL} FROM objects o", {"n": 2})}
+        assert got == {k: v[3] for k, v in CASES_2.items()}
+        facts = audit_facts(state)
+        lines = "".join(text for text, _ in manifest_lines(state, 2))
+    rows = list(csv.reader(io.StringIO(lines)))
+    # One row per object and destination; an object in no destination has one row.
+    assert len(rows) == sum(max(len(v[2]), 1) for v in CASES_2.values())
+    assert {r[0]: r[-1] for r in rows} == {k: v[3] for k, v in CASES_2.items()}
+    archive, pacs = facts["destinations"]
+    assert archive["dest"] == ARCHIVE and pacs["dest"] == PACS
+    assert pacs["objects"] == 2  # stored + warning
+    assert facts["exceptions"]["conflicts"]["count"] == 1
+    assert facts["exceptions"]["not_migrated"]["count"] == 2
+
+
+def test_runs_resumes_and_outages_from_the_event_log(tmp_path: Path) -> None:
+    with make_db(tmp_path / "r.db", {"ok": CASES["ok"]}, [ARCHIVE]) as state:
+        for kind, detail in (("migrate.started", {"user": "li.wei", "host": "gw"}), ("migrate.link_down", {}),
+                             ("migrate.link_up", {"down_seconds": 30}), ("migrate.interrupted", {}),
+                             ("migrate.resumed", {}), ("migrate.resumed", {}),  # a kill -9 in between
+                             ("migrate.finished", {"status": "complete"})):
+            state.log(kind, run=1, **detail)
+        facts = audit_facts(state)
+    [run] = facts["runs"]
+    assert [(s["kind"], s["how"]) for s in run["sessions"]] == [
+        ("started", "interrupted"), ("resumed", "killed"), ("resumed", "finished")]
+    assert run["user"] == "li.wei" and len(run["outages"]) == 1 and run["outages"][0]["to"]
+    assert facts["custody"]["operators"] == ["li.wei"]
+    assert facts["residency"]["source"]["provider"] == "aliyun-oss"
+    assert facts["residency"]["source"]["region"] == "cn-beijing"
+
+
+def test_verify_results_are_reported(tmp_path: Path) -> None:
+    with make_db(tmp_path / "v.db", {"ok": CASES["ok"], "quar": CASES["quar"]}, [ARCHIVE]) as state:
+        if "verify_runs" not in {r[0] for r in state.query("SELECT name FROM sqlite_master")}:
+            pytest.skip("this state schema has no verify tables yet")
+        before = audit_facts(state)
+        assert before["verification"]["verify"]["run"] is False
+        assert before["exceptions"]["pacs"]["checked"] is False
+        assert before["verdict"]["notes"] == [{"code": "verify_not_run"}]
+        with state.transaction() as tx:
+            tx.execute("INSERT INTO verify_runs(id, started_at, finished_at, dest, kind, options, status, summary) "
+                       "VALUES (1, 'a', '2025-01-03T00:00:00+00:00', ?, 'filesystem', '{\"deep\": true}', 'failed', "
+                       "'{\"files_rehashed\": 2}')", (ARCHIVE,))
+            tx.execute("INSERT INTO verify_studies VALUES (1, 'st1', 2, 1, 1, 1, 'mismatch')")
+            tx.execute("INSERT INTO verify_findings(run_id, level, problem, key, path, expected, found) "
+                       "VALUES (1, 'file', 'sha256', 'ok', 'p/ok', 'aa', 'bb')")
+        after = audit_facts(state)
+    v = after["verification"]["verify"]
+    assert v["run"] is True and v["unverified"] == []
+    assert v["runs"][0]["findings_total"] == 1 and v["runs"][0]["deep"] is True
+    pacs = after["exceptions"]["pacs"]
+    assert pacs["checked"] and pacs["count"] == 1
+    assert pacs["items"][0]["reason"] == "file sha256 (expected aa, found bb)"
+    assert {"code": "verify_problems", "n": 1} in after["verdict"]["reasons"]
+    assert after["verdict"]["status"] == "incomplete" and after["verdict"]["notes"] == []
+
+
+def test_write_and_verify_on_a_sql_db(tmp_path: Path) -> None:
+    with make_db(tmp_path / "w.db", CASES, [ARCHIVE]) as state:
+        result = write_audit(state, tmp_path / "out", lang="zh")
+        logged = state.query("SELECT detail FROM events WHERE kind = 'audit.written'")
+    assert result.manifest_rows == len(CASES) and result.verdict["status"] == "incomplete"
+    assert json.loads(logged[0]["detail"])["fingerprint"] == result.fingerprint
+    report = verify_audit(tmp_path / "out", tmp_path / "w.db")
+    assert report["ok"], report["problems"]
+    assert report["db"]["recorded"] is True
+    # The same folder checked against another migration's DB is not recorded there.
+    with make_db(tmp_path / "other.db", CASES, [ARCHIVE]) as other:
+        other.log("something.else")
+    report = verify_audit(tmp_path / "out", tmp_path / "other.db")
+    assert not report["ok"]
+    assert "SHA256SUMS: the state DB has no audit.written event with this digest" in report["problems"][-1]
+
+
+@pytest.mark.parametrize("span,bucket", [(1, 1), (100, 1), (121, 2), (3600, 30), (86400 * 30, 21600)])
+def test_throughput_buckets(span: int, bucket: int) -> None:
+    assert _bucket_size(span) == bucket
