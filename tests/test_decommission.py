@@ -1,0 +1,179 @@
+"""`cloudexit decommission` on the real SeaweedFS: a bucket inventoried, migrated and verified
+through the CLI, then deleted, only what is verified, unversioned and versioned (SeaweedFS 4.x
+supports versioning, delete markers, ListObjectVersions and ETag-conditional DeleteObjects)."""
+
+from __future__ import annotations
+
+import json
+import re
+import stat
+from pathlib import Path
+from typing import Any
+
+
+from cloudexit import synthetic
+from cloudexit.decommission import execute, manifest_rows, plan, source_from_state
+from cloudexit.s3server import SeaweedServer
+from cloudexit.state import State
+from dbutil import rows
+
+SMALL = synthetic.Profile(patients=2, studies_per_patient=1, ct_slices_per_series=3, ct_matrix=32,
+                          cr_per_study=1, cr_matrix=32, multiframe_objects=0, awkward=False)
+TOKEN = re.compile(r"--confirm ([0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4})")
+
+
+
+
+def keys_in(s3: SeaweedServer, bucket: str) -> dict[str, str]:
+    out = {}
+    for page in s3.client().get_paginator("list_objects_v2").paginate(Bucket=bucket):
+        out.update({o["Key"]: o["ETag"].strip('"') for o in page.get("Contents", [])})
+    return out
+
+
+def migrate_and_verify(cli: Any, bucket: str, db: Path, archive: Path, verify: bool = True) -> None:
+    assert cli("inventory", f"s3://{bucket}", "--db", str(db), "-q").exit_code == 0
+    result = cli("migrate", "--to", str(archive), "--db", str(db), "-q")
+    assert result.exit_code in (0, 3), result.output
+    if verify:
+        result = cli("verify", "--db", str(db), "-q")
+        assert result.exit_code == 0, result.output
+
+
+def test_dry_run_then_execute_deletes_only_what_is_verified(cli, s3, bucket, db: Path, tmp_path: Path) -> None:
+    objects = synthetic.upload(s3.client(), bucket, synthetic.generate(synthetic.Profile(
+        patients=1, studies_per_patient=2, ct_slices_per_series=3, ct_matrix=32, cr_per_study=1,
+        cr_matrix=32, multiframe_objects=0, awkward=True)))
+    migrate_and_verify(cli, bucket, db, tmp_path / "archive")
+    s3.client().put_object(Bucket=bucket, Key="late/new-study.dcm", Body=b"arrived after the inventory")
+    before = keys_in(s3, bucket)
+
+    dry = cli("decommission", "--db", str(db))
+    assert dry.exit_code == 3, dry.output  # something stays: the unreadable object, the conflict, the late one
+    assert "Nothing deleted (dry run)" in dry.output and "free-exit programs" in dry.output
+    token = TOKEN.search(dry.output).group(1)  # type: ignore[union-attr]
+    manifest = db.parent / "decommission-manifest.csv"
+    assert stat.S_IMODE(manifest.stat().st_mode) == 0o600
+    assert keys_in(s3, bucket) == before  # a dry run deletes nothing
+    plan_rows = {r["key"]: r for r in manifest_rows(manifest)}
+    assert set(plan_rows) == set(before)
+    assert plan_rows["late/new-study.dcm"]["action"] == "keep"
+    assert plan_rows["late/new-study.dcm"]["reason"].startswith("not inventoried")
+    truncated = next(o for o in objects if o.case == "truncated")
+    assert plan_rows[truncated.key]["action"] == "keep"
+    assert plan_rows[truncated.key]["reason"].startswith("quarantined")
+    delete = {k for k, r in plan_rows.items() if r["action"] == "delete"}
+    states = {r["key"]: r["state"] for r in rows(db, "SELECT key, state FROM transfers")}
+    assert delete and all(states[k] in ("verified", "duplicate") for k in delete)
+    assert all(plan_rows[k]["sha256"] and plan_rows[k]["how"] == "if-match" for k in delete)
+
+    wrong = cli("decommission", "--db", str(db), "--execute", "--confirm", "0000-0000-0000-0000")
+    assert wrong.exit_code == 2
+    assert "does not match what would be deleted now" in wrong.output
+    assert keys_in(s3, bucket) == before
+
+    done = cli("decommission", "--db", str(db), "--execute", "--confirm", token, "--batch-size", "4")
+    assert done.exit_code == 3, done.output  # deleted, but some objects stay
+    assert set(keys_in(s3, bucket)) == set(before) - delete
+    recorded = rows(db, "SELECT * FROM deletions ORDER BY id")
+    assert {r["key"] for r in recorded} == delete
+    assert all(r["outcome"] == "deleted" and r["confirmed_at"] and r["version_id"] is None for r in recorded)
+    assert all(json.loads(r["response"])["Key"] == r["key"] for r in recorded)
+    assert {r["batch"] for r in recorded} == set(range(1, (len(delete) + 3) // 4 + 1))
+    assert {r["etag"] for r in recorded} == {before[k] for k in delete}
+    with State(db) as state:
+        assert state.verify_event_chain() == []
+        kinds = [r["kind"] for r in state.query("SELECT kind FROM events WHERE kind LIKE 'decommission.%'")]
+    assert kinds[:2] == ["decommission.planned", "decommission.refused"]
+    assert kinds.count("decommission.batch") == (len(delete) + 3) // 4 and kinds[-1] == "decommission.finished"
+
+    # Everything left is unverified: a second dry run deletes nothing more.
+    again = cli("decommission", "--db", str(db), "--json")
+    assert again.exit_code == 3 and json.loads(again.output)["to_delete"] == 0
+
+
+def test_an_object_overwritten_mid_run_is_not_deleted(cli, s3, bucket, db: Path, tmp_path: Path) -> None:
+    synthetic.upload(s3.client(), bucket, synthetic.generate(SMALL))
+    migrate_and_verify(cli, bucket, db, tmp_path / "archive")
+    with State(db) as state:
+        source = source_from_state(state)
+        p = plan(state, source)
+        victim = p.to_delete[-1].key
+        replaced: list[str] = []
+
+        def overwrite(done: int, total: int) -> None:
+            if not replaced:  # after the first batch: a new version lands under a key still to go
+                s3.client().put_object(Bucket=bucket, Key=victim, Body=b"new content, never migrated")
+                replaced.append(victim)
+
+        result = execute(state, source, p.token, batch_size=2, progress=overwrite)
+    assert [k for k, _, _ in result.failed] == [victim]
+    assert "PreconditionFailed" in result.failed[0][2]
+    assert keys_in(s3, bucket) == {victim: keys_in(s3, bucket)[victim]}
+    (row,) = rows(db, "SELECT * FROM deletions WHERE key = ?", (victim,))
+    assert row["outcome"] == "failed" and row["error_code"] == "PreconditionFailed"
+    assert rows(db, "SELECT status FROM decommission_runs WHERE mode = 'execute'")[0]["status"] == "partial"
+
+
+def test_nothing_goes_without_a_verify_after_it_landed(cli, s3, bucket, db: Path, tmp_path: Path) -> None:
+    synthetic.upload(s3.client(), bucket, synthetic.generate(SMALL))
+    migrate_and_verify(cli, bucket, db, tmp_path / "archive", verify=False)
+    dry = cli("decommission", "--db", str(db), "--json")
+    assert dry.exit_code == 3
+    doc = json.loads(dry.output)
+    assert doc["to_delete"] == 0 and list(doc["kept_by_reason"]) == ["not re-verified"]
+    assert "cloudexit verify" in manifest_rows(doc["manifest"])[0]["reason"]
+
+
+def test_versioned_bucket_markers_then_all_versions(cli, s3, bucket, db: Path, tmp_path: Path) -> None:
+    client = s3.client()
+    client.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
+    objects = synthetic.upload(client, bucket, synthetic.generate(SMALL))
+    rewritten = objects[0]
+    # An older version of one object: content the migration never saw.
+    client.put_object(Bucket=bucket, Key=rewritten.key, Body=b"first upload, corrected later")
+    client.put_object(Bucket=bucket, Key=rewritten.key, Body=rewritten.body())
+    migrate_and_verify(cli, bucket, db, tmp_path / "archive")
+
+    dry = cli("decommission", "--db", str(db))
+    assert dry.exit_code == 3, dry.output  # the noncurrent version stays
+    assert "versioning: Enabled" in dry.output and "delete marker" in dry.output
+    token = TOKEN.search(dry.output).group(1)  # type: ignore[union-attr]
+    done = cli("decommission", "--db", str(db), "--execute", "--confirm", token)
+    assert done.exit_code == 3 and "STILL EXISTS" in done.output
+    marked = rows(db, "SELECT * FROM deletions")
+    assert len(marked) == len(objects) and {r["outcome"] for r in marked} == {"delete-marker"}
+    assert all(r["marker_version_id"] and r["confirmed_at"] for r in marked)
+    assert keys_in(s3, bucket) == {}  # hidden...
+    versions = client.list_object_versions(Bucket=bucket)
+    # ...but every byte is still there: the key rewritten has its first upload, the corrected
+    # content and the upload again (same bytes as the first, so verified too).
+    assert len(versions["Versions"]) == len(objects) + 2
+
+    dry = cli("decommission", "--db", str(db), "--all-versions", "--json")
+    doc = json.loads(dry.output)
+    # Each verified version (two of the rewritten key), and the delete markers of the keys that go
+    # entirely: the rewritten key keeps its marker, its never-migrated version stays hidden.
+    assert doc["to_delete"] == 2 * len(objects)
+    old = [r for r in manifest_rows(doc["manifest"]) if r["action"] == "keep" and r["delete_marker"] == "0"]
+    assert len(old) == 1 and old[0]["key"] == rewritten.key and old[0]["reason"].startswith("older content")
+    done = cli("decommission", "--db", str(db), "--all-versions", "--execute", "--confirm", doc["token"],
+               "--json")
+    assert done.exit_code == 3, done.output
+    assert json.loads(done.output)["deleted"] == 2 * len(objects)
+    versions = client.list_object_versions(Bucket=bucket)
+    assert [v["Key"] for v in versions.get("Versions", [])] == [rewritten.key]
+    assert [m["Key"] for m in versions["DeleteMarkers"]] == [rewritten.key]
+    by_version = rows(db, "SELECT * FROM deletions WHERE version_id IS NOT NULL")
+    assert len(by_version) == 2 * len(objects) and all(r["confirmed_at"] for r in by_version)
+
+
+def test_usage_errors(cli, s3, bucket, db: Path, tmp_path: Path) -> None:
+    result = cli("decommission", "--db", str(db), "--confirm", "abcd")
+    assert result.exit_code == 2 and "--confirm goes with --execute" in result.output
+    result = cli("decommission", "--db", str(db), "--execute")
+    assert result.exit_code == 2 and "needs the confirmation token" in result.output
+    s3.client().put_object(Bucket=bucket, Key="a.dcm", Body=b"x")
+    assert cli("inventory", f"s3://{bucket}", "--db", str(db), "-q").exit_code == 0
+    result = cli("decommission", "--db", str(db))
+    assert result.exit_code == 2 and "nothing to decommission" in result.output

@@ -1,0 +1,131 @@
+"""Playbook files: the shipped ones load, and every mistake is named with its line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from cloudexit.cli import main
+from cloudexit.errors import PlaybookError
+from cloudexit.playbook import load
+
+PLAYBOOKS = Path(__file__).resolve().parent.parent / "playbooks"
+SHIPPED = ("branch-hospital-pacs", "aws-s3-exit", "orthanc-object-storage", "dcm4chee-s3")
+
+GOOD = """\
+playbook: 1
+name: t
+source:
+  url: s3://bucket/prefix
+  endpoint: ${ENDPOINT:-http://127.0.0.1:8333}
+targets: [archive]
+verification:
+  sample: 2
+steps:
+  - inventory
+  - migrate:
+      order: oldest
+  - verify
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "pb.yaml"
+    path.write_text(text)
+    return path
+
+
+def error(tmp_path: Path, text: str, *overrides: str, env: dict[str, str] | None = None) -> str:
+    with pytest.raises(PlaybookError) as info:
+        load(write(tmp_path, text), overrides, env=env or {})
+    return str(info.value)
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_playbooks_load(name: str) -> None:
+    pb = load(PLAYBOOKS / f"{name}.yaml", env={})
+    assert pb.name == name
+    kinds = [s.kind for s in pb.steps]
+    order = [kinds.index(k) for k in ("inventory", "pilot", "migrate", "delta", "verify", "audit", "decommission")]
+    assert order == sorted(order) and order[0] == 0
+    text = (PLAYBOOKS / f"{name}.yaml").read_text()
+    assert text.startswith("#") and "docs/playbooks.md" in text
+
+
+def test_defaults_environment_and_set(tmp_path: Path) -> None:
+    pb = load(write(tmp_path, GOOD), env={})
+    assert pb.source["endpoint"] == "http://127.0.0.1:8333" and pb.source["retries"] == 5
+    assert pb.targets == [str(tmp_path / "archive")]
+    assert pb.step("migrate").opt("order") == "oldest" and pb.verification["sample"] == 2
+    pb = load(write(tmp_path, GOOD), ["source.url=s3://other", "verification.deep=true", "steps.1.migrate.threads=2"],
+              env={"ENDPOINT": "http://10.0.0.1:9000"})
+    assert pb.source["endpoint"] == "http://10.0.0.1:9000" and pb.source["url"] == "s3://other"
+    assert pb.verification["deep"] is True and pb.step("migrate").opt("threads") == 2
+
+
+def test_unknown_key_names_it_and_its_line(tmp_path: Path) -> None:
+    text = GOOD.replace("  sample: 2\n", "  sample: 2\n  smaple: 3\n")
+    assert error(tmp_path, text).startswith(f"{tmp_path / 'pb.yaml'}, line 9: unknown key 'verification.smaple'")
+    text = GOOD.replace("      order: oldest\n", "      order: oldest\n      speed: fast\n")
+    assert "line 13: unknown key 'steps.migrate.speed'" in error(tmp_path, text)
+
+
+def test_wrong_type_names_the_field_and_its_line(tmp_path: Path) -> None:
+    text = GOOD.replace("  sample: 2", "  sample: lots")
+    assert "line 8: field 'verification.sample' must be a whole number >= 0, not 'lots'" in error(tmp_path, text)
+    text = GOOD.replace("order: oldest", "order: random")
+    assert "line 12: field 'steps.migrate.order' must be one of newest, oldest, key, not 'random'" in error(tmp_path, text)
+    text = GOOD.replace("targets: [archive]", "targets: {a: 1}")
+    assert "line 6: field 'targets' must be a string or a list of strings" in error(tmp_path, text)
+    assert "--set verification.deep: field 'verification.deep' must be true or false" in error(
+        tmp_path, GOOD, "verification.deep=maybe")
+
+
+def test_missing_field_names_it_and_the_line_of_its_parent(tmp_path: Path) -> None:
+    text = GOOD.replace("  url: s3://bucket/prefix\n", "")
+    assert "line 4: missing field 'source.url'" in error(tmp_path, text)
+    text = GOOD.replace("name: t\n", "")
+    assert "line 1: missing field 'name'" in error(tmp_path, text)
+    text = GOOD + "  - audit\n"
+    assert "line 14: missing field 'steps.audit.out'" in error(tmp_path, text)
+
+
+def test_steps_and_values_are_checked(tmp_path: Path) -> None:
+    assert "line 13: unknown step 'verfiy'" in error(tmp_path, GOOD.replace("  - verify", "  - verfiy"))
+    assert "line 14: two steps named 'verify'" in error(tmp_path, GOOD + "  - verify\n")
+    assert "must be s3://BUCKET" in error(tmp_path, GOOD.replace("s3://bucket/prefix", "bucket"))
+    assert "field 'playbook' must be 1" in error(tmp_path, GOOD.replace("playbook: 1", "playbook: 2"))
+    assert "line 5: environment variable NOPE is not set" in error(
+        tmp_path, GOOD.replace("${ENDPOINT:-http://127.0.0.1:8333}", "${NOPE}"))
+    assert "not valid YAML" in error(tmp_path, "a: [")
+
+
+def test_cli_reports_a_bad_playbook_with_exit_2(tmp_path: Path) -> None:
+    path = write(tmp_path, GOOD.replace("  sample: 2", "  sample: lots"))
+    result = CliRunner().invoke(main, ["run", str(path), "--db", str(tmp_path / "x.db")])
+    assert result.exit_code == 2
+    assert "line 8: field 'verification.sample' must be a whole number" in result.output
+    assert "hint: see docs/playbooks.md" in result.output
+
+
+def test_dry_run_prints_every_step_and_changes_nothing(tmp_path: Path) -> None:
+    db = tmp_path / "state.db"
+    result = CliRunner().invoke(main, ["run", str(PLAYBOOKS / "aws-s3-exit.yaml"), "--db", str(db), "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert not db.exists()
+    lines = result.output.splitlines()
+    assert lines[0] == f"Playbook aws-s3-exit on {db} (dry run: nothing changes)"
+    assert [line.split()[1] for line in lines[1:]] == [
+        "inventory", "plan", "exit-approval", "pilot", "migrate", "delta", "verify", "audit", "decommission",
+        "request-credit"]
+    assert "wait for `--ack exit-approval`" in result.output and "--confirm TOKEN" in result.output
+    result = CliRunner().invoke(main, ["run", str(PLAYBOOKS / "aws-s3-exit.yaml"), "--db", str(db), "--dry-run",
+                                       "--from", "verify", "--until", "audit"])
+    assert [line.split()[:2] for line in result.output.splitlines()[1:]] == [
+        ["skip", "inventory"], ["skip", "plan"], ["skip", "exit-approval"], ["skip", "pilot"], ["skip", "migrate"],
+        ["skip", "delta"], ["run", "verify"], ["run", "audit"]]
+    result = CliRunner().invoke(main, ["run", str(PLAYBOOKS / "aws-s3-exit.yaml"), "--db", str(db), "--dry-run",
+                                       "--from", "nope"])
+    assert result.exit_code == 2 and "no step named 'nope'" in result.output
