@@ -171,14 +171,37 @@ class _InventoryBar:
 def status(db_path: str, as_json: bool, quiet: bool) -> None:
     """Where the migration stands, at a glance."""
     from .state import State
-    from .status import inventory_summary
+    from .status import delta_summary, inventory_summary, migration_summary
 
     with State(db_path) as state:
         totals = inventory_summary(state)
+        migration = migration_summary(state)
+        delta = delta_summary(state)
     if as_json:
-        click.echo(json.dumps(totals, indent=2, default=str))
+        click.echo(json.dumps({**totals, "migration": migration, "delta": delta}, indent=2,
+                              default=str))
     else:
         _print_summary(totals)
+        if migration is not None:
+            _print_migration(migration)
+        if delta is not None:
+            _print_delta(delta)
+
+
+def _print_delta(d: dict[str, Any]) -> None:
+    """What a delta round would still move: the figure a cutover is decided on."""
+    from .units import format_bytes
+
+    lines = [f"Delta left (new or changed since migrated): {d['left_objects']} objects, "
+             f"{format_bytes(d['left_bytes'])}"]
+    lines += [f"  {x['dest']}: {x['objects']} objects, {format_bytes(x['bytes'])}"
+              for x in d["destinations"]]
+    for r in d["rounds"][:3]:
+        lines.append(f"  inventory round {r['round']} ({r['finished_at']}): {r['new']} new, "
+                     f"{r['changed']} changed, {r['deleted']} deleted")
+    if d.get("exit_window_ends"):
+        lines.append(f"  exit-program window ends {d['exit_window_ends']}")
+    click.echo("\n".join(lines))
 
 
 def _print_summary(t: dict[str, Any]) -> None:
@@ -210,6 +233,38 @@ def _print_summary(t: dict[str, Any]) -> None:
             lines.append(f"By {title}:")
             lines += [f"  {row['name']:<16} {row['objects']:>10}   {format_bytes(row['bytes'])}"
                       for row in t[key]]
+    click.echo("\n".join(lines))
+
+
+def _print_migration(m: dict[str, Any]) -> None:
+    from .units import format_bytes
+
+    state = m["status"] + (f", live (pid {m['pid']})" if m["live"] else "")
+    lines = [f"Migration run {m['run']} into {m['dest']}: {state}, started {m['started_at']}"
+             + (f", resumed {m['resumed']}x" if m["resumed"] else "")]
+    if m["waiting_since"]:
+        lines.append(f"  waiting for the link since {m['waiting_since']}")
+    if m["stop_reason"]:
+        lines.append(f"  stopped: {m['stop_reason']}")
+    if m["bwlimit"]:
+        lines.append(f"  bandwidth timetable: {m['bwlimit']}")
+    lines.append(f"  objects {m['done']}/{m['objects']} done, {format_bytes(m['bytes_done'])} of "
+                 f"{format_bytes(m['bytes_total'])}; studies {m['studies_complete']}/{m['studies_total']} complete")
+    lines.append("  by state: " + ", ".join(f"{k} {v}" for k, v in sorted(m["by_state"].items())))
+    if m["restores"]:
+        lines.append("  restores: " + ", ".join(f"{k} {v}" for k, v in sorted(m["restores"].items())))
+    u = m["usage"]
+    lines.append(f"  used: {format_bytes(u['bytes_downloaded'])} downloaded, "
+                 + ", ".join(f"{v} {k}" for k, v in u["requests"].items())
+                 + f", {u['retries']} retries, {u['link_outages']} link outages")
+    if m["studies_in_progress"]:
+        lines.append("  studies in progress (study date, modality, done/total):")
+        for s in m["studies_in_progress"]:
+            lines.append(f"    {s['study']}  {s['date'] or '-':<8} {s['modality'] or '-':<4} "
+                         f"{s['done']}/{s['total']}" + (f"  ({s['active']} downloading)" if s["active"] else "")
+                         + (f"  ({s['problems']} not verified)" if s["problems"] else ""))
+    for p in m["problems"][:10]:
+        lines.append(f"  {p['state']:<11} {p['key']!r}: {p['reason']}")
     click.echo("\n".join(lines))
 
 
@@ -330,6 +385,475 @@ class _ByteBar:
     def __exit__(self, *exc: object) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+# -- migrate --------------------------------------------------------------------------------
+@main.command()
+@click.option("--to", "dest", metavar="DEST",
+              help="The archive folder: /srv/pacs-archive or file:///srv/pacs-archive.")
+@click.option("--resume", is_flag=True,
+              help="Continue the last migration run; needs no other arguments.")
+@db_option
+@source_options
+@click.option("--layout", type=click.Choice(["uid", "keys"]), default=None,
+              help="uid: STUDY/SERIES/SOP.dcm (default); keys: the source keys, sanitised.")
+@click.option("--non-dicom", type=click.Choice(["copy", "skip"]), default=None,
+              help="Objects that are not DICOM: copy into DEST/_non-dicom/ (default) or skip (recorded).")
+@click.option("--order", type=click.Choice(["newest", "oldest", "key"]), default=None,
+              help="Which studies first (default newest); a study's objects go together.")
+@click.option("--restore-tier", type=click.Choice(["bulk", "standard", "expedited"]), default=None,
+              help="Tier of RestoreObject for archived storage classes (default bulk).")
+@click.option("--restore-days", type=click.IntRange(1, 365), default=None,
+              help="Days a restored copy stays readable (default 7).")
+@click.option("--restore-poll", type=click.FloatRange(1, 86400), default=None,
+              help="Seconds between checks of restores in progress (default 900).")
+@click.option("--bwlimit", default=None,
+              help='Bandwidth timetable, rclone syntax: "20M", "08:00,20M 18:00,off", '
+                   '"Mon-Fri 08:00,512k 19:00,off". While a migration runs, '
+                   '`cloudexit migrate --bwlimit TIMETABLE` changes its limit within seconds.')
+@click.option("--processes", type=click.IntRange(0, 64), default=None,
+              help="Worker processes (default 0: one per CPU).")
+@click.option("--threads", type=click.IntRange(1, 64), default=None,
+              help="Downloads in flight per worker process (default 8).")
+@click.option("--large-object", type=click.IntRange(1024, 2**40), default=None,
+              help="Objects of this many bytes or more download in parallel ranges (default 64 MiB).")
+@click.option("--range-size", type=click.IntRange(65536, 2**32), default=None,
+              help="Bytes per ranged GET of a large object (default 16 MiB).")
+@output_options
+def migrate(dest: str | None, resume: bool, db_path: str, endpoint_url: str | None,
+            profile: str | None, region: str | None, retries: int, layout: str | None,
+            non_dicom: str | None, order: str | None, restore_tier: str | None,
+            restore_days: int | None, restore_poll: float | None, bwlimit: str | None,
+            processes: int | None, threads: int | None, large_object: int | None,
+            range_size: int | None, as_json: bool, quiet: bool) -> None:
+    """Download every inventoried object into the archive, verified; resumable.
+
+    Each object is fetched with If-Match on its inventoried ETag and counts as done only when
+    size, MD5 or multipart ETag, provider checksums and its DICOM SOP Instance UID check out,
+    after fsync and an atomic rename; the state DB records its SHA-256. Stop it any way you
+    like (Ctrl-C, kill, power cut), then `cloudexit migrate --resume`.
+
+    Exit 0: every object verified; 3: some failed, are missing or quarantined (listed).
+    """
+    from .config import MigrateConfig
+    from .migrate import Migration, config_from_run, last_run, set_live_bwlimit
+    from .source import Source
+    from .state import State
+    from .stores import open_store
+    from .stores.filesystem import FilesystemStore
+
+    if dest and resume:
+        raise UsageError("give either --to DEST (a new run) or --resume (the last run), not both")
+    overrides = {"layout": layout, "non_dicom": non_dicom, "order": order,
+                 "restore_tier": {"bulk": "Bulk", "standard": "Standard",
+                                  "expedited": "Expedited"}.get(restore_tier or ""),
+                 "restore_days": restore_days, "restore_poll": restore_poll, "bwlimit": bwlimit,
+                 "processes": processes, "threads": threads, "large_object": large_object,
+                 "range_size": range_size}
+    with State(db_path) as state:
+        if not dest and not resume:
+            if bwlimit is None:
+                raise UsageError("say where to: --to DEST starts a run, --resume continues the last one")
+            run = set_live_bwlimit(state, bwlimit)
+            if not quiet:
+                click.echo(f"Migration run {run['id']} (pid {run['pid']}) now uses --bwlimit {bwlimit!r}.")
+            return
+        if resume:
+            run = last_run(state)
+            if run is None:
+                raise UsageError("nothing to resume: no migration has started with this state DB",
+                                 hint="start one with: cloudexit migrate --to DEST")
+            config = config_from_run(run, **overrides)
+            store = FilesystemStore(run["dest"][len("file://"):], layout=config.layout)
+        else:
+            assert dest is not None
+            config = MigrateConfig(**{k: v for k, v in overrides.items() if v is not None})
+            opened = open_store(dest)
+            if not isinstance(opened, FilesystemStore):
+                raise UsageError(f"--to {dest}: only a folder can receive downloads in this version")
+            store = FilesystemStore(opened.root, layout=config.layout)
+        url = state.meta("source_url")
+        bound = state.meta("endpoint_url")
+        source = Source(url or "", SourceConfig(
+            endpoint_url=endpoint_url or (None if bound in (None, "aws") else bound),
+            profile=profile, region=region or state.meta("region"), max_attempts=retries))
+        with _MigrateBar(quiet or as_json) as bar:
+            summary = Migration(state, source, store, config, progress=bar.update,
+                                resume=resume).run()
+    if as_json:
+        click.echo(json.dumps(summary.__dict__, indent=2, default=str))
+    elif not quiet:
+        _print_migration_result(summary)
+    if summary.exit_code:
+        sys.exit(summary.exit_code)
+
+
+def _print_migration_result(s: Any) -> None:
+    from .units import format_bytes, format_duration
+
+    verb = "resumed and finished" if s.resumed else "finished"
+    lines = [f"Migration run {s.run} into {s.dest} {verb} in {format_duration(s.elapsed)}:",
+             f"  verified     {s.verified:>10}   {format_bytes(s.bytes_verified)} in the archive"]
+    for label, value in (("duplicates", s.duplicates), ("quarantined", s.quarantined),
+                         ("failed", s.failed), ("missing", s.missing), ("skipped", s.skipped),
+                         ("unfinished", s.unfinished)):
+        if value:
+            lines.append(f"  {label:<12} {value:>10}")
+    req = s.requests
+    lines.append(f"  used: {format_bytes(s.bytes_downloaded)} downloaded (retries included), "
+                 f"{req['GET']} GET, {req['HEAD']} HEAD, {req['LIST']} LIST, {req['RESTORE']} RESTORE "
+                 f"requests, {s.retries} retries")
+    click.echo("\n".join(lines))
+    if s.failures:
+        click.echo("Not verified (see `cloudexit status`):", err=True)
+        for key, state, reason in s.failures[:20]:
+            click.echo(f"  {state:<11} {key!r}: {reason}", err=True)
+
+
+class _MigrateBar:
+    """A tqdm bar (bytes, objects, rate, ETA, failures) on a terminal; a plain line every
+    30 s otherwise."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+        self.tty = sys.stderr.isatty()
+        self.bar: Any = None
+        self.last = time.monotonic()
+        self.last_bytes = 0
+
+    def __enter__(self) -> "_MigrateBar":
+        if not self.quiet and self.tty:
+            from tqdm import tqdm
+            self.bar = tqdm(total=0, unit="B", unit_scale=True, desc="migrate", file=sys.stderr,
+                            dynamic_ncols=True)
+        return self
+
+    def update(self, p: Any) -> None:
+        if self.quiet:
+            return
+        from .units import format_bytes, format_rate
+
+        waiting = f", waiting for the link since {p.waiting_since}" if p.waiting_since else ""
+        if self.bar is not None:
+            self.bar.total = p.bytes_total
+            self.bar.n = p.bytes_done
+            self.bar.set_postfix_str(
+                f"{p.done}/{p.total} obj, {p.failed} failed"
+                + (f", {p.restoring} restoring" if p.restoring else "")
+                + (f", limit {format_rate(p.rate_limit)}" if p.rate_limit is not None else "")
+                + waiting, refresh=False)
+            self.bar.refresh()
+            return
+        clock = time.monotonic()
+        if clock - self.last >= 30:
+            rate = (p.bytes_done - self.last_bytes) / (clock - self.last)
+            self.last, self.last_bytes = clock, p.bytes_done
+            eta = (p.bytes_total - p.bytes_done) / rate if rate > 0 else None
+            click.echo(f"migrate: {p.done}/{p.total} objects, {format_bytes(p.bytes_done)} of "
+                       f"{format_bytes(p.bytes_total)}, {format_bytes(rate)}/s"
+                       + (f", ETA {int(eta)} s" if eta is not None else "")
+                       + f", {p.failed} failed" + waiting, err=True)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+# -- verify -------------------------------------------------------------------------------
+@main.command()
+@db_option
+@click.option("--to", "dests", multiple=True, metavar="DEST",
+              help="A destination to verify: a folder, dicom://AET@HOST:PORT or dicomweb+https://HOST/PATH; "
+                   "repeatable (default: every destination of the migration).")
+@click.option("--deep", is_flag=True,
+              help="Re-read every archived file and re-check its SHA-256 (reads everything again).")
+@click.option("--sample", default=0, show_default=True, type=click.IntRange(0, 100_000),
+              help="Fetch N instances back from a PACS (C-GET / WADO-RS) and compare them with the archive.")
+@click.option("--seed", type=int, help="Random seed of --sample (recorded; default: random).")
+@click.option("--calling-aet", envvar="CLOUDEXIT_CALLING_AET", default="CLOUDEXIT", show_default=True,
+              help="Our AE title towards a dicom:// PACS (env CLOUDEXIT_CALLING_AET).")
+@output_options
+def verify(db_path: str, dests: tuple[str, ...], deep: bool, sample: int, seed: int | None,
+           calling_aet: str, as_json: bool, quiet: bool) -> None:
+    """Re-check what landed against the inventory: files, hashes, PACS counts.
+
+    A folder: every recorded file present with its size (and SHA-256 with --deep), no extra
+    files, instances per study. A PACS: C-FIND or QIDO-RS counts per study and series, missing and
+    extra instances; --sample compares instances fetched back with the archived copies. Results
+    are stored in the state DB for the audit. Exit 0: all verified; 3: differences found.
+    """
+    from .state import State
+    from .verify import destinations, open_destination, verify as run_verify
+
+    reports = []
+    with State(db_path) as state:
+        targets = list(dests) or destinations(state)
+        if not targets:
+            raise UsageError("nothing to verify: no migration has delivered anywhere yet",
+                             hint="run `cloudexit migrate --to DEST` first, or pass --to")
+        for dest in targets:
+            store = open_destination(dest, calling_aet=calling_aet)
+            try:
+                reports.append(run_verify(state, store, deep=deep, sample=sample, seed=seed))
+            finally:
+                store.close()
+    if as_json:
+        click.echo(json.dumps({"verified": all(r.passed for r in reports),
+                               "destinations": [r.to_dict() for r in reports]}, indent=2, default=str))
+    elif not quiet:
+        for r in reports:
+            _print_verify(r)
+    if not all(r.passed for r in reports):
+        sys.exit(EXIT_PARTIAL)
+
+
+def _print_verify(r: Any) -> None:
+    c = r.counts
+    ok = sum(1 for s in r.studies if s.status == "ok")
+    lines = [f"{r.dest}: {'verified' if r.passed else 'DIFFERENCES FOUND'} (verify run {r.run_id})",
+             f"  studies {ok}/{len(r.studies)} match; instances {c.get('found_instances', 0)} "
+             f"of {c.get('expected_instances', 0)} expected"]
+    if r.kind == "filesystem":
+        lines.append(f"  files {c.get('files_ok', 0)}/{c.get('files_checked', 0)} ok"
+                     + (f", {c.get('files_rehashed', 0)} re-hashed" if r.options.get("deep") else ""))
+    if r.samples:
+        same = sum(1 for s in r.samples if s.result in ("identical", "equivalent"))
+        lines.append(f"  samples {same}/{len(r.samples)} identical or equivalent")
+    for f in r.findings[:20]:
+        where = f.path or f.key or f.sop_uid or f.series_uid or f.study_uid
+        extra = f" (expected {f.expected}, found {f.found})" if f.expected or f.found else ""
+        lines.append(f"  {f.level} {f.problem}: {where}{extra}" + (f"; {f.detail}" if f.detail else ""))
+    if len(r.findings) > 20:
+        lines.append(f"  ... {len(r.findings) - 20} more (cloudexit verify --json, or table verify_findings)")
+    for s in r.samples:
+        if s.result not in ("identical", "equivalent"):
+            changed = ", ".join(f"{d['keyword']} {d['change']}" for d in s.differences[:8])
+            lines.append(f"  sample {s.sop_uid}: {s.result}; pixel data {s.pixel or '-'}"
+                         + (f"; transfer syntax {s.transfer_syntax}" if s.transfer_syntax else "")
+                         + (f"; {changed}" if changed else "") + (f"; {s.detail}" if s.detail else ""))
+    click.echo("\n".join(lines))
+
+
+# -- audit ----------------------------------------------------------------------------------
+@main.group(invoke_without_command=True)
+@click.option("--out", "out", type=click.Path(file_okay=False),
+              help="The folder to write (created 0700; refused if it holds other files).")
+@click.option("--lang", type=click.Choice(["en", "zh"]), default="en", show_default=True,
+              help="Language of audit.html (zh: Chinese for the hospital's management).")
+@click.option("--include-phi", is_flag=True,
+              help="Add Patient ID and Name (read from the archived files) to the manifest and "
+                   "exceptions; every page then says it holds patient identity.")
+@click.option("--force", is_flag=True, help="Write into a folder that is not empty (replaces a previous audit).")
+@db_option
+@output_options
+@click.pass_context
+def audit(ctx: click.Context, out: str | None, lang: str, include_phi: bool, force: bool,
+          db_path: str, as_json: bool, quiet: bool) -> None:
+    """Write the migration audit: audit.html, audit.json, manifest.csv, events.jsonl, SHA256SUMS.
+
+    The report management signs: complete or not and why, counts at the source and in each
+    destination, charts, exceptions with remedies, how each object was verified, chain of
+    custody, data residency, decommission readiness, sign-off. Check a written audit later
+    with `cloudexit audit verify DIR`.
+
+    Exit 0: the migration is complete; 3: the audit is written but the migration is not
+    complete or has exceptions to review (the report says which).
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    if not out:
+        raise UsageError("say where to write the audit: --out DIR",
+                         hint="or check an audit written before: cloudexit audit verify DIR")
+    from .audit import open_state, write_audit
+
+    with open_state(db_path) as state:
+        result = write_audit(state, out, lang=lang, include_phi=include_phi, force=force)
+    status = result.verdict["status"]
+    if as_json:
+        click.echo(json.dumps({"out": str(result.out), "verdict": result.verdict,
+                               "fingerprint": result.fingerprint, "files": result.files,
+                               "manifest_rows": result.manifest_rows, "events": result.events},
+                              indent=2, default=str))
+    elif not quiet:
+        label = {"complete": "complete", "complete_with_exceptions": "complete, with exceptions to review",
+                 "incomplete": "NOT complete"}[status]
+        click.echo(f"Audit written to {result.out}/audit.html (migration {label}).")
+        click.echo(f"  {result.manifest_rows} manifest rows, {result.events} events; fingerprint {result.fingerprint}")
+        click.echo(f"  check it any time with: cloudexit audit verify {result.out}")
+    if result.others:
+        click.echo(f"Note: {len(result.others)} other file(s) in {result.out} are not part of the audit; "
+                   "`cloudexit audit verify` reports them as added.", err=True)
+    if status != "complete":
+        sys.exit(EXIT_PARTIAL)
+
+
+@audit.command("verify")
+@click.argument("folder", metavar="DIR", type=click.Path(file_okay=False))
+@click.option("--db", "db_path", type=click.Path(dir_okay=False), default=None,
+              help="Also check the events against this state database and that it recorded this audit.")
+@output_options
+def audit_verify(folder: str, db_path: str | None, as_json: bool, quiet: bool) -> None:
+    """Check a written audit: every file against SHA256SUMS, the event hash chain, the fingerprint.
+
+    Prints OK, or exactly which file was altered, added or removed and where the event chain
+    breaks. Exit 0: intact; 1: tampered.
+    """
+    from .audit import verify_audit
+
+    report = verify_audit(folder, db_path)
+    if as_json:
+        click.echo(json.dumps(report, indent=2, default=str))
+    elif report["ok"]:
+        if not quiet:
+            chain = report["chain"]
+            click.echo(f"OK: {len(report['files'])} files match SHA256SUMS; event chain intact "
+                       f"({chain['events']} events, head {chain['head']}); fingerprint {report['fingerprint']}")
+    else:
+        click.echo(f"TAMPERED: {folder}", err=True)
+        for problem in report["problems"]:
+            click.echo(f"  {problem}", err=True)
+    if not report["ok"]:
+        sys.exit(EXIT_ERROR)
+
+
+# -- run ------------------------------------------------------------------------------------
+@main.command("run")
+@click.argument("playbook_path", metavar="PLAYBOOK.yaml", type=click.Path(dir_okay=False))
+@click.option("--db", "db_path", envvar="CLOUDEXIT_DB", type=click.Path(dir_okay=False),
+              help="The migration's state database (env CLOUDEXIT_DB; default: the playbook's `db:`, "
+                   "else ./cloudexit.db).")
+@click.option("--set", "overrides", multiple=True, metavar="PATH=VALUE",
+              help="Override a playbook field, e.g. --set source.endpoint=http://127.0.0.1:8333; repeatable.")
+@click.option("--from", "from_step", metavar="STEP", help="Start at this step (run it again even if done).")
+@click.option("--until", metavar="STEP", help="Stop after this step.")
+@click.option("--dry-run", is_flag=True, help="Print what each step would do; change nothing.")
+@click.option("--ack", multiple=True, metavar="STEP", help="Pass a checkpoint step (recorded with your user name).")
+@click.option("--confirm", "token", metavar="TOKEN",
+              help="Let the decommission step delete: the token its dry run printed.")
+@output_options
+def run_playbook(playbook_path: str, db_path: str | None, overrides: tuple[str, ...], from_step: str | None,
+                 until: str | None, dry_run: bool, ack: tuple[str, ...], token: str | None,
+                 as_json: bool, quiet: bool) -> None:
+    """Run a playbook's steps in order, resumably (see docs/playbooks.md).
+
+    Each step's state is recorded in the state DB: run the same command again and it continues
+    at the step in progress. `${VAR}` in the playbook comes from the environment. Gates (a pilot
+    with mismatches, a delta above the cutover threshold, a checkpoint, the decommission token)
+    stop the run with a message saying what to do.
+
+    Exit 0: the steps ran; 3: a gate stopped the run; 1: a step failed.
+    """
+    from .errors import GateNotMet
+    from .playbook import Runner, load
+
+    book = load(playbook_path, overrides)
+    db = db_path or (str(book.db) if book.db else "cloudexit.db")
+    say = (lambda text: None) if (quiet or as_json) else click.echo
+    runner = Runner(book, db, say=say, ack=ack, confirm=token)
+    try:
+        report = runner.run(from_step=from_step, until=until, dry_run=dry_run)
+    except GateNotMet as gate:
+        if as_json:
+            click.echo(json.dumps({"playbook": book.name, "db": db, "gate": str(gate)}, indent=2))
+        raise
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2, default=str))
+        return
+    if quiet:
+        return
+    if dry_run:
+        click.echo(f"Playbook {book.name} on {db} (dry run: nothing changes)")
+        for s in report.steps:
+            state = "done" if s.status == "skipped" else s.result.get("status", "pending")
+            verb = "skip" if s.status == "skipped" else "run "
+            click.echo(f"  {verb} {s.name:<14} [{state}] {s.message}")
+    elif report.message:
+        click.echo(report.message)
+
+
+# -- decommission ---------------------------------------------------------------------------
+@main.command()
+@db_option
+@source_options
+@click.option("--to", "dests", multiple=True, metavar="DEST",
+              help="A destination that must hold a verified copy; repeatable (default: every destination "
+                   "the migration delivered to or `verify` checked).")
+@click.option("--all-versions", is_flag=True,
+              help="Versioned buckets: delete every version whose content is the verified one (by "
+                   "VersionId). Without it a verified key only gets a delete marker: its data stays.")
+@click.option("--manifest", type=click.Path(dir_okay=False),
+              help="Where to write the deletion manifest (CSV, 0600; default: "
+                   "decommission-manifest.csv beside the state DB).")
+@click.option("--execute", is_flag=True, help="Delete for real; needs --confirm TOKEN from a dry run.")
+@click.option("--confirm", "token", metavar="TOKEN", help="The confirmation token the dry run printed.")
+@click.option("--batch-size", default=1000, show_default=True, type=click.IntRange(1, 1000),
+              help="Objects per DeleteObjects request.")
+@click.option("--no-if-match", is_flag=True,
+              help="Unversioned buckets: do not send the verified ETag as a delete condition (for "
+                   "stores that refuse conditional deletes).")
+@output_options
+def decommission(db_path: str, endpoint_url: str | None, profile: str | None, region: str | None,
+                 retries: int, dests: tuple[str, ...], all_versions: bool, manifest: str | None,
+                 execute: bool, token: str | None, batch_size: int, no_if_match: bool,
+                 as_json: bool, quiet: bool) -> None:
+    """Delete the cloud copy: only objects verified at every destination. Dry run by default.
+
+    Lists the bucket as it is now, writes a deletion manifest (every version: delete or keep,
+    and why) and prints a confirmation token. `--execute --confirm TOKEN` deletes exactly those
+    objects in DeleteObjects batches and records each answer (table `deletions`). Versioned
+    buckets: see --all-versions and docs/decommission.md.
+
+    Exit 0: everything in the bucket is (or would be) deleted; 3: something stays (listed).
+    """
+    from pathlib import Path
+
+    from .decommission import execute as run_execute, plan as run_plan, source_from_state, summary_text
+    from .state import State
+
+    if token and not execute:
+        raise UsageError("--confirm goes with --execute", hint="add --execute to delete")
+    if execute and not token:
+        raise UsageError("--execute needs the confirmation token of a dry run: --confirm TOKEN",
+                         hint="run `cloudexit decommission` (a dry run) first, review its manifest")
+    manifest = manifest or str(Path(db_path).resolve().parent / "decommission-manifest.csv")
+    with State(db_path) as state:
+        source = source_from_state(state, endpoint_url, profile, region, retries)
+        if not execute:
+            p = run_plan(state, source, dests or None, all_versions, manifest)
+            if as_json:
+                click.echo(json.dumps(p.summary(), indent=2, default=str))
+            elif not quiet:
+                click.echo("\n".join(summary_text(p)))
+                click.echo(f"Manifest: {p.manifest} (sha256 {p.manifest_sha256})")
+                if p.to_delete:
+                    click.echo(f"Nothing deleted (dry run). To delete the {len(p.to_delete)} objects above:\n"
+                               f"  cloudexit decommission --execute --confirm {p.token}"
+                               + (" --all-versions" if all_versions else ""))
+            if p.kept or not p.to_delete:
+                sys.exit(EXIT_PARTIAL)
+            return
+        assert token is not None
+        result = run_execute(state, source, token, dests or None, all_versions, manifest, batch_size,
+                             conditional=not no_if_match)
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2, default=str))
+    elif not quiet:
+        from .units import format_bytes
+
+        click.echo(f"Decommission run {result.run_id}: {result.deleted} deleted in {result.batches} "
+                   f"DeleteObjects batch(es), {format_bytes(result.deleted_bytes)}; {result.confirmed} "
+                   "confirmed gone by a new listing.")
+        if result.markers:
+            click.echo(f"  {result.markers} got a delete marker: their data STILL EXISTS in the bucket as "
+                       "noncurrent versions (and is billed); --all-versions deletes it.")
+        kept = result.plan.summary()
+        if kept["kept"]:
+            click.echo(f"  {kept['kept']} object version(s), {format_bytes(kept['kept_bytes'])}, stay in "
+                       f"the bucket (not verified everywhere): see {result.plan.manifest}")
+    for key, version, error in result.failed[:20]:
+        click.echo(f"  not deleted {key!r}" + (f" v{version}" if version else "") + f": {error}", err=True)
+    if result.exit_code:
+        sys.exit(result.exit_code)
 
 
 # -- demo -----------------------------------------------------------------------------------

@@ -31,7 +31,8 @@ def run_demo(workdir: str | None = None, size: str = "demo",
 
     own = workdir is None
     root = Path(workdir or tempfile.mkdtemp(prefix="cloudexit-demo-"))
-    for stale in ("s3", "cloudexit.db", "cloudexit.db-wal", "cloudexit.db-shm"):
+    for stale in ("s3", "archive", "cloudexit.db", "cloudexit.db-wal", "cloudexit.db-shm",
+                  "cloudexit.db.lock"):
         target = root / stale
         if target.is_dir():
             shutil.rmtree(target)
@@ -57,10 +58,12 @@ def run_demo(workdir: str | None = None, size: str = "demo",
                 show("inventory", totals)
                 plan = _plan(state, root, say)
                 show("plan", plan)
+                migration = _migrate(state, source, root, say)
+                _verify_and_audit(state, root, say)
             say(f"State database: {db_path if not own else '(temporary)'}"
                 + (f"  (look again with: cloudexit status --db {db_path})" if not own else ""))
             return {"bucket": DEMO_BUCKET, "uploaded": len(objects), "round": summary.__dict__,
-                    "inventory": totals, "plan": plan.to_dict()}
+                    "inventory": totals, "plan": plan.to_dict(), "migration": migration}
     finally:
         if own:
             shutil.rmtree(root, ignore_errors=True)
@@ -86,3 +89,46 @@ def _plan(state: State, root: Path, say: Callable[[str], None]) -> Any:
         fh.write(render_html(plan))
     say(f"Plan written to {out}")
     return plan
+
+
+def _migrate(state: State, source: Source, root: Path, say: Callable[[str], None]) -> dict[str, Any]:
+    """Bring everything home into <workdir>/archive, verified, and say what happened."""
+    from .config import MigrateConfig
+    from .migrate import Migration
+    from .stores.filesystem import FilesystemStore
+    from .units import format_bytes, format_duration
+
+    archive = root / "archive"
+    say(f"$ cloudexit migrate --to {archive}")
+    summary = Migration(state, source, FilesystemStore(archive), MigrateConfig()).run()
+    say(f"Migrated in {format_duration(summary.elapsed)}: {summary.verified} objects verified "
+        f"({format_bytes(summary.bytes_verified)}), {summary.quarantined} quarantined, "
+        f"{summary.duplicates} duplicates, {summary.failed} failed; "
+        f"{summary.requests['GET']} GET requests, {format_bytes(summary.bytes_downloaded)} downloaded.")
+    for key, what, reason in summary.failures[:5]:
+        say(f"  {what}: {key!r}: {reason}")
+    say(f"Archive: {archive}  (STUDY/SERIES/SOP.dcm; side areas _non-dicom/ and _quarantine/)")
+    data = dict(summary.__dict__)
+    data["exit_code"] = summary.exit_code
+    return data
+
+
+def _verify_and_audit(state: State, root: Path, say: Callable[[str], None]) -> None:
+    """Re-check the archive against the inventory (SHA-256 too), then write the audit."""
+    from .audit import write_audit
+    from .verify import open_destination, verify
+
+    archive = root / "archive"
+    say("$ cloudexit verify --deep")
+    store = open_destination(str(archive.resolve()))
+    try:
+        report = verify(state, store, deep=True)
+    finally:
+        store.close()
+    findings = len(report.findings)
+    say(f"Verified {archive}: {findings} finding(s)" + (" (see the audit's exceptions)" if findings else ""))
+    out = root / "audit"
+    say(f"$ cloudexit audit --out {out}")
+    result = write_audit(state, out, force=True)
+    say(f"Audit written to {out / 'audit.html'} (migration {result.verdict['status']}); "
+        f"check it any time with: cloudexit audit verify {out}")

@@ -51,3 +51,22 @@ class Interrupted(CloudexitError):
     """The user interrupted the run; committed work is kept (exit code 130)."""
 
     exit_code = 130
+
+
+class PlaybookError(UsageError):
+    """A playbook file is wrong: unknown key, wrong type, missing field (named, with its line)."""
+
+
+class GateNotMet(CloudexitError):
+    """A playbook gate stopped the run (pilot not clean, verify found differences, awaiting a
+    confirmation): exit code 3, the message says what to do."""
+
+    exit_code = 3
+
+
+class NothingMigrated(UsageError):
+    """Decommission was asked before anything was delivered anywhere."""
+
+
+class ConfirmationMismatch(UsageError):
+    """`decommission --execute --confirm TOKEN`: the token does not match what would be deleted now."""

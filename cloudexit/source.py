@@ -121,13 +121,14 @@ class Source:
     def translate(self, exc: Exception, what: str) -> Exception:
         """A botocore exception as a cloudexit error with an actionable message."""
         from botocore.exceptions import (ClientError, ConnectionError as BotoConnectionError,
-                                         NoCredentialsError, PartialCredentialsError,
-                                         ReadTimeoutError)
+                                         HTTPClientError, NoCredentialsError,
+                                         PartialCredentialsError)
 
         if isinstance(exc, (NoCredentialsError, PartialCredentialsError)):
             return CredentialsError(f"no usable credentials for {self.where}",
                                     hint="set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or pass --profile")
-        if isinstance(exc, (BotoConnectionError, ReadTimeoutError)):
+        # Refused, reset, closed or timed out: the endpoint is not answering.
+        if isinstance(exc, (BotoConnectionError, HTTPClientError)):
             return EndpointUnreachable(
                 f"cannot reach {self.where} after {self.config.max_attempts} attempts: {exc}",
                 hint="check the network and --endpoint-url; the run can be resumed by running it again")

@@ -23,7 +23,7 @@ from . import __version__
 from .errors import StateError
 
 APP_ID = 0x43455854  # "CEXT": tells our databases from any other SQLite file
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 5
 
 _SCHEMA_V1 = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT);
@@ -158,7 +158,123 @@ CREATE TABLE restores (
 );
 """
 
-_MIGRATIONS: dict[int, str] = {1: _SCHEMA_V1, 2: _SCHEMA_V2}
+# Version 3: `cloudexit verify` (reconciliation runs, per-study counts, findings, PACS samples).
+# See docs/verify.md.
+_SCHEMA_V3 = """
+CREATE TABLE verify_runs (
+    id INTEGER PRIMARY KEY,
+    started_at TEXT NOT NULL,
+    finished_at TEXT,
+    dest TEXT NOT NULL,                  -- destination id (file:///..., dicom://AET@HOST:PORT, dicomweb+https://...)
+    kind TEXT NOT NULL,                  -- filesystem | dicom | dicomweb
+    options TEXT NOT NULL,               -- JSON: deep, sample, seed
+    status TEXT NOT NULL,                -- running | passed | failed | error
+    summary TEXT                         -- JSON: the report's counts
+);
+CREATE TABLE verify_studies (
+    run_id INTEGER NOT NULL,
+    study_uid TEXT NOT NULL,
+    expected_instances INTEGER NOT NULL, -- distinct SOP Instance UIDs in the inventory
+    found_instances INTEGER,             -- NULL: the destination has no such study
+    expected_series INTEGER,
+    found_series INTEGER,
+    status TEXT NOT NULL,                -- ok | missing | mismatch
+    PRIMARY KEY (run_id, study_uid)
+);
+CREATE TABLE verify_findings (
+    id INTEGER PRIMARY KEY,
+    run_id INTEGER NOT NULL,
+    level TEXT NOT NULL,                 -- object | file | study | series | instance
+    problem TEXT NOT NULL,               -- missing | extra | size | sha256 | not-a-file | not-delivered | count
+    key TEXT, path TEXT, study_uid TEXT, series_uid TEXT, sop_uid TEXT,
+    expected TEXT, found TEXT,
+    detail TEXT
+);
+CREATE INDEX verify_findings_run ON verify_findings(run_id, level);
+CREATE TABLE verify_samples (
+    run_id INTEGER NOT NULL,
+    sop_uid TEXT NOT NULL,
+    key TEXT,                            -- the archived copy compared with
+    result TEXT NOT NULL,                -- identical | equivalent | differs | not-compared
+    pixel TEXT,                          -- same | differs | transcoded-same | transcoded-not-compared
+    transfer_syntax TEXT,                -- archived -> PACS, when they differ
+    differences TEXT,                    -- JSON list of {tag, keyword, change}, values only for non-identifying attributes
+    PRIMARY KEY (run_id, sop_uid)
+);
+"""
+
+# Version 4: migrate records the bytes of partial temp files it continued, and how far each
+# range of a large object got (Range resume inside a range).
+_SCHEMA_V4 = """
+ALTER TABLE migration_runs ADD COLUMN bytes_resumed INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE transfer_ranges ADD COLUMN bytes INTEGER
+"""  # transfer_ranges.bytes: bytes of the range on disk and fsynced (NULL: the whole range)
+
+# Version 5: playbooks (`cloudexit run`: one row per step and its state) and decommissioning
+# (`cloudexit decommission`: dry runs and executions, and one row per deletion with the store's
+# answer: the proof of deletion). See docs/state-db.md.
+_SCHEMA_V5 = """
+CREATE TABLE playbook_steps (
+    playbook TEXT NOT NULL,              -- the playbook's name
+    step TEXT NOT NULL,                  -- the step's name, unique in the playbook
+    kind TEXT NOT NULL,                  -- inventory | plan | pilot | migrate | delta | verify | audit | checkpoint | decommission
+    seq INTEGER NOT NULL,                -- position in the playbook
+    status TEXT NOT NULL,                -- pending | running | done | gated | failed
+    attempts INTEGER NOT NULL DEFAULT 0,
+    started_at TEXT,
+    finished_at TEXT,
+    message TEXT,                        -- why it stopped (gate not met, error), or what it did
+    result TEXT,                         -- JSON: the step's figures
+    playbook_sha256 TEXT,                -- the playbook text that last ran the step
+    PRIMARY KEY (playbook, step)
+);
+CREATE TABLE decommission_runs (
+    id INTEGER PRIMARY KEY,
+    started_at TEXT NOT NULL,
+    finished_at TEXT,
+    mode TEXT NOT NULL,                  -- dry-run | execute
+    status TEXT NOT NULL,                -- running | planned | complete | partial | refused
+    source TEXT NOT NULL,                -- s3://BUCKET/PREFIX
+    endpoint TEXT,
+    versioning TEXT,                     -- Enabled | Suspended | off (never enabled)
+    all_versions INTEGER NOT NULL DEFAULT 0,
+    destinations TEXT NOT NULL,          -- JSON list: every destination a copy had to be verified at
+    manifest TEXT,                       -- path of the deletion manifest (CSV)
+    manifest_sha256 TEXT,
+    token TEXT,                          -- confirmation token (hash of the rows to delete)
+    to_delete INTEGER NOT NULL DEFAULT 0,        -- versions (or keys) planned for deletion
+    to_delete_bytes INTEGER NOT NULL DEFAULT 0,
+    kept INTEGER NOT NULL DEFAULT 0,             -- versions (or keys) left in the bucket
+    kept_bytes INTEGER NOT NULL DEFAULT 0,
+    deleted INTEGER NOT NULL DEFAULT 0,
+    failed INTEGER NOT NULL DEFAULT 0,
+    batches INTEGER NOT NULL DEFAULT 0,
+    summary TEXT                         -- JSON: counts by reason kept, delete markers left
+);
+CREATE TABLE deletions (
+    id INTEGER PRIMARY KEY,
+    run_id INTEGER NOT NULL,             -- decommission_runs.id
+    batch INTEGER NOT NULL,              -- DeleteObjects request number within the run
+    key TEXT NOT NULL,
+    version_id TEXT,                     -- version deleted (NULL: unversioned bucket, or a delete marker was placed)
+    etag TEXT,                           -- ETag of the data deleted, as verified at every destination
+    size INTEGER,
+    sha256 TEXT,                         -- SHA-256 of the verified copy kept on premise
+    kept_at TEXT,                        -- JSON list of the destinations that hold the verified copy
+    outcome TEXT NOT NULL,               -- deleted | delete-marker | failed
+    marker_version_id TEXT,              -- the delete marker the store created (versioned, without --all-versions)
+    error_code TEXT,                     -- the store's error code when failed (PreconditionFailed: changed since verified)
+    response TEXT NOT NULL,              -- JSON: the store's answer for this object (its Deleted or Errors entry)
+    request_id TEXT,                     -- x-amz-request-id of the DeleteObjects request
+    deleted_at TEXT NOT NULL,            -- UTC, when the store answered
+    confirmed_at TEXT                    -- UTC, when a listing after the deletion no longer showed it
+);
+CREATE INDEX deletions_key ON deletions(key);
+CREATE INDEX deletions_run ON deletions(run_id, batch)
+"""
+
+_MIGRATIONS: dict[int, str] = {1: _SCHEMA_V1, 2: _SCHEMA_V2, 3: _SCHEMA_V3, 4: _SCHEMA_V4,
+                                 5: _SCHEMA_V5}
 
 
 GENESIS_HASH = "0" * 64

@@ -61,3 +61,111 @@ def inventory_summary(state: State) -> dict[str, Any]:
 
 def _breakdown(state: State, sql: str) -> list[dict[str, Any]]:
     return [{"name": row[0], "objects": row[1], "bytes": row[2] or 0} for row in state.query(sql)]
+
+
+def migration_summary(state: State, studies: int = 10) -> dict[str, Any] | None:
+    """The latest migration run: live or not, counts by state, studies in progress, costs.
+
+    None when no migration has started in this state DB. Cheap enough to poll from another
+    terminal while the run goes on (SQLite WAL lets readers in beside the writer).
+    """
+    from .migrate import DONE_STATES, counts, is_live, last_run
+
+    run = last_run(state)
+    if run is None:
+        return None
+    dest = run["dest"]
+    c = counts(state, dest)
+    total = sum(v for k, v in c.items() if not k.startswith("_"))
+    study_rows = state.query(
+        "SELECT o.study_uid AS study, max(o.study_date) AS date, max(o.modality) AS modality, "
+        "count(*) AS total, "
+        f"sum(t.state IN ({','.join('?' * len(DONE_STATES))})) AS done, "
+        "sum(t.state = 'fetching') AS active, "
+        "sum(t.state IN ('failed', 'missing', 'quarantined')) AS problems, "
+        "sum(t.size) AS bytes FROM transfers t JOIN objects o ON o.key = t.key "
+        "WHERE t.dest = ? AND o.study_uid IS NOT NULL GROUP BY o.study_uid "
+        "HAVING done < total OR problems > 0 "
+        "ORDER BY active DESC, min(t.seq) LIMIT ?", (*DONE_STATES, dest, studies))
+    complete_studies = state.scalar(
+        "SELECT count(*) FROM (SELECT o.study_uid FROM transfers t JOIN objects o ON o.key = t.key "
+        f"WHERE t.dest = ? AND o.study_uid IS NOT NULL GROUP BY o.study_uid "
+        f"HAVING sum(t.state IN ({','.join('?' * len(DONE_STATES))})) = count(*))", (dest, *DONE_STATES))
+    all_studies = state.scalar("SELECT count(DISTINCT o.study_uid) FROM transfers t JOIN objects o "
+                               "ON o.key = t.key WHERE t.dest = ?", (dest,))
+    restores = {r["status"]: r["n"] for r in state.query(
+        "SELECT status, count(*) AS n FROM restores GROUP BY status")}
+    problems = [dict(r) for r in state.query(
+        "SELECT key, state, reason FROM transfers WHERE dest = ? AND state IN "
+        "('failed', 'missing', 'quarantined') ORDER BY seq LIMIT 20", (dest,))]
+    live = is_live(run)
+    return {
+        "run": run["id"],
+        "dest": dest,
+        "status": run["status"] if live or run["status"] != "running" else "interrupted",
+        "live": live,
+        "pid": run["pid"] if live else None,
+        "started_at": run["started_at"],
+        "finished_at": run["finished_at"],
+        "resumed": run["resumed"],
+        "heartbeat_at": run["heartbeat_at"],
+        "waiting_since": run["waiting_since"] if live else None,
+        "stop_reason": run["stop_reason"],
+        "bwlimit": run["bwlimit"],
+        "objects": total,
+        "by_state": {k: v for k, v in c.items() if not k.startswith("_")},
+        "done": sum(c.get(s, 0) for s in DONE_STATES),
+        "bytes_total": c["_bytes_total"],
+        "bytes_done": c["_bytes_done"],
+        "studies_total": all_studies or 0,
+        "studies_complete": complete_studies or 0,
+        "studies_in_progress": [dict(r) for r in study_rows],
+        "restores": restores,
+        "problems": problems,
+        "usage": {
+            "bytes_downloaded": run["bytes_downloaded"],
+            "requests": {"GET": run["get_requests"], "HEAD": run["head_requests"],
+                         "LIST": run["list_requests"], "RESTORE": run["restore_requests"]},
+            "retries": run["retries"],
+            "link_outages": run["link_outages"],
+        },
+    }
+
+
+# States of a transfer row that need no more work for the delta (the object is at the destination,
+# or the engine decided about it: a duplicate, quarantined, skipped).
+_HANDLED = ("verified", "duplicate", "quarantined", "skipped", "stored", "warning", "conflict")
+
+
+def delta_summary(state: State) -> dict[str, Any] | None:
+    """What the next delta round would move, per destination, and what the last rounds found.
+
+    For the cutover decision (issue 7): objects present at the source whose current version is not
+    yet handled at a destination (new or changed since they were migrated), with their bytes, and
+    the new/changed/deleted counts of the last inventory rounds. A PACS destination only counts
+    DICOM objects. None before any migration.
+    """
+    from .decommission import PACS_PREFIXES, default_destinations
+
+    dests = default_destinations(state)
+    if not dests:
+        return None
+    handled = ",".join("?" * len(_HANDLED))
+    per_dest = []
+    for dest in dests:
+        only_dicom = " AND o.kind = 'dicom'" if dest.startswith(PACS_PREFIXES) else ""
+        row = state.query(
+            "SELECT count(*) AS n, coalesce(sum(o.size), 0) AS b FROM objects o LEFT JOIN transfers t "
+            f"ON t.key = o.key AND t.dest = ? WHERE o.status = 'present'{only_dicom} AND "
+            f"(t.key IS NULL OR t.etag IS NOT o.etag OR t.state NOT IN ({handled}))", (dest, *_HANDLED))[0]
+        per_dest.append({"dest": dest, "objects": row["n"], "bytes": row["b"]})
+    rounds = []
+    for r in state.query("SELECT id, finished_at FROM inventory_rounds WHERE status = 'complete' "
+                         "ORDER BY id DESC LIMIT 5"):
+        counts = {c["change"]: c["n"] for c in state.query(
+            "SELECT change, count(*) AS n FROM objects WHERE change_round = ? GROUP BY change", (r["id"],))}
+        rounds.append({"round": r["id"], "finished_at": r["finished_at"], "new": counts.get("new", 0),
+                       "changed": counts.get("changed", 0), "deleted": counts.get("deleted", 0)})
+    return {"destinations": per_dest, "left_objects": max(d["objects"] for d in per_dest),
+            "left_bytes": max(d["bytes"] for d in per_dest), "rounds": rounds,
+            "exit_window_ends": state.meta("exit_window_ends")}

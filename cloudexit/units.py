@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import re
+from datetime import timedelta
 
 from cloudexit.errors import UsageError
 
@@ -156,10 +157,8 @@ def format_duration(seconds: float) -> str:
 _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 
-def parse_duration(text: str) -> "timedelta":
+def parse_duration(text: str) -> timedelta:
     """`7d`, `36h`, `90m`, `2w`, `30s` -> timedelta; a bare number is refused (which unit?)."""
-    from datetime import timedelta
-
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*", text or "")
     if not match:
         raise UsageError(f"cannot read duration {text!r}", hint="write it like 7d, 36h, 90m or 2w")

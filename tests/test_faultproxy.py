@@ -20,7 +20,7 @@ from botocore.exceptions import (ClientError, ConnectionClosedError, EndpointCon
                                  ResponseStreamingError)
 
 from cloudexit.s3server import ACCESS_KEY, REGION, SECRET_KEY
-from faultproxy import FaultProxy, fault_proxy  # noqa: F401 - fault_proxy is a fixture
+from faultproxy import FaultProxy
 
 # What botocore raises when a connection is reset or refused.
 CONNECTION_ERRORS = (ConnectionClosedError, EndpointConnectionError)

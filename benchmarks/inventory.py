@@ -1,0 +1,441 @@
+"""Inventory benchmark: `cloudexit inventory` against the listing tools, on the same bucket.
+
+    python benchmarks/inventory.py --keys 50000 --layout uid --repeat 3
+    python benchmarks/inventory.py --keys 50000 --keys 500000 --layout uid --repeat 1 \\
+        --workdir /tmp/cxbench/s3 --out benchmarks/results/inventory-uid-500k.json
+
+Starts SeaweedFS (`cloudexit.s3server.SeaweedServer`), fills one bucket per (layout, key count)
+with tiny valid DICOM objects (see common.py; `--workdir` keeps the buckets for the next run),
+then runs, alternating, with the order rotated every repeat:
+
+  cloudexit-list     `cloudexit inventory --key-pattern '{study}/{series}/{sop}.dcm'` (uid layout):
+                     UIDs from the keys, so it measures listing + the state DB (plus the 20
+                     header reads that check the pattern on a sample)
+  cloudexit-headers  `cloudexit inventory` in plain mode: a ranged GET and a header parse per
+                     object, so it runs on a smaller bucket of --header-keys keys (same layout),
+                     with s5cmd beside it for the ratio. For the flat (Orthanc `uuid.dcm`)
+                     layout it is the only mode cloudexit has (the keys hold no UIDs), so the
+                     flat main bucket has no cloudexit row
+  s5cmd              `s5cmd ls 's3://BUCKET/*'`
+  rclone             `rclone lsf -R --files-only bench:BUCKET` (directory walk, 8 checkers)
+  rclone-fast-list   the same with `--fast-list` (one recursive listing)
+  aws                `aws s3 ls --recursive s3://BUCKET/`
+
+Each run starts from nothing (cloudexit: a new state DB). Reported per tool: median wall,
+keys/s (keys / median wall), median CPU (user+sys), the server's CPU meanwhile, peak RSS, and
+the ratio of its median wall to s5cmd's on the same bucket. Every run is checked: the listing
+tools must print one line per key, cloudexit must record every key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import datetime as dt
+import json
+import os
+import re
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import (KEY_PATTERN, LAYOUTS, REPO, Measurement, bench_server,  # noqa: E402
+                    ensure_bucket, measure, tool, versions)
+
+TOOLS = ("cloudexit-list", "cloudexit-headers", "s5cmd", "rclone", "rclone-fast-list", "aws")
+LABELS = {
+    "cloudexit-list": "cloudexit inventory --key-pattern (listing)",
+    "cloudexit-headers": "cloudexit inventory (reads every header)",
+    "s5cmd": "s5cmd ls",
+    "rclone": "rclone lsf -R",
+    "rclone-fast-list": "rclone lsf -R --fast-list",
+    "aws": "aws s3 ls --recursive",
+}
+
+
+class Target:
+    """One bucket and everything needed to run the tools against it."""
+
+    def __init__(self, server: Any, bucket: str, keys: int, layout: str, scratch: Path,
+                 cloudexit_args: list[str]) -> None:
+        self.server, self.bucket, self.keys, self.layout = server, bucket, keys, layout
+        self.scratch = scratch
+        self.cloudexit_args = cloudexit_args
+        self.env = {**os.environ, **server.env()}
+        self.env.pop("AWS_PROFILE", None)
+        self.env.update({
+            "RCLONE_CONFIG_BENCH_TYPE": "s3",
+            "RCLONE_CONFIG_BENCH_PROVIDER": "Other",
+            "RCLONE_CONFIG_BENCH_ENDPOINT": server.endpoint_url,
+            "RCLONE_CONFIG_BENCH_ACCESS_KEY_ID": server.env()["AWS_ACCESS_KEY_ID"],
+            "RCLONE_CONFIG_BENCH_SECRET_ACCESS_KEY": server.env()["AWS_SECRET_ACCESS_KEY"],
+            "RCLONE_CONFIG_BENCH_REGION": server.env()["AWS_REGION"],
+        })
+
+    def command(self, name: str, db: Path) -> list[str]:
+        url = self.server.endpoint_url
+        if name.startswith("cloudexit"):
+            cmd = [tool("cloudexit"), "inventory", f"s3://{self.bucket}", "--endpoint-url", url,
+                   "--db", str(db), "--json", *self.cloudexit_args]
+            if name == "cloudexit-list":
+                cmd += ["--key-pattern", KEY_PATTERN[self.layout]]
+            return cmd
+        if name == "s5cmd":
+            return [tool("s5cmd"), "--endpoint-url", url, "ls", f"s3://{self.bucket}/*"]
+        if name == "rclone":
+            return [tool("rclone"), "lsf", "-R", "--files-only", f"bench:{self.bucket}"]
+        if name == "rclone-fast-list":
+            return [tool("rclone"), "lsf", "-R", "--files-only", "--fast-list", f"bench:{self.bucket}"]
+        if name == "aws":
+            return [tool("aws"), "s3", "ls", "--recursive", f"s3://{self.bucket}/", "--endpoint-url", url]
+        raise ValueError(name)
+
+    def run(self, name: str) -> dict[str, Any]:
+        work = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=self.scratch))
+        db, out = work / "state.db", work / "stdout"
+        try:
+            code = code_version()  # the package may be edited between runs: record what ran
+            load = os.getloadavg()[0]
+            busy0 = _busy()
+            m = measure(self.command(name, db), env=self.env, stdout=str(out),
+                        server_pid=self.server.proc.pid, count_lines=not name.startswith("cloudexit"))
+            busy = _busy() - busy0
+            row: dict[str, Any] = {"tool": name, "bucket": self.bucket, "keys": self.keys,
+                                   "layout": self.layout, "code": code if name.startswith("cloudexit") else None, **m.as_dict(), "loadavg_1m": load,
+                                   "other_cpu_s": max(0.0, busy - m.cpu_s - m.server_cpu_s)}
+            row["ok"], row["check"] = self._check(name, m, out)
+            return row
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+    def _check(self, name: str, m: Measurement, out: Path) -> tuple[bool, str]:
+        if m.returncode != 0:
+            return False, f"exit code {m.returncode}"
+        if not name.startswith("cloudexit"):
+            ok = m.stdout_lines == self.keys
+            return ok, f"{m.stdout_lines} lines for {self.keys} keys"
+        try:
+            result = json.loads(out.read_text())
+        except ValueError as exc:
+            return False, f"no JSON on stdout: {exc}"
+        inv = result["inventory"]
+        ok = (inv["objects"] == self.keys and inv["dicom_objects"] == self.keys
+              and inv["pending"] == 0 and result["round"]["new"] == self.keys)
+        return ok, (f"objects={inv['objects']} dicom={inv['dicom_objects']} pending={inv['pending']} "
+                    f"new={result['round']['new']} list_requests={inv['inventory']['list_requests']} "
+                    f"get_requests={inv['inventory']['get_requests']}")
+
+
+def code_version() -> str:
+    """`HEAD` plus a hash of the cloudexit/ sources as they are now (`+dirty` when they differ
+    from HEAD), so every run records which code it measured."""
+    import hashlib
+    import subprocess
+
+    def git(*args: str) -> str:
+        out = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True)
+        return out.stdout.strip()
+
+    head = git("rev-parse", "--short", "HEAD") or "?"
+    digest = hashlib.sha1()
+    for path in sorted((REPO / "cloudexit").rglob("*.py")):
+        digest.update(str(path.relative_to(REPO)).encode() + b"\0" + path.read_bytes())
+    dirty = "+dirty" if git("status", "--porcelain", "--", "cloudexit") else ""
+    return f"{head}{dirty}:{digest.hexdigest()[:10]}"
+
+
+def _busy() -> float:
+    t = psutil.cpu_times()
+    return t.user + t.nice + t.system + getattr(t, "irq", 0) + getattr(t, "softirq", 0)
+
+
+def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    groups: dict[tuple, list[dict[str, Any]]] = collections.OrderedDict()
+    for r in runs:
+        groups.setdefault((r["layout"], r["keys"], r["bucket"], r["tool"], r.get("code")),
+                          []).append(r)
+    rows = []
+    for (layout, keys, bucket, name, code), rs in groups.items():
+        # Runs that exited 0 but failed the completeness check still have honest timings:
+        # they are reported, flagged `complete: False`, with what they did record.
+        good = [r for r in rs if r["ok"]] or [r for r in rs if r["returncode"] == 0]
+        if not good:
+            rows.append({"layout": layout, "keys": keys, "bucket": bucket, "tool": name,
+                         "code": code, "label": LABELS[name], "runs": len(rs), "ok_runs": 0,
+                         "complete": False,
+                         "check": rs[-1]["check"]})
+            continue
+        wall = statistics.median(r["wall_s"] for r in good)
+        rows.append({
+            "layout": layout, "keys": keys, "bucket": bucket, "tool": name, "code": code,
+            "label": LABELS[name], "runs": len(rs), "ok_runs": sum(1 for r in rs if r["ok"]),
+            "complete": all(r["ok"] for r in good), "check": good[-1]["check"],
+            "median_wall_s": wall, "min_wall_s": min(r["wall_s"] for r in good),
+            "max_wall_s": max(r["wall_s"] for r in good),
+            "keys_per_s": keys / wall,
+            "median_cpu_s": statistics.median(r["cpu_s"] for r in good),
+            "median_server_cpu_s": statistics.median(r["server_cpu_s"] for r in good),
+            "peak_rss_mb": max(r["peak_rss_mb"] for r in good),
+            "peak_tree_rss_mb": max(r["peak_tree_rss_mb"] for r in good),
+            "median_other_cpu_s": statistics.median(r["other_cpu_s"] for r in good),
+        })
+    for row in rows:
+        ref = next((r for r in rows if r["bucket"] == row["bucket"] and r["tool"] == "s5cmd"
+                    and r.get("median_wall_s")), None)
+        if ref and row.get("median_wall_s"):
+            row["wall_vs_s5cmd"] = row["median_wall_s"] / ref["median_wall_s"]
+            row["cpu_vs_s5cmd"] = row["median_cpu_s"] / ref["median_cpu_s"]
+    return rows
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    head = ("| layout | keys | tool | runs | median wall (s) | keys/s | CPU user+sys (s) | "
+            "server CPU (s) | peak RSS (MB) | wall vs s5cmd | CPU vs s5cmd |\n"
+            "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    lines = [head]
+    for r in rows:
+        label = r["label"] + (f" [code {r['code']}]" if r.get("code") else "")
+        if not r.get("complete", True):
+            label += f" **INCOMPLETE** ({r['check']})"
+        if not r.get("median_wall_s"):
+            lines.append(f"| {r['layout']} | {r['keys']:,} | {label} | 0/{r['runs']} | "
+                         "failed | | | | | | |")
+            continue
+        ratio = f"{r['wall_vs_s5cmd']:.2f}x" if "wall_vs_s5cmd" in r else ""
+        cpu_ratio = f"{r['cpu_vs_s5cmd']:.2f}x" if "cpu_vs_s5cmd" in r else ""
+        runs = f"{r['ok_runs']}" if r.get("complete", True) else f"0/{r['runs']}"
+        lines.append(
+            f"| {r['layout']} | {r['keys']:,} | {label} | {runs} | "
+            f"{r['median_wall_s']:.2f} | {r['keys_per_s']:,.0f} | {r['median_cpu_s']:.2f} | "
+            f"{r['median_server_cpu_s']:.2f} | {r['peak_rss_mb']:.0f} | {ratio} | {cpu_ratio} |")
+    return "\n".join(lines)
+
+
+def memory_check(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Peak RSS of each tool by key count (same layout), and its growth from the smallest count."""
+    out = []
+    for (layout, name), rs in _by(rows, lambda r: (r["layout"], r["tool"])).items():
+        rs = sorted((r for r in rs if r.get("peak_rss_mb")), key=lambda r: r["keys"])
+        if len({r["keys"] for r in rs}) < 2:
+            continue
+        for r in rs:
+            out.append({"layout": layout, "tool": name, "keys": r["keys"],
+                        "peak_rss_mb": r["peak_rss_mb"],
+                        "growth_vs_smallest": r["peak_rss_mb"] / rs[0]["peak_rss_mb"]})
+    return out
+
+
+def _by(rows: list[dict[str, Any]], key: Callable[[dict[str, Any]], Any]) -> dict[Any, list]:
+    groups: dict[Any, list] = collections.OrderedDict()
+    for r in rows:
+        groups.setdefault(key(r), []).append(r)
+    return groups
+
+
+def profile(target: Target, name: str, rate: int = 50, top: int = 25) -> dict[str, Any]:
+    """Run `name` once under py-spy and rank frames by self and inclusive samples.
+
+    `--gil` keeps only the samples of the thread holding the GIL: that is where the Python
+    process spends its CPU (waiting on sockets and SQLite I/O is left out). `--nonblocking` so
+    sampling does not stop the process 50 times a second.
+    """
+    spy = tool("py-spy")
+    work = Path(tempfile.mkdtemp(prefix="pyspy-", dir=target.scratch))
+    raw = work / "profile.txt"
+    cmd = [spy, "record", "--format", "raw", "--rate", str(rate), "--nonblocking", "--gil", "--output", str(raw),
+           "--", *target.command(name, work / "state.db")]
+    m = measure(cmd, env=target.env, stdout=str(work / "stdout"), count_lines=False)
+    self_t: collections.Counter[str] = collections.Counter()
+    incl: collections.Counter[str] = collections.Counter()
+    threads: collections.Counter[str] = collections.Counter()
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack:
+            continue
+        n = int(count)
+        total += n
+        frames = [_frame(f) for f in stack.split(";")]
+        frames = [f for f in frames if f]
+        if not frames:
+            continue
+        threads[frames[0]] += n
+        self_t[frames[-1]] += n
+        for f in set(frames[1:]):
+            incl[f] += n
+    keep = REPO / "benchmarks" / "results" / f"pyspy-{target.bucket}-{name}.txt"
+    keep.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(raw, keep)
+    shutil.rmtree(work, ignore_errors=True)
+    return {
+        "tool": name, "bucket": target.bucket, "wall_s": m.wall_s, "samples": total,
+        "raw": str(keep.relative_to(REPO)),
+        "by_thread": [(k, v / total) for k, v in threads.most_common(10)],
+        "self": [(k, v / total) for k, v in self_t.most_common(top)],
+        "inclusive": [(k, v / total) for k, v in incl.most_common(top)],
+    }
+
+
+_FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^()]*?)(?::\d+)?\)$")
+
+
+def _frame(text: str) -> str:
+    """`func (path/to/file.py:123)` -> `func (file.py)`; thread frames kept as they are."""
+    match = _FRAME.match(text.strip())
+    if not match:
+        return text.strip()
+    path = match["file"]
+    short = "/".join(path.split("/")[-2:]) if "cloudexit/" in path else path.split("/")[-1]
+    return f"{match['func']} ({short})"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--keys", type=int, action="append", help="keys in the bucket (repeatable)")
+    ap.add_argument("--layout", choices=LAYOUTS, action="append", help="key layout (repeatable)")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--tools", default=",".join(TOOLS),
+                    help=f"comma-separated subset of {','.join(TOOLS)}")
+    ap.add_argument("--header-keys", type=int, default=10_000,
+                    help="bucket size for cloudexit-headers, per layout (0: skip)")
+    ap.add_argument("--workdir", default=None,
+                    help="keep SeaweedFS data (and filled buckets) here for the next run")
+    ap.add_argument("--populate", choices=("filer", "s5cmd", "boto3"), default="filer")
+    ap.add_argument("--populate-only", action="store_true", help="fill the buckets and stop")
+    ap.add_argument("--cloudexit-args", default="", help="extra arguments for cloudexit inventory")
+    ap.add_argument("--py-spy", action="store_true",
+                    help="also profile one cloudexit run per bucket with py-spy")
+    ap.add_argument("--out", default=None, help="JSON results file")
+    ap.add_argument("--report", nargs="+", metavar="JSON",
+                    help="print the tables of saved results (merged) and stop")
+    args = ap.parse_args()
+    if args.report:
+        report(args.report)
+        return
+    keys_list = args.keys or [50_000]
+    layouts = args.layout or ["uid"]
+    wanted = [t.strip() for t in args.tools.split(",") if t.strip()]
+    for t in wanted:
+        if t not in TOOLS:
+            ap.error(f"unknown tool {t!r}")
+    started = dt.datetime.now().astimezone()
+    out = Path(args.out) if args.out else (
+        REPO / "benchmarks" / "results" /
+        f"inventory-{'-'.join(layouts)}-{'-'.join(str(k) for k in keys_list)}-{started:%Y%m%d-%H%M}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    server = bench_server(args.workdir)
+    scratch = Path(tempfile.mkdtemp(prefix="cloudexit-bench-runs-"))
+    result: dict[str, Any] = {"started": started.isoformat(), "argv": sys.argv,
+                              "versions": versions(), "runs": [], "populate": [], "profiles": []}
+    try:
+        plan: list[tuple[Target, list[str]]] = []
+        for layout in layouts:
+            for keys in keys_list:
+                bucket = f"inv-{layout}-{keys}"
+                info = ensure_bucket(server, bucket, keys, layout, method=args.populate, log=_log)
+                result["populate"].append(info)
+                target = Target(server, bucket, keys, layout, scratch, args.cloudexit_args.split())
+                tools = [t for t in wanted if t != "cloudexit-headers"]
+                if layout == "flat":  # no UIDs in flat keys
+                    tools = [t for t in tools if t != "cloudexit-list"]
+                plan.append((target, tools))
+            if args.header_keys and "cloudexit-headers" in wanted:
+                bucket = f"inv-{layout}-{args.header_keys}"
+                info = ensure_bucket(server, bucket, args.header_keys, layout,
+                                     method=args.populate, log=_log)
+                result["populate"].append(info)
+                plan.append((Target(server, bucket, args.header_keys, layout, scratch,
+                                    args.cloudexit_args.split()),
+                             [t for t in ("cloudexit-headers", "s5cmd") if t in wanted]))
+        if args.populate_only:
+            return
+        for target, tools in plan:
+            _log(f"== {target.bucket}: {target.keys} keys, {target.layout} layout; "
+                 f"tools {', '.join(tools)}; {args.repeat} repeat(s)")
+            target.run("s5cmd")  # warm the server's caches; not counted
+            for rep in range(args.repeat):
+                order = tools[rep % len(tools):] + tools[:rep % len(tools)]
+                for name in order:
+                    row = target.run(name)
+                    row["repeat"] = rep
+                    result["runs"].append(row)
+                    _log(f"  [{rep + 1}/{args.repeat}] {name:<18} {row['wall_s']:7.2f} s wall "
+                         f"{row['cpu_s']:6.2f} s CPU {row['peak_rss_mb']:6.0f} MB  "
+                         f"server {row['server_cpu_s']:5.2f} s  other {row['other_cpu_s']:5.2f} s  "
+                         f"{'ok' if row['ok'] else 'FAILED'}: {row['check']}")
+                    _save(out, result)
+            if args.py_spy:
+                for name in ("cloudexit-list", "cloudexit-headers"):
+                    if name in tools:
+                        _log(f"  profiling {name} with py-spy")
+                        prof = profile(target, name)
+                        result["profiles"].append(prof)
+                        _print_profile(prof)
+                        _save(out, result)
+    finally:
+        server.stop()
+        shutil.rmtree(scratch, ignore_errors=True)
+        if result["runs"]:
+            result["summary"] = summarize(result["runs"])
+            result["memory"] = memory_check(result["summary"])
+            result["finished"] = dt.datetime.now().astimezone().isoformat()
+            _save(out, result)
+            report_rows(result["summary"], result["memory"])
+            print(f"\nresults: {out}")
+
+
+def report(paths: list[str]) -> None:
+    runs: list[dict[str, Any]] = []
+    for path in paths:
+        data = json.loads(Path(path).read_text())
+        print(f"{path}: started {data['started']}, versions {data['versions']}")
+        runs += data["runs"]
+    rows = summarize(runs)
+    report_rows(rows, memory_check(rows))
+
+
+def report_rows(rows: list[dict[str, Any]], memory: list[dict[str, Any]]) -> None:
+    print()
+    print(markdown(rows))
+    if memory:
+        print("\nPeak RSS by key count:")
+        for m in memory:
+            print(f"  {m['layout']} {m['tool']:<18} {m['keys']:>9,} keys  "
+                  f"{m['peak_rss_mb']:7.1f} MB  ({m['growth_vs_smallest']:.2f}x)")
+
+
+def _print_profile(prof: dict[str, Any]) -> None:
+    print(f"  py-spy {prof['tool']} on {prof['bucket']}: {prof['samples']} samples, "
+          f"{prof['wall_s']:.1f} s wall; raw stacks in {prof['raw']}")
+    print("  by thread:")
+    for name, share in prof["by_thread"]:
+        print(f"    {share:6.1%}  {name}")
+    print("  self time:")
+    for name, share in prof["self"][:15]:
+        print(f"    {share:6.1%}  {name}")
+    print("  inclusive:")
+    for name, share in prof["inclusive"][:25]:
+        print(f"    {share:6.1%}  {name}")
+
+
+def _save(path: Path, result: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=1, default=str))
+    tmp.replace(path)
+
+
+def _log(text: str) -> None:
+    print(f"{time.strftime('%H:%M:%S')} {text}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
