@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import time
 import urllib.request
@@ -94,7 +95,9 @@ class OrthancServer:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"Orthanc exited: see {self.workdir / 'orthanc.log'}")
             try:
+                # Ready means both ends answer: the DICOM port can open after the HTTP one.
                 self.rest("GET", "/system")
+                socket.create_connection(("127.0.0.1", self.dicom_port), timeout=1).close()
                 return
             except OSError:
                 time.sleep(0.1)

@@ -200,10 +200,23 @@ def test_ranges_come_from_the_links_spread():
 
 
 def test_request_latency_over_concurrency_adds_time():
-    # 1,000 objects x 0.1 s / 10 parallel = 10 s on top of 1,000 s of bandwidth.
+    # 1,000 objects x 0.1 s / 10 parallel = up to 10 s on top of 1,000 s of bandwidth: none of
+    # it when parallel requests hide it all (low), half expected, all of it at worst (high).
     link = Link(Range(1e9, 1e9, 1e9), latency_s=0.1, concurrency=10)
     plan = make_plan(standard(1_000), load_catalogue("aws-s3"), link, datetime(2026, 3, 2))
-    assert plan.scenario("fastest").time_s.expected == pytest.approx(1_010)
+    time_s = plan.scenario("fastest").time_s
+    assert (time_s.low, time_s.expected, time_s.high) == pytest.approx((1_000, 1_005, 1_010))
+
+
+def test_a_timetable_cap_gives_a_range_not_a_point():
+    # 1 TB under a 100 MB/s cap on a faster link: the limiter delivers 90-100% of the cap.
+    link = Link(Range(1e9, 1e9, 1e9), latency_s=0.0, concurrency=16)
+    plan = make_plan(standard(1_000), load_catalogue("aws-s3"), link, datetime(2026, 3, 2),
+                     schedule=parse_schedule("00:00,100MB/s"))
+    time_s = plan.scenario("within_schedule").time_s
+    assert time_s.low == pytest.approx(10_000)
+    assert time_s.expected == pytest.approx(10_000 / 0.97)
+    assert time_s.high == pytest.approx(10_000 / 0.90)
 
 
 def test_nominal_bandwidth_is_not_all_usable():
