@@ -389,10 +389,14 @@ class _ByteBar:
 
 # -- migrate --------------------------------------------------------------------------------
 @main.command()
-@click.option("--to", "dest", metavar="DEST",
-              help="The archive folder: /srv/pacs-archive or file:///srv/pacs-archive.")
+@click.option("--to", "dests", metavar="DEST", multiple=True,
+              help="The archive folder (/srv/pacs-archive or file:///srv/pacs-archive), first; then "
+                   "any PACS to deliver to: dicom://AET@HOST:PORT (C-STORE) or "
+                   "dicomweb+https://HOST/PATH (STOW-RS). Repeatable.")
 @click.option("--resume", is_flag=True,
-              help="Continue the last migration run; needs no other arguments.")
+              help="Continue the last migration run (and its PACS deliveries); needs no other arguments.")
+@click.option("--calling-aet", envvar="CLOUDEXIT_CALLING_AET", default=None,
+              help="Our AE title for C-STORE destinations (default CLOUDEXIT; env CLOUDEXIT_CALLING_AET).")
 @db_option
 @source_options
 @click.option("--layout", type=click.Choice(["uid", "keys"]), default=None,
@@ -420,20 +424,30 @@ class _ByteBar:
 @click.option("--range-size", type=click.IntRange(65536, 2**32), default=None,
               help="Bytes per ranged GET of a large object (default 16 MiB).")
 @output_options
-def migrate(dest: str | None, resume: bool, db_path: str, endpoint_url: str | None,
+def migrate(dests: tuple[str, ...], resume: bool, calling_aet: str | None, db_path: str,
+            endpoint_url: str | None,
             profile: str | None, region: str | None, retries: int, layout: str | None,
             non_dicom: str | None, order: str | None, restore_tier: str | None,
             restore_days: int | None, restore_poll: float | None, bwlimit: str | None,
             processes: int | None, threads: int | None, large_object: int | None,
             range_size: int | None, as_json: bool, quiet: bool) -> None:
-    """Download every inventoried object into the archive, verified; resumable.
+    """Download every inventoried object into the archive, verified; resumable; then deliver
+    each verified DICOM object to every PACS given with more `--to`.
 
     Each object is fetched with If-Match on its inventoried ETag and counts as done only when
     size, MD5 or multipart ETag, provider checksums and its DICOM SOP Instance UID check out,
     after fsync and an atomic rename; the state DB records its SHA-256. Stop it any way you
     like (Ctrl-C, kill, power cut), then `cloudexit migrate --resume`.
 
-    Exit 0: every object verified; 3: some failed, are missing or quarantined (listed).
+    PACS destinations (`--to dicom://AET@HOST:PORT`, `--to dicomweb+https://HOST/PATH`) get each
+    DICOM object once, from the archive copy, as soon as it is verified; the state DB records
+    every destination's answer per object (stored, warning, conflict, failed). A PACS that stops
+    answering pauses its deliveries until it is back. Objects already in the archive are
+    delivered without downloading them again (a PACS added to a later run). Non-DICOM objects
+    stay in the archive only.
+
+    Exit 0: every object verified and delivered; 3: some failed, are missing or quarantined, or
+    a PACS refused or conflicted (listed).
     """
     from .config import MigrateConfig
     from .migrate import Migration, config_from_run, last_run, set_live_bwlimit
@@ -441,9 +455,11 @@ def migrate(dest: str | None, resume: bool, db_path: str, endpoint_url: str | No
     from .state import State
     from .stores import open_store
     from .stores.filesystem import FilesystemStore
+    from .verify import open_destination
 
-    if dest and resume:
+    if dests and resume:
         raise UsageError("give either --to DEST (a new run) or --resume (the last run), not both")
+    dest = dests[0] if dests else None
     overrides = {"layout": layout, "non_dicom": non_dicom, "order": order,
                  "restore_tier": {"bulk": "Bulk", "standard": "Standard",
                                   "expedited": "Expedited"}.get(restore_tier or ""),
@@ -465,13 +481,24 @@ def migrate(dest: str | None, resume: bool, db_path: str, endpoint_url: str | No
                                  hint="start one with: cloudexit migrate --to DEST")
             config = config_from_run(run, **overrides)
             store = FilesystemStore(run["dest"][len("file://"):], layout=config.layout)
+            pacs = list(json.loads(run["options"] or "{}").get("deliver") or [])
         else:
             assert dest is not None
             config = MigrateConfig(**{k: v for k, v in overrides.items() if v is not None})
             opened = open_store(dest)
             if not isinstance(opened, FilesystemStore):
-                raise UsageError(f"--to {dest}: only a folder can receive downloads in this version")
+                raise UsageError(f"--to {dest}: the first --to must be a folder (downloads land in the "
+                                 "archive before any PACS gets them)",
+                                 hint="e.g. --to /srv/pacs-archive --to dicom://PACS@pacs.example.org:104")
             store = FilesystemStore(opened.root, layout=config.layout)
+            pacs = list(dests[1:])
+        deliver_to = []
+        for url in pacs:
+            target = open_destination(url, calling_aet=calling_aet)
+            if isinstance(target, FilesystemStore):
+                raise UsageError(f"--to {url}: one folder only (the first --to); the others must be a PACS",
+                                 hint="dicom://AET@HOST:PORT or dicomweb+https://HOST/PATH")
+            deliver_to.append(target)
         url = state.meta("source_url")
         bound = state.meta("endpoint_url")
         source = Source(url or "", SourceConfig(
@@ -479,7 +506,7 @@ def migrate(dest: str | None, resume: bool, db_path: str, endpoint_url: str | No
             profile=profile, region=region or state.meta("region"), max_attempts=retries))
         with _MigrateBar(quiet or as_json) as bar:
             summary = Migration(state, source, store, config, progress=bar.update,
-                                resume=resume).run()
+                                resume=resume, deliver_to=deliver_to).run()
     if as_json:
         click.echo(json.dumps(summary.__dict__, indent=2, default=str))
     elif not quiet:
@@ -503,9 +530,13 @@ def _print_migration_result(s: Any) -> None:
     lines.append(f"  used: {format_bytes(s.bytes_downloaded)} downloaded (retries included), "
                  f"{req['GET']} GET, {req['HEAD']} HEAD, {req['LIST']} LIST, {req['RESTORE']} RESTORE "
                  f"requests, {s.retries} retries")
+    for dest, c in (getattr(s, "deliveries", None) or {}).items():
+        done = sum(c.get(k, 0) for k in ("stored", "warning", "duplicate"))
+        rest = ", ".join(f"{n} {k}" for k, n in sorted(c.items()) if k not in ("stored",) and n)
+        lines.append(f"  delivered to {dest}: {done} of {sum(c.values())}" + (f" ({rest})" if rest else ""))
     click.echo("\n".join(lines))
     if s.failures:
-        click.echo("Not verified (see `cloudexit status`):", err=True)
+        click.echo("Not verified or not delivered (see `cloudexit status`):", err=True)
         for key, state, reason in s.failures[:20]:
             click.echo(f"  {state:<11} {key!r}: {reason}", err=True)
 

@@ -232,7 +232,7 @@ class _Judge:
                 return False, held, sha, f"{t['state']}: at {d}" + (f" ({t['reason']})" if t["reason"] else "")
             if t["state"] == "duplicate":
                 canon = self.transfers[d].get(t["conflict_with"] or "")
-                if canon is None or canon["state"] != "verified":
+                if canon is None or canon["state"] not in ("verified", "stored", "warning"):
                     return False, held, sha, f"duplicate: the copy it duplicates is not verified at {d}"
             v = self.verify[d]
             if not v:

@@ -46,7 +46,7 @@ from .config import MigrateConfig
 from .errors import CloudexitError, CredentialsError, Interrupted, StateError, UsageError
 from .source import Source
 from .state import State, now
-from .stores import StoreError
+from .stores import Delivery, Item, StoreError, StoreUnavailable
 from .stores.filesystem import FilesystemStore, key_hash
 from .transfer import Counters, Credentials, Endpoint, Result, S3Reader, SharedRate, Task
 
@@ -54,6 +54,8 @@ from .transfer import Counters, Credentials, Endpoint, Result, S3Reader, SharedR
 ARCHIVE_CLASSES = {"GLACIER", "DEEP_ARCHIVE", "ARCHIVE", "COLDARCHIVE", "DEEPCOLDARCHIVE",
                    "COLD", "DEEP_COLD"}
 DONE_STATES = ("verified", "duplicate", "quarantined", "skipped")
+# A PACS refusal worth another try on the next run (0xA7xx: out of resources; HTTP 5xx/429).
+TRANSIENT_REASONS = ("0xA7%", "HTTP 5%", "HTTP 429%")
 RESTORE_TIERS = {"bulk": "Bulk", "standard": "Standard", "expedited": "Expedited"}
 LIVE_AFTER = 15.0  # seconds: a run whose heartbeat is older is not live
 
@@ -96,10 +98,28 @@ class MigrationSummary:
     elapsed: float
     fetched_this_run: int
     failures: list[tuple[str, str, str]] = field(default_factory=list)  # key, state, reason
+    # PACS destinations (`--to dicom://...`, `--to dicomweb+https://...`): dest -> state -> count
+    deliveries: dict[str, dict[str, int]] = field(default_factory=dict)
+    delivered_this_run: int = 0
 
     @property
     def exit_code(self) -> int:
-        return 3 if (self.failed or self.missing or self.quarantined or self.unfinished) else 0
+        pacs_bad = any(c.get(s, 0) for c in self.deliveries.values()
+                       for s in ("failed", "conflict", "queued"))
+        return 3 if (self.failed or self.missing or self.quarantined or self.unfinished or pacs_bad) else 0
+
+
+@dataclass
+class _Outlet:
+    """A PACS destination of the run: its store, its delivery threads, its pause."""
+
+    store: Any
+    pool: ThreadPoolExecutor
+    busy: set[str] = field(default_factory=set)  # keys handed to a thread, not yet committed
+    down_since: float | None = None
+    next_probe: float = 0.0
+    interval: float = 1.0
+    probing: bool = False
 
 
 @dataclass
@@ -186,7 +206,9 @@ class Migration:
     def __init__(self, state: State, source: Source, store: FilesystemStore,
                  config: MigrateConfig | None = None,
                  progress: Callable[[MigrateProgress], None] | None = None,
-                 resume: bool = False) -> None:
+                 resume: bool = False, deliver_to: list[Any] | None = None) -> None:
+        """`deliver_to`: PACS stores (C-STORE, STOW-RS) that get every verified DICOM object
+        from the archive once it is committed (table `transfers`, one row per key and PACS)."""
         self.state = state
         self.source = source
         self.store = store
@@ -221,6 +243,13 @@ class Migration:
         self.started = time.monotonic()
         self._lock_fd: int | None = None
         self.salt = state.meta("salt") or ""
+        self.deliver_to = list(deliver_to or [])
+        self.outlets: list[_Outlet] = []
+        self.delivered: queue.Queue[tuple[_Outlet, str, Any]] = queue.Queue()
+        self.pacs_done: list[tuple[_Outlet, str, Any]] = []  # finished deliveries, next commit
+        self.delivered_count = 0
+        self.next_pacs = 0.0
+        self.pacs_rows_final = False
 
     # -- public ------------------------------------------------------------------------------------
     def run(self) -> MigrationSummary:
@@ -228,13 +257,22 @@ class Migration:
         self._take_lock()
         try:
             self.store.check()
+            self._open_outlets()
             self.endpoint, self.credentials = self._endpoint()
             self._open_run()
             self._sync()
+            self._sync_pacs()
             self._run_workers()
             self._resolve_conflicts()
+            self._settle_pacs()
             return self._finish()
         finally:
+            for outlet in self.outlets:
+                outlet.pool.shutdown(wait=False, cancel_futures=True)
+                try:
+                    outlet.store.close()
+                except Exception:  # noqa: BLE001
+                    pass
             self._release_lock()
 
     # -- preconditions -----------------------------------------------------------------------------
@@ -346,6 +384,7 @@ class Migration:
         run = last_run(state)
         options = asdict(self.config)
         options.pop("bwlimit", None)
+        options["deliver"] = [o.store.id for o in self.outlets]
         unfinished = run is not None and run["status"] in ("running", "interrupted", "stopped")
         if not self.resume and unfinished:
             assert run is not None
@@ -571,7 +610,8 @@ class Migration:
         exhausted_at = 0.0
         while True:
             # 1. What the workers finished.
-            block = 0.05 if (self.flights or self.link_down_since) else 0.0
+            block = 0.05 if (self.flights or self.link_down_since
+                             or any(o.busy for o in self.outlets)) else 0.0
             try:
                 message = self.outbox.get(timeout=block) if block else self.outbox.get_nowait()
             except queue.Empty:
@@ -588,8 +628,9 @@ class Migration:
                 except queue.Empty:
                     message = None
             self._drain_background()
+            self._drain_deliveries()
             clock = time.monotonic()
-            if pending or ranges or clock - last_commit > 1.0:
+            if pending or ranges or self.pacs_done or clock - last_commit > 1.0:
                 if len(pending) >= 256 or clock - last_commit >= self.config.commit_interval or not self.flights:
                     self._commit(pending, ranges)
                     pending, ranges = [], []
@@ -601,14 +642,18 @@ class Migration:
                 self._apply_rate()
                 self._restore_work()
                 self.on_progress(self.progress)
-            # 2. The link.
+            # 2. PACS deliveries of what the archive has verified (and committed).
+            if self.outlets and clock >= self.next_pacs:
+                self.next_pacs = clock + 0.05
+                self._pacs_work()
+            # 3. The link.
             if self.link_down_since is not None:
                 if clock >= self.next_probe:
                     self._probe()
                 else:
                     time.sleep(min(0.2, max(0.0, self.next_probe - clock)))
                 continue
-            # 3. More work for the workers.
+            # 4. More work for the workers.
             dispatched = self._dispatch()
             if not self.flights and not dispatched and not pending:
                 if self.retry_heap:
@@ -623,6 +668,9 @@ class Migration:
                     if not exhausted_at:
                         exhausted_at = clock
                     time.sleep(0.2)
+                    continue
+                if self._pacs_pending():
+                    time.sleep(0.05)
                     continue
                 return
 
@@ -703,6 +751,8 @@ class Migration:
                     "reason = ?, verified_at = ?, updated_at = ?, run_id = ? WHERE key = ? AND dest = ?",
                     self.done_rows)
                 self.done_rows = []
+            if self.pacs_done:
+                self._commit_deliveries(tx, stamp)
             if ranges:
                 tx.executemany("INSERT INTO transfer_ranges(key, dest, etag, idx, bytes) VALUES (?, ?, ?, ?, ?) "
                                "ON CONFLICT(key, dest, etag, idx) DO UPDATE SET bytes = max(bytes, excluded.bytes)",
@@ -1134,6 +1184,9 @@ class Migration:
                 if len(pending) >= 64:
                     self._commit(pending, [])
                     pending = []
+        for outlet in self.outlets:  # deliveries in progress end (queued ones are cancelled)
+            outlet.pool.shutdown(wait=True, cancel_futures=True)
+        self._drain_deliveries()
         self._commit(pending, [])
         stamp = now()
         with self.state.transaction() as tx:
@@ -1191,18 +1244,234 @@ class Migration:
                     self.state.log("migrate.conflict", tx, key=r["key"], holder=r["conflict_with"],
                                    path=r["path"])
 
+    # -- PACS delivery (threads in this process; the DB is written by the loop only) ---------------
+    def _open_outlets(self) -> None:
+        if not self.deliver_to:
+            return
+        contexts = [(r[0], r[1]) for r in self.state.query(
+            "SELECT DISTINCT sop_class_uid, transfer_syntax FROM objects WHERE kind = 'dicom' "
+            "AND status = 'present' AND sop_class_uid IS NOT NULL AND transfer_syntax IS NOT NULL")]
+        duplicates = [r[0] for r in self.state.query(
+            "SELECT sop_uid FROM objects WHERE kind = 'dicom' AND status = 'present' AND sop_uid IS NOT NULL "
+            "GROUP BY sop_uid HAVING count(*) > 1")]
+        seen = {self.dest}
+        for store in self.deliver_to:
+            if store.id in seen:
+                raise UsageError(f"--to {store.url} is given twice")
+            seen.add(store.id)
+            if hasattr(store, "expect"):
+                store.expect(contexts=contexts, duplicates=duplicates)
+            outlet = _Outlet(store, ThreadPoolExecutor(max(1, int(store.parallel)),
+                                                       thread_name_prefix=f"cloudexit-{store.kind}"))
+            self.outlets.append(outlet)
+            try:
+                store.check()
+            except StoreUnavailable:
+                outlet.down_since = time.time()  # start paused; probed like a lost link
+                outlet.next_probe = time.monotonic() + outlet.interval
+
+    def _insert_pacs_rows(self, tx: sqlite3.Connection) -> int:
+        """A row per PACS destination for every DICOM object the archive will hold."""
+        stamp, added = now(), 0
+        for o in self.outlets:
+            dest = o.store.id
+            added += tx.execute(
+                "INSERT INTO transfers(key, dest, seq, state, etag, size, kind, updated_at) "
+                "SELECT a.key, ?, a.seq, 'queued', x.etag, x.size, x.kind, ? FROM transfers a "
+                "JOIN objects x ON x.key = a.key WHERE a.dest = ? AND x.kind = 'dicom' AND x.status = 'present' "
+                "AND NOT EXISTS (SELECT 1 FROM transfers p WHERE p.key = a.key AND p.dest = ?)",
+                (dest, stamp, self.dest, dest)).rowcount
+        return added
+
+    def _sync_pacs(self) -> None:
+        if not self.outlets:
+            return
+        stamp = now()
+        with self.state.transaction() as tx:
+            for o in self.outlets:
+                dest = o.store.id
+                # Changed at the source: the new version is delivered once verified.
+                tx.execute(
+                    "UPDATE transfers SET state = 'queued', reason = NULL, updated_at = ?, "
+                    "etag = (SELECT x.etag FROM objects x WHERE x.key = transfers.key), "
+                    "size = (SELECT x.size FROM objects x WHERE x.key = transfers.key) WHERE dest = ? "
+                    "AND EXISTS (SELECT 1 FROM objects x WHERE x.key = transfers.key AND x.status = 'present' "
+                    "AND x.etag IS NOT transfers.etag)", (stamp, dest))
+                tx.execute("UPDATE transfers SET state = 'missing', reason = 'deleted at the source (found by "
+                           "inventory)', updated_at = ? WHERE dest = ? AND state IN ('queued', 'failed', 'skipped') "
+                           "AND key IN (SELECT key FROM objects WHERE status = 'deleted')", (stamp, dest))
+                # Refusals worth another try (PACS out of resources, HTTP 5xx), and objects the
+                # archive did not have last time.
+                transient = " OR ".join("reason LIKE ?" for _ in TRANSIENT_REASONS)
+                tx.execute(f"UPDATE transfers SET state = 'queued', updated_at = ? WHERE dest = ? AND "
+                           f"(state = 'skipped' OR (state = 'failed' AND ({transient})))",
+                           (stamp, dest, *TRANSIENT_REASONS))
+                if o.down_since is not None:
+                    self.state.log("migrate.pacs_down", tx, run=self.run_id, dest=dest, detail="at start")
+            self._insert_pacs_rows(tx)
+
+    def _eligible(self, o: _Outlet, limit: int) -> list[sqlite3.Row]:
+        """PACS rows to deliver: queued, and the archive holds the verified file of that version
+        (the second holder of a shared SOP Instance UID too: the store records the conflict)."""
+        return self.state.query(
+            "SELECT p.key, a.path, a.sha256, a.size, x.kind, x.sop_uid, x.sop_class_uid, x.study_uid, "
+            "x.series_uid, x.transfer_syntax FROM transfers p "
+            "JOIN transfers a ON a.key = p.key AND a.dest = ? JOIN objects x ON x.key = p.key "
+            "WHERE p.dest = ? AND p.state = 'queued' AND a.path IS NOT NULL AND a.etag IS p.etag "
+            "AND (a.state = 'verified' OR (a.state = 'quarantined' AND a.conflict_with IS NOT NULL)) "
+            "ORDER BY p.seq LIMIT ?", (self.dest, o.store.id, limit))
+
+    def _pacs_work(self) -> None:
+        clock = time.monotonic()
+        for o in self.outlets:
+            if o.down_since is not None:
+                if not o.probing and clock >= o.next_probe:
+                    o.probing = True
+                    o.pool.submit(self._probe_outlet, o)
+                continue
+            room = 2 * max(1, int(o.store.parallel)) - len(o.busy)
+            if room <= 0 or self.stop_error is not None:
+                continue
+            for r in self._eligible(o, room + len(o.busy)):
+                if room <= 0:
+                    break
+                if r["key"] in o.busy:
+                    continue
+                room -= 1
+                o.busy.add(r["key"])
+                item = Item(key=r["key"], size=r["size"], sha256=r["sha256"], kind=r["kind"],
+                            sop_uid=r["sop_uid"], sop_class_uid=r["sop_class_uid"], study_uid=r["study_uid"],
+                            series_uid=r["series_uid"], transfer_syntax=r["transfer_syntax"])
+                o.pool.submit(self._deliver_one, o, item, str(self.store.absolute(r["path"])))
+
+    def _deliver_one(self, o: _Outlet, item: Item, staged: str) -> None:
+        try:
+            answer: Any = o.store.deliver(item, staged)
+        except BaseException as exc:  # noqa: BLE001 - handed to the loop
+            answer = exc
+        self.delivered.put((o, item.key, answer))
+
+    def _probe_outlet(self, o: _Outlet) -> None:
+        try:
+            o.store.check()
+            answer: Any = True
+        except StoreUnavailable:
+            answer = False
+        except BaseException as exc:  # noqa: BLE001
+            answer = exc
+        self.delivered.put((o, None, answer))  # type: ignore[arg-type]
+
+    def _drain_deliveries(self) -> None:
+        while True:
+            try:
+                o, key, answer = self.delivered.get_nowait()
+            except queue.Empty:
+                return
+            dest = o.store.id
+            if key is None:  # a probe of a paused destination
+                o.probing = False
+                if answer is True:
+                    down_for = time.time() - (o.down_since or time.time())
+                    o.down_since, o.interval = None, 1.0
+                    self.state.log("migrate.pacs_up", run=self.run_id, dest=dest, down_seconds=round(down_for, 1))
+                elif answer is False:
+                    o.interval = min(o.interval * 2, self.config.link_probe_max)
+                    o.next_probe = time.monotonic() + o.interval * random.uniform(0.8, 1.2)
+                elif self.stop_error is None:
+                    self.stop_error = answer
+                continue
+            if isinstance(answer, StoreUnavailable):
+                o.busy.discard(key)  # still queued: delivered after the pause
+                if o.down_since is None:
+                    o.down_since, o.interval = time.time(), 1.0
+                    o.next_probe = time.monotonic() + o.interval
+                    self.state.log("migrate.pacs_down", run=self.run_id, dest=dest, detail=str(answer))
+                continue
+            if isinstance(answer, (StoreError, KeyboardInterrupt)):
+                o.busy.discard(key)
+                if self.stop_error is None:
+                    self.stop_error = answer
+                    self.state.log("migrate.stopped", run=self.run_id, reason="pacs", dest=dest,
+                                   detail=str(answer).split("\n")[0])
+                continue
+            if isinstance(answer, BaseException):
+                answer = Delivery("failed", code="error", detail=f"{type(answer).__name__}: {answer}")
+            self.pacs_done.append((o, key, answer))
+
+    def _commit_deliveries(self, tx: sqlite3.Connection, stamp: str) -> None:
+        rows = []
+        for o, key, d in self.pacs_done:
+            reason = None
+            if d.status != "stored":
+                reason = f"{d.code}: {d.detail}" if d.code and d.detail else (d.code or d.detail)
+            rows.append((d.status, reason, stamp, stamp, self.run_id, key, o.store.id))
+            if d.status in ("conflict", "failed"):
+                self.state.log(f"migrate.delivery_{d.status}", tx, key=key, dest=o.store.id, code=d.code,
+                               detail=d.detail, **{k: v for k, v in d.extra.items() if isinstance(v, str)})
+            o.busy.discard(key)
+        tx.executemany("UPDATE transfers SET state = ?, reason = ?, verified_at = ?, updated_at = ?, "
+                       "run_id = ?, attempts = attempts + 1 WHERE key = ? AND dest = ?", rows)
+        self.delivered_count += len(rows)
+        self.pacs_done = []
+
+    def _pacs_pending(self) -> bool:
+        """Whether the loop must go on for the PACS destinations (a paused one included)."""
+        if not self.outlets:
+            return False
+        if self.pacs_done or any(o.busy for o in self.outlets):
+            return True
+        if not self.pacs_rows_final:  # the archive work is done: every object's kind is known
+            self.pacs_rows_final = True
+            with self.state.transaction() as tx:
+                if self._insert_pacs_rows(tx):  # objects whose header read made them DICOM
+                    return True
+        return any(self._eligible(o, 1) for o in self.outlets)
+
+    def _settle_pacs(self) -> None:
+        """PACS rows the archive cannot feed: identical duplicates (delivered once, under the
+        other key), objects gone at the source, objects quarantined in the archive."""
+        if not self.outlets or self.stop_error is not None:
+            return
+        stamp = now()
+        with self.state.transaction() as tx:
+            for o in self.outlets:
+                dest = o.store.id
+                tx.execute(
+                    "UPDATE transfers SET state = 'duplicate', updated_at = ?, "
+                    "conflict_with = (SELECT a.conflict_with FROM transfers a WHERE a.key = transfers.key "
+                    "AND a.dest = ?), reason = (SELECT 'identical to ' || quote(a.conflict_with) || "
+                    "' (same SHA-256): delivered once' FROM transfers a WHERE a.key = transfers.key AND a.dest = ?) "
+                    "WHERE dest = ? AND state = 'queued' AND key IN "
+                    "(SELECT key FROM transfers WHERE dest = ? AND state = 'duplicate')",
+                    (stamp, self.dest, self.dest, dest, self.dest))
+                tx.execute(
+                    "UPDATE transfers SET state = 'missing', reason = 'missing at the source', updated_at = ? "
+                    "WHERE dest = ? AND state = 'queued' AND key IN "
+                    "(SELECT key FROM transfers WHERE dest = ? AND state = 'missing')", (stamp, dest, self.dest))
+                tx.execute(
+                    "UPDATE transfers SET state = 'skipped', updated_at = ?, reason = (SELECT 'not delivered: ' "
+                    "|| a.state || ' in the archive' || coalesce(' (' || a.reason || ')', '') FROM transfers a "
+                    "WHERE a.key = transfers.key AND a.dest = ?) WHERE dest = ? AND state = 'queued' AND key IN "
+                    "(SELECT key FROM transfers WHERE dest = ? AND state IN ('quarantined', 'skipped'))",
+                    (stamp, self.dest, dest, self.dest))
+
     def _finish(self) -> MigrationSummary:
         c = counts(self.state, self.dest)
         stop = self.stop_error
+        deliveries = {o.store.id: {k: v for k, v in counts(self.state, o.store.id).items() if not k.startswith("_")}
+                      for o in self.outlets}
         unfinished = sum(c.get(s, 0) for s in ("queued", "fetching", "inspect", "restoring"))
+        pacs_queued = sum(d.get("queued", 0) for d in deliveries.values())
+        pacs_bad = sum(d.get("failed", 0) + d.get("conflict", 0) for d in deliveries.values())
         if isinstance(stop, Interrupted):
             status = "interrupted"
         elif stop is not None:
             status = "stopped"
-        elif unfinished:
+        elif unfinished or pacs_queued:
             status = "stopped"
         else:
-            status = "partial" if (c.get("failed") or c.get("missing") or c.get("quarantined")) else "complete"
+            status = "partial" if (c.get("failed") or c.get("missing") or c.get("quarantined")
+                                   or pacs_bad) else "complete"
         stamp = now()
         with self.state.transaction() as tx:
             tx.execute("UPDATE migration_runs SET status = ?, finished_at = ?, stop_reason = ?, "
@@ -1211,11 +1480,16 @@ class Migration:
                         str(stop).split("\n")[0] if stop else None, stamp, self.run_id))
             self.state.log("migrate.finished" if status in ("complete", "partial") else f"migrate.{status}",
                            tx, run=self.run_id, status=status,
-                           counts={k: v for k, v in c.items() if not k.startswith("_")})
+                           counts={k: v for k, v in c.items() if not k.startswith("_")},
+                           **({"deliveries": deliveries} if deliveries else {}))
         run = self.state.query("SELECT * FROM migration_runs WHERE id = ?", (self.run_id,))[0]
         failures = [(r["key"], r["state"], r["reason"] or "") for r in self.state.query(
             "SELECT key, state, reason FROM transfers WHERE dest = ? AND state IN "
             "('failed', 'missing', 'quarantined', 'restoring') ORDER BY seq LIMIT 50", (self.dest,))]
+        for o in self.outlets:
+            failures += [(r["key"], r["state"], f"{o.store.id}: {r['reason'] or ''}") for r in self.state.query(
+                "SELECT key, state, reason FROM transfers WHERE dest = ? AND state IN ('failed', 'conflict') "
+                "ORDER BY seq LIMIT 50", (o.store.id,))]
         summary = MigrationSummary(
             run=self.run_id, resumed=self.resume, dest=self.dest,
             total=sum(v for k, v in c.items() if not k.startswith("_")),
@@ -1226,7 +1500,8 @@ class Migration:
             requests={"GET": run["get_requests"], "HEAD": run["head_requests"],
                       "LIST": run["list_requests"], "RESTORE": run["restore_requests"]},
             retries=run["retries"], elapsed=time.monotonic() - self.started,
-            fetched_this_run=self.fetched, failures=failures)
+            fetched_this_run=self.fetched, failures=failures, deliveries=deliveries,
+            delivered_this_run=self.delivered_count)
         if stop is not None:
             if isinstance(stop, Interrupted):
                 raise Interrupted(

@@ -16,7 +16,6 @@ checkpoint awaiting `--ack`, a decommission awaiting `--confirm TOKEN`.
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import os
 import random
@@ -548,55 +547,27 @@ class Runner:
         return MigrateConfig(**{k: v for k, v in values.items() if v is not None})
 
     def _migrate(self, state: State, step: Step, folder: str) -> dict[str, Any]:
-        """One migrate pass into the archive (resuming an unfinished run), then the PACS."""
+        """One migrate pass into the archive (resuming an unfinished run); the engine delivers
+        every verified DICOM object to the playbook's PACS targets in the same pass."""
         from .migrate import Migration, last_run
         from .stores.filesystem import FilesystemStore
+        from .verify import open_destination
 
         config = self._migrate_config(step)
         store = FilesystemStore(Path(folder), layout=config.layout)
         run = last_run(state)
         resume = bool(run and run["dest"] == store.id and run["status"] in ("running", "interrupted", "stopped"))
-        summary = Migration(state, self._source(), store, config, resume=resume).run()
+        calling = self.pb.verification["calling_aet"]
+        deliver_to = [open_destination(dest, calling_aet=calling) for dest in self.pb.pacs]
+        summary = Migration(state, self._source(), store, config, resume=resume, deliver_to=deliver_to).run()
         out = {k: getattr(summary, k) for k in ("run", "verified", "quarantined", "duplicates", "failed",
                                                  "missing", "skipped", "unfinished", "bytes_verified",
                                                  "fetched_this_run")}
         if self.pb.pacs:
-            out["pacs"] = self._deliver_pacs(state, step, folder)
+            out["pacs"] = summary.deliveries
+            for dest, counts in summary.deliveries.items():
+                state.log("playbook.delivered", playbook=self.pb.name, step=step.name, dest=dest, counts=counts)
         return out
-
-    def _deliver_pacs(self, state: State, step: Step, folder: str) -> dict[str, Any]:
-        """PACS targets. The migrate engine delivers them itself once it takes several `--to`
-        (issue 5); until then the verified archive copies are sent here, study by study."""
-        from .migrate import Migration
-
-        if "stores" in inspect.signature(Migration).parameters:  # pragma: no cover - engine with PACS
-            return {"delivered_by": "migrate"}
-        from .stores import Item
-        from .stores.filesystem import FilesystemStore
-        from .verify import open_destination
-
-        rows = state.query(
-            "SELECT t.key, t.path, t.size, t.sha256, o.kind, o.sop_uid, o.sop_class_uid, o.study_uid, "
-            "o.series_uid, o.transfer_syntax FROM transfers t JOIN objects o ON o.key = t.key "
-            "WHERE t.dest = ? AND t.state = 'verified' AND o.kind = 'dicom' AND o.status = 'present' "
-            "ORDER BY t.seq", (FilesystemStore(folder).id,))
-        result: dict[str, Any] = {}
-        for dest in self.pb.pacs:
-            store = open_destination(dest, calling_aet=self.pb.verification["calling_aet"])
-            counts: dict[str, int] = {}
-            try:
-                store.check()
-                for r in rows:
-                    item = Item(key=r["key"], size=r["size"], sha256=r["sha256"], kind=r["kind"],
-                                sop_uid=r["sop_uid"], sop_class_uid=r["sop_class_uid"], study_uid=r["study_uid"],
-                                series_uid=r["series_uid"], transfer_syntax=r["transfer_syntax"])
-                    d = store.deliver(item, str(Path(folder) / r["path"]))
-                    counts[d.status] = counts.get(d.status, 0) + 1
-            finally:
-                store.close()
-            state.log("playbook.delivered", playbook=self.pb.name, step=step.name, dest=dest, counts=counts)
-            result[dest] = counts
-        return result
 
     # -- steps --------------------------------------------------------------------------------------
     def _step_inventory(self, state: State, step: Step) -> dict[str, Any]:

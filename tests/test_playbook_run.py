@@ -91,12 +91,12 @@ def test_branch_hospital_pacs(s3, bucket, tmp_path: Path, pacs: OrthancServer) -
     verify = json.loads(book.steps()["verify"]["result"])
     assert [v["passed"] for v in verify.values()] == [True, True]
     assert json.loads(book.steps()["audit"]["result"])["out"].endswith("branch-audit")
-    # The engine does not record PACS deliveries yet (issue 5): nothing counts as verified in
-    # Orthanc per object, so nothing may be deleted, and the manifest says why.
-    assert "nothing is safe to delete yet" in result.output
+    # The engine records each delivery to Orthanc per object and verify counted them there: what
+    # both destinations hold may go, once confirmed (nothing is deleted before --confirm).
+    assert "--confirm" in result.output
     manifest = Path(json.loads(book.steps()["decommission"]["result"])["manifest"])
-    text = manifest.read_text()
-    assert f"not migrated: not delivered to {pacs.dicom_url}" in text and ",delete," not in text
+    rows = {line.split(",")[1]: line.split(",")[0] for line in manifest.read_text().splitlines()[1:]}
+    assert {k for k, a in rows.items() if a == "delete"} == {o.key for o in first + late}
     assert len(keys_in(s3, bucket)) == len(first) + len(late)
 
     again = book()
@@ -183,8 +183,8 @@ def test_orthanc_object_storage(s3, bucket, tmp_path: Path, pacs: OrthancServer)
     manifest = Path(json.loads(book.steps()["decommission"]["result"])["manifest"])
     rows = {line.split(",")[1]: line.split(",")[0] for line in manifest.read_text().splitlines()[1:]}
     # The JSON attachments are not DICOM: the archive alone must hold them, and it does. The DICOM
-    # instances wait for per-object PACS records (issue 5).
-    assert {k for k, a in rows.items() if a == "delete"} == sidecars
+    # instances are recorded per object in Orthanc too (stored, then counted by verify).
+    assert {k for k, a in rows.items() if a == "delete"} == set(kinds)
 
 
 def test_playbook_interrupted_mid_step_continues_there(s3_env, bucket, tmp_path: Path) -> None:
