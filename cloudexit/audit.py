@@ -509,7 +509,8 @@ def _exceptions(state: State, dests: list[str], groups: list[dict[str, Any]],
                    "remedy": "unfinished", "patient_hash": r["patient_hash"]}
                   for r in state.query(
                       "SELECT key, patient_hash FROM objects o WHERE o.status = 'present' AND "
-                      "(SELECT count(*) FROM transfers t WHERE t.key = o.key) < ? ORDER BY key LIMIT ?",
+                      "(SELECT count(*) FROM transfers t WHERE t.key = o.key) < "
+                      "(CASE WHEN o.kind = 'dicom' THEN ? ELSE 1 END) ORDER BY key LIMIT ?",
                       (len(dests), limit))] if count else []}
     out["pacs"] = _pacs_mismatches(state, limit)
     return out
@@ -655,13 +656,14 @@ def _residency(state: State, dests: list[str]) -> dict[str, Any]:
 
 
 # One object's decommission decision ("decision: reason") over all its destinations, as a SQL
-# expression on `objects o` (:n = destinations expected). The facts and the manifest both use it,
+# expression on `objects o` (:n = destinations expected for a DICOM object; anything else goes
+# only to the one archive folder, never to a PACS). The facts and the manifest both use it,
 # so their counts cannot disagree.
 _GOOD_HERE = f"x.state IN {GOOD_SQL} AND x.etag IS o.etag"
 _REVIEW_HERE = "x.state IN ('quarantined', 'conflict') AND x.etag IS o.etag"
 DECISION_SQL = f"""(SELECT CASE
     WHEN o.status = 'deleted' THEN 'gone: deleted'
-    WHEN count(*) < :n THEN 'keep: not_migrated'
+    WHEN count(*) < (CASE WHEN o.kind = 'dicom' THEN :n ELSE 1 END) THEN 'keep: not_migrated'
     WHEN sum({_GOOD_HERE}) = count(*) THEN 'safe: verified'
     WHEN sum({_GOOD_HERE}) + sum({_REVIEW_HERE}) = count(*) THEN 'review: quarantined'
     WHEN sum(x.state IN ('verified', 'duplicate', 'stored', 'warning', 'quarantined', 'conflict')

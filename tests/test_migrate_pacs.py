@@ -125,3 +125,16 @@ def test_pacs_down_then_back(cli: Any, inventoried: list[synthetic.SyntheticObje
     _check_delivered(db, pacs.dicom_url, inventoried, pacs)
     kinds = [r["kind"] for r in rows(db, "SELECT kind FROM events WHERE kind LIKE 'migrate.pacs_%' ORDER BY id")]
     assert kinds[:1] == ["migrate.pacs_down"] and "migrate.pacs_up" in kinds
+
+
+def test_audit_counts_non_dicom_as_migrated_with_a_pacs_destination(cli, s3, bucket: str, db: Path,
+                                                                    tmp_path: Path, pacs) -> None:
+    """Non-DICOM objects go to the archive only; the audit must not call them unfinished."""
+    synthetic.upload(s3.client(), bucket, synthetic.generate(synthetic.Profile.tiny()))
+    assert cli("inventory", f"s3://{bucket}", "--db", str(db)).exit_code == 0
+    result = cli("migrate", "--db", str(db), "--to", str(tmp_path / "archive"), "--to", pacs.dicom_url)
+    assert result.exit_code == 3, result.output  # the quarantined truncated object and the conflict
+    out = tmp_path / "audit"
+    cli("audit", "--db", str(db), "--out", str(out))
+    facts = json.loads((out / "audit.json").read_text())
+    assert facts["exceptions"]["not_migrated"]["count"] == 0
