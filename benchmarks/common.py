@@ -13,9 +13,9 @@
   which is where S3 keeps a bucket's objects), ``s5cmd`` (write the files to a tmpfs directory,
   one `s5cmd cp` over S3) and ``boto3`` (a thread pool of put_object over S3). Measured rates are
   in docs/performance.md.
-* `measure(cmd)` runs a command and returns wall time, user+sys CPU, peak RSS (kernel
-  high-water mark from wait4, and the sampled peak of the whole process tree) and the CPU the
-  S3 server burnt meanwhile.
+* `measure(cmd)` runs a command and returns wall time, user+sys CPU (wait4), peak RSS (the
+  kernel high-water mark, through GNU time; and the sampled peak of the whole process tree)
+  and the CPU the S3 server burnt meanwhile.
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ sys.path.insert(0, str(REPO))
 from cloudexit.s3server import SeaweedServer  # noqa: E402
 
 BIN = Path(sys.executable).parent
+GNU_TIME = "/usr/bin/time" if os.access("/usr/bin/time", os.X_OK) else None
 INSTANCES_PER_STUDY = 100
 SERIES_PER_STUDY = 2
 UID_ROOT = "1.2.826.0.1.3680043.8.498."  # pydicom's root, as generate_uid() uses
@@ -340,7 +341,7 @@ class Measurement:
     user_s: float
     sys_s: float
     cpu_s: float  # user + sys of the command and every descendant it waited for
-    peak_rss_mb: float  # kernel high-water mark of the command's own process (wait4 ru_maxrss)
+    peak_rss_mb: float  # kernel high-water mark of the command's process (GNU time %M)
     peak_tree_rss_mb: float  # sampled (every 0.25 s) peak of the summed RSS of its process tree
     server_cpu_s: float  # CPU the S3 server used while the command ran
     stdout_lines: int | None = None
@@ -383,7 +384,7 @@ def _cpu(proc: psutil.Process | None) -> float:
 def measure(cmd: Sequence[str], env: dict[str, str] | None = None, stdout: str | None = None,
             server_pid: int | None = None, timeout: float = 3600, count_lines: bool = True,
             cwd: str | None = None) -> Measurement:
-    """Run `cmd`, wait for it with wait4, and report time, CPU and memory.
+    """Run `cmd` (under /usr/bin/time), wait for it with wait4, report time, CPU and memory.
 
     Stdout goes to the file `stdout` (or /dev/null); with `count_lines`, its lines are counted
     afterwards (a listing tool prints one key per line: that checks it listed everything).
@@ -391,9 +392,15 @@ def measure(cmd: Sequence[str], env: dict[str, str] | None = None, stdout: str |
     server = psutil.Process(server_pid) if server_pid else None
     out = open(stdout, "wb") if stdout else open(os.devnull, "wb")
     err = tempfile.TemporaryFile()
+    # The command runs under GNU time for its peak RSS: a child of this (big) Python process
+    # starts life as a copy of it, and the kernel's high-water mark keeps that pre-exec size,
+    # so wait4's ru_maxrss would report max(our RSS, the tool's). `time` is ~2 MB.
+    timefile = tempfile.NamedTemporaryFile(prefix="time-", delete=False)
+    timefile.close()
+    full = ([GNU_TIME, "-f", "%M", "-o", timefile.name, *cmd] if GNU_TIME else list(cmd))
     server_before = _cpu(server)
     started = time.perf_counter()
-    proc = subprocess.Popen(list(cmd), stdout=out, stderr=err, env=env, cwd=cwd)
+    proc = subprocess.Popen(full, stdout=out, stderr=err, env=env, cwd=cwd)
     ps = psutil.Process(proc.pid)
     peak_tree = 0
     deadline = started + timeout
@@ -415,6 +422,13 @@ def measure(cmd: Sequence[str], env: dict[str, str] | None = None, stdout: str |
     server_after = _cpu(server)
     proc.returncode = os.waitstatus_to_exitcode(status)
     out.close()
+    peak_kb = usage.ru_maxrss
+    if GNU_TIME:
+        lines = Path(timefile.name).read_text().strip().splitlines()
+        # "Command exited with non-zero status N" comes first when it failed.
+        if lines and lines[-1].strip().isdigit():
+            peak_kb = int(lines[-1])
+    os.unlink(timefile.name)
     if proc.returncode != 0:
         err.seek(0)
         tail = err.read()[-3000:].decode(errors="replace")
@@ -427,7 +441,7 @@ def measure(cmd: Sequence[str], env: dict[str, str] | None = None, stdout: str |
     return Measurement(
         cmd=list(cmd), returncode=proc.returncode, wall_s=wall,
         user_s=usage.ru_utime, sys_s=usage.ru_stime, cpu_s=usage.ru_utime + usage.ru_stime,
-        peak_rss_mb=usage.ru_maxrss / 1024, peak_tree_rss_mb=peak_tree / 2**20,
+        peak_rss_mb=peak_kb / 1024, peak_tree_rss_mb=peak_tree / 2**20,
         server_cpu_s=server_after - server_before, stdout_lines=lines,
     )
 

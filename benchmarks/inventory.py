@@ -134,11 +134,17 @@ class Target:
                     f"get_requests={inv['inventory']['get_requests']}")
 
 
+INVENTORY_SOURCES = ("inventory.py", "source.py", "state.py", "dicom.py", "paths.py", "config.py")
+
+
 def code_version() -> str:
-    """`HEAD` plus a hash of the cloudexit/ sources as they are now (`+dirty` when they differ
-    from HEAD), so every run records which code it measured."""
+    """`HEAD` plus a hash of the modules `cloudexit inventory` runs, as they are on disk now
+    (`+dirty` when they differ from HEAD): the package is edited while benchmarks run, so every
+    run records which code it measured."""
     import hashlib
     import subprocess
+
+    paths = [REPO / "cloudexit" / name for name in INVENTORY_SOURCES]
 
     def git(*args: str) -> str:
         out = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True)
@@ -146,10 +152,10 @@ def code_version() -> str:
 
     head = git("rev-parse", "--short", "HEAD") or "?"
     digest = hashlib.sha1()
-    for path in sorted((REPO / "cloudexit").rglob("*.py")):
-        digest.update(str(path.relative_to(REPO)).encode() + b"\0" + path.read_bytes())
-    dirty = "+dirty" if git("status", "--porcelain", "--", "cloudexit") else ""
-    return f"{head}{dirty}:{digest.hexdigest()[:10]}"
+    for path in paths:
+        digest.update(path.name.encode() + b"\0" + (path.read_bytes() if path.exists() else b""))
+    dirty = "+dirty" if git("status", "--porcelain", "--", *map(str, paths)) else ""
+    return f"{head}{dirty}:{digest.hexdigest()[:8]}"
 
 
 def _busy() -> float:
@@ -160,10 +166,10 @@ def _busy() -> float:
 def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     groups: dict[tuple, list[dict[str, Any]]] = collections.OrderedDict()
     for r in runs:
-        groups.setdefault((r["layout"], r["keys"], r["bucket"], r["tool"], r.get("code")),
-                          []).append(r)
+        groups.setdefault((r["layout"], r["keys"], r["bucket"], r["tool"]), []).append(r)
     rows = []
-    for (layout, keys, bucket, name, code), rs in groups.items():
+    for (layout, keys, bucket, name), rs in groups.items():
+        code = ", ".join(sorted({r["code"] for r in rs if r.get("code")})) or None
         # Runs that exited 0 but failed the completeness check still have honest timings:
         # they are reported, flagged `complete: False`, with what they did record.
         good = [r for r in rs if r["ok"]] or [r for r in rs if r["returncode"] == 0]
@@ -197,9 +203,10 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
-    head = ("| layout | keys | tool | runs | median wall (s) | keys/s | CPU user+sys (s) | "
-            "server CPU (s) | peak RSS (MB) | wall vs s5cmd | CPU vs s5cmd |\n"
-            "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    head = ("| layout | keys | tool | runs | median wall (s) | best wall (s) | keys/s (median) | "
+            "CPU user+sys (s) | server CPU (s) | others' CPU (s) | peak RSS (MB) | "
+            "wall vs s5cmd | CPU vs s5cmd |\n"
+            "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     lines = [head]
     for r in rows:
         label = r["label"] + (f" [code {r['code']}]" if r.get("code") else "")
@@ -207,15 +214,16 @@ def markdown(rows: list[dict[str, Any]]) -> str:
             label += f" **INCOMPLETE** ({r['check']})"
         if not r.get("median_wall_s"):
             lines.append(f"| {r['layout']} | {r['keys']:,} | {label} | 0/{r['runs']} | "
-                         "failed | | | | | | |")
+                         "failed | | | | | | | | |")
             continue
         ratio = f"{r['wall_vs_s5cmd']:.2f}x" if "wall_vs_s5cmd" in r else ""
         cpu_ratio = f"{r['cpu_vs_s5cmd']:.2f}x" if "cpu_vs_s5cmd" in r else ""
         runs = f"{r['ok_runs']}" if r.get("complete", True) else f"0/{r['runs']}"
         lines.append(
             f"| {r['layout']} | {r['keys']:,} | {label} | {runs} | "
-            f"{r['median_wall_s']:.2f} | {r['keys_per_s']:,.0f} | {r['median_cpu_s']:.2f} | "
-            f"{r['median_server_cpu_s']:.2f} | {r['peak_rss_mb']:.0f} | {ratio} | {cpu_ratio} |")
+            f"{r['median_wall_s']:.2f} | {r['min_wall_s']:.2f} | {r['keys_per_s']:,.0f} | "
+            f"{r['median_cpu_s']:.2f} | {r['median_server_cpu_s']:.2f} | "
+            f"{r['median_other_cpu_s']:.1f} | {r['peak_rss_mb']:.0f} | {ratio} | {cpu_ratio} |")
     return "\n".join(lines)
 
 
