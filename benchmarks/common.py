@@ -3,7 +3,7 @@
 * `bench_server(workdir)` starts the embedded SeaweedFS (`cloudexit.s3server.SeaweedServer`).
   Pass a persistent `workdir` to keep populated buckets between benchmark invocations: a
   500k-key bucket takes minutes to fill, so it is filled once and reused (see `ensure_bucket`).
-* `populate(...)` fills a bucket with N tiny but valid DICOM objects (~0.5 KB each) in one of two
+* `populate(...)` fills a bucket with N tiny but valid DICOM objects (762 bytes each) in one of two
   key layouts:
     - ``uid``:  ``<StudyUID>/<SeriesUID>/<SOPUID>.dcm``, 100 instances per study (2 series x 50)
     - ``flat``: Orthanc-style ``<uuid>.dcm`` in one flat namespace
@@ -31,11 +31,11 @@ import tempfile
 import threading
 import time
 import uuid
-from urllib.parse import quote
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
+from urllib.parse import quote
 
 import psutil
 
@@ -68,7 +68,7 @@ def tool(name: str) -> str:
 
 # -- synthetic objects -------------------------------------------------------------------------
 def _uid(*parts: object) -> str:
-    """A deterministic 64-character-class UID (like pydicom's generate_uid: root + digits)."""
+    """A deterministic 63-character UID (pydicom's root + digits, like generate_uid)."""
     digest = hashlib.sha1("/".join(map(str, parts)).encode()).digest()
     return UID_ROOT + str(int.from_bytes(digest[:16], "big"))[:37]
 
@@ -112,7 +112,7 @@ def _el(group: int, elem: int, vr: str, value: bytes) -> bytes:
 
 
 def tiny_dicom(inst: Instance) -> bytes:
-    """A valid Part 10 file (explicit VR LE) of ~500 bytes: header plus a 4x4 8-bit image."""
+    """A valid Part 10 file (explicit VR LE, 762 bytes): header plus a 4x4 8-bit image."""
     meta = (_el(0x0002, 0x0001, "OB", b"\x00\x01")
             + _el(0x0002, 0x0002, "UI", CT_IMAGE_STORAGE.encode())
             + _el(0x0002, 0x0003, "UI", inst.sop.encode())
@@ -342,7 +342,7 @@ class Measurement:
     sys_s: float
     cpu_s: float  # user + sys of the command and every descendant it waited for
     peak_rss_mb: float  # kernel high-water mark of the command's process (GNU time %M)
-    peak_tree_rss_mb: float  # sampled (every 0.25 s) peak of the summed RSS of its process tree
+    peak_tree_rss_mb: float  # sampled (every tree_sample_s) peak of the summed RSS of its process tree
     server_cpu_s: float  # CPU the S3 server used while the command ran
     stdout_lines: int | None = None
 
@@ -383,7 +383,7 @@ def _cpu(proc: psutil.Process | None) -> float:
 
 def measure(cmd: Sequence[str], env: dict[str, str] | None = None, stdout: str | None = None,
             server_pid: int | None = None, timeout: float = 3600, count_lines: bool = True,
-            cwd: str | None = None) -> Measurement:
+            cwd: str | None = None, tree_sample_s: float = 0.1) -> Measurement:
     """Run `cmd` (under /usr/bin/time), wait for it with wait4, report time, CPU and memory.
 
     Stdout goes to the file `stdout` (or /dev/null); with `count_lines`, its lines are counted
@@ -411,10 +411,11 @@ def measure(cmd: Sequence[str], env: dict[str, str] | None = None, stdout: str |
             break
         now = time.perf_counter()
         if now >= next_sample:
-            # Walking /proc for the tree is not free: every 0.25 s keeps this poller under ~2%
-            # of a core. The kernel's high-water mark (peak_rss_mb) misses nothing anyway.
+            # Walking /proc for the tree is not free (a few ms): sampling every 20 ms cost a
+            # quarter of a core, noise on a 2-core machine. The kernel's high-water mark
+            # (peak_rss_mb) misses nothing; the tree sample is for multi-process tools.
             peak_tree = max(peak_tree, _tree_rss(ps))
-            next_sample = now + 0.25
+            next_sample = now + tree_sample_s
         if now > deadline:
             proc.kill()
         time.sleep(0.01)

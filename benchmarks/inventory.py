@@ -21,10 +21,16 @@ then runs, alternating, with the order rotated every repeat:
   rclone-fast-list   the same with `--fast-list` (one recursive listing)
   aws                `aws s3 ls --recursive s3://BUCKET/`
 
-Each run starts from nothing (cloudexit: a new state DB). Reported per tool: median wall,
-keys/s (keys / median wall), median CPU (user+sys), the server's CPU meanwhile, peak RSS, and
-the ratio of its median wall to s5cmd's on the same bucket. Every run is checked: the listing
-tools must print one line per key, cloudexit must record every key.
+Each run starts from nothing (cloudexit: a new state DB). Reported per tool: median and best
+wall, keys/s (keys / median wall), median CPU (user+sys), the server's CPU and the rest of the
+machine's CPU meanwhile, peak RSS (GNU time), and the ratios of wall and CPU to s5cmd's on the
+same bucket. Every run is checked: the listing tools must print one line per key, cloudexit must
+record every key; a cloudexit run that exits 0 but misses keys is reported as INCOMPLETE. Each
+cloudexit run records the fingerprint of the inventory modules it ran (`code_version`).
+
+    --py-spy            also profile one cloudexit run per bucket (py-spy --gil; top frames)
+    --report FILE...    print the tables of saved results again (merged)
+    --populate-only     fill the buckets and stop (500k keys: ~20 min on a busy 2-core machine)
 """
 
 from __future__ import annotations
@@ -106,7 +112,8 @@ class Target:
             load = os.getloadavg()[0]
             busy0 = _busy()
             m = measure(self.command(name, db), env=self.env, stdout=str(out),
-                        server_pid=self.server.proc.pid, count_lines=not name.startswith("cloudexit"))
+                        server_pid=self.server.proc.pid, count_lines=not name.startswith("cloudexit"),
+                        tree_sample_s=0.25)
             busy = _busy() - busy0
             row: dict[str, Any] = {"tool": name, "bucket": self.bucket, "keys": self.keys,
                                    "layout": self.layout, "code": code if name.startswith("cloudexit") else None, **m.as_dict(), "loadavg_1m": load,
