@@ -251,6 +251,9 @@ def _print_migration(m: dict[str, Any]) -> None:
     lines.append(f"  objects {m['done']}/{m['objects']} done, {format_bytes(m['bytes_done'])} of "
                  f"{format_bytes(m['bytes_total'])}; studies {m['studies_complete']}/{m['studies_total']} complete")
     lines.append("  by state: " + ", ".join(f"{k} {v}" for k, v in sorted(m["by_state"].items())))
+    for pacs, d in m.get("deliveries", {}).items():
+        lines.append(f"  delivered to {pacs}: {d['done']}/{d['objects']} ("
+                     + ", ".join(f"{k} {v}" for k, v in sorted(d["by_state"].items())) + ")")
     if m["restores"]:
         lines.append("  restores: " + ", ".join(f"{k} {v}" for k, v in sorted(m["restores"].items())))
     u = m["usage"]

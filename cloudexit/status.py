@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from .state import State
@@ -99,6 +100,14 @@ def migration_summary(state: State, studies: int = 10) -> dict[str, Any] | None:
         "SELECT key, state, reason FROM transfers WHERE dest = ? AND state IN "
         "('failed', 'missing', 'quarantined') ORDER BY seq LIMIT 20", (dest,))]
     live = is_live(run)
+    deliveries = {}
+    for pacs in json.loads(run["options"] or "{}").get("deliver") or []:
+        pc = counts(state, pacs)
+        deliveries[pacs] = {
+            "objects": sum(v for k, v in pc.items() if not k.startswith("_")),
+            "done": sum(pc.get(s, 0) for s in DELIVERED_STATES),
+            "by_state": {k: v for k, v in pc.items() if not k.startswith("_")},
+        }
     return {
         "run": run["id"],
         "dest": dest,
@@ -122,6 +131,7 @@ def migration_summary(state: State, studies: int = 10) -> dict[str, Any] | None:
         "studies_in_progress": [dict(r) for r in study_rows],
         "restores": restores,
         "problems": problems,
+        "deliveries": deliveries,
         "usage": {
             "bytes_downloaded": run["bytes_downloaded"],
             "requests": {"GET": run["get_requests"], "HEAD": run["head_requests"],
@@ -131,6 +141,10 @@ def migration_summary(state: State, studies: int = 10) -> dict[str, Any] | None:
         },
     }
 
+
+# A PACS delivery that is done: the PACS holds the instance (or an identical copy delivered
+# under another key).
+DELIVERED_STATES = ("stored", "warning", "duplicate")
 
 # States of a transfer row that need no more work for the delta (the object is at the destination,
 # or the engine decided about it: a duplicate, quarantined, skipped).
