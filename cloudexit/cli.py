@@ -7,7 +7,6 @@ one place (`CloudexitGroup.invoke`); `--traceback` shows the stack instead.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from typing import Any, Callable
@@ -313,6 +312,7 @@ def plan(db_path: str, provider: str | None, region: str | None, price_file: str
     from .schedule import parse_schedule
     from .source import Source
     from .state import State
+    from .files import write_private
     from .units import format_bytes, format_duration, parse_duration, parse_rate, parse_size
 
     rate = parse_rate(bandwidth) if bandwidth else None
@@ -351,20 +351,13 @@ def plan(db_path: str, provider: str | None, region: str | None, price_file: str
                   "json": lambda p: json.dumps(p.to_dict(), indent=2, default=str)}.get(suffix)
         if render is None:
             raise UsageError(f"--out {out}: unknown format", hint="end the name in .md, .html or .json")
-        _write_private(out, render(result))
+        write_private(out, render(result))
         if not quiet and not as_json:
             click.echo(f"Wrote {out}")
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2, default=str))
     elif not quiet:
         click.echo(plan_model.render_text(result))
-
-
-def _write_private(path: str, text: str) -> None:
-    """Reports may name the bucket and counts: write them 0600."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(text)
 
 
 class _ByteBar:

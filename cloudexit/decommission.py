@@ -40,6 +40,7 @@ from typing import Any, Callable, Iterable
 from .cleanup_source import MAX_BATCH, Version, delete_batch, list_all, versioning
 from .config import SourceConfig
 from .errors import ConfirmationMismatch, NothingMigrated, StateError, UsageError
+from .files import write_private
 from .source import Source
 from .state import State, now
 
@@ -357,14 +358,7 @@ def write_manifest(path: str | os.PathLike[str], rows: list[ManifestRow]) -> str
     data = buf.getvalue().encode()
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(target.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.chmod(tmp, 0o600)
-    os.replace(tmp, target)
+    write_private(target, data, durable=True)
     return hashlib.sha256(data).hexdigest()
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .config import InventoryConfig, SourceConfig
+from .files import write_private
 from .inventory import Inventory
 from .s3server import SeaweedServer
 from .source import Source
@@ -84,9 +85,7 @@ def _plan(state: State, root: Path, say: Callable[[str], None]) -> Any:
     plan = build_plan(state, "aliyun-oss", None, None, Link.from_bandwidth(100e6 / 8), schedule,
                       datetime.now().astimezone(), timedelta(days=7))
     out = root / "plan.html"
-    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(render_html(plan))
+    write_private(out, render_html(plan))
     say(f"Plan written to {out}")
     return plan
 

@@ -28,6 +28,7 @@ from typing import Any, Callable, Iterable
 import yaml
 
 from .errors import CloudexitError, GateNotMet, PlaybookError, StateError
+from .files import write_private
 from .pricing.catalogue import _LOADER, _List, _Map, _scalar
 from .state import State, now
 
@@ -613,9 +614,7 @@ class Runner:
             if render is None:
                 raise PlaybookError(f"{self.pb.path}, line {step.line}: plan out {out!r}: end the name in .md, .html or .json")
             target.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                fh.write(render(result))
+            write_private(target, render(result))
             written.append(str(target))
         return {"written": written, "_message": "plan made" + (f": {', '.join(written)}" if written else "")}
 
