@@ -92,16 +92,26 @@ def main() -> None:
               type=click.IntRange(256, 2**30), help="First ranged read per object; grown when the header is longer.")
 @click.option("--key-pattern", default=None,
               help="Take UIDs from keys, e.g. '{study}/{series}/{sop}.dcm'; headers are read only on a random sample to check it.")
+@click.option("--since", metavar="YYYY-MM-DD|last", default=None,
+              help="Do not list folders dated wholly before this day (YYYY/, YYYY/MM/, YYYY/MM/DD/, "
+                   "YYYYMMDD/ anywhere in the path); 'last': the day before the last complete round "
+                   "started. Objects in skipped folders are kept as they were, not marked deleted.")
 @output_options
 def inventory(url: str, db_path: str, endpoint_url: str | None, profile: str | None,
               region: str | None, retries: int, workers: int, list_workers: int, header_bytes: int,
-              key_pattern: str | None, as_json: bool, quiet: bool) -> None:
+              key_pattern: str | None, since: str | None, as_json: bool, quiet: bool) -> None:
     """List and classify every object in a bucket, reading DICOM headers.
 
     Resumable: interrupt it and run it again to continue. Run it again later to record new,
     changed and deleted objects.
+
+    S3 has no change feed, so a re-run lists the whole prefix. With --since, folders whose name
+    dates them wholly before the day are not listed (a dated layout such as dcm4chee's
+    YYYY/MM/DD/... makes re-runs cheap); such a round is partial: it finds new and changed
+    objects in the folders it lists and reports deletions only there. It trusts the dates in
+    folder names: an object written later into an old-dated folder is not seen.
     """
-    from .inventory import Inventory
+    from .inventory import Inventory, resolve_since
     from .source import Source
     from .state import State
     from .status import inventory_summary
@@ -111,7 +121,8 @@ def inventory(url: str, db_path: str, endpoint_url: str | None, profile: str | N
     config = InventoryConfig(workers=workers, list_workers=list_workers, header_bytes=header_bytes,
                              key_pattern=key_pattern)
     with State(db_path, create=True) as state, _InventoryBar(quiet or as_json) as bar:
-        summary = Inventory(state, source, config, progress=bar.update).run()
+        day = resolve_since(state, since)
+        summary = Inventory(state, source, config, progress=bar.update, since=day).run()
         totals = inventory_summary(state)
     if as_json:
         click.echo(json.dumps({"round": summary.__dict__, "inventory": totals}, indent=2, default=str))
@@ -120,6 +131,10 @@ def inventory(url: str, db_path: str, endpoint_url: str | None, profile: str | N
         click.echo(f"Inventory round {summary.round} {verb}: {summary.new} new, "
                    f"{summary.changed} changed, {summary.deleted} deleted, "
                    f"{summary.unchanged} unchanged.")
+        if summary.since:
+            click.echo(f"Partial round (--since {summary.since}): {summary.skipped_folders} dated "
+                       f"folder(s) not listed; their {summary.not_listed} object(s) kept as they "
+                       "were, deletions counted only in the folders listed.")
         _print_summary(totals)
     if summary.failed:
         click.echo(f"{len(summary.failed)} object(s) could not be read; run inventory again to retry:",

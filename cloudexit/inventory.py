@@ -1,32 +1,41 @@
 """Inventory: stream a bucket listing into the state DB and classify every object.
 
-Listing runs in parallel over key ranges planned from the bucket's own common prefixes, and
-header reads start while listing goes on. One thread (the caller's) owns all DB writes; the
+Listing runs in parallel over groups of folders planned from the bucket's own common prefixes,
+and header reads start while listing goes on. One thread (the caller's) owns all DB writes; the
 worker threads only talk to S3 and parse. Every page and every batch of headers is committed
 with its resume point in one transaction, so an interrupted run (Ctrl-C, kill -9) continues
-where it stopped and never counts a key twice (keys are the primary key).
+where it stopped and never counts a key twice (keys are the primary key). The listing plan lives
+in the `list_tasks` table and is fed to the workers a few tasks at a time, so memory does not
+grow with the number of folders.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import json
+import math
 import queue
 import re
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING
 
 from .config import InventoryConfig
 from .dicom import Header, classify, patient_hash
 from .errors import CloudexitError, UsageError
-from .paths import key_flags
+from .paths import folder_dates, key_flags
 from .source import ListedObject, ObjectChanged, ObjectGone, Source, iso
 from .state import State, now
 
+if TYPE_CHECKING:
+    from .lean import LeanS3
+
 MAX_CHAR = "\U0010ffff"
-EXPLORE_DEPTH = 4  # levels of common prefixes explored before switching to range listing
+EXPLORE_DEPTH = 4  # levels of common prefixes explored before grouping folders
 CPS_PER_TASK = 64  # with fewer folders than this at a level, explore each of them further
+GROUPS_PER_WORKER = 4  # an explore page's folders are split into list_workers * this groups
 
 _UPSERT = """
 INSERT INTO objects (key, size, etag, last_modified, storage_class, status, change, change_round,
@@ -86,16 +95,19 @@ class RoundSummary:
     deleted: int
     unchanged: int
     failed: list[tuple[str, str]] = field(default_factory=list)  # (key, reason) left pending
+    since: str | None = None  # folders dated wholly before this day were not listed
+    skipped_folders: int = 0
+    not_listed: int = 0  # objects in those folders, kept as they were
 
 
 @dataclass
 class _Task:
     id: int
     prefix: str
-    start_after: str | None
-    end_before: str | None
     explore: bool
-    depth: int = 0
+    start_after: str | None = None  # group: just past the folder before its first one
+    last_folder: str | None = None  # group: its last folder (stored in `end_before`)
+    last_key: str | None = None  # resume point
 
 
 @dataclass
@@ -105,6 +117,7 @@ class _Page:
     prefixes: list[str]
     last_key: str | None
     done: bool
+    before: str | None = None  # explore: a StartAfter just before this page's first folder
 
 
 @dataclass
@@ -138,11 +151,33 @@ def compile_key_pattern(pattern: str) -> re.Pattern[str]:
     return re.compile(out + "$")
 
 
+def resolve_since(state: State, text: str | None) -> dt.date | None:
+    """`--since YYYY-MM-DD` or `--since last` as a day (None: list everything).
+
+    `last` is the day before the last complete round started: a day of margin for folders
+    dated in local time, and for objects written into a day's folder after that round listed it.
+    """
+    if text is None:
+        return None
+    if text == "last":
+        started = state.scalar("SELECT started_at FROM inventory_rounds WHERE status = 'complete' "
+                               "ORDER BY id DESC LIMIT 1")
+        if started is None:
+            return None  # no complete round yet: a full listing
+        return dt.date.fromisoformat(started[:10]) - dt.timedelta(days=1)
+    try:
+        return dt.date.fromisoformat(text)
+    except ValueError:
+        raise UsageError(f"--since {text!r} is not a date",
+                         hint="write --since YYYY-MM-DD, or --since last") from None
+
+
 class Inventory:
     """One inventory round over a source, resumable."""
 
     def __init__(self, state: State, source: Source, config: InventoryConfig | None = None,
-                 progress: Callable[[Progress], None] | None = None) -> None:
+                 progress: Callable[[Progress], None] | None = None,
+                 since: dt.date | None = None) -> None:
         self.state = state
         self.source = source
         self.config = config or InventoryConfig()
@@ -150,17 +185,23 @@ class Inventory:
         self.progress = Progress()
         self.salt = state.meta("salt") or ""
         self.pattern = compile_key_pattern(self.config.key_pattern) if self.config.key_pattern else None
+        self.since = since
         self.round = 0
-        self._pages: queue.Queue[_Page | BaseException] = queue.Queue(maxsize=32)
+        self._pages: queue.Queue[_Page | BaseException] = queue.Queue(
+            maxsize=max(8, 2 * self.config.list_workers))
         self._stop = threading.Event()
         self._failed: dict[str, str] = {}
         self._changes: dict[str, int] = {}
+        self._lean: LeanS3 | None = None
 
     # -- the round ------------------------------------------------------------------------
     def run(self) -> RoundSummary:
+        from .lean import LeanS3
+
         state, source = self.state, self.source
         state.bind_source(source.url, source.config.endpoint_url, source.config.region)
         source.check()
+        self._lean = LeanS3(source)
         resumed = self._open_round()
         if self.pattern is None:
             with state.transaction() as tx:
@@ -177,42 +218,60 @@ class Inventory:
             self._stop.set()
             lister.shutdown(wait=True, cancel_futures=True)
             reader.shutdown(wait=True, cancel_futures=True)
+            self._lean.close()
         if self.pattern is not None:
             self._stop.clear()
             self._check_pattern_sample()
         return self._finish(resumed)
 
     def _open_round(self) -> bool:
-        row = self.state.query("SELECT id FROM inventory_rounds WHERE status = 'running' "
+        row = self.state.query("SELECT id, since FROM inventory_rounds WHERE status = 'running' "
                                "ORDER BY id DESC LIMIT 1")
         with self.state.transaction() as tx:
             if row:
+                # A resumed round keeps the --since it started with: its plan was made with it.
                 self.round = row[0]["id"]
+                self.since = dt.date.fromisoformat(row[0]["since"]) if row[0]["since"] else None
                 tx.execute("UPDATE inventory_rounds SET resumed = resumed + 1 WHERE id = ?",
                            (self.round,))
                 self.state.log("inventory.resumed", tx, round=self.round)
                 return True
-            cur = tx.execute("INSERT INTO inventory_rounds(started_at, status, key_pattern) "
-                             "VALUES (?, 'running', ?)", (now(), self.config.key_pattern))
+            since = self.since.isoformat() if self.since else None
+            cur = tx.execute("INSERT INTO inventory_rounds(started_at, status, key_pattern, since) "
+                             "VALUES (?, 'running', ?, ?)", (now(), self.config.key_pattern, since))
             self.round = int(cur.lastrowid or 0)
             tx.execute("INSERT INTO list_tasks(round, prefix, explore) VALUES (?, ?, 1)",
                        (self.round, self.source.prefix))
-            self.state.log("inventory.started", tx, round=self.round, source=self.source.url)
+            self.state.log("inventory.started", tx, round=self.round, source=self.source.url,
+                           since=since)
         return False
 
     def _loop(self, lister: ThreadPoolExecutor, reader: ThreadPoolExecutor) -> None:
-        open_tasks = 0
-        for row in self.state.query("SELECT * FROM list_tasks WHERE round = ? AND done = 0",
-                                    (self.round,)):
-            task = _Task(row["id"], row["prefix"], row["start_after"], row["end_before"],
-                         bool(row["explore"]), depth=row["prefix"].count("/"))
-            lister.submit(self._list_task, task, row["last_key"])
-            open_tasks += 1
+        # Counters kept here instead of counting rows on every turn: open listing tasks (all,
+        # and those handed to a worker), and objects waiting for a header read (an estimate for
+        # the progress bar; counted exactly once listing and reads are done).
+        open_tasks = self.state.scalar("SELECT count(*) FROM list_tasks WHERE round = ? AND done = 0",
+                                       (self.round,)) or 0
+        self.progress.pending = self.state.scalar(
+            "SELECT count(*) FROM objects WHERE kind = 'pending' AND status = 'present'") or 0
+        running, dispatched_id = 0, 0
         in_flight: dict[str, Future[_HeaderResult]] = {}
         cursor = ""
         max_in_flight = self.config.workers * 4
+        max_running = self.config.list_workers * 2  # queued behind the workers: a few, not all
         while True:
-            # 1. Commit listing pages as they come (blocking briefly when nothing else to do).
+            # 1. Hand the next listing tasks to the workers, a bounded batch from the table.
+            if running < max_running:
+                rows = self.state.query(
+                    "SELECT * FROM list_tasks WHERE round = ? AND done = 0 AND id > ? "
+                    "ORDER BY id LIMIT ?", (self.round, dispatched_id, max_running - running))
+                for row in rows:
+                    task = _Task(row["id"], row["prefix"], bool(row["explore"]), row["start_after"],
+                                 row["end_before"], row["last_key"])
+                    lister.submit(self._list_task, task)
+                    dispatched_id = row["id"]
+                    running += 1
+            # 2. Commit listing pages as they come (blocking briefly when nothing else to do).
             try:
                 item = self._pages.get(timeout=0.05 if (in_flight or open_tasks) else 0)
             except queue.Empty:
@@ -220,18 +279,20 @@ class Inventory:
             while item is not None:
                 if isinstance(item, BaseException):
                     raise item
-                open_tasks += self._commit_page(item, lister)
+                planned = self._commit_page(item)
+                open_tasks += planned - item.done
+                running -= item.done
                 try:
                     item = self._pages.get_nowait()
                 except queue.Empty:
                     item = None
             self.progress.listing_done = open_tasks == 0
-            # 2. Collect finished header reads and commit them in batches.
+            # 3. Collect finished header reads and commit them in batches.
             # Committed before dispatching more, so a finished key is never dispatched twice.
             results = [in_flight.pop(k).result() for k, f in list(in_flight.items()) if f.done()]
             if results:
                 self._commit_headers(results)
-            # 3. Keep the header readers busy.
+            # 4. Keep the header readers busy.
             if len(in_flight) < max_in_flight:
                 rows = self.state.query(
                     "SELECT key, size, etag FROM objects WHERE kind = 'pending' AND status = 'present'"
@@ -246,20 +307,21 @@ class Inventory:
                     in_flight[key] = reader.submit(self._read_header, key, row["size"], row["etag"])
                 if len(rows) < max_in_flight * 2:
                     cursor = ""  # wrap: listing may have added keys behind the cursor
-            self.progress.pending = self.state.scalar(
-                "SELECT count(*) FROM objects WHERE kind = 'pending' AND status = 'present'") or 0
             self.on_progress(self.progress)
             if open_tasks == 0 and not in_flight:
+                self.progress.pending = self.state.scalar(
+                    "SELECT count(*) FROM objects WHERE kind = 'pending' AND status = 'present'") or 0
                 if self.progress.pending <= len(self._failed):
+                    self.on_progress(self.progress)
                     return
 
     # -- listing (worker threads) ---------------------------------------------------------
-    def _list_task(self, task: _Task, last_key: str | None) -> None:
+    def _list_task(self, task: _Task) -> None:
         try:
             if task.explore:
-                self._explore(task, last_key)
+                self._explore(task)
             else:
-                self._list_range(task, last_key)
+                self._list_group(task)
         except BaseException as exc:  # noqa: BLE001 - handed to the writer thread to raise
             self._pages.put(exc)
 
@@ -271,80 +333,121 @@ class Inventory:
             except queue.Full:
                 continue
 
-    def _list_range(self, task: _Task, last_key: str | None) -> None:
-        token = None
-        start = last_key or task.start_after
+    def _list_group(self, task: _Task) -> None:
+        """A flat listing of consecutive folders of one parent, from just past the folder before
+        the first one to the end of the last one.
+
+        Both bounds are folders the server returned, so this holds in S3's key order and in the
+        folder-walk order of filer-backed stores alike (a folder's keys are contiguous in both).
+        Keys directly in the parent are skipped: the parent's explore page recorded them.
+        """
+        assert self._lean is not None and task.last_folder is not None
+        cut, last_folder, last_key = len(task.prefix), task.last_folder, task.last_key
+        in_last = last_key is not None and last_key.startswith(last_folder)
+        start, token = last_key or task.start_after, None
         while not self._stop.is_set():
-            page = self.source.list_page(task.prefix, start_after=start, token=token)
-            objects = page.objects
-            done = not page.truncated
-            if task.end_before is not None:
-                inside = [o for o in objects if o.key < task.end_before]
-                done = done or len(inside) < len(objects)
-                objects = inside
-            last = objects[-1].key if objects else last_key
-            last_key = last
-            self._put(_Page(task, objects, [], last, done))
+            page = self._lean.page(task.prefix, start_after=start, token=token)
+            keep, done = [], not page.truncated
+            for o in page.objects:
+                if "/" not in o.key[cut:]:
+                    continue
+                if o.key.startswith(last_folder):
+                    in_last = True
+                elif in_last:
+                    done = True  # past the group's last folder
+                    break
+                keep.append(o)
+            if keep:
+                last_key = keep[-1].key
+            self._put(_Page(task, keep, [], last_key, done))
             if done:
                 return
             token = page.next_token
 
-    def _explore(self, task: _Task, last_key: str | None) -> None:
-        token = None
+    def _explore(self, task: _Task) -> None:
+        assert self._lean is not None
+        last_key, token = task.last_key, None
+        before = last_key  # every folder of the next page lies past it, in any listing order
         while not self._stop.is_set():
-            page = self.source.list_page(task.prefix, start_after=last_key, token=token,
-                                         delimiter="/")
+            page = self._lean.page(task.prefix, start_after=last_key, token=token, delimiter="/")
             # Resume point: past the last key, and past everything under the last folder.
             marks = [o.key for o in page.objects] + [p + MAX_CHAR for p in page.prefixes]
             last = max(marks) if marks else last_key
-            self._put(_Page(task, page.objects, page.prefixes, last, done=not page.truncated))
+            self._put(_Page(task, page.objects, page.prefixes, last, not page.truncated, before))
             if not page.truncated:
                 return
+            before = page.prefixes[-1] + MAX_CHAR if page.prefixes else last
             last_key, token = last, page.next_token
 
-    def _commit_page(self, page: _Page, lister: ThreadPoolExecutor) -> int:
-        """Write one page and its resume point; start the tasks it planned. Returns the change
-        in the number of open tasks."""
-        task = page.task
-        stamp = now()
+    # -- the writer thread ------------------------------------------------------------------
+    def _commit_page(self, page: _Page) -> int:
+        """Write one page, its resume point and the tasks it planned; returns how many."""
+        task, stamp, rnd, pending = page.task, now(), self.round, 0
         rows = []
         for o in page.objects:
-            uids = self._uids_from_key(o.key)
-            rows.append((o.key, o.size, o.etag, o.last_modified, o.storage_class, self.round,
-                         "dicom" if uids else "pending", ",".join(key_flags(o.key)) or None,
-                         self.round, self.round, stamp, *(uids or (None, None, None)),
-                         "key-pattern" if uids else None))
-        new_tasks: list[_Task] = []
+            uids = self._uids_from_key(o.key) if self.pattern is not None else None
+            flags = key_flags(o.key)
+            if uids:
+                rows.append((o.key, o.size, o.etag, o.last_modified, o.storage_class, rnd, "dicom",
+                             ",".join(flags) if flags else None, rnd, rnd, stamp, *uids,
+                             "key-pattern"))
+            else:
+                pending += 1
+                rows.append((o.key, o.size, o.etag, o.last_modified, o.storage_class, rnd, "pending",
+                             ",".join(flags) if flags else None, rnd, rnd, stamp, None, None, None,
+                             None))
+        planned = self._plan_tasks(page) if page.prefixes else []
         with self.state.transaction() as tx:
             tx.executemany(_UPSERT, rows)
-            for spec in self._plan_tasks(page):
-                cur = tx.execute(
-                    "INSERT INTO list_tasks(round, prefix, start_after, end_before, explore) "
-                    "VALUES (?, ?, ?, ?, ?)", (self.round, spec.prefix, spec.start_after,
-                                               spec.end_before, int(spec.explore)))
-                spec.id = int(cur.lastrowid or 0)
-                new_tasks.append(spec)
+            if planned:
+                tx.executemany("INSERT INTO list_tasks(round, prefix, start_after, end_before, "
+                               "explore, done, skipped) VALUES (?, ?, ?, ?, ?, ?, ?)", planned)
             tx.execute("UPDATE list_tasks SET last_key = ?, done = ?, pages = pages + 1, "
                        "keys = keys + ? WHERE id = ?",
                        (page.last_key, int(page.done), len(rows), task.id))
             tx.execute("UPDATE inventory_rounds SET list_requests = list_requests + 1 WHERE id = ?",
-                       (self.round,))
+                       (rnd,))
         self.progress.listed += len(rows)
-        for spec in new_tasks:
-            lister.submit(self._list_task, spec, None)
-        return len(new_tasks) - (1 if page.done else 0)
+        self.progress.pending += pending  # an upper bound on a re-run: unchanged keys keep their kind
+        return sum(1 for p in planned if not p[5])
 
-    def _plan_tasks(self, page: _Page) -> list[_Task]:
-        """Turn the folders an explore page found into more listing tasks.
+    def _plan_tasks(self, page: _Page) -> list[tuple[int, str, str | None, str | None, int, int, int]]:
+        """Turn the folders an explore page found into listing tasks (rows of `list_tasks`).
 
-        Every task is bounded by a real prefix, never by a synthetic StartAfter: SeaweedFS (and
-        other filer-backed stores) walk folders in name order, which differs from S3's key order
-        for a made-up bound such as "X." + U+10FFFF, and skipped whole folders that way.
+        Few folders at a shallow level: each is explored further. Otherwise runs of consecutive
+        folders become groups, each listed flat by one worker. With --since, a folder whose date
+        lies wholly before that day is recorded as skipped (done, never listed), and splits
+        the run around it.
         """
-        task = page.task
-        if task.depth + 1 < EXPLORE_DEPTH and page.done and len(page.prefixes) < CPS_PER_TASK:
-            return [_Task(0, cp, None, None, True, task.depth + 1) for cp in page.prefixes]
-        return [_Task(0, cp, None, None, False) for cp in page.prefixes]
+        task, rnd = page.task, self.round
+        depth = task.prefix.count("/")
+        skip = [self._skipped(cp) for cp in page.prefixes]
+        if depth + 1 < EXPLORE_DEPTH and page.done and len(page.prefixes) < CPS_PER_TASK:
+            return [(rnd, cp, None, None, 1, int(s), int(s)) for cp, s in zip(page.prefixes, skip)]
+        size = max(1, math.ceil(len(page.prefixes) / (self.config.list_workers * GROUPS_PER_WORKER)))
+        planned, before = [], page.before
+        run: list[str] = []
+
+        def close_run() -> None:
+            for i in range(0, len(run), size):
+                start = before if i == 0 else run[i - 1] + MAX_CHAR
+                planned.append((rnd, task.prefix, start, run[i:i + size][-1], 0, 0, 0))
+
+        for cp, skipped in zip(page.prefixes, skip):
+            if skipped:
+                close_run()
+                planned.append((rnd, cp, None, None, 0, 1, 1))
+                before, run = cp + MAX_CHAR, []
+            else:
+                run.append(cp)
+        close_run()
+        return planned
+
+    def _skipped(self, folder: str) -> bool:
+        if self.since is None:
+            return False
+        dates = folder_dates(folder)
+        return dates is not None and dates[1] <= self.since
 
     def _uids_from_key(self, key: str) -> tuple[str | None, str | None, str] | None:
         if self.pattern is None:
@@ -357,6 +460,7 @@ class Inventory:
 
     # -- headers (worker threads) ---------------------------------------------------------
     def _read_header(self, key: str, size: int, etag: str) -> _HeaderResult:
+        assert self._lean is not None
         result = _HeaderResult(key, etag)
         if self._stop.is_set():
             result.error = "stopped"
@@ -367,7 +471,7 @@ class Inventory:
         length = min(self.config.header_bytes, size)
         try:
             while True:
-                read = self.source.read_range(key, 0, length - 1, etag)
+                read = self._lean.read_range(key, 0, length - 1, etag)
                 result.requests += 1
                 result.bytes_read += len(read.data)
                 result.checksums = read.checksums
@@ -408,6 +512,7 @@ class Inventory:
                         self.progress.failed = len(self._failed)
                     continue
                 if r.gone:
+                    self.progress.pending -= 1
                     tx.execute("UPDATE objects SET status = 'deleted', change = 'deleted', "
                                "change_round = ?, updated_at = ? WHERE key = ?",
                                (self.round, stamp, r.key))
@@ -429,6 +534,7 @@ class Inventory:
             tx.execute("UPDATE inventory_rounds SET get_requests = get_requests + ?, "
                        "header_bytes = header_bytes + ? WHERE id = ?", (requests, nbytes, self.round))
         self.progress.classified += len(updates)
+        self.progress.pending -= len(updates)
 
     def _check_pattern_sample(self) -> None:
         """Read the headers of a random sample of pattern-matched objects; all must agree."""
@@ -455,10 +561,19 @@ class Inventory:
     def _finish(self, resumed: bool) -> RoundSummary:
         r = self.round
         with self.state.transaction() as tx:
-            # Listing is complete: whatever this round did not see is gone from the bucket.
-            tx.execute("UPDATE objects SET status = 'deleted', change = 'deleted', change_round = ?, "
-                       "updated_at = ? WHERE status = 'present' AND last_seen_round < ?",
-                       (r, now(), r))
+            # Listing is complete: whatever this round did not see is gone from the bucket, except
+            # in the folders --since skipped (the greatest skipped prefix at or below a key is the
+            # only one that can hold it: skipped folders never nest).
+            unlisted = ("AND NOT coalesce((SELECT substr(objects.key, 1, length(t.prefix)) = t.prefix "
+                        "FROM list_tasks t WHERE t.round = :r AND t.skipped = 1 "
+                        "AND t.prefix <= objects.key ORDER BY t.prefix DESC LIMIT 1), 0)")
+            skipped = tx.execute("SELECT count(*) FROM list_tasks WHERE round = ? AND skipped = 1",
+                                 (r,)).fetchone()[0]
+            tx.execute("UPDATE objects SET status = 'deleted', change = 'deleted', change_round = :r, "
+                       "updated_at = :at WHERE status = 'present' AND last_seen_round < :r "
+                       + (unlisted if skipped else ""), {"r": r, "at": now()})
+            not_listed = tx.execute("SELECT count(*) FROM objects WHERE status = 'present' "
+                                    "AND last_seen_round < ?", (r,)).fetchone()[0]
             tx.execute("UPDATE inventory_rounds SET status = 'complete', finished_at = ? WHERE id = ?",
                        (now(), r))
             counts = dict(tx.execute(
@@ -466,8 +581,11 @@ class Inventory:
                 (r,)).fetchall())
             unchanged = tx.execute("SELECT count(*) FROM objects WHERE change = 'unchanged' "
                                    "AND last_seen_round = ?", (r,)).fetchone()[0]
+            since = self.since.isoformat() if self.since else None
             self.state.log("inventory.complete", tx, round=r, new=counts.get("new", 0),
                            changed=counts.get("changed", 0), deleted=counts.get("deleted", 0),
-                           unread=len(self._failed))
+                           unread=len(self._failed), since=since, skipped_folders=skipped,
+                           not_listed=not_listed)
         return RoundSummary(r, resumed, counts.get("new", 0), counts.get("changed", 0),
-                            counts.get("deleted", 0), unchanged, sorted(self._failed.items()))
+                            counts.get("deleted", 0), unchanged, sorted(self._failed.items()),
+                            since, skipped, not_listed)

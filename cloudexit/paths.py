@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import re
 from pathlib import PurePosixPath
@@ -10,10 +11,14 @@ MAX_SEGMENT_BYTES = 255
 MAX_KEY_BYTES = 1024
 _DRIVE = re.compile(r"^[A-Za-z]:")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# Anything that can make an ASCII key of at most 255 characters unsafe; most keys have none.
+_SUSPECT = re.compile(r"[\x00-\x1f\x7f\\]|//|^/|^[A-Za-z]:|(?:^|/)\.\.?(?:/|$)")
 
 
 def key_flags(key: str) -> list[str]:
     """Why this key is unsafe to use as a path as it is (empty list: it is safe)."""
+    if key.isascii() and 0 < len(key) <= MAX_SEGMENT_BYTES and not _SUSPECT.search(key):
+        return []  # the common case, in one regex scan (the listing calls this for every key)
     flags = []
     segments = key.split("/")
     if any(s in ("..", ".") for s in segments) or any(s in ("..", ".") for s in key.split("\\")):
@@ -54,3 +59,36 @@ def safe_relative_path(key: str) -> PurePosixPath:
             segment = segment.encode()[:200].decode(errors="ignore") + "~" + digest
         parts.append(segment)
     return PurePosixPath(*parts)
+
+
+_YEAR, _MONTH, _DAY = re.compile(r"(19|20)\d\d$"), re.compile(r"(0?[1-9]|1[0-2])$"), re.compile(r"\d\d?$")
+_YMD = re.compile(r"((?:19|20)\d\d)-?(\d\d)-?(\d\d)$")
+
+
+def folder_dates(folder: str) -> tuple[dt.date, dt.date] | None:
+    """The days a dated folder covers, [first, after last), from the first date in its path:
+    `YYYY/`, `YYYY/MM/`, `YYYY/MM/DD/`, `YYYYMMDD/` or `YYYY-MM-DD/` (None: no date in it)."""
+    parts = [p for p in folder.split("/") if p]
+    for i, part in enumerate(parts):
+        match = _YMD.match(part)
+        if match:
+            try:
+                day = dt.date(*map(int, match.groups()))
+            except ValueError:
+                continue
+            return day, day + dt.timedelta(days=1)
+        if not _YEAR.match(part):
+            continue
+        year = int(part)
+        if i + 1 >= len(parts) or not _MONTH.match(parts[i + 1]):
+            return dt.date(year, 1, 1), dt.date(year + 1, 1, 1)
+        month = int(parts[i + 1])
+        after_month = dt.date(year + month // 12, month % 12 + 1, 1)
+        if i + 2 >= len(parts) or not _DAY.match(parts[i + 2]):
+            return dt.date(year, month, 1), after_month
+        try:
+            day = dt.date(year, month, int(parts[i + 2]))
+        except ValueError:
+            return dt.date(year, month, 1), after_month
+        return day, day + dt.timedelta(days=1)
+    return None

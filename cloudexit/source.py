@@ -7,13 +7,19 @@ message that names the endpoint and profile, so the rest of the code never sees 
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 from urllib.parse import urlparse
 
 from .config import SourceConfig
-from .errors import (BucketNotFound, CredentialsError, EndpointUnreachable, SourceError,
-                     UsageError)
+from .errors import (
+    BucketNotFound,
+    CredentialsError,
+    EndpointUnreachable,
+    SourceError,
+    UsageError,
+)
 
 # Provider checksum headers worth keeping: they let migrate verify without trusting the ETag.
 CHECKSUM_HEADERS = (
@@ -120,59 +126,119 @@ class Source:
 
     def translate(self, exc: Exception, what: str) -> Exception:
         """A botocore exception as a cloudexit error with an actionable message."""
-        from botocore.exceptions import (ClientError, ConnectionError as BotoConnectionError,
-                                         HTTPClientError, NoCredentialsError,
-                                         PartialCredentialsError)
+        from botocore.exceptions import (
+            ClientError,
+            HTTPClientError,
+            NoCredentialsError,
+            PartialCredentialsError,
+        )
+        from botocore.exceptions import ConnectionError as BotoConnectionError
 
         if isinstance(exc, (NoCredentialsError, PartialCredentialsError)):
             return CredentialsError(f"no usable credentials for {self.where}",
                                     hint="set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or pass --profile")
         # Refused, reset, closed or timed out: the endpoint is not answering.
         if isinstance(exc, (BotoConnectionError, HTTPClientError)):
-            return EndpointUnreachable(
-                f"cannot reach {self.where} after {self.config.max_attempts} attempts: {exc}",
-                hint="check the network and --endpoint-url; the run can be resumed by running it again")
+            return self.unreachable(str(exc))
         if isinstance(exc, ClientError):
             err = exc.response.get("Error", {})
             code = str(err.get("Code", ""))
             status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
             if code in CREDENTIAL_CODES:
-                return CredentialsError(f"{what}: the credentials were refused by {self.where} ({code})",
-                                        hint="check the access key and secret (or --profile) for this endpoint")
+                return self.refused(what, code)
             if code in ("NoSuchBucket",) or (code == "404" and what.startswith("bucket")):
-                return BucketNotFound(f"bucket {self.bucket!r} does not exist at {self.where}",
-                                      hint="check the bucket name, --endpoint-url and --region")
+                return self.missing_bucket()
             if code in ("NoSuchKey", "404"):
                 return ObjectGone(f"{what}: not found")
             if code in ("PreconditionFailed", "412") or status == 412:
                 return ObjectChanged(f"{what}: changed since it was listed")
             if code in ("AccessDenied", "403", "AllAccessDisabled"):
-                return CredentialsError(f"{what}: access denied by {self.where}",
-                                        hint="these credentials lack s3:ListBucket/s3:GetObject on the bucket")
+                return self.denied(what)
             return SourceError(f"{what}: {code or status}: {err.get('Message', exc)}")
         return exc
+
+    # The messages of the conditions every path to the store meets (boto3 and the lean one).
+    def unreachable(self, detail: str) -> EndpointUnreachable:
+        return EndpointUnreachable(
+            f"cannot reach {self.where} after {self.config.max_attempts} attempts: {detail}",
+            hint="check the network and --endpoint-url; the run can be resumed by running it again")
+
+    def refused(self, what: str, code: str | None) -> CredentialsError:
+        return CredentialsError(f"{what}: the credentials were refused by {self.where} ({code})",
+                                hint="check the access key and secret (or --profile) for this endpoint")
+
+    def missing_bucket(self) -> BucketNotFound:
+        return BucketNotFound(f"bucket {self.bucket!r} does not exist at {self.where}",
+                              hint="check the bucket name, --endpoint-url and --region")
+
+    def denied(self, what: str) -> CredentialsError:
+        return CredentialsError(f"{what}: access denied by {self.where}",
+                                hint="these credentials lack s3:ListBucket/s3:GetObject on the bucket")
+
+    def frozen_credentials(self) -> Any:
+        """The boto3 chain's current credentials (refreshed when temporary), for lean requests."""
+        from .transfer import Credentials
+
+        self.client()
+        creds = self._session.get_credentials() if self._session is not None else None
+        if creds is None:
+            raise CredentialsError(f"no usable credentials for {self.where}",
+                                   hint="set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or pass --profile")
+        frozen = creds.get_frozen_credentials()
+        return Credentials(frozen.access_key, frozen.secret_key, frozen.token)
+
+    def lean_endpoint(self) -> tuple[Any, Any]:
+        """(Endpoint, Credentials) for `transfer.S3Reader`, resolved as the boto3 client does:
+        endpoint URL, region (with the bucket's real region on AWS), path style, proxies and TLS
+        verification (AWS_CA_BUNDLE; verified by default)."""
+        import os
+        import urllib.request
+
+        from .transfer import Endpoint
+
+        client = self.client()
+        url = client.meta.endpoint_url
+        region = client.meta.region_name or "us-east-1"
+        if not self.config.endpoint_url and self.config.region is None:
+            # The bucket's own region, as boto3 found it (check() lists with this client).
+            region = self.bucket_region() or region
+            url = url if region == client.meta.region_name else f"https://s3.{region}.amazonaws.com"
+        scheme, host = url.split("://", 1)[0], urlparse(url).hostname or ""
+        proxies = urllib.request.getproxies()
+        proxy = proxies.get(scheme) if not urllib.request.proxy_bypass(host) else None
+        path_style = bool(self.config.endpoint_url) or "." in self.bucket or self.bucket.lower() != self.bucket
+        endpoint = Endpoint.from_url(url, self.bucket, region, path_style,
+                                     verify=os.environ.get("AWS_CA_BUNDLE") or True, proxy=proxy,
+                                     connect_timeout=self.config.connect_timeout,
+                                     read_timeout=self.config.read_timeout)
+        return endpoint, self.frozen_credentials()
+
+    def bucket_region(self) -> str | None:
+        """The region S3 says the bucket is in (None when it does not say)."""
+        try:
+            resp = self.client().head_bucket(Bucket=self.bucket)
+        except Exception as exc:  # noqa: BLE001 - the answer's headers say it even on 301/403
+            resp = getattr(exc, "response", {}) or {}
+        headers = resp.get("ResponseMetadata", {}).get("HTTPHeaders", {})
+        return headers.get("x-amz-bucket-region")
 
     # -- operations -----------------------------------------------------------------------
     def check(self) -> None:
         """Fail early and clearly if the bucket cannot be listed with these credentials."""
         try:
             self.client().list_objects_v2(Bucket=self.bucket, Prefix=self.prefix, MaxKeys=1)
-        except Exception as exc:  # noqa: BLE001 - translated below
+        except Exception as exc:
             raise self.translate(exc, f"bucket {self.bucket}") from exc
 
     def list_page(self, prefix: str, start_after: str | None = None, token: str | None = None,
                   delimiter: str | None = None, max_keys: int = 1000) -> ListPage:
         """One ListObjectsV2 page."""
-        args: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix, "MaxKeys": max_keys}
-        if token:
-            args["ContinuationToken"] = token
-        elif start_after:
-            args["StartAfter"] = start_after
-        if delimiter:
-            args["Delimiter"] = delimiter
+        args: dict[str, Any] = {_BOTO_NAMES[k]: v for k, v in
+                                list_query(prefix, start_after, token, delimiter, max_keys).items()}
+        args.update(Bucket=self.bucket, MaxKeys=max_keys)
         try:
             resp = self.client().list_objects_v2(**args)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             raise self.translate(exc, f"bucket {self.bucket}: listing {prefix!r}") from exc
         objects = [
             ListedObject(o["Key"], int(o["Size"]), o.get("ETag", "").strip('"'),
@@ -191,10 +257,10 @@ class Source:
         try:
             resp = self.client().get_object(**args)
             data = resp["Body"].read()
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             raise self.translate(exc, f"object {key!r}") from exc
         headers = resp["ResponseMetadata"]["HTTPHeaders"]
-        total = _total_size(headers.get("content-range"), len(data))
+        total = total_size(headers.get("content-range"), len(data))
         checksums = {h: headers[h] for h in CHECKSUM_HEADERS if h in headers}
         return RangeRead(data, total, resp.get("ETag", "").strip('"'), checksums)
 
@@ -205,14 +271,33 @@ class Source:
             args["IfMatch"] = f'"{etag}"'
         try:
             return self.client().get_object(**args)["Body"]
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             raise self.translate(exc, f"object {key!r}") from exc
 
     def head(self, key: str) -> dict[str, Any]:
         try:
             return self.client().head_object(Bucket=self.bucket, Key=key)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             raise self.translate(exc, f"object {key!r}") from exc
+
+
+_BOTO_NAMES = {"max-keys": "MaxKeys", "prefix": "Prefix", "delimiter": "Delimiter",
+               "continuation-token": "ContinuationToken", "start-after": "StartAfter"}
+
+
+def list_query(prefix: str, start_after: str | None, token: str | None, delimiter: str | None,
+               max_keys: int) -> dict[str, str]:
+    """ListObjectsV2 parameters by their query names (a token wins over StartAfter)."""
+    query = {"max-keys": str(max_keys)}
+    if prefix:
+        query["prefix"] = prefix
+    if token:
+        query["continuation-token"] = token
+    elif start_after:
+        query["start-after"] = start_after
+    if delimiter:
+        query["delimiter"] = delimiter
+    return query
 
 
 def iso(value: Any) -> str:
@@ -220,7 +305,7 @@ def iso(value: Any) -> str:
     return value if isinstance(value, str) else value.isoformat()
 
 
-def _total_size(content_range: str | None, fallback: int) -> int:
+def total_size(content_range: str | None, fallback: int) -> int:
     # "bytes 0-65535/1048576"
     if content_range and "/" in content_range:
         total = content_range.rsplit("/", 1)[1]

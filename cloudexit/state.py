@@ -23,7 +23,7 @@ from . import __version__
 from .errors import StateError
 
 APP_ID = 0x43455854  # "CEXT": tells our databases from any other SQLite file
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 _SCHEMA_V1 = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT);
@@ -273,8 +273,18 @@ CREATE INDEX deletions_key ON deletions(key);
 CREATE INDEX deletions_run ON deletions(run_id, batch)
 """
 
+# Version 6: `inventory --since` (a round that skipped folders dated before a day records the
+# day, and the folders it skipped as done tasks), and indexes that feed listing tasks from the
+# table in batches instead of holding them all in memory.
+_SCHEMA_V6 = """
+ALTER TABLE inventory_rounds ADD COLUMN since TEXT;
+ALTER TABLE list_tasks ADD COLUMN skipped INTEGER NOT NULL DEFAULT 0;
+CREATE INDEX list_tasks_open ON list_tasks(round, id) WHERE done = 0;
+CREATE INDEX list_tasks_skipped ON list_tasks(round, prefix) WHERE skipped = 1
+"""
+
 _MIGRATIONS: dict[int, str] = {1: _SCHEMA_V1, 2: _SCHEMA_V2, 3: _SCHEMA_V3, 4: _SCHEMA_V4,
-                                 5: _SCHEMA_V5}
+                                 5: _SCHEMA_V5, 6: _SCHEMA_V6}
 
 
 GENESIS_HASH = "0" * 64
