@@ -17,6 +17,8 @@ from dataclasses import dataclass
 PIXEL_TAGS = {0x7FE00010, 0x7FE00008, 0x7FE00009}  # Pixel Data, Float and Double Float Pixel Data
 UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 IMPLICIT_VR_LE = "1.2.840.10008.1.2"
+_EXTRA = {0x00080060: "modality", 0x00080020: "study_date", 0x00100020: "patient_id"}
+_ODD = re.compile(r"[^\x20-\x7e]|\\")  # not plain ASCII text, or multi-valued
 
 
 @dataclass
@@ -74,6 +76,9 @@ def classify(data: bytes, object_size: int) -> Header:
         if not whole and len(data) < 132:
             return Header("other", reason, need_more=True)
         return Header("other", reason)
+    fast = _scan(data, object_size)
+    if fast is not None:
+        return fast
 
     from pydicom.filereader import read_partial
 
@@ -121,8 +126,33 @@ def classify(data: bytes, object_size: int) -> Header:
     return header
 
 
+def _scan(data: bytes, object_size: int) -> Header | None:
+    """The common case by `dicomscan`'s struct walk (~50 µs against ~1.4 ms for pydicom): a
+    clean header with valid UIDs and plain ASCII values. None: anything else, which pydicom
+    judges (and explains). Values must come out exactly as pydicom gives them, or the patient
+    hash of one patient would differ between the two paths; non-ASCII text goes to pydicom."""
+    from .dicomscan import scan
+
+    found = scan(data, object_size, _EXTRA)
+    if found.need_more:
+        return Header("unreadable", "header longer than the bytes read", need_more=True)
+    values = found.values
+    if (not found.decided or found.kind != "dicom" or values is None
+            or not found.sop_uid or not UID_RE.match(found.sop_uid)
+            or not found.study_uid or not found.series_uid or not found.sop_class_uid
+            or any(_ODD.search(v) for v in (*values.values(), found.study_uid, found.series_uid,
+                                             found.sop_class_uid))):
+        return None
+    return Header("dicom", study_uid=found.study_uid, series_uid=found.series_uid,
+                  sop_uid=found.sop_uid, sop_class_uid=found.sop_class_uid,
+                  modality=values["modality"] or None, study_date=values["study_date"] or None,
+                  transfer_syntax=found.transfer_syntax, patient_id=values["patient_id"] or None,
+                  header_length=None if found.pixel_at is None else
+                  found.pixel_at - (8 if found.transfer_syntax == IMPLICIT_VR_LE else 12))
+
+
 def _fields(ds: object) -> Header:
-    get = lambda name: _text(getattr(ds, name, None))  # noqa: E731
+    get = lambda name: _text(getattr(ds, name, None))
     meta = getattr(ds, "file_meta", None)
     ts = _text(getattr(meta, "TransferSyntaxUID", None)) if meta is not None else None
     if ts is None:

@@ -47,6 +47,8 @@ class Scan:
     study_uid: str | None = None
     series_uid: str | None = None
     transfer_syntax: str | None = None
+    values: dict[str, str] | None = None  # the extra elements asked for (`scan(..., extra=)`)
+    pixel_at: int | None = None  # where the Pixel Data value starts, when it was reached
 
 
 class _NeedMore(Exception):
@@ -61,8 +63,13 @@ class _Broken(Exception):
     pass
 
 
-def scan(data: bytes | bytearray | memoryview, size: int) -> Scan:
-    """Walk the header in `data` (the first bytes of an object of `size` bytes)."""
+def scan(data: bytes | bytearray | memoryview, size: int,
+         extra: dict[int, str] | None = None) -> Scan:
+    """Walk the header in `data` (the first bytes of an object of `size` bytes).
+
+    `extra`: more top-level elements to collect ({tag: name}), as ASCII text in `Scan.values`
+    (non-ASCII bytes come out as U+FFFD: a caller needing them decoded asks pydicom).
+    """
     buf = bytes(data) if not isinstance(data, bytes) else data
     n = len(buf)
     whole = n >= size
@@ -77,14 +84,16 @@ def scan(data: bytes | bytearray | memoryview, size: int) -> Scan:
             ts = "1.2.840.10008.1.2.1" if explicit else IMPLICIT_VR_LE
         explicit = ts != IMPLICIT_VR_LE
         found: dict[str, str] = {}
-        pixel = _walk(buf, pos, n, size, explicit, 0, found)
+        wanted = {**_WANTED, **extra} if extra else _WANTED
+        pixel = _walk(buf, pos, n, size, explicit, 0, found, wanted)
     except _NeedMore:
         if whole:
             return Scan(decided=False)
         return Scan(need_more=True)
     except (_Undecided, _Broken):
         return Scan(decided=False)  # anything unusual: pydicom judges, as the inventory did
-    result = Scan(transfer_syntax=ts, **found)
+    values = {name: found.pop(name, "") for name in extra.values()} if extra else None
+    result = Scan(transfer_syntax=ts, values=values, pixel_at=pixel[0] if pixel else None, **found)
     if pixel is not None and pixel[1] != _UNDEFINED and pixel[0] + pixel[1] > size:
         result.kind = "unreadable"
         result.reason = (f"truncated: pixel data declares {pixel[1]} bytes, "
@@ -131,7 +140,7 @@ def _meta(buf: bytes, n: int) -> tuple[int, str | None]:
 
 
 def _walk(buf: bytes, pos: int, n: int, size: int, explicit: bool, depth: int,
-          found: dict[str, str]) -> tuple[int, int] | None:
+          found: dict[str, str], wanted: dict[int, str] = _WANTED) -> tuple[int, int] | None:
     """Walk elements from `pos`. At depth 0 stop at Pixel Data and return (value start, length);
     inside an item (depth > 0) stop at the item delimiter and return (position after it, 0)."""
     while True:
@@ -170,11 +179,11 @@ def _walk(buf: bytes, pos: int, n: int, size: int, explicit: bool, depth: int,
         end = start + length
         if end > size:
             raise _Broken(f"element ({group:04X},{elem:04X}) runs past the end of the object")
-        if depth == 0 and tag in _WANTED:
+        if depth == 0 and tag in wanted:
             if end > n:
                 raise _NeedMore
             value = buf[start:end].rstrip(b"\x00 ").decode("ascii", "replace").strip()
-            found[_WANTED[tag]] = value
+            found[wanted[tag]] = value
         elif explicit and vr == b"SQ":
             if end > n:
                 raise _NeedMore
