@@ -7,7 +7,7 @@ No S3 needed: the state DB is built directly with SQL, shaped like a real migrat
 100 instances in 2 series, 5 modalities over 10 study years, 3 storage classes, ~1% multipart,
 an interrupted-and-resumed run with a link outage, and exceptions: 0.1% failed, 0.05%
 quarantined, 0.02% conflicts, 0.01% changed at the source, 0.05% still queued, some deleted at
-the source, plus a plan). Then `cloudexit audit --out DIR` runs in a child process, measured
+the source, plus a plan and a `cloudexit verify` that found 20 altered files). Then `cloudexit audit --out DIR` runs in a child process, measured
 with wait4 (wall, CPU, peak RSS), and `cloudexit audit verify DIR` after it. Bounded memory
 means the peak RSS does not grow with N: run it at two sizes to see (the JSON has both).
 """
@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cloudexit.state import State  # noqa: E402
+from cloudexit.state import State
 
 MODALITIES = ("CT", "MR", "CR", "DX", "MG")
 CLASSES = ("STANDARD", "STANDARD_IA", "GLACIER")
@@ -117,6 +117,25 @@ def build(db: Path, n: int, seed: int = 0) -> None:
                                "time_s": {"low": 1e5, "expected": 1.2e5, "high": 1.5e5},
                                "cost": {"low": 1e5, "expected": 1.1e5, "high": 1.2e5}, "complete": True}]}
         state.set_meta(plan=json.dumps(plan))
+    add_verify(db)
+
+
+def add_verify(db: Path) -> None:
+    """A `cloudexit verify` of the archive after the migration, which found 20 files altered:
+    the audit's decommission rule then has findings to look objects up in. Added to a DB
+    built by an older version of this script too."""
+    with State(db) as state:
+        if state.scalar("SELECT count(*) FROM verify_runs"):
+            return
+        end = state.scalar("SELECT max(verified_at) FROM transfers")
+        with state.transaction() as tx:
+            cur = tx.execute(
+                "INSERT INTO verify_runs(started_at, finished_at, dest, kind, options, status, summary) "
+                "VALUES (?, ?, 'file:///srv/pacs-archive', 'filesystem', '{\"deep\": true}', 'failed', '{}')",
+                (end, end))
+            tx.execute("INSERT INTO verify_findings(run_id, level, problem, key, path, expected, found) "
+                       "SELECT ?, 'file', 'sha256', key, path, sha256, '0' FROM transfers "
+                       "WHERE state = 'verified' AND seq % 50000 = 7 LIMIT 20", (cur.lastrowid,))
 
 
 def _iso(t: float) -> str:
@@ -177,6 +196,7 @@ def main() -> None:
             t = time.monotonic()
             build(db, n)
             print(f"built {db} ({n:,} objects) in {time.monotonic() - t:.1f} s", file=sys.stderr)
+        add_verify(db)
         out = work / f"audit-{n}"
         shutil.rmtree(out, ignore_errors=True)
         audit = measure([*exe, "audit", "--db", str(db), "--out", str(out), "-q"])

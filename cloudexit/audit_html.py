@@ -7,9 +7,11 @@ languages show the same numbers, and so can anyone reading the source.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime
 from html import escape
-from typing import Any, Callable
+from itertools import pairwise
+from typing import Any
 
 from . import charts
 from .audit_i18n import texts
@@ -143,12 +145,14 @@ def render_html(facts: dict[str, Any], lang: str, fingerprint: str) -> str:
     sections.append(_exceptions(facts, T, tr))
     sections.append(_verification(facts, T, tr))
     sections.append(_custody(facts, T, tr))
+    sections.append(_delta(facts, T, tr))
     sections.append(_residency(facts, T, tr))
     sections.append(_decommission(facts, T, tr))
+    sections.append(_deletion(facts, T, tr))
     sections.append(_signoff(facts, T, tr, fingerprint))
     toc = "".join(f'<li><a href="#{k}">{escape(T["s." + k])}</a></li>' for k in
-                  ("summary", "charts", "exceptions", "verification", "custody", "residency",
-                   "decommission", "signoff"))
+                  ("summary", "charts", "exceptions", "verification", "custody", "delta", "residency",
+                   "decommission", "deletion", "signoff"))
     page_head = _css_string(f'{T["title"]} · {src["url"] or ""}')
     page_phi = _css_string(T["phi_page"]) if phi else '""'
     page_css = (
@@ -222,7 +226,7 @@ def _summary(facts: dict[str, Any], T: dict[str, str], tr: Callable[..., str]) -
             row.append(fmt(q["objects"]) if field == "objects" else (_b(q["bytes"]) if field == "bytes" else ""))
         rows.append(row)
     rows.append([escape(T["row.studies_complete"]), _n(src["studies"])]
-                + sum(([_n(d["studies_complete"]), ""] for d in dests), []))
+                + [cell for d in dests for cell in (_n(d["studies_complete"]), "")])
     rows.append([escape(T["row.non_dicom"]), _n(src["non_dicom"])] + ["", ""] * len(dests))
     rows.append([escape(T["row.unreadable"]), _n(src["unreadable"])] + ["", ""] * len(dests))
     tl, usage, inv = facts["timeline"], facts["usage"], src["inventory"]
@@ -287,7 +291,7 @@ def _charts(facts: dict[str, Any], T: dict[str, str], tr: Callable[..., str]) ->
     base = t0.timestamp()
     shaded: list[tuple[float, float, str, str]] = []
     sessions = sorted((s for r in facts["runs"] for s in r["sessions"]), key=lambda s: s["start"])
-    for a, b in zip(sessions, sessions[1:]):
+    for a, b in pairwise(sessions):
         if a["end"] and b["start"] > a["end"]:
             shaded.append((_sec(a["end"], base), _sec(b["start"], base), charts.PAUSE, T["ch.paused"]))
     for r in facts["runs"]:
@@ -469,13 +473,82 @@ def _residency(facts: dict[str, Any], T: dict[str, str], tr: Callable[..., str])
 
 def _decommission(facts: dict[str, Any], T: dict[str, str], tr: Callable[..., str]) -> str:
     d = facts["decommission"]
-    rows = [[f'<strong>{escape(T["d." + r["decision"]])}</strong>', escape(T["dr." + r["reason"]]),
+    rows = [[f'<strong>{escape(T["d." + r["decision"]])}</strong>', _inline_md(T["dr." + r["reason"]]),
              _n(r["objects"]), _b(r["bytes"])] for r in d["rows"]]
-    out = [f'<section id="decommission"><h2>{escape(T["s.decommission"])}</h2><p class="note">{escape(T["d.intro"])}</p>',
+    out = [_opening("decommission", "d.intro", T),
            _table([escape(T["d.decision"]), escape(T["d.reason"]), escape(T["v.objects"]),
                    escape(T["row.bytes"])], rows, "nums")]
-    if not facts["verification"]["verify"]["run"] and d["totals"]["safe"]["objects"]:
+    if any(r["reason"] == "no_verify" for r in d["rows"]):
         out.append(f'<p><strong>{_inline_md(T["d.verify_first"])}</strong></p>')
+    out.append("</section>")
+    return "".join(out)
+
+
+def _opening(name: str, intro: str, T: dict[str, str]) -> str:
+    """A section's start: its title and the note that says what it shows."""
+    return f'<section id="{name}"><h2>{escape(T["s." + name])}</h2><p class="note">{_inline_md(T[intro])}</p>'
+
+
+def _delta(facts: dict[str, Any], T: dict[str, str], tr: Callable[..., str]) -> str:
+    d = facts["delta_rounds"]
+    if not d["rounds"]:
+        return _opening("delta", "dl.intro", T) + f'<p class="none">{escape(T["dl.none"])}</p></section>'
+    out = [_opening("delta", "dl.intro", T)]
+    rows = []
+    for r in d["rounds"]:
+        runs = ", ".join(str(x) for x in r["migration_runs"]) or "-"
+        rows.append([_n(r["round"]), f'{_t(r["started_at"])} – {_t(r["finished_at"])}',
+                     _n(r["new"]), _n(r["changed"]), _n(r["deleted"]),
+                     f'{_n(r["moved"])} ({_b(r["moved_bytes"])})', escape(runs), _n(r["left"]),
+                     escape(T["yes"] if r["playbook"] else T["no"])])
+    out.append(_table([escape(T[k]) for k in ("k.round", "dl.when", "dl.new", "dl.changed", "dl.deleted",
+                                              "dl.moved", "dl.runs", "dl.left", "dl.playbook")], rows, "small"))
+    out.append("</section>")
+    return "".join(out)
+
+
+def _deletion(facts: dict[str, Any], T: dict[str, str], tr: Callable[..., str]) -> str:
+    d = facts["deletion"]
+    if not d["executed"]:
+        return _opening("deletion", "del.intro", T) + (
+            f'<p class="none">{tr("del.none", dry=_Html(_n(d["dry_runs"])), refused=_Html(_n(d["totals"]["refused"])))}</p></section>')
+    out = [_opening("deletion", "del.intro", T)]
+    for r in d["runs"]:
+        how = T["del.all_versions"] if r["all_versions"] else (T["del.markers"] if r["versioning"] != "off" else T["del.if_match"])
+        out.append(f'<h3>{tr("del.run", id=r["id"])}</h3>')
+        out.append(_table(None, [
+            [escape(T["del.token"]), _code(r["token"])],
+            [escape(T["del.when"]), f'{_t(r["started_at"])} – {_t(r["finished_at"])}'],
+            [escape(T["del.operator"]), escape(f'{r["operator"] or "-"} @ {r["host"] or "-"}')],
+            [escape(T["k.status"]), escape(r["status"])],
+            [escape(T["del.versioning"]), escape(f'{r["versioning"]}: {how}')],
+            [escape(T["k.dests"]), "<br>".join(_code(x) for x in r["destinations"])],
+            [escape(T["del.deleted"]), f'{_n(r["deleted"])} ({_b(r["deleted_bytes"])})'],
+            [escape(T["del.delete_markers"]), _n(r["delete_markers"])],
+            [escape(T["del.failed"]), _n(r["failed"])],
+            [escape(T["del.confirmed"]), f'{_n(r["confirmed"])} · {escape(T["del.unconfirmed"])} {_n(r["unconfirmed"])}'],
+            [escape(T["del.kept"]), f'{_n(r["kept"])} ({_b(r["kept_bytes"])})'],
+            [escape(T["del.manifest"]), _code(r["manifest_sha256"])],
+        ]))
+        rows = [[_n(b["batch"]), _code(b["request_id"]), _n(b["objects"]), _n(b["deleted"]), _n(b["failed"]),
+                 _t(b["at"])] for b in r["batch_answers"]]
+        out.append(f'<h3>{escape(T["del.batches"])}: {_n(r["batches"])}</h3>')
+        out.append(_table([escape(T[k]) for k in ("del.batch", "del.request_id", "v.objects", "del.deleted",
+                                                  "del.failed", "del.when")], rows, "small"))
+    still = d["still_present"]
+    out.append(f'<h3>{escape(T["del.still"])}</h3>')
+    rows = [[escape(reason), _n(c.get("objects")), _b(c.get("bytes"))] for reason, c in still["kept_by_reason"].items()]
+    rows += [[escape(f'{T["del.failed"]}: {e["code"]}'), _n(e["objects"]), ""] for e in still["errors"]]
+    if still["noncurrent"]:
+        rows.append([escape(T["del.noncurrent"]), _n(still["noncurrent"]), ""])
+    if still["unconfirmed"]:
+        rows.append([escape(T["del.unconfirmed"]), _n(still["unconfirmed"]), ""])
+    if rows:
+        out.append(_table([escape(T["x.reason"]), escape(T["v.objects"]), escape(T["row.bytes"])], rows, "small"))
+    else:
+        out.append(f'<p class="none">{escape(T["x.none"])}</p>')
+    if d["refused"]:
+        out.append(f'<p>{tr("del.refused", n=_Html(_n(d["totals"]["refused"])))}</p>')
     out.append("</section>")
     return "".join(out)
 

@@ -6,9 +6,9 @@ Numbers arrive already computed; labels arrive already translated and formatted.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime, timedelta
 from html import escape
-from typing import Sequence
 
 from .units import format_bytes
 
@@ -17,9 +17,9 @@ DONE, TODO, BAR, OUTAGE, PAUSE = "#2e7d4f", "#e3e8ee", "#3b6ea8", "#d9534f", "#9
 
 
 def _open(width: int, height: int, title: str) -> list[str]:
-    return [f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {width} {height}" '
+    return [(f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {width} {height}" '
             f'width="100%" role="img" aria-label="{escape(title)}" class="chart" '
-            f'font-family="sans-serif" font-size="11" fill="{_TEXT}">',
+            f'font-family="sans-serif" font-size="11" fill="{_TEXT}">'),
             f"<title>{escape(title)}</title>"]
 
 

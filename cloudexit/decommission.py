@@ -32,11 +32,13 @@ import hashlib
 import io
 import json
 import os
+import socket
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from .audit import PACS_PREFIXES, current_user, last_verify_runs, recheck_sql
 from .cleanup_source import MAX_BATCH, Version, delete_batch, list_all, versioning
 from .config import SourceConfig
 from .errors import ConfirmationMismatch, NothingMigrated, StateError, UsageError
@@ -45,7 +47,6 @@ from .source import Source
 from .state import State, now
 
 GOOD_STATES = ("verified", "duplicate", "stored", "warning")
-PACS_PREFIXES = ("dicom://", "dicomweb+http://", "dicomweb+https://")
 MANIFEST_FIELDS = ("action", "key", "version_id", "is_latest", "delete_marker", "etag", "size",
                    "last_modified", "sha256", "kept_at", "how", "reason")
 EXIT_LEFT = 3  # something stays in the bucket (or failed): report written
@@ -185,32 +186,13 @@ class _Judge:
         self.objects = {r["key"]: r for r in state.query(
             "SELECT key, etag, kind, status, study_uid, sop_uid FROM objects")}
         self.transfers: dict[str, dict[str, Any]] = {}
-        self.verify: dict[str, dict[str, Any]] = {}
+        # The verification half of the rule is the audit's SQL (one rule for both reports).
+        self.verify = last_verify_runs(state)
+        recheck, params = recheck_sql(dests, self.verify)
         for d in dests:
             self.transfers[d] = {r["key"]: r for r in state.query(
-                "SELECT key, state, etag, sha256, path, reason, conflict_with, "
-                "coalesce(verified_at, updated_at) AS landed FROM transfers WHERE dest = ?", (d,))}
-            self.verify[d] = self._latest_verify(d)
-
-    def _latest_verify(self, dest: str) -> dict[str, Any]:
-        rows = self.state.query("SELECT * FROM verify_runs WHERE dest = ? AND status IN ('passed', 'failed') "
-                                "ORDER BY id DESC LIMIT 1", (dest,))
-        if not rows:
-            return {}
-        run = rows[0]
-        bad: dict[str, dict[str, str]] = {"key": {}, "path": {}, "sop": {}, "study": {}}
-        for f in self.state.query("SELECT level, problem, key, path, study_uid, sop_uid FROM verify_findings "
-                                  "WHERE run_id = ?", (run["id"],)):
-            what = f"{f['problem']} ({f['level']})"
-            for name, value in (("key", f["key"]), ("path", f["path"]), ("sop", f["sop_uid"])):
-                if value:
-                    bad[name][value] = what
-            if f["study_uid"] and f["level"] in ("study", "series"):
-                bad["study"][f["study_uid"]] = what
-        studies = {r["study_uid"]: r["status"] for r in self.state.query(
-            "SELECT study_uid, status FROM verify_studies WHERE run_id = ?", (run["id"],))}
-        return {"id": run["id"], "started_at": run["started_at"], "kind": run["kind"], "bad": bad,
-                "studies": studies}
+                f"SELECT t.key, t.state, t.etag, t.sha256, t.path, t.reason, {recheck} AS recheck "
+                "FROM transfers t JOIN objects o ON o.key = t.key WHERE t.dest = :dest", {**params, "dest": d})}
 
     def judge(self, key: str, etag: str | None) -> tuple[bool, list[str], str | None, str]:
         """(safe, destinations holding it, sha256 of the kept copy, reason)."""
@@ -231,27 +213,26 @@ class _Judge:
                                           f"this version ({etag}) was never migrated")
             if t["state"] not in GOOD_STATES:
                 return False, held, sha, f"{t['state']}: at {d}" + (f" ({t['reason']})" if t["reason"] else "")
-            if t["state"] == "duplicate":
-                canon = self.transfers[d].get(t["conflict_with"] or "")
-                if canon is None or canon["state"] not in ("verified", "stored", "warning"):
-                    return False, held, sha, f"duplicate: the copy it duplicates is not verified at {d}"
-            v = self.verify[d]
-            if not v:
-                return False, held, sha, f"not re-verified: no `cloudexit verify` of {d} yet"
-            if (t["landed"] or "") > v["started_at"]:
-                return False, held, sha, f"not re-verified: landed at {d} after its last verify (run {v['id']})"
-            problem = (v["bad"]["key"].get(key) or (t["path"] and v["bad"]["path"].get(t["path"]))
-                       or (o["sop_uid"] and v["bad"]["sop"].get(o["sop_uid"]))
-                       or (o["study_uid"] and v["bad"]["study"].get(o["study_uid"])))
-            if problem:
-                return False, held, sha, f"verify found a problem: {problem} at {d} (verify run {v['id']})"
-            if pacs and v["studies"].get(o["study_uid"]) != "ok":
-                return False, held, sha, f"not re-verified: study not counted ok at {d} (verify run {v['id']})"
+            if t["recheck"]:
+                return False, held, sha, _recheck_text(t["recheck"], d, self.verify.get(d))
             held.append(d)
             sha = sha or t["sha256"]
         if not held:
             return False, held, sha, "no archive: not DICOM, and no folder destination holds it"
         return True, held, sha, "verified at every destination"
+
+
+def _recheck_text(why: str, dest: str, run: dict[str, Any] | None) -> str:
+    """The manifest's words for a `recheck_sql` answer."""
+    ident = f"(verify run {run['id']})" if run else ""
+    return {
+        "duplicate_unverified": f"duplicate: the copy it duplicates is not verified at {dest}",
+        "no_verify": f"not re-verified: no `cloudexit verify` of {dest} yet",
+        "landed_after_verify": f"not re-verified: landed at {dest} after its last verify {ident}",
+        "verify_problem": f"verify found a problem: with the object, its file, SOP Instance UID or study "
+                          f"at {dest} {ident}",
+        "study_not_ok": f"not re-verified: study not counted ok at {dest} {ident}",
+    }[why]
 
 
 def plan(state: State, source: Source, destinations: Iterable[str] | None = None,
@@ -391,6 +372,7 @@ def execute(state: State, source: Source, token: str, destinations: Iterable[str
              json.dumps(summary["kept_by_reason"])))
         run_id = int(cur.lastrowid or 0)
         state.log("decommission.started", tx, run=run_id, token=p.token, source=source.url,
+                  user=current_user(), host=socket.gethostname(),
                   versioning=p.versioning, all_versions=all_versions, destinations=p.destinations,
                   to_delete=summary["to_delete"], manifest_sha256=p.manifest_sha256)
     p.run_id = run_id

@@ -110,10 +110,17 @@ def test_figures_match_the_synthetic_pacs(migrated) -> None:
     assert f["verdict"]["reasons"] == [{"code": "quarantined", "n": 2}]
     assert f["verdict"]["notes"] == [{"code": "verify_not_run"}]
 
+    # Verified copies, but no `cloudexit verify` since: nothing is safe to delete yet (the rule
+    # `cloudexit decommission` applies, tests/test_audit_decommission.py).
     d = f["decommission"]["totals"]
-    assert d["safe"] == {"objects": len(truth) - 2, "bytes": dest["bytes"]}
+    assert d["keep"] == {"objects": len(truth) - 2, "bytes": dest["bytes"]}
+    assert [r["reason"] for r in f["decommission"]["rows"] if r["decision"] == "keep"] == ["no_verify"]
     assert d["review"] == {"objects": 2, "bytes": dest["quarantined"]["bytes"]}
-    assert d["keep"]["objects"] == d["gone"]["objects"] == 0
+    assert d["safe"]["objects"] == d["gone"]["objects"] == 0
+    # Inventoried once, nothing deleted from the cloud: both sections say "none".
+    assert f["delta_rounds"] == {"rounds": [], "count": 0}
+    assert f["deletion"]["executed"] is False and f["deletion"]["runs"] == []
+    assert f["deletion"]["totals"]["deleted"] == 0 and f["deletion"]["still_present"] is None
 
     by_modality = Counter()
     for o in dicom:
@@ -149,12 +156,13 @@ def test_manifest_has_every_object_with_its_checksums(migrated) -> None:
         assert r["sha256"] == hashlib.sha256(o.body()).hexdigest(), r["key"]
         assert r["state"] in ("verified", "quarantined")
         assert r["checks"].startswith("size,")
-        assert r["decommission"] == ("safe: verified" if r["state"] == "verified" else "review: quarantined")
+        assert r["decommission"] == ("keep: no_verify" if r["state"] == "verified" else "review: quarantined")
         if o.kind == "dicom":
             assert r["sop_uid"] == o.sop_uid and r["patient_hash"] and r["patient_hash"] != o.patient_id
     facts = facts_of(migrated)
     counted = Counter(r["decommission"].split(":")[0] for r in rows)
-    assert counted["safe"] == facts["decommission"]["totals"]["safe"]["objects"]
+    for decision in ("safe", "review", "keep"):
+        assert counted[decision] == facts["decommission"]["totals"][decision]["objects"]
     assert facts["manifest"]["rows"] == len(rows)
 
 
@@ -241,8 +249,8 @@ def test_audit_verify_ok_and_each_kind_of_tampering(migrated, tmp_path: Path) ->
         (d / "SHA256SUMS").write_text("".join(lines))
 
     assert tampered(lambda d: (edit_manifest(d), resum(d))) == [
-        "audit.html: its fingerprint does not match manifest.csv, events.jsonl and audit.json "
-        "(one of them was replaced)"]
+        ("audit.html: its fingerprint does not match manifest.csv, events.jsonl and audit.json "
+        "(one of them was replaced)")]
 
     def edit_event(d: Path) -> None:
         lines = (d / "events.jsonl").read_text().splitlines(keepends=True)
@@ -253,10 +261,10 @@ def test_audit_verify_ok_and_each_kind_of_tampering(migrated, tmp_path: Path) ->
         resum(d)
 
     assert tampered(edit_event) == [
-        f"events.jsonl: event 3 ({json.loads((good / 'events.jsonl').read_text().splitlines()[2])['kind']}): "
-        "content altered",
-        "audit.html: its fingerprint does not match manifest.csv, events.jsonl and audit.json "
-        "(one of them was replaced)"]
+        (f"events.jsonl: event 3 ({json.loads((good / 'events.jsonl').read_text().splitlines()[2])['kind']}): "
+        "content altered"),
+        ("audit.html: its fingerprint does not match manifest.csv, events.jsonl and audit.json "
+        "(one of them was replaced)")]
 
 
 def test_output_folder_in_use_is_refused_unless_forced(migrated, tmp_path: Path) -> None:
@@ -330,7 +338,8 @@ def test_unfinished_migration_is_reported_as_not_complete(migrated, tmp_path: Pa
     html = (tmp_path / "a" / "audit.html").read_text()
     assert "NOT complete" in html and "HTTP 403 AccessDenied" in html
     facts = json.loads((tmp_path / "a" / "audit.json").read_text())
-    assert facts["decommission"]["totals"]["keep"]["objects"] == 12
+    held_back = {r["reason"]: r["objects"] for r in facts["decommission"]["rows"] if r["decision"] == "keep"}
+    assert held_back["unfinished"] + held_back["failed"] == 12
     assert facts["runs"][0]["sessions"][-1]["how"] == "killed"
     assert facts["event_chain"]["problems"] == [
         f"event {gone + 1}: does not follow the event before it (an event was removed or inserted)"]

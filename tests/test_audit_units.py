@@ -10,8 +10,17 @@ from pathlib import Path
 
 import pytest
 
-from cloudexit.audit import (DECISION_ONE_SQL, DECISION_SQL, _bucket_size, audit_facts, manifest_lines,
-                             verify_audit, write_audit)
+from cloudexit.audit import (
+    DECISION_SQL,
+    Rule,
+    _bucket_size,
+    audit_facts,
+    manifest_lines,
+    recheck_sql,
+    verify_audit,
+    write_audit,
+)
+from cloudexit.decommission import _Judge
 from cloudexit.state import State
 
 ARCHIVE, PACS = "file:///srv/archive", "dicom://ORTHANC@pacs:4242"
@@ -42,7 +51,9 @@ CASES_2 = {
 }
 
 
-def make_db(path: Path, cases: dict, dests: list[str]) -> State:
+def make_db(path: Path, cases: dict, dests: list[str], verified: bool = True) -> State:
+    """Objects and transfers as `cases` say; `verified`: then a passed `cloudexit verify` of
+    each destination (a PACS counted study st1 ok)."""
     state = State(path, create=True)
     state.set_meta(source_url="s3://unit", endpoint_url="https://oss-cn-beijing.aliyuncs.com", region="cn-beijing")
     with state.transaction() as tx:
@@ -60,21 +71,44 @@ def make_db(path: Path, cases: dict, dests: list[str]) -> State:
             for dest, (tstate, tetag) in rows.items():
                 done = tstate in ("verified", "duplicate", "quarantined", "stored", "warning", "conflict")
                 tx.execute("INSERT INTO transfers(key, dest, seq, state, etag, size, kind, path, checks, reason, "
-                           "verified_at) VALUES (?, ?, ?, ?, ?, ?, 'dicom', ?, ?, ?, ?)",
+                           "verified_at, conflict_with) VALUES (?, ?, ?, ?, ?, ?, 'dicom', ?, ?, ?, ?, ?)",
                            (key, dest, n, tstate, tetag, 1000 + n, f"p/{key}" if dest == ARCHIVE else None,
                             "size,md5,dicom-sop-uid" if done else None, None if done else f"{tstate} here",
-                            "2025-01-02T01:00:00+00:00" if done else None))
+                            "2025-01-02T01:00:00+00:00" if done else None,
+                            "ok" if tstate == "duplicate" else None))  # a duplicate of the verified `ok`
+        for i, dest in enumerate(dests if verified else [], 1):
+            tx.execute("INSERT INTO verify_runs(id, started_at, finished_at, dest, kind, options, status) "
+                       "VALUES (?, '2025-01-03T00:00:00+00:00', '2025-01-03T01:00:00+00:00', ?, ?, '{}', 'passed')",
+                       (i, dest, "dicom" if dest == PACS else "filesystem"))
+            if dest == PACS:
+                tx.execute("INSERT INTO verify_studies VALUES (?, 'st1', 99, 99, 1, 1, 'ok')", (i,))
     return state
+
+
+def decisions(state: State, multi: bool = False) -> dict[str, str]:
+    """Each object's decision by the audit's SQL (`multi`: the several-destination form)."""
+    rule = Rule.of(state)
+    if multi:
+        recheck, params = recheck_sql(list(rule.dests), rule.runs, "x")
+        return {r[0]: r[1] for r in state.query(
+            f"SELECT o.key, {DECISION_SQL.format(recheck=recheck)} FROM objects o", {**params, "n": len(rule.dests)})}
+    decision, source, params = rule.sql()
+    return {r[0]: r[1] for r in state.query(f"SELECT o.key, {decision} FROM {source}", params)}
+
+
+def deletable_by_decommission(state: State) -> set[str]:
+    judge = _Judge(state, list(Rule.of(state).dests))
+    return {r["key"] for r in state.query("SELECT key, etag FROM objects WHERE status = 'present'")
+            if judge.judge(r["key"], r["etag"])[0]}
 
 
 def test_decisions_single_destination(tmp_path: Path) -> None:
     with make_db(tmp_path / "one.db", CASES, [ARCHIVE]) as state:
-        for sql, params in ((DECISION_ONE_SQL, ()), (DECISION_SQL, {"n": 1})):
-            source = "objects o LEFT JOIN transfers t ON t.key = o.key" if sql is DECISION_ONE_SQL else "objects o"
-            got = {r[0]: r[1] for r in state.query(f"SELECT o.key, {sql} FROM {source}", params or {"n": 1})}
-            assert got == {k: v[3] for k, v in CASES.items()}
+        for multi in (False, True):
+            assert decisions(state, multi) == {k: v[3] for k, v in CASES.items()}
+        assert deletable_by_decommission(state) == {k for k, v in CASES.items() if v[3].startswith("safe")}
         facts = audit_facts(state)
-        lines = "".join(text for text, _ in manifest_lines(state, 1))
+        lines = "".join(text for text, _ in manifest_lines(state, Rule.of(state)))
     rows = list(csv.reader(io.StringIO(lines)))
     assert {r[0]: r[-1] for r in rows} == {k: v[3] for k, v in CASES.items()}
     totals = facts["decommission"]["totals"]
@@ -91,10 +125,10 @@ def test_decisions_single_destination(tmp_path: Path) -> None:
 
 def test_decisions_two_destinations(tmp_path: Path) -> None:
     with make_db(tmp_path / "two.db", CASES_2, [ARCHIVE, PACS]) as state:
-        got = {r[0]: r[1] for r in state.query(f"SELECT o.key, {DECISION_SQL} FROM objects o", {"n": 2})}
-        assert got == {k: v[3] for k, v in CASES_2.items()}
+        assert decisions(state, multi=True) == {k: v[3] for k, v in CASES_2.items()}
+        assert deletable_by_decommission(state) == {k for k, v in CASES_2.items() if v[3].startswith("safe")}
         facts = audit_facts(state)
-        lines = "".join(text for text, _ in manifest_lines(state, 2))
+        lines = "".join(text for text, _ in manifest_lines(state, Rule.of(state)))
     rows = list(csv.reader(io.StringIO(lines)))
     # One row per object and destination; an object in no destination has one row.
     assert len(rows) == sum(max(len(v[2]), 1) for v in CASES_2.values())
@@ -124,7 +158,7 @@ def test_runs_resumes_and_outages_from_the_event_log(tmp_path: Path) -> None:
 
 
 def test_verify_results_are_reported(tmp_path: Path) -> None:
-    with make_db(tmp_path / "v.db", {"ok": CASES["ok"], "quar": CASES["quar"]}, [ARCHIVE]) as state:
+    with make_db(tmp_path / "v.db", {"ok": CASES["ok"], "quar": CASES["quar"]}, [ARCHIVE], verified=False) as state:
         if "verify_runs" not in {r[0] for r in state.query("SELECT name FROM sqlite_master")}:
             pytest.skip("this state schema has no verify tables yet")
         before = audit_facts(state)
@@ -164,6 +198,32 @@ def test_write_and_verify_on_a_sql_db(tmp_path: Path) -> None:
     report = verify_audit(tmp_path / "out", tmp_path / "other.db")
     assert not report["ok"]
     assert "SHA256SUMS: the state DB has no audit.written event with this digest" in report["problems"][-1]
+
+
+def test_safe_only_after_a_verify_that_found_nothing_as_decommission_decides(tmp_path: Path) -> None:
+    cases = {k: CASES["ok"] for k in ("a", "b", "c", "d")} | {"dup": CASES["dup"]}
+    with make_db(tmp_path / "unverified.db", cases, [ARCHIVE], verified=False) as state:
+        with state.transaction() as tx:
+            tx.execute("UPDATE transfers SET conflict_with = 'a' WHERE key = 'dup'")
+        assert set(decisions(state).values()) == {"keep: no_verify"}
+        assert deletable_by_decommission(state) == set()
+    with make_db(tmp_path / "rule.db", cases, [ARCHIVE]) as state:
+        with state.transaction() as tx:
+            tx.execute("UPDATE transfers SET verified_at = '2025-01-04T00:00:00+00:00' WHERE key = 'b'")
+            tx.execute("INSERT INTO verify_findings(run_id, level, problem, key, path) "
+                       "VALUES (1, 'file', 'sha256', NULL, 'p/c')")
+            tx.execute("UPDATE transfers SET conflict_with = 'b' WHERE key = 'dup'")  # its canonical copy: b
+        want = {"a": "safe: verified", "b": "keep: landed_after_verify", "c": "keep: verify_problem",
+                "d": "safe: verified", "dup": "safe: verified"}
+        for multi in (False, True):
+            assert decisions(state, multi) == want
+        assert deletable_by_decommission(state) == {"a", "d", "dup"}
+        facts = audit_facts(state)
+    rows = {(r["decision"], r["reason"]): r["objects"] for r in facts["decommission"]["rows"]}
+    assert rows == {("safe", "verified"): 3, ("keep", "landed_after_verify"): 1, ("keep", "verify_problem"): 1}
+    # Copies that wait for a verify are home all the same (the chart counts them done).
+    assert sum(y["done_bytes"] for y in facts["charts"]["by_study_year"]) == sum(
+        y["bytes"] for y in facts["charts"]["by_study_year"])
 
 
 @pytest.mark.parametrize("span,bucket", [(1, 1), (100, 1), (121, 2), (3600, 30), (86400 * 30, 21600)])
