@@ -602,6 +602,43 @@ class _MigrateBar:
 
 
 # -- verify -------------------------------------------------------------------------------
+class _PhaseBar:
+    """One tqdm bar per phase (files, studies, samples) on a terminal, with rate and ETA; a
+    plain line every 30 s otherwise."""
+
+    def __init__(self, quiet: bool, desc: str) -> None:
+        self.quiet = quiet
+        self.tty = sys.stderr.isatty()
+        self.desc = desc
+        self.bar: Any = None
+        self.phase = ""
+        self.started = self.last = time.monotonic()
+
+    def __call__(self, phase: str, done: int, total: int) -> None:
+        if self.quiet:
+            return
+        if phase != self.phase:
+            self.close()
+            self.phase, self.started = phase, time.monotonic()
+            if self.tty:
+                from tqdm import tqdm
+                self.bar = tqdm(total=total, unit=phase, desc=f"{self.desc} {phase}", file=sys.stderr,
+                                dynamic_ncols=True)
+        if self.bar is not None:
+            self.bar.total = total
+            self.bar.n = done
+            self.bar.refresh()
+        elif time.monotonic() - self.last >= 30:
+            self.last = time.monotonic()
+            rate = done / max(self.last - self.started, 1e-6)
+            eta = f", ETA {int((total - done) / rate)} s" if rate > 0 and total >= done else ""
+            click.echo(f"{self.desc}: {phase} {done}/{total}{eta}", err=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
 @main.command()
 @db_option
 @click.option("--to", "dests", multiple=True, metavar="DEST",
@@ -635,9 +672,11 @@ def verify(db_path: str, dests: tuple[str, ...], deep: bool, sample: int, seed: 
                              hint="run `cloudexit migrate --to DEST` first, or pass --to")
         for dest in targets:
             store = open_destination(dest, calling_aet=calling_aet)
+            bar = _PhaseBar(quiet or as_json, "verify")
             try:
-                reports.append(run_verify(state, store, deep=deep, sample=sample, seed=seed))
+                reports.append(run_verify(state, store, deep=deep, sample=sample, seed=seed, progress=bar))
             finally:
+                bar.close()
                 store.close()
     if as_json:
         click.echo(json.dumps({"verified": all(r.passed for r in reports),

@@ -14,6 +14,7 @@ from click.testing import CliRunner, Result
 from pydicom import dcmread
 
 from cloudexit import synthetic
+from cloudexit import verify as verify_module
 from cloudexit.cli import main
 from cloudexit.s3server import SeaweedServer
 from cloudexit.state import State
@@ -79,7 +80,11 @@ def test_archive_verifies(migrated: tuple[Path, Path]) -> None:
     assert text.exit_code == 0 and "verified" in text.output and "studies 3/3 match" in text.output
 
 
-def test_tampered_archive(migrated: tuple[Path, Path]) -> None:
+@pytest.mark.parametrize("page", [2000, 2])
+def test_tampered_archive(migrated: tuple[Path, Path], page: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A missing file, a flipped byte and a stray file are each found; also when the files are
+    read two rows at a time (the paging that keeps memory flat on a million-file archive)."""
+    monkeypatch.setattr(verify_module, "_PAGE", page)
     db, archive = migrated
     items = _archived_items(db, archive)
     gone, flipped = Path(items[0][1]), Path(items[1][1])
