@@ -166,11 +166,16 @@ def verify(state: State, store: Store, deep: bool = False, sample: int = 0, seed
 
 
 # -- inventory expectations -------------------------------------------------------------------------
-def _expected(state: State) -> dict[str, dict[str, set[str]]]:
-    """study -> series -> SOP Instance UIDs of the DICOM objects present at the source."""
+_EXPECTED = ("FROM objects WHERE kind = 'dicom' AND status = 'present' AND study_uid IS NOT NULL "
+             "AND sop_uid IS NOT NULL")
+
+
+def _expected(state: State, studies: list[str]) -> dict[str, dict[str, set[str]]]:
+    """study -> series -> SOP Instance UIDs of the DICOM objects present at the source, for
+    `studies` (asked a batch at a time: a whole inventory's UIDs would not fit in memory)."""
     out: dict[str, dict[str, set[str]]] = defaultdict(lambda: defaultdict(set))
-    for r in state.query("SELECT study_uid, series_uid, sop_uid FROM objects WHERE kind = 'dicom' "
-                         "AND status = 'present' AND study_uid IS NOT NULL AND sop_uid IS NOT NULL"):
+    for r in state.query(f"SELECT study_uid, series_uid, sop_uid {_EXPECTED} "
+                         f"AND study_uid IN ({','.join('?' * len(studies))})", studies):
         out[r["study_uid"]][r["series_uid"] or ""].add(r["sop_uid"])
     return out
 
@@ -300,11 +305,12 @@ def _extra_files(state: State, root: str, report: VerifyReport) -> None:
 
 # -- PACS -------------------------------------------------------------------------------------------
 def _verify_pacs(state: State, store: Any, report: VerifyReport, tick: Progress) -> None:
-    expected = _expected(state)
     notes = _delivery_notes(state, report.dest)
-    studies = sorted(expected)
-    found = store.count_studies(studies)
+    studies = [r[0] for r in state.query(f"SELECT DISTINCT study_uid {_EXPECTED} ORDER BY study_uid")]
     for n, study in enumerate(studies, 1):
+        if n % 500 == 1:
+            batch = studies[n - 1:n + 499]
+            expected, found = _expected(state, batch), store.count_studies(batch)
         series = expected[study]
         want = sum(len(s) for s in series.values())
         count = StudyCount(study, want, found.get(study), expected_series=len(series))
