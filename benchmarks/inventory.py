@@ -141,7 +141,8 @@ class Target:
                     f"get_requests={inv['inventory']['get_requests']}")
 
 
-INVENTORY_SOURCES = ("inventory.py", "source.py", "state.py", "dicom.py", "paths.py", "config.py")
+INVENTORY_SOURCES = ("inventory.py", "lean.py", "source.py", "state.py", "dicom.py", "dicomscan.py",
+                     "paths.py", "config.py", "transfer.py")
 
 
 def code_version() -> str:
