@@ -159,8 +159,12 @@ def _source(state: State, groups: list[dict[str, Any]]) -> dict[str, Any]:
         c["objects"] += g["objects"]
         c["bytes"] += g["bytes"]
     uids = state.query(
-        "SELECT count(DISTINCT sop_uid) AS instances, count(DISTINCT study_uid) AS studies, "
+        "SELECT count(DISTINCT study_uid) AS studies, "
         f"count(DISTINCT series_uid) AS series, count(DISTINCT patient_hash) AS patients {dicom}")[0]
+    # SOP Instance UIDs (one per object, mostly): grouped in the order of their index, not put in
+    # a temporary B-tree, and the duplicates counted on the way.
+    sops = state.query(f"SELECT count(*) AS instances, coalesce(sum(n > 1), 0) AS duplicates FROM "
+                       f"(SELECT count(*) AS n {dicom} AND sop_uid IS NOT NULL GROUP BY sop_uid)")[0]
     latest = state.query("SELECT status, started_at, finished_at FROM inventory_rounds ORDER BY id DESC LIMIT 1")
     rounds = state.query("SELECT count(*) AS n, sum(list_requests) AS l, sum(get_requests) AS g, "
                          "sum(header_bytes) AS b FROM inventory_rounds")[0]
@@ -168,13 +172,12 @@ def _source(state: State, groups: list[dict[str, Any]]) -> dict[str, Any]:
         "url": state.meta("source_url"), "endpoint": state.meta("endpoint_url"),
         "region": state.meta("region"),
         "objects": row["objects"], "bytes": row["bytes"],
-        "dicom_objects": row["dicom_objects"] or 0, "instances": uids["instances"],
+        "dicom_objects": row["dicom_objects"] or 0, "instances": sops["instances"],
         "studies": uids["studies"], "series": uids["series"], "patients": uids["patients"],
         "non_dicom": row["non_dicom"] or 0, "unreadable": row["unreadable"] or 0,
         "pending": row["pending"] or 0, "hostile_keys": row["hostile_keys"] or 0,
         "deleted_at_source": total([g for g in groups if g["status"] == "deleted"]),
-        "duplicate_sop_uids": _one(state, f"SELECT count(*) FROM (SELECT sop_uid {dicom} "
-                                          "AND sop_uid IS NOT NULL GROUP BY sop_uid HAVING count(*) > 1)"),
+        "duplicate_sop_uids": sops["duplicates"],
         "storage_classes": sorted(classes.values(), key=lambda c: -c["bytes"]),
         "inventory": {
             "rounds": rounds["n"],
