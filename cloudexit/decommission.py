@@ -8,6 +8,11 @@ matches, so nothing is deleted that the person confirming did not see in a dry r
 sends DeleteObjects batches and records every object's answer in the `deletions` table, with an
 event per batch in the hash-chained log; a listing afterwards confirms each deletion.
 
+Memory stays flat in the size of the bucket: the listing streams into a temp table of the state
+DB, keys are decided 500 at a time (their state read in one query per destination), the
+manifest and the token are written as the rows are decided, and the plan's rows are read back
+from SQLite in pages.
+
 A version may go when, at every destination:
 * its transfer row is good (`verified`, `duplicate` of a verified copy, `stored`, `warning`)
   for exactly this ETag, and
@@ -27,22 +32,25 @@ PreconditionFailed if it was overwritten since).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
+import itertools
 import json
 import os
 import socket
 from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, overload
 
 from .audit import PACS_PREFIXES, current_user, last_verify_runs, recheck_sql
 from .cleanup_source import MAX_BATCH, Version, delete_batch, list_all, versioning
 from .config import SourceConfig
 from .errors import ConfirmationMismatch, NothingMigrated, StateError, UsageError
-from .files import write_private
+from .files import private_writer
 from .source import Source
 from .state import State, now
 
@@ -50,6 +58,8 @@ GOOD_STATES = ("verified", "duplicate", "stored", "warning")
 MANIFEST_FIELDS = ("action", "key", "version_id", "is_latest", "delete_marker", "etag", "size",
                    "last_modified", "sha256", "kept_at", "how", "reason")
 EXIT_LEFT = 3  # something stays in the bucket (or failed): report written
+_TABLES = itertools.count()  # temp table names, one per listing
+_KEY_BATCH = 500  # keys decided at a time (their state read in one query per destination)
 
 
 @dataclass
@@ -73,47 +83,113 @@ class ManifestRow:
                 self.sha256 or "", ";".join(self.kept_at), self.how, self.reason]
 
 
+_ROW_COLUMNS = ("action", "key", "version_id", "is_latest", "delete_marker", "etag", "size",
+                "last_modified", "sha256", "kept_at", "how", "reason")
+
+
+class Rows(Sequence[ManifestRow]):
+    """The manifest rows of a plan that match `where`, read from the state DB's temp table in
+    pages: a bucket of millions of versions is never held in memory."""
+
+    _PAGE = 1000
+
+    def __init__(self, state: State, table: str, where: str = "1") -> None:
+        self.state, self.table, self.where = state, table, where
+        self._len: int | None = None
+
+    def __len__(self) -> int:
+        if self._len is None:
+            self._len = int(self.state.scalar(f"SELECT count(*) FROM {self.table} WHERE {self.where}"))
+        return self._len
+
+    @overload
+    def __getitem__(self, index: int) -> ManifestRow: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[ManifestRow]: ...
+
+    def __getitem__(self, index: int | slice) -> ManifestRow | list[ManifestRow]:
+        if isinstance(index, slice):
+            start, stop, step = index.indices(len(self))
+            if step != 1:
+                return [self[i] for i in range(start, stop, step)]
+            return self._select(max(0, stop - start), start)
+        i = index + len(self) if index < 0 else index
+        if not 0 <= i < len(self):
+            raise IndexError(index)
+        return self._select(1, i)[0]
+
+    def __iter__(self) -> Iterator[ManifestRow]:
+        last = 0
+        while True:
+            page = self.state.query(f"SELECT seq, {', '.join(_ROW_COLUMNS)} FROM {self.table} "
+                                    f"WHERE {self.where} AND seq > ? ORDER BY seq LIMIT ?", (last, self._PAGE))
+            if not page:
+                return
+            last = page[-1]["seq"]
+            yield from (_row(r) for r in page)
+
+    def _select(self, limit: int, offset: int) -> list[ManifestRow]:
+        return [_row(r) for r in self.state.query(
+            f"SELECT {', '.join(_ROW_COLUMNS)} FROM {self.table} WHERE {self.where} ORDER BY seq "
+            "LIMIT ? OFFSET ?", (limit, offset))]
+
+
+def _row(r: Any) -> ManifestRow:
+    return ManifestRow(r["action"], r["key"], r["version_id"], bool(r["is_latest"]), bool(r["delete_marker"]),
+                       r["etag"], r["size"], r["last_modified"], r["sha256"],
+                       r["kept_at"].split(";") if r["kept_at"] else [], r["how"], r["reason"])
+
+
 @dataclass
 class Plan:
-    """A dry run: what would be deleted, what stays and why, and the token to confirm it."""
+    """A dry run: what would be deleted, what stays and why, and the token to confirm it.
+
+    Its rows live in a temp table of the state DB connection: read them while it is open."""
 
     source: str
     endpoint: str | None
     versioning: str
     all_versions: bool
     destinations: list[str]
-    rows: list[ManifestRow]
+    rows: Rows
     token: str
     manifest: str | None = None
     manifest_sha256: str | None = None
     run_id: int | None = None
+    totals: dict[str, Any] = field(default_factory=dict)
 
     @property
-    def to_delete(self) -> list[ManifestRow]:
-        return [r for r in self.rows if r.action == "delete"]
+    def to_delete(self) -> Rows:
+        return Rows(self.rows.state, self.rows.table, "action = 'delete'")
 
     @property
-    def kept(self) -> list[ManifestRow]:
-        return [r for r in self.rows if r.action == "keep"]
+    def kept(self) -> Rows:
+        return Rows(self.rows.state, self.rows.table, "action = 'keep'")
 
     def summary(self) -> dict[str, Any]:
-        data = [r for r in self.kept if not r.delete_marker]
-        reasons: dict[str, dict[str, int]] = defaultdict(lambda: {"objects": 0, "bytes": 0})
-        for r in data:
-            reasons[_reason_class(r.reason)]["objects"] += 1
-            reasons[_reason_class(r.reason)]["bytes"] += r.size
-        markers = sum(1 for r in self.to_delete if r.how == "marker")
         return {
             "source": self.source, "endpoint": self.endpoint, "versioning": self.versioning,
-            "all_versions": self.all_versions, "destinations": self.destinations,
-            "to_delete": len(self.to_delete), "to_delete_bytes": sum(r.size for r in self.to_delete),
-            "kept": len(data), "kept_bytes": sum(r.size for r in data),
-            "kept_by_reason": dict(sorted(reasons.items())),
-            "delete_markers_to_place": markers,
-            "noncurrent_left": sum(1 for r in data if not r.is_latest),
+            "all_versions": self.all_versions, "destinations": self.destinations, **self.totals,
             "token": self.token, "manifest": self.manifest, "manifest_sha256": self.manifest_sha256,
             "run": self.run_id,
         }
+
+
+def _totals(state: State, table: str) -> dict[str, Any]:
+    """The plan's counts, by SQL over its rows (data versions kept, not delete markers)."""
+    t = state.query(
+        "SELECT sum(action = 'delete') AS d, coalesce(sum(CASE WHEN action = 'delete' THEN size END), 0) AS db, "
+        "sum(action = 'keep' AND NOT delete_marker) AS k, "
+        "coalesce(sum(CASE WHEN action = 'keep' AND NOT delete_marker THEN size END), 0) AS kb, "
+        "sum(action = 'delete' AND how = 'marker') AS m, "
+        f"sum(action = 'keep' AND NOT delete_marker AND NOT is_latest) AS n FROM {table}")[0]
+    reasons = {r["reason"]: {"objects": r["n"], "bytes": r["b"]} for r in state.query(
+        "SELECT CASE WHEN instr(reason, ':') THEN substr(reason, 1, instr(reason, ':') - 1) ELSE reason END "
+        f"AS reason, count(*) AS n, sum(size) AS b FROM {table} WHERE action = 'keep' AND NOT delete_marker "
+        "GROUP BY 1 ORDER BY 1")}
+    return {"to_delete": t["d"] or 0, "to_delete_bytes": t["db"], "kept": t["k"] or 0, "kept_bytes": t["kb"],
+            "kept_by_reason": reasons, "delete_markers_to_place": t["m"] or 0, "noncurrent_left": t["n"] or 0}
 
 
 @dataclass
@@ -130,7 +206,7 @@ class Execution:
 
     @property
     def exit_code(self) -> int:
-        return EXIT_LEFT if (self.failed or self.plan.kept or self.markers or self.unconfirmed) else 0
+        return EXIT_LEFT if (self.failed or self.plan.totals["kept"] or self.markers or self.unconfirmed) else 0
 
     def to_dict(self) -> dict[str, Any]:
         return {"run": self.run_id, "plan": self.plan.summary(), "batches": self.batches,
@@ -138,10 +214,6 @@ class Execution:
                 "delete_markers": self.markers, "confirmed": self.confirmed,
                 "unconfirmed": self.unconfirmed[:100],
                 "failed": [{"key": k, "version_id": v, "error": e} for k, v, e in self.failed]}
-
-
-def _reason_class(reason: str) -> str:
-    return reason.split(":", 1)[0]
 
 
 # -- inputs -----------------------------------------------------------------------------------------
@@ -183,19 +255,31 @@ class _Judge:
     def __init__(self, state: State, dests: list[str]) -> None:
         self.state = state
         self.dests = dests
-        self.objects = {r["key"]: r for r in state.query(
-            "SELECT key, etag, kind, status, study_uid, sop_uid FROM objects")}
-        self.transfers: dict[str, dict[str, Any]] = {}
         # The verification half of the rule is the audit's SQL (one rule for both reports).
         self.verify = last_verify_runs(state)
-        recheck, params = recheck_sql(dests, self.verify)
-        for d in dests:
-            self.transfers[d] = {r["key"]: r for r in state.query(
-                f"SELECT t.key, t.state, t.etag, t.sha256, t.path, t.reason, {recheck} AS recheck "
-                "FROM transfers t JOIN objects o ON o.key = t.key WHERE t.dest = :dest", {**params, "dest": d})}
+        self.recheck, self.params = recheck_sql(dests, self.verify)
+        self.loaded: set[str] = set()
+        self.objects: dict[str, Any] = {}
+        self.transfers: dict[str, dict[str, Any]] = {d: {} for d in dests}
+
+    def load(self, keys: list[str]) -> None:
+        """Read the state of `keys` (a batch of at most 500), replacing the previous batch."""
+        marks = ",".join("?" * len(keys))
+        self.loaded = set(keys)
+        self.objects = {r["key"]: r for r in self.state.query(
+            f"SELECT key, etag, kind, status, study_uid, sop_uid FROM objects WHERE key IN ({marks})", keys)}
+        named = {**self.params, **{f"k{i}": k for i, k in enumerate(keys)}}
+        in_keys = ",".join(f":k{i}" for i in range(len(keys)))
+        for d in self.dests:
+            self.transfers[d] = {r["key"]: r for r in self.state.query(
+                f"SELECT t.key, t.state, t.etag, t.sha256, t.path, t.reason, {self.recheck} AS recheck "
+                f"FROM transfers t JOIN objects o ON o.key = t.key WHERE t.dest = :dest AND t.key IN ({in_keys})",
+                {**named, "dest": d})}
 
     def judge(self, key: str, etag: str | None) -> tuple[bool, list[str], str | None, str]:
         """(safe, destinations holding it, sha256 of the kept copy, reason)."""
+        if key not in self.loaded:
+            self.load([key])
         o = self.objects.get(key)
         if o is None:
             return False, [], None, "not inventoried: new since the last inventory (run inventory, migrate, verify)"
@@ -250,13 +334,50 @@ def plan(state: State, source: Source, destinations: Iterable[str] | None = None
         raise StateError("the inventory is not finished", hint="run `cloudexit inventory` again first")
     status = versioning(source)
     versioned = status != "off"
+    table = _listing_table(state, list_all(source, versioned))
+    rows_table = f"{table}_rows"
+    state.conn.execute(f"CREATE TABLE {rows_table} (seq INTEGER PRIMARY KEY, "
+                       f"{', '.join(_ROW_COLUMNS)})")
     judge = _Judge(state, dests)
-    listed = list(list_all(source, versioned))
-    rows = _decide(listed, judge, versioned, all_versions)
-    token = _token(source.url, status, all_versions, rows)
-    result = Plan(source.url, source.config.endpoint_url, status, all_versions, dests, rows, token)
+    hasher = hashlib.sha256(json.dumps([source.url, status, all_versions]).encode())
     if manifest is not None:
-        result.manifest, result.manifest_sha256 = str(manifest), write_manifest(manifest, rows)
+        Path(manifest).parent.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256()
+    with contextlib.ExitStack() as stack:
+        out = stack.enter_context(private_writer(manifest)) if manifest is not None else None
+        text: Any = io.TextIOWrapper(out, encoding="utf-8", newline="") if out is not None else io.StringIO()
+        header = ",".join(MANIFEST_FIELDS) + "\n"
+        text.write(header)
+        digest.update(header.encode())
+        for keys, versions in _key_batches(state, table):
+            judge.load(keys)
+            decided = [row for key in keys for row in _decide(key, versions[key], judge, versioned, all_versions)]
+            lines = io.StringIO()
+            csv.writer(lines, lineterminator="\n").writerows(r.csv_row() for r in decided)
+            chunk = lines.getvalue()
+            if out is not None:
+                text.write(chunk)
+            digest.update(chunk.encode("utf-8"))
+            for r in decided:
+                if r.action == "delete":
+                    hasher.update(json.dumps([r.key, r.version_id, r.etag, r.how], ensure_ascii=False).encode())
+            with state.transaction() as tx:
+                tx.executemany(f"INSERT INTO {rows_table} ({', '.join(_ROW_COLUMNS)}) VALUES "
+                               f"({', '.join('?' * len(_ROW_COLUMNS))})",
+                               [(r.action, r.key, r.version_id, int(r.is_latest), int(r.delete_marker), r.etag,
+                                 r.size, r.last_modified, r.sha256, ";".join(r.kept_at), r.how, r.reason)
+                                for r in decided])
+        text.flush()
+        if out is not None:
+            text.detach()
+    state.conn.execute(f"DROP TABLE {table}")
+    # The token: a hash of exactly what would be deleted (and how), shown for the person to confirm.
+    hexed = hasher.hexdigest()[:16]
+    token = "-".join(hexed[i:i + 4] for i in range(0, 16, 4))
+    result = Plan(source.url, source.config.endpoint_url, status, all_versions, dests, Rows(state, rows_table), token,
+                  totals=_totals(state, rows_table))
+    if manifest is not None:
+        result.manifest, result.manifest_sha256 = str(manifest), digest.hexdigest()
     if record:
         summary = result.summary()
         with state.transaction() as tx:
@@ -276,71 +397,82 @@ def plan(state: State, source: Source, destinations: Iterable[str] | None = None
     return result
 
 
-def _decide(listed: list[Version], judge: _Judge, versioned: bool, all_versions: bool) -> list[ManifestRow]:
-    by_key: dict[str, list[Version]] = defaultdict(list)
+def _listing_table(state: State, listed: Iterable[Version]) -> str:
+    """The bucket's listing, streamed into a temp table of the state DB connection (SQLite keeps
+    temp tables on disk past its page cache), indexed by key. Returns its name."""
+    table = f"temp.decommission_{next(_TABLES)}"
+    state.conn.execute(f"CREATE TABLE {table} (key TEXT NOT NULL, version_id TEXT, etag TEXT, size INTEGER, "
+                       "last_modified TEXT, is_latest INTEGER, delete_marker INTEGER)")
+    insert = f"INSERT INTO {table} VALUES (?, ?, ?, ?, ?, ?, ?)"
+    batch: list[tuple[Any, ...]] = []
     for v in listed:
-        by_key[v.key].append(v)
-    rows: list[ManifestRow] = []
-    for key in sorted(by_key):
-        versions = by_key[key]
-        data = [v for v in versions if not v.delete_marker]
-        decided: list[ManifestRow] = []
-        for v in data:
-            safe, held, sha, reason = judge.judge(key, v.etag)
-            row = ManifestRow("keep", key, v.version_id, v.is_latest, False, v.etag, v.size,
-                              v.last_modified, sha, held, "", reason)
-            if not versioned:
-                if safe:
-                    row.action, row.how = "delete", "if-match"
-            elif all_versions:
-                if safe:
-                    row.action, row.how = "delete", "version"
-                elif not v.is_latest and any(judge.judge(key, w.etag)[0] for w in data if w is not v):
-                    row.reason = (f"older content: this noncurrent version was never migrated; kept ({reason})"
-                                  if not reason.startswith("not inventoried") else reason)
-            else:
-                if safe and v.is_latest:
-                    row.action, row.how = "delete", "marker"
-                    row.reason = ("verified at every destination; a delete marker hides it, its data stays "
-                                  "as a noncurrent version (use --all-versions to delete it)")
-                elif safe:
-                    row.reason = "noncurrent version: kept (only --all-versions deletes old versions)"
-            decided.append(row)
-        all_go = bool(decided) and all(r.action == "delete" for r in decided)
-        for m in (v for v in versions if v.delete_marker):
-            row = ManifestRow("keep", key, m.version_id, m.is_latest, True, None, 0, m.last_modified,
-                              reason="delete marker: holds no data")
-            if all_versions and all_go:
-                row.action, row.how, row.reason = "delete", "version", "delete marker of a key whose every version goes"
-            decided.append(row)
-        rows.extend(decided)
-    return rows
+        batch.append((v.key, v.version_id, v.etag, v.size, v.last_modified, int(v.is_latest), int(v.delete_marker)))
+        if len(batch) >= 1000:
+            with state.transaction() as tx:
+                tx.executemany(insert, batch)
+            batch.clear()
+    with state.transaction() as tx:
+        tx.executemany(insert, batch)
+        tx.execute(f"CREATE INDEX {table}_key ON {table.split('.', 1)[1]} (key)")
+    return table
 
 
-def _token(source: str, status: str, all_versions: bool, rows: list[ManifestRow]) -> str:
-    canon = json.dumps([source, status, all_versions,
-                        [[r.key, r.version_id, r.etag, r.how] for r in rows if r.action == "delete"]],
-                       ensure_ascii=False)
-    digest = hashlib.sha256(canon.encode()).hexdigest()[:16]
-    return "-".join(digest[i:i + 4] for i in range(0, 16, 4))
+def _key_batches(state: State, table: str) -> Iterator[tuple[list[str], dict[str, list[Version]]]]:
+    """The listing, key by key in key order, `_KEY_BATCH` keys at a time, each key with its
+    versions (and delete markers) in listing order."""
+    last, size = "", _KEY_BATCH
+    while True:
+        keys = [r[0] for r in state.query(f"SELECT DISTINCT key FROM {table} WHERE key > ? ORDER BY key LIMIT ?",
+                                          (last, size))]
+        if not keys:
+            return
+        versions: dict[str, list[Version]] = defaultdict(list)
+        for r in state.query(f"SELECT * FROM {table} WHERE key >= ? AND key <= ? ORDER BY key, rowid",
+                             (keys[0], keys[-1])):
+            versions[r["key"]].append(Version(r["key"], r["version_id"], r["etag"], r["size"], r["last_modified"],
+                                              bool(r["is_latest"]), bool(r["delete_marker"])))
+        yield keys, versions
+        last = keys[-1]
+
+
+def _decide(key: str, versions: list[Version], judge: _Judge, versioned: bool,
+            all_versions: bool) -> list[ManifestRow]:
+    """The manifest rows of one key: each version (and delete marker) to delete or keep, and why."""
+    data = [v for v in versions if not v.delete_marker]
+    decided: list[ManifestRow] = []
+    for v in data:
+        safe, held, sha, reason = judge.judge(key, v.etag)
+        row = ManifestRow("keep", key, v.version_id, v.is_latest, False, v.etag, v.size,
+                          v.last_modified, sha, held, "", reason)
+        if not versioned:
+            if safe:
+                row.action, row.how = "delete", "if-match"
+        elif all_versions:
+            if safe:
+                row.action, row.how = "delete", "version"
+            elif not v.is_latest and any(judge.judge(key, w.etag)[0] for w in data if w is not v):
+                row.reason = (f"older content: this noncurrent version was never migrated; kept ({reason})"
+                              if not reason.startswith("not inventoried") else reason)
+        else:
+            if safe and v.is_latest:
+                row.action, row.how = "delete", "marker"
+                row.reason = ("verified at every destination; a delete marker hides it, its data stays "
+                              "as a noncurrent version (use --all-versions to delete it)")
+            elif safe:
+                row.reason = "noncurrent version: kept (only --all-versions deletes old versions)"
+        decided.append(row)
+    all_go = bool(decided) and all(r.action == "delete" for r in decided)
+    for m in (v for v in versions if v.delete_marker):
+        row = ManifestRow("keep", key, m.version_id, m.is_latest, True, None, 0, m.last_modified,
+                          reason="delete marker: holds no data")
+        if all_versions and all_go:
+            row.action, row.how, row.reason = "delete", "version", "delete marker of a key whose every version goes"
+        decided.append(row)
+    return decided
 
 
 def _same_token(given: str, token: str) -> bool:
     return given.replace("-", "").strip().lower() == token.replace("-", "")
-
-
-def write_manifest(path: str | os.PathLike[str], rows: list[ManifestRow]) -> str:
-    """The manifest as CSV, 0600 (it names every key). Returns its SHA-256."""
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(MANIFEST_FIELDS)
-    for r in rows:
-        writer.writerow(r.csv_row())
-    data = buf.getvalue().encode()
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    write_private(target, data, durable=True)
-    return hashlib.sha256(data).hexdigest()
 
 
 # -- execution ---------------------------------------------------------------------------------------
@@ -378,14 +510,25 @@ def execute(state: State, source: Source, token: str, destinations: Iterable[str
     p.run_id = run_id
     result = Execution(p, run_id)
     todo = p.to_delete
+    total, sent = len(todo), 0
     try:
-        for start in range(0, len(todo), batch_size):
-            _one_batch(state, source, result, todo[start:start + batch_size], conditional)
+        batch: list[ManifestRow] = []
+        for row in todo:
+            batch.append(row)
+            if len(batch) == batch_size:
+                _one_batch(state, source, result, batch, conditional)
+                sent += len(batch)
+                batch = []
+                if progress:
+                    progress(sent, total)
+        if batch:
+            _one_batch(state, source, result, batch, conditional)
+            sent += len(batch)
             if progress:
-                progress(min(start + batch_size, len(todo)), len(todo))
+                progress(sent, total)
         _confirm(state, source, result, p.versioning != "off")
     finally:
-        status = "complete" if not result.failed and result.batches * batch_size >= len(todo) else "partial"
+        status = "complete" if not result.failed and sent >= total else "partial"
         with state.transaction() as tx:
             tx.execute("UPDATE decommission_runs SET finished_at = ?, status = ?, deleted = ?, failed = ?, "
                        "batches = ? WHERE id = ?", (now(), status, result.deleted, len(result.failed),
@@ -449,29 +592,25 @@ def _one_batch(state: State, source: Source, result: Execution, rows: list[Manif
 
 def _confirm(state: State, source: Source, result: Execution, versioned: bool) -> None:
     """List the bucket again: every deletion must show (gone, or hidden by a marker)."""
-    listed = list(list_all(source, versioned))
-    current = {(v.key, v.etag) for v in listed if not v.delete_marker}
-    versions = {(v.key, v.version_id) for v in listed}
-    latest_marker = {v.key for v in listed if v.delete_marker and v.is_latest}
-    rows = state.query("SELECT id, key, version_id, etag, outcome FROM deletions WHERE run_id = ? "
-                       "AND outcome != 'failed'", (result.run_id,))
-    confirmed, stamp = [], now()
-    for r in rows:
-        if r["outcome"] == "delete-marker":
-            ok = r["key"] in latest_marker
-        elif r["version_id"] is not None:
-            ok = (r["key"], r["version_id"]) not in versions
-        else:
-            ok = (r["key"], r["etag"]) not in current
-        if ok:
-            confirmed.append((stamp, r["id"]))
-        else:
-            result.unconfirmed.append(r["key"])
+    table = _listing_table(state, list_all(source, versioned))
+    gone = ("CASE "
+            f"WHEN outcome = 'delete-marker' THEN EXISTS (SELECT 1 FROM {table} l WHERE l.key = deletions.key "
+            "AND l.delete_marker AND l.is_latest) "
+            f"WHEN version_id IS NOT NULL THEN NOT EXISTS (SELECT 1 FROM {table} l WHERE l.key = deletions.key "
+            "AND l.version_id = deletions.version_id) "
+            f"ELSE NOT EXISTS (SELECT 1 FROM {table} l WHERE l.key = deletions.key AND NOT l.delete_marker "
+            "AND l.etag IS deletions.etag) END")
     with state.transaction() as tx:
-        tx.executemany("UPDATE deletions SET confirmed_at = ? WHERE id = ?", confirmed)
-        state.log("decommission.confirmed", tx, run=result.run_id, confirmed=len(confirmed),
-                  unconfirmed=len(result.unconfirmed))
-    result.confirmed = len(confirmed)
+        result.confirmed = tx.execute(f"UPDATE deletions SET confirmed_at = ? WHERE run_id = ? AND "
+                                      f"outcome != 'failed' AND {gone}", (now(), result.run_id)).rowcount
+        unconfirmed = tx.execute("SELECT count(*) FROM deletions WHERE run_id = ? AND outcome != 'failed' "
+                                 "AND confirmed_at IS NULL", (result.run_id,)).fetchone()[0]
+        result.unconfirmed = [r[0] for r in tx.execute(
+            "SELECT key FROM deletions WHERE run_id = ? AND outcome != 'failed' AND confirmed_at IS NULL "
+            "ORDER BY id LIMIT 1000", (result.run_id,))]
+        state.log("decommission.confirmed", tx, run=result.run_id, confirmed=result.confirmed,
+                  unconfirmed=unconfirmed)
+    state.conn.execute(f"DROP TABLE {table}")
 
 
 def summary_text(p: Plan) -> list[str]:
@@ -489,7 +628,7 @@ def summary_text(p: Plan) -> list[str]:
     lines.append(f"  kept in the bucket {s['kept']:>8}   {format_bytes(s['kept_bytes'])}")
     for reason, c in s["kept_by_reason"].items():
         lines.append(f"    {reason:<32} {c['objects']:>8}   {format_bytes(c['bytes'])}")
-    for r in [r for r in p.kept if not r.delete_marker][:10]:
+    for r in Rows(p.rows.state, p.rows.table, "action = 'keep' AND NOT delete_marker")[:10]:
         lines.append(f"    {r.key!r}" + (f" v{r.version_id}" if r.version_id else "") + f": {r.reason}")
     if s["kept"]:
         lines.append("  The free-exit programs (AWS, Azure, Google) require all data to leave: "

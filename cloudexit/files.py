@@ -3,25 +3,46 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO
 
 
 def write_private(path: str | os.PathLike[str], data: str | bytes, durable: bool = False) -> None:
     """Write `data` to `path`, readable by its owner only.
 
     `durable`: write a temp file beside it, fsync, then rename over `path`, so a crash leaves
-    either the old file or the new one, never half of it. The mode is set on the open file
-    descriptor too: O_CREAT's mode does not apply to a file that already exists.
+    either the old file or the new one, never half of it.
     """
-    target = Path(path)
     raw = data.encode("utf-8") if isinstance(data, str) else data
-    tmp = target.with_name(target.name + ".tmp") if durable else target
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        os.fchmod(fh.fileno(), 0o600)
+    if durable:
+        with private_writer(path) as fh:
+            fh.write(raw)
+        return
+    with _open_private(Path(path)) as fh:
         fh.write(raw)
-        if durable:
+
+
+@contextmanager
+def private_writer(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
+    """A file to stream into, owner-only; it replaces `path` (fsynced) only when the block ends
+    without an error, so a reader never sees half of it."""
+    target = Path(path)
+    tmp = target.with_name(target.name + ".tmp")
+    try:
+        with _open_private(tmp) as fh:
+            yield fh
             fh.flush()
             os.fsync(fh.fileno())
-    if durable:
         os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _open_private(path: Path) -> BinaryIO:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    # O_CREAT's mode does not apply to a file that already exists.
+    os.fchmod(fd, 0o600)
+    return os.fdopen(fd, "wb")

@@ -86,8 +86,8 @@ def test_delta_round_readiness_and_proof_of_deletion(cli, s3, bucket, db: Path, 
     with State(db) as state:
         source = source_from_state(state)
         dry = plan(state, source)
-    to_delete = {r.key for r in dry.to_delete}
-    listed = {r.key for r in dry.rows}
+        to_delete = {r.key for r in dry.to_delete}  # the plan's rows are read from the open state DB
+        listed = {r.key for r in dry.rows}
     assert listed == keys_in(s3, bucket)
     assert to_delete == {k for k in listed if decisions.get(k) == "safe: verified"}
     # The verify counted the study of the missing object short: none of that study goes.

@@ -10,12 +10,13 @@ import stat
 from pathlib import Path
 from typing import Any
 
+import pytest
+from dbutil import rows
 
-from cloudexit import synthetic
+from cloudexit import decommission, synthetic
 from cloudexit.decommission import execute, manifest_rows, plan, source_from_state
 from cloudexit.s3server import SeaweedServer
 from cloudexit.state import State
-from dbutil import rows
 
 SMALL = synthetic.Profile(patients=2, studies_per_patient=1, ct_slices_per_series=3, ct_matrix=32,
                           cr_per_study=1, cr_matrix=32, multiframe_objects=0, awkward=False)
@@ -125,7 +126,14 @@ def test_nothing_goes_without_a_verify_after_it_landed(cli, s3, bucket, db: Path
     assert "cloudexit verify" in manifest_rows(doc["manifest"])[0]["reason"]
 
 
-def test_versioned_bucket_markers_then_all_versions(cli, s3, bucket, db: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("page", [None, 2])
+def test_versioned_bucket_markers_then_all_versions(cli, s3, bucket, db: Path, tmp_path: Path, page: int | None,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Also with the listing decided two keys at a time and the plan read back two rows at a time
+    (the paging that keeps a bucket of millions of versions out of memory)."""
+    if page:
+        monkeypatch.setattr(decommission, "_KEY_BATCH", page)
+        monkeypatch.setattr(decommission.Rows, "_PAGE", page)
     client = s3.client()
     client.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
     objects = synthetic.upload(client, bucket, synthetic.generate(SMALL))
