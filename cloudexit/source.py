@@ -199,14 +199,16 @@ class Source:
         client = self.client()
         url = client.meta.endpoint_url
         region = client.meta.region_name or "us-east-1"
-        if not self.config.endpoint_url and self.config.region is None:
-            # The bucket's own region, as boto3 found it (check() lists with this client).
-            region = self.bucket_region() or region
-            url = url if region == client.meta.region_name else f"https://s3.{region}.amazonaws.com"
         scheme, host = url.split("://", 1)[0], urlparse(url).hostname or ""
+        aws = host.endswith(".amazonaws.com") and not self.config.endpoint_url
+        if aws and self.config.region is None:
+            # The bucket's own region (boto3 follows S3's redirects; a signed request must not).
+            found = self.bucket_region()
+            if found and found != region:
+                region, url = found, f"https://s3.{found}.amazonaws.com"
         proxies = urllib.request.getproxies()
         proxy = proxies.get(scheme) if not urllib.request.proxy_bypass(host) else None
-        path_style = bool(self.config.endpoint_url) or "." in self.bucket or self.bucket.lower() != self.bucket
+        path_style = not aws or "." in self.bucket or self.bucket.lower() != self.bucket
         endpoint = Endpoint.from_url(url, self.bucket, region, path_style,
                                      verify=os.environ.get("AWS_CA_BUNDLE") or True, proxy=proxy,
                                      connect_timeout=self.config.connect_timeout,
