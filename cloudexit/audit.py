@@ -28,7 +28,7 @@ import os
 import socket
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -99,8 +99,12 @@ def destinations(state: State) -> list[str]:
         "GROUP BY dest ORDER BY min(o), dest")]
 
 
-def audit_facts(state: State, include_phi: bool = False, limit: int = LIST_LIMIT) -> dict[str, Any]:
-    """Every figure of the report, from the state DB (JSON-ready; the body of audit.json)."""
+def audit_facts(state: State, include_phi: bool = False, limit: int = LIST_LIMIT,
+                arrived: Callable[[], dict[str, dict[str, Any]]] | None = None) -> dict[str, Any]:
+    """Every figure of the report, from the state DB (JSON-ready; the body of audit.json).
+
+    `arrived`: gives `arrivals()` of the destinations, computed elsewhere in the same snapshot
+    (write_audit's second thread); asked for last."""
     dests = destinations(state)
     facts: dict[str, Any] = {
         "format": FORMAT,
@@ -114,7 +118,7 @@ def audit_facts(state: State, include_phi: bool = False, limit: int = LIST_LIMIT
     rule = Rule(tuple(dests), last_verify_runs(state))
     groups, tgroups = _passes(state, rule)
     facts["source"] = _source(state, groups)
-    facts["destinations"] = [_destination(state, d, tgroups) for d in dests]
+    facts["destinations"] = []  # filled last (see `arrived`), here in the JSON
     facts["runs"] = _runs(state)
     facts["timeline"] = _timeline(state, facts["runs"])
     facts["usage"] = _usage(state)
@@ -132,6 +136,8 @@ def audit_facts(state: State, include_phi: bool = False, limit: int = LIST_LIMIT
     facts["delta_rounds"] = _delta_rounds(state, rule)
     facts["deletion"] = _deletion(state, limit)
     facts["event_chain"] = _event_chain(state)
+    got = arrived() if arrived else arrivals(state.conn, dests)
+    facts["destinations"] = [_destination(state, d, tgroups, got[d]) for d in dests]
     facts["verdict"] = _verdict(state, facts)
     return facts
 
@@ -256,26 +262,33 @@ _CATEGORY_OF: dict[str, Any] = {
 }
 
 
-def _destination(state: State, dest: str, tgroups: list[dict[str, Any]]) -> dict[str, Any]:
+def arrivals(conn: sqlite3.Connection, dests: Iterable[str]) -> dict[str, dict[str, int]]:
+    """Per destination: the distinct instances, studies, series and patients with a verified
+    copy there, and the studies complete there (each of their SOP Instance UIDs has one)."""
+    out = {}
+    for dest in dests:
+        arrived = conn.execute(
+            "SELECT count(DISTINCT o.sop_uid), count(DISTINCT o.study_uid), count(DISTINCT o.series_uid), "
+            "count(DISTINCT o.patient_hash) FROM transfers t JOIN objects o ON o.key = t.key "
+            f"WHERE t.dest = ? AND t.state IN {GOOD_SQL} AND o.kind = 'dicom'", (dest,)).fetchone()
+        complete = conn.execute(
+            "SELECT sum(good = n) FROM (SELECT o.study_uid, count(DISTINCT o.sop_uid) AS n, "
+            f"count(DISTINCT CASE WHEN t.state IN {GOOD_SQL} THEN o.sop_uid END) AS good "
+            "FROM objects o LEFT JOIN transfers t ON t.key = o.key AND t.dest = ? "
+            "WHERE o.status = 'present' AND o.kind = 'dicom' AND o.study_uid IS NOT NULL "
+            "GROUP BY o.study_uid)", (dest,)).fetchone()[0]
+        out[dest] = {**dict(zip(("instances", "studies", "series", "patients"), arrived)),
+                     "studies_complete": complete or 0}
+    return out
+
+
+def _destination(state: State, dest: str, tgroups: list[dict[str, Any]], arrived: dict[str, int]) -> dict[str, Any]:
     by_state: dict[str, dict[str, int]] = {}
     for g in tgroups:
         if g["dest"] == dest:
             row = by_state.setdefault(g["state"], {"objects": 0, "bytes": 0})
             row["objects"] += g["n"]
             row["bytes"] += g["b"]
-    arrived = state.query(
-        "SELECT count(DISTINCT o.sop_uid) AS instances, count(DISTINCT o.study_uid) AS studies, "
-        "count(DISTINCT o.series_uid) AS series, count(DISTINCT o.patient_hash) AS patients "
-        "FROM transfers t JOIN objects o ON o.key = t.key WHERE t.dest = ? AND t.state IN "
-        f"{GOOD_SQL} AND o.kind = 'dicom'", (dest,))[0]
-    # A study is complete when each of its SOP Instance UIDs has a verified copy here.
-    studies = state.query(
-        "SELECT count(*) AS total, sum(good = n) AS complete FROM (SELECT o.study_uid, "
-        "count(DISTINCT o.sop_uid) AS n, "
-        f"count(DISTINCT CASE WHEN t.state IN {GOOD_SQL} THEN o.sop_uid END) AS good "
-        "FROM objects o LEFT JOIN transfers t ON t.key = o.key AND t.dest = ? "
-        "WHERE o.status = 'present' AND o.kind = 'dicom' AND o.study_uid IS NOT NULL "
-        "GROUP BY o.study_uid)", (dest,))[0]
     hosts = [r[0] for r in state.query(
         "SELECT DISTINCT host FROM migration_runs WHERE dest = ? AND host IS NOT NULL", (dest,))]
     good = [by_state.get(name, {"objects": 0, "bytes": 0}) for name in GOOD]
@@ -288,7 +301,7 @@ def _destination(state: State, dest: str, tgroups: list[dict[str, Any]]) -> dict
         "bytes": sum(g["bytes"] for name, g in zip(GOOD, good) if name != "duplicate"),
         "instances": arrived["instances"], "studies": arrived["studies"],
         "series": arrived["series"], "patients": arrived["patients"],
-        "studies_complete": studies["complete"] or 0,
+        "studies_complete": arrived["studies_complete"],
         "quarantined": by_state.get("quarantined", {"objects": 0, "bytes": 0}),
     }
 
@@ -1127,11 +1140,19 @@ def write_audit(state: State, out: str | os.PathLike[str], lang: str = "en",
     other = _twin_snapshot(state)
     rule = Rule.of(state)
     written: dict[str, Any] = {}
+    ready = threading.Event()
     worker = threading.Thread(target=_write_exports, name="audit-manifest",
-                              args=(other, tmp, rule, include_phi, written))
+                              args=(other, tmp, rule, include_phi, written, ready))
+
+    def arrived() -> dict[str, dict[str, Any]]:
+        ready.wait()
+        if "error" in written:
+            raise written["error"]
+        return written["arrivals"]
+
     try:
         worker.start()
-        facts = audit_facts(state, include_phi=include_phi)
+        facts = audit_facts(state, include_phi=include_phi, arrived=arrived)
     finally:
         worker.join()
         state.conn.execute("COMMIT")
@@ -1185,9 +1206,13 @@ def _twin_snapshot(state: State) -> sqlite3.Connection:
 
 
 def _write_exports(conn: sqlite3.Connection, tmp: dict[str, Path], rule: Rule, include_phi: bool,
-                   result: dict[str, Any]) -> None:
-    """manifest.csv then events.jsonl from `conn` (run in a thread: errors are handed back)."""
+                   result: dict[str, Any], ready: threading.Event) -> None:
+    """The destinations' `arrivals` (for the facts: `ready` says when), then manifest.csv and
+    events.jsonl, from `conn` (run in a thread: errors are handed back). The arrivals come
+    first: with the manifest they balance the two threads' work (about 38 and 34 s at 1M)."""
     try:
+        result["arrivals"] = arrivals(conn, rule.dests)
+        ready.set()
         fh = _HashingFile(tmp["manifest.csv"])
         fh.write(",".join(MANIFEST_COLUMNS + (PHI_COLUMNS if include_phi else ())) + "\n")
         rows = 0
@@ -1205,6 +1230,8 @@ def _write_exports(conn: sqlite3.Connection, tmp: dict[str, Path], rule: Rule, i
         result.update(digests=digests, rows=rows, events=events)
     except BaseException as exc:  # noqa: BLE001 - re-raised by the caller, in its thread
         result["error"] = exc
+    finally:
+        ready.set()
 
 
 def sums_text(digests: dict[str, str]) -> str:
