@@ -226,6 +226,20 @@ def test_safe_only_after_a_verify_that_found_nothing_as_decommission_decides(tmp
         y["bytes"] for y in facts["charts"]["by_study_year"])
 
 
+def test_a_playbook_delta_round_is_shown_with_its_round(tmp_path: Path) -> None:
+    with make_db(tmp_path / "delta.db", {"ok": CASES["ok"], "new": CASES["new"]}, [ARCHIVE]) as state:
+        with state.transaction() as tx:
+            tx.execute("INSERT INTO inventory_rounds(id, started_at, finished_at, status) VALUES "
+                       "(2, '2025-01-05T00:00:00+00:00', '2025-01-05T00:10:00+00:00', 'complete')")
+            tx.execute("UPDATE objects SET change = 'new', change_round = 2, first_seen_round = 2 WHERE key = 'new'")
+        state.log("inventory.complete", round=2, new=1, changed=0, deleted=0)
+        state.log("delta.round", playbook="nightly", round=2, new=1, changed=0, deleted=0, migrated=0)
+        facts = audit_facts(state)
+    [r] = facts["delta_rounds"]["rounds"]
+    assert (r["round"], r["new"], r["changed"], r["deleted"], r["moved"], r["left"]) == (2, 1, 0, 0, 0, 1)
+    assert r["playbook"]["playbook"] == "nightly" and r["playbook"]["migrated"] == 0
+
+
 @pytest.mark.parametrize("span,bucket", [(1, 1), (100, 1), (121, 2), (3600, 30), (86400 * 30, 21600)])
 def test_throughput_buckets(span: int, bucket: int) -> None:
     assert _bucket_size(span) == bucket
