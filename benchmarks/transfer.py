@@ -13,10 +13,14 @@ gives the median wall time, CPU (user+sys of the tool and its children), the pea
 process tree, the S3 server's CPU meanwhile, and the ratio of wall time to s5cmd.
 
 cloudexit runs `migrate --to DEST` on a copy of a finished inventory DB (the inventory is not
-timed: the other tools have none): every object is fetched with If-Match, MD5/multipart ETag,
-SHA-256 and the stored CRC32 are checked, the DICOM header is walked and its SOP Instance UID
-compared, each file is fsynced and renamed, its folder fsynced, and each result committed.
+timed: the other tools have none): every object is fetched with If-Match, its MD5/multipart ETag
+checked and its SHA-256 recorded (a provider CRC is computed only when no MD5-based ETag applies),
+the DICOM header is walked and its SOP Instance UID compared, each file is fsynced and renamed,
+its folder fsynced (once per group of files), and each result committed after that.
 s5cmd, rclone and aws cli write without fsync; rclone checks MD5 for single-part objects only.
+
+`--compare-tree DIR` also runs `cloudexit migrate` from another checkout (tool `cloudexit-base`,
+e.g. `git worktree add /tmp/base HEAD~1`), so a change is measured before/after in one run.
 """
 
 from __future__ import annotations
@@ -92,6 +96,8 @@ def command(name: str, bucket: str, dest: Path, server, db_copy: Path) -> list[s
                 f"s3://{bucket}", str(dest)]
     if name == "cloudexit":
         return [tool("cloudexit"), "migrate", "--to", str(dest), "--db", str(db_copy), "-q"]
+    if name == "cloudexit-base":  # another checkout (--compare-tree), for before/after in one run
+        return [sys.executable, "-m", "cloudexit.cli", "migrate", "--to", str(dest), "--db", str(db_copy), "-q"]
     raise ValueError(name)
 
 
@@ -107,12 +113,14 @@ def run(args: argparse.Namespace) -> dict:
                "RCLONE_S3_ACCESS_KEY_ID": server.env()["AWS_ACCESS_KEY_ID"],
                "RCLONE_S3_SECRET_ACCESS_KEY": server.env()["AWS_SECRET_ACCESS_KEY"]}
         server_pid = server.proc.pid if server.proc else None
+        base_env = {**env, "PYTHONPATH": str(Path(args.compare_tree).resolve())} if args.compare_tree else env
+        tools = list(args.tools) + (["cloudexit-base"] if args.compare_tree else [])
         for workload in args.workloads:
             bucket = prepare(server, workload, log)
             db = inventory_db(server, bucket, work, env, log)
-            data: dict[str, list] = {t: [] for t in args.tools}
+            data: dict[str, list] = {t: [] for t in tools}
             for round_ in range(args.rounds):
-                order = list(args.tools)
+                order = list(tools)
                 order = order[round_ % len(order):] + order[:round_ % len(order)]
                 for name in order:
                     dest = Path(args.dest_root) / f"{workload}-{name}"
@@ -122,7 +130,8 @@ def run(args: argparse.Namespace) -> dict:
                     for suffix in ("", "-wal", "-shm", ".lock"):
                         Path(str(db_copy) + suffix).unlink(missing_ok=True)
                     shutil.copy(db, db_copy)
-                    m = measure(command(name, bucket, dest, server, db_copy), env=env,
+                    m = measure(command(name, bucket, dest, server, db_copy),
+                                env=base_env if name == "cloudexit-base" else env,
                                 server_pid=server_pid, count_lines=False)
                     files = sum(1 for p in dest.rglob("*") if p.is_file())
                     data[name].append({**m.as_dict(), "files": files})
@@ -190,11 +199,12 @@ moment, alternating order), not across documents.
 
 {table}
 What each tool does per object: cloudexit GETs with If-Match, computes MD5 (or the multipart
-ETag, with the part size learned by `HEAD ?partNumber=1`), SHA-256 and the stored
-`x-amz-checksum-crc32` in one pass, walks the DICOM header and compares the SOP Instance UID,
-fsyncs the file, renames it, fsyncs the folder and commits the result. s5cmd, rclone and aws cli
-write without fsync; s5cmd checks nothing, rclone compares MD5 with single-part ETags only,
-aws cli checks `x-amz-checksum-*` when present.
+ETag, with the part size learned by `HEAD ?partNumber=1`) and SHA-256 in one pass (the stored
+`x-amz-checksum-crc32` only when no MD5-based ETag can be checked: SSE-KMS, SSE-C, unknown ETag
+forms), walks the DICOM header and compares the SOP Instance UID, fsyncs the file, renames it,
+fsyncs the folder (one fsync per folder for the files that landed meanwhile) and only then
+commits the result. s5cmd, rclone and aws cli write without fsync; s5cmd checks nothing, rclone
+compares MD5 with single-part ETags only, aws cli checks `x-amz-checksum-*` when present.
 
 ### Design choices, from profiles
 * Per-request Python CPU was the first obstacle: boto3's `get_object` costs ~1.5 ms of CPU
@@ -207,17 +217,31 @@ aws cli checks `x-amz-checksum-*` when present.
   overlap it with network and disk.
 * pydicom's header parse (~1 ms per object) was replaced on the hot path by a `struct` walk of
   the header (~40 µs; `cloudexit/dicomscan.py`) that falls back to pydicom for anything unusual.
-* Hashing is now the dominant cost and cannot go away with verification on: on this CPU,
-  MD5 runs at ~440 MB/s (1.2 ms per 0.5 MB object), SHA-256 (SHA-NI) at ~1 GB/s (0.5 ms), CRC32
-  (zlib) at ~1.1 GB/s (0.46 ms): ~2.2 ms of CPU per CT slice, about what s5cmd spends on the
-  whole object. With two cores shared with the S3 server, that is what separates cloudexit's
-  wall time from s5cmd's on the 0.5 MB workload. `awscrt` was measured: its CRC32 is no faster
-  than zlib here (its CRC32C and CRC64NVME are, and are used when it is installed).
-* fsync of each file and its folder costs ~10% of wall time on this disk (measured with
-  `MigrateConfig(fsync=False)`, which is not exposed: a verified object must be durable).
+* Hashing only what verification needs: on this CPU MD5 runs at ~440 MB/s (1.2 ms per 0.5 MB
+  object), SHA-256 (SHA-NI) at ~1 GB/s (0.5 ms), CRC32 (zlib) at ~1.1 GB/s (0.46 ms). A verified
+  MD5 ETag (or multipart ETag) already proves the bytes are those S3 stored, so the provider CRC
+  of the same bytes is computed only when no MD5-based ETag applies (SSE-KMS, SSE-C, unknown
+  ETag forms; `checksums.worth_computing`). SHA-256 is always computed: it is the archive's
+  recorded fixity (`verify --deep`, the audit). That leaves ~1.7 ms of hashing per CT slice.
+  `awscrt` was measured: its CRC32 is no faster than zlib here (its CRC32C and CRC64NVME are,
+  and are used when it is installed).
+* Response headers are parsed by a small reader (`transfer.Response`) instead of http.client's
+  `email` parser: 0.1-0.3 ms less user CPU per GET (of 0.6-0.9 ms for a 0.5 KB object, single
+  thread, 2,000 GETs; bodies are still read by http.client: Content-Length, chunked, keep-alive).
+  A raw-socket client measured ~0.3 ms: the rest is http.client's request and body machinery.
+* Durability with fewer fsyncs: each file is fsynced before its rename as before; the folder
+  fsync that makes the new name durable is group-committed by one thread per worker process
+  (`transfer.FolderSync`): results wait there, every folder with new files is fsynced once, and
+  only then are the results sent to the engine, which alone marks objects migrated. A file found
+  already at its final path after a crash is fsynced (file and folder) before it counts.
+* The engine keeps up to 4 tasks per download thread in flight and hands them out in batches of
+  at least one per thread (one DB transaction per batch), so the workers do not wait for a busy
+  engine; the worker processes start while the work queue is planned (`_sync`, which also skips
+  the folder checks of folders it has just given out).
 * Large objects: ranges of 16 MiB, 4 in flight per object, written with `pwrite` into one temp
   file; a follower thread hashes the bytes in order as they land (from the page cache), so
-  verification overlaps the download.
+  verification overlaps the download. A range is fdatasynced and reported for resume at its end
+  (every 16 MiB; each fdatasync flushes the whole file and stalls its stream).
 
 ### Bandwidth limit
 `--bwlimit` takes rclone's timetable syntax (`"20M"`, `"08:00,20M 18:00,off"`,
@@ -238,6 +262,9 @@ def main() -> None:
                         help="SeaweedFS data and inventory DBs, kept between invocations")
     parser.add_argument("--dest-root", default="/var/tmp/cloudexit-bench-dest",
                         help="where the tools download to (a disk, not tmpfs)")
+    parser.add_argument("--compare-tree", default=None,
+                        help="also run `cloudexit migrate` from this checkout (tool cloudexit-base), "
+                             "e.g. a `git worktree` of the commit before a change")
     parser.add_argument("--json", default=None, help="write all measurements here")
     parser.add_argument("--write-docs", action="store_true", help="update docs/performance.md")
     parser.add_argument("--docs-from", default=None, help="re-render the docs from a --json file")

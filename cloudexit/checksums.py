@@ -10,7 +10,8 @@ file for large objects) and computes, in C via hashlib/zlib with large buffers:
   (full-object or composite "-N"), and Alibaba OSS / Tencent COS / Huawei OBS `crc64ecma`.
 
 `expectations()` turns the ETag and the provider headers into the list of checks that apply;
-`ObjectHasher.verify()` says which passed and which failed.
+`worth_computing()` keeps what verification needs (a provider CRC only when no MD5-based ETag
+can be checked; SHA-256 always); `ObjectHasher.verify()` says which passed and which failed.
 """
 
 from __future__ import annotations
@@ -155,6 +156,22 @@ def expectations(etag: str | None, headers: dict[str, str], sse: str | None = No
         if value and value.isdigit():
             found.append(Expectation(header, "crc64ecma", value))
     return found
+
+
+def worth_computing(checks: list[Expectation]) -> tuple[list[Expectation], list[Expectation]]:
+    """(checks to compute, checks left out) under the rule "hash only what verification needs".
+
+    When the ETag is an MD5 of the content (single-part) or of its parts (multipart), checking it
+    proves the bytes are the ones S3 stored: a provider CRC32/CRC32C/CRC64/SHA-1 of the same
+    bytes adds no assurance, and costs a pass over every byte. Those are computed only when no
+    MD5-based ETag applies (SSE-KMS, SSE-C, an ETag of unknown form). A whole-object
+    `x-amz-checksum-sha256` is always kept: SHA-256 is computed anyway (it is the archive's
+    recorded fixity for `verify --deep` and the audit).
+    """
+    if not any(c.algorithm == "md5" for c in checks):
+        return list(checks), []
+    keep = [c for c in checks if c.algorithm == "md5" or (c.algorithm == "sha256" and not c.per_part)]
+    return keep, [c for c in checks if c not in keep]
 
 
 def part_bounds(size: int, part_sizes: list[int] | None = None, part_size: int | None = None) -> list[int]:

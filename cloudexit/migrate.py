@@ -250,6 +250,9 @@ class Migration:
         self.delivered_count = 0
         self.next_pacs = 0.0
         self.pacs_rows_final = False
+        self._known_folders: set[str] | None = None  # see `_sync`
+        self.workers: list[Any] = []
+        self.workers_joined = False
 
     # -- public ------------------------------------------------------------------------------------
     def run(self) -> MigrationSummary:
@@ -259,6 +262,7 @@ class Migration:
             self.store.check()
             self._open_outlets()
             self.endpoint, self.credentials = self._endpoint()
+            self._start_workers()  # they start up (a second or so) while the queue is planned
             self._open_run()
             self._sync()
             self._sync_pacs()
@@ -267,6 +271,8 @@ class Migration:
             self._settle_pacs()
             return self._finish()
         finally:
+            if self.workers and not self.workers_joined:  # failed before the work began
+                self._stop_workers()
             for outlet in self.outlets:
                 outlet.pool.shutdown(wait=False, cancel_futures=True)
                 try:
@@ -470,12 +476,18 @@ class Migration:
         if row and row[0] != key:
             return False
         parts = path.split("/")
+        folders = self._known_folders
         for i in range(1, len(parts)):
-            row = tx.execute(q, (self.dest, "/".join(parts[:i]))).fetchone()
+            prefix = "/".join(parts[:i])
+            if folders is not None and prefix in folders:
+                continue  # a folder of a path given out in this pass: no file can be there
+            row = tx.execute(q, (self.dest, prefix)).fetchone()
             if row and row[0] != key:
                 return False
         below = tx.execute("SELECT key FROM transfers WHERE dest = ? AND path >= ? AND path < ? LIMIT 1",
                            (self.dest, path + "/", path + "0")).fetchone()
+        if not below and folders is not None:  # the caller takes this path
+            folders.update("/".join(parts[:i]) for i in range(1, len(parts)))
         return not below
 
     def _initial_state(self, o: sqlite3.Row, path: str | None) -> str:
@@ -534,10 +546,16 @@ class Migration:
                 "(SELECT 1 FROM transfers t WHERE t.key = o.key AND t.dest = ?)", (dest,))
             rows = _q(tx, "SELECT o.*, n.rn FROM temp.cx_new n JOIN objects o ON o.key = n.key "
                           "ORDER BY n.rn")
-            for o in rows:
-                path, conflict = self._path(tx, o)
-                self._insert(tx, [(o["key"], dest, base + o["rn"], self._initial_state(o, path),
-                                   o["etag"], o["size"], o["kind"], path, conflict, stamp)])
+            # Paths are only added in this loop, so the folders of each path given out stay folders
+            # (`_free` refuses a file where a folder is): their checks are skipped for the next ones.
+            self._known_folders = set()
+            try:
+                for o in rows:
+                    path, conflict = self._path(tx, o)
+                    self._insert(tx, [(o["key"], dest, base + o["rn"], self._initial_state(o, path),
+                                       o["etag"], o["size"], o["kind"], path, conflict, stamp)])
+            finally:
+                self._known_folders = None
             tx.execute("DROP TABLE temp.cx_new")
             if deleted or changed:
                 self.state.log("migrate.sync", tx, run=self.run_id, deleted=deleted, changed=len(changed))
@@ -549,7 +567,7 @@ class Migration:
                            "conflict_with, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", batch)
 
     # -- workers -----------------------------------------------------------------------------------
-    def _run_workers(self) -> None:
+    def _start_workers(self) -> None:
         cfg = self.config
         ctx = multiprocessing.get_context("spawn")
         self.stop_event = ctx.Event()
@@ -571,6 +589,8 @@ class Migration:
         with _main_module_hidden():
             for w in self.workers:
                 w.start()
+
+    def _run_workers(self) -> None:
         self.background = ThreadPoolExecutor(4, thread_name_prefix="cloudexit-bg")
         self.reader = S3Reader(Endpoint(**{**asdict(self.endpoint), "connect_timeout": 5.0,
                                            "read_timeout": 10.0}), self.credentials)
@@ -617,7 +637,9 @@ class Migration:
             except queue.Empty:
                 message = None
             while message is not None:
-                if message[0] == "result":
+                if message[0] == "results":  # a group whose folders were fsynced together
+                    pending.extend(message[1])
+                elif message[0] == "result":
                     pending.append(message[1])
                 elif message[0] == "range":
                     flight = self.flights.get(message[1])
@@ -679,8 +701,12 @@ class Migration:
                                       (self.dest, state_name)))
 
     def _dispatch(self) -> int:
-        room = self.capacity * 2 - len(self.flights)
+        # Up to 4 tasks per thread in flight (so the workers never wait for a busy engine),
+        # handed out in batches of at least one per thread (one DB transaction each batch).
+        room = self.capacity * 4 - len(self.flights)
         if room <= 0 or self.stop_error is not None:
+            return 0
+        if room < self.capacity and self.flights and not self.retry_heap:
             return 0
         picked: list[_Flight] = []
         clock = time.monotonic()
@@ -849,12 +875,18 @@ class Migration:
             tx.execute("UPDATE transfers SET state = 'queued', updated_at = ? WHERE key = ? AND dest = ?",
                        (stamp, key, dest))
             if self.stop_error is None:
-                free = _free_space(self.store)
                 self.state.log("migrate.stopped", tx, run=self.run_id, reason="destination", detail=r.detail)
-                self.stop_error = StoreError(
-                    f"the archive at {self.store.root} cannot take more: {r.detail}"
-                    + (f" ({free} free)" if free else ""),
-                    hint="free space or fix the folder's permissions, then: cloudexit migrate --resume")
+                if r.error_code in ("EROFS", "EACCES", "EPERM"):
+                    self.stop_error = StoreError(
+                        f"the archive at {self.store.root} is not writable: {r.detail}",
+                        hint="make that folder writable (its permissions, or a read-only mount), "
+                             "then: cloudexit migrate --resume")
+                else:
+                    free = _free_space(self.store)
+                    self.stop_error = StoreError(
+                        f"the archive at {self.store.root} cannot take more: {r.detail}"
+                        + (f" ({free} free)" if free else ""),
+                        hint="free space or fix the folder's permissions, then: cloudexit migrate --resume")
             return
         if kind == "gone":
             self._fail(tx, flight, "missing", r.detail or "deleted at the source", stamp)
@@ -1179,8 +1211,8 @@ class Migration:
                 continue
             except KeyboardInterrupt:
                 break
-            if message[0] == "result":
-                pending.append(message[1])
+            if message[0] in ("result", "results"):
+                pending.extend(message[1] if message[0] == "results" else [message[1]])
                 if len(pending) >= 64:
                     self._commit(pending, [])
                     pending = []
@@ -1197,6 +1229,12 @@ class Migration:
                                "WHERE key = ? AND dest = ? AND state = 'fetching'", keys)
             self.flights.clear()
             self.retry_heap.clear()
+        self._stop_workers()
+        if self.background is not None:
+            self.background.shutdown(wait=False, cancel_futures=True)
+        self.reader.close()
+
+    def _stop_workers(self) -> None:
         self.stop_event.set()
         self.inbox.put(None)
         for w in self.workers:
@@ -1207,9 +1245,7 @@ class Migration:
                 w.join(timeout=2)
         self.inbox.cancel_join_thread()
         self.outbox.cancel_join_thread()
-        if self.background is not None:
-            self.background.shutdown(wait=False, cancel_futures=True)
-        self.reader.close()
+        self.workers_joined = True
 
     def _resolve_conflicts(self) -> None:
         """Same SOP Instance UID at two keys: identical content is a duplicate (one copy kept);

@@ -38,7 +38,13 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 from urllib.parse import quote, urlsplit
 
-from .checksums import Expectation, ObjectHasher, expectations, part_bounds
+from .checksums import (
+    Expectation,
+    ObjectHasher,
+    expectations,
+    part_bounds,
+    worth_computing,
+)
 from .dicomscan import scan
 
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
@@ -240,6 +246,95 @@ class Counters:
         self.bytes += other.bytes
 
 
+class Headers:
+    """Response headers, read without the `email` parser that http.client uses (measured: 0.1-0.3
+    ms less user CPU per GET, of ~0.6-0.9 ms for a 0.5 KB object). What `HTTPResponse` asks of
+    its `headers`: get, get_all, items; names case-insensitive."""
+
+    __slots__ = ("_first", "_items")
+
+    def __init__(self, items: list[tuple[str, str]]) -> None:
+        self._items = items
+        self._first: dict[str, str] = {}
+        for name, value in items:
+            self._first.setdefault(name.lower(), value)
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return self._first.get(name.lower(), default)
+
+    def get_all(self, name: str, failobj: Any = None) -> Any:
+        name = name.lower()
+        found = [v for k, v in self._items if k.lower() == name]
+        return found or failobj
+
+    def items(self) -> list[tuple[str, str]]:
+        return list(self._items)
+
+    def __contains__(self, name: str) -> bool:
+        return name.lower() in self._first
+
+
+class Response(http.client.HTTPResponse):
+    """`http.client.HTTPResponse` with a lean header parser; bodies are read as the stdlib does
+    (Content-Length, chunked, keep-alive and close semantics unchanged)."""
+
+    def begin(self) -> None:
+        if self.headers is not None:
+            return
+        while True:
+            version, status, reason = self._read_status()  # type: ignore[attr-defined]
+            if status != http.client.CONTINUE:
+                break
+            self._read_header_lines()
+        self.code = self.status = status
+        self.reason = reason.strip()
+        if version in ("HTTP/1.0", "HTTP/0.9"):
+            self.version = 10
+        elif version.startswith("HTTP/1."):
+            self.version = 11
+        else:
+            raise http.client.UnknownProtocol(version)
+        self.headers = self.msg = Headers(self._read_header_lines())  # type: ignore[assignment]
+        tr_enc = self.headers.get("transfer-encoding")
+        self.chunked = bool(tr_enc and tr_enc.lower() == "chunked")
+        self.chunk_left = None
+        self.will_close = self._check_close()  # type: ignore[attr-defined]
+        self.length = None
+        length = self.headers.get("content-length")
+        if length and not self.chunked:
+            try:
+                self.length = int(length)
+            except ValueError:
+                self.length = None
+            else:
+                if self.length < 0:
+                    self.length = None
+        if (status in (http.client.NO_CONTENT, http.client.NOT_MODIFIED) or 100 <= status < 200
+                or self._method == "HEAD"):  # type: ignore[attr-defined]
+            self.length = 0
+        if not self.will_close and not self.chunked and self.length is None:
+            self.will_close = True
+
+    def _read_header_lines(self) -> list[tuple[str, str]]:
+        items: list[tuple[str, str]] = []
+        while True:
+            line = self.fp.readline(65537)
+            if len(line) > 65536:
+                raise http.client.LineTooLong("header line")
+            if line in (b"\r\n", b"\n", b""):
+                return items
+            if len(items) >= 100:
+                raise http.client.HTTPException("got more than 100 headers")
+            text = line.decode("iso-8859-1")
+            if text[:1] in (" ", "\t") and items:  # obsolete line folding, kept as the stdlib does
+                name, value = items[-1]
+                items[-1] = (name, value + "\r\n" + text.rstrip("\r\n"))
+                continue
+            name, sep, value = text.partition(":")
+            if sep:
+                items.append((name, value.lstrip(" \t").rstrip("\r\n")))
+
+
 class S3Reader:
     """Signed GET/HEAD over keep-alive connections, one per thread."""
 
@@ -282,6 +377,7 @@ class S3Reader:
                 conn.set_tunnel(host, ep.port)
         else:
             conn = http.client.HTTPConnection(*target, timeout=ep.connect_timeout)
+        conn.response_class = Response
         conn.connect()
         conn.sock.settimeout(ep.read_timeout)
         conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -426,6 +522,7 @@ class Result:
     outcome: str  # verified | quarantined | failed | cancelled
     error_kind: str | None = None
     detail: str | None = None
+    error_code: str | None = None  # errno name of a disk error (ENOSPC, EROFS, EACCES...)
     path: str | None = None  # where the file landed (absolute)
     sha256: str | None = None
     md5: str | None = None
@@ -440,6 +537,7 @@ class Result:
     changed_to: dict[str, Any] | None = None  # 412: the object's new ETag/size (from HEAD)
     restart: bool = False
     elapsed: float = 0.0
+    folder: str | None = None  # the file's folder still to fsync (worker side only)
 
 
 # -- the worker side ---------------------------------------------------------------------------------
@@ -449,7 +547,8 @@ class Fetcher:
     def __init__(self, endpoint: Endpoint, credentials: Credentials, rate: SharedRate | None,
                  stop: Any, root: str, attempts: int = 6, backoff_base: float = 0.5, backoff_max: float = 30.0,
                  buffer_size: int = 2**20, range_streams: int = 4, fsync: bool = True,
-                 report: Callable[[tuple[Any, ...]], None] | None = None) -> None:
+                 report: Callable[[tuple[Any, ...]], None] | None = None,
+                 group_folder_sync: bool = False) -> None:
         from .stores.filesystem import Placer
 
         self.reader = S3Reader(endpoint, credentials)
@@ -461,6 +560,9 @@ class Fetcher:
         self.range_streams = range_streams
         self.placer = Placer(root, fsync=fsync)
         self.report = report or (lambda message: None)
+        # True: `place` leaves the folder fsync to a FolderSync, which reports the result after
+        # it (one fsync per folder for all the files that landed meanwhile).
+        self.group_folder_sync = group_folder_sync
         self._local = threading.local()
 
     def _buffer(self) -> memoryview:
@@ -523,8 +625,8 @@ class Fetcher:
                         self.placer.discard(task.temp)
                     return result
         except OSError as exc:
-            err = disk_error(exc, f"writing {task.final}")
-            result.error_kind, result.detail = err.kind, err.detail
+            err = disk_error(exc, f"writing {exc.filename or task.final}")
+            result.error_kind, result.detail, result.error_code = err.kind, err.detail, err.code
             if exc.errno not in DISK_ERRNOS:
                 result.error_kind = "permanent"
             return result
@@ -549,6 +651,7 @@ class Fetcher:
                               or ("customer" if headers.get("x-amz-server-side-encryption-customer-algorithm") else None))
         if headers.get("x-amz-server-side-encryption") in ("aws:kms", "aws:kms:dsse"):
             result.not_checked.append("md5 (SSE-KMS: the ETag is not an MD5)")
+        checks, _covered = worth_computing(checks)  # a provider CRC adds nothing to a verified MD5
         if not any(c.per_part for c in checks):
             return checks, None
         parts = max(c.parts for c in checks if c.per_part)
@@ -719,8 +822,10 @@ class Fetcher:
             result.outcome = "verified"
         if target != task.final:
             self.placer.prepare(target)
-        result.replaced = self.placer.place(fd, task.temp, target)
+        result.replaced = self.placer.place(fd, task.temp, target, sync_folder=not self.group_folder_sync)
         result.path = target
+        if self.group_folder_sync:
+            result.folder = os.path.dirname(target)
 
     def _mismatch_path(self, key: str) -> str:
         from .stores.filesystem import MISMATCH, safe_key_path
@@ -766,6 +871,8 @@ class Fetcher:
         fd = os.open(task.final, os.O_RDONLY | os.O_NOFOLLOW)
         try:
             self._rehash(fd, task.size, hasher, head)
+            if self.placer.fsync:
+                os.fsync(fd)  # a kill -9 after the rename may have left it in the page cache only
         except FetchError:
             return False
         finally:
@@ -781,6 +888,10 @@ class Fetcher:
         result.checks, result.sha256, result.md5 = check.passed, hasher.sha256_hex(), hasher.md5_hex()
         result.path, result.local = task.final, True
         self.placer.discard(task.temp)
+        if self.group_folder_sync:
+            result.folder = os.path.dirname(task.final)
+        else:
+            self.placer.sync_folders([os.path.dirname(task.final)])
         return True
 
     # -- large objects: parallel ranges, hashed in order as they land ------------------------------
@@ -851,7 +962,9 @@ class Fetcher:
 
         threads: list[threading.Thread] = []
         synced = list(written)
-        sync_step = max(2**20, task.range_size // 4)  # progress inside a range, for resume
+        # Progress inside a range, for resume. Each fdatasync flushes the whole file and stalls
+        # its stream, so ranges up to 16 MiB report (and sync) once, at their end.
+        sync_step = max(16 * 2**20, task.range_size // 4)
         pending = [i for i in range(len(ranges)) if written[i] < ranges[i][1] - ranges[i][0]]
         lock = threading.Lock()
 
@@ -912,6 +1025,55 @@ class Fetcher:
 
 
 # -- worker processes -----------------------------------------------------------------------------
+class FolderSync:
+    """Group commit of folder fsyncs, one thread per worker process.
+
+    A result whose file was fsynced and renamed waits here until its folder is fsynced too, and
+    only then goes to the engine (which alone marks it migrated). Every folder is fsynced once
+    for all the files that landed in it while the previous round of fsyncs ran: with 50-100
+    instances per series folder, that is one folder fsync for many files instead of one each.
+    """
+
+    def __init__(self, placer: Any, send: Callable[[tuple[Any, ...]], None]) -> None:
+        self.placer, self.send = placer, send
+        self.cond = threading.Condition()
+        self.waiting: list[Result] = []
+        self.closed = False
+        self.thread = threading.Thread(target=self._run, name="cloudexit-folder-sync", daemon=True)
+        self.thread.start()
+
+    def add(self, result: Result) -> None:
+        with self.cond:
+            self.waiting.append(result)
+            self.cond.notify()
+
+    def close(self) -> None:
+        """Sync and send what waits, then end the thread."""
+        with self.cond:
+            self.closed = True
+            self.cond.notify()
+        self.thread.join()
+
+    def _run(self) -> None:
+        while True:
+            with self.cond:
+                while not self.waiting and not self.closed:
+                    self.cond.wait()
+                if not self.waiting:
+                    return
+                batch, self.waiting = self.waiting, []
+            try:
+                self.placer.sync_folders(dict.fromkeys(r.folder for r in batch if r.folder))
+            except OSError as exc:
+                failed = disk_error(exc, "fsync of an archive folder")
+                for r in batch:  # in place, not durable under its name: not migrated yet
+                    r.outcome, r.error_kind, r.detail = "failed", failed.kind, failed.detail
+                    r.error_code = failed.code
+            for r in batch:
+                r.folder = None
+            self.send(("results", batch))
+
+
 def _die_with_parent() -> None:
     """Linux: get SIGKILL when the engine dies (kill -9 included), never orphaned writers."""
     try:
@@ -929,7 +1091,9 @@ def worker_main(endpoint: Endpoint, credentials: Credentials, inbox: Any, outbox
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the engine handles Ctrl-C and tells us
     if os.getppid() != parent:
         return
-    fetcher = Fetcher(endpoint, credentials, rate, stop, report=outbox.put, **options)
+    fetcher = Fetcher(endpoint, credentials, rate, stop, report=outbox.put, group_folder_sync=True,
+                      **options)
+    folders = FolderSync(fetcher.placer, outbox.put)
 
     def loop() -> None:
         while True:
@@ -947,10 +1111,14 @@ def worker_main(endpoint: Endpoint, credentials: Credentials, inbox: Any, outbox
             except BaseException as exc:  # noqa: BLE001 - a bug must not hang the engine
                 result = Result(task.id, task.key, "failed", error_kind="permanent",
                                 detail=f"internal error: {_short(exc)}")
-            outbox.put(("result", result))
+            if result.folder:
+                folders.add(result)
+            else:
+                outbox.put(("result", result))
 
     pool = [threading.Thread(target=loop, daemon=True) for _ in range(threads)]
     for t in pool:
         t.start()
     for t in pool:
         t.join()
+    folders.close()

@@ -165,7 +165,12 @@ def test_link_down_and_back(s3_env, ct_bucket, ct_db: Path, tmp_path: Path, faul
                              "--db", str(ct_db), "--endpoint-url", fault_proxy.endpoint_url,
                              "--bwlimit", "8M", "-q"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
-    time.sleep(2.0)
+    # Cut the link once objects are moving (a fixed sleep raced the start-up on a busy machine).
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+        if rows(ct_db, "SELECT count(*) AS n FROM transfers WHERE state = 'verified'")[0]["n"]:
+            break
     fault_proxy.down()
     deadline = time.monotonic() + 60
     waiting = None
@@ -173,7 +178,9 @@ def test_link_down_and_back(s3_env, ct_bucket, ct_db: Path, tmp_path: Path, faul
         time.sleep(0.3)
         found = rows(ct_db, "SELECT waiting_since FROM migration_runs")
         waiting = found[0]["waiting_since"] if found else None
-    assert waiting, "the run never noticed the link was down"
+    ended = proc.poll()
+    assert waiting, ("the run never noticed the link was down: "
+                     + (f"it ended ({ended}): {proc.communicate()[1][-2000:]}" if ended is not None else "still running"))
     status = subprocess.run([sys.executable, "-m", "cloudexit.cli", "status", "--db", str(ct_db)],
                             capture_output=True, text=True)
     assert "waiting for the link since" in status.stdout
@@ -233,6 +240,70 @@ def test_disk_full_stops_cleanly_then_resumes(cli, ct_bucket, ct_db: Path, small
     finals = {str(p.relative_to(dest)) for p in dest.rglob("*.dcm")}
     assert finals == {r["path"] for r in rows(ct_db, "SELECT path FROM transfers WHERE state = 'verified'")}
     subprocess.run(["mount", "-o", "remount,size=64m", str(small_tmpfs)], check=True)
+    result = cli("migrate", "--resume", "--db", str(ct_db), "-q")
+    assert result.exit_code == 0, result.output
+    check_archive(ct_db, dest, objects)
+
+
+@pytest.fixture
+def read_only():
+    """make(path) makes a folder read-only, fix() undoes it: chmod 0500 for a normal user; as
+    root (who writes through permission bits) a read-only tmpfs mounted on it."""
+    made: list[tuple[Path, bool]] = []
+
+    def make(path: Path) -> None:
+        path.mkdir(parents=True, exist_ok=True)
+        if os.geteuid() != 0:
+            path.chmod(0o500)
+            made.append((path, False))
+            return
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700,ro", "tmpfs", str(path)],
+                              capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a read-only tmpfs here: {done.stderr.strip()}")
+        made.append((path, True))
+
+    def fix() -> None:
+        while made:
+            path, mounted = made.pop()
+            if mounted:
+                subprocess.run(["umount", "-l", str(path)], check=True)
+            else:
+                path.chmod(0o700)
+
+    yield make, fix
+    fix()
+
+
+def test_archive_not_writable_stops_clearly_and_loses_nothing(cli, ct_bucket, ct_db: Path, tmp_path: Path,
+                                                               read_only) -> None:
+    _bucket, objects = ct_bucket
+    make, fix = read_only
+    dest = tmp_path / "archive"
+    # 1. The whole archive folder: refused before anything moves.
+    make(dest)
+    result = cli("migrate", "--to", str(dest), "--db", str(ct_db))
+    assert result.exit_code == 1, result.output
+    assert f"the archive folder {dest} is not writable" in result.output
+    assert "fix its permissions or mount" in result.output
+    assert not rows(ct_db, "SELECT key FROM transfers WHERE state = 'verified'")
+    fix()
+    # 2. One study folder, found read-only while the run goes on: the run stops, names the
+    # folder and what to do; that study's objects stay queued, nothing half-done at a final path.
+    study = next(o.study_uid for o in objects if o.kind == "dicom")
+    make(dest / study)
+    result = cli("migrate", "--to", str(dest), "--db", str(ct_db), "--large-object", str(8 * 2**20))
+    assert result.exit_code == 1, result.output
+    assert f"the archive at {dest} is not writable" in result.output
+    assert str(dest / study) in result.output
+    assert "Read-only file system" in result.output or "Permission denied" in result.output
+    assert "make that folder writable" in result.output and "migrate --resume" in result.output
+    states = {r["key"]: r["state"] for r in rows(ct_db, "SELECT key, state FROM transfers")}
+    blocked = [o.key for o in objects if o.study_uid == study]
+    assert blocked and all(states[k] == "queued" for k in blocked), states
+    for r in rows(ct_db, "SELECT * FROM transfers WHERE state = 'verified'"):
+        assert hashlib.sha256((dest / r["path"]).read_bytes()).hexdigest() == r["sha256"]
+    fix()
     result = cli("migrate", "--resume", "--db", str(ct_db), "-q")
     assert result.exit_code == 0, result.output
     check_archive(ct_db, dest, objects)

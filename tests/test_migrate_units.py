@@ -5,6 +5,8 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import hashlib
+import http.client
+import io
 import zlib
 
 import pytest
@@ -13,11 +15,17 @@ from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials as BotoCredentials
 
 from cloudexit import synthetic
-from cloudexit.checksums import ObjectHasher, crc_implementation, expectations, part_bounds
+from cloudexit.checksums import (
+    ObjectHasher,
+    crc_implementation,
+    expectations,
+    part_bounds,
+    worth_computing,
+)
 from cloudexit.dicom import classify
 from cloudexit.dicomscan import scan
 from cloudexit.stores.filesystem import FilesystemStore, safe_key_path
-from cloudexit.transfer import Credentials, Endpoint, Signer
+from cloudexit.transfer import Credentials, Endpoint, Response, Signer
 
 KEYS = ["a/b.dcm", "影像/张三 study/1.dcm", "odd/a+b%20c&d=e;f.dcm", "scans/with space/image 1.dcm",
         "C:/PACS/export/img.dcm", "tilde~and(parens)!*'.dcm"]
@@ -76,6 +84,35 @@ def test_provider_crcs_and_sse_kms() -> None:
     assert expectations("0" * 32, {}, sse="aws:kms") == []
 
 
+def test_provider_crc_is_computed_only_without_an_md5_etag() -> None:
+    """An MD5 ETag (single or multipart) that verifies proves the bytes: a CRC of the same bytes
+    adds nothing. Without one (SSE-KMS, SSE-C, an unknown ETag form) the CRC is the check."""
+    data = b"x" * 1000
+    crc = base64.b64encode(zlib.crc32(data).to_bytes(4, "big")).decode()
+    sha = base64.b64encode(hashlib.sha256(data).digest()).decode()
+    headers = {"x-amz-checksum-crc32": crc, "x-amz-checksum-sha256": sha,
+               "x-oss-hash-crc64ecma": "12345", "x-amz-checksum-crc32c": "AAAAAA==-3"}
+    keep, covered = worth_computing(expectations(hashlib.md5(data).hexdigest(), headers))
+    assert [c.name for c in keep] == ["md5", "x-amz-checksum-sha256"]  # SHA-256 costs nothing more
+    assert {c.name for c in covered} == {"x-amz-checksum-crc32", "x-amz-checksum-crc32c",
+                                         "x-oss-hash-crc64ecma"}
+    keep, _ = worth_computing(expectations("0" * 32 + "-3", headers))
+    assert [c.name for c in keep] == ["etag-multipart", "x-amz-checksum-sha256"]
+    for sse in ("aws:kms", "customer"):
+        keep, covered = worth_computing(expectations("0" * 32, headers, sse=sse))
+        assert not covered and {c.name for c in keep} == set(headers)
+    keep, covered = worth_computing(expectations("not-an-md5", {"x-amz-checksum-crc32": crc}))
+    assert [c.name for c in keep] == ["x-amz-checksum-crc32"] and not covered
+    hasher = ObjectHasher(len(data), keep)
+    hasher.update(data)
+    assert hasher.verify().passed == ["size", "x-amz-checksum-crc32"]
+    # A flipped byte is still caught by the MD5 alone.
+    keep, _ = worth_computing(expectations(hashlib.md5(data).hexdigest(), {"x-amz-checksum-crc32": crc}))
+    bad = ObjectHasher(len(data), keep)
+    bad.update(data[:-1] + b"y")
+    assert [name for name, _, _ in bad.verify().failed] == ["md5"]
+
+
 def test_dicom_walk_agrees_with_pydicom() -> None:
     for obj in synthetic.generate(synthetic.Profile.tiny()):
         body = obj.body()
@@ -99,3 +136,29 @@ def test_paths_stay_inside_and_avoid_our_names(tmp_path) -> None:
     assert store.path_for("k", "dicom", "1.2", "../x", "1.3") .startswith("1.2/x-")
     with pytest.raises(Exception):
         store.absolute("../outside")
+
+
+class _Canned:
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def makefile(self, mode: str) -> io.BufferedReader:
+        return io.BufferedReader(io.BytesIO(self.data))
+
+
+@pytest.mark.parametrize("answer", [
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nETag: \"abc\"\r\nX-A: 1\r\nx-a: 2\r\n"
+     b"X-Fold: a\r\n  b\r\nX-Amz-Checksum-Crc32:  AAAAAA== \r\n\r\nhello"),
+    b"HTTP/1.1 206 Partial Content\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+    b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.0 404 Not Found\r\nConnection: close\r\n\r\n<Error/>",
+])
+def test_lean_response_reads_like_http_client(answer: bytes) -> None:
+    ours, stdlib = Response(_Canned(answer), method="GET"), http.client.HTTPResponse(_Canned(answer), method="GET")
+    ours.begin()
+    stdlib.begin()
+    assert (ours.status, ours.reason, ours.version, ours.will_close, ours.length, ours.chunked) == \
+        (stdlib.status, stdlib.reason, stdlib.version, stdlib.will_close, stdlib.length, stdlib.chunked)
+    assert ours.getheaders() == stdlib.getheaders()
+    for name in ("content-length", "ETAG", "x-a", "x-fold", "missing"):
+        assert ours.getheader(name) == stdlib.getheader(name), name
+    assert ours.read() == stdlib.read()

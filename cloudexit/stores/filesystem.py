@@ -26,6 +26,7 @@ import hashlib
 import os
 import re
 import shutil
+from collections.abc import Iterable
 from pathlib import Path, PurePosixPath
 from typing import ClassVar
 
@@ -222,22 +223,32 @@ class Placer:
             return 0
         return min(have, size - 1)  # a complete temp still re-reads its last byte: one tiny GET
 
-    def place(self, fd: int, temp: str, final: str) -> bool:
+    def place(self, fd: int, temp: str, final: str, sync_folder: bool = True) -> bool:
         """fsync the temp file, rename it to `final`, fsync the folder. True if it replaced
-        a file that was there."""
+        a file that was there.
+
+        sync_folder=False leaves the folder's fsync to the caller (`sync_folders`, once for a
+        batch of files): the file is not durable under its name until then."""
         if self.fsync:
             os.fsync(fd)
         replaced = os.path.lexists(final)
         if replaced and os.path.isdir(final) and not os.path.islink(final):
             raise OSError(errno.EISDIR, f"a folder is in the way of {final}")
         os.rename(temp, final)
-        if self.fsync:
-            dfd = os.open(os.path.dirname(final), os.O_RDONLY | os.O_DIRECTORY)
+        if sync_folder:
+            self.sync_folders([os.path.dirname(final)])
+        return replaced
+
+    def sync_folders(self, folders: Iterable[str]) -> None:
+        """fsync each folder once (its new entries become durable)."""
+        if not self.fsync:
+            return
+        for folder in folders:
+            dfd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
             try:
                 os.fsync(dfd)
             finally:
                 os.close(dfd)
-        return replaced
 
     @staticmethod
     def discard(temp: str) -> None:
