@@ -187,8 +187,9 @@ class Inventory:
         self.pattern = compile_key_pattern(self.config.key_pattern) if self.config.key_pattern else None
         self.since = since
         self.round = 0
-        self._pages: queue.Queue[_Page | BaseException] = queue.Queue(
-            maxsize=max(8, 2 * self.config.list_workers))
+        # Pages waiting for the writer: each holds up to 1000 keys (~0.5 MB), and the writer is
+        # usually the slower side, so a short queue keeps memory down without idling it.
+        self._pages: queue.Queue[_Page | BaseException] = queue.Queue(maxsize=4)
         self._stop = threading.Event()
         self._failed: dict[str, str] = {}
         self._changes: dict[str, int] = {}

@@ -156,21 +156,22 @@ def parse_page(body: bytes) -> ListPage:
     block without a Key) is parsed by ElementTree instead.
     """
     text = body.decode("utf-8")
-    blocks = _CONTENTS.findall(text)
-    if "<![CDATA[" in text or text.count("<Contents") != len(blocks) \
-            or text.count("<CommonPrefixes") != text.count("<CommonPrefixes>"):
+    if "<![CDATA[" in text or text.count("<CommonPrefixes") != text.count("<CommonPrefixes>"):
         return parse_page_tree(body)
     encoded = "<EncodingType>url</EncodingType>" in text
     objects = []
-    for block in blocks:
-        fields = dict(_FIELD.findall(block))
+    for match in _CONTENTS.finditer(text):
+        fields = dict(_FIELD.findall(match.group(1)))
         key = fields.get("Key")
         if key is None:
             return parse_page_tree(body)
         etag = fields.get("ETag", "")
+        storage = fields.get("StorageClass") or "STANDARD"
         objects.append(ListedObject(_text(key, encoded), int(fields.get("Size") or 0),
                                     _text(etag, False).strip('"'), fields.get("LastModified", ""),
-                                    fields.get("StorageClass") or "STANDARD"))
+                                    "STANDARD" if storage == "STANDARD" else storage))
+    if text.count("<Contents") != len(objects):
+        return parse_page_tree(body)
     # Markup cannot hide in keys or other text ('<' is always escaped there), so the top-level
     # elements can be looked for anywhere.
     prefixes = [_text(p, encoded) for p in _PREFIX.findall(text)]

@@ -39,7 +39,7 @@ def parse_s3_url(url: str) -> tuple[str, str]:
     return parsed.netloc, parsed.path.lstrip("/")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: a listing page holds a thousand of them
 class ListedObject:
     key: str
     size: int
