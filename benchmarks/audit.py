@@ -7,9 +7,10 @@ No S3 needed: the state DB is built directly with SQL, shaped like a real migrat
 100 instances in 2 series, 5 modalities over 10 study years, 3 storage classes, ~1% multipart,
 an interrupted-and-resumed run with a link outage, and exceptions: 0.1% failed, 0.05%
 quarantined, 0.02% conflicts, 0.01% changed at the source, 0.05% still queued, some deleted at
-the source, plus a plan and a `cloudexit verify` that found 20 altered files). Then `cloudexit audit --out DIR` runs in a child process, measured
-with wait4 (wall, CPU, peak RSS), and `cloudexit audit verify DIR` after it. Bounded memory
-means the peak RSS does not grow with N: run it at two sizes to see (the JSON has both).
+the source, plus a plan and a `cloudexit verify` that found 20 altered files). Then
+`cloudexit audit --out DIR` runs in a child process, measured with wait4 (wall, CPU) and GNU
+time (peak RSS), and `cloudexit audit verify DIR` after it. Bounded memory means the peak RSS
+does not grow with N: run it at two sizes to see (the JSON has both).
 """
 
 from __future__ import annotations
@@ -167,15 +168,28 @@ def _flush(conn, batch_o: list, batch_t: list) -> None:  # type: ignore[no-untyp
     batch_t.clear()
 
 
+TIME = "/usr/bin/time"  # GNU time: the child's own peak RSS
+
+
 def measure(cmd: list[str]) -> dict[str, float]:
+    """Wall, CPU (wait4) and peak RSS of a child. The RSS comes from GNU time when installed:
+    wait4's ru_maxrss of a forked child also counts the harness's memory copied at the fork."""
+    timed = os.path.exists(TIME)
+    if timed:
+        cmd = [TIME, "-f", "cx-maxrss-kb %M", *cmd]
     start = time.monotonic()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.monotonic() - start
     out, err = proc.stdout.read(), proc.stderr.read()  # type: ignore[union-attr]
+    text = err.decode()
+    rss_kb = float(usage.ru_maxrss)
+    if timed and "cx-maxrss-kb " in text:
+        text, _, tail = text.rpartition("cx-maxrss-kb ")
+        rss_kb = float(tail.split()[0])
     return {"wall_s": round(wall, 2), "cpu_s": round(usage.ru_utime + usage.ru_stime, 2),
-            "peak_rss_mb": round(usage.ru_maxrss / 1024, 1), "exit": os.waitstatus_to_exitcode(status),
-            "stdout": out.decode()[-500:], "stderr": err.decode()[-500:]}
+            "peak_rss_mb": round(rss_kb / 1024, 1), "exit": os.waitstatus_to_exitcode(status),
+            "stdout": out.decode()[-500:], "stderr": text[-500:]}
 
 
 def main() -> None:
@@ -199,6 +213,7 @@ def main() -> None:
         add_verify(db)
         out = work / f"audit-{n}"
         shutil.rmtree(out, ignore_errors=True)
+        load = os.getloadavg()[0]  # other work on the machine: wall time depends on it, CPU hardly
         audit = measure([*exe, "audit", "--db", str(db), "--out", str(out), "-q"])
         assert audit["exit"] == 3, audit["stderr"]  # partial: the benchmark has exceptions
         verify = measure([*exe, "audit", "verify", str(out), "-q"])
@@ -208,7 +223,8 @@ def main() -> None:
                "verify": {k: v for k, v in verify.items() if k not in ("stdout", "stderr")},
                "manifest_rows": facts["manifest"]["rows"],
                "output_mb": round(sum(p.stat().st_size for p in out.iterdir()) / 2**20, 1),
-               "verdict": facts["verdict"]["status"]}
+               "verdict": facts["verdict"]["status"],
+               "load_1min": [round(load, 1), round(os.getloadavg()[0], 1)]}  # before, after
         assert verify["exit"] == 0, verify["stderr"]
         assert row["manifest_rows"] == n, row
         results.append(row)
