@@ -99,12 +99,16 @@ def destinations(state: State) -> list[str]:
         "GROUP BY dest ORDER BY min(o), dest")]
 
 
+Groups = tuple[list[dict[str, Any]], list[dict[str, Any]]]
+
+
 def audit_facts(state: State, include_phi: bool = False, limit: int = LIST_LIMIT,
-                arrived: Callable[[], dict[str, dict[str, Any]]] | None = None) -> dict[str, Any]:
+                passes: Callable[[], Groups] | None = None) -> dict[str, Any]:
     """Every figure of the report, from the state DB (JSON-ready; the body of audit.json).
 
-    `arrived`: gives `arrivals()` of the destinations, computed elsewhere in the same snapshot
-    (write_audit's second thread); asked for last."""
+    `passes`: gives `_passes()`, computed elsewhere in the same snapshot (write_audit's second
+    thread adds the groups up while it writes the manifest); asked for after every query that
+    does not need them."""
     dests = destinations(state)
     facts: dict[str, Any] = {
         "format": FORMAT,
@@ -116,14 +120,18 @@ def audit_facts(state: State, include_phi: bool = False, limit: int = LIST_LIMIT
                "created_at": state.meta("created_at"), "created_by_version": state.meta("tool_version")},
     }
     rule = Rule(tuple(dests), last_verify_runs(state))
-    groups, tgroups = _passes(state, rule)
-    facts["source"] = _source(state, groups)
-    facts["destinations"] = []  # filled last (see `arrived`), here in the JSON
+    facts["source"] = {}  # filled once the groups are in (see `passes`), here in the JSON
+    facts["destinations"] = []
     facts["runs"] = _runs(state)
     facts["timeline"] = _timeline(state, facts["runs"])
     facts["usage"] = _usage(state)
+    uids = _source_uids(state)
+    throughput = _throughput(state, facts["timeline"])
+    got = arrivals(state.conn, dests)
+    groups, tgroups = passes() if passes else _passes(state, rule)
+    facts["source"] = _source(state, groups, uids)
     facts["cost"] = _cost(state, facts, tgroups)
-    facts["charts"] = _charts(state, facts["timeline"], groups)
+    facts["charts"] = _charts(throughput, groups)
     facts["exceptions"] = _exceptions(state, dests, groups, tgroups, limit)
     if include_phi:  # who each listed exception is about, read from the archived file if any
         for category in facts["exceptions"].values():
@@ -136,7 +144,6 @@ def audit_facts(state: State, include_phi: bool = False, limit: int = LIST_LIMIT
     facts["delta_rounds"] = _delta_rounds(state, rule)
     facts["deletion"] = _deletion(state, limit)
     facts["event_chain"] = _event_chain(state)
-    got = arrived() if arrived else arrivals(state.conn, dests)
     facts["destinations"] = [_destination(state, d, tgroups, got[d]) for d in dests]
     facts["verdict"] = _verdict(state, facts)
     return facts
@@ -146,9 +153,21 @@ def _one(state: State, sql: str, params: Any = ()) -> int:
     return int(state.scalar(sql, params) or 0)
 
 
-def _source(state: State, groups: list[dict[str, Any]]) -> dict[str, Any]:
-    present = [g for g in groups if g["status"] == "present"]
+def _source_uids(state: State) -> dict[str, int]:
+    """The distinct studies, series, patients and SOP Instance UIDs at the source."""
     dicom = "FROM objects WHERE status = 'present' AND kind = 'dicom'"
+    uids = state.query(
+        "SELECT count(DISTINCT study_uid) AS studies, "
+        f"count(DISTINCT series_uid) AS series, count(DISTINCT patient_hash) AS patients {dicom}")[0]
+    # SOP Instance UIDs (one per object, mostly): grouped in the order of their index, not put in
+    # a temporary B-tree, and the duplicates counted on the way.
+    sops = state.query(f"SELECT count(*) AS instances, coalesce(sum(n > 1), 0) AS duplicates FROM "
+                       f"(SELECT count(*) AS n {dicom} AND sop_uid IS NOT NULL GROUP BY sop_uid)")[0]
+    return {**dict(uids), **dict(sops)}
+
+
+def _source(state: State, groups: list[dict[str, Any]], uids: dict[str, int]) -> dict[str, Any]:
+    present = [g for g in groups if g["status"] == "present"]
 
     def total(rows: list[dict[str, Any]], field: str = "objects") -> int:
         return sum(g[field] for g in rows)
@@ -164,13 +183,6 @@ def _source(state: State, groups: list[dict[str, Any]]) -> dict[str, Any]:
         c = classes.setdefault(g["sc"], {"name": g["sc"], "objects": 0, "bytes": 0})
         c["objects"] += g["objects"]
         c["bytes"] += g["bytes"]
-    uids = state.query(
-        "SELECT count(DISTINCT study_uid) AS studies, "
-        f"count(DISTINCT series_uid) AS series, count(DISTINCT patient_hash) AS patients {dicom}")[0]
-    # SOP Instance UIDs (one per object, mostly): grouped in the order of their index, not put in
-    # a temporary B-tree, and the duplicates counted on the way.
-    sops = state.query(f"SELECT count(*) AS instances, coalesce(sum(n > 1), 0) AS duplicates FROM "
-                       f"(SELECT count(*) AS n {dicom} AND sop_uid IS NOT NULL GROUP BY sop_uid)")[0]
     latest = state.query("SELECT status, started_at, finished_at FROM inventory_rounds ORDER BY id DESC LIMIT 1")
     rounds = state.query("SELECT count(*) AS n, sum(list_requests) AS l, sum(get_requests) AS g, "
                          "sum(header_bytes) AS b FROM inventory_rounds")[0]
@@ -178,12 +190,12 @@ def _source(state: State, groups: list[dict[str, Any]]) -> dict[str, Any]:
         "url": state.meta("source_url"), "endpoint": state.meta("endpoint_url"),
         "region": state.meta("region"),
         "objects": row["objects"], "bytes": row["bytes"],
-        "dicom_objects": row["dicom_objects"] or 0, "instances": sops["instances"],
+        "dicom_objects": row["dicom_objects"] or 0, "instances": uids["instances"],
         "studies": uids["studies"], "series": uids["series"], "patients": uids["patients"],
         "non_dicom": row["non_dicom"] or 0, "unreadable": row["unreadable"] or 0,
         "pending": row["pending"] or 0, "hostile_keys": row["hostile_keys"] or 0,
         "deleted_at_source": total([g for g in groups if g["status"] == "deleted"]),
-        "duplicate_sop_uids": sops["duplicates"],
+        "duplicate_sop_uids": uids["duplicates"],
         "storage_classes": sorted(classes.values(), key=lambda c: -c["bytes"]),
         "inventory": {
             "rounds": rounds["n"],
@@ -247,6 +259,34 @@ def _fold(rows: list[Any], keys: tuple[str, ...], sums: tuple[str, ...],
             for k in sums:
                 g[k] += r[k]
     return list(out.values())
+
+
+def _sql_order(value: Any) -> tuple[int, Any]:
+    """Sort key ordering values as SQLite's GROUP BY does: NULL, numbers, text (BINARY)."""
+    if value is None:
+        return (0, 0)
+    return (1, value) if isinstance(value, int | float) else (2, value)
+
+
+def groups_of_walk(walked: dict[tuple[str, str, str | None], list[int]],
+                   single: bool) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """`_passes`'s answer, rebuilt from what the manifest walk added up (see manifest_lines):
+    the same groups, in the same order (ties in the report's rankings keep it)."""
+    rows = []
+    for (decision, okey, tkey), (lines, objects, size, tsize, sha) in walked.items():
+        tcols = json.loads(tkey) if tkey is not None else [None] * len(_TRANSFER_KEYS)
+        row = {"decision": decision[1:-1], **dict(zip(_OBJECT_KEYS[1:], json.loads(okey))),
+               **{f"t_{k}": v for k, v in zip(_TRANSFER_KEYS, tcols)},
+               "objects": objects, "bytes": size,
+               "n": lines if tkey is not None else 0, "b": tsize, "sha": sha}
+        rows.append(row)
+    okeys, tkeys = _OBJECT_KEYS, tuple(f"t_{k}" for k in _TRANSFER_KEYS)
+    rows.sort(key=lambda r: [_sql_order(r[k]) for k in (okeys + tkeys if single else okeys)])
+    groups = _fold([r for r in rows if r["objects"]], okeys, ("objects", "bytes"))
+    moved = [r for r in rows if r["t_dest"] is not None]
+    if not single:
+        moved.sort(key=lambda r: [_sql_order(r[k]) for k in tkeys])
+    return groups, _fold(moved, _TRANSFER_KEYS, ("n", "b", "sha"), {k: f"t_{k}" for k in _TRANSFER_KEYS})
 
 
 # Exception categories: which transfer groups (see _passes) each one counts.
@@ -492,7 +532,8 @@ def _bucket_size(span: float) -> int:
     return int(span / 120) + 1
 
 
-def _charts(state: State, timeline: dict[str, Any], groups: list[dict[str, Any]]) -> dict[str, Any]:
+def _throughput(state: State, timeline: dict[str, Any]) -> dict[str, Any]:
+    """Bytes and objects verified over time, in up to ~120 buckets."""
     start = timeline["started_at"]
     t0 = int(_ts(start) or 0)
     last = None
@@ -502,6 +543,10 @@ def _charts(state: State, timeline: dict[str, Any], groups: list[dict[str, Any]]
         "SELECT (unixepoch(verified_at) - ?) / ? AS b, sum(size), count(*) FROM transfers "
         "WHERE verified_at IS NOT NULL AND state IN ('verified', 'duplicate', 'quarantined') "
         "GROUP BY b ORDER BY b", (t0, bucket))]
+    return {"t0": start, "end_s": end - t0, "bucket_s": bucket, "points": points}
+
+
+def _charts(throughput: dict[str, Any], groups: list[dict[str, Any]]) -> dict[str, Any]:
     years: dict[str, dict[str, Any]] = {}
     modalities: dict[str, dict[str, Any]] = {}
     for g in groups:
@@ -516,8 +561,7 @@ def _charts(state: State, timeline: dict[str, Any], groups: list[dict[str, Any]]
             y["done_bytes"] += g["bytes"]
     by_year = [years[k] for k in sorted(years)]
     by_modality = sorted(modalities.values(), key=lambda m: -m["bytes"])
-    return {"throughput": {"t0": start, "end_s": end - t0, "bucket_s": bucket, "points": points},
-            "by_study_year": by_year, "by_modality": by_modality}
+    return {"throughput": throughput, "by_study_year": by_year, "by_modality": by_modality}
 
 
 _EXCEPTIONS: dict[str, tuple[str, str]] = {
@@ -1012,9 +1056,22 @@ def _csv_ours(column: str) -> str:
     return f"""'"' || {column} || '"'"""
 
 
+# What each manifest line adds to the report's groups (see _passes): the object's columns and
+# its transfer's, each as one JSON array (one Python string per line, decoded once per group).
+_WALK_OBJECT = ("json_array(o.status, o.kind, coalesce(o.modality, ''), coalesce(substr(o.study_date, 1, 4), ''), "
+                "coalesce(o.storage_class, 'STANDARD'), o.key_flags IS NOT NULL)")
+_WALK_TRANSFER = (
+    "CASE WHEN t.key IS NOT NULL THEN json_array(t.dest, t.state, t.conflict_with IS NOT NULL, t.changes > 0, "
+    "(t.state IN ('verified', 'duplicate', 'stored', 'warning', 'quarantined', 'conflict') "
+    "AND o.status = 'present' AND t.etag IS NOT o.etag), coalesce(o.storage_class, 'STANDARD'), "
+    "t.checks, t.not_checked) END")
+
+
 def manifest_sql(rule: Rule) -> tuple[str, dict[str, Any]]:
-    """The manifest query: SQLite formats each line in one printf() call (one function call per
-    row instead of a coalesce and a concatenation per field: a third less CPU at 1M rows)."""
+    """The manifest query: SQLite formats each line but its last field in one printf() call (one
+    function call per row instead of a coalesce and a concatenation per field: a third less CPU
+    at 1M rows); the last, the decision, comes as a column of its own, with what the line adds
+    to the report's groups (manifest_lines)."""
     decision, _, params = rule.sql()
     fields = (
         _csv_text("o.key"), "o.size", _csv_text("o.etag"), _csv_text("o.last_modified"),
@@ -1023,30 +1080,49 @@ def manifest_sql(rule: Rule) -> tuple[str, dict[str, Any]]:
         _csv_text("o.study_date"), "o.patient_hash", _csv_text("t.dest"),
         _csv_ours("coalesce(t.state, 'not migrated')"), _csv_text("t.path"), "t.sha256",
         "t.md5", _csv_ours("t.checks"), _csv_text("t.not_checked"), _csv_text("t.reason"),
-        _csv_text("t.conflict_with"), "t.attempts", "t.started_at",
-        "t.verified_at", _csv_ours(decision),
+        _csv_text("t.conflict_with"), "t.attempts", "t.started_at", "t.verified_at",
     )
-    template = ",".join(["%s"] * len(fields))
-    return (f"SELECT printf('{template}', " + ", ".join(fields) + ") AS line, t.dest, t.path "
-            "FROM objects o LEFT JOIN transfers t ON t.key = o.key ORDER BY o.key, t.dest"), params
+    template = ",".join(["%s"] * len(fields)) + ","
+    return (f"SELECT printf('{template}', " + ", ".join(fields) + f") AS line, {_csv_ours(decision)}, "
+            f"t.dest, t.path, o.rowid, o.size, {_WALK_OBJECT}, {_WALK_TRANSFER}, coalesce(t.size, 0), "
+            "t.sha256 IS NOT NULL FROM objects o LEFT JOIN transfers t ON t.key = o.key ORDER BY o.key, t.dest"), params
 
 
-def manifest_lines(conn: State | sqlite3.Connection, rule: Rule,
-                   include_phi: bool = False) -> Iterator[tuple[str, int]]:
+def manifest_lines(conn: State | sqlite3.Connection, rule: Rule, include_phi: bool = False,
+                   walked: dict[tuple[str, str, str | None], list[int]] | None = None) -> Iterator[tuple[str, int]]:
     """manifest.csv without its header: one line per object and destination (an object in no
-    destination: one line), in key order. SQLite builds each line; this only streams them."""
+    destination: one line), in key order. SQLite builds each line; this only streams them.
+
+    `walked`: also adds up, per (decision, object columns, transfer columns), the lines, objects
+    (an object's first line), their bytes, the transfers' bytes and SHA-256 digests: the
+    report's groups without a second pass over the tables (groups_of_walk)."""
     if isinstance(conn, State):
         conn = conn.conn
     cur = conn.execute(*manifest_sql(rule))
+    last = None
     while True:
         rows = cur.fetchmany(2000)
         if not rows:
             return
+        if walked is not None:
+            for _, decision, _, _, rowid, size, okey, tkey, tsize, sha in rows:
+                first = rowid != last
+                last = rowid
+                g = walked.get((decision, okey, tkey))
+                if g is None:
+                    walked[decision, okey, tkey] = [1, 1, size, tsize, sha] if first else [1, 0, 0, tsize, sha]
+                else:
+                    g[0] += 1
+                    if first:
+                        g[1] += 1
+                        g[2] += size
+                    g[3] += tsize
+                    g[4] += sha
         if include_phi:
-            yield "".join(f"{line},{_csv_field(pid)},{_csv_field(name)}\n"
-                          for line, dest, path in rows for pid, name in [read_patient(dest, path)]), len(rows)
+            yield "".join(f"{r[0]}{r[1]},{_csv_field(pid)},{_csv_field(name)}\n"
+                          for r in rows for pid, name in [read_patient(r[2], r[3])]), len(rows)
         else:
-            yield "\n".join([r[0] for r in rows]) + "\n", len(rows)
+            yield "\n".join([r[0] + r[1] for r in rows]) + "\n", len(rows)
 
 
 def _csv_field(text: str) -> str:
@@ -1074,7 +1150,8 @@ class _HashingFile:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        os.fchmod(fd, 0o600)  # O_CREAT's mode does not apply to a file left by an earlier run
         self.fh = os.fdopen(fd, "wb", buffering=1 << 20)
         self.sha = hashlib.sha256()
 
@@ -1144,15 +1221,15 @@ def write_audit(state: State, out: str | os.PathLike[str], lang: str = "en",
     worker = threading.Thread(target=_write_exports, name="audit-manifest",
                               args=(other, tmp, rule, include_phi, written, ready))
 
-    def arrived() -> dict[str, dict[str, Any]]:
+    def passes() -> Groups:
         ready.wait()
         if "error" in written:
             raise written["error"]
-        return written["arrivals"]
+        return written["groups"]
 
     try:
         worker.start()
-        facts = audit_facts(state, include_phi=include_phi, arrived=arrived)
+        facts = audit_facts(state, include_phi=include_phi, passes=passes)
     finally:
         worker.join()
         state.conn.execute("COMMIT")
@@ -1207,19 +1284,20 @@ def _twin_snapshot(state: State) -> sqlite3.Connection:
 
 def _write_exports(conn: sqlite3.Connection, tmp: dict[str, Path], rule: Rule, include_phi: bool,
                    result: dict[str, Any], ready: threading.Event) -> None:
-    """The destinations' `arrivals` (for the facts: `ready` says when), then manifest.csv and
-    events.jsonl, from `conn` (run in a thread: errors are handed back). The arrivals come
-    first: with the manifest they balance the two threads' work (about 38 and 34 s at 1M)."""
+    """manifest.csv, adding up the report's groups on the way (for the facts: `ready` says
+    when), then events.jsonl, from `conn` (run in a thread: errors are handed back). The walk
+    over every object and transfer is made once, here, for both."""
     try:
-        result["arrivals"] = arrivals(conn, rule.dests)
-        ready.set()
         fh = _HashingFile(tmp["manifest.csv"])
         fh.write(",".join(MANIFEST_COLUMNS + (PHI_COLUMNS if include_phi else ())) + "\n")
         rows = 0
-        for chunk, count in manifest_lines(conn, rule, include_phi):
+        walked: dict[tuple[str, str, str | None], list[int]] = {}
+        for chunk, count in manifest_lines(conn, rule, include_phi, walked):
             fh.write(chunk)
             rows += count
         digests = {"manifest.csv": fh.close()}
+        result["groups"] = groups_of_walk(walked, len(rule.dests) == 1)
+        ready.set()
         fh = _HashingFile(tmp["events.jsonl"])
         events = 0
         for ev in conn.execute("SELECT id, at, kind, detail, prev_hash, hash FROM events ORDER BY id"):

@@ -6,6 +6,8 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -14,7 +16,9 @@ from cloudexit.audit import (
     DECISION_SQL,
     Rule,
     _bucket_size,
+    _passes,
     audit_facts,
+    groups_of_walk,
     manifest_lines,
     recheck_sql,
     verify_audit,
@@ -138,6 +142,35 @@ def test_decisions_two_destinations(tmp_path: Path) -> None:
     assert pacs["objects"] == 2  # stored + warning
     assert facts["exceptions"]["conflicts"]["count"] == 1
     assert facts["exceptions"]["not_migrated"]["count"] == 2
+
+
+@pytest.mark.parametrize("cases,dests", [(CASES, [ARCHIVE]), ({**CASES, **CASES_2}, [ARCHIVE, PACS])])
+def test_groups_added_up_by_the_manifest_walk_are_the_grouped_queries(tmp_path: Path, cases: dict,
+                                                                      dests: list[str]) -> None:
+    # write_audit takes the report's groups from the manifest walk; audit_facts alone queries them.
+    with make_db(tmp_path / "g.db", cases, dests) as state:
+        with state.transaction() as tx:  # NULL and '' apart, a hostile key, a second study year
+            tx.execute("UPDATE transfers SET not_checked = '' WHERE key = 'ok'")
+            tx.execute("UPDATE objects SET key_flags = 'dotdot', study_date = '20190101' WHERE key = 'failed'")
+        rule = Rule.of(state)
+        walked: dict = {}
+        lines = sum(n for _, n in manifest_lines(state, rule, walked=walked))
+        assert groups_of_walk(walked, len(dests) == 1) == _passes(state, rule)
+        assert lines == sum(len(rows) or 1 for _, _, rows, _ in cases.values())
+
+
+def test_forced_audit_makes_files_left_readable_by_others_private(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("audit.json", "manifest.csv", ".audit-tmp-audit.html"):  # one left by a crashed run
+        (out / name).write_text("old")
+        os.chmod(out / name, 0o644)
+    with make_db(tmp_path / "m.db", CASES, [ARCHIVE]) as state:
+        write_audit(state, out, force=True)
+    assert sorted(os.listdir(out)) == sorted(["audit.html", "audit.json", "manifest.csv", "events.jsonl",
+                                              "SHA256SUMS"])
+    for name in os.listdir(out):
+        assert stat.S_IMODE((out / name).stat().st_mode) == 0o600, name
 
 
 def test_runs_resumes_and_outages_from_the_event_log(tmp_path: Path) -> None:
