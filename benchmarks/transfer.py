@@ -107,7 +107,8 @@ def run(args: argparse.Namespace) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     server = bench_server(work / "s3")
     results: dict = {"versions": versions(), "workloads": {}, "rounds": args.rounds,
-                     "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+                     "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+                     "command": "python benchmarks/transfer.py " + " ".join(sys.argv[1:])}
     try:
         env = {**os.environ, **server.env(),
                "RCLONE_S3_ACCESS_KEY_ID": server.env()["AWS_ACCESS_KEY_ID"],
@@ -179,7 +180,8 @@ def write_docs(results: dict, text: str) -> None:
     path = REPO / "docs" / "performance.md"
     doc = path.read_text() if path.exists() else "# Performance\n"
     start = doc.find("\n## Transfer")
-    section = TRANSFER_SECTION.format(date=results["started"], rounds=results["rounds"],
+    command = results.get("command", "python benchmarks/transfer.py --write-docs")
+    section = TRANSFER_SECTION.format(date=results["started"], rounds=results["rounds"], command=command,
                                       versions=", ".join(f"{k} {v}" for k, v in results["versions"].items()),
                                       table=text)
     if start < 0:
@@ -192,8 +194,9 @@ def write_docs(results: dict, text: str) -> None:
 
 TRANSFER_SECTION = """## Transfer (`cloudexit migrate`)
 
-Measured with `python benchmarks/transfer.py --write-docs` on {date}, {rounds} alternating
-rounds per tool, median shown; {versions}. The S3 server (SeaweedFS) runs on the same two
+Measured with `{command}` on {date}, {rounds} alternating
+rounds per tool, median shown; {versions}. `cloudexit-base` (when shown) is the same command run
+from another checkout (`--compare-tree`), the code before the change measured in the same rounds. The S3 server (SeaweedFS) runs on the same two
 cores, and other work shared the machine during the runs, so compare within a table (same
 moment, alternating order), not across documents.
 
