@@ -1067,11 +1067,12 @@ _WALK_TRANSFER = (
     "t.checks, t.not_checked) END")
 
 
-def manifest_sql(rule: Rule) -> tuple[str, dict[str, Any]]:
+def manifest_sql(rule: Rule, include_phi: bool = False) -> tuple[str, dict[str, Any]]:
     """The manifest query: SQLite formats each line but its last field in one printf() call (one
     function call per row instead of a coalesce and a concatenation per field: a third less CPU
     at 1M rows); the last, the decision, comes as a column of its own, with what the line adds
-    to the report's groups (manifest_lines)."""
+    to the report's groups (manifest_lines); the file's destination and path only when the patients'
+    names are to be read from it."""
     decision, _, params = rule.sql()
     fields = (
         _csv_text("o.key"), "o.size", _csv_text("o.etag"), _csv_text("o.last_modified"),
@@ -1084,7 +1085,7 @@ def manifest_sql(rule: Rule) -> tuple[str, dict[str, Any]]:
     )
     template = ",".join(["%s"] * len(fields)) + ","
     return (f"SELECT printf('{template}', " + ", ".join(fields) + f") AS line, {_csv_ours(decision)}, "
-            f"t.dest, t.path, o.rowid, o.size, {_WALK_OBJECT}, {_WALK_TRANSFER}, coalesce(t.size, 0), "
+            f"{'t.dest, t.path' if include_phi else 'NULL, NULL'}, o.rowid, o.size, {_WALK_OBJECT}, {_WALK_TRANSFER}, coalesce(t.size, 0), "
             "t.sha256 IS NOT NULL FROM objects o LEFT JOIN transfers t ON t.key = o.key ORDER BY o.key, t.dest"), params
 
 
@@ -1098,7 +1099,7 @@ def manifest_lines(conn: State | sqlite3.Connection, rule: Rule, include_phi: bo
     report's groups without a second pass over the tables (groups_of_walk)."""
     if isinstance(conn, State):
         conn = conn.conn
-    cur = conn.execute(*manifest_sql(rule))
+    cur = conn.execute(*manifest_sql(rule, include_phi))
     last = None
     while True:
         rows = cur.fetchmany(2000)
