@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import getpass
 import hashlib
+import heapq
 import json
 import os
 import socket
@@ -99,7 +100,9 @@ def destinations(state: State) -> list[str]:
         "GROUP BY dest ORDER BY min(o), dest")]
 
 
-Groups = tuple[list[dict[str, Any]], list[dict[str, Any]]]
+# (object groups, transfer groups, per destination its first LIST_LIMIT "changed" exceptions as
+# (-seq, -rowid) of their transfers (a heap), or None: not known, to be queried)
+Groups = tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, list[tuple[int, int]]] | None]
 
 
 def audit_facts(state: State, include_phi: bool = False, limit: int = LIST_LIMIT,
@@ -128,11 +131,11 @@ def audit_facts(state: State, include_phi: bool = False, limit: int = LIST_LIMIT
     uids = _source_uids(state)
     throughput = _throughput(state, facts["timeline"])
     got = arrivals(state.conn, dests)
-    groups, tgroups = passes() if passes else _passes(state, rule)
+    groups, tgroups, changed = passes() if passes else (*_passes(state, rule), None)
     facts["source"] = _source(state, groups, uids)
     facts["cost"] = _cost(state, facts, tgroups)
     facts["charts"] = _charts(throughput, groups)
-    facts["exceptions"] = _exceptions(state, dests, groups, tgroups, limit)
+    facts["exceptions"] = _exceptions(state, dests, groups, tgroups, limit, changed)
     if include_phi:  # who each listed exception is about, read from the archived file if any
         for category in facts["exceptions"].values():
             for item in category["items"]:
@@ -580,7 +583,10 @@ _EXCEPTIONS: dict[str, tuple[str, str]] = {
 
 
 def _exceptions(state: State, dests: list[str], groups: list[dict[str, Any]],
-                tgroups: list[dict[str, Any]], limit: int) -> dict[str, Any]:
+                tgroups: list[dict[str, Any]], limit: int,
+                changed: dict[str, list[tuple[int, int]]] | None = None) -> dict[str, Any]:
+    """`changed`: the "changed" rows to list, found by the manifest walk (see Groups); without
+    it their query joins every transfer with its object."""
     out: dict[str, Any] = {}
     counts: dict[str, int] = {}
     for name, belongs in _CATEGORY_OF.items():
@@ -590,10 +596,15 @@ def _exceptions(state: State, dests: list[str], groups: list[dict[str, Any]],
         items: list[dict[str, Any]] = []
         if counts[f"{name}_n"]:
             for dest in dests:  # per destination: the (dest, state, seq) index serves the listing
+                rows = ""
+                if name == "changed" and changed is not None:
+                    if not changed.get(dest):
+                        continue
+                    rows = f" AND t.rowid IN ({', '.join(str(-r) for _, r in changed[dest])})"
                 items += [_item(r, remedy) for r in state.query(
                     "SELECT t.key, t.dest, t.state, t.reason, t.conflict_with, t.attempts, t.changes, t.path, "
                     "t.etag AS t_etag, o.etag AS o_etag, o.status, o.patient_hash, t.seq "
-                    f"FROM transfers t JOIN objects o ON o.key = t.key WHERE t.dest = ? AND {where} "
+                    f"FROM transfers t JOIN objects o ON o.key = t.key WHERE t.dest = ? AND {where}{rows} "
                     "ORDER BY t.seq LIMIT ?", (dest, limit))]
         out[name] = {"count": counts[f"{name}_n"], "bytes": counts[f"{name}_b"], "remedy": remedy,
                      "items": items[:limit]}
@@ -1086,17 +1097,21 @@ def manifest_sql(rule: Rule, include_phi: bool = False) -> tuple[str, dict[str, 
     template = ",".join(["%s"] * len(fields)) + ","
     return (f"SELECT printf('{template}', " + ", ".join(fields) + f") AS line, {_csv_ours(decision)}, "
             f"{'t.dest, t.path' if include_phi else 'NULL, NULL'}, o.rowid, o.size, {_WALK_OBJECT}, {_WALK_TRANSFER}, coalesce(t.size, 0), "
-            "t.sha256 IS NOT NULL FROM objects o LEFT JOIN transfers t ON t.key = o.key ORDER BY o.key, t.dest"), params
+            "t.sha256 IS NOT NULL, CASE WHEN t.key IS NOT NULL AND "
+            f"{_EXCEPTIONS['changed'][0]} THEN json_array(t.dest, t.seq, t.rowid) END "
+            "FROM objects o LEFT JOIN transfers t ON t.key = o.key ORDER BY o.key, t.dest"), params
 
 
 def manifest_lines(conn: State | sqlite3.Connection, rule: Rule, include_phi: bool = False,
-                   walked: dict[tuple[str, str, str | None], list[int]] | None = None) -> Iterator[tuple[str, int]]:
+                   walked: dict[tuple[str, str, str | None], list[int]] | None = None,
+                   changed: dict[str, list[tuple[int, int]]] | None = None) -> Iterator[tuple[str, int]]:
     """manifest.csv without its header: one line per object and destination (an object in no
     destination: one line), in key order. SQLite builds each line; this only streams them.
 
     `walked`: also adds up, per (decision, object columns, transfer columns), the lines, objects
     (an object's first line), their bytes, the transfers' bytes and SHA-256 digests: the
-    report's groups without a second pass over the tables (groups_of_walk)."""
+    report's groups without a second pass over the tables (groups_of_walk); and in `changed`, per
+    destination, the first LIST_LIMIT "changed" exceptions by `seq` (see Groups)."""
     if isinstance(conn, State):
         conn = conn.conn
     cur = conn.execute(*manifest_sql(rule, include_phi))
@@ -1106,7 +1121,14 @@ def manifest_lines(conn: State | sqlite3.Connection, rule: Rule, include_phi: bo
         if not rows:
             return
         if walked is not None:
-            for _, decision, _, _, rowid, size, okey, tkey, tsize, sha in rows:
+            for _, decision, _, _, rowid, size, okey, tkey, tsize, sha, flagged in rows:
+                if flagged is not None and changed is not None:
+                    dest, seq, trowid = json.loads(flagged)
+                    heap = changed.setdefault(dest, [])
+                    if len(heap) < LIST_LIMIT:
+                        heapq.heappush(heap, (-seq, -trowid))
+                    elif (-seq, -trowid) > heap[0]:
+                        heapq.heapreplace(heap, (-seq, -trowid))
                 first = rowid != last
                 last = rowid
                 g = walked.get((decision, okey, tkey))
@@ -1293,11 +1315,12 @@ def _write_exports(conn: sqlite3.Connection, tmp: dict[str, Path], rule: Rule, i
         fh.write(",".join(MANIFEST_COLUMNS + (PHI_COLUMNS if include_phi else ())) + "\n")
         rows = 0
         walked: dict[tuple[str, str, str | None], list[int]] = {}
-        for chunk, count in manifest_lines(conn, rule, include_phi, walked):
+        changed: dict[str, list[tuple[int, int]]] = {}
+        for chunk, count in manifest_lines(conn, rule, include_phi, walked, changed):
             fh.write(chunk)
             rows += count
         digests = {"manifest.csv": fh.close()}
-        result["groups"] = groups_of_walk(walked, len(rule.dests) == 1)
+        result["groups"] = (*groups_of_walk(walked, len(rule.dests) == 1), changed)
         ready.set()
         fh = _HashingFile(tmp["events.jsonl"])
         events = 0

@@ -16,6 +16,7 @@ from cloudexit.audit import (
     DECISION_SQL,
     Rule,
     _bucket_size,
+    _exceptions,
     _passes,
     audit_facts,
     groups_of_walk,
@@ -154,8 +155,12 @@ def test_groups_added_up_by_the_manifest_walk_are_the_grouped_queries(tmp_path: 
             tx.execute("UPDATE objects SET key_flags = 'dotdot', study_date = '20190101' WHERE key = 'failed'")
         rule = Rule.of(state)
         walked: dict = {}
-        lines = sum(n for _, n in manifest_lines(state, rule, walked=walked))
-        assert groups_of_walk(walked, len(dests) == 1) == _passes(state, rule)
+        changed: dict = {}
+        lines = sum(n for _, n in manifest_lines(state, rule, walked=walked, changed=changed))
+        groups = groups_of_walk(walked, len(dests) == 1)
+        assert groups == _passes(state, rule)
+        # The "changed" exceptions the walk found are the ones their query lists.
+        assert changed and _exceptions(state, dests, *groups, 200, changed) == _exceptions(state, dests, *groups, 200)
         assert lines == sum(len(rows) or 1 for _, _, rows, _ in cases.values())
 
 
