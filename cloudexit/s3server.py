@@ -116,6 +116,11 @@ class SeaweedServer:
             f"-webdav.port={ports['webdav']}", f"-metricsPort={ports['metrics']}",
             f"-debug.port={ports['debug']}", "-s3.port.iceberg=0", "-s3.port.lance=0",
             f"-s3.config={config}", "-master.volumeSizeLimitMB=1024",
+            # Every bucket is a collection with a volume of its own. Left at 0, the volume count
+            # is capped at free disk / volume size (~70 buckets on a 70 GB disk, fewer on a small
+            # CI machine), after which writes fail with "No writable volume". Volumes are sparse
+            # files, so a high cap costs nothing until data is written.
+            "-volume.max=2000",
         ]
         log = open(self.workdir / "weed.log", "wb")
         # Own process group, so stopping it also stops what weed starts.
