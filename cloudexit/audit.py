@@ -895,9 +895,9 @@ def _decommission(groups: list[dict[str, Any]]) -> dict[str, Any]:
 
 def _delta_rounds(state: State, rule: Rule) -> dict[str, Any]:
     """Each inventory round after the first (a delta round): what it found new, changed and
-    deleted (as its `inventory.complete` event recorded), what was copied after it (transfers
-    verified before the next round began, and the migration sessions then), and what of its new
-    or changed objects still has no copy of the current version at home."""
+    deleted (as its `inventory.complete` event recorded), how many of its new or changed objects
+    have their current version copied (and the migration sessions after it), and how many still
+    have no copy of the current version at home."""
     rounds = [dict(r) for r in state.query(
         "SELECT id, started_at, finished_at, status FROM inventory_rounds ORDER BY id")]
     if len(rounds) < 2:
@@ -919,10 +919,13 @@ def _delta_rounds(state: State, rule: Rule) -> dict[str, Any]:
     out = []
     for i, r in enumerate(rounds[1:], 1):
         until = rounds[i + 1]["started_at"] if i + 1 < len(rounds) else "9999"
+        # Copied: this round's new or changed objects whose current version reached a destination
+        # (by ETag, not by time: timestamps have one-second resolution).
         moved = state.query(
-            "SELECT count(DISTINCT key) AS n, coalesce(sum(size), 0) AS b FROM transfers WHERE state IN "
-            "('verified', 'duplicate', 'stored', 'warning', 'quarantined', 'conflict') "
-            "AND verified_at >= ? AND verified_at < ?", (r["started_at"], until))[0]
+            "SELECT count(*) AS n, coalesce(sum(o.size), 0) AS b FROM objects o WHERE o.change_round = ? "
+            "AND o.change IN ('new', 'changed') AND EXISTS (SELECT 1 FROM transfers t WHERE t.key = o.key "
+            "AND t.etag IS o.etag AND t.state IN ('verified', 'duplicate', 'stored', 'warning', "
+            "'quarantined', 'conflict'))", (r["id"],))[0]
         runs = [x[0] for x in state.query(
             "SELECT DISTINCT json_extract(detail, '$.run') FROM events WHERE kind IN ('migrate.started', "
             "'migrate.resumed') AND json_valid(detail) AND at >= ? AND at < ? ORDER BY 1", (r["started_at"], until))]
