@@ -37,6 +37,7 @@ from typing import Any
 
 from . import __version__
 from .errors import CloudexitError
+from .files import open_private
 from .state import GENESIS_HASH, State, event_hash, now
 
 FORMAT = "cloudexit.audit/1"
@@ -1176,9 +1177,7 @@ class _HashingFile:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        os.fchmod(fd, 0o600)  # O_CREAT's mode does not apply to a file left by an earlier run
-        self.fh = os.fdopen(fd, "wb", buffering=1 << 20)
+        self.fh = open_private(path, buffering=1 << 20)
         self.sha = hashlib.sha256()
 
     def write(self, text: str) -> int:

@@ -77,6 +77,11 @@ class ManifestRow:
     how: str = ""  # delete: version (by VersionId) | if-match (by key, ETag condition) | marker | key
     reason: str = ""
 
+    def db_row(self) -> tuple[Any, ...]:
+        """The values of `_ROW_COLUMNS` (read back by `_row`)."""
+        return (self.action, self.key, self.version_id, int(self.is_latest), int(self.delete_marker), self.etag,
+                self.size, self.last_modified, self.sha256, ";".join(self.kept_at), self.how, self.reason)
+
     def csv_row(self) -> list[Any]:
         return [self.action, self.key, self.version_id or "", int(self.is_latest),
                 int(self.delete_marker), self.etag or "", self.size, self.last_modified,
@@ -343,33 +348,27 @@ def plan(state: State, source: Source, destinations: Iterable[str] | None = None
     if manifest is not None:
         Path(manifest).parent.mkdir(parents=True, exist_ok=True)
     digest = hashlib.sha256()
-    with contextlib.ExitStack() as stack:
-        out = stack.enter_context(private_writer(manifest)) if manifest is not None else None
-        text: Any = io.TextIOWrapper(out, encoding="utf-8", newline="") if out is not None else io.StringIO()
-        header = ",".join(MANIFEST_FIELDS) + "\n"
-        text.write(header)
-        digest.update(header.encode())
+    with private_writer(manifest) if manifest is not None else contextlib.nullcontext() as out:
+
+        def emit(text: str) -> None:
+            data = text.encode("utf-8")
+            digest.update(data)
+            if out is not None:
+                out.write(data)
+
+        emit(",".join(MANIFEST_FIELDS) + "\n")
         for keys, versions in _key_batches(state, table):
             judge.load(keys)
             decided = [row for key in keys for row in _decide(key, versions[key], judge, versioned, all_versions)]
             lines = io.StringIO()
             csv.writer(lines, lineterminator="\n").writerows(r.csv_row() for r in decided)
-            chunk = lines.getvalue()
-            if out is not None:
-                text.write(chunk)
-            digest.update(chunk.encode("utf-8"))
+            emit(lines.getvalue())
             for r in decided:
                 if r.action == "delete":
                     hasher.update(json.dumps([r.key, r.version_id, r.etag, r.how], ensure_ascii=False).encode())
             with state.transaction() as tx:
                 tx.executemany(f"INSERT INTO {rows_table} ({', '.join(_ROW_COLUMNS)}) VALUES "
-                               f"({', '.join('?' * len(_ROW_COLUMNS))})",
-                               [(r.action, r.key, r.version_id, int(r.is_latest), int(r.delete_marker), r.etag,
-                                 r.size, r.last_modified, r.sha256, ";".join(r.kept_at), r.how, r.reason)
-                                for r in decided])
-        text.flush()
-        if out is not None:
-            text.detach()
+                               f"({', '.join('?' * len(_ROW_COLUMNS))})", [r.db_row() for r in decided])
     state.conn.execute(f"DROP TABLE {table}")
     # The token: a hash of exactly what would be deleted (and how), shown for the person to confirm.
     hexed = hasher.hexdigest()[:16]

@@ -20,7 +20,7 @@ def write_private(path: str | os.PathLike[str], data: str | bytes, durable: bool
         with private_writer(path) as fh:
             fh.write(raw)
         return
-    with _open_private(Path(path)) as fh:
+    with open_private(Path(path)) as fh:
         fh.write(raw)
 
 
@@ -31,7 +31,7 @@ def private_writer(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
     target = Path(path)
     tmp = target.with_name(target.name + ".tmp")
     try:
-        with _open_private(tmp) as fh:
+        with open_private(tmp) as fh:
             yield fh
             fh.flush()
             os.fsync(fh.fileno())
@@ -41,8 +41,9 @@ def private_writer(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
         raise
 
 
-def _open_private(path: Path) -> BinaryIO:
+def open_private(path: str | os.PathLike[str], buffering: int = -1) -> BinaryIO:
+    """`path` opened for writing (truncated), owner-only."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     # O_CREAT's mode does not apply to a file that already exists.
     os.fchmod(fd, 0o600)
-    return os.fdopen(fd, "wb")
+    return os.fdopen(fd, "wb", buffering=buffering)
