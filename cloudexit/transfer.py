@@ -577,6 +577,15 @@ class Fetcher:
         while time.monotonic() < end and not self.stop.is_set():
             time.sleep(min(0.1, end - time.monotonic()) if end > time.monotonic() else 0)
 
+    def _quick_retry(self, failures: int, result: Result) -> bool:
+        """After the `failures`-th failed connection of one fetch: retry once, quickly (bytes
+        already on disk are kept); after that the engine judges whether the link is down."""
+        if failures < 2 and not self.stop.is_set():
+            result.retries += 1
+            time.sleep(random.uniform(0.05, 0.3))
+            return True
+        return False
+
     # -- one task --------------------------------------------------------------------------------
     def run(self, task: Task) -> Result:
         started = time.monotonic()
@@ -610,12 +619,8 @@ class Fetcher:
                         self._sleep(attempt)
                         continue
                     if exc.kind in ("unreachable", "cut"):
-                        # The connection failed: one quick retry (bytes already on disk are
-                        # kept), then the engine judges whether the link is down.
                         connection_failures += 1
-                        if connection_failures < 2 and not self.stop.is_set():
-                            result.retries += 1
-                            time.sleep(random.uniform(0.05, 0.3))
+                        if self._quick_retry(connection_failures, result):
                             continue
                         exc.kind = "unreachable"
                     if exc.kind == "changed":
@@ -937,11 +942,9 @@ class Fetcher:
                 except FetchError as exc:
                     if exc.kind in ("unreachable", "cut"):
                         cuts += 1
-                        if cuts < 2 and not self.stop.is_set():
-                            result.retries += 1
-                            time.sleep(random.uniform(0.05, 0.3))
+                        if self._quick_retry(cuts, result):
                             continue
-                        exc.kind = "unreachable"  # the engine judges the link
+                        exc.kind = "unreachable"
                     elif exc.kind == "transient" and tries + 1 < self.attempts and not self.stop.is_set():
                         tries += 1
                         result.retries += 1
