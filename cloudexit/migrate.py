@@ -37,7 +37,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import PurePosixPath
 from typing import Any, Callable, Iterator
@@ -323,42 +323,28 @@ class Migration:
             self._lock_fd = None
 
     def _endpoint(self) -> tuple[Endpoint, Credentials]:
-        """Where and as whom to GET: from the boto3 session (credential chain, region)."""
-        import urllib.request
-
+        """Where and as whom to GET: resolved from the boto3 session as the inventory does
+        (`Source.lean_endpoint`), with this run's timeouts and receive buffer."""
         source = self.source
         source.check()  # bucket reachable and listable with these credentials (clear errors)
-        client = source.client()
-        creds = self._fresh_credentials()
-        endpoint_url = client.meta.endpoint_url
-        region = client.meta.region_name or "us-east-1"
-        custom = bool(source.config.endpoint_url)
-        bucket = source.bucket
-        path_style = custom or "." in bucket or bucket.lower() != bucket
-        host = endpoint_url.split("://", 1)[-1].split("/", 1)[0].split(":")[0]
-        proxy = None
-        proxies = urllib.request.getproxies()
-        scheme = endpoint_url.split("://", 1)[0]
-        if proxies.get(scheme) and not urllib.request.proxy_bypass(host):
-            proxy = proxies[scheme]
-        verify: bool | str = os.environ.get("AWS_CA_BUNDLE") or True
         cfg = self.config
-        endpoint = Endpoint.from_url(endpoint_url, bucket, region, path_style, verify=verify,
-                                     proxy=proxy, connect_timeout=cfg.connect_timeout,
-                                     read_timeout=cfg.read_timeout,
-                                     rcvbuf=256 * 1024 if cfg.bwlimit else 0)
+        base, creds = source.lean_endpoint()
+        endpoint = replace(base, connect_timeout=cfg.connect_timeout, read_timeout=cfg.read_timeout,
+                           rcvbuf=256 * 1024 if cfg.bwlimit else 0)
         # One signed request with our own client: the right region, and signatures accepted.
         reader = S3Reader(endpoint, creds)
         try:
             resp = reader.request("GET", None, {"list-type": "2", "max-keys": "1"}, None, self.counters)
             body = resp.read()
             real_region = resp.getheader("x-amz-bucket-region")
-            if resp.status in (301, 400) and real_region and real_region != region:
-                endpoint = Endpoint.from_url(
-                    f"https://s3.{real_region}.amazonaws.com" if not custom else endpoint_url,
-                    bucket, real_region, path_style, verify=verify, proxy=proxy,
-                    connect_timeout=cfg.connect_timeout, read_timeout=cfg.read_timeout,
-                    rcvbuf=endpoint.rcvbuf)
+            if resp.status in (301, 400) and real_region and real_region != endpoint.region:
+                if endpoint.host.split(":")[0].endswith(".amazonaws.com"):
+                    moved = Endpoint.from_url(f"https://s3.{real_region}.amazonaws.com", endpoint.bucket,
+                                              real_region, endpoint.path_style)
+                    endpoint = replace(endpoint, host=moved.host, port=moved.port, scheme=moved.scheme,
+                                       region=real_region)
+                else:
+                    endpoint = replace(endpoint, region=real_region)
             elif resp.status == 403:
                 code = body.split(b"<Code>", 1)[-1].split(b"</Code>", 1)[0].decode(errors="replace")
                 raise CredentialsError(f"the endpoint {source.where} refused our signed requests ({code})",
@@ -373,16 +359,6 @@ class Migration:
         finally:
             reader.close()
         return endpoint, creds
-
-    def _fresh_credentials(self) -> Credentials:
-        self.source.client()
-        session = self.source._session  # noqa: SLF001 - the boto3 session Source built
-        creds = session.get_credentials() if session is not None else None
-        if creds is None:
-            raise CredentialsError(f"no usable credentials for {self.source.where}",
-                                   hint="set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or pass --profile")
-        frozen = creds.get_frozen_credentials()
-        return Credentials(frozen.access_key, frozen.secret_key, frozen.token)
 
     # -- the run row -------------------------------------------------------------------------------
     def _open_run(self) -> None:
@@ -856,7 +832,7 @@ class Migration:
         if kind == "credentials":
             fresh = None
             try:
-                fresh = self._fresh_credentials()
+                fresh = self.source.frozen_credentials()
             except CloudexitError:
                 pass
             if fresh is not None and fresh != self.credentials and flight.strikes < 2:
