@@ -53,6 +53,7 @@ from .transfer import Counters, Credentials, Endpoint, Result, S3Reader, SharedR
 # Storage classes whose objects must be restored before a GET (S3, OSS, COS, OBS names).
 ARCHIVE_CLASSES = {"GLACIER", "DEEP_ARCHIVE", "ARCHIVE", "COLDARCHIVE", "DEEPCOLDARCHIVE",
                    "COLD", "DEEP_COLD"}
+TASKS_PER_MESSAGE = 4  # small objects per message to the workers
 DONE_STATES = ("verified", "duplicate", "quarantined", "skipped")
 # A PACS refusal worth another try on the next run (0xA7xx: out of resources; HTTP 5xx/429).
 TRANSIENT_REASONS = ("0xA7%", "HTTP 5%", "HTTP 429%")
@@ -223,6 +224,7 @@ class Migration:
         self.retries = 0
         self.fetched = 0
         self.flights: dict[int, _Flight] = {}
+        self.reported: list[Result] = []  # results back from the workers, not committed yet
         self.done_rows: list[tuple[Any, ...]] = []  # finished objects, written at the next commit
         self.verified_delta = [0, 0, 0]  # bytes, objects, bytes resumed since the last commit
         self.retry_heap: list[tuple[float, int, _Flight]] = []
@@ -416,13 +418,15 @@ class Migration:
         return (f"o.study_date IS NULL, o.study_date {direction}, o.study_uid IS NULL, o.study_uid, "
                 f"o.series_uid, o.key")
 
-    def _path(self, tx: sqlite3.Connection, o: sqlite3.Row) -> tuple[str | None, str | None]:
-        """(relative path, key of the canonical holder of its SOP Instance UID if a conflict)."""
+    def _path(self, tx: sqlite3.Connection, o: sqlite3.Row, twin: bool = True) -> tuple[str | None, str | None]:
+        """(relative path, key of the canonical holder of its SOP Instance UID if a conflict).
+
+        twin=False: the caller knows no other DICOM object has this SOP Instance UID."""
         kind = o["kind"]
         if kind == "pending":
             return None, None
         conflict = None
-        if kind == "dicom" and o["sop_uid"]:
+        if twin and kind == "dicom" and o["sop_uid"]:
             holder = tx.execute(
                 "SELECT t.key FROM objects x CROSS JOIN transfers t ON t.key = x.key AND t.dest = ? "
                 "WHERE x.sop_uid = ? AND x.key != ? AND x.kind = 'dicom' AND t.conflict_with IS NULL "
@@ -436,9 +440,10 @@ class Migration:
         return self._unique(tx, path, o["key"]), conflict
 
     def _unique(self, tx: sqlite3.Connection, path: str, key: str) -> str:
+        if self._free(tx, path, key):
+            return path
         p = PurePosixPath(path)
-        h = key_hash(key, 12)
-        candidates = [path, str(p.with_name(f"{p.stem}~{h}{p.suffix}")),
+        candidates = [str(p.with_name(f"{p.stem}~{key_hash(key, 12)}{p.suffix}")),
                       f"_quarantine/collisions/{key_hash(key, 32)}"]
         for candidate in candidates:
             if self._free(tx, candidate, key):
@@ -447,24 +452,25 @@ class Migration:
 
     def _free(self, tx: sqlite3.Connection, path: str, key: str) -> bool:
         """No other object uses this path, a folder above it, or a path below it."""
-        q = "SELECT key FROM transfers WHERE dest = ? AND path = ?"
-        row = tx.execute(q, (self.dest, path)).fetchone()
-        if row and row[0] != key:
-            return False
+        # The path itself and the paths below it, in one probe of the path index.
+        for holder, taken in tx.execute(
+                "SELECT key, path FROM transfers WHERE dest = ? AND path >= ? AND path < ? "
+                "AND (path = ? OR substr(path, ?, 1) = '/') LIMIT 2",
+                (self.dest, path, path + "0", path, len(path) + 1)):
+            if taken != path or holder != key:
+                return False
         parts = path.split("/")
         folders = self._known_folders
         for i in range(1, len(parts)):
             prefix = "/".join(parts[:i])
             if folders is not None and prefix in folders:
                 continue  # a folder of a path given out in this pass: no file can be there
-            row = tx.execute(q, (self.dest, prefix)).fetchone()
+            row = tx.execute("SELECT key FROM transfers WHERE dest = ? AND path = ?", (self.dest, prefix)).fetchone()
             if row and row[0] != key:
                 return False
-        below = tx.execute("SELECT key FROM transfers WHERE dest = ? AND path >= ? AND path < ? LIMIT 1",
-                           (self.dest, path + "/", path + "0")).fetchone()
-        if not below and folders is not None:  # the caller takes this path
+        if folders is not None:  # the caller takes this path
             folders.update("/".join(parts[:i]) for i in range(1, len(parts)))
-        return not below
+        return True
 
     def _initial_state(self, o: sqlite3.Row, path: str | None) -> str:
         if (o["storage_class"] or "").upper() in ARCHIVE_CLASSES:
@@ -520,27 +526,26 @@ class Migration:
                 f"CREATE TEMP TABLE cx_new AS SELECT o.key AS key, row_number() OVER (ORDER BY {self._order()}) AS rn "
                 "FROM objects o WHERE o.status = 'present' AND NOT EXISTS "
                 "(SELECT 1 FROM transfers t WHERE t.key = o.key AND t.dest = ?)", (dest,))
-            rows = _q(tx, "SELECT o.*, n.rn FROM temp.cx_new n JOIN objects o ON o.key = n.key "
-                          "ORDER BY n.rn")
+            # `twin`: another DICOM object has the same SOP Instance UID (an index probe here, so
+            # the conflict query runs only for those).
+            rows = _q(tx, "SELECT o.*, n.rn, o.kind = 'dicom' AND EXISTS (SELECT 1 FROM objects x "
+                          "WHERE x.sop_uid = o.sop_uid AND x.key != o.key AND x.kind = 'dicom') AS twin "
+                          "FROM temp.cx_new n JOIN objects o ON o.key = n.key ORDER BY n.rn")
             # Paths are only added in this loop, so the folders of each path given out stay folders
             # (`_free` refuses a file where a folder is): their checks are skipped for the next ones.
             self._known_folders = set()
+            insert = ("INSERT INTO transfers(key, dest, seq, state, etag, size, kind, path, conflict_with, "
+                      "updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
             try:
                 for o in rows:
-                    path, conflict = self._path(tx, o)
-                    self._insert(tx, [(o["key"], dest, base + o["rn"], self._initial_state(o, path),
-                                       o["etag"], o["size"], o["kind"], path, conflict, stamp)])
+                    path, conflict = self._path(tx, o, twin=bool(o["twin"]))
+                    tx.execute(insert, (o["key"], dest, base + o["rn"], self._initial_state(o, path), o["etag"],
+                                        o["size"], o["kind"], path, conflict, stamp))
             finally:
                 self._known_folders = None
             tx.execute("DROP TABLE temp.cx_new")
             if deleted or changed:
                 self.state.log("migrate.sync", tx, run=self.run_id, deleted=deleted, changed=len(changed))
-
-    @staticmethod
-    def _insert(tx: sqlite3.Connection, batch: list[tuple[Any, ...]]) -> None:
-        if batch:
-            tx.executemany("INSERT INTO transfers(key, dest, seq, state, etag, size, kind, path, "
-                           "conflict_with, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", batch)
 
     # -- workers -----------------------------------------------------------------------------------
     def _start_workers(self) -> None:
@@ -600,7 +605,7 @@ class Migration:
         p.bytes_done = c["_bytes_done"]
 
     def _loop(self) -> None:
-        pending: list[Result] = []
+        pending = self.reported
         ranges: list[tuple[str, str, int, int]] = []
         last_commit = last_tick = 0.0
         exhausted_at = 0.0
@@ -631,7 +636,8 @@ class Migration:
             if pending or ranges or self.pacs_done or clock - last_commit > 1.0:
                 if len(pending) >= 256 or clock - last_commit >= self.config.commit_interval or not self.flights:
                     self._commit(pending, ranges)
-                    pending, ranges = [], []
+                    pending.clear()
+                    ranges = []
                     last_commit = clock
             if self.stop_error is not None:
                 return
@@ -677,12 +683,14 @@ class Migration:
                                       (self.dest, state_name)))
 
     def _dispatch(self) -> int:
-        # Up to 4 tasks per thread in flight (so the workers never wait for a busy engine),
-        # handed out in batches of at least one per thread (one DB transaction each batch).
-        room = self.capacity * 4 - len(self.flights)
+        # Up to 8 tasks per thread at the workers (so they never wait for a busy engine), handed
+        # out in batches of at least two per thread (one DB transaction each batch). Results that
+        # came back and wait for the next commit no longer hold a place: counting them throttled
+        # small objects to (tasks per thread) / (the commit cadence).
+        room = self.capacity * 8 - (len(self.flights) - len(self.reported))
         if room <= 0 or self.stop_error is not None:
             return 0
-        if room < self.capacity and self.flights and not self.retry_heap:
+        if room < 2 * self.capacity and self.flights and not self.retry_heap:
             return 0
         picked: list[_Flight] = []
         clock = time.monotonic()
@@ -714,10 +722,21 @@ class Migration:
                         large_rows.append(r["key"])
             for r in fresh:
                 picked.append(self._flight(r, self.config.range_size if r["key"] in large_rows else r["range_size"]))
+        # Small objects go to the workers a few per message (fewer queue locks and pickles);
+        # large ones one each, so no thread holds several while others have nothing.
+        batch: list[Task] = []
         for flight in picked:
             flight.task.credentials = self.credentials
             self.flights[flight.task.id] = flight
-            self.inbox.put(flight.task)
+            if flight.task.large:
+                self.inbox.put([flight.task])
+                continue
+            batch.append(flight.task)
+            if len(batch) == TASKS_PER_MESSAGE:
+                self.inbox.put(batch)
+                batch = []
+        if batch:
+            self.inbox.put(batch)
         self.progress.in_flight = len(self.flights)
         return len(picked)
 
@@ -732,7 +751,7 @@ class Migration:
                 (r["key"], self.dest, r["etag"]))}
         task = Task(
             id=next(self.ids), key=r["key"], etag=r["etag"], size=r["size"], kind=r["kind"],
-            final=final, temp=store.temp_for(r["path"], r["key"], r["etag"]),
+            final=final, temp=store.temp_beside(final, r["key"], r["etag"]),
             quarantine=None,  # the worker derives it (store.mismatch_path) only when needed
             expect={"sop_uid": r["sop_uid"], "study_uid": r["study_uid"], "series_uid": r["series_uid"]},
             provider=json.loads(r["checksums"]) if r["checksums"] else {},

@@ -205,6 +205,8 @@ class SharedRate:
         return None if value < 0 else value
 
     def take(self, n: int, stop: Any = None) -> None:
+        if self.values[0] < 0:
+            return  # unlimited: no need for the cross-process lock (one aligned double, read whole)
         while True:
             with self.lock:
                 rate = self.values[0]
@@ -587,9 +589,14 @@ class Fetcher:
         return False
 
     # -- one task --------------------------------------------------------------------------------
-    def run(self, task: Task) -> Result:
+    def run(self, task: Task, prior: Counters | None = None) -> Result:
+        """Fetch, verify and place one object. `prior`: what an earlier attempt at it (in
+        `multiget`) cost, counted in this result."""
         started = time.monotonic()
         result = Result(task.id, task.key, "failed", etag=task.etag)
+        if prior is not None:
+            result.counters.add(prior)
+            result.retries += 1
         self.reader.set_credentials(task.credentials)
         try:
             if self.stop.is_set():
@@ -736,6 +743,21 @@ class Fetcher:
                 os.lseek(fd, offset, os.SEEK_SET)
             self._stream(resp, fd, hasher, head, expected_len, counters, task)
             self._finish(task, result, fd, hasher, bytes(head), resumed=offset > 0)
+        finally:
+            os.close(fd)
+
+    def finish_body(self, task: Task, result: Result, body: memoryview, headers: dict[str, str]) -> None:
+        """Verify and place a whole object already in memory (`multiget`'s path): the checks,
+        temp file, fsync and rename of `_fetch`. Raises FetchError or OSError on any problem."""
+        checks, bounds = self._checks(task, headers, result, can_ask=False)
+        hasher = ObjectHasher(task.size, checks, bounds)
+        hasher.update(body)
+        fd = self.placer.open_temp(task.temp, truncate=True)
+        try:
+            written = os.write(fd, body)
+            while written < len(body):
+                written += os.write(fd, body[written:])
+            self._finish(task, result, fd, hasher, bytes(body[:HEADER_BYTES]), resumed=False)
         finally:
             os.close(fd)
 
@@ -1065,16 +1087,23 @@ class FolderSync:
                 if not self.waiting:
                     return
                 batch, self.waiting = self.waiting, []
-            try:
-                self.placer.sync_folders(dict.fromkeys(r.folder for r in batch if r.folder))
-            except OSError as exc:
-                failed = disk_error(exc, "fsync of an archive folder")
-                for r in batch:  # in place, not durable under its name: not migrated yet
-                    r.outcome, r.error_kind, r.detail = "failed", failed.kind, failed.detail
-                    r.error_code = failed.code
-            for r in batch:
-                r.folder = None
-            self.send(("results", batch))
+            self.send(("results", commit_folders(self.placer, batch)))
+
+
+def commit_folders(placer: Any, batch: list[Result]) -> list[Result]:
+    """fsync the folders the files of `batch` landed in, once each; then the results may go to
+    the engine. If that fails, the whole batch fails: in place, but not durable under its name."""
+    try:
+        placer.sync_folders(dict.fromkeys(r.folder for r in batch if r.folder))
+    except OSError as exc:
+        failed = disk_error(exc, "fsync of an archive folder")
+        for r in batch:
+            if r.folder:
+                r.outcome, r.error_kind, r.detail = "failed", failed.kind, failed.detail
+                r.error_code = failed.code
+    for r in batch:
+        r.folder = None
+    return batch
 
 
 def _die_with_parent() -> None:
@@ -1089,39 +1118,49 @@ def _die_with_parent() -> None:
 def worker_main(endpoint: Endpoint, credentials: Credentials, inbox: Any, outbox: Any,
                 rate: SharedRate, stop: Any, threads: int, options: dict[str, Any],
                 parent: int) -> None:
-    """Entry point of a worker process: `threads` threads take tasks until a None arrives."""
+    """Entry point of a worker process. Its main thread takes the engine's task lists and runs
+    the small, plain objects itself, many at once (`multiget`); `threads` download threads take
+    everything else (large objects, resumes, retries, anything unusual)."""
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the engine handles Ctrl-C and tells us
     if os.getppid() != parent:
         return
+    from .multiget import run_worker
+
     fetcher = Fetcher(endpoint, credentials, rate, stop, report=outbox.put, group_folder_sync=True,
                       **options)
     folders = FolderSync(fetcher.placer, outbox.put)
+    local: queue.Queue[tuple[Task, Counters | None] | None] = queue.Queue()
+
+    def done(result: Result) -> None:
+        if result.folder:
+            folders.add(result)
+        else:
+            outbox.put(("result", result))
 
     def loop() -> None:
         while True:
-            try:
-                task = inbox.get(timeout=1.0)
-            except queue.Empty:
-                if os.getppid() != parent:
-                    os._exit(1)
-                continue
-            if task is None:
-                inbox.put(None)  # let the other threads (and processes) see it too
+            item = local.get()
+            if item is None:
                 return
+            task, prior = item
             try:
-                result = fetcher.run(task)
+                result = fetcher.run(task, prior)
             except BaseException as exc:  # noqa: BLE001 - a bug must not hang the engine
                 result = Result(task.id, task.key, "failed", error_kind="permanent",
                                 detail=f"internal error: {_short(exc)}")
-            if result.folder:
-                folders.add(result)
-            else:
-                outbox.put(("result", result))
+            done(result)
 
     pool = [threading.Thread(target=loop, daemon=True) for _ in range(threads)]
     for t in pool:
         t.start()
-    for t in pool:
-        t.join()
-    folders.close()
+
+    def finish() -> None:
+        for _ in pool:
+            local.put(None)
+        for t in pool:
+            t.join()
+        folders.close()
+
+    run_worker(fetcher, inbox, max(1, threads) * 2, parent, outbox.put,
+               lambda task, prior: local.put((task, prior)), finish)

@@ -91,6 +91,7 @@ class FilesystemStore:
 
     def __init__(self, root: str | os.PathLike[str], layout: str = "uid") -> None:
         self.root = Path(os.path.abspath(os.path.expanduser(os.fspath(root))))
+        self._root_str = str(self.root).rstrip("/")  # "" for the root folder itself
         self.url = f"file://{self.root}"
         self.id = self.url
         self.layout = layout
@@ -115,16 +116,20 @@ class FilesystemStore:
         return f"{MISMATCH}/{safe_key_path(key)}"
 
     def absolute(self, relative: str) -> str:
-        full = os.path.normpath(os.path.join(self.root, relative))
-        if not (full + os.sep).startswith(str(self.root) + os.sep):
+        root = self._root_str
+        full = os.path.normpath(relative if relative.startswith("/") else f"{root}/{relative}")
+        if not (full + os.sep).startswith(root + os.sep):
             raise StoreError(f"refusing to write outside {self.root}: {relative!r}")
         return full
 
     def temp_for(self, relative: str, key: str, etag: str) -> str:
         """The temp file beside the final path; its name binds it to the object version."""
-        final = self.absolute(relative)
-        name = f"{TEMP_PREFIX}{key_hash(key + chr(0) + etag, 24)}.part"
-        return os.path.join(os.path.dirname(final), name)
+        return self.temp_beside(self.absolute(relative), key, etag)
+
+    @staticmethod
+    def temp_beside(final: str, key: str, etag: str) -> str:
+        """`temp_for`, given the absolute final path."""
+        return f"{os.path.dirname(final)}/{TEMP_PREFIX}{key_hash(key + chr(0) + etag, 24)}.part"
 
     # -- Store protocol ---------------------------------------------------------------------------
     def check(self) -> None:

@@ -1,0 +1,335 @@
+"""Small objects, many at once, on one thread.
+
+A worker process spends most of its CPU on small objects (DICOM instances of a few KB to 1 MB)
+in per-request overhead: http.client's request and response machinery, and the GIL changing
+hands between download threads at every system call (about a hundred futex calls per object
+with 8 threads). This loop keeps several keep-alive connections open without blocking, sends a
+signed GET on each, and reads the answers as they come with one selector. A finished body goes
+through the same checks and placement as the threaded path (`Fetcher.finish_body`).
+
+The loop takes only the plain case: a whole, fresh, single-part object of at most
+`MAX_BYTES`, over plain HTTP, with no bandwidth limit. Anything else, and anything unusual on
+the way (a status other than 200, a short body, a dropped connection, a failed check, a disk
+error), goes to the download threads, which fetch the object again and handle the case as they
+always did: nothing is decided here but success.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import selectors
+import socket
+import time
+from typing import Any, Callable
+
+from .transfer import Counters, FetchError, Fetcher, Result, Task, commit_folders
+
+MAX_BYTES = 1 << 20  # larger objects go to the threads (one buffer per connection)
+_HEADROOM = 64 * 1024  # response headers
+_COOL_OFF = 30.0  # seconds the loop stays out of the way after a failed connect
+_LINGER = 0.005  # seconds finished files wait for others, so one folder fsync covers them all
+_BATCH = 64  # results per message to the engine, at most
+
+
+class _Slot:
+    """One keep-alive connection and the request on it."""
+
+    __slots__ = ("sock", "buf", "view", "got", "head_end", "total", "task", "started", "close_after",
+                 "status", "headers")
+
+    def __init__(self) -> None:
+        self.sock: socket.socket | None = None
+        self.buf = bytearray(MAX_BYTES + _HEADROOM)
+        self.view = memoryview(self.buf)
+        self.task: Task | None = None
+        self.reset()
+
+    def reset(self) -> None:
+        self.got = 0
+        self.head_end = -1
+        self.total = -1
+        self.started = 0.0
+        self.close_after = False
+        self.status = 0
+        self.headers: dict[str, str] = {}
+
+    def close(self) -> None:
+        if self.sock is not None:
+            try:
+                self.sock.close()
+            except OSError:
+                pass
+            self.sock = None
+
+
+class MultiGet:
+    """Runs small-object tasks on `slots` connections; hands the rest to `fallback`."""
+
+    def __init__(self, fetcher: Fetcher, slots: int, send: Callable[[tuple[Any, ...]], None],
+                 fallback: Callable[[Task, Counters | None], None]) -> None:
+        self.fetcher = fetcher
+        self.endpoint = fetcher.reader.endpoint
+        self.send, self.fallback = send, fallback
+        self.landed: list[Result] = []  # placed, waiting for their folders' fsync
+        self.landed_since = 0.0
+        self.selector = selectors.DefaultSelector()
+        self.idle = [_Slot() for _ in range(slots)]
+        self.busy: list[_Slot] = []
+        self.waiting: collections.deque[Task] = collections.deque()
+        self.cool_until = 0.0
+        self.enabled = self.endpoint.scheme == "http" and not self.endpoint.proxy
+
+    # -- what the loop takes -----------------------------------------------------------------------
+    def takes(self, task: Task) -> bool:
+        if not self.enabled or task.large or task.fresh or task.done_ranges or task.size > MAX_BYTES:
+            return False
+        if "-" in task.etag or time.monotonic() < self.cool_until:
+            return False
+        rate = self.fetcher.rate
+        return rate is None or rate.rate is None
+
+    @property
+    def free(self) -> int:
+        """Tasks it can take now without keeping them waiting."""
+        return len(self.idle) - len(self.waiting)
+
+    @property
+    def active(self) -> bool:
+        return bool(self.busy or self.waiting)
+
+    def add(self, task: Task) -> None:
+        self.waiting.append(task)
+
+    # -- the loop ----------------------------------------------------------------------------------
+    def step(self, timeout: float) -> None:
+        """Start what waits, then handle what the connections have for us (at most `timeout` s)."""
+        while self.waiting and self.idle:
+            self._start(self.waiting.popleft())
+        if self.busy:
+            for key, _events in self.selector.select(timeout):
+                self._readable(key.data)
+            limit = self.endpoint.read_timeout
+            now = time.monotonic()
+            for slot in [s for s in self.busy if now - s.started > limit]:
+                self._give_up(slot, "no answer in time")
+        self.flush(force=not self.busy)
+
+    def flush(self, force: bool = False) -> None:
+        """Group commit: fsync the folders of what landed, then report it to the engine."""
+        if self.landed and (force or len(self.landed) >= _BATCH
+                            or time.monotonic() - self.landed_since >= _LINGER):
+            batch, self.landed = self.landed, []
+            self.send(("results", commit_folders(self.fetcher.placer, batch)))
+
+    def done(self, result: Result) -> None:
+        if not self.landed:
+            self.landed_since = time.monotonic()
+        self.landed.append(result)
+
+    def cancel(self) -> None:
+        """Stop: every task here is reported cancelled (the engine queues it again)."""
+        for slot in list(self.busy):
+            task = slot.task
+            self._release(slot, close=True)
+            if task is not None:
+                self.done(Result(task.id, task.key, "cancelled", etag=task.etag))
+        while self.waiting:
+            task = self.waiting.popleft()
+            self.done(Result(task.id, task.key, "cancelled", etag=task.etag))
+        for slot in self.idle:
+            slot.close()
+
+    def close(self) -> None:
+        for slot in self.idle + self.busy:
+            slot.close()
+        self.selector.close()
+
+    # -- one request -------------------------------------------------------------------------------
+    def _start(self, task: Task) -> None:
+        fetcher = self.fetcher
+        if fetcher.stop.is_set():
+            self.done(Result(task.id, task.key, "cancelled", etag=task.etag))
+            return
+        try:
+            fetcher.placer.prepare(task.final)
+            if os.path.exists(task.final) or fetcher.placer.partial_size(task.temp, task.size):
+                self.fallback(task, None)  # verify in place, or resume: the threads do that
+                return
+        except OSError:
+            self.fallback(task, None)
+            return
+        slot = self.idle.pop()
+        if slot.sock is None and not self._connect(slot):
+            self.idle.append(slot)
+            self.fallback(task, None)
+            return
+        ep = self.endpoint
+        reader = fetcher.reader
+        reader.set_credentials(task.credentials)
+        path = ep.path(task.key)
+        signed = reader.signer.sign("GET", ep.host, path, None,
+                                    {"if-match": f'"{task.etag}"', "x-amz-checksum-mode": "ENABLED"})
+        request = "".join([f"GET {path} HTTP/1.1\r\n", *(f"{k}: {v}\r\n" for k, v in signed.items()),
+                           "\r\n"]).encode("latin-1")
+        slot.reset()
+        slot.task, slot.started = task, time.monotonic()
+        try:
+            sent = slot.sock.send(request)  # type: ignore[union-attr]
+        except OSError:
+            sent = -1
+        if sent != len(request):
+            # A stale keep-alive connection (the server closed it while idle), or a full buffer.
+            slot.task = None
+            slot.close()
+            self.idle.append(slot)
+            self.fallback(task, None)
+            return
+        self.busy.append(slot)
+        self.selector.register(slot.sock, selectors.EVENT_READ, slot)  # type: ignore[arg-type]
+
+    def _connect(self, slot: _Slot) -> bool:
+        ep = self.endpoint
+        host = ep.host.rsplit(":", 1)[0] if ep.host.count(":") == 1 else ep.host
+        try:
+            sock = socket.create_connection((host, ep.port), timeout=ep.connect_timeout)
+        except OSError:
+            self.cool_until = time.monotonic() + _COOL_OFF  # the threads see the outage and report it
+            return False
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setblocking(False)
+        slot.sock = sock
+        return True
+
+    def _readable(self, slot: _Slot) -> None:
+        sock = slot.sock
+        assert sock is not None
+        while True:
+            room = len(slot.buf) - slot.got
+            if room == 0:
+                self._give_up(slot, "answer larger than expected")
+                return
+            try:
+                n = sock.recv_into(slot.view[slot.got:])
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                self._give_up(slot, f"connection lost: {exc}")
+                return
+            if n == 0:
+                self._give_up(slot, "connection closed before the whole answer")
+                return
+            slot.got += n
+            if slot.head_end < 0 and not self._head(slot):
+                return
+            if slot.total >= 0 and slot.got >= slot.total:
+                self._complete(slot)
+                return
+
+    def _head(self, slot: _Slot) -> bool:
+        """Parse the status line and headers once they are in. False: not yet, or gave up."""
+        end = slot.buf.find(b"\r\n\r\n", 0, slot.got)
+        if end < 0:
+            if slot.got > _HEADROOM:
+                self._give_up(slot, "response headers too long")
+            return False
+        lines = bytes(slot.view[:end]).decode("latin-1").split("\r\n")
+        status = lines[0].split(" ", 2)
+        headers: dict[str, str] = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            name = name.strip().lower()
+            headers[name] = f"{headers[name]}, {value.strip()}" if name in headers else value.strip()
+        task = slot.task
+        assert task is not None
+        length = headers.get("content-length", "")
+        if (len(status) < 2 or status[1] != "200" or not status[0].startswith("HTTP/1.")
+                or "transfer-encoding" in headers or not length.isdigit() or int(length) != task.size):
+            # Errors, changes and anything unusual: the threads ask again and judge.
+            self._give_up(slot, f"answer {lines[0]!r}")
+            return False
+        slot.head_end = end + 4
+        slot.total = slot.head_end + task.size
+        slot.status, slot.headers = 200, headers
+        slot.close_after = headers.get("connection", "").lower() == "close" or status[0] == "HTTP/1.0"
+        return True
+
+    def _complete(self, slot: _Slot) -> None:
+        task = slot.task
+        assert task is not None
+        if slot.got != slot.total:
+            self._give_up(slot, "more bytes than announced")
+            return
+        body = slot.view[slot.head_end:slot.total]
+        result = Result(task.id, task.key, "failed", etag=task.etag)
+        result.counters.get += 1
+        result.counters.bytes += len(body)
+        headers = slot.headers
+        self._release(slot, close=slot.close_after)
+        try:
+            self.fetcher.finish_body(task, result, body, headers)
+        except (FetchError, OSError):
+            self.fetcher.placer.discard(task.temp)
+            task.fresh = True
+            self.fallback(task, result.counters)
+            return
+        result.elapsed = time.monotonic() - slot.started
+        self.done(result)
+
+    def _give_up(self, slot: _Slot, _why: str) -> None:
+        """Hand the task to the threads, with what this attempt cost."""
+        task = slot.task
+        spent = Counters(get=1, bytes=max(0, slot.got - max(slot.head_end, 0)))
+        self._release(slot, close=True)
+        if task is not None:
+            self.fallback(task, spent)
+
+    def _release(self, slot: _Slot, close: bool) -> None:
+        if slot in self.busy:
+            self.busy.remove(slot)
+            if slot.sock is not None:
+                self.selector.unregister(slot.sock)
+        if close:
+            slot.close()
+        slot.task = None
+        self.idle.append(slot)
+
+
+def run_worker(fetcher: Fetcher, inbox: Any, slots: int, parent: int,
+               send: Callable[[tuple[Any, ...]], None], fallback: Callable[[Task, Counters | None], None],
+               finish: Callable[[], None]) -> None:
+    """The worker process's main thread: take task lists from the engine, run the small ones here
+    and pass the rest to the download threads; `finish` when the engine says the work is over."""
+    import queue
+
+    loop = MultiGet(fetcher, slots, send, fallback)
+    ended = False
+    try:
+        while True:
+            if fetcher.stop.is_set() and loop.active:
+                loop.cancel()
+            if not ended and loop.free > 0:
+                if not loop.active:
+                    loop.flush(force=True)  # before waiting for more work
+                try:
+                    tasks = inbox.get(timeout=0.0 if loop.active else 1.0)  # a list, or None: the end
+                except queue.Empty:
+                    tasks = []
+                    if not loop.active and os.getppid() != parent:
+                        os._exit(1)
+                if tasks is None:
+                    inbox.put(None)  # for the other worker processes
+                    ended = True
+                    tasks = []
+                for task in tasks:
+                    if loop.takes(task):
+                        loop.add(task)
+                    else:
+                        fallback(task, None)
+            if ended and not loop.active:
+                return
+            loop.step(0.05 if not ended else 0.2)
+    finally:
+        loop.flush(force=True)
+        loop.close()
+        finish()

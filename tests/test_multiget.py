@@ -1,0 +1,139 @@
+"""The small-object loop (`cloudexit.multiget`) on its own, against SeaweedFS behind the fault
+proxy: what it takes, what it verifies and places, and that every fault goes to the threads
+with what the attempt cost."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cloudexit import synthetic
+from cloudexit.multiget import MAX_BYTES, MultiGet
+from cloudexit.s3server import SeaweedServer
+from cloudexit.transfer import Counters, Credentials, Endpoint, Fetcher, Result, SharedRate, Task
+
+
+@pytest.fixture(scope="module")
+def slices(s3: SeaweedServer) -> tuple[str, list[synthetic.SyntheticObject]]:
+    """12 CT slices (~0.5 MB each), uploaded once."""
+    bucket = f"multiget-{os.getpid()}"
+    profile = synthetic.Profile(patients=1, studies_per_patient=1, ct_slices_per_series=12,
+                                cr_per_study=0, multiframe_objects=0, awkward=False, seed=11)
+    return bucket, synthetic.upload(s3.client(), bucket, synthetic.generate(profile))
+
+
+class Harness:
+    def __init__(self, endpoint_url: str, bucket: str, s3: SeaweedServer, root: Path,
+                 rate: Any = None, slots: int = 4) -> None:
+        env = s3.env()
+        self.creds = Credentials(env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"])
+        endpoint = Endpoint.from_url(endpoint_url, bucket, "us-east-1", path_style=True)
+        self.root = root
+        self.fetcher = Fetcher(endpoint, self.creds, rate, threading.Event(), root=str(root),
+                               group_folder_sync=True)
+        self.messages: list[tuple[Any, ...]] = []
+        self.fallbacks: list[tuple[Task, Counters | None]] = []
+        self.loop = MultiGet(self.fetcher, slots, self.messages.append,
+                             lambda task, spent: self.fallbacks.append((task, spent)))
+
+    def task(self, i: int, o: synthetic.SyntheticObject, etag: str | None = None) -> Task:
+        final = str(self.root / o.study_uid / o.series_uid / f"{o.sop_uid}.dcm")
+        body = o.body()
+        return Task(i, o.key, etag or hashlib.md5(body).hexdigest(), len(body), "dicom", final,
+                    final + ".part", None,
+                    {"sop_uid": o.sop_uid, "study_uid": o.study_uid, "series_uid": o.series_uid}, {},
+                    self.creds)
+
+    def run(self, tasks: list[Task]) -> list[Result]:
+        for t in tasks:
+            assert self.loop.takes(t), t.key
+            self.loop.add(t)
+        while self.loop.active:
+            self.loop.step(0.05)
+        self.loop.flush(force=True)
+        self.loop.close()
+        return [r for m in self.messages for r in m[1]]
+
+
+def test_plain_objects_are_verified_and_placed_by_the_loop(s3, slices, tmp_path: Path) -> None:
+    bucket, objects = slices
+    h = Harness(s3.endpoint_url, bucket, s3, tmp_path)
+    results = h.run([h.task(i, o) for i, o in enumerate(objects)])
+    assert not h.fallbacks
+    assert sorted(r.key for r in results) == sorted(o.key for o in objects)
+    for r in results:
+        o = next(o for o in objects if o.key == r.key)
+        body = o.body()
+        assert r.outcome == "verified", r.detail
+        assert {"size", "md5", "dicom-sop-uid"} <= set(r.checks), r.checks
+        assert Path(r.path).read_bytes() == body
+        assert r.sha256 == hashlib.sha256(body).hexdigest()
+        assert (r.counters.get, r.counters.bytes) == (1, len(body))
+        assert r.folder is None  # its folder was fsynced before the result left
+        assert oct(Path(r.path).stat().st_mode & 0o777) == "0o600"
+    assert not list(tmp_path.rglob(".cloudexit-*"))
+
+
+def test_every_fault_goes_to_the_threads_with_its_cost(s3, slices, tmp_path: Path, fault_proxy) -> None:
+    bucket, objects = slices
+    keys = [o.key for o in objects]
+    fault_proxy.status(503, "SlowDown", method="GET", key=keys[0], times=1)
+    fault_proxy.drop(method="GET", key=keys[1], times=1)
+    fault_proxy.drop(after_bytes=100_000, method="GET", key=keys[2], times=1)
+    fault_proxy.truncate(at=200_000, key=keys[3], times=1)
+    fault_proxy.flip(offset=300_000, key=keys[4], times=1)  # pixel data: only the MD5 notices
+    fault_proxy.status(404, "NoSuchKey", method="GET", key=keys[5], times=1)
+    h = Harness(fault_proxy.endpoint_url, bucket, s3, tmp_path)
+    tasks = [h.task(i, o) for i, o in enumerate(objects)]
+    tasks[6].etag = "0" * 32  # changed since the inventory: the server answers 412
+    results = h.run(tasks)
+    handed = {t.key: spent for t, spent in h.fallbacks}
+    assert set(handed) == set(keys[:7])
+    assert all(spent is not None and spent.get == 1 for spent in handed.values())
+    assert handed[keys[4]].bytes == objects[4].size  # the whole (flipped) body was read
+    flipped = next(t for t, _ in h.fallbacks if t.key == keys[4])
+    assert flipped.fresh  # the threads start it over, not from the bad temp file
+    assert not Path(flipped.final).exists() and not Path(flipped.temp).exists()
+    assert sorted(r.key for r in results) == sorted(keys[7:])
+    assert all(r.outcome == "verified" for r in results)
+    for t, _ in h.fallbacks:  # and the threads finish them all
+        r = h.fetcher.run(t)
+        if t.key == keys[6]:
+            assert r.error_kind == "changed"
+        else:
+            assert r.outcome == "verified", (t.key, r.detail)
+            assert Path(r.path).read_bytes() == objects[keys.index(t.key)].body()
+
+
+def test_what_the_loop_leaves_to_the_threads(s3, slices, tmp_path: Path) -> None:
+    import multiprocessing
+
+    bucket, objects = slices
+    h = Harness(s3.endpoint_url, bucket, s3, tmp_path)
+    plain = h.task(0, objects[0])
+    assert h.loop.takes(plain)
+    assert not h.loop.takes(h.task(1, objects[1], etag="0" * 32 + "-3"))  # multipart: needs HEADs
+    big = h.task(2, objects[2])
+    big.size = MAX_BYTES + 1
+    assert not h.loop.takes(big)
+    resumed = h.task(3, objects[3])
+    resumed.fresh = True
+    assert not h.loop.takes(resumed)
+    rate = SharedRate(multiprocessing.get_context("spawn"))
+    rate.set(1_000_000)
+    limited = Harness(s3.endpoint_url, bucket, s3, tmp_path, rate=rate)
+    assert not limited.loop.takes(h.task(4, objects[4]))  # --bwlimit: the threads pace themselves
+    tls = Harness(s3.endpoint_url.replace("http://", "https://"), bucket, s3, tmp_path)
+    assert not tls.loop.takes(h.task(5, objects[5]))
+    # A file already at its final path (a crash after the rename) is verified in place by the threads.
+    Path(plain.final).parent.mkdir(parents=True)
+    Path(plain.final).write_bytes(objects[0].body())
+    h.loop.add(plain)
+    h.loop.step(0.01)
+    assert [t.key for t, _ in h.fallbacks] == [plain.key]
+    assert h.fallbacks[0][1] is None  # nothing was asked of the server
