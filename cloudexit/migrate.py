@@ -254,6 +254,7 @@ class Migration:
         self.pacs_rows_final = False
         self._known_folders: set[str] | None = None  # see `_sync`
         self.workers: list[Any] = []
+        self.setup_pipes: list[Any] = []  # each worker's endpoint and credentials go there
         self.workers_joined = False
 
     # -- public ------------------------------------------------------------------------------------
@@ -263,8 +264,14 @@ class Migration:
         try:
             self.store.check()
             self._open_outlets()
+            self._start_workers()  # they start up (a second or so) while we resolve and plan
             self.endpoint, self.credentials = self._endpoint()
-            self._start_workers()  # they start up (a second or so) while the queue is planned
+            for worker, conn in zip(self.workers, self.setup_pipes):  # what they need to start
+                try:
+                    conn.send((self.endpoint, self.credentials))
+                except OSError as exc:
+                    raise StateError(f"worker process {worker.name} ended before it started ({exc})",
+                                     hint="check memory and the system log; then run the command again") from exc
             self._open_run()
             self._sync()
             self._sync_pacs()
@@ -563,10 +570,12 @@ class Migration:
                    "fsync": cfg.fsync}
         from .transfer import worker_main
 
+        pipes = [ctx.Pipe(duplex=False) for _ in range(processes)]
+        self.setup_pipes = [send for _recv, send in pipes]
         self.workers = [ctx.Process(target=worker_main, name=f"cloudexit-worker-{i}", daemon=True,
-                                    args=(self.endpoint, self.credentials, self.inbox, self.outbox,
-                                          self.rate, self.stop_event, cfg.threads, options, os.getpid()))
-                        for i in range(processes)]
+                                    args=(recv, self.inbox, self.outbox, self.rate, self.stop_event,
+                                          cfg.threads, options, os.getpid()))
+                        for i, (recv, _send) in enumerate(pipes)]
         with _main_module_hidden():
             for w in self.workers:
                 w.start()
@@ -643,6 +652,7 @@ class Migration:
                 return
             if clock - last_tick >= 1.0:
                 last_tick = clock
+                self._check_workers()
                 self._apply_rate()
                 self._restore_work()
                 self.on_progress(self.progress)
@@ -677,6 +687,15 @@ class Migration:
                     time.sleep(0.05)
                     continue
                 return
+
+    def _check_workers(self) -> None:
+        """A worker process that died (killed, out of memory) would leave its tasks in flight
+        for ever: stop cleanly instead; --resume queues them again."""
+        dead = [w for w in self.workers if w.exitcode is not None]
+        if dead and self.stop_error is None:
+            self.stop_error = StateError(
+                f"worker process {dead[0].name} ended unexpectedly (exit code {dead[0].exitcode})",
+                hint="check memory and the system log; then: cloudexit migrate --resume")
 
     def _has_work(self, state_name: str) -> bool:
         return bool(self.state.scalar("SELECT 1 FROM transfers WHERE dest = ? AND state = ? LIMIT 1",

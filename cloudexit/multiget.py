@@ -20,7 +20,9 @@ import collections
 import os
 import selectors
 import socket
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
 from .transfer import Counters, FetchError, Fetcher, Result, Task, commit_folders
@@ -30,6 +32,7 @@ _HEADROOM = 64 * 1024  # response headers
 _COOL_OFF = 30.0  # seconds the loop stays out of the way after a failed connect
 _LINGER = 0.005  # seconds finished files wait for others, so one folder fsync covers them all
 _BATCH = 64  # results per message to the engine, at most
+PLACERS = 4  # threads that fsync and rename finished files
 
 
 class _Slot:
@@ -73,6 +76,12 @@ class MultiGet:
         self.send, self.fallback = send, fallback
         self.landed: list[Result] = []  # placed, waiting for their folders' fsync
         self.landed_since = 0.0
+        # Placing (fsync, rename) runs on a few threads: an fsync blocks, and the disk takes
+        # several at once better than one after the other.
+        self.placers = ThreadPoolExecutor(PLACERS, thread_name_prefix="cloudexit-place")
+        self.placing = 0
+        self.lock = threading.Lock()
+        self.placed = threading.Event()
         self.selector = selectors.DefaultSelector()
         self.idle = [_Slot() for _ in range(slots)]
         self.busy: list[_Slot] = []
@@ -96,7 +105,7 @@ class MultiGet:
 
     @property
     def active(self) -> bool:
-        return bool(self.busy or self.waiting)
+        return bool(self.busy or self.waiting or self.placing)
 
     def add(self, task: Task) -> None:
         self.waiting.append(task)
@@ -113,19 +122,25 @@ class MultiGet:
             now = time.monotonic()
             for slot in [s for s in self.busy if now - s.started > limit]:
                 self._give_up(slot, "no answer in time")
+        elif self.placing:
+            self.placed.wait(timeout)
+            self.placed.clear()
         self.flush(force=not self.busy)
 
     def flush(self, force: bool = False) -> None:
         """Group commit: fsync the folders of what landed, then report it to the engine."""
-        if self.landed and (force or len(self.landed) >= _BATCH
-                            or time.monotonic() - self.landed_since >= _LINGER):
+        with self.lock:
+            if not self.landed or not (force or len(self.landed) >= _BATCH
+                                       or time.monotonic() - self.landed_since >= _LINGER):
+                return
             batch, self.landed = self.landed, []
-            self.send(("results", commit_folders(self.fetcher.placer, batch)))
+        self.send(("results", commit_folders(self.fetcher.placer, batch)))
 
     def done(self, result: Result) -> None:
-        if not self.landed:
-            self.landed_since = time.monotonic()
-        self.landed.append(result)
+        with self.lock:
+            if not self.landed:
+                self.landed_since = time.monotonic()
+            self.landed.append(result)
 
     def cancel(self) -> None:
         """Stop: every task here is reported cancelled (the engine queues it again)."""
@@ -141,6 +156,7 @@ class MultiGet:
             slot.close()
 
     def close(self) -> None:
+        self.placers.shutdown(wait=True)
         for slot in self.idle + self.busy:
             slot.close()
         self.selector.close()
@@ -265,16 +281,35 @@ class MultiGet:
         result.counters.get += 1
         result.counters.bytes += len(body)
         headers = slot.headers
-        self._release(slot, close=slot.close_after)
+        started = slot.started
         try:
-            self.fetcher.finish_body(task, result, body, headers)
+            place = self.fetcher.finish_body(task, result, body, headers)
         except (FetchError, OSError):
-            self.fetcher.placer.discard(task.temp)
-            task.fresh = True
-            self.fallback(task, result.counters)
+            self._release(slot, close=slot.close_after)
+            self._retry(task, result)
             return
-        result.elapsed = time.monotonic() - slot.started
-        self.done(result)
+        self._release(slot, close=slot.close_after)  # the body is read: the buffer is free again
+        with self.lock:
+            self.placing += 1
+        self.placers.submit(self._place, task, result, place, started)
+
+    def _place(self, task: Task, result: Result, place: Callable[[], None], started: float) -> None:
+        try:
+            place()
+        except OSError:
+            self._retry(task, result)  # the threads try again, and report a disk error as such
+        else:
+            result.elapsed = time.monotonic() - started
+            self.done(result)
+        finally:
+            with self.lock:
+                self.placing -= 1
+            self.placed.set()
+
+    def _retry(self, task: Task, result: Result) -> None:
+        self.fetcher.placer.discard(task.temp)
+        task.fresh = True
+        self.fallback(task, result.counters)
 
     def _give_up(self, slot: _Slot, _why: str) -> None:
         """Hand the task to the threads, with what this attempt cost."""

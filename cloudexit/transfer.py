@@ -746,9 +746,11 @@ class Fetcher:
         finally:
             os.close(fd)
 
-    def finish_body(self, task: Task, result: Result, body: memoryview, headers: dict[str, str]) -> None:
-        """Verify and place a whole object already in memory (`multiget`'s path): the checks,
-        temp file, fsync and rename of `_fetch`. Raises FetchError or OSError on any problem."""
+    def finish_body(self, task: Task, result: Result, body: memoryview,
+                    headers: dict[str, str]) -> Callable[[], None]:
+        """Verify a whole object already in memory (`multiget`'s path) and write its temp file:
+        the checks of `_fetch`. Returns its placement (fsync, rename; closes the file), to run
+        on any thread. Raises FetchError or OSError on any problem."""
         checks, bounds = self._checks(task, headers, result, can_ask=False)
         hasher = ObjectHasher(task.size, checks, bounds)
         hasher.update(body)
@@ -757,9 +759,18 @@ class Fetcher:
             written = os.write(fd, body)
             while written < len(body):
                 written += os.write(fd, body[written:])
-            self._finish(task, result, fd, hasher, bytes(body[:HEADER_BYTES]), resumed=False)
-        finally:
+            target = self._judge(task, result, hasher, bytes(body[:HEADER_BYTES]))
+        except BaseException:
             os.close(fd)
+            raise
+
+        def place() -> None:
+            try:
+                self._place(task, result, fd, target)
+            finally:
+                os.close(fd)
+
+        return place
 
     def _rehash(self, fd: int, upto: int, hasher: ObjectHasher, head: bytearray) -> None:
         buf = self._buffer()
@@ -829,6 +840,11 @@ class Fetcher:
     def _finish(self, task: Task, result: Result, fd: int, hasher: ObjectHasher, head: bytes,
                 resumed: bool) -> None:
         """Verify everything, then fsync and rename into place."""
+        self._place(task, result, fd, self._judge(task, result, hasher, head))
+
+    def _judge(self, task: Task, result: Result, hasher: ObjectHasher, head: bytes) -> str:
+        """Verify the bytes (FetchError "corrupt" if they are not the object's) and the DICOM
+        header; return where the file goes: its final path, or quarantine."""
         check = hasher.verify()
         if not check.ok:
             name, expected, got = check.failed[0]
@@ -847,6 +863,9 @@ class Fetcher:
             result.outcome = "quarantined"
         if result.outcome != "quarantined":
             result.outcome = "verified"
+        return target
+
+    def _place(self, task: Task, result: Result, fd: int, target: str) -> None:
         if target != task.final:
             self.placer.prepare(target)
         result.replaced = self.placer.place(fd, task.temp, target, sync_folder=not self.group_folder_sync)
@@ -1115,17 +1134,24 @@ def _die_with_parent() -> None:
         pass
 
 
-def worker_main(endpoint: Endpoint, credentials: Credentials, inbox: Any, outbox: Any,
-                rate: SharedRate, stop: Any, threads: int, options: dict[str, Any],
-                parent: int) -> None:
-    """Entry point of a worker process. Its main thread takes the engine's task lists and runs
-    the small, plain objects itself, many at once (`multiget`); `threads` download threads take
-    everything else (large objects, resumes, retries, anything unusual)."""
+def worker_main(setup: Any, inbox: Any, outbox: Any, rate: SharedRate, stop: Any, threads: int,
+                options: dict[str, Any], parent: int) -> None:
+    """Entry point of a worker process. It starts while the engine resolves the endpoint and
+    plans the work, and gets the endpoint and credentials on `setup` (a pipe) when they are
+    known. Its main thread takes the engine's task lists and runs the small, plain objects
+    itself, many at once (`multiget`); `threads` download threads take everything else (large
+    objects, resumes, retries, anything unusual)."""
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the engine handles Ctrl-C and tells us
-    if os.getppid() != parent:
-        return
     from .multiget import run_worker
+
+    while not setup.poll(0.2):
+        if stop.is_set() or os.getppid() != parent:
+            return  # the run failed before the work began
+    try:
+        endpoint, credentials = setup.recv()
+    except EOFError:
+        return
 
     fetcher = Fetcher(endpoint, credentials, rate, stop, report=outbox.put, group_folder_sync=True,
                       **options)

@@ -124,6 +124,65 @@ def test_kill_9_at_random_points_then_resume(s3_env, ct_bucket, ct_db: Path, tmp
     assert run["resumed"] == 4
 
 
+def test_kill_9_while_small_objects_run_many_at_once(s3_env, ct_bucket, ct_db: Path, tmp_path: Path,
+                                                     fault_proxy) -> None:
+    """No bandwidth limit, so the slices go through each worker's loop of many GETs
+    (`multiget`); kill -9 of everything twice, then --resume: all verified once, none fetched
+    again once verified, no temp file left."""
+    bucket, objects = ct_bucket
+    fault_proxy.delay(0.15, method="GET")  # every GET slow, so the kills land mid-run
+    dest = tmp_path / "archive"
+    cmd = [sys.executable, "-m", "cloudexit.cli", "migrate", "--db", str(ct_db), "--endpoint-url",
+           fault_proxy.endpoint_url, "-q"]
+    verified: set[str] = set()
+    for round_, wait in enumerate((1.5, 1.0)):
+        proc = subprocess.Popen(cmd + (["--to", str(dest)] if round_ == 0 else ["--resume"]),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not any(s.method == "GET" for s in fault_proxy.requests):
+            time.sleep(0.05)
+        time.sleep(wait)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        again = [s.key for s in fault_proxy.requests if s.method == "GET" and s.key in verified]
+        assert not again, again
+        fault_proxy.reset_counters()
+        verified = {r["key"] for r in rows(ct_db, "SELECT key FROM transfers WHERE state = 'verified'")}
+    assert 0 < len(verified) < len(objects)  # the kills did land in the middle
+    result = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    again = [s.key for s in fault_proxy.requests if s.method == "GET" and s.key in verified]
+    assert not again, again
+    check_archive(ct_db, dest, objects)
+
+
+def test_a_worker_killed_alone_stops_the_run_cleanly(s3_env, ct_bucket, ct_db: Path, tmp_path: Path,
+                                                     fault_proxy) -> None:
+    """kill -9 of one worker process (the OOM killer's way): the engine notices, stops with a
+    clear message instead of waiting for ever, and --resume finishes the job."""
+    bucket, objects = ct_bucket
+    fault_proxy.delay(0.15, method="GET")
+    dest = tmp_path / "archive"
+    cmd = [sys.executable, "-m", "cloudexit.cli", "migrate", "--db", str(ct_db), "--endpoint-url",
+           fault_proxy.endpoint_url, "-q"]
+    proc = subprocess.Popen(cmd + ["--to", str(dest)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    deadline = time.monotonic() + 60  # until objects are being fetched
+    while time.monotonic() < deadline and not any(s.method == "GET" and s.key for s in fault_proxy.requests):
+        time.sleep(0.05)
+    children = subprocess.run(["pgrep", "-P", str(proc.pid), "-f", "spawn_main"], capture_output=True,
+                              text=True).stdout.split()
+    assert children
+    os.kill(int(children[0]), signal.SIGKILL)
+    err, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 1, err
+    assert "worker process" in err and "ended unexpectedly" in err and "cloudexit migrate --resume" in err
+    fault_proxy.clear()
+    result = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    check_archive(ct_db, dest, objects)
+
+
 def test_partial_files_resume_with_range(s3, s3_env, bucket: str, db: Path, tmp_path: Path,
                                          fault_proxy, cli) -> None:
     """A kill in the middle of a large (ranged) and a small (streamed) object: the bytes on
