@@ -429,7 +429,8 @@ class _ByteBar:
 @click.option("--processes", type=click.IntRange(0, 64), default=None,
               help="Worker processes (default 0: one per CPU).")
 @click.option("--threads", type=click.IntRange(1, 64), default=None,
-              help="Downloads in flight per worker process (default 8).")
+              help="Download threads per worker process (default 8); each process also runs "
+                   "twice as many small objects at once on its main thread.")
 @click.option("--large-object", type=click.IntRange(1024, 2**40), default=None,
               help="Objects of this many bytes or more download in parallel ranges (default 64 MiB).")
 @click.option("--range-size", type=click.IntRange(65536, 2**32), default=None,

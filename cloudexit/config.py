@@ -39,7 +39,8 @@ class MigrateConfig:
     non_dicom: str = "copy"  # "copy": into DEST/_non-dicom/ (by key); "skip": recorded, not copied
     order: str = "newest"  # newest | oldest | key: newest studies first, whole studies together
     processes: int = 0  # worker processes; 0: one per CPU (at most 8)
-    threads: int = 8  # download threads per worker process, one connection each
+    threads: int = 8  # download threads per worker process, one connection each; small objects
+    # run 2 x threads at once on each worker's main thread (`multiget`)
     large_object: int = 64 * 2**20  # objects this big or bigger download in parallel ranges
     range_size: int = 16 * 2**20  # bytes per ranged GET of a large object
     range_streams: int = 4  # ranges of one large object in flight at once

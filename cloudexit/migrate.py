@@ -730,10 +730,12 @@ class Migration:
             stamp = now()
             large_rows = []
             with self.state.transaction() as tx:
-                tx.executemany(
+                # `fresh` is every queued row of this seq range (the SELECT took them all, and
+                # only this thread writes): one statement marks them.
+                tx.execute(
                     "UPDATE transfers SET state = 'fetching', run_id = ?, attempts = attempts + 1, "
-                    "started_at = ?, updated_at = ? WHERE key = ? AND dest = ?",
-                    [(self.run_id, stamp, stamp, r["key"], self.dest) for r in fresh])
+                    "started_at = ?, updated_at = ? WHERE dest = ? AND state = 'queued' AND seq BETWEEN ? AND ?",
+                    (self.run_id, stamp, stamp, self.dest, fresh[0]["seq"], fresh[-1]["seq"]))
                 for r in fresh:
                     if r["size"] >= self.config.large_object and not r["range_size"]:
                         tx.execute("UPDATE transfers SET range_size = ? WHERE key = ? AND dest = ?",
