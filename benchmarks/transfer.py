@@ -219,13 +219,28 @@ compares MD5 with single-part ETags only, aws cli checks `x-amz-checksum-*` when
 
 ### Design choices, from profiles
 * Per-request Python CPU was the first obstacle: boto3's `get_object` costs ~1.5 ms of CPU
-  before a byte moves. The GET path is `http.client` keep-alive connections (one per thread)
-  with a standard-library SigV4 signer (tested against botocore's, and checked by the server on
-  every request); the whole per-object Python overhead (sign, request, headers, loop, DICOM walk,
-  rename, result) is now ~0.3-0.5 ms.
-* Worker processes (one per CPU, 8 threads each) do the I/O and hashing; the engine process
-  only plans, dispatches and commits (batched, ~0.25 s). Hashing releases the GIL, so threads
-  overlap it with network and disk.
+  before a byte moves. Requests are signed by a standard-library SigV4 signer (tested against
+  botocore's, and checked by the server on every request).
+* Small objects (up to 1 MiB, whole, single-part, plain HTTP, no `--bwlimit`) run many at once
+  on each worker process's main thread (`cloudexit/multiget.py`): 16 non-blocking keep-alive
+  connections, one selector, the request written in one `send`, the answer parsed from one
+  buffer. With 8 download threads per process instead, the GIL changed hands at every system
+  call: strace counted ~100 futex calls per object (now ~15) and the workers spent ~2.1 ms of
+  CPU per tiny object (now ~1.2 ms). Anything unusual (a status other than 200, a short or
+  dropped answer, a failed check, a disk error, a file already at its final path, a temp file to
+  resume) goes to the download threads, which fetch the object again and judge it as before;
+  the attempt's requests and bytes are counted in its result.
+* Finished small files are fsynced and renamed by 4 placer threads per process (an fsync blocks,
+  and the disk takes several at once); the folders are then fsynced once per group (5 ms or 64
+  files) and only then do the results go to the engine, which alone marks objects migrated.
+* Worker processes (one per CPU) start before the endpoint is resolved and the work planned;
+  they get the endpoint and credentials on a pipe. The engine only plans, dispatches (8 tasks per
+  download thread in flight, not counting results that wait for the next commit, 4 small tasks
+  per message) and commits (batched, ~0.25 s). Counting the results that waited for a commit
+  as in flight had capped tiny objects at ~215 per second.
+* Planning the work queue (`_sync`) costs one index probe per path (the path and everything
+  below it in one range query), and the SOP-UID conflict query runs only for UIDs that occur
+  twice: 20,000 objects plan in ~1.7-2.4 s instead of ~6 s (and the workers are already up).
 * pydicom's header parse (~1 ms per object) was replaced on the hot path by a `struct` walk of
   the header (~40 µs; `cloudexit/dicomscan.py`) that falls back to pydicom for anything unusual.
 * Hashing only what verification needs: on this CPU MD5 runs at ~440 MB/s (1.2 ms per 0.5 MB
@@ -234,25 +249,15 @@ compares MD5 with single-part ETags only, aws cli checks `x-amz-checksum-*` when
   of the same bytes is computed only when no MD5-based ETag applies (SSE-KMS, SSE-C, unknown
   ETag forms; `checksums.worth_computing`). SHA-256 is always computed: it is the archive's
   recorded fixity (`verify --deep`, the audit). That leaves ~1.7 ms of hashing per CT slice.
-  `awscrt` was measured: its CRC32 is no faster than zlib here (its CRC32C and CRC64NVME are,
-  and are used when it is installed).
-* Response headers are parsed by a small reader (`transfer.Response`) instead of http.client's
-  `email` parser: 0.1-0.3 ms less user CPU per GET (of 0.6-0.9 ms for a 0.5 KB object, single
-  thread, 2,000 GETs; bodies are still read by http.client: Content-Length, chunked, keep-alive).
-  A raw-socket client measured ~0.3 ms: the rest is http.client's request and body machinery.
-* Durability with fewer fsyncs: each file is fsynced before its rename as before; the folder
-  fsync that makes the new name durable is group-committed by one thread per worker process
-  (`transfer.FolderSync`): results wait there, every folder with new files is fsynced once, and
-  only then are the results sent to the engine, which alone marks objects migrated. A file found
-  already at its final path after a crash is fsynced (file and folder) before it counts.
-* The engine keeps up to 4 tasks per download thread in flight and hands them out in batches of
-  at least one per thread (one DB transaction per batch), so the workers do not wait for a busy
-  engine; the worker processes start while the work queue is planned (`_sync`, which also skips
-  the folder checks of folders it has just given out).
 * Large objects: ranges of 16 MiB, 4 in flight per object, written with `pwrite` into one temp
-  file; a follower thread hashes the bytes in order as they land (from the page cache), so
-  verification overlaps the download. A range is fdatasynced and reported for resume at its end
-  (every 16 MiB; each fdatasync flushes the whole file and stalls its stream).
+  file by the download threads; a follower thread hashes the bytes in order as they land (from
+  the page cache), so verification overlaps the download. A range is fdatasynced and reported
+  for resume at its end.
+* The benchmark itself: each run starts after `os.sync()` (so the previous tool's unwritten
+  gigabyte is not flushed during the next tool's run), and the downloaded folders are deleted
+  only at the end. This disk is ext4 without a journal, where a file created just after many
+  were deleted makes the kernel skip every recently freed inode (`recently_deleted` and
+  `find_inode_bit` were 13% of all CPU cycles in `perf` when folders were deleted between runs).
 
 ### Bandwidth limit
 `--bwlimit` takes rclone's timetable syntax (`"20M"`, `"08:00,20M 18:00,off"`,

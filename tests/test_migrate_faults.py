@@ -130,16 +130,16 @@ def test_kill_9_while_small_objects_run_many_at_once(s3_env, ct_bucket, ct_db: P
     (`multiget`); kill -9 of everything twice, then --resume: all verified once, none fetched
     again once verified, no temp file left."""
     bucket, objects = ct_bucket
-    fault_proxy.delay(0.15, method="GET")  # every GET slow, so the kills land mid-run
+    fault_proxy.delay(0.5, method="GET")  # slow GETs, 4 at once: the kills land mid-run
     dest = tmp_path / "archive"
     cmd = [sys.executable, "-m", "cloudexit.cli", "migrate", "--db", str(ct_db), "--endpoint-url",
-           fault_proxy.endpoint_url, "-q"]
+           fault_proxy.endpoint_url, "--processes", "1", "--threads", "2", "-q"]
     verified: set[str] = set()
     for round_, wait in enumerate((1.5, 1.0)):
         proc = subprocess.Popen(cmd + (["--to", str(dest)] if round_ == 0 else ["--resume"]),
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and not any(s.method == "GET" for s in fault_proxy.requests):
+        deadline = time.monotonic() + 60  # until objects are being fetched
+        while time.monotonic() < deadline and not any(s.method == "GET" and s.key for s in fault_proxy.requests):
             time.sleep(0.05)
         time.sleep(wait)
         os.killpg(proc.pid, signal.SIGKILL)
