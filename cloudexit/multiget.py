@@ -39,7 +39,7 @@ class _Slot:
     """One keep-alive connection and the request on it."""
 
     __slots__ = ("sock", "buf", "view", "got", "head_end", "total", "task", "started", "close_after",
-                 "status", "headers")
+                 "headers")
 
     def __init__(self) -> None:
         self.sock: socket.socket | None = None
@@ -54,7 +54,6 @@ class _Slot:
         self.total = -1
         self.started = 0.0
         self.close_after = False
-        self.status = 0
         self.headers: dict[str, str] = {}
 
     def close(self) -> None:
@@ -206,9 +205,8 @@ class MultiGet:
 
     def _connect(self, slot: _Slot) -> bool:
         ep = self.endpoint
-        host = ep.host.rsplit(":", 1)[0] if ep.host.count(":") == 1 else ep.host
         try:
-            sock = socket.create_connection((host, ep.port), timeout=ep.connect_timeout)
+            sock = socket.create_connection((ep.hostname, ep.port), timeout=ep.connect_timeout)
         except OSError:
             self.cool_until = time.monotonic() + _COOL_OFF  # the threads see the outage and report it
             return False
@@ -266,7 +264,7 @@ class MultiGet:
             return False
         slot.head_end = end + 4
         slot.total = slot.head_end + task.size
-        slot.status, slot.headers = 200, headers
+        slot.headers = headers
         slot.close_after = headers.get("connection", "").lower() == "close" or status[0] == "HTTP/1.0"
         return True
 

@@ -114,6 +114,11 @@ class Endpoint:
         netloc = host if parts.port is None else f"{host}:{parts.port}"
         return cls(scheme, netloc, port, bucket, region, path_style, **kwargs)
 
+    @property
+    def hostname(self) -> str:
+        """`host` without its port (IPv6 literals, with several colons, kept whole)."""
+        return self.host.rsplit(":", 1)[0] if self.host.count(":") == 1 else self.host
+
     def path(self, key: str) -> str:
         """The canonical (and request) path of `key`: S3 encodes once, keeps '/'."""
         encoded = quote(key, safe="/~")
@@ -367,7 +372,7 @@ class S3Reader:
         if conn is not None:
             conn.close()
         ep = self.endpoint
-        host = ep.host.rsplit(":", 1)[0] if ep.host.count(":") == 1 else ep.host
+        host = ep.hostname
         if ep.proxy:
             proxy = urlsplit(ep.proxy)
             target: tuple[str, int] = (proxy.hostname or "", proxy.port or 8080)
