@@ -43,6 +43,12 @@ class EndpointUnreachable(SourceError):
     """The endpoint did not answer after retries."""
 
 
+class TLSError(SourceError):
+    """The endpoint's TLS certificate is not trusted, or it does not speak TLS where it should.
+
+    Not an outage: retrying cannot fix it, so runs stop instead of waiting for the link."""
+
+
 class StateError(CloudexitError):
     """The state database is missing, foreign or belongs to another migration."""
 

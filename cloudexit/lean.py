@@ -137,6 +137,8 @@ class LeanS3:
             return source.missing_bucket()
         if exc.kind == "credentials":
             return source.refused(what, exc.code)
+        if exc.kind == "tls":
+            return source.untrusted(exc.detail)
         if exc.kind == "denied":
             return source.denied(what)
         return SourceError(exc.detail)

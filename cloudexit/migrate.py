@@ -887,6 +887,15 @@ class Migration:
                 f"the endpoint refused the credentials: {r.detail}",
                 hint="renew or fix the credentials (env, --profile), then: cloudexit migrate --resume")
             return
+        if kind == "tls":
+            tx.execute("UPDATE transfers SET state = 'queued', updated_at = ? WHERE key = ? AND dest = ?",
+                       (stamp, key, dest))
+            if self.stop_error is None:
+                self.state.log("migrate.stopped", tx, run=self.run_id, reason="tls", detail=r.detail)
+                error = self.source.untrusted(r.detail or "TLS failed")
+                error.hint = f"{error.hint}; then: cloudexit migrate --resume"
+                self.stop_error = error
+            return
         if kind == "disk":
             tx.execute("UPDATE transfers SET state = 'queued', updated_at = ? WHERE key = ? AND dest = ?",
                        (stamp, key, dest))

@@ -6,6 +6,7 @@ message that names the endpoint and profile, so the rest of the code never sees 
 
 from __future__ import annotations
 
+import ssl
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from .errors import (
     CredentialsError,
     EndpointUnreachable,
     SourceError,
+    TLSError,
     UsageError,
 )
 
@@ -133,7 +135,10 @@ class Source:
             PartialCredentialsError,
         )
         from botocore.exceptions import ConnectionError as BotoConnectionError
+        from botocore.exceptions import SSLError
 
+        if isinstance(exc, SSLError):  # before ConnectionError, its base: waiting will not fix it
+            return self.untrusted(tls_detail(exc))
         if isinstance(exc, (NoCredentialsError, PartialCredentialsError)):
             return CredentialsError(f"no usable credentials for {self.where}",
                                     hint="set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or pass --profile")
@@ -162,6 +167,13 @@ class Source:
         return EndpointUnreachable(
             f"cannot reach {self.where} after {self.config.max_attempts} attempts: {detail}",
             hint="check the network and --endpoint-url; the run can be resumed by running it again")
+
+    def untrusted(self, detail: str) -> TLSError:
+        return TLSError(
+            f"TLS with {self.where} failed: {detail}",
+            hint="if the endpoint uses a private CA, or the network inspects TLS, set AWS_CA_BUNDLE "
+                 "to that CA's PEM file (as for the aws CLI); if the port does not speak TLS, "
+                 "check http/https in --endpoint-url. Verification stays on: these are patient images")
 
     def refused(self, what: str, code: str | None) -> CredentialsError:
         return CredentialsError(f"{what}: the credentials were refused by {self.where} ({code})",
@@ -285,6 +297,20 @@ class Source:
 
 _BOTO_NAMES = {"max-keys": "MaxKeys", "prefix": "Prefix", "delimiter": "Delimiter",
                "continuation-token": "ContinuationToken", "start-after": "StartAfter"}
+
+
+def tls_detail(exc: BaseException) -> str:
+    """The useful part of a TLS failure (the certificate problem, or the handshake's)."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:  # botocore wraps urllib3's, which wraps ssl's
+        seen.add(id(cause))
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            return f"the certificate is not trusted ({cause.verify_message or cause.reason})"
+        if isinstance(cause, ssl.SSLError):
+            return f"TLS handshake failed ({cause.reason or cause})"
+        cause = cause.__cause__ or cause.__context__
+    return "TLS failed"
 
 
 def list_query(prefix: str, start_after: str | None, token: str | None, delimiter: str | None,

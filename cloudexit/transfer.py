@@ -66,8 +66,9 @@ class FetchError(Exception):
 
     kind: unreachable (no answer: link down?), transient (5xx, throttling, a cut body: retry),
     corrupt (bytes did not verify: retry), changed (412), gone (404), archived (needs a restore),
-    credentials (refused: stop the run), denied (403 on this object), disk (destination full or
-    not writable: stop the run), permanent (anything else, recorded per object).
+    credentials (refused: stop the run), tls (certificate not trusted, or no TLS on that port:
+    stop the run), denied (403 on this object), disk (destination full or not writable: stop
+    the run), permanent (anything else, recorded per object).
     """
 
     def __init__(self, kind: str, detail: str, status: int | None = None, code: str | None = None,
@@ -393,6 +394,17 @@ class S3Reader:
         self._local.conn = conn
         return conn
 
+    def _open(self, fresh: bool) -> http.client.HTTPConnection:
+        """`_connection`, with TLS failures told apart from outages: waiting does not fix an
+        untrusted certificate or a port that does not speak TLS."""
+        try:
+            return self._connection(fresh)
+        except ssl.SSLError as exc:
+            self.close()
+            if isinstance(exc, (ssl.SSLEOFError, ssl.SSLZeroReturnError)):
+                raise  # the connection was cut during the handshake: an outage, maybe
+            raise FetchError("tls", tls_failure(self.endpoint.hostname, exc)) from exc
+
     def close(self) -> None:
         conn = getattr(self._local, "conn", None)
         if conn is not None:
@@ -423,7 +435,7 @@ class S3Reader:
         for attempt in (0, 1):
             reused = getattr(self._local, "conn", None) is not None
             try:
-                conn = self._connection(fresh=attempt > 0)
+                conn = self._open(fresh=attempt > 0)
                 conn.putrequest(method, target, skip_host=True, skip_accept_encoding=True)
                 for name, value in signed.items():
                     conn.putheader(name, value)
@@ -493,6 +505,12 @@ class S3Reader:
         except (OSError, http.client.HTTPException):
             self.close()
             return False
+
+
+def tls_failure(host: str, exc: ssl.SSLError) -> str:
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"the certificate of {host} is not trusted ({exc.verify_message or exc.reason})"
+    return f"TLS handshake with {host} failed ({exc.reason or _short(exc)})"
 
 
 def _short(exc: BaseException) -> str:
@@ -681,7 +699,7 @@ class Fetcher:
             part_size = int(first.get("content-length", 0))
             bounds = part_bounds(task.size, part_size=part_size) if part_size else None
         except FetchError as exc:
-            if exc.kind in ("unreachable", "transient", "credentials", "changed", "gone"):
+            if exc.kind in ("unreachable", "transient", "credentials", "tls", "changed", "gone"):
                 raise
             bounds = None
         if bounds is None or len(bounds) - 1 != parts:
@@ -693,7 +711,7 @@ class Fetcher:
                     sizes.append(int(info.get("content-length", 0)))
                 bounds = part_bounds(task.size, part_sizes=sizes)
             except FetchError as exc:
-                if exc.kind in ("unreachable", "transient", "credentials", "changed", "gone"):
+                if exc.kind in ("unreachable", "transient", "credentials", "tls", "changed", "gone"):
                     raise
                 bounds = None
         if bounds is None or bounds[-1] != task.size:

@@ -15,7 +15,10 @@ outages and restores through the real boto3 stack, without mocking it.
 Requests are forwarded with their original Host header, so the client's SigV4 signature (made
 for the proxy's host:port) still verifies upstream. Bodies are streamed in chunks both ways.
 
-Limits: plain HTTP and path-style addressing only; at most one fault per request (the first
+With `tls=` (a server SSLContext) it is a TLS front: clients speak HTTPS to it, it speaks HTTP
+upstream, as a load balancer in front of MinIO would.
+
+Limits: path-style addressing only; at most one fault per request (the first
 matching rule); down() accepts and then resets connections (botocore: ConnectionClosedError)
 rather than refusing the port or black-holing packets; the archive emulation keeps its restore
 state in the proxy, accepts RestoreObject for a missing key (SeaweedFS cannot tell us) and does
@@ -30,6 +33,7 @@ import random
 import re
 import socket
 import socketserver
+import ssl
 import struct
 import threading
 import time
@@ -155,13 +159,16 @@ class FaultProxy:
     Everything is thread-safe and may be changed while requests are in flight.
     """
 
-    def __init__(self, upstream: str, *, seed: int = 0, timeout: float = 60.0) -> None:
+    def __init__(self, upstream: str, *, seed: int = 0, timeout: float = 60.0,
+                 tls: ssl.SSLContext | None = None) -> None:
         parts = urlsplit(upstream)
         if parts.scheme != "http" or not parts.hostname:
             raise ValueError(f"upstream must be http://host:port, not {upstream!r}")
         self.upstream_host = parts.hostname
         self.upstream_port = parts.port or 80
         self.timeout = timeout
+        self.tls = tls  # a server context: clients speak HTTPS to the proxy (a TLS front)
+        self.handshake_failures = 0
         self._lock = threading.Lock()
         self._rng = random.Random(seed)
         self._rules: list[Rule] = []
@@ -187,7 +194,7 @@ class FaultProxy:
 
     @property
     def endpoint_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
 
     def start(self) -> "FaultProxy":
         self._server = _Server(self)
@@ -201,14 +208,7 @@ class FaultProxy:
             return
         self._server.shutdown()
         self._server.server_close()
-        # Wake handler threads blocked on idle keep-alive connections so they exit.
-        with self._lock:
-            connections = list(self._connections)
-        for sock in connections:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+        self.reset_connections()  # wakes handler threads blocked on idle keep-alive connections
         if self._thread:
             self._thread.join(5)
         self._server = None
@@ -328,6 +328,16 @@ class FaultProxy:
     def up(self) -> None:
         with self._lock:
             self._down = False
+
+    def reset_connections(self) -> None:
+        """Close every client connection now (clients must connect again)."""
+        with self._lock:
+            connections = list(self._connections)
+        for sock in connections:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     @property
     def is_down(self) -> bool:
@@ -507,8 +517,16 @@ class _Handler(socketserver.StreamRequestHandler):
     server: _Server
 
     def setup(self) -> None:
-        super().setup()
         self.proxy = self.server.proxy
+        self.handshake_ok = True
+        if self.proxy.tls is not None:
+            try:
+                self.request = self.proxy.tls.wrap_socket(self.request, server_side=True)
+            except (ssl.SSLError, OSError):
+                self.handshake_ok = False  # the client refused our certificate, or left
+                with self.proxy._lock:
+                    self.proxy.handshake_failures += 1
+        super().setup()
         self.upstream: http.client.HTTPConnection | None = None
         self._continue_sent = False
         self.proxy._track(self.connection, True)
@@ -519,6 +537,8 @@ class _Handler(socketserver.StreamRequestHandler):
         super().finish()
 
     def handle(self) -> None:
+        if not self.handshake_ok:
+            return
         try:
             while self._serve_one():
                 pass

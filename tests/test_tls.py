@@ -1,0 +1,137 @@
+"""HTTPS endpoints, with real parts: SeaweedFS behind the fault proxy as a TLS front, with a
+throwaway CA (trustme). Every cloud endpoint is HTTPS; verification is on by default, a private
+CA is trusted through AWS_CA_BUNDLE, and a certificate that is not trusted stops the work with a
+message that says so, instead of looking like an outage."""
+
+from __future__ import annotations
+
+import os
+import ssl
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+from dbutil import rows
+from faultproxy import FaultProxy
+from test_migrate_faults import check_archive
+
+from cloudexit import synthetic
+from cloudexit.s3server import SeaweedServer
+
+trustme = pytest.importorskip("trustme")
+
+
+@pytest.fixture(scope="module")
+def ca(tmp_path_factory: pytest.TempPathFactory) -> tuple[object, Path]:
+    """The CA that signs the proxy's certificate, and its PEM file."""
+    authority = trustme.CA()
+    pem = tmp_path_factory.mktemp("ca") / "hospital-ca.pem"
+    authority.cert_pem.write_to_path(str(pem))
+    return authority, pem
+
+
+def server_context(authority: object) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    authority.issue_cert("127.0.0.1", "localhost").configure_cert(ctx)  # type: ignore[attr-defined]
+    return ctx
+
+
+@pytest.fixture
+def tls_proxy(s3: SeaweedServer, ca) -> Iterator[FaultProxy]:
+    with FaultProxy(s3.endpoint_url, tls=server_context(ca[0])) as proxy:
+        yield proxy
+
+
+@pytest.fixture(scope="module")
+def tls_bucket(s3: SeaweedServer) -> tuple[str, list[synthetic.SyntheticObject]]:
+    """12 CT slices (~0.5 MB) and one 12 MiB multipart object."""
+    bucket = f"tls-{os.getpid()}"
+    profile = synthetic.Profile(patients=2, studies_per_patient=1, ct_slices_per_series=6,
+                                cr_per_study=0, multiframe_objects=1, multiframe_bytes=12 * 2**20,
+                                awkward=False, seed=11)
+    objects = synthetic.upload(s3.client(), bucket, synthetic.generate(profile), part_size=5 * 2**20)
+    return bucket, objects
+
+
+def test_https_endpoint_with_a_private_ca(cli, tls_bucket, tls_proxy: FaultProxy, db: Path,
+                                          tmp_path: Path, ca, monkeypatch) -> None:
+    bucket, objects = tls_bucket
+    monkeypatch.setenv("AWS_CA_BUNDLE", str(ca[1]))
+    url = tls_proxy.endpoint_url
+    assert url.startswith("https://")
+    result = cli("inventory", f"s3://{bucket}", "--endpoint-url", url, "--db", str(db), "-q")
+    assert result.exit_code == 0, result.output
+    dest = tmp_path / "archive"
+    result = cli("migrate", "--to", str(dest), "--db", str(db), "--endpoint-url", url,
+                 "--large-object", str(8 * 2**20), "--range-size", str(4 * 2**20), "-q")
+    assert result.exit_code == 0, result.output
+    check_archive(db, dest, objects)
+    assert tls_proxy.handshake_failures == 0
+    assert tls_proxy.count("GET") >= len(objects)  # it all went through the TLS front
+
+
+def test_untrusted_certificate_stops_inventory_clearly(cli, tls_bucket, tls_proxy: FaultProxy,
+                                                       db: Path, monkeypatch) -> None:
+    monkeypatch.delenv("AWS_CA_BUNDLE", raising=False)
+    started = time.monotonic()
+    result = cli("inventory", f"s3://{tls_bucket[0]}", "--endpoint-url", tls_proxy.endpoint_url,
+                 "--db", str(db), "-q")
+    assert result.exit_code == 1
+    assert "the certificate is not trusted" in result.output
+    assert "AWS_CA_BUNDLE" in result.output
+    assert "cannot reach" not in result.output  # not mistaken for an outage
+    assert time.monotonic() - started < 30  # and not retried as one
+    assert tls_proxy.handshake_failures >= 1
+    assert tls_proxy.count() == 0  # no request was sent over the untrusted connection
+
+
+def test_certificate_untrusted_mid_migration_stops_then_resumes(
+        s3_env, tls_bucket, tls_proxy: FaultProxy, db: Path, tmp_path: Path, ca, monkeypatch) -> None:
+    """The network starts presenting a certificate from another CA mid-run (a TLS-inspecting
+    middlebox, a wrong DNS answer): the run stops with a clear message instead of waiting for a
+    link that is up; nothing unverified is at a final path; with the right CA it resumes."""
+    bucket, objects = tls_bucket
+    monkeypatch.setenv("AWS_CA_BUNDLE", str(ca[1]))
+    url = tls_proxy.endpoint_url
+    inventory = subprocess.run([sys.executable, "-m", "cloudexit.cli", "inventory", f"s3://{bucket}",
+                                "--endpoint-url", url, "--db", str(db), "-q"],
+                               capture_output=True, text=True, timeout=120)
+    assert inventory.returncode == 0, inventory.stderr
+    dest = tmp_path / "archive"
+    cmd = [sys.executable, "-m", "cloudexit.cli", "migrate", "--db", str(db), "--endpoint-url", url,
+           "--processes", "1", "--threads", "2", "--large-object", str(8 * 2**20), "-q"]
+    tls_proxy.delay(0.4, method="GET")  # slow GETs: the switch lands mid-run
+    proc = subprocess.Popen(cmd + ["--to", str(dest)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:
+        if rows(db, "SELECT count(*) AS n FROM transfers WHERE state = 'verified'")[0]["n"] >= 2:
+            break
+        time.sleep(0.1)
+    assert proc.poll() is None, proc.communicate()[1]
+    tls_proxy.tls = server_context(trustme.CA())  # a certificate from a CA nobody trusts
+    tls_proxy.reset_connections()
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 1, stderr
+    assert "the certificate of 127.0.0.1 is not trusted" in stderr
+    assert "AWS_CA_BUNDLE" in stderr and "cloudexit migrate --resume" in stderr
+    assert "waiting for the link" not in stderr
+    verified = {r["key"]: r["path"] for r in rows(db, "SELECT key, path FROM transfers WHERE state = 'verified'")}
+    assert 2 <= len(verified) < len(objects)
+    finals = {str(p.relative_to(dest)) for p in dest.rglob("*.dcm")}
+    assert finals == set(verified.values())  # only verified objects are at final paths
+    assert rows(db, "SELECT count(*) AS n FROM transfers WHERE state = 'failed'")[0]["n"] == 0
+    assert any(r["reason"] == "tls" for r in rows(
+        db, "SELECT json_extract(detail, '$.reason') AS reason FROM events WHERE kind = 'migrate.stopped'"))
+    # The right certificate again: --resume finishes, and nothing verified is fetched again.
+    tls_proxy.tls = server_context(ca[0])
+    tls_proxy.clear()
+    tls_proxy.reset_counters()
+    resumed = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    check_archive(db, dest, objects)
+    again = [s.key for s in tls_proxy.requests if s.method == "GET" and s.key in verified]
+    assert not again, again
