@@ -140,11 +140,28 @@ def tiny_dicom(inst: Instance) -> bytes:
 
 
 # -- the server and its buckets ------------------------------------------------------------------
-def bench_server(workdir: str | os.PathLike[str] | None = None) -> SeaweedServer:
-    """A started SeaweedFS; with `workdir`, its data survives for the next invocation."""
+def bench_server(workdir: str | os.PathLike[str] | None = None,
+                 tls: tuple[str, str] | None = None) -> SeaweedServer:
+    """A started SeaweedFS; with `workdir`, its data survives for the next invocation; with
+    `tls` (certificate, key), it serves HTTPS too (`https_url`)."""
     if workdir is not None:
         Path(workdir).mkdir(parents=True, exist_ok=True)
-    return SeaweedServer(workdir).start(timeout=120)
+    return SeaweedServer(workdir, tls=tls).start(timeout=120)
+
+
+def bench_ca(folder: Path) -> tuple[str, str, str]:
+    """(CA bundle, certificate, key) for 127.0.0.1 from a throwaway CA (trustme), made once."""
+    files = tuple(str(folder / name) for name in ("ca.pem", "cert.pem", "key.pem"))
+    if not all(os.path.exists(f) for f in files):
+        import trustme
+
+        folder.mkdir(parents=True, exist_ok=True)
+        ca = trustme.CA()
+        cert = ca.issue_cert("127.0.0.1", "localhost")
+        ca.cert_pem.write_to_path(files[0])
+        cert.cert_chain_pems[0].write_to_path(files[1])
+        cert.private_key_pem.write_to_path(files[2])
+    return files  # type: ignore[return-value]
 
 
 def populate(server: SeaweedServer, bucket: str, n: int, layout: str, method: str = "filer",

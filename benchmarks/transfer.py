@@ -19,6 +19,9 @@ the DICOM header is walked and its SOP Instance UID compared, each file is fsync
 its folder fsynced (once per group of files), and each result committed after that.
 s5cmd, rclone and aws cli write without fsync; rclone checks MD5 for single-part objects only.
 
+`--tls` serves S3 over HTTPS (a throwaway CA, trusted through AWS_CA_BUNDLE, rclone's --ca-cert),
+as every cloud endpoint is: the cost of TLS is then in every tool's figures.
+
 `--compare-tree DIR` also runs `cloudexit migrate` from another checkout (tool `cloudexit-base`,
 e.g. `git worktree add /tmp/base HEAD~1`), so a change is measured before/after in one run.
 """
@@ -36,7 +39,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import REPO, bench_server, ensure_bucket, measure, tool, versions  # noqa: E402
+from common import REPO, bench_ca, bench_server, ensure_bucket, measure, tool, versions  # noqa: E402
 
 from cloudexit import synthetic  # noqa: E402
 
@@ -83,21 +86,23 @@ def inventory_db(server, bucket: str, work: Path, env: dict[str, str], log) -> P
     return db
 
 
-def command(name: str, bucket: str, dest: Path, server, db_copy: Path) -> list[str]:
-    ep = server.endpoint_url
+def command(name: str, bucket: str, dest: Path, server, db_copy: Path, ca: str | None = None) -> list[str]:
+    ep = server.https_url if ca else server.endpoint_url
     if name == "s5cmd":
         return [tool("s5cmd"), "--endpoint-url", ep, "cp", f"s3://{bucket}/*", f"{dest}/"]
     if name == "rclone":
         return [tool("rclone"), "copy", f":s3:{bucket}", str(dest), "--transfers", "16",
                 "--checkers", "16", "--s3-provider", "Other", "--s3-endpoint", ep,
-                "--s3-force-path-style=true", "--s3-env-auth=false"]
+                "--s3-force-path-style=true", "--s3-env-auth=false"] + (["--ca-cert", ca] if ca else [])
     if name == "aws":
         return [tool("aws"), "s3", "cp", "--recursive", "--quiet", "--endpoint-url", ep,
                 f"s3://{bucket}", str(dest)]
     if name == "cloudexit":
-        return [tool("cloudexit"), "migrate", "--to", str(dest), "--db", str(db_copy), "-q"]
+        return [tool("cloudexit"), "migrate", "--to", str(dest), "--db", str(db_copy), "-q",
+                "--endpoint-url", ep]
     if name == "cloudexit-base":  # another checkout (--compare-tree), for before/after in one run
-        return [sys.executable, "-m", "cloudexit.cli", "migrate", "--to", str(dest), "--db", str(db_copy), "-q"]
+        return [sys.executable, "-m", "cloudexit.cli", "migrate", "--to", str(dest), "--db", str(db_copy), "-q",
+                "--endpoint-url", ep]
     raise ValueError(name)
 
 
@@ -105,8 +110,11 @@ def run(args: argparse.Namespace) -> dict:
     log = print
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    server = bench_server(work / "s3")
-    results: dict = {"versions": versions(), "workloads": {}, "rounds": args.rounds,
+    ca = cert = key = None
+    if args.tls:
+        ca, cert, key = bench_ca(work / "tls")
+    server = bench_server(work / "s3", tls=(cert, key) if cert and key else None)
+    results: dict = {"versions": versions(), "workloads": {}, "rounds": args.rounds, "tls": bool(ca),
                      "started": time.strftime("%Y-%m-%d %H:%M:%S"),
                      "command": "python benchmarks/transfer.py " + " ".join(sys.argv[1:])}
     trash: list[Path] = []
@@ -114,6 +122,8 @@ def run(args: argparse.Namespace) -> dict:
         env = {**os.environ, **server.env(),
                "RCLONE_S3_ACCESS_KEY_ID": server.env()["AWS_ACCESS_KEY_ID"],
                "RCLONE_S3_SECRET_ACCESS_KEY": server.env()["AWS_SECRET_ACCESS_KEY"]}
+        if ca:
+            env["AWS_CA_BUNDLE"] = ca
         server_pid = server.proc.pid if server.proc else None
         base_env = {**env, "PYTHONPATH": str(Path(args.compare_tree).resolve())} if args.compare_tree else env
         tools = list(args.tools) + (["cloudexit-base"] if args.compare_tree else [])
@@ -135,7 +145,7 @@ def run(args: argparse.Namespace) -> dict:
                     # The previous tool's writes reach the disk now, not during this tool's run
                     # (s5cmd, rclone and aws leave theirs in the page cache when they exit).
                     os.sync()
-                    m = measure(command(name, bucket, dest, server, db_copy),
+                    m = measure(command(name, bucket, dest, server, db_copy, ca),
                                 env=base_env if name == "cloudexit-base" else env,
                                 server_pid=server_pid, count_lines=False)
                     files = sum(1 for p in dest.rglob("*") if p.is_file())
@@ -187,9 +197,14 @@ def table(results: dict) -> str:
 def write_docs(results: dict, text: str) -> None:
     path = REPO / "docs" / "performance.md"
     doc = path.read_text() if path.exists() else "# Performance\n"
-    start = doc.find("\n## Transfer")
+    template = TLS_SECTION if results.get("tls") else TRANSFER_SECTION
+    heading = template.split("\n", 1)[0]
+    start = doc.find("\n" + heading)
+    if start < 0 and results.get("tls"):  # new: after the plain-HTTP section
+        start = doc.find("\n## ", doc.find("\n## Transfer (") + 5)
+        doc = doc[:start + 1] + heading + "\n\n" + doc[start + 1:]
     command = results.get("command", "python benchmarks/transfer.py --write-docs")
-    section = TRANSFER_SECTION.format(date=results["started"], rounds=results["rounds"], command=command,
+    section = template.format(date=results["started"], rounds=results["rounds"], command=command,
                                       versions=", ".join(f"{k} {v}" for k, v in results["versions"].items()),
                                       table=text)
     if start < 0:
@@ -269,6 +284,19 @@ the state DB within two seconds, and `--resume` keeps it.
 """
 
 
+TLS_SECTION = """## Transfer over HTTPS (`cloudexit migrate`)
+
+Measured with `{command}` on {date}, {rounds} alternating rounds per tool, median shown;
+{versions}. The same SeaweedFS and buckets as above, serving S3 over HTTPS with a certificate
+from a throwaway CA that every tool trusts (`AWS_CA_BUNDLE`; rclone `--ca-cert`), as every
+cloud endpoint is: the TLS handshakes and AES-GCM of every byte are in each tool's figures (and
+the server's). cloudexit's small-object loop opens its connections without blocking (TCP
+connect, then the TLS handshake, on the same selector) and keeps them alive.
+
+{table}
+"""
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workloads", nargs="+", default=["ct2000", "big4", "small20k"])
@@ -281,6 +309,7 @@ def main() -> None:
     parser.add_argument("--compare-tree", default=None,
                         help="also run `cloudexit migrate` from this checkout (tool cloudexit-base), "
                              "e.g. a `git worktree` of the commit before a change")
+    parser.add_argument("--tls", action="store_true", help="every tool over HTTPS (a throwaway CA)")
     parser.add_argument("--json", default=None, help="write all measurements here")
     parser.add_argument("--write-docs", action="store_true", help="update docs/performance.md")
     parser.add_argument("--docs-from", default=None, help="re-render the docs from a --json file")

@@ -8,18 +8,23 @@ signed GET on each, and reads the answers as they come with one selector. A fini
 through the same checks and placement as the threaded path (`Fetcher.finish_body`).
 
 The loop takes only the plain case: a whole, fresh, single-part object of at most
-`MAX_BYTES`, over plain HTTP, with no bandwidth limit. Anything else, and anything unusual on
-the way (a status other than 200, a short body, a dropped connection, a failed check, a disk
-error), goes to the download threads, which fetch the object again and handle the case as they
-always did: nothing is decided here but success.
+`MAX_BYTES`, over HTTP or HTTPS without a proxy, with no bandwidth limit. Connections open
+without blocking too (TCP connect, then the TLS handshake, driven by the same selector), so a
+slow handshake on one connection never holds up the others. A kept-alive connection the server
+closed while idle is opened again and the request sent again, once. Anything else, and anything
+unusual on the way (a status other than 200, a short body, a dropped connection, a certificate
+that is not trusted, a failed check, a disk error), goes to the download threads, which fetch
+the object again and handle the case as they always did: nothing is decided here but success.
 """
 
 from __future__ import annotations
 
 import collections
+import errno
 import os
 import selectors
 import socket
+import ssl
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -36,16 +41,23 @@ PLACERS = 4  # threads that fsync and rename finished files
 
 
 class _Slot:
-    """One keep-alive connection and the request on it."""
+    """One keep-alive connection and the request on it.
+
+    phase: "connect" (TCP connect in progress), "handshake" (TLS), "read" (request sent, answer
+    coming) while it has a task; the selector watches it for `events` (0: not registered)."""
 
     __slots__ = ("sock", "buf", "view", "got", "head_end", "total", "task", "started", "close_after",
-                 "headers")
+                 "headers", "phase", "events", "request", "reused")
 
     def __init__(self) -> None:
         self.sock: socket.socket | None = None
         self.buf = bytearray(MAX_BYTES + _HEADROOM)
         self.view = memoryview(self.buf)
         self.task: Task | None = None
+        self.phase = ""
+        self.events = 0
+        self.request = b""
+        self.reused = False  # the connection served an earlier request (the server may have closed it)
         self.reset()
 
     def reset(self) -> None:
@@ -86,7 +98,9 @@ class MultiGet:
         self.busy: list[_Slot] = []
         self.waiting: collections.deque[Task] = collections.deque()
         self.cool_until = 0.0
-        self.enabled = self.endpoint.scheme == "http" and not self.endpoint.proxy
+        self.enabled = self.endpoint.scheme in ("http", "https") and not self.endpoint.proxy
+        self.tls = fetcher.reader.ssl_context() if self.endpoint.scheme == "https" else None
+        self.address: tuple[int, Any] | None = None  # (family, sockaddr), resolved at the first connect
 
     # -- what the loop takes -----------------------------------------------------------------------
     def takes(self, task: Task) -> bool:
@@ -116,11 +130,18 @@ class MultiGet:
             self._start(self.waiting.popleft())
         if self.busy:
             for key, _events in self.selector.select(timeout):
-                self._readable(key.data)
-            limit = self.endpoint.read_timeout
+                slot = key.data
+                if slot.phase == "read":
+                    self._readable(slot)
+                elif slot.phase == "connect":
+                    self._connected(slot)
+                else:
+                    self._handshake(slot)
+            ep = self.endpoint
             now = time.monotonic()
-            for slot in [s for s in self.busy if now - s.started > limit]:
-                self._give_up(slot, "no answer in time")
+            for slot in [s for s in self.busy if now - s.started > (
+                    ep.read_timeout if s.phase == "read" else ep.connect_timeout)]:
+                self._give_up(slot, f"no answer in time ({slot.phase})")
         elif self.placing:
             self.placed.wait(timeout)
             self.placed.clear()
@@ -174,46 +195,120 @@ class MultiGet:
         except OSError:
             self.fallback(task, None)
             return
-        slot = self.idle.pop()
-        if slot.sock is None and not self._connect(slot):
-            self.idle.append(slot)
-            self.fallback(task, None)
-            return
         ep = self.endpoint
-        reader = fetcher.reader
-        reader.set_credentials(task.credentials)
+        fetcher.reader.set_credentials(task.credentials)
         path = ep.path(task.key)
-        signed = reader.signer.sign("GET", ep.host, path, None,
-                                    {"if-match": f'"{task.etag}"', "x-amz-checksum-mode": "ENABLED"})
-        request = "".join([f"GET {path} HTTP/1.1\r\n", *(f"{k}: {v}\r\n" for k, v in signed.items()),
-                           "\r\n"]).encode("latin-1")
+        signed = fetcher.reader.signer.sign("GET", ep.host, path, None,
+                                            {"if-match": f'"{task.etag}"', "x-amz-checksum-mode": "ENABLED"})
+        slot = self.idle.pop()
         slot.reset()
         slot.task, slot.started = task, time.monotonic()
-        try:
-            sent = slot.sock.send(request)  # type: ignore[union-attr]
-        except OSError:
-            sent = -1
-        if sent != len(request):
-            # A stale keep-alive connection (the server closed it while idle), or a full buffer.
-            slot.task = None
-            slot.close()
-            self.idle.append(slot)
-            self.fallback(task, None)
-            return
+        slot.request = "".join([f"GET {path} HTTP/1.1\r\n", *(f"{k}: {v}\r\n" for k, v in signed.items()),
+                                "\r\n"]).encode("latin-1")
         self.busy.append(slot)
-        self.selector.register(slot.sock, selectors.EVENT_READ, slot)  # type: ignore[arg-type]
+        if slot.sock is None:
+            self._connect(slot)
+        else:
+            slot.reused = True
+            self._send(slot)
 
-    def _connect(self, slot: _Slot) -> bool:
+    # -- connections -------------------------------------------------------------------------------
+    def _connect(self, slot: _Slot) -> None:
+        """Start a TCP connect without waiting for it (the selector says when it is done)."""
         ep = self.endpoint
+        slot.reused = False
         try:
-            sock = socket.create_connection((ep.hostname, ep.port), timeout=ep.connect_timeout)
-        except OSError:
-            self.cool_until = time.monotonic() + _COOL_OFF  # the threads see the outage and report it
-            return False
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.setblocking(False)
+            if self.address is None:
+                family, _, _, _, sockaddr = socket.getaddrinfo(ep.hostname, ep.port, type=socket.SOCK_STREAM)[0]
+                self.address = (family, sockaddr)
+            sock = socket.socket(self.address[0], socket.SOCK_STREAM)
+            sock.setblocking(False)
+            err = sock.connect_ex(self.address[1])
+        except OSError as exc:
+            self._cool()
+            self._give_up(slot, f"connect: {exc}")
+            return
         slot.sock = sock
+        if err not in (0, errno.EINPROGRESS):
+            self._cool()
+            self._give_up(slot, f"connect: {os.strerror(err)}")
+            return
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        slot.phase = "connect"
+        self._watch(slot, selectors.EVENT_WRITE)
+
+    def _connected(self, slot: _Slot) -> None:
+        sock = slot.sock
+        assert sock is not None
+        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            self._cool()  # the threads see the outage and report it
+            self._give_up(slot, f"connect: {os.strerror(err)}")
+            return
+        if self.tls is None:
+            self._send(slot)
+            return
+        self._unwatch(slot)  # the TLS socket takes over the file descriptor
+        slot.sock = self.tls.wrap_socket(sock, server_hostname=self.endpoint.hostname,
+                                         do_handshake_on_connect=False)
+        slot.phase = "handshake"
+        self._handshake(slot)
+
+    def _handshake(self, slot: _Slot) -> None:
+        sock = slot.sock
+        assert isinstance(sock, ssl.SSLSocket)
+        try:
+            sock.do_handshake()
+        except ssl.SSLWantReadError:
+            self._watch(slot, selectors.EVENT_READ)
+            return
+        except ssl.SSLWantWriteError:
+            self._watch(slot, selectors.EVENT_WRITE)
+            return
+        except OSError as exc:  # ssl.SSLError too: a certificate the threads will refuse and report
+            self._cool()
+            self._give_up(slot, f"TLS handshake: {exc}")
+            return
+        self._send(slot)
+
+    def _send(self, slot: _Slot) -> None:
+        try:
+            sent = slot.sock.send(slot.request)  # type: ignore[union-attr]
+        except OSError:  # ssl.SSLWantWriteError too: the buffer of a fresh connection never is full
+            sent = -1
+        if sent != len(slot.request):
+            if not self._again(slot):
+                self._give_up(slot, "request not sent")
+            return
+        slot.phase = "read"
+        self._watch(slot, selectors.EVENT_READ)
+
+    def _again(self, slot: _Slot) -> bool:
+        """A kept-alive connection that the server closed while it was idle: connect again and
+        send the request again, once. False if that does not apply."""
+        if not slot.reused or slot.got:
+            return False
+        self._unwatch(slot)
+        slot.close()
+        self._connect(slot)
         return True
+
+    def _cool(self) -> None:
+        """Stay out of the way for a while: the threads meet the problem and report it."""
+        self.cool_until = time.monotonic() + _COOL_OFF
+        self.address = None  # resolve the name again next time
+
+    def _watch(self, slot: _Slot, events: int) -> None:
+        if slot.events == 0:
+            self.selector.register(slot.sock, events, slot)  # type: ignore[arg-type]
+        elif slot.events != events:
+            self.selector.modify(slot.sock, events, slot)  # type: ignore[arg-type]
+        slot.events = events
+
+    def _unwatch(self, slot: _Slot) -> None:
+        if slot.events:
+            self.selector.unregister(slot.sock)  # type: ignore[arg-type]
+            slot.events = 0
 
     def _readable(self, slot: _Slot) -> None:
         sock = slot.sock
@@ -225,13 +320,15 @@ class MultiGet:
                 return
             try:
                 n = sock.recv_into(slot.view[slot.got:])
-            except (BlockingIOError, InterruptedError):
+            except (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
                 return
             except OSError as exc:
-                self._give_up(slot, f"connection lost: {exc}")
+                if not self._again(slot):
+                    self._give_up(slot, f"connection lost: {exc}")
                 return
             if n == 0:
-                self._give_up(slot, "connection closed before the whole answer")
+                if not self._again(slot):
+                    self._give_up(slot, "connection closed before the whole answer")
                 return
             slot.got += n
             if slot.head_end < 0 and not self._head(slot):
@@ -310,9 +407,11 @@ class MultiGet:
         self.fallback(task, result.counters)
 
     def _give_up(self, slot: _Slot, _why: str) -> None:
-        """Hand the task to the threads, with what this attempt cost."""
+        """Hand the task to the threads, with what this attempt cost (nothing if the request
+        was not sent)."""
         task = slot.task
-        spent = Counters(get=1, bytes=max(0, slot.got - max(slot.head_end, 0)))
+        spent = Counters(get=1, bytes=max(0, slot.got - max(slot.head_end, 0))) \
+            if slot.phase == "read" else None
         self._release(slot, close=True)
         if task is not None:
             self.fallback(task, spent)
@@ -320,11 +419,10 @@ class MultiGet:
     def _release(self, slot: _Slot, close: bool) -> None:
         if slot in self.busy:
             self.busy.remove(slot)
-            if slot.sock is not None:
-                self.selector.unregister(slot.sock)
+        self._unwatch(slot)
         if close:
             slot.close()
-        slot.task = None
+        slot.task, slot.phase = None, ""
         self.idle.append(slot)
 
 

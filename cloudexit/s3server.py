@@ -58,15 +58,25 @@ def weed_binary() -> str:
 class SeaweedServer:
     """Start `weed mini` with S3 auth on, wait until S3 answers, stop it on exit."""
 
-    def __init__(self, workdir: str | os.PathLike[str] | None = None) -> None:
+    def __init__(self, workdir: str | os.PathLike[str] | None = None,
+                 tls: tuple[str, str] | None = None) -> None:
+        """tls: (certificate PEM, key PEM) files: S3 over HTTPS too, on `https_port`."""
         self._own_dir = workdir is None
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="cloudexit-s3-")).resolve()
         self.port = 0
+        self.https_port = 0
+        self.tls = tls
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def endpoint_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def https_url(self) -> str:
+        if not self.tls:
+            raise ValueError("started without tls=")
+        return f"https://127.0.0.1:{self.https_port}"
 
     @property
     def credentials(self) -> dict[str, str]:
@@ -106,7 +116,7 @@ class SeaweedServer:
         }]}))
         os.chmod(config, 0o600)
         ports = {name: free_port() for name in
-                 ("master", "filer", "volume", "s3", "admin", "webdav", "metrics", "debug")}
+                 ("master", "filer", "volume", "s3", "s3https", "admin", "webdav", "metrics", "debug")}
         self.port = ports["s3"]
         args = [
             weed_binary(), "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
@@ -122,6 +132,10 @@ class SeaweedServer:
             # files, so a high cap costs nothing until data is written.
             "-volume.max=2000",
         ]
+        if self.tls:
+            self.https_port = ports["s3https"]
+            args += [f"-s3.port.https={self.https_port}", f"-s3.cert.file={self.tls[0]}",
+                     f"-s3.key.file={self.tls[1]}"]
         log = open(self.workdir / "weed.log", "wb")
         # Own process group, so stopping it also stops what weed starts.
         self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT,

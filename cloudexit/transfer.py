@@ -356,7 +356,7 @@ class S3Reader:
         if credentials != self.signer.credentials:
             self.signer = Signer(credentials, self.endpoint.region)
 
-    def _context(self) -> ssl.SSLContext:
+    def ssl_context(self) -> ssl.SSLContext:
         if self._ssl is None:
             verify = self.endpoint.verify
             if verify is False:
@@ -380,7 +380,7 @@ class S3Reader:
         else:
             target = (host, ep.port)
         if ep.scheme == "https":
-            conn = http.client.HTTPSConnection(*target, timeout=ep.connect_timeout, context=self._context())
+            conn = http.client.HTTPSConnection(*target, timeout=ep.connect_timeout, context=self.ssl_context())
             if ep.proxy:
                 conn.set_tunnel(host, ep.port)
         else:

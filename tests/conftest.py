@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import ssl
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -56,3 +57,20 @@ def cli(s3_env: SeaweedServer) -> Any:
         return runner.invoke(main, list(args), input=input, catch_exceptions=False)
 
     return run
+
+
+@pytest.fixture(scope="session")
+def ca(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Path]:
+    """A throwaway CA (trustme) that signs the TLS front's certificate, and its PEM file."""
+    trustme = pytest.importorskip("trustme")
+    authority = trustme.CA()
+    pem = tmp_path_factory.mktemp("ca") / "hospital-ca.pem"
+    authority.cert_pem.write_to_path(str(pem))
+    return authority, pem
+
+
+def server_context(authority: Any) -> ssl.SSLContext:
+    """A server SSLContext with a certificate for 127.0.0.1 from `authority` (a trustme CA)."""
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    authority.issue_cert("127.0.0.1", "localhost").configure_cert(ctx)
+    return ctx

@@ -12,6 +12,9 @@ from typing import Any
 
 import pytest
 
+from faultproxy import FaultProxy
+from conftest import server_context
+
 from cloudexit import synthetic
 from cloudexit.multiget import MAX_BYTES, MultiGet
 from cloudexit.s3server import SeaweedServer
@@ -29,10 +32,10 @@ def slices(s3: SeaweedServer) -> tuple[str, list[synthetic.SyntheticObject]]:
 
 class Harness:
     def __init__(self, endpoint_url: str, bucket: str, s3: SeaweedServer, root: Path,
-                 rate: Any = None, slots: int = 4) -> None:
+                 rate: Any = None, slots: int = 4, **endpoint: Any) -> None:
         env = s3.env()
         self.creds = Credentials(env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"])
-        endpoint = Endpoint.from_url(endpoint_url, bucket, "us-east-1", path_style=True)
+        endpoint = Endpoint.from_url(endpoint_url, bucket, "us-east-1", path_style=True, **endpoint)
         self.root = root
         self.fetcher = Fetcher(endpoint, self.creds, rate, threading.Event(), root=str(root),
                                group_folder_sync=True)
@@ -49,15 +52,18 @@ class Harness:
                     {"sop_uid": o.sop_uid, "study_uid": o.study_uid, "series_uid": o.series_uid}, {},
                     self.creds)
 
-    def run(self, tasks: list[Task]) -> list[Result]:
+    def run(self, tasks: list[Task], close: bool = True) -> list[Result]:
         for t in tasks:
             assert self.loop.takes(t), t.key
             self.loop.add(t)
         while self.loop.active:
             self.loop.step(0.05)
         self.loop.flush(force=True)
-        self.loop.close()
-        return [r for m in self.messages for r in m[1]]
+        if close:
+            self.loop.close()
+        results = [r for m in self.messages for r in m[1]]
+        self.messages.clear()
+        return results
 
 
 def test_plain_objects_are_verified_and_placed_by_the_loop(s3, slices, tmp_path: Path) -> None:
@@ -128,8 +134,8 @@ def test_what_the_loop_leaves_to_the_threads(s3, slices, tmp_path: Path) -> None
     rate.set(1_000_000)
     limited = Harness(s3.endpoint_url, bucket, s3, tmp_path, rate=rate)
     assert not limited.loop.takes(h.task(4, objects[4]))  # --bwlimit: the threads pace themselves
-    tls = Harness(s3.endpoint_url.replace("http://", "https://"), bucket, s3, tmp_path)
-    assert not tls.loop.takes(h.task(5, objects[5]))
+    proxied = Harness(s3.endpoint_url, bucket, s3, tmp_path, proxy="http://127.0.0.1:3128")
+    assert not proxied.loop.takes(h.task(5, objects[5]))  # an HTTP proxy: http.client does that
     # A file already at its final path (a crash after the rename) is verified in place by the threads.
     Path(plain.final).parent.mkdir(parents=True)
     Path(plain.final).write_bytes(objects[0].body())
@@ -137,3 +143,51 @@ def test_what_the_loop_leaves_to_the_threads(s3, slices, tmp_path: Path) -> None
     h.loop.step(0.01)
     assert [t.key for t, _ in h.fallbacks] == [plain.key]
     assert h.fallbacks[0][1] is None  # nothing was asked of the server
+
+
+@pytest.fixture(params=["http", "https"])
+def front(request, s3: SeaweedServer, ca) -> Any:
+    """The fault proxy in front of SeaweedFS, plain or as a TLS front; and how to trust it."""
+    tls = server_context(ca[0]) if request.param == "https" else None
+    with FaultProxy(s3.endpoint_url, tls=tls) as proxy:
+        yield proxy, ({"verify": str(ca[1])} if tls else {})
+
+
+def test_connections_open_without_blocking_and_stale_ones_are_reopened(s3, slices, tmp_path: Path,
+                                                                      front) -> None:
+    bucket, objects = slices
+    proxy, trust = front
+    h = Harness(proxy.endpoint_url, bucket, s3, tmp_path, **trust)
+    first = h.run([h.task(i, o) for i, o in enumerate(objects)], close=False)
+    assert not h.fallbacks and len(first) == len(objects)
+    assert all(r.outcome == "verified" for r in first)
+    assert proxy.connections <= 4  # one per slot, kept alive
+    # The server closes every idle connection; the loop opens them again and sends again.
+    proxy.reset_connections()
+    proxy.reset_counters()
+    h.root = tmp_path / "again"
+    again = h.run([h.task(i, o) for i, o in enumerate(objects)])
+    assert not h.fallbacks
+    assert sorted(r.key for r in again) == sorted(o.key for o in objects)
+    for r in again:
+        assert r.outcome == "verified" and r.counters.get == 1, (r.key, r.detail)
+        assert Path(r.path).read_bytes() == objects[[o.key for o in objects].index(r.key)].body()
+    assert 1 <= proxy.connections <= 4
+    assert proxy.handshake_failures == 0
+
+
+def test_untrusted_certificate_goes_to_the_threads_which_stop_on_it(s3, slices, tmp_path: Path,
+                                                                    ca) -> None:
+    bucket, objects = slices
+    trustme = pytest.importorskip("trustme")
+    with FaultProxy(s3.endpoint_url, tls=server_context(trustme.CA())) as proxy:  # nobody trusts it
+        h = Harness(proxy.endpoint_url, bucket, s3, tmp_path, verify=str(ca[1]))
+        tasks = [h.task(i, o) for i, o in enumerate(objects[:4])]
+        assert h.run(tasks, close=False) == []
+        assert sorted(t.key for t, _ in h.fallbacks) == sorted(t.key for t in tasks)
+        assert all(spent is None for _, spent in h.fallbacks)  # no request went out
+        assert not h.loop.takes(h.task(9, objects[9]))  # it stays out of the way for a while
+        result = h.fetcher.run(tasks[0])
+        assert result.error_kind == "tls" and "not trusted" in (result.detail or "")
+        assert proxy.count() == 0
+        assert not list(tmp_path.rglob("*.dcm"))

@@ -6,7 +6,6 @@ message that says so, instead of looking like an outage."""
 from __future__ import annotations
 
 import os
-import ssl
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
+from conftest import server_context
 from dbutil import rows
 from faultproxy import FaultProxy
 from test_migrate_faults import check_archive
@@ -22,21 +22,6 @@ from cloudexit import synthetic
 from cloudexit.s3server import SeaweedServer
 
 trustme = pytest.importorskip("trustme")
-
-
-@pytest.fixture(scope="module")
-def ca(tmp_path_factory: pytest.TempPathFactory) -> tuple[object, Path]:
-    """The CA that signs the proxy's certificate, and its PEM file."""
-    authority = trustme.CA()
-    pem = tmp_path_factory.mktemp("ca") / "hospital-ca.pem"
-    authority.cert_pem.write_to_path(str(pem))
-    return authority, pem
-
-
-def server_context(authority: object) -> ssl.SSLContext:
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    authority.issue_cert("127.0.0.1", "localhost").configure_cert(ctx)  # type: ignore[attr-defined]
-    return ctx
 
 
 @pytest.fixture
