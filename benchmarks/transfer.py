@@ -236,10 +236,10 @@ compares MD5 with single-part ETags only, aws cli checks `x-amz-checksum-*` when
 * Per-request Python CPU was the first obstacle: boto3's `get_object` costs ~1.5 ms of CPU
   before a byte moves. Requests are signed by a standard-library SigV4 signer (tested against
   botocore's, and checked by the server on every request).
-* Small objects (up to 1 MiB, whole, single-part, plain HTTP, no `--bwlimit`) run many at once
-  on each worker process's main thread (`cloudexit/multiget.py`): 16 non-blocking keep-alive
-  connections, one selector, the request written in one `send`, the answer parsed from one
-  buffer. With 8 download threads per process instead, the GIL changed hands at every system
+* Small objects (up to 1 MiB, whole, single-part, HTTP or HTTPS without a proxy, no
+  `--bwlimit`) run many at once on each worker process's main thread (`cloudexit/multiget.py`):
+  16 non-blocking keep-alive connections (connect and TLS handshake on the same selector), one
+  selector, the request written in one `send`, the answer parsed from one buffer. With 8 download threads per process instead, the GIL changed hands at every system
   call: strace counted ~100 futex calls per object (now ~15) and the workers spent ~2.1 ms of
   CPU per tiny object (now ~1.2 ms). Anything unusual (a status other than 200, a short or
   dropped answer, a failed check, a disk error, a file already at its final path, a temp file to
