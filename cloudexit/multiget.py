@@ -47,7 +47,7 @@ class _Slot:
     coming) while it has a task; the selector watches it for `events` (0: not registered)."""
 
     __slots__ = ("sock", "buf", "view", "got", "head_end", "total", "task", "started", "close_after",
-                 "headers", "phase", "events", "request", "reused")
+                 "headers", "phase", "events", "request", "reused", "address")
 
     def __init__(self) -> None:
         self.sock: socket.socket | None = None
@@ -58,6 +58,7 @@ class _Slot:
         self.events = 0
         self.request = b""
         self.reused = False  # the connection served an earlier request (the server may have closed it)
+        self.address: tuple[int, Any] | None = None  # the address it connected to
         self.reset()
 
     def reset(self) -> None:
@@ -100,7 +101,10 @@ class MultiGet:
         self.cool_until = 0.0
         self.enabled = self.endpoint.scheme in ("http", "https") and not self.endpoint.proxy
         self.tls = fetcher.reader.ssl_context() if self.endpoint.scheme == "https" else None
-        self.address: tuple[int, Any] | None = None  # (family, sockaddr), resolved at the first connect
+        # (family, sockaddr) of each address of the endpoint's name, resolved at the first connect;
+        # the first is the one in use. `failed`: how many in a row did not connect.
+        self.addresses: list[tuple[int, Any]] = []
+        self.failed = 0
 
     # -- what the loop takes -----------------------------------------------------------------------
     def takes(self, task: Task) -> bool:
@@ -218,19 +222,21 @@ class MultiGet:
         ep = self.endpoint
         slot.reused = False
         try:
-            if self.address is None:
-                family, _, _, _, sockaddr = socket.getaddrinfo(ep.hostname, ep.port, type=socket.SOCK_STREAM)[0]
-                self.address = (family, sockaddr)
-            sock = socket.socket(self.address[0], socket.SOCK_STREAM)
+            if not self.addresses:
+                self.addresses = [(family, sockaddr) for family, _, _, _, sockaddr in
+                                  socket.getaddrinfo(ep.hostname, ep.port, type=socket.SOCK_STREAM)]
+            slot.address = self.addresses[0]
+            family, sockaddr = slot.address
+            sock = socket.socket(family, socket.SOCK_STREAM)
             sock.setblocking(False)
-            err = sock.connect_ex(self.address[1])
+            err = sock.connect_ex(sockaddr)
         except OSError as exc:
-            self._cool()
+            self._cool(slot)
             self._give_up(slot, f"connect: {exc}")
             return
         slot.sock = sock
         if err not in (0, errno.EINPROGRESS):
-            self._cool()
+            self._cool(slot)
             self._give_up(slot, f"connect: {os.strerror(err)}")
             return
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -242,9 +248,10 @@ class MultiGet:
         assert sock is not None
         err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if err:
-            self._cool()  # the threads see the outage and report it
+            self._cool(slot)  # the threads see the outage and report it
             self._give_up(slot, f"connect: {os.strerror(err)}")
             return
+        self.failed = 0
         if self.tls is None:
             self._send(slot)
             return
@@ -266,7 +273,7 @@ class MultiGet:
             self._watch(slot, selectors.EVENT_WRITE)
             return
         except OSError as exc:  # ssl.SSLError too: a certificate the threads will refuse and report
-            self._cool()
+            self._cool(slot)
             self._give_up(slot, f"TLS handshake: {exc}")
             return
         self._send(slot)
@@ -293,10 +300,18 @@ class MultiGet:
         self._connect(slot)
         return True
 
-    def _cool(self) -> None:
-        """Stay out of the way for a while: the threads meet the problem and report it."""
+    def _cool(self, slot: _Slot) -> None:
+        """A connection failed. Try the name's next address (an IPv6 address without a route is
+        common), or once all have failed, stay out of the way for a while: the threads meet the
+        problem and report it."""
+        if self.addresses and slot.address != self.addresses[0]:
+            return  # an address already left behind (connections to it were opened at once)
+        self.failed += 1
+        if self.failed < len(self.addresses):
+            self.addresses.append(self.addresses.pop(0))
+            return
         self.cool_until = time.monotonic() + _COOL_OFF
-        self.address = None  # resolve the name again next time
+        self.addresses, self.failed = [], 0  # resolve the name again next time
 
     def _watch(self, slot: _Slot, events: int) -> None:
         if slot.events == 0:

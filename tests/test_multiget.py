@@ -191,3 +191,35 @@ def test_untrusted_certificate_goes_to_the_threads_which_stop_on_it(s3, slices, 
         assert result.error_kind == "tls" and "not trusted" in (result.detail or "")
         assert proxy.count() == 0
         assert not list(tmp_path.rglob("*.dcm"))
+
+
+def test_a_name_whose_first_address_refuses_uses_the_next(s3, slices, tmp_path: Path,
+                                                          monkeypatch) -> None:
+    """A name with two addresses, the first dead (as an IPv6 address without a route often is):
+    the loop moves on to the next address instead of leaving everything to the threads."""
+    import socket
+
+    bucket, objects = slices
+    dead = socket.socket()
+    dead.bind(("127.0.0.1", 0))  # bound, not listening: connections are refused
+    port = int(s3.endpoint_url.rsplit(":", 1)[1])
+    real = socket.getaddrinfo
+
+    def two_addresses(host: str, *args: Any, **kwargs: Any) -> list:
+        if host == "s3.test":  # DNS: the one part faked here
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", dead.getsockname()[1])),
+                    (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port))]
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", two_addresses)
+    h = Harness(f"http://s3.test:{port}", bucket, s3, tmp_path)
+    tasks = [h.task(i, o) for i, o in enumerate(objects)]
+    first, rest = tasks[:4], tasks[4:]
+    assert h.run(first, close=False) == []  # all four slots tried the dead address at once
+    assert sorted(t.key for t, _ in h.fallbacks) == sorted(t.key for t in first)
+    h.fallbacks.clear()
+    results = h.run(rest)  # `run` asserts the loop still takes them: no cool-off
+    assert not h.fallbacks
+    assert sorted(r.key for r in results) == sorted(t.key for t in rest)
+    assert all(r.outcome == "verified" for r in results)
+    dead.close()
