@@ -257,7 +257,8 @@ def _print_migration(m: dict[str, Any]) -> None:
     lines = [f"Migration run {m['run']} into {m['dest']}: {state}, started {m['started_at']}"
              + (f", resumed {m['resumed']}x" if m["resumed"] else "")]
     if m["waiting_since"]:
-        lines.append(f"  waiting for the link since {m['waiting_since']}")
+        lines.append(f"  waiting for the link since {m['waiting_since']}"
+                     + (f" ({m['waiting_why']})" if m.get("waiting_why") else ""))
     if m["stop_reason"]:
         lines.append(f"  stopped: {m['stop_reason']}")
     if m["bwlimit"]:
@@ -555,7 +556,7 @@ def _print_migration_result(s: Any) -> None:
 
 class _MigrateBar:
     """A tqdm bar (bytes, objects, rate, ETA, failures) on a terminal; a plain line every
-    30 s otherwise."""
+    30 s otherwise, and at once when the run starts or stops waiting for the link."""
 
     def __init__(self, quiet: bool) -> None:
         self.quiet = quiet
@@ -563,6 +564,7 @@ class _MigrateBar:
         self.bar: Any = None
         self.last = time.monotonic()
         self.last_bytes = 0
+        self.waiting: str | None = None  # the waiting_since last shown
 
     def __enter__(self) -> "_MigrateBar":
         if not self.quiet and self.tty:
@@ -577,6 +579,8 @@ class _MigrateBar:
         from .units import format_bytes, format_rate
 
         waiting = f", waiting for the link since {p.waiting_since}" if p.waiting_since else ""
+        if p.waiting_since and p.waiting_why:
+            waiting += f" ({p.waiting_why})"
         if self.bar is not None:
             self.bar.total = p.bytes_total
             self.bar.n = p.bytes_done
@@ -588,6 +592,9 @@ class _MigrateBar:
             self.bar.refresh()
             return
         clock = time.monotonic()
+        if p.waiting_since != self.waiting:  # a log under nohup or systemd says so at once
+            self.waiting = p.waiting_since
+            click.echo(f"migrate: {waiting[2:]}" if waiting else "migrate: the link is back", err=True)
         if clock - self.last >= 30:
             rate = (p.bytes_done - self.last_bytes) / (clock - self.last)
             self.last, self.last_bytes = clock, p.bytes_done

@@ -46,7 +46,9 @@ class EndpointUnreachable(SourceError):
 class TLSError(SourceError):
     """The endpoint's TLS certificate is not trusted, or it does not speak TLS where it should.
 
-    Not an outage: retrying cannot fix it, so runs stop instead of waiting for the link."""
+    At the start of a command it is configuration (a private CA, http/https), not an outage:
+    the command stops at once with a hint. Mid-run, `migrate` waits and probes instead (a
+    firewall may block the domain with its own certificate for a while) and says why."""
 
 
 class StateError(CloudexitError):

@@ -48,7 +48,7 @@ from .source import Source
 from .state import State, now
 from .stores import Delivery, Item, StoreError, StoreUnavailable
 from .stores.filesystem import FilesystemStore, key_hash
-from .transfer import Counters, Credentials, Endpoint, Result, S3Reader, SharedRate, Task
+from .transfer import Counters, Credentials, Endpoint, FetchError, Result, S3Reader, SharedRate, Task
 
 # Storage classes whose objects must be restored before a GET (S3, OSS, COS, OBS names).
 ARCHIVE_CLASSES = {"GLACIER", "DEEP_ARCHIVE", "ARCHIVE", "COLDARCHIVE", "DEEPCOLDARCHIVE",
@@ -75,6 +75,7 @@ class MigrateProgress:
     in_flight: int = 0
     restoring: int = 0
     waiting_since: str | None = None
+    waiting_why: str | None = None  # what the user may have to do, when it is not a plain outage
     rate_limit: float | None = None  # bytes/s in force (None: unlimited, 0: paused)
     study: str | None = None  # study being worked on
 
@@ -363,6 +364,8 @@ class Migration:
         except Exception as exc:  # noqa: BLE001 - the FetchError of an unreachable endpoint
             from .errors import EndpointUnreachable
 
+            if isinstance(exc, FetchError) and exc.kind == "tls":
+                raise source.untrusted(exc.detail) from exc  # boto3 (certifi) trusted it, we do not
             raise EndpointUnreachable(f"cannot reach {source.where}: {exc}",
                                       hint="check the network; then run the command again") from exc
         finally:
@@ -852,7 +855,7 @@ class Migration:
                        (stamp, key, dest))
             return
         kind = r.error_kind or "permanent"
-        if kind != "unreachable":
+        if kind not in ("unreachable", "tls"):
             self.streak, self.last_ok = 0, time.monotonic()
         if kind == "unreachable":
             # No answer. If others get answers, this object has a problem (strike); if nobody
@@ -888,13 +891,13 @@ class Migration:
                 hint="renew or fix the credentials (env, --profile), then: cloudexit migrate --resume")
             return
         if kind == "tls":
-            tx.execute("UPDATE transfers SET state = 'queued', updated_at = ? WHERE key = ? AND dest = ?",
-                       (stamp, key, dest))
-            if self.stop_error is None:
-                self.state.log("migrate.stopped", tx, run=self.run_id, reason="tls", detail=r.detail)
-                error = self.source.untrusted(r.detail or "TLS failed")
-                error.hint = f"{error.hint}; then: cloudexit migrate --resume"
-                self.stop_error = error
+            # The certificate was trusted when the run started (its first requests passed): a
+            # firewall that blocks the domain with its own certificate, or a middlebox that
+            # started to inspect TLS. Not this object's fault: wait and probe as for an outage
+            # (a block is lifted by itself), and say what to do if it is not.
+            self._link_down(tx, r.detail, why=f"{r.detail}: if the network now inspects TLS, set "
+                                              "AWS_CA_BUNDLE to its CA, stop and run: cloudexit migrate --resume")
+            self._retry(flight, delay=1.0)
             return
         if kind == "disk":
             tx.execute("UPDATE transfers SET state = 'queued', updated_at = ? WHERE key = ? AND dest = ?",
@@ -956,22 +959,22 @@ class Migration:
         heapq.heappush(self.retry_heap, (due, flight.task.id, flight))
 
     # -- the link ----------------------------------------------------------------------------------
-    def _link_down(self, tx: sqlite3.Connection, detail: str | None) -> None:
+    def _link_down(self, tx: sqlite3.Connection, detail: str | None, why: str | None = None) -> None:
         if self.link_down_since is not None:
             return
         self.link_down_since = time.time()
         self.probe_interval = 1.0
         self.next_probe = time.monotonic() + self.probe_interval
         since = now()
-        self.progress.waiting_since = since
+        self.progress.waiting_since, self.progress.waiting_why = since, why
         tx.execute("UPDATE migration_runs SET waiting_since = ? WHERE id = ?", (since, self.run_id))
-        self.state.log("migrate.link_down", tx, run=self.run_id, detail=detail)
+        self.state.log("migrate.link_down", tx, run=self.run_id, detail=detail, why=why)
 
     def _probe(self) -> None:
         if self.reader.probe(self.counters):
             down_for = time.time() - (self.link_down_since or time.time())
             self.link_down_since = None
-            self.progress.waiting_since = None
+            self.progress.waiting_since = self.progress.waiting_why = None
             self.streak = 0
             self.last_ok = time.monotonic()
             with self.state.transaction() as tx:

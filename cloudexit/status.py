@@ -119,6 +119,7 @@ def migration_summary(state: State, studies: int = 10) -> dict[str, Any] | None:
         "resumed": run["resumed"],
         "heartbeat_at": run["heartbeat_at"],
         "waiting_since": run["waiting_since"] if live else None,
+        "waiting_why": _waiting_why(state, run["id"]) if live and run["waiting_since"] else None,
         "stop_reason": run["stop_reason"],
         "bwlimit": run["bwlimit"],
         "objects": total,
@@ -183,3 +184,13 @@ def delta_summary(state: State) -> dict[str, Any] | None:
     return {"destinations": per_dest, "left_objects": max(d["objects"] for d in per_dest),
             "left_bytes": max(d["bytes"] for d in per_dest), "rounds": rounds,
             "exit_window_ends": state.meta("exit_window_ends")}
+
+
+def _waiting_why(state: Any, run_id: int) -> str | None:
+    """What the live run says the user may have to do while it waits (a TLS certificate that is
+    no longer trusted), from its last link-down event."""
+    rows = state.query("SELECT detail FROM events WHERE kind = 'migrate.link_down' ORDER BY id DESC LIMIT 1")
+    if not rows or not rows[0]["detail"]:
+        return None
+    detail = json.loads(rows[0]["detail"])
+    return detail.get("why") if detail.get("run") == run_id else None

@@ -67,7 +67,7 @@ class FetchError(Exception):
     kind: unreachable (no answer: link down?), transient (5xx, throttling, a cut body: retry),
     corrupt (bytes did not verify: retry), changed (412), gone (404), archived (needs a restore),
     credentials (refused: stop the run), tls (certificate not trusted, or no TLS on that port:
-    stop the run), denied (403 on this object), disk (destination full or not writable: stop
+    the engine waits and probes, saying why), denied (403 on this object), disk (destination full or not writable: stop
     the run), permanent (anything else, recorded per object).
     """
 

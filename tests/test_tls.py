@@ -5,6 +5,7 @@ message that says so, instead of looking like an outage."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -73,50 +74,78 @@ def test_untrusted_certificate_stops_inventory_clearly(cli, tls_bucket, tls_prox
     assert tls_proxy.count() == 0  # no request was sent over the untrusted connection
 
 
-def test_certificate_untrusted_mid_migration_stops_then_resumes(
+def test_untrusted_certificate_stops_migrate_before_anything(cli, tls_bucket, tls_proxy: FaultProxy,
+                                                              db: Path, tmp_path: Path, ca, monkeypatch) -> None:
+    monkeypatch.setenv("AWS_CA_BUNDLE", str(ca[1]))
+    url = tls_proxy.endpoint_url
+    result = cli("inventory", f"s3://{tls_bucket[0]}", "--endpoint-url", url, "--db", str(db), "-q")
+    assert result.exit_code == 0, result.output
+    monkeypatch.delenv("AWS_CA_BUNDLE")
+    tls_proxy.reset_counters()
+    dest = tmp_path / "archive"
+    result = cli("migrate", "--to", str(dest), "--db", str(db), "--endpoint-url", url, "-q")
+    assert result.exit_code == 1
+    assert "the certificate is not trusted" in result.output and "AWS_CA_BUNDLE" in result.output
+    assert tls_proxy.count("GET") == 0
+    assert not list(dest.rglob("*.dcm"))
+
+
+def test_certificate_untrusted_mid_run_waits_says_why_and_carries_on(
         s3_env, tls_bucket, tls_proxy: FaultProxy, db: Path, tmp_path: Path, ca, monkeypatch) -> None:
-    """The network starts presenting a certificate from another CA mid-run (a TLS-inspecting
-    middlebox, a wrong DNS answer): the run stops with a clear message instead of waiting for a
-    link that is up; nothing unverified is at a final path; with the right CA it resumes."""
+    """Mid-run, the network presents a certificate from another CA: a firewall blocking the
+    domain with its own certificate, or a middlebox that started to inspect TLS. The run waits
+    and probes as for an outage, says why (live and in `cloudexit status`), keeps only verified
+    objects at final paths, and carries on by itself once the right certificate is back."""
     bucket, objects = tls_bucket
     monkeypatch.setenv("AWS_CA_BUNDLE", str(ca[1]))
     url = tls_proxy.endpoint_url
-    inventory = subprocess.run([sys.executable, "-m", "cloudexit.cli", "inventory", f"s3://{bucket}",
-                                "--endpoint-url", url, "--db", str(db), "-q"],
+    cli = [sys.executable, "-m", "cloudexit.cli"]
+    inventory = subprocess.run(cli + ["inventory", f"s3://{bucket}", "--endpoint-url", url, "--db", str(db), "-q"],
                                capture_output=True, text=True, timeout=120)
     assert inventory.returncode == 0, inventory.stderr
     dest = tmp_path / "archive"
-    cmd = [sys.executable, "-m", "cloudexit.cli", "migrate", "--db", str(db), "--endpoint-url", url,
-           "--processes", "1", "--threads", "2", "--large-object", str(8 * 2**20), "-q"]
     tls_proxy.delay(0.4, method="GET")  # slow GETs: the switch lands mid-run
-    proc = subprocess.Popen(cmd + ["--to", str(dest)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and proc.poll() is None:
-        if rows(db, "SELECT count(*) AS n FROM transfers WHERE state = 'verified'")[0]["n"] >= 2:
-            break
-        time.sleep(0.1)
-    assert proc.poll() is None, proc.communicate()[1]
-    tls_proxy.tls = server_context(trustme.CA())  # a certificate from a CA nobody trusts
-    tls_proxy.reset_connections()
-    _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 1, stderr
-    assert "the certificate of 127.0.0.1 is not trusted" in stderr
-    assert "AWS_CA_BUNDLE" in stderr and "cloudexit migrate --resume" in stderr
-    assert "waiting for the link" not in stderr
-    verified = {r["key"]: r["path"] for r in rows(db, "SELECT key, path FROM transfers WHERE state = 'verified'")}
-    assert 2 <= len(verified) < len(objects)
-    finals = {str(p.relative_to(dest)) for p in dest.rglob("*.dcm")}
-    assert finals == set(verified.values())  # only verified objects are at final paths
-    assert rows(db, "SELECT count(*) AS n FROM transfers WHERE state = 'failed'")[0]["n"] == 0
-    assert any(r["reason"] == "tls" for r in rows(
-        db, "SELECT json_extract(detail, '$.reason') AS reason FROM events WHERE kind = 'migrate.stopped'"))
-    # The right certificate again: --resume finishes, and nothing verified is fetched again.
-    tls_proxy.tls = server_context(ca[0])
-    tls_proxy.clear()
-    tls_proxy.reset_counters()
-    resumed = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr
+    proc = subprocess.Popen(cli + ["migrate", "--db", str(db), "--endpoint-url", url, "--processes", "1",
+                                   "--threads", "2", "--large-object", str(8 * 2**20), "--to", str(dest)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and proc.poll() is None:
+            if rows(db, "SELECT count(*) AS n FROM transfers WHERE state = 'verified'")[0]["n"] >= 2:
+                break
+            time.sleep(0.1)
+        assert proc.poll() is None, proc.communicate()[1]
+        tls_proxy.tls = server_context(trustme.CA())  # a certificate from a CA nobody trusts
+        tls_proxy.reset_connections()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and proc.poll() is None:
+            if rows(db, "SELECT waiting_since FROM migration_runs")[0]["waiting_since"]:
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, proc.communicate()[1]  # waiting, not stopped
+        status = subprocess.run(cli + ["status", "--db", str(db)], capture_output=True, text=True, timeout=60)
+        assert "waiting for the link since" in status.stdout, status.stdout
+        assert "the certificate of 127.0.0.1 is not trusted" in status.stdout
+        assert "AWS_CA_BUNDLE" in status.stdout
+        verified = {r["key"]: r["path"] for r in rows(
+            db, "SELECT key, path FROM transfers WHERE state = 'verified'")}
+        assert 2 <= len(verified) < len(objects)
+        assert {str(p.relative_to(dest)) for p in dest.rglob("*.dcm")} == set(verified.values())
+        assert rows(db, "SELECT count(*) AS n FROM transfers WHERE state = 'failed'")[0]["n"] == 0
+        # The right certificate again: the run notices by itself and finishes.
+        tls_proxy.tls = server_context(ca[0])
+        tls_proxy.clear()
+        tls_proxy.reset_counters()
+        _, stderr = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, stderr
+    assert "not trusted" in stderr  # the live progress said why it waited
     check_archive(db, dest, objects)
     again = [s.key for s in tls_proxy.requests if s.method == "GET" and s.key in verified]
     assert not again, again
+    events = [json.loads(r["detail"]) for r in rows(
+        db, "SELECT detail FROM events WHERE kind = 'migrate.link_down'")]
+    assert any("not trusted" in (e.get("why") or "") for e in events)
+    assert rows(db, "SELECT count(*) AS n FROM events WHERE kind = 'migrate.link_up'")[0]["n"] >= 1
