@@ -202,8 +202,7 @@ class Source:
     def lean_endpoint(self) -> tuple[Any, Any]:
         """(Endpoint, Credentials) for `transfer.S3Reader`, resolved as the boto3 client does:
         endpoint URL, region (with the bucket's real region on AWS), path style, proxies and TLS
-        verification (AWS_CA_BUNDLE; verified by default)."""
-        import os
+        verification (always on, with the CA bundle boto3 uses: `ca_bundle`)."""
         import urllib.request
 
         from .transfer import Endpoint
@@ -222,10 +221,21 @@ class Source:
         proxy = proxies.get(scheme) if not urllib.request.proxy_bypass(host) else None
         path_style = not aws or "." in self.bucket or self.bucket.lower() != self.bucket
         endpoint = Endpoint.from_url(url, self.bucket, region, path_style,
-                                     verify=os.environ.get("AWS_CA_BUNDLE") or True, proxy=proxy,
+                                     verify=self.ca_bundle(), proxy=proxy,
                                      connect_timeout=self.config.connect_timeout,
                                      read_timeout=self.config.read_timeout)
         return endpoint, self.frozen_credentials()
+
+    def ca_bundle(self) -> str:
+        """The CA bundle boto3 verifies this endpoint with, for our own TLS connections too:
+        AWS_CA_BUNDLE or the profile's `ca_bundle`, else botocore's default (certifi's), so
+        the lean path trusts exactly what boto3 trusts."""
+        from botocore.httpsession import get_cert_path
+
+        self.client()
+        session = self._session._session if self._session is not None else None
+        configured = session.get_config_variable("ca_bundle") if session is not None else None
+        return configured or get_cert_path(True)
 
     def bucket_region(self) -> str | None:
         """The region S3 says the bucket is in (None when it does not say)."""

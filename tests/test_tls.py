@@ -59,6 +59,29 @@ def test_https_endpoint_with_a_private_ca(cli, tls_bucket, tls_proxy: FaultProxy
     assert tls_proxy.count("GET") >= len(objects)  # it all went through the TLS front
 
 
+def test_our_client_trusts_what_boto3_trusts(s3_env, tmp_path: Path, ca, monkeypatch) -> None:
+    """The lean GET path verifies with the bundle boto3 uses: AWS_CA_BUNDLE, a profile's
+    `ca_bundle`, or botocore's default; never the OS store behind boto3's back."""
+    from botocore.httpsession import get_cert_path
+
+    from cloudexit.config import SourceConfig
+    from cloudexit.source import Source
+
+    monkeypatch.delenv("AWS_CA_BUNDLE", raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    assert Source("s3://b").lean_endpoint()[0].verify == get_cert_path(True)
+    monkeypatch.setenv("AWS_CA_BUNDLE", str(ca[1]))
+    assert Source("s3://b").lean_endpoint()[0].verify == str(ca[1])
+    monkeypatch.delenv("AWS_CA_BUNDLE")
+    config = tmp_path / "config"
+    config.write_text(f"[profile hospital]\nca_bundle = {ca[1]}\nregion = us-east-1\n"
+                      "aws_access_key_id = AKIDEXAMPLE\naws_secret_access_key = secret\n")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(config))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    endpoint, _ = Source("s3://b", SourceConfig(profile="hospital")).lean_endpoint()
+    assert endpoint.verify == str(ca[1])
+
+
 def test_untrusted_certificate_stops_inventory_clearly(cli, tls_bucket, tls_proxy: FaultProxy,
                                                        db: Path, monkeypatch) -> None:
     monkeypatch.delenv("AWS_CA_BUNDLE", raising=False)
