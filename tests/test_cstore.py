@@ -186,6 +186,18 @@ def test_pacs_down_mid_run_then_back(pacs: OrthancServer, tiny: list[tuple[Item,
     assert pacs.instance_count() == len({i.sop_uid for i, _ in dicom})
 
 
+def test_association_aborted_before_an_answer_is_asked_again(status_scp: StatusSCP) -> None:
+    """A PACS that aborts an association request (pynetdicom also reports some rejections this
+    way): asked again, a few times; then an error that names the AE titles."""
+    status_scp.abort_requests = 2
+    open_cstore(status_scp.url).check()
+    assert status_scp.requests == 3
+    status_scp.requests, status_scp.abort_requests = 0, 100
+    with pytest.raises(StoreUnavailable, match="aborted the association request") as aborted:
+        open_cstore(status_scp.url).check()
+    assert "calling AE" in str(aborted.value) and status_scp.requests == 5
+
+
 def test_check_fails_early(pacs: OrthancServer) -> None:
     with pytest.raises(StoreError, match="rejected the association") as wrong:
         open_cstore(pacs.dicom_url.replace("ORTHANC@", "NOTTHEPACS@")).check()

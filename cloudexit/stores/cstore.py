@@ -163,21 +163,29 @@ class CStoreStore:
     # -- associations ---------------------------------------------------------------------------
     def _associate(self, contexts: list[PresentationContext],
                    ext_neg: list[Any] | None = None, handlers: list[Any] | None = None) -> Association:
-        try:
-            assoc = self.ae.associate(self.host, self.port, contexts=contexts, ae_title=self.called_aet,
-                                      ext_neg=ext_neg, evt_handlers=handlers)
-        except (OSError, RuntimeError) as exc:
-            raise StoreUnavailable(f"the PACS at {self.host}:{self.port} did not answer: {exc}") from exc
-        if assoc.is_established:
-            return assoc
-        if assoc.is_rejected:
-            raise StoreError(
-                f"the PACS at {self.host}:{self.port} rejected the association "
-                f"(called AE {self.called_aet}, calling AE {self.calling_aet})",
-                hint="check the PACS's AE title and that it accepts our calling AE title "
-                     "(--calling-aet or ?calling=)")
+        titles = f"called AE {self.called_aet}, calling AE {self.calling_aet}"
+        hint = "check the PACS's AE title and that it accepts our calling AE title (--calling-aet or ?calling=)"
+        for _ in range(5):
+            try:
+                assoc = self.ae.associate(self.host, self.port, contexts=contexts, ae_title=self.called_aet,
+                                          ext_neg=ext_neg, evt_handlers=handlers)
+            except (OSError, RuntimeError) as exc:
+                raise StoreUnavailable(f"the PACS at {self.host}:{self.port} did not answer: {exc}") from exc
+            if assoc.is_established:
+                return assoc
+            if assoc.is_rejected:
+                raise StoreError(f"the PACS at {self.host}:{self.port} rejected the association ({titles})",
+                                 hint=hint)
+            if not assoc.is_aborted:
+                break  # no connection at all: refused or timed out
+            # Aborted before an answer. pynetdicom reports a rejection this way when the PACS
+            # closes the connection right after its A-ASSOCIATE-RJ (about 1 in 5 with Orthanc
+            # and a wrong called AE title): ask again to learn which it is.
+        if assoc.is_aborted:
+            raise StoreUnavailable(f"the PACS at {self.host}:{self.port} aborted the association "
+                                   f"request ({titles})", hint=f"{hint}; or the PACS is overloaded")
         raise StoreUnavailable(f"the PACS at {self.host}:{self.port} did not answer "
-                               "(connection refused, aborted or timed out)")
+                               "(connection refused or timed out)")
 
     def _propose(self, need: tuple[str, str]) -> tuple[list[PresentationContext], frozenset[tuple[str, str]]]:
         with self._lock:
