@@ -207,8 +207,6 @@ class StatusSCP:
         self.received: list[str] = []  # SOP Instance UIDs, in order, repeats included
         self.abort_first: set[str] = set()  # abort the association on the first C-STORE of these
         self.associations = 0
-        self.requests = 0  # association requests seen
-        self.abort_requests = 0  # abort this many association requests before answering (A-ABORT)
         ae = AE(ae_title=self.aet)
         for cx in AllStoragePresentationContexts:
             ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
@@ -216,14 +214,7 @@ class StatusSCP:
         ae.maximum_associations = 32
         self.server = ae.start_server(("127.0.0.1", self.port), block=False,
                                       evt_handlers=[(evt.EVT_C_STORE, self._on_store),
-                                                    (evt.EVT_ACCEPTED, self._on_accepted),
-                                                    (evt.EVT_REQUESTED, self._on_requested)])
-
-    def _on_requested(self, event: Any) -> None:
-        self.requests += 1
-        if self.abort_requests > 0:
-            self.abort_requests -= 1
-            event.assoc.abort()
+                                                    (evt.EVT_ACCEPTED, self._on_accepted)])
 
     def _on_accepted(self, event: Any) -> None:
         self.associations += 1
