@@ -578,9 +578,10 @@ class _MigrateBar:
             return
         from .units import format_bytes, format_rate
 
-        waiting = f", waiting for the link since {p.waiting_since}" if p.waiting_since else ""
-        if p.waiting_since and p.waiting_why:
-            waiting += f" ({p.waiting_why})"
+        waiting = ""
+        if p.waiting_since:
+            waiting = f"waiting for the link since {p.waiting_since}" + (
+                f" ({p.waiting_why})" if p.waiting_why else "")
         if self.bar is not None:
             self.bar.total = p.bytes_total
             self.bar.n = p.bytes_done
@@ -588,13 +589,13 @@ class _MigrateBar:
                 f"{p.done}/{p.total} obj, {p.failed} failed"
                 + (f", {p.restoring} restoring" if p.restoring else "")
                 + (f", limit {format_rate(p.rate_limit)}" if p.rate_limit is not None else "")
-                + waiting, refresh=False)
+                + (f", {waiting}" if waiting else ""), refresh=False)
             self.bar.refresh()
             return
         clock = time.monotonic()
         if p.waiting_since != self.waiting:  # a log under nohup or systemd says so at once
             self.waiting = p.waiting_since
-            click.echo(f"migrate: {waiting[2:]}" if waiting else "migrate: the link is back", err=True)
+            click.echo(f"migrate: {waiting or 'the link is back'}", err=True)
         if clock - self.last >= 30:
             rate = (p.bytes_done - self.last_bytes) / (clock - self.last)
             self.last, self.last_bytes = clock, p.bytes_done
@@ -602,7 +603,7 @@ class _MigrateBar:
             click.echo(f"migrate: {p.done}/{p.total} objects, {format_bytes(p.bytes_done)} of "
                        f"{format_bytes(p.bytes_total)}, {format_bytes(rate)}/s"
                        + (f", ETA {int(eta)} s" if eta is not None else "")
-                       + f", {p.failed} failed" + waiting, err=True)
+                       + f", {p.failed} failed" + (f", {waiting}" if waiting else ""), err=True)
 
     def __exit__(self, *exc: object) -> None:
         if self.bar is not None:

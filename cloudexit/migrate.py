@@ -365,7 +365,7 @@ class Migration:
             from .errors import EndpointUnreachable
 
             if isinstance(exc, FetchError) and exc.kind == "tls":
-                raise source.untrusted(exc.detail) from exc  # boto3 (certifi) trusted it, we do not
+                raise source.untrusted(exc.detail) from exc  # between boto3's check and ours
             raise EndpointUnreachable(f"cannot reach {source.where}: {exc}",
                                       hint="check the network; then run the command again") from exc
         finally:

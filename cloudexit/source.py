@@ -310,15 +310,15 @@ _BOTO_NAMES = {"max-keys": "MaxKeys", "prefix": "Prefix", "delimiter": "Delimite
 
 
 def tls_detail(exc: BaseException) -> str:
-    """The useful part of a TLS failure (the certificate problem, or the handshake's)."""
+    """The useful part of a TLS failure: the ssl error that botocore wraps (in urllib3's)."""
+    from .transfer import tls_failure
+
     seen: set[int] = set()
     cause: BaseException | None = exc
-    while cause is not None and id(cause) not in seen:  # botocore wraps urllib3's, which wraps ssl's
+    while cause is not None and id(cause) not in seen:
         seen.add(id(cause))
-        if isinstance(cause, ssl.SSLCertVerificationError):
-            return f"the certificate is not trusted ({cause.verify_message or cause.reason})"
         if isinstance(cause, ssl.SSLError):
-            return f"TLS handshake failed ({cause.reason or cause})"
+            return tls_failure(cause)
         cause = cause.__cause__ or cause.__context__
     return "TLS failed"
 

@@ -186,7 +186,7 @@ def delta_summary(state: State) -> dict[str, Any] | None:
             "exit_window_ends": state.meta("exit_window_ends")}
 
 
-def _waiting_why(state: Any, run_id: int) -> str | None:
+def _waiting_why(state: State, run_id: int) -> str | None:
     """What the live run says the user may have to do while it waits (a TLS certificate that is
     no longer trusted), from its last link-down event."""
     rows = state.query("SELECT detail FROM events WHERE kind = 'migrate.link_down' ORDER BY id DESC LIMIT 1")

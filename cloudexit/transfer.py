@@ -67,8 +67,8 @@ class FetchError(Exception):
     kind: unreachable (no answer: link down?), transient (5xx, throttling, a cut body: retry),
     corrupt (bytes did not verify: retry), changed (412), gone (404), archived (needs a restore),
     credentials (refused: stop the run), tls (certificate not trusted, or no TLS on that port:
-    the engine waits and probes, saying why), denied (403 on this object), disk (destination full or not writable: stop
-    the run), permanent (anything else, recorded per object).
+    the engine waits and probes, saying why), denied (403 on this object), disk (destination
+    full or not writable: stop the run), permanent (anything else, recorded per object).
     """
 
     def __init__(self, kind: str, detail: str, status: int | None = None, code: str | None = None,
@@ -403,7 +403,7 @@ class S3Reader:
             self.close()
             if isinstance(exc, (ssl.SSLEOFError, ssl.SSLZeroReturnError)):
                 raise  # the connection was cut during the handshake: an outage, maybe
-            raise FetchError("tls", tls_failure(self.endpoint.hostname, exc)) from exc
+            raise FetchError("tls", tls_failure(exc, self.endpoint.hostname)) from exc
 
     def close(self) -> None:
         conn = getattr(self._local, "conn", None)
@@ -507,10 +507,12 @@ class S3Reader:
             return False
 
 
-def tls_failure(host: str, exc: ssl.SSLError) -> str:
+def tls_failure(exc: ssl.SSLError, host: str | None = None) -> str:
+    """What went wrong in a TLS handshake, in words (with the host when the message lacks it)."""
+    of, with_ = (f" of {host}", f" with {host}") if host else ("", "")
     if isinstance(exc, ssl.SSLCertVerificationError):
-        return f"the certificate of {host} is not trusted ({exc.verify_message or exc.reason})"
-    return f"TLS handshake with {host} failed ({exc.reason or _short(exc)})"
+        return f"the certificate{of} is not trusted ({exc.verify_message or exc.reason})"
+    return f"TLS handshake{with_} failed ({exc.reason or _short(exc)})"
 
 
 def _short(exc: BaseException) -> str:
