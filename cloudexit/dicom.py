@@ -11,8 +11,10 @@ import hmac
 import io
 import re
 import struct
+import threading
 import warnings
 from dataclasses import dataclass
+from typing import Any
 
 PIXEL_TAGS = {0x7FE00010, 0x7FE00008, 0x7FE00009}  # Pixel Data, Float and Double Float Pixel Data
 UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
@@ -45,6 +47,30 @@ def patient_hash(salt: str, patient_id: str | None) -> str | None:
         return None
     digest = hmac.new(salt.encode(), patient_id.strip().encode("utf-8"), hashlib.sha256)
     return digest.hexdigest()[:20]
+
+
+_IMPORT_LOCK = threading.Lock()
+_READ_PARTIAL: Any = None
+
+
+def preload() -> Any:
+    """Import pydicom, once, before threads parse with it; returns `read_partial`.
+
+    pydicom's modules import each other (values, dataelem, filewriter...). A thread that
+    starts `from pydicom.filereader import ...` while another is still running pydicom's
+    `__init__` finds the package half-initialised and fails with "cannot import name
+    'convert_numbers' from partially initialized module 'pydicom.values'". So the whole
+    package is imported under a lock; callers that start header threads call this first.
+    """
+    global _READ_PARTIAL
+    if _READ_PARTIAL is None:
+        with _IMPORT_LOCK:
+            if _READ_PARTIAL is None:
+                import pydicom  # noqa: F401 - the whole package, before any of its modules
+                from pydicom.filereader import read_partial
+
+                _READ_PARTIAL = read_partial
+    return _READ_PARTIAL
 
 
 def _sniff(data: bytes) -> str | None:
@@ -80,8 +106,7 @@ def classify(data: bytes, object_size: int) -> Header:
     if fast is not None:
         return fast
 
-    from pydicom.filereader import read_partial
-
+    read_partial = preload()
     pixel: dict[str, int] = {}
 
     def stop(tag: int, vr: str | None, length: int) -> bool:

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 
 from .config import InventoryConfig
 from .dicom import Header, classify, patient_hash
+from .dicom import preload as preload_pydicom
 from .errors import CloudexitError, UsageError
 from .paths import folder_dates, key_flags
 from .source import ListedObject, ObjectChanged, ObjectGone, Source, iso
@@ -208,6 +209,7 @@ class Inventory:
             with state.transaction() as tx:
                 tx.execute("UPDATE objects SET kind = 'pending' "
                            "WHERE header_source = 'key-pattern' AND status = 'present'")
+        preload_pydicom()  # before the header threads: they would race importing it
         lister = ThreadPoolExecutor(self.config.list_workers, thread_name_prefix="list")
         reader = ThreadPoolExecutor(self.config.workers, thread_name_prefix="header")
         try:

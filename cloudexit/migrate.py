@@ -584,6 +584,9 @@ class Migration:
                 w.start()
 
     def _run_workers(self) -> None:
+        from .dicom import preload
+
+        preload()  # the background threads read headers (`_bg_inspect`): import pydicom first
         self.background = ThreadPoolExecutor(4, thread_name_prefix="cloudexit-bg")
         self.reader = S3Reader(Endpoint(**{**asdict(self.endpoint), "connect_timeout": 5.0,
                                            "read_timeout": 10.0}), self.credentials)
