@@ -121,6 +121,7 @@ def inventory(url: str, db_path: str, endpoint_url: str | None, profile: str | N
     config = InventoryConfig(workers=workers, list_workers=list_workers, header_bytes=header_bytes,
                              key_pattern=key_pattern)
     with State(db_path, create=True) as state, _InventoryBar(quiet or as_json) as bar:
+        _warn_patient_key(state)
         day = resolve_since(state, since)
         summary = Inventory(state, source, config, progress=bar.update, since=day).run()
         totals = inventory_summary(state)
@@ -142,6 +143,13 @@ def inventory(url: str, db_path: str, endpoint_url: str | None, profile: str | N
         for key, reason in summary.failed[:10]:
             click.echo(f"  {key!r}: {reason}", err=True)
         sys.exit(EXIT_PARTIAL)
+
+
+def _warn_patient_key(state: Any) -> None:
+    """One line when patients cannot be matched (the key file is missing or not this DB's)."""
+    warning = state.patient_key().warning()
+    if warning:
+        click.secho(f"Warning: {warning}", fg="yellow", err=True)
 
 
 class _InventoryBar:
@@ -188,6 +196,7 @@ def status(db_path: str, as_json: bool, quiet: bool) -> None:
     from .status import delta_summary, inventory_summary, migration_summary
 
     with State(db_path) as state:
+        _warn_patient_key(state)
         totals = inventory_summary(state)
         migration = migration_summary(state)
         delta = delta_summary(state)
@@ -480,6 +489,8 @@ def migrate(dests: tuple[str, ...], resume: bool, calling_aet: str | None, db_pa
                  "processes": processes, "threads": threads, "large_object": large_object,
                  "range_size": range_size}
     with State(db_path) as state:
+        if dest or resume:
+            _warn_patient_key(state)
         if not dest and not resume:
             if bwlimit is None:
                 raise UsageError("say where to: --to DEST starts a run, --resume continues the last one")

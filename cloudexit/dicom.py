@@ -41,11 +41,12 @@ class Header:
     header_length: int | None = None  # bytes before pixel data
 
 
-def patient_hash(salt: str, patient_id: str | None) -> str | None:
-    """A salted, keyed hash of a Patient ID: stable within one migration, not reversible."""
-    if not patient_id:
+def patient_hash(key: str | None, patient_id: str | None) -> str | None:
+    """A keyed hash of a Patient ID: stable within one migration, not reversible without the
+    key (kept outside the state DB, see `patientkey`). No key: None (unmatched)."""
+    if not patient_id or not key:
         return None
-    digest = hmac.new(salt.encode(), patient_id.strip().encode("utf-8"), hashlib.sha256)
+    digest = hmac.new(key.encode(), patient_id.strip().encode("utf-8"), hashlib.sha256)
     return digest.hexdigest()[:20]
 
 

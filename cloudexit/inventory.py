@@ -184,7 +184,7 @@ class Inventory:
         self.config = config or InventoryConfig()
         self.on_progress = progress or (lambda p: None)
         self.progress = Progress()
-        self.salt = state.meta("salt") or ""
+        self.patient_key = state.patient_key().key  # None: patients recorded unmatched
         self.pattern = compile_key_pattern(self.config.key_pattern) if self.config.key_pattern else None
         self.since = since
         self.round = 0
@@ -205,6 +205,7 @@ class Inventory:
         source.check()
         self._lean = LeanS3(source)
         resumed = self._open_round()
+        self._note_missing_key()
         if self.pattern is None:
             with state.transaction() as tx:
                 tx.execute("UPDATE objects SET kind = 'pending' "
@@ -248,6 +249,12 @@ class Inventory:
             self.state.log("inventory.started", tx, round=self.round, source=self.source.url,
                            since=since)
         return False
+
+    def _note_missing_key(self) -> None:
+        """Say in the event log (the audit's record) that this round cannot match patients."""
+        problem = self.state.patient_key().problem
+        if problem is not None:
+            self.state.log("patient_key.missing", round=self.round, problem=problem)
 
     def _loop(self, lister: ThreadPoolExecutor, reader: ThreadPoolExecutor) -> None:
         # Counters kept here instead of counting rows on every turn: open listing tasks (all,
@@ -530,7 +537,7 @@ class Inventory:
                 assert h is not None
                 updates.append((h.kind, h.reason, h.study_uid, h.series_uid, h.sop_uid,
                                 h.sop_class_uid, h.modality, h.study_date, h.transfer_syntax,
-                                patient_hash(self.salt, h.patient_id),
+                                patient_hash(self.patient_key, h.patient_id),
                                 json.dumps(r.checksums) if r.checksums else None,
                                 r.bytes_read, stamp, r.key, r.etag))
             tx.executemany(_HEADER_UPDATE, updates)

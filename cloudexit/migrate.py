@@ -245,7 +245,7 @@ class Migration:
         self.next_restore_poll = 0.0
         self.started = time.monotonic()
         self._lock_fd: int | None = None
-        self.salt = state.meta("salt") or ""
+        self.patient_key = state.patient_key().key  # None: patients recorded unmatched
         self.deliver_to = list(deliver_to or [])
         self.outlets: list[_Outlet] = []
         self.delivered: queue.Queue[tuple[_Outlet, str, Any]] = queue.Queue()
@@ -1116,7 +1116,7 @@ class Migration:
             "series_uid": header.series_uid, "sop_uid": header.sop_uid,
             "sop_class_uid": header.sop_class_uid, "modality": header.modality,
             "study_date": header.study_date, "transfer_syntax": header.transfer_syntax,
-            "patient_hash": patient_hash(self.salt, header.patient_id)}
+            "patient_hash": patient_hash(self.patient_key, header.patient_id)}
         self.bg_results.put(("inspect", key, info))
 
     def _drain_background(self) -> None:

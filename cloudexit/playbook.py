@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterable
 
 import yaml
 
+from . import patientkey
 from .errors import CloudexitError, GateNotMet, PlaybookError, StateError
 from .files import write_private
 from .pricing.catalogue import _LOADER, _List, _Map, _scalar
@@ -642,8 +643,13 @@ class Runner:
             shutil.rmtree(folder)
         marks = ",".join("?" * len(picked))
         rows = state.query(f"SELECT * FROM objects WHERE status = 'present' AND study_uid IN ({marks})", picked)
+        pilot_key, key = patientkey.key_path(pilot_db), state.patient_key().key
+        if pilot_key != state.key_path:  # the pilot hashes patients with the migration's key
+            pilot_key.unlink(missing_ok=True)
+            if key is not None:
+                patientkey.write(pilot_key, key)
         with State(pilot_db, create=True) as pilot:
-            pilot.set_meta(**{k: state.meta(k) for k in ("source_url", "endpoint_url", "region", "salt")})
+            pilot.set_meta(**{k: state.meta(k) for k in ("source_url", "endpoint_url", "region")})
             with pilot.transaction() as tx:
                 tx.execute("INSERT INTO inventory_rounds(started_at, finished_at, status) VALUES (?, ?, 'complete')",
                            (now(), now()))

@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import secrets
 import sqlite3
 import threading
 from contextlib import contextmanager
@@ -19,7 +18,7 @@ from typing import Any, Iterator
 
 import sqlite_utils
 
-from . import __version__
+from . import __version__, patientkey
 from .errors import StateError
 
 APP_ID = 0x43455854  # "CEXT": tells our databases from any other SQLite file
@@ -337,6 +336,9 @@ class State:
         else:
             self._migrate(self.schema_version())
         self.db = sqlite_utils.Database(self.conn)
+        self.key_path = patientkey.key_path(self.path)
+        self._patient_key: patientkey.PatientKey | None = None
+        self._settle_patient_key()
 
     def close(self) -> None:
         self.conn.close()
@@ -363,8 +365,37 @@ class State:
                 self.conn.execute(f"PRAGMA user_version={version}")
                 self.conn.execute(f"PRAGMA application_id={APP_ID}")
         if current == 0:
-            self.set_meta(created_at=now(), tool_version=__version__,
-                          salt=secrets.token_hex(16))
+            self.set_meta(created_at=now(), tool_version=__version__)
+
+    # -- the patient key ------------------------------------------------------------------
+    def _settle_patient_key(self) -> None:
+        """Give a new DB its key file; move an old DB's key (`meta.salt`) out of the DB.
+
+        The salt is deleted with secure_delete on and the WAL checkpointed and truncated, so
+        no copy of it stays in the file's free space or in the WAL.
+        """
+        salt = self.meta("salt")
+        if salt is not None:
+            patientkey.move_out(self.key_path, salt)
+            self.conn.execute("PRAGMA secure_delete=ON")
+            try:
+                with self.transaction() as tx:
+                    tx.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('patient_key_check', ?)",
+                               (patientkey.check_value(salt),))
+                    tx.execute("DELETE FROM meta WHERE key = 'salt'")
+                    self.log("patient_key.moved_out", tx, key_file=str(self.key_path))
+                self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            finally:
+                self.conn.execute("PRAGMA secure_delete=OFF")
+        elif self.meta("patient_key_check") is None:
+            key = patientkey.adopt_or_create(self.key_path)
+            self.set_meta(patient_key_check=patientkey.check_value(key))
+
+    def patient_key(self) -> patientkey.PatientKey:
+        """This DB's key (`key` None when its file is missing or another DB's: see `problem`)."""
+        if self._patient_key is None:
+            self._patient_key = patientkey.read(self.key_path, self.meta("patient_key_check"))
+        return self._patient_key
 
     # -- helpers --------------------------------------------------------------------------
     @contextmanager

@@ -8,6 +8,12 @@ from typing import Any
 from .state import State
 
 
+def _patient_key(state: State) -> dict[str, Any]:
+    key = state.patient_key()
+    return {"file": str(key.path), "available": key.key is not None, "problem": key.problem,
+            "warning": key.warning()}
+
+
 def inventory_summary(state: State) -> dict[str, Any]:
     """The inventory's totals and breakdowns (only objects present at the source)."""
     one = lambda sql: state.scalar(sql) or 0  # noqa: E731
@@ -39,6 +45,7 @@ def inventory_summary(state: State) -> dict[str, Any]:
                                     f"count(*), sum(size) {dicom} GROUP BY 1 ORDER BY 1"),
         "by_storage_class": _breakdown(state, f"SELECT storage_class, count(*), sum(size) "
                                        f"{present} GROUP BY 1 ORDER BY 3 DESC"),
+        "patient_key": _patient_key(state),
         "inventory": {
             "rounds": one("SELECT count(*) FROM inventory_rounds"),
             "status": latest[0]["status"] if latest else None,
