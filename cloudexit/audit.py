@@ -38,7 +38,7 @@ from typing import Any
 from . import __version__
 from .errors import CloudexitError
 from .files import open_private
-from .state import GENESIS_HASH, State, event_hash, now
+from .state import GENESIS_HASH, State, event_hash, now, open_readable
 
 FORMAT = "cloudexit.audit/1"
 OUTPUTS = ("audit.html", "audit.json", "manifest.csv", "events.jsonl", "SHA256SUMS")
@@ -76,11 +76,12 @@ class AuditError(CloudexitError):
 
 # -- opening ----------------------------------------------------------------------------------
 def open_state(db_path: str | os.PathLike[str]) -> State:
-    """Open a state DB for the audit; refuse one without a migration."""
+    """Open a state DB for the audit; refuse one without a migration. A read-only DB is read
+    through a private copy (the `audit.written` event then goes nowhere: `scratch_of`)."""
     path = Path(db_path)
     if path.exists() and not os.access(path, os.R_OK):
         raise AuditError(f"cannot read {path}: permission denied")
-    state = State(path)
+    state = open_readable(path, scratch=True)
     try:
         runs = state.scalar("SELECT count(*) FROM migration_runs")
     except Exception:
@@ -1477,7 +1478,7 @@ def _check_against_db(folder: Path, db_path: Path, chain: dict[str, Any], listed
     """The exported events are the DB's own (same hashes at the same ids), and the DB's chain
     records this audit (an `audit.written` event naming this SHA256SUMS)."""
     problems: list[str] = []
-    with State(db_path) as state:
+    with open_readable(db_path) as state:
         db_problems = state.verify_event_chain()
         problems += [f"state DB event log: {p}" for p in db_problems[:20]]
         stored = {r["id"]: r["hash"] for r in state.query("SELECT id, hash FROM events")}

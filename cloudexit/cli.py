@@ -7,6 +7,7 @@ one place (`CloudexitGroup.invoke`); `--traceback` shows the stack instead.
 from __future__ import annotations
 
 import json
+import sqlite3
 import sys
 import time
 from typing import Any, Callable
@@ -23,7 +24,17 @@ EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_PARTIAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 13
 class CloudexitGroup(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
-            return super().invoke(ctx)
+            try:
+                return super().invoke(ctx)
+            except sqlite3.Error as exc:  # met outside the State's own methods
+                from pathlib import Path
+
+                from .statefile import translate
+
+                error = translate(exc, Path(ctx.meta.get("db_path") or "cloudexit.db"))
+                if error is None:
+                    raise
+                raise error from exc
         except CloudexitError as exc:
             if ctx.meta.get("traceback"):
                 raise
@@ -42,9 +53,14 @@ def _set_traceback(ctx: click.Context, _param: click.Parameter, value: bool) -> 
     return value
 
 
+def _note_db(ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
+    ctx.meta["db_path"] = value  # for errors met on the DB outside the library's own handling
+    return value
+
+
 def db_option(f: Callable[..., Any]) -> Callable[..., Any]:
     return click.option("--db", "db_path", envvar="CLOUDEXIT_DB", default="cloudexit.db",
-                        show_default=True, type=click.Path(dir_okay=False),
+                        show_default=True, type=click.Path(dir_okay=False), callback=_note_db,
                         help="The migration's state database (env CLOUDEXIT_DB).")(f)
 
 
@@ -137,6 +153,8 @@ def inventory(url: str, db_path: str, endpoint_url: str | None, profile: str | N
                        f"folder(s) not listed; their {summary.not_listed} object(s) kept as they "
                        "were, deletions counted only in the folders listed.")
         _print_summary(totals)
+    if summary.backup_error:
+        click.secho(f"Warning: no backup of the state DB was made: {summary.backup_error}", fg="yellow", err=True)
     if summary.failed:
         click.echo(f"{len(summary.failed)} object(s) could not be read; run inventory again to retry:",
                    err=True)
@@ -192,10 +210,10 @@ class _InventoryBar:
 @output_options
 def status(db_path: str, as_json: bool, quiet: bool) -> None:
     """Where the migration stands, at a glance."""
-    from .state import State
+    from .state import open_readable
     from .status import delta_summary, inventory_summary, migration_summary
 
-    with State(db_path) as state:
+    with open_readable(db_path) as state:
         _warn_patient_key(state)
         totals = inventory_summary(state)
         migration = migration_summary(state)
@@ -445,6 +463,8 @@ class _ByteBar:
               help="Objects of this many bytes or more download in parallel ranges (default 64 MiB).")
 @click.option("--range-size", type=click.IntRange(65536, 2**32), default=None,
               help="Bytes per ranged GET of a large object (default 16 MiB).")
+@click.option("--backup-every", "backup_minutes", type=click.FloatRange(0, 7 * 24 * 60), default=None,
+              help="Minutes between backups of the state DB (<db>.backup-1, -2; default 30, 0: none).")
 @output_options
 def migrate(dests: tuple[str, ...], resume: bool, calling_aet: str | None, db_path: str,
             endpoint_url: str | None,
@@ -452,7 +472,7 @@ def migrate(dests: tuple[str, ...], resume: bool, calling_aet: str | None, db_pa
             non_dicom: str | None, order: str | None, restore_tier: str | None,
             restore_days: int | None, restore_poll: float | None, bwlimit: str | None,
             processes: int | None, threads: int | None, large_object: int | None,
-            range_size: int | None, as_json: bool, quiet: bool) -> None:
+            range_size: int | None, backup_minutes: float | None, as_json: bool, quiet: bool) -> None:
     """Download every inventoried object into the archive, verified; resumable; then deliver
     each verified DICOM object to every PACS given with more `--to`.
 
@@ -487,7 +507,7 @@ def migrate(dests: tuple[str, ...], resume: bool, calling_aet: str | None, db_pa
                                   "expedited": "Expedited"}.get(restore_tier or ""),
                  "restore_days": restore_days, "restore_poll": restore_poll, "bwlimit": bwlimit,
                  "processes": processes, "threads": threads, "large_object": large_object,
-                 "range_size": range_size}
+                 "range_size": range_size, "backup_minutes": backup_minutes}
     with State(db_path) as state:
         if dest or resume:
             _warn_patient_key(state)
@@ -535,6 +555,8 @@ def migrate(dests: tuple[str, ...], resume: bool, calling_aet: str | None, db_pa
         click.echo(json.dumps(summary.__dict__, indent=2, default=str))
     elif not quiet:
         _print_migration_result(summary)
+    if summary.backup_error:
+        click.secho(f"Warning: the last backup of the state DB failed: {summary.backup_error}", fg="yellow", err=True)
     if summary.exit_code:
         sys.exit(summary.exit_code)
 
@@ -681,11 +703,12 @@ def verify(db_path: str, dests: tuple[str, ...], deep: bool, sample: int, seed: 
     extra instances; --sample compares instances fetched back with the archived copies. Results
     are stored in the state DB for the audit. Exit 0: all verified; 3: differences found.
     """
-    from .state import State
+    from .state import open_readable
     from .verify import destinations, open_destination, verify as run_verify
 
     reports = []
-    with State(db_path) as state:
+    with open_readable(db_path, scratch=True) as state:
+        recorded = state.scratch_of is None
         targets = list(dests) or destinations(state)
         if not targets:
             raise UsageError("nothing to verify: no migration has delivered anywhere yet",
@@ -699,11 +722,14 @@ def verify(db_path: str, dests: tuple[str, ...], deep: bool, sample: int, seed: 
                 bar.close()
                 store.close()
     if as_json:
-        click.echo(json.dumps({"verified": all(r.passed for r in reports),
+        click.echo(json.dumps({"verified": all(r.passed for r in reports), "recorded": recorded,
                                "destinations": [r.to_dict() for r in reports]}, indent=2, default=str))
     elif not quiet:
         for r in reports:
             _print_verify(r)
+    if not recorded:
+        click.echo(f"Note: {db_path} is read-only: these results were NOT recorded in it (the audit "
+                   "will not show them); run verify on a writable DB to record them.", err=True)
     if not all(r.passed for r in reports):
         sys.exit(EXIT_PARTIAL)
 
@@ -769,6 +795,7 @@ def audit(ctx: click.Context, out: str | None, lang: str, include_phi: bool, for
 
     with open_state(db_path) as state:
         result = write_audit(state, out, lang=lang, include_phi=include_phi, force=force)
+        recorded = state.scratch_of is None
     status = result.verdict["status"]
     if as_json:
         click.echo(json.dumps({"out": str(result.out), "verdict": result.verdict,
@@ -781,6 +808,10 @@ def audit(ctx: click.Context, out: str | None, lang: str, include_phi: bool, for
         click.echo(f"Audit written to {result.out}/audit.html (migration {label}).")
         click.echo(f"  {result.manifest_rows} manifest rows, {result.events} events; fingerprint {result.fingerprint}")
         click.echo(f"  check it any time with: cloudexit audit verify {result.out}")
+    if not recorded:
+        click.echo(f"Note: {db_path} is read-only: this audit is NOT recorded in its event log, so "
+                   f"`cloudexit audit verify {result.out} --db {db_path}` will say the DB has no "
+                   "record of it.", err=True)
     if result.others:
         click.echo(f"Note: {len(result.others)} other file(s) in {result.out} are not part of the audit; "
                    "`cloudexit audit verify` reports them as added.", err=True)

@@ -54,6 +54,7 @@ class MigrateConfig:
     restore_poll: float = 900.0  # seconds between checks of restores in progress
     bwlimit: str | None = None  # rclone timetable, e.g. "08:00,20M 18:00,off"; None: no limit
     fsync: bool = True  # fsync each file and its directory before it counts as verified
+    backup_minutes: float = 30.0  # a backup of the state DB this often (0: none); see docs/state-db.md
     connect_timeout: float = 10.0
     read_timeout: float = 60.0
     commit_interval: float = 0.25  # seconds between DB commits of finished objects

@@ -78,3 +78,16 @@ class NothingMigrated(UsageError):
 
 class ConfirmationMismatch(UsageError):
     """`decommission --execute --confirm TOKEN`: the token does not match what would be deleted now."""
+
+
+class StateDiskFull(StateError):
+    """The disk under the state DB is full: the message names its filesystem and free space."""
+
+
+class StateReadOnly(StateError):
+    """The state DB is read-only and the command must write to it."""
+
+
+class StateCorrupt(StateError):
+    """SQLite found damaged pages in the state DB: the message has `PRAGMA quick_check`'s
+    findings and the hint names the backup to restore."""

@@ -99,6 +99,7 @@ class RoundSummary:
     since: str | None = None  # folders dated wholly before this day were not listed
     skipped_folders: int = 0
     not_listed: int = 0  # objects in those folders, kept as they were
+    backup_error: str | None = None  # why the end-of-round backup of the state DB failed
 
 
 @dataclass
@@ -226,7 +227,9 @@ class Inventory:
         if self.pattern is not None:
             self._stop.clear()
             self._check_pattern_sample()
-        return self._finish(resumed)
+        summary = self._finish(resumed)
+        summary.backup_error = state.backup()  # a copy to restore if the DB is ever damaged
+        return summary
 
     def _open_round(self) -> bool:
         row = self.state.query("SELECT id, since FROM inventory_rounds WHERE status = 'running' "

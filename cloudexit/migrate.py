@@ -103,6 +103,7 @@ class MigrationSummary:
     # PACS destinations (`--to dicom://...`, `--to dicomweb+https://...`): dest -> state -> count
     deliveries: dict[str, dict[str, int]] = field(default_factory=dict)
     delivered_this_run: int = 0
+    backup_error: str | None = None  # why the last backup of the state DB failed
 
     @property
     def exit_code(self) -> int:
@@ -257,6 +258,8 @@ class Migration:
         self.workers: list[Any] = []
         self.setup_pipes: list[Any] = []  # each worker's endpoint and credentials go there
         self.workers_joined = False
+        self.next_backup = time.monotonic() + self.config.backup_minutes * 60
+        self.backup_error: str | None = None
 
     # -- public ------------------------------------------------------------------------------------
     def run(self) -> MigrationSummary:
@@ -656,6 +659,9 @@ class Migration:
                     last_commit = clock
             if self.stop_error is not None:
                 return
+            if self.config.backup_minutes and clock >= self.next_backup:
+                self.backup_error = self.state.backup()
+                self.next_backup = time.monotonic() + self.config.backup_minutes * 60
             if clock - last_tick >= 1.0:
                 last_tick = clock
                 self._check_workers()
@@ -1568,7 +1574,7 @@ class Migration:
                       "LIST": run["list_requests"], "RESTORE": run["restore_requests"]},
             retries=run["retries"], elapsed=time.monotonic() - self.started,
             fetched_this_run=self.fetched, failures=failures, deliveries=deliveries,
-            delivered_this_run=self.delivered_count)
+            delivered_this_run=self.delivered_count, backup_error=self.backup_error)
         if stop is not None:
             if isinstance(stop, Interrupted):
                 raise Interrupted(

@@ -9,19 +9,28 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import sqlite3
+import tempfile
 import threading
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, NoReturn
 
 import sqlite_utils
 
-from . import __version__, patientkey
-from .errors import StateError
+from . import __version__, patientkey, statefile
+from .errors import StateError, StateReadOnly
+from .statefile import (
+    APP_ID,
+    READ_ONLY_HINT,
+    exists,
+    connect_readonly,
+    refuse_foreign,
+    writable,
+)
 
-APP_ID = 0x43455854  # "CEXT": tells our databases from any other SQLite file
 SCHEMA_VERSION = 6
 
 _SCHEMA_V1 = """
@@ -306,42 +315,89 @@ def _create_private(path: Path) -> None:
 
 
 class State:
-    """An open state database. Thread-safe: writes are serialised by a lock."""
+    """An open state database. Thread-safe: writes are serialised by a lock.
 
-    def __init__(self, path: str | os.PathLike[str], create: bool = False) -> None:
+    `readonly`: open without writing anything (an auditor's copy: 0400, a read-only folder or
+    mount); every write then fails with StateReadOnly. `open_readable` picks it when needed.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], create: bool = False, readonly: bool = False,
+                 key_of: Path | None = None) -> None:
         self.path = Path(path)
-        fresh = not self.path.exists()
+        self.readonly = readonly
+        self.scratch_of: Path | None = None  # set by `open_readable`: a private copy of this DB
+        self.lock = threading.RLock()
+        fresh = not exists(self.path)
         if fresh and not create:
             raise StateError(f"no state database at {self.path}",
                              hint="run `cloudexit inventory s3://BUCKET` first, or pass --db")
         if fresh:
             _create_private(self.path)
-        self.conn = sqlite3.connect(self.path, check_same_thread=False, timeout=30,
-                                    isolation_level=None)
-        self.lock = threading.RLock()
+        else:
+            refuse_foreign(self.path)
+            if not readonly and not writable(self.path):
+                raise StateReadOnly(f"the state database {self.path} is read-only (file mode, folder or "
+                                    "mount), and this command must write to it", hint=READ_ONLY_HINT)
+        self.conn = self._connect()
         try:
-            self.conn.execute("PRAGMA journal_mode=WAL")
-            self.conn.execute("PRAGMA synchronous=NORMAL")
-            self.conn.execute("PRAGMA busy_timeout=30000")
             app_id = self.conn.execute("PRAGMA application_id").fetchone()[0]
         except sqlite3.DatabaseError as exc:
             self.conn.close()
-            raise StateError(f"{self.path} is not a cloudexit state database ({exc})") from exc
+            raise self._error(exc) or StateError(
+                f"{self.path} is not a cloudexit state database ({exc})") from exc
         if fresh:
             self._migrate(0)
         elif app_id != APP_ID:
             self.conn.close()
             raise StateError(f"{self.path} is not a cloudexit state database",
                              hint="pass --db with a new file name for a new migration")
+        elif readonly:
+            if self.schema_version() != SCHEMA_VERSION:
+                self.conn.close()
+                raise StateReadOnly(f"{self.path} is read-only and was written by another version of "
+                                    f"cloudexit (schema {self.schema_version()}, this one reads "
+                                    f"{SCHEMA_VERSION})", hint="copy it somewhere writable first")
         else:
             self._migrate(self.schema_version())
         self.db = sqlite_utils.Database(self.conn)
-        self.key_path = patientkey.key_path(self.path)
+        self.key_path = key_of or patientkey.key_path(self.path)
         self._patient_key: patientkey.PatientKey | None = None
-        self._settle_patient_key()
+        if not readonly and key_of is None:
+            self._settle_patient_key()
+
+    def _connect(self) -> sqlite3.Connection:
+        if self.readonly:
+            return connect_readonly(self.path)
+        conn = sqlite3.connect(self.path, check_same_thread=False, timeout=30, isolation_level=None)
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("PRAGMA busy_timeout=30000")
+        except sqlite3.DatabaseError as exc:
+            conn.close()
+            raise self._error(exc) or StateError(
+                f"{self.path} is not a cloudexit state database ({exc})") from exc
+        return conn
+
+    def _reraise(self, exc: BaseException) -> NoReturn:
+        error = self._error(exc)
+        if error is None:
+            raise exc
+        raise error from exc
+
+    def _error(self, exc: BaseException) -> StateError | None:
+        """The user's error for an SQLite failure on this DB (full disk, read-only, damaged
+        pages), or None: the caller re-raises the original."""
+        if self.readonly and isinstance(exc, sqlite3.Error) and (
+                "readonly" in str(exc) or "read-only" in str(exc)):
+            return StateReadOnly(f"the state database {self.path} was opened read-only and this "
+                                 "command must write to it", hint=READ_ONLY_HINT)
+        return statefile.translate(exc, self.path)
 
     def close(self) -> None:
         self.conn.close()
+        if self.scratch_of is not None:
+            shutil.rmtree(self.path.parent, ignore_errors=True)
 
     def __enter__(self) -> "State":
         return self
@@ -402,24 +458,53 @@ class State:
     def transaction(self) -> Iterator[sqlite3.Connection]:
         """One atomic write; everything inside commits together or not at all."""
         with self.lock:
-            self.conn.execute("BEGIN IMMEDIATE")
+            try:
+                self.conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as exc:
+                self._reraise(exc)
             try:
                 yield self.conn
-            except BaseException:
-                self.conn.execute("ROLLBACK")
-                raise
-            self.conn.execute("COMMIT")
+                self.conn.execute("COMMIT")
+            except BaseException as exc:
+                if self.conn.in_transaction:  # SQLite may have rolled back already (disk full)
+                    try:
+                        self.conn.execute("ROLLBACK")
+                    except sqlite3.Error:
+                        pass
+                self._reraise(exc)
 
     def query(self, sql: str, params: Any = ()) -> list[sqlite3.Row]:
         with self.lock:
-            cur = self.conn.execute(sql, params)
-            cur.row_factory = sqlite3.Row  # type: ignore[assignment]
-            return cur.fetchall()
+            try:
+                cur = self.conn.execute(sql, params)
+                cur.row_factory = sqlite3.Row  # type: ignore[assignment]
+                return cur.fetchall()
+            except sqlite3.Error as exc:
+                self._reraise(exc)
 
     def scalar(self, sql: str, params: Any = ()) -> Any:
         with self.lock:
-            row = self.conn.execute(sql, params).fetchone()
+            try:
+                row = self.conn.execute(sql, params).fetchone()
+            except sqlite3.Error as exc:
+                self._reraise(exc)
         return row[0] if row else None
+
+    def backup(self) -> str | None:
+        """A consistent copy beside the DB (`<db>.backup-1`; the one before is `-2`), or why
+        not: a failed backup (no room for the copy) leaves the older ones and must not stop
+        the work, so it is logged (`state.backup_failed`) and returned, not raised."""
+        try:
+            with self.lock:
+                statefile.backup(self.conn, self.path)
+            return None
+        except StateError as exc:
+            reason = str(exc).split("\n")[0]
+        try:
+            self.log("state.backup_failed", reason=reason)
+        except StateError:
+            pass  # the disk that refused the copy may refuse the event too
+        return reason
 
     def meta(self, key: str) -> str | None:
         return self.scalar("SELECT value FROM meta WHERE key = ?", (key,))
@@ -472,3 +557,42 @@ class State:
                 f"{self.path} belongs to the migration of {bound} at {bound_endpoint}, "
                 f"not {url} at {endpoint}",
                 hint="use another --db (or CLOUDEXIT_DB) for a different bucket or prefix")
+
+
+def open_readable(path: str | os.PathLike[str], scratch: bool = False) -> State:
+    """Open a DB for a command that only reads it (status, audit verify), or that writes only
+    its own results (verify, audit: `scratch`).
+
+    A writable DB opens as usual. A read-only one (an auditor's copy: 0400, a read-only folder
+    or mount) opens read-only, or, with `scratch` or an older schema, as a private temporary
+    copy (SQLite's backup API into a 0700 temp folder, removed on close) whose writes are
+    discarded: `scratch_of` then names the original, so the command can say nothing was
+    recorded. The original is never written.
+    """
+    path = Path(path)
+    if not exists(path):
+        return State(path)  # says there is none
+    refuse_foreign(path)
+    if writable(path):
+        return State(path)
+    if not scratch:
+        try:
+            return State(path, readonly=True)
+        except StateReadOnly:
+            pass  # another schema: read a migrated copy
+    folder = Path(tempfile.mkdtemp(prefix="cloudexit-readonly-"))
+    copy = folder / path.name
+    try:
+        _create_private(copy)
+        source, target = connect_readonly(path), sqlite3.connect(copy)
+        try:
+            source.backup(target)
+        finally:
+            source.close()
+            target.close()
+        state = State(copy, key_of=patientkey.key_path(path))
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    state.scratch_of = path
+    return state

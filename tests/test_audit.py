@@ -301,13 +301,14 @@ def test_no_migration_unreadable_and_foreign_db(migrated, tmp_path: Path) -> Non
     garbage.write_bytes(os.urandom(4096))
     r = run("audit", "--db", garbage, "--out", tmp_path / "b")
     assert r.exit_code == 1
-    assert r.output == f"Error: {garbage} is not a cloudexit state database (file is not a database)\n"
+    assert r.output == (f"Error: {garbage} is not a cloudexit state database (not an SQLite file)\n"
+                        "  hint: pass --db with a new file name for a new migration\n")
     foreign = tmp_path / "foreign.db"
     with sqlite3.connect(foreign) as conn:
         conn.execute("CREATE TABLE t (x)")
     r = run("audit", "--db", foreign, "--out", tmp_path / "c")
     assert r.exit_code == 1
-    assert r.output == (f"Error: {foreign} is not a cloudexit state database\n"
+    assert r.output == (f"Error: {foreign} is not a cloudexit state database (another SQLite database)\n"
                         "  hint: pass --db with a new file name for a new migration\n")
     r = run("audit", "--db", tmp_path / "none.db", "--out", tmp_path / "d")
     assert r.exit_code == 1 and r.output.startswith(f"Error: no state database at {tmp_path / 'none.db'}")
