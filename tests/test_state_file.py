@@ -175,8 +175,14 @@ def test_full_disk_under_the_db_stops_cleanly_and_resumes(cli, tiny_pacs, s3: Se
         assert "disk is full" in r.output and str(small) in r.output, r.output
         filler.unlink()
         assert _rows(db, "SELECT status FROM migration_runs")[0][0] == "running"  # stopped mid-run
-        r = cli("migrate", "--resume", "--db", str(db), "--processes", "1", "--threads", "2")
+        before = Path(f"{db}.backup-1").stat().st_mtime_ns
+        r = cli("migrate", "--resume", "--db", str(db), "--processes", "1", "--threads", "2",
+                "--backup-every", "0.0001")  # a backup at every turn of the loop
         assert r.exit_code == 3, r.output  # the synthetic PACS's truncated object and SOP conflict
+        assert Path(f"{db}.backup-1").stat().st_mtime_ns > before
+        copy = sqlite3.connect(f"{db}.backup-1")
+        assert copy.execute("SELECT count(*) FROM migration_runs").fetchone()[0] == 1  # taken during migrate
+        copy.close()
         left = _rows(db, "SELECT count(*) FROM transfers WHERE state IN ('queued', 'fetching')")[0][0]
         assert left == 0
 
@@ -212,3 +218,12 @@ def test_damaged_db_says_what_quick_check_found_and_which_backup_to_restore(cli,
     # Restored as the hint says, it works again.
     shutil.copy(backup, db)
     assert cli("status", "--db", str(db)).exit_code == 0
+
+    # Text that is not UTF-8 (a bit flipped inside a value): the same one error, not a traceback.
+    conn = sqlite3.connect(db)
+    conn.execute("UPDATE meta SET value = CAST(x'73333a2f2fff' AS TEXT) WHERE key = 'source_url'")
+    conn.commit()
+    conn.close()
+    r = cli("status", "--db", str(db))
+    assert r.exit_code == 1 and "is damaged" in r.output and "Could not decode" in r.output, r.output
+    assert "Traceback" not in r.output
