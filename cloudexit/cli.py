@@ -821,7 +821,7 @@ def audit(ctx: click.Context, out: str | None, lang: str, include_phi: bool, for
 
 @audit.command("verify")
 @click.argument("folder", metavar="DIR", type=click.Path(file_okay=False))
-@click.option("--db", "db_path", type=click.Path(dir_okay=False), default=None,
+@click.option("--db", "db_path", type=click.Path(dir_okay=False), default=None, callback=_note_db,
               help="Also check the events against this state database and that it recorded this audit.")
 @output_options
 def audit_verify(folder: str, db_path: str | None, as_json: bool, quiet: bool) -> None:

@@ -190,7 +190,7 @@ def backup(conn: sqlite3.Connection, db: Path, progress: Callable[[int, int, int
     moved to `-2`. Written to a temp file first, so a failure (a full disk) leaves the backups
     there were; the temp file is removed. Raises the translated error on failure."""
     newest = backups(db)[0]
-    tmp = Path(f"{db}.backup-tmp")
+    tmp = Path(f"{db}.backup-tmp{os.getpid()}")  # one per process: two commands may back up at once
     tmp.unlink(missing_ok=True)
     os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
     try:
