@@ -26,11 +26,13 @@ from collections import defaultdict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
 from typing import Any
 
 from .errors import UsageError
 from .state import State, now
 from .stores import Store, StoreError
+from .stores.claim import RESERVED, members, note_conflicts, read_marker
 
 # Attribute values a report may show; anything else (patient, names, dates, free text) is only
 # said to differ, never shown.
@@ -47,7 +49,7 @@ PIXEL_TAG = 0x7FE00010
 @dataclass
 class Finding:
     level: str  # object | file | study | series | instance
-    problem: str  # missing | extra | size | sha256 | not-a-file | not-delivered | count
+    problem: str  # missing | extra | size | mtime | sha256 | not-a-file | not-delivered | count
     key: str | None = None
     path: str | None = None
     study_uid: str | None = None
@@ -210,7 +212,7 @@ def _verify_filesystem(state: State, store: Any, deep: bool, report: VerifyRepor
     with ThreadPoolExecutor(threads) as pool:
         while True:
             page = state.query(
-                "SELECT t.rowid AS id, t.key, t.path, t.size, t.sha256, t.state, o.kind, o.study_uid, "
+                "SELECT t.rowid AS id, t.key, t.path, t.size, t.sha256, t.mtime_ns, t.state, o.kind, o.study_uid, "
                 "o.series_uid, o.sop_uid FROM transfers t LEFT JOIN objects o ON o.key = t.key "
                 # `+t.dest`: walk the rowid range, not the (dest, path) index (a sort per page).
                 f"WHERE +t.dest = ? AND t.rowid > ? AND {_ARCHIVED} ORDER BY t.rowid LIMIT ?",
@@ -232,6 +234,7 @@ def _verify_filesystem(state: State, store: Any, deep: bool, report: VerifyRepor
     report.counts["files_ok"] = report.counts["files_checked"] - sum(
         1 for f in report.findings if f.level == "file")
     _extra_files(state, root, report)
+    report.counts["archive_conflicts_noted"] = note_conflicts(state, report.dest, root)
     # Every object of the inventory must have been accounted for at this destination.
     for r in state.query(
             "SELECT o.key, o.kind, o.study_uid, o.sop_uid, t.state, t.reason FROM objects o "
@@ -275,6 +278,12 @@ def _check_file(root: str, r: sqlite3.Row, deep: bool) -> list[Finding]:
         return [Finding("file", "not-a-file", **where)]
     if r["size"] is not None and st.st_size != r["size"]:
         return [Finding("file", "size", expected=str(r["size"]), found=str(st.st_size), **where)]
+    if not deep and r["mtime_ns"] is not None and st.st_mtime_ns != r["mtime_ns"]:
+        # Same size, another modification time: the file was replaced or written to since it
+        # was placed (--deep then says whether its bytes differ).
+        return [Finding("file", "mtime", expected=_ns_text(r["mtime_ns"]), found=_ns_text(st.st_mtime_ns),
+                        detail="replaced or modified since it was placed; `verify --deep` compares "
+                               "its content", **where)]
     if deep and r["sha256"]:
         digest = hashlib.sha256()
         with open(full, "rb") as fh:
@@ -285,19 +294,31 @@ def _check_file(root: str, r: sqlite3.Row, deep: bool) -> list[Finding]:
     return []
 
 
+def _ns_text(ns: int) -> str:
+    return datetime.fromtimestamp(ns / 1e9, timezone.utc).isoformat(timespec="microseconds")
+
+
 def _extra_files(state: State, root: str, report: VerifyReport) -> None:
     """Files in the archive the migration did not put there, looked up in the DB folder by folder
-    (the unique index on (dest, path)), not held as one set of every path."""
+    (the unique index on (dest, path)), not held as one set of every path.
+
+    In an archive shared with other migrations (`migrate --join-archive`) their files are
+    counted (`files_other_migrations`), not reported: this DB cannot tell them from others."""
+    shared = len(members(read_marker(root))) > 1
     for folder, _dirs, files in os.walk(root):
         below = os.path.relpath(folder, root).replace(os.sep, "/")
         prefix = "" if below == "." else below + "/"
+        if not prefix:
+            files = [f for f in files if f not in RESERVED]  # the archive's marker and ledger
         for i in range(0, len(files), 500):
             rels = {prefix + name: name for name in files[i:i + 500]}
             known = {r[0] for r in state.query(
                 f"SELECT path FROM transfers t WHERE t.dest = ? AND {_ARCHIVED} "
                 f"AND t.path IN ({','.join('?' * len(rels))})", (report.dest, *rels))}
             for rel, name in rels.items():
-                if rel not in known:
+                if rel not in known and shared and not name.startswith(".cloudexit-"):
+                    report.counts["files_other_migrations"] += 1
+                elif rel not in known:
                     temp = name.startswith(".cloudexit-")
                     report.add(Finding("file", "extra", path=rel,
                                        detail="temp file left by an interrupted run" if temp else None))
