@@ -182,3 +182,31 @@ def test_folders_created_for_the_db_and_the_audit_are_private(tmp_path: Path) ->
         os.umask(old)
     for folder in ("d1", "d1/d2", "o1", "o1/o2", "o1/o2/audit"):
         assert stat.S_IMODE((tmp_path / folder).stat().st_mode) == 0o700, folder
+
+
+def test_claims_at_once_leave_one_owner(tmp_path: Path) -> None:
+    """Eight migrations claim one new folder at the same moment: one owns it, seven are refused."""
+    from cloudexit.stores.claim import ArchiveClaimed, claim, read_marker
+
+    barrier, outcomes = threading.Barrier(8), []
+
+    def take(i: int) -> None:
+        barrier.wait()
+        try:
+            claim(tmp_path, f"m{i}", f"s3://bucket-{i}", f"/db/{i}.db", at="now")
+            outcomes.append(("owner", i))
+        except ArchiveClaimed as exc:
+            outcomes.append(("refused", str(exc)))
+
+    threads = [threading.Thread(target=take, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    owners = [i for what, i in outcomes if what == "owner"]
+    assert len(owners) == 1 and len(outcomes) == 8
+    marker = read_marker(tmp_path)
+    assert marker is not None and marker["owner"] == f"m{owners[0]}"
+    assert all(f"s3://bucket-{owners[0]}" in str(text) for what, text in outcomes if what == "refused")
+    joined = claim(tmp_path, "late", "s3://late", "/db/late.db", join=True, at="later")
+    assert [m["migration_id"] for m in joined["members"]] == [f"m{owners[0]}", "late"]

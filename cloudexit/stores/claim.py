@@ -96,9 +96,13 @@ def claim(root: str | os.PathLike[str], migration_id: str, source: str | None, d
         if marker is None:
             marker = {"format": 1, "archive_id": secrets.token_hex(16), "created_at": at,
                       "owner": migration_id, "members": [{**me, "joined": False}]}
-        elif any(m.get("migration_id") == migration_id for m in members(marker)):
+            if _create(root, marker):
+                return marker
+            marker = read_marker(root)  # another host claimed it first (a lock not shared over NFS/SMB)
+            assert marker is not None
+        if any(m.get("migration_id") == migration_id for m in members(marker)):
             return marker
-        elif not join:
+        if not join:
             owner = next((m for m in members(marker) if m.get("migration_id") == marker.get("owner")),
                          members(marker)[0] if members(marker) else {})
             others = len(members(marker)) - 1
@@ -108,11 +112,25 @@ def claim(root: str | os.PathLike[str], migration_id: str, source: str | None, d
                 hint="give this migration its own --to folder; to consolidate several buckets into "
                      "one archive on purpose, add --join-archive (files already there are never "
                      "replaced: different bytes go to _quarantine/archive-conflicts/)")
-        else:
-            marker["members"].append({**me, "joined": True})
+        marker["members"].append({**me, "joined": True})
         with private_writer(os.path.join(root, MARKER)) as fh:
             fh.write(json.dumps(marker, indent=2, ensure_ascii=False).encode() + b"\n")
         return marker
+
+
+def _create(root: str, marker: dict[str, Any]) -> bool:
+    """Write a new marker unless one exists (False), never over another host's claim."""
+    from .filesystem import move_noreplace
+
+    tmp = os.path.join(root, f"{MARKER}.{secrets.token_hex(6)}.tmp")
+    with private_writer(tmp) as fh:
+        fh.write(json.dumps(marker, indent=2, ensure_ascii=False).encode() + b"\n")
+    try:
+        move_noreplace(tmp, os.path.join(root, MARKER))
+        return True
+    except FileExistsError:
+        os.unlink(tmp)
+        return False
 
 
 def record_conflict(root: str | os.PathLike[str], entry: dict[str, Any]) -> None:

@@ -366,7 +366,10 @@ class Placer:
                         and file_sha256(final) == sha256:
                     self.discard(temp)  # the same bytes are there already
                 elif replaceable is not None and st.st_mtime_ns == replaceable:
-                    os.rename(temp, final)  # our own earlier version of this object
+                    # Our own earlier version of this object (a newer one was fetched). Between
+                    # this check and the rename another writer could slip in: that window needs
+                    # a second migration writing this very path within microseconds.
+                    os.rename(temp, final)
                     replaced = True
                 else:
                     raise PlacementConflict(final, "holds other bytes") from None
