@@ -35,6 +35,21 @@ def _upload_twins(s3: SeaweedServer, name: str, flip: bool) -> list[tuple[str, b
     return out
 
 
+def _at_once(fn, n: int = 8) -> None:
+    """Run fn(0..n-1) on n threads released together."""
+    barrier = threading.Barrier(n)
+
+    def go(i: int) -> None:
+        barrier.wait()
+        fn(i)
+
+    threads = [threading.Thread(target=go, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
 def _files(dest: Path) -> dict[str, bytes]:
     return {str(p.relative_to(dest)): p.read_bytes() for p in dest.rglob("*")
             if p.is_file() and not p.name.startswith(".cloudexit-")}
@@ -109,13 +124,16 @@ def test_placement_never_replaces_other_bytes_even_in_a_race(tmp_path: Path) -> 
     placer = Placer(str(tmp_path), fsync=False)
     final = str(tmp_path / "a" / "x.dcm")
     placer.prepare(final)
-    barrier, outcomes = threading.Barrier(8), []
+    outcomes: list[tuple[str, int]] = []
+    temps = {}
+    for i in range(8):
+        temps[i] = (str(tmp_path / "a" / f".cloudexit-{i}.part"),)
+        fd = placer.open_temp(temps[i][0], truncate=True)
+        os.write(fd, bytes([i]) * 100)
+        temps[i] += (fd,)
 
     def place(i: int) -> None:
-        temp = str(tmp_path / "a" / f".cloudexit-{i}.part")
-        fd = placer.open_temp(temp, truncate=True)
-        os.write(fd, bytes([i]) * 100)
-        barrier.wait()
+        temp, fd = temps[i]
         try:
             placer.place(fd, temp, final, sha256=hashlib.sha256(bytes([i]) * 100).hexdigest())
             outcomes.append(("placed", i))
@@ -125,11 +143,7 @@ def test_placement_never_replaces_other_bytes_even_in_a_race(tmp_path: Path) -> 
         finally:
             os.close(fd)
 
-    threads = [threading.Thread(target=place, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    _at_once(place)
     placed = [i for what, i in outcomes if what == "placed"]
     assert len(placed) == 1 and len(outcomes) == 8
     assert Path(final).read_bytes() == bytes([placed[0]]) * 100
@@ -188,21 +202,16 @@ def test_claims_at_once_leave_one_owner(tmp_path: Path) -> None:
     """Eight migrations claim one new folder at the same moment: one owns it, seven are refused."""
     from cloudexit.stores.claim import ArchiveClaimed, claim, read_marker
 
-    barrier, outcomes = threading.Barrier(8), []
+    outcomes: list[tuple[str, object]] = []
 
     def take(i: int) -> None:
-        barrier.wait()
         try:
             claim(tmp_path, f"m{i}", f"s3://bucket-{i}", f"/db/{i}.db", at="now")
             outcomes.append(("owner", i))
         except ArchiveClaimed as exc:
             outcomes.append(("refused", str(exc)))
 
-    threads = [threading.Thread(target=take, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    _at_once(take)
     owners = [i for what, i in outcomes if what == "owner"]
     assert len(owners) == 1 and len(outcomes) == 8
     marker = read_marker(tmp_path)
