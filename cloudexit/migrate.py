@@ -246,7 +246,6 @@ class Migration:
         self.started = time.monotonic()
         self._lock_fd: int | None = None
         self.salt = state.meta("salt") or ""
-        self.archive_members = 1
         self.deliver_to = list(deliver_to or [])
         self.outlets: list[_Outlet] = []
         self.delivered: queue.Queue[tuple[_Outlet, str, Any]] = queue.Queue()
@@ -320,9 +319,8 @@ class Migration:
         from .stores.claim import claim, note_conflicts
 
         state = self.state
-        marker = claim(self.store.root, state.meta("migration_id") or "", state.meta("source_url"),
-                       str(state.path.resolve()), join=self.config.join_archive, at=now())
-        self.archive_members = len(marker.get("members", []))
+        claim(self.store.root, state.meta("migration_id") or "", state.meta("source_url"),
+              str(state.path.resolve()), join=self.config.join_archive, at=now())
         note_conflicts(state, self.dest, self.store.root)
 
     def _take_lock(self) -> None:
