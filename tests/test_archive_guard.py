@@ -11,7 +11,6 @@ import stat
 import threading
 from pathlib import Path
 
-import pytest
 from dbutil import rows
 
 from cloudexit import synthetic
