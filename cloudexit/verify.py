@@ -222,11 +222,18 @@ def _verify_filesystem(state: State, store: Any, deep: bool, report: VerifyRepor
             last = page[-1]["id"]
             checked = pool.map(lambda r: _check_file(root, r, deep), page) if deep else \
                 (_check_file(root, r, deep) for r in page)
-            for r, problems in zip(page, checked, strict=True):
+            times = []
+            for r, (problems, mtime_ns) in zip(page, checked, strict=True):
+                if mtime_ns is not None:
+                    times.append((mtime_ns, r["id"]))
                 for finding in problems:
                     report.add(finding)
                 if problems:
                     conn.execute("INSERT OR IGNORE INTO temp.verify_bad VALUES (?)", (r["key"],))
+            if times:  # proven by their hash: quick checks compare these times from now on
+                with state.transaction() as tx:
+                    tx.executemany("UPDATE transfers SET mtime_ns = ? WHERE rowid = ?", times)
+                report.counts["files_mtime_recorded"] += len(times)
             report.counts["files_checked"] += len(page)
             report.counts["files_rehashed"] += sum(1 for r in page if deep and r["sha256"])
             done += len(page)
@@ -266,32 +273,41 @@ def _verify_filesystem(state: State, store: Any, deep: bool, report: VerifyRepor
     conn.execute("DELETE FROM temp.verify_bad")
 
 
-def _check_file(root: str, r: sqlite3.Row, deep: bool) -> list[Finding]:
-    """What is wrong with one archived file (nothing: an empty list)."""
+def _check_file(root: str, r: sqlite3.Row, deep: bool) -> tuple[list[Finding], int | None]:
+    """What is wrong with one archived file (nothing: an empty list), and, when `deep` proved
+    its bytes and its modification time is not the one recorded (a file placed before schema
+    7, or touched since with its content unchanged), the time to record for quick checks."""
+    findings, st = _file_findings(root, r, deep)
+    if deep and not findings and r["sha256"] and st is not None and st.st_mtime_ns != r["mtime_ns"]:
+        return findings, st.st_mtime_ns
+    return findings, None
+
+
+def _file_findings(root: str, r: sqlite3.Row, deep: bool) -> tuple[list[Finding], os.stat_result | None]:
     full = os.path.join(root, r["path"])
     where = dict(key=r["key"], path=r["path"], study_uid=r["study_uid"], sop_uid=r["sop_uid"])
     try:
         st = os.lstat(full)
     except FileNotFoundError:
-        return [Finding("file", "missing", **where)]
+        return [Finding("file", "missing", **where)], None
     if not stat.S_ISREG(st.st_mode):
-        return [Finding("file", "not-a-file", **where)]
+        return [Finding("file", "not-a-file", **where)], st
     if r["size"] is not None and st.st_size != r["size"]:
-        return [Finding("file", "size", expected=str(r["size"]), found=str(st.st_size), **where)]
+        return [Finding("file", "size", expected=str(r["size"]), found=str(st.st_size), **where)], st
     if not deep and r["mtime_ns"] is not None and st.st_mtime_ns != r["mtime_ns"]:
         # Same size, another modification time: the file was replaced or written to since it
         # was placed (--deep then says whether its bytes differ).
         return [Finding("file", "mtime", expected=_ns_text(r["mtime_ns"]), found=_ns_text(st.st_mtime_ns),
                         detail="replaced or modified since it was placed; `verify --deep` compares "
-                               "its content", **where)]
+                               "its content", **where)], st
     if deep and r["sha256"]:
         digest = hashlib.sha256()
         with open(full, "rb") as fh:
             while chunk := fh.read(2**20):
                 digest.update(chunk)
         if digest.hexdigest() != r["sha256"]:
-            return [Finding("file", "sha256", expected=r["sha256"], found=digest.hexdigest(), **where)]
-    return []
+            return [Finding("file", "sha256", expected=r["sha256"], found=digest.hexdigest(), **where)], st
+    return [], st
 
 
 def _ns_text(ns: int) -> str:
