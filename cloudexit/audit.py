@@ -1265,6 +1265,8 @@ def write_audit(state: State, out: str | os.PathLike[str], lang: str = "en",
     try:
         worker.start()
         facts = audit_facts(state, include_phi=include_phi, passes=passes)
+        if redact is not None:
+            redact.exceptions(facts["exceptions"])
     finally:
         worker.join()
         state.conn.execute("COMMIT")

@@ -17,6 +17,7 @@ import hmac
 import re
 import sqlite3
 from collections.abc import Callable
+from typing import Any
 
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)+(\.dcm)?$")
 _KEPT = frozenset({"_non-dicom", "_quarantine", "unreadable", "conflicts", "mismatch", "collisions",
@@ -60,3 +61,13 @@ class Redactor:
             ("redact_key", 1, self.key), ("redact_path", 1, self.path), ("redact_text", 3, self.text)]
         for name, n, fn in functions:
             conn.create_function(name, n, fn, deterministic=True)
+
+    def exceptions(self, exceptions: dict[str, Any]) -> None:
+        """The audit's exception lists (audit.json, audit.html) redacted in place."""
+        for category in exceptions.values():
+            for item in category.get("items", []) if isinstance(category, dict) else []:
+                key, path, other = item.get("key"), item.get("path"), item.get("conflict_with")
+                item["reason"] = self.text(self.text(item.get("reason"), key, path), other, None)
+                item["key"], item["conflict_with"] = self.key(key), self.key(other)
+                if "path" in item:
+                    item["path"] = self.path(path)
