@@ -465,6 +465,9 @@ class _ByteBar:
               help="Bytes per ranged GET of a large object (default 16 MiB).")
 @click.option("--backup-every", "backup_minutes", type=click.FloatRange(0, 7 * 24 * 60), default=None,
               help="Minutes between backups of the state DB (<db>.backup-1, -2; default 30, 0: none).")
+@click.option("--join-archive", is_flag=True, default=None,
+              help="Write into an archive folder another migration (another state DB) claimed, to "
+                   "consolidate several buckets into one archive; its files are never replaced.")
 @output_options
 def migrate(dests: tuple[str, ...], resume: bool, calling_aet: str | None, db_path: str,
             endpoint_url: str | None,
@@ -472,7 +475,8 @@ def migrate(dests: tuple[str, ...], resume: bool, calling_aet: str | None, db_pa
             non_dicom: str | None, order: str | None, restore_tier: str | None,
             restore_days: int | None, restore_poll: float | None, bwlimit: str | None,
             processes: int | None, threads: int | None, large_object: int | None,
-            range_size: int | None, backup_minutes: float | None, as_json: bool, quiet: bool) -> None:
+            range_size: int | None, backup_minutes: float | None, join_archive: bool | None,
+            as_json: bool, quiet: bool) -> None:
     """Download every inventoried object into the archive, verified; resumable; then deliver
     each verified DICOM object to every PACS given with more `--to`.
 
@@ -507,7 +511,8 @@ def migrate(dests: tuple[str, ...], resume: bool, calling_aet: str | None, db_pa
                                   "expedited": "Expedited"}.get(restore_tier or ""),
                  "restore_days": restore_days, "restore_poll": restore_poll, "bwlimit": bwlimit,
                  "processes": processes, "threads": threads, "large_object": large_object,
-                 "range_size": range_size, "backup_minutes": backup_minutes}
+                 "range_size": range_size, "backup_minutes": backup_minutes,
+                 "join_archive": join_archive}
     with State(db_path) as state:
         if dest or resume:
             _warn_patient_key(state)
@@ -771,11 +776,14 @@ def _print_verify(r: Any) -> None:
               help="Add Patient ID and Name (read from the archived files) to the manifest and "
                    "exceptions; every page then says it holds patient identity.")
 @click.option("--force", is_flag=True, help="Write into a folder that is not empty (replaces a previous audit).")
+@click.option("--redact-keys", is_flag=True,
+              help="Write manifest.csv with object keys and archive paths hashed per folder level "
+                   "(keyed, not reversible from the manifest): for keys that embed patient names.")
 @db_option
 @output_options
 @click.pass_context
 def audit(ctx: click.Context, out: str | None, lang: str, include_phi: bool, force: bool,
-          db_path: str, as_json: bool, quiet: bool) -> None:
+          redact_keys: bool, db_path: str, as_json: bool, quiet: bool) -> None:
     """Write the migration audit: audit.html, audit.json, manifest.csv, events.jsonl, SHA256SUMS.
 
     The report management signs: complete or not and why, counts at the source and in each
@@ -793,8 +801,12 @@ def audit(ctx: click.Context, out: str | None, lang: str, include_phi: bool, for
                          hint="or check an audit written before: cloudexit audit verify DIR")
     from .audit import open_state, write_audit
 
+    if include_phi and redact_keys:
+        raise UsageError("--redact-keys hides the names keys may hold; --include-phi adds patient names",
+                         hint="choose one of them")
     with open_state(db_path) as state:
-        result = write_audit(state, out, lang=lang, include_phi=include_phi, force=force)
+        result = write_audit(state, out, lang=lang, include_phi=include_phi, force=force,
+                             redact_keys=redact_keys)
         recorded = state.scratch_of is None
     status = result.verdict["status"]
     if as_json:

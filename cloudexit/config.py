@@ -58,3 +58,4 @@ class MigrateConfig:
     connect_timeout: float = 10.0
     read_timeout: float = 60.0
     commit_interval: float = 0.25  # seconds between DB commits of finished objects
+    join_archive: bool = False  # write into an archive folder another migration claimed

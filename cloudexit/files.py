@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -47,3 +48,26 @@ def open_private(path: str | os.PathLike[str], buffering: int = -1) -> BinaryIO:
     # O_CREAT's mode does not apply to a file that already exists.
     os.fchmod(fd, 0o600)
     return os.fdopen(fd, "wb", buffering=buffering)
+
+
+def make_private_dirs(path: str | os.PathLike[str]) -> None:
+    """`os.makedirs` with every folder it creates 0700 (makedirs applies the mode to the leaf
+    only). Safe when several threads create the same folders at once."""
+    path = os.fspath(path)
+    try:
+        os.mkdir(path, 0o700)
+        return
+    except FileExistsError:
+        if os.path.isdir(path):
+            return
+        raise OSError(errno.ENOTDIR, f"a file is in the way of folder {path}") from None
+    except FileNotFoundError:
+        parent = os.path.dirname(path)
+        if parent == path:
+            raise
+        make_private_dirs(parent)
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        if not os.path.isdir(path):
+            raise OSError(errno.ENOTDIR, f"a file is in the way of folder {path}") from None

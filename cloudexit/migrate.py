@@ -47,7 +47,7 @@ from .errors import CloudexitError, CredentialsError, Interrupted, StateError, U
 from .source import Source
 from .state import State, now
 from .stores import Delivery, Item, StoreError, StoreUnavailable
-from .stores.filesystem import FilesystemStore, key_hash
+from .stores.filesystem import CASE_COLLISIONS, COLLISIONS, FilesystemStore, key_hash
 from .transfer import Counters, Credentials, Endpoint, FetchError, Result, S3Reader, SharedRate, Task
 
 # Storage classes whose objects must be restored before a GET (S3, OSS, COS, OBS names).
@@ -267,6 +267,7 @@ class Migration:
         self._take_lock()
         try:
             self.store.check()
+            self._claim_archive()
             self._open_outlets()
             self._start_workers()  # they start up (a second or so) while we resolve and plan
             self.endpoint, self.credentials = self._endpoint()
@@ -314,6 +315,16 @@ class Migration:
             from .schedule import parse_schedule
 
             self.schedule = parse_schedule(self.config.bwlimit)
+
+    def _claim_archive(self) -> None:
+        """Claim the archive folder for this migration (or join it, `--join-archive`), and take
+        note of conflicts other members recorded about our files (see stores/claim.py)."""
+        from .stores.claim import claim, note_conflicts
+
+        state = self.state
+        claim(self.store.root, state.meta("migration_id") or "", state.meta("source_url"),
+              str(state.path.resolve()), join=self.config.join_archive, at=now())
+        note_conflicts(state, self.dest, self.store.root)
 
     def _take_lock(self) -> None:
         path = str(self.state.path) + ".lock"
@@ -450,14 +461,25 @@ class Migration:
             path = self.store.conflict_path(o["key"], o["sop_uid"])
         else:
             path = self.store.path_for(o["key"], kind, o["study_uid"], o["series_uid"], o["sop_uid"])
+            folded = self._fold(path)
+            if folded is not None:
+                # The destination takes names differing in case (or Unicode form) as one: a
+                # second key for the same name is a collision, quarantined, never placed over it.
+                holder = tx.execute("SELECT key FROM transfers WHERE dest = ? AND fold_path = ? AND key != ? "
+                                    "LIMIT 1", (self.dest, folded, o["key"])).fetchone()
+                if holder:
+                    conflict, path = holder[0], f"{CASE_COLLISIONS}/{key_hash(o['key'], 32)}"
         return self._unique(tx, path, o["key"]), conflict
+
+    def _fold(self, path: str | None) -> str | None:
+        return self.store.fold(path) if path else None
 
     def _unique(self, tx: sqlite3.Connection, path: str, key: str) -> str:
         if self._free(tx, path, key):
             return path
         p = PurePosixPath(path)
         candidates = [str(p.with_name(f"{p.stem}~{key_hash(key, 12)}{p.suffix}")),
-                      f"_quarantine/collisions/{key_hash(key, 32)}"]
+                      f"{COLLISIONS}/{key_hash(key, 32)}"]
         for candidate in candidates:
             if self._free(tx, candidate, key):
                 return candidate
@@ -525,9 +547,9 @@ class Migration:
                 tx.execute(
                     "UPDATE transfers SET state = ?, etag = ?, size = ?, kind = ?, path = ?, conflict_with = ?, "
                     "sha256 = NULL, md5 = NULL, checks = NULL, reason = NULL, changes = changes + 1, "
-                    "updated_at = ? WHERE key = ? AND dest = ?",
+                    "updated_at = ?, fold_path = ? WHERE key = ? AND dest = ?",
                     (self._initial_state(o, path), o["etag"], o["size"], o["kind"], path, conflict,
-                     stamp, o["key"], dest))
+                     stamp, self._fold(path), o["key"], dest))
                 self.state.log("migrate.changed", tx, key=o["key"], old_etag=o["t_etag"],
                                new_etag=o["etag"], old_sha256=o["t_sha256"], old_path=o["t_path"],
                                was=o["t_state"])
@@ -548,12 +570,12 @@ class Migration:
             # (`_free` refuses a file where a folder is): their checks are skipped for the next ones.
             self._known_folders = set()
             insert = ("INSERT INTO transfers(key, dest, seq, state, etag, size, kind, path, conflict_with, "
-                      "updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+                      "updated_at, fold_path) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
             try:
                 for o in rows:
                     path, conflict = self._path(tx, o, twin=bool(o["twin"]))
                     tx.execute(insert, (o["key"], dest, base + o["rn"], self._initial_state(o, path), o["etag"],
-                                        o["size"], o["kind"], path, conflict, stamp))
+                                        o["size"], o["kind"], path, conflict, stamp, self._fold(path)))
             finally:
                 self._known_folders = None
             tx.execute("DROP TABLE temp.cx_new")
@@ -730,7 +752,7 @@ class Migration:
         fresh: list[sqlite3.Row] = []
         if len(picked) < room:
             fresh = self.state.query(
-                "SELECT t.key, t.seq, t.etag, t.size, t.kind, t.path, t.attempts, t.range_size, "
+                "SELECT t.key, t.seq, t.etag, t.size, t.kind, t.path, t.attempts, t.range_size, t.mtime_ns, "
                 "o.sop_uid, o.study_uid, o.series_uid, o.checksums FROM transfers t "
                 "JOIN objects o ON o.key = t.key WHERE t.dest = ? AND t.state = 'queued' AND t.seq > ? "
                 "ORDER BY t.seq LIMIT ?", (self.dest, self.cursor, min(room - len(picked), 512)))
@@ -789,7 +811,7 @@ class Migration:
             expect={"sop_uid": r["sop_uid"], "study_uid": r["study_uid"], "series_uid": r["series_uid"]},
             provider=json.loads(r["checksums"]) if r["checksums"] else {},
             credentials=self.credentials, large=large, range_size=range_size or self.config.range_size,
-            done_ranges=done_ranges)
+            done_ranges=done_ranges, replaceable=r["mtime_ns"])
         return _Flight(r["seq"], r["key"], r["etag"], r["size"], r["kind"], r["path"], task,
                        attempts=r["attempts"] + 1)
 
@@ -802,7 +824,8 @@ class Migration:
             if self.done_rows:
                 tx.executemany(
                     "UPDATE transfers SET state = ?, path = ?, sha256 = ?, md5 = ?, checks = ?, not_checked = ?, "
-                    "reason = ?, verified_at = ?, updated_at = ?, run_id = ? WHERE key = ? AND dest = ?",
+                    "reason = ?, verified_at = ?, updated_at = ?, run_id = ?, mtime_ns = ?, fold_path = ? "
+                    "WHERE key = ? AND dest = ?",
                     self.done_rows)
                 self.done_rows = []
             if self.pacs_done:
@@ -838,11 +861,14 @@ class Migration:
             root = str(self.store.root) + os.sep
             relative = landed[len(root):] if landed.startswith(root) else os.path.relpath(landed, self.store.root)
             reason = r.detail
-            if r.outcome == "quarantined" and reason is None:
+            if r.conflict:
+                reason = self._archive_conflict(tx, key, r, relative, stamp)
+            elif r.outcome == "quarantined" and reason is None:
                 reason = tx.execute("SELECT reason FROM objects WHERE key = ?", (key,)).fetchone()[0]
             self.done_rows.append(
                 (r.outcome, relative, r.sha256, r.md5, ",".join(r.checks),
-                 "; ".join(r.not_checked) or None, reason, stamp, stamp, self.run_id, key, dest))
+                 "; ".join(r.not_checked) or None, reason, stamp, stamp, self.run_id, r.mtime_ns,
+                 self.store.fold(relative), key, dest))
             if flight.task.large:
                 tx.execute("DELETE FROM transfer_ranges WHERE key = ? AND dest = ?", (key, dest))
             self.verified_delta[0] += flight.size
@@ -955,6 +981,22 @@ class Migration:
                            detail="changed at the source during the migration (HTTP 412)")
             return
         self._fail(tx, flight, "failed", r.detail or kind, stamp)
+
+    def _archive_conflict(self, tx: sqlite3.Connection, key: str, r: Result, relative: str, stamp: str) -> str:
+        """A verified copy found its path holding other bytes: it was kept in quarantine. Record
+        it here and in the archive's ledger (the other migration's DB may not be at hand)."""
+        from .stores.claim import record_conflict
+
+        assert r.conflict is not None
+        taken = os.path.relpath(r.conflict, self.store.root).replace(os.sep, "/")
+        record_conflict(self.store.root, {
+            "at": stamp, "migration_id": self.state.meta("migration_id"),
+            "source": self.state.meta("source_url"), "path": taken, "quarantined_at": relative,
+            "sha256": r.sha256})
+        self.state.log("migrate.archive-conflict", tx, key=key, path=taken, quarantined_at=relative,
+                       sha256=r.sha256)
+        return (f"archive conflict: {taken} already holds another file with other bytes (kept: "
+                f"never replaced); this verified copy is at {relative}")
 
     def _fail(self, tx: sqlite3.Connection, flight: _Flight, state_name: str, reason: str, stamp: str) -> None:
         tx.execute("UPDATE transfers SET state = ?, reason = ?, updated_at = ? WHERE key = ? AND dest = ?",
@@ -1233,8 +1275,9 @@ class Migration:
         path, conflict = self._path(tx, o)
         state_name = "skipped" if h["kind"] == "other" and self.config.non_dicom == "skip" else "queued"
         tx.execute("UPDATE transfers SET state = ?, kind = ?, path = ?, conflict_with = ?, etag = ?, "
-                   "size = ?, updated_at = ? WHERE key = ? AND dest = ?",
-                   (state_name, h["kind"], path, conflict, o["etag"], o["size"], stamp, key, self.dest))
+                   "size = ?, updated_at = ?, fold_path = ? WHERE key = ? AND dest = ?",
+                   (state_name, h["kind"], path, conflict, o["etag"], o["size"], stamp, self._fold(path),
+                    key, self.dest))
 
     # -- closing -----------------------------------------------------------------------------------
     def _shutdown(self, interrupted: bool) -> None:
@@ -1306,6 +1349,14 @@ class Migration:
                                (f"identical to {r['conflict_with']!r} (same SHA-256), kept once at "
                                 f"{r['canon_path']}", stamp, r["key"], self.dest))
                     self.state.log("migrate.duplicate", tx, key=r["key"], same_as=r["conflict_with"])
+                elif r["path"].startswith(CASE_COLLISIONS + "/"):
+                    reason = (f"collision: its name differs from {r['conflict_with']!r}'s only in letter "
+                              "case or Unicode form, which this destination takes as the same name; "
+                              "both kept, this one quarantined")
+                    tx.execute("UPDATE transfers SET state = 'quarantined', reason = ?, updated_at = ? "
+                               "WHERE key = ? AND dest = ?", (reason, stamp, r["key"], self.dest))
+                    self.state.log("migrate.collision", tx, key=r["key"], holder=r["conflict_with"],
+                                   path=r["path"])
                 else:
                     reason = (f"conflict: SOP Instance UID also at {r['conflict_with']!r} with different "
                               f"content; both kept, this one quarantined")

@@ -22,6 +22,7 @@ import sqlite_utils
 
 from . import __version__, patientkey, statefile
 from .errors import StateError, StateReadOnly
+from .files import make_private_dirs
 from .statefile import (
     APP_ID,
     READ_ONLY_HINT,
@@ -31,7 +32,7 @@ from .statefile import (
     writable,
 )
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 _SCHEMA_V1 = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT);
@@ -291,8 +292,22 @@ CREATE INDEX list_tasks_open ON list_tasks(round, id) WHERE done = 0;
 CREATE INDEX list_tasks_skipped ON list_tasks(round, prefix) WHERE skipped = 1
 """
 
+# Version 7: the archive folder's guard. `meta.migration_id` names this migration in the marker
+# file of the archive folder it claims (`.cloudexit-archive.json`); `transfers.mtime_ns` is the
+# file's modification time right after placement, so `verify` catches a replaced file without
+# re-hashing; `transfers.fold_path` is the path as a case-folding (or Unicode-normalising)
+# destination compares names, so two keys that differ only in case are a collision, not one file;
+# `meta.redact_key` keys the per-segment hashes of `audit --redact-keys`.
+_SCHEMA_V7 = """
+ALTER TABLE transfers ADD COLUMN mtime_ns INTEGER;
+ALTER TABLE transfers ADD COLUMN fold_path TEXT;
+CREATE INDEX transfers_fold ON transfers(dest, fold_path) WHERE fold_path IS NOT NULL;
+INSERT OR IGNORE INTO meta(key, value) VALUES ('migration_id', lower(hex(randomblob(16))));
+INSERT OR IGNORE INTO meta(key, value) VALUES ('redact_key', lower(hex(randomblob(32))))
+"""
+
 _MIGRATIONS: dict[int, str] = {1: _SCHEMA_V1, 2: _SCHEMA_V2, 3: _SCHEMA_V3, 4: _SCHEMA_V4,
-                                 5: _SCHEMA_V5, 6: _SCHEMA_V6}
+                                 5: _SCHEMA_V5, 6: _SCHEMA_V6, 7: _SCHEMA_V7}
 
 
 GENESIS_HASH = "0" * 64
@@ -308,8 +323,9 @@ def now() -> str:
 
 
 def _create_private(path: Path) -> None:
-    """Create the DB file 0600 in a 0700 directory before SQLite touches it."""
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    """Create the DB file 0600 in a 0700 directory (every folder created for it 0700) before
+    SQLite touches it."""
+    make_private_dirs(path.parent)
     fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
     os.close(fd)
 

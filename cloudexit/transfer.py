@@ -82,7 +82,9 @@ DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPER
 
 
 def disk_error(exc: OSError, what: str) -> FetchError:
-    return FetchError("disk", f"{what}: {os.strerror(exc.errno or 0)} ({errno.errorcode.get(exc.errno or 0, '?')})",
+    # strerror: ours say more where we raise them (a folder that resolves outside the archive)
+    return FetchError("disk", f"{what}: {exc.strerror or os.strerror(exc.errno or 0)} "
+                      f"({errno.errorcode.get(exc.errno or 0, '?')})",
                       code=errno.errorcode.get(exc.errno or 0))
 
 
@@ -540,6 +542,7 @@ class Task:
     range_size: int = 16 * 2**20
     done_ranges: dict[int, int] = field(default_factory=dict)  # range -> bytes on disk and fsynced
     fresh: bool = False  # discard any temp file (a resumed one failed verification)
+    replaceable: int | None = None  # mtime_ns of this migration's own earlier file at `final`
 
 
 @dataclass
@@ -565,6 +568,8 @@ class Result:
     restart: bool = False
     elapsed: float = 0.0
     folder: str | None = None  # the file's folder still to fsync (worker side only)
+    mtime_ns: int | None = None  # of the file as placed (verify compares it, with the size)
+    conflict: str | None = None  # the path that held other bytes: this copy went to quarantine
 
 
 # -- the worker side ---------------------------------------------------------------------------------
@@ -891,12 +896,33 @@ class Fetcher:
         return target
 
     def _place(self, task: Task, result: Result, fd: int, target: str) -> None:
+        from .stores.filesystem import PlacementConflict
+
         if target != task.final:
             self.placer.prepare(target)
-        result.replaced = self.placer.place(fd, task.temp, target, sync_folder=not self.group_folder_sync)
+        sync = not self.group_folder_sync
+        try:
+            result.replaced = self.placer.place(fd, task.temp, target, sync_folder=sync,
+                                                sha256=result.sha256, replaceable=task.replaceable)
+        except PlacementConflict as exc:
+            # Another file (another migration's, or another key's on a destination that folds
+            # case) holds this path: keep it, quarantine this copy beside the others.
+            result.conflict, target = exc.path, self._conflict_path(exc.path, result.sha256 or "")
+            self.placer.prepare(target)
+            self.placer.place(fd, task.temp, target, sync_folder=sync, sha256=result.sha256)
+            result.outcome = "quarantined"
         result.path = target
+        result.mtime_ns = os.stat(target, follow_symlinks=False).st_mtime_ns
         if self.group_folder_sync:
             result.folder = os.path.dirname(target)
+
+    def _conflict_path(self, taken: str, sha256: str) -> str:
+        from .stores.filesystem import ARCHIVE_CONFLICTS
+
+        rel = os.path.relpath(taken, self.placer.base)
+        stem, suffix = os.path.splitext(os.path.basename(rel))
+        return os.path.join(self.placer.base, ARCHIVE_CONFLICTS, os.path.dirname(rel),
+                            f"{stem}~{sha256[:16]}{suffix}")
 
     def _mismatch_path(self, key: str) -> str:
         from .stores.filesystem import MISMATCH, safe_key_path
@@ -958,6 +984,7 @@ class Fetcher:
         result.outcome = "quarantined" if task.kind == "unreadable" else "verified"
         result.checks, result.sha256, result.md5 = check.passed, hasher.sha256_hex(), hasher.md5_hex()
         result.path, result.local = task.final, True
+        result.mtime_ns = os.stat(task.final, follow_symlinks=False).st_mtime_ns
         self.placer.discard(task.temp)
         if self.group_folder_sync:
             result.folder = os.path.dirname(task.final)

@@ -26,11 +26,13 @@ from collections import defaultdict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
 from typing import Any
 
 from .errors import UsageError
 from .state import State, now
 from .stores import Store, StoreError
+from .stores.claim import RESERVED, members, note_conflicts, read_marker
 
 # Attribute values a report may show; anything else (patient, names, dates, free text) is only
 # said to differ, never shown.
@@ -47,7 +49,7 @@ PIXEL_TAG = 0x7FE00010
 @dataclass
 class Finding:
     level: str  # object | file | study | series | instance
-    problem: str  # missing | extra | size | sha256 | not-a-file | not-delivered | count
+    problem: str  # missing | extra | size | mtime | sha256 | not-a-file | not-delivered | count
     key: str | None = None
     path: str | None = None
     study_uid: str | None = None
@@ -210,7 +212,7 @@ def _verify_filesystem(state: State, store: Any, deep: bool, report: VerifyRepor
     with ThreadPoolExecutor(threads) as pool:
         while True:
             page = state.query(
-                "SELECT t.rowid AS id, t.key, t.path, t.size, t.sha256, t.state, o.kind, o.study_uid, "
+                "SELECT t.rowid AS id, t.key, t.path, t.size, t.sha256, t.mtime_ns, t.state, o.kind, o.study_uid, "
                 "o.series_uid, o.sop_uid FROM transfers t LEFT JOIN objects o ON o.key = t.key "
                 # `+t.dest`: walk the rowid range, not the (dest, path) index (a sort per page).
                 f"WHERE +t.dest = ? AND t.rowid > ? AND {_ARCHIVED} ORDER BY t.rowid LIMIT ?",
@@ -220,11 +222,18 @@ def _verify_filesystem(state: State, store: Any, deep: bool, report: VerifyRepor
             last = page[-1]["id"]
             checked = pool.map(lambda r: _check_file(root, r, deep), page) if deep else \
                 (_check_file(root, r, deep) for r in page)
-            for r, problems in zip(page, checked, strict=True):
+            times = []
+            for r, (problems, mtime_ns) in zip(page, checked, strict=True):
+                if mtime_ns is not None:
+                    times.append((mtime_ns, r["id"]))
                 for finding in problems:
                     report.add(finding)
                 if problems:
                     conn.execute("INSERT OR IGNORE INTO temp.verify_bad VALUES (?)", (r["key"],))
+            if times:  # proven by their hash: quick checks compare these times from now on
+                with state.transaction() as tx:
+                    tx.executemany("UPDATE transfers SET mtime_ns = ? WHERE rowid = ?", times)
+                report.counts["files_mtime_recorded"] += len(times)
             report.counts["files_checked"] += len(page)
             report.counts["files_rehashed"] += sum(1 for r in page if deep and r["sha256"])
             done += len(page)
@@ -232,6 +241,7 @@ def _verify_filesystem(state: State, store: Any, deep: bool, report: VerifyRepor
     report.counts["files_ok"] = report.counts["files_checked"] - sum(
         1 for f in report.findings if f.level == "file")
     _extra_files(state, root, report)
+    report.counts["archive_conflicts_noted"] = note_conflicts(state, report.dest, root)
     # Every object of the inventory must have been accounted for at this destination.
     for r in state.query(
             "SELECT o.key, o.kind, o.study_uid, o.sop_uid, t.state, t.reason FROM objects o "
@@ -263,41 +273,68 @@ def _verify_filesystem(state: State, store: Any, deep: bool, report: VerifyRepor
     conn.execute("DELETE FROM temp.verify_bad")
 
 
-def _check_file(root: str, r: sqlite3.Row, deep: bool) -> list[Finding]:
-    """What is wrong with one archived file (nothing: an empty list)."""
+def _check_file(root: str, r: sqlite3.Row, deep: bool) -> tuple[list[Finding], int | None]:
+    """What is wrong with one archived file (nothing: an empty list), and, when `deep` proved
+    its bytes and its modification time is not the one recorded (a file placed before schema
+    7, or touched since with its content unchanged), the time to record for quick checks."""
+    findings, st = _file_findings(root, r, deep)
+    if deep and not findings and r["sha256"] and st is not None and st.st_mtime_ns != r["mtime_ns"]:
+        return findings, st.st_mtime_ns
+    return findings, None
+
+
+def _file_findings(root: str, r: sqlite3.Row, deep: bool) -> tuple[list[Finding], os.stat_result | None]:
     full = os.path.join(root, r["path"])
     where = dict(key=r["key"], path=r["path"], study_uid=r["study_uid"], sop_uid=r["sop_uid"])
     try:
         st = os.lstat(full)
     except FileNotFoundError:
-        return [Finding("file", "missing", **where)]
+        return [Finding("file", "missing", **where)], None
     if not stat.S_ISREG(st.st_mode):
-        return [Finding("file", "not-a-file", **where)]
+        return [Finding("file", "not-a-file", **where)], st
     if r["size"] is not None and st.st_size != r["size"]:
-        return [Finding("file", "size", expected=str(r["size"]), found=str(st.st_size), **where)]
+        return [Finding("file", "size", expected=str(r["size"]), found=str(st.st_size), **where)], st
+    if not deep and r["mtime_ns"] is not None and st.st_mtime_ns != r["mtime_ns"]:
+        # Same size, another modification time: the file was replaced or written to since it
+        # was placed (--deep then says whether its bytes differ).
+        return [Finding("file", "mtime", expected=_ns_text(r["mtime_ns"]), found=_ns_text(st.st_mtime_ns),
+                        detail="replaced or modified since it was placed; `verify --deep` compares "
+                               "its content", **where)], st
     if deep and r["sha256"]:
         digest = hashlib.sha256()
         with open(full, "rb") as fh:
             while chunk := fh.read(2**20):
                 digest.update(chunk)
         if digest.hexdigest() != r["sha256"]:
-            return [Finding("file", "sha256", expected=r["sha256"], found=digest.hexdigest(), **where)]
-    return []
+            return [Finding("file", "sha256", expected=r["sha256"], found=digest.hexdigest(), **where)], st
+    return [], st
+
+
+def _ns_text(ns: int) -> str:
+    return datetime.fromtimestamp(ns / 1e9, timezone.utc).isoformat(timespec="microseconds")
 
 
 def _extra_files(state: State, root: str, report: VerifyReport) -> None:
     """Files in the archive the migration did not put there, looked up in the DB folder by folder
-    (the unique index on (dest, path)), not held as one set of every path."""
+    (the unique index on (dest, path)), not held as one set of every path.
+
+    In an archive shared with other migrations (`migrate --join-archive`) their files are
+    counted (`files_other_migrations`), not reported: this DB cannot tell them from others."""
+    shared = len(members(read_marker(root))) > 1
     for folder, _dirs, files in os.walk(root):
         below = os.path.relpath(folder, root).replace(os.sep, "/")
         prefix = "" if below == "." else below + "/"
+        if not prefix:
+            files = [f for f in files if f not in RESERVED]  # the archive's marker and ledger
         for i in range(0, len(files), 500):
             rels = {prefix + name: name for name in files[i:i + 500]}
             known = {r[0] for r in state.query(
                 f"SELECT path FROM transfers t WHERE t.dest = ? AND {_ARCHIVED} "
                 f"AND t.path IN ({','.join('?' * len(rels))})", (report.dest, *rels))}
             for rel, name in rels.items():
-                if rel not in known:
+                if rel not in known and shared and not name.startswith(".cloudexit-"):
+                    report.counts["files_other_migrations"] += 1
+                elif rel not in known:
                     temp = name.startswith(".cloudexit-")
                     report.add(Finding("file", "extra", path=rel,
                                        detail="temp file left by an interrupted run" if temp else None))

@@ -98,6 +98,9 @@ def test_patient_hash_is_salted_and_stable() -> None:
     ("a\\..\\b", ["dot-segment", "backslash"]),
     ("a//b", ["empty-segment"]),
     ("bell\x07", ["control-char"]),
+    ("scan\u202egpj.exe", ["control-char"]),
+    ("a/\u2066b\u2069", ["control-char"]),
+    ("c1\x85", ["control-char"]),
     ("x" * 300, ["too-long"]),
     ("影像/张三 study/1.dcm", []),
 ])
@@ -114,6 +117,15 @@ def test_safe_relative_path_stays_inside(tmp_path, key: str) -> None:
     target = (tmp_path / rel).resolve()
     assert target.is_relative_to(tmp_path.resolve())
     assert all(len(p.encode()) <= 255 for p in rel.parts)
+
+
+@pytest.mark.parametrize("char", [chr(c) for c in (*range(0x202A, 0x202F), *range(0x2066, 0x206A))])
+def test_bidi_controls_are_escaped_in_file_names(char: str) -> None:
+    """A bidi override in a key would show a file name in another order than it is."""
+    rel = str(safe_relative_path(f"scan{char}gpj.exe"))
+    assert char not in rel
+    assert rel == "scan" + "".join(f"%{b:02X}" for b in char.encode()) + "gpj.exe"
+    assert safe_relative_path("scan\u202egpj.exe") != safe_relative_path("scan%E2%80%AEgpj.exe")
 
 
 def test_safe_relative_paths_keep_distinct_keys_distinct() -> None:
