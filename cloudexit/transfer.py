@@ -642,6 +642,16 @@ class Fetcher:
                     if exc.kind == "cancelled":
                         result.outcome = "cancelled"
                         return result
+                    changed_to = None
+                    if exc.kind == "changed":
+                        changed_to = self._new_version(task, result)
+                        if changed_to is not None and changed_to.get("etag") == task.etag \
+                                and changed_to.get("size") == task.size:
+                            # The source still has the inventoried version: the 412 or the short
+                            # Content-Length came from something on the way (a proxy, a cache).
+                            exc = FetchError("transient", f"{exc.detail}; but the source still has "
+                                             "the inventoried ETag and size: a transport fault", exc.status,
+                                             exc.code, restart=exc.restart)
                     if exc.kind in ("transient", "corrupt") and attempt + 1 < self.attempts \
                             and not self.stop.is_set():
                         if exc.restart:
@@ -656,7 +666,7 @@ class Fetcher:
                             continue
                         exc.kind = "unreachable"
                     if exc.kind == "changed":
-                        result.changed_to = self._new_version(task, result)
+                        result.changed_to = changed_to
                     result.error_kind, result.detail, result.restart = exc.kind, exc.detail, exc.restart
                     if exc.restart:
                         self.placer.discard(task.temp)

@@ -109,7 +109,7 @@ class Seen:
 class Rule:
     """One programmed fault. Returned by the fault methods; `fired` counts its uses."""
 
-    kind: str  # status | drop | truncate | flip | delay
+    kind: str  # status | drop | truncate | flip | shorten | delay
     method: str | None = None
     key: re.Pattern[str] | None = None
     query: re.Pattern[str] | None = None
@@ -297,6 +297,17 @@ class FaultProxy:
         No-op (but still counted as fired) if the body is shorter than `offset` + 1.
         """
         rule = Rule("flip", method, at=offset, times=times, probability=probability)
+        return self._add(rule, key, query)
+
+    def shorten(self, by: int = 1, *, method: str | None = "GET", key: str | None = None,
+                query: str | None = None, times: int | None = None,
+                probability: float | None = None) -> Rule:
+        """Announce a Content-Length `by` bytes short and send that many body bytes, then close:
+        a middlebox that rewrote the length. The client sees a whole, well-formed answer.
+
+        No-op (but still counted as fired) on a body without a Content-Length.
+        """
+        rule = Rule("shorten", method, at=by, times=times, probability=probability)
         return self._add(rule, key, query)
 
     def delay(self, seconds: float, *, method: str | None = None, key: str | None = None,
@@ -636,6 +647,14 @@ class _Handler(socketserver.StreamRequestHandler):
                 body = self.proxy._rewrite_listing(request.bucket, body)
             headers = [(k, v) for k, v in headers if k.lower() != "content-length"]
             headers.append(("Content-Length", str(len(body))))
+        if (rule and rule.kind == "shorten" and not bodiless and body is None
+                and response.length is not None and not response.chunked):
+            # Announce fewer bytes, send only those, and close: the rest is never read upstream.
+            short = max(0, response.length - rule.at)
+            headers = [(k, v) for k, v in headers if k.lower() != "content-length"]
+            headers.append(("Content-Length", str(short)))
+            keep = False
+            rule = Rule("truncate", at=short)
         chunked = not bodiless and body is None and response.chunked
         # Without a length or chunking, the body ends when the connection closes.
         if not bodiless and body is None and not chunked and response.length is None:
