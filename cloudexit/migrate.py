@@ -44,6 +44,7 @@ from typing import Any, Callable, Iterator
 
 from .config import MigrateConfig
 from .errors import CloudexitError, CredentialsError, Interrupted, StateError, UsageError
+from .parts import record_sizes, recorded_sizes
 from .source import Source
 from .state import State, now
 from .stores import Delivery, Item, StoreError, StoreUnavailable
@@ -721,7 +722,7 @@ class Migration:
         fresh: list[sqlite3.Row] = []
         if len(picked) < room:
             fresh = self.state.query(
-                "SELECT t.key, t.seq, t.etag, t.size, t.kind, t.path, t.attempts, t.range_size, "
+                "SELECT t.key, t.seq, t.etag, t.size, t.kind, t.path, t.attempts, t.range_size, t.part_sizes, "
                 "o.sop_uid, o.study_uid, o.series_uid, o.checksums FROM transfers t "
                 "JOIN objects o ON o.key = t.key WHERE t.dest = ? AND t.state = 'queued' AND t.seq > ? "
                 "ORDER BY t.seq LIMIT ?", (self.dest, self.cursor, min(room - len(picked), 512)))
@@ -780,7 +781,7 @@ class Migration:
             expect={"sop_uid": r["sop_uid"], "study_uid": r["study_uid"], "series_uid": r["series_uid"]},
             provider=json.loads(r["checksums"]) if r["checksums"] else {},
             credentials=self.credentials, large=large, range_size=range_size or self.config.range_size,
-            done_ranges=done_ranges)
+            done_ranges=done_ranges, part_sizes=recorded_sizes(r["part_sizes"], r["etag"], r["size"]))
         return _Flight(r["seq"], r["key"], r["etag"], r["size"], r["kind"], r["path"], task,
                        attempts=r["attempts"] + 1)
 
@@ -823,6 +824,10 @@ class Migration:
         if flight is None:
             return
         key, dest = flight.key, self.dest
+        if r.part_sizes:
+            flight.task.part_sizes = r.part_sizes  # for a retry in this run, and the next runs
+            tx.execute("UPDATE transfers SET part_sizes = ? WHERE key = ? AND dest = ?",
+                       (record_sizes(flight.etag, r.part_sizes), key, dest))
         if r.outcome in ("verified", "quarantined"):
             self.streak, self.last_ok = 0, time.monotonic()
             landed = r.path or flight.task.final

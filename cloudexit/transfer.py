@@ -39,6 +39,7 @@ from typing import Any, Callable
 from urllib.parse import quote, urlsplit
 
 from .checksums import (
+    CheckResult,
     Expectation,
     ObjectHasher,
     expectations,
@@ -46,6 +47,7 @@ from .checksums import (
     worth_computing,
 )
 from .dicomscan import scan
+from .parts import RAISE_KINDS, learn_part_sizes
 
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 CREDENTIAL_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken",
@@ -539,6 +541,7 @@ class Task:
     large: bool = False
     range_size: int = 16 * 2**20
     done_ranges: dict[int, int] = field(default_factory=dict)  # range -> bytes on disk and fsynced
+    part_sizes: list[int] | None = None  # of a multipart object, learned from the source (parts.py)
     fresh: bool = False  # discard any temp file (a resumed one failed verification)
 
 
@@ -565,6 +568,7 @@ class Result:
     restart: bool = False
     elapsed: float = 0.0
     folder: str | None = None  # the file's folder still to fsync (worker side only)
+    part_sizes: list[int] | None = None  # learned from the source, for the engine to record
 
 
 # -- the worker side ---------------------------------------------------------------------------------
@@ -702,35 +706,51 @@ class Fetcher:
         if not any(c.per_part for c in checks):
             return checks, None
         parts = max(c.parts for c in checks if c.per_part)
+        if task.part_sizes and len(task.part_sizes) == parts:  # learned on an earlier attempt
+            return checks, part_bounds(task.size, part_sizes=task.part_sizes)
         if not can_ask:  # a response body is being read on this connection: no HEADs now
             for c in [c for c in checks if c.per_part]:
                 result.not_checked.append(f"{c.name} (composite checksum without a multipart ETag)")
             return [c for c in checks if not c.per_part], None
         try:
-            first = self.reader.head(task.key, result.counters, part_number=1, etag=task.etag)
+            first = self.reader.head(task.key, result.counters, part_number=1)  # no If-Match: see parts.py
             part_size = int(first.get("content-length", 0))
             bounds = part_bounds(task.size, part_size=part_size) if part_size else None
         except FetchError as exc:
-            if exc.kind in ("unreachable", "transient", "credentials", "tls", "changed", "gone"):
+            if exc.kind in RAISE_KINDS:
                 raise
             bounds = None
         if bounds is None or len(bounds) - 1 != parts:
             # Parts of unequal size: ask each part's size (one HEAD per part).
-            sizes = []
-            try:
-                for number in range(1, parts + 1):
-                    info = self.reader.head(task.key, result.counters, part_number=number, etag=task.etag)
-                    sizes.append(int(info.get("content-length", 0)))
-                bounds = part_bounds(task.size, part_sizes=sizes)
-            except FetchError as exc:
-                if exc.kind in ("unreachable", "transient", "credentials", "tls", "changed", "gone"):
-                    raise
-                bounds = None
+            sizes = self._learn_parts(task, result, parts)
+            bounds = part_bounds(task.size, part_sizes=sizes) if sizes else None
         if bounds is None or bounds[-1] != task.size:
             for c in [c for c in checks if c.per_part]:
                 result.not_checked.append(f"{c.name} (the endpoint does not tell part sizes)")
             checks = [c for c in checks if not c.per_part]
         return checks, bounds
+
+    def _learn_parts(self, task: Task, result: Result, parts: int) -> list[int] | None:
+        sizes = learn_part_sizes(self.reader, task.key, task.size, parts, result.counters)
+        if sizes:
+            task.part_sizes = result.part_sizes = sizes
+        return sizes
+
+    def _unequal_parts(self, task: Task, result: Result, hasher: ObjectHasher, check: CheckResult,
+                       fd: int) -> ObjectHasher | None:
+        """A per-part check failed with part sizes guessed from part 1 (all equal but the last):
+        ask every part's size; if they differ from the guess, hash the file again with them.
+        None: nothing to learn (sizes known already, or the same as guessed, or not told)."""
+        per_part = [c for c in hasher.checks if c.per_part]
+        failed = {name for name, _expected, _got in check.failed}
+        if task.part_sizes or not any(c.name in failed for c in per_part):
+            return None
+        sizes = self._learn_parts(task, result, max(c.parts for c in per_part))
+        if not sizes or part_bounds(task.size, part_sizes=sizes) == hasher.bounds:
+            return None
+        again = ObjectHasher(task.size, hasher.checks, part_bounds(task.size, part_sizes=sizes))
+        self._rehash(fd, task.size, again, bytearray())
+        return again
 
     # -- small objects: one streaming GET ---------------------------------------------------------
     def _fetch(self, task: Task, result: Result) -> None:
@@ -875,12 +895,18 @@ class Fetcher:
     def _finish(self, task: Task, result: Result, fd: int, hasher: ObjectHasher, head: bytes,
                 resumed: bool) -> None:
         """Verify everything, then fsync and rename into place."""
-        self._place(task, result, fd, self._judge(task, result, hasher, head))
+        self._place(task, result, fd, self._judge(task, result, hasher, head, fd))
 
-    def _judge(self, task: Task, result: Result, hasher: ObjectHasher, head: bytes) -> str:
+    def _judge(self, task: Task, result: Result, hasher: ObjectHasher, head: bytes,
+               fd: int | None = None) -> str:
         """Verify the bytes (FetchError "corrupt" if they are not the object's) and the DICOM
-        header; return where the file goes: its final path, or quarantine."""
+        header; return where the file goes: its final path, or quarantine. `fd`: the temp file,
+        to hash again if the object's parts turn out to be of unequal sizes."""
         check = hasher.verify()
+        if not check.ok and fd is not None:
+            again = self._unequal_parts(task, result, hasher, check, fd)
+            if again is not None:
+                hasher, check = again, again.verify()
         if not check.ok:
             name, expected, got = check.failed[0]
             raise FetchError("corrupt", f"{name} mismatch: expected {expected}, got {got}",
@@ -954,11 +980,15 @@ class Fetcher:
             self._rehash(fd, task.size, hasher, head)
             if self.placer.fsync:
                 os.fsync(fd)  # a kill -9 after the rename may have left it in the page cache only
+            check = hasher.verify()
+            if not check.ok:
+                again = self._unequal_parts(task, result, hasher, check, fd)
+                if again is not None:
+                    hasher, check = again, again.verify()
         except FetchError:
             return False
         finally:
             os.close(fd)
-        check = hasher.verify()
         if not check.ok:
             return False
         result.checks = []
