@@ -286,8 +286,14 @@ CREATE INDEX list_tasks_skipped ON list_tasks(round, prefix) WHERE skipped = 1
 # Version 7: migrate records the part sizes it learned of multipart objects whose parts are of
 # unequal sizes (so they are asked once), and the egress counters of its worker processes.
 _SCHEMA_V7 = """
-ALTER TABLE transfers ADD COLUMN part_sizes TEXT
-"""  # transfers.part_sizes: JSON {"etag": ..., "sizes": [...]} (see cloudexit/parts.py)
+ALTER TABLE transfers ADD COLUMN part_sizes TEXT;
+CREATE TABLE meters (
+    name TEXT PRIMARY KEY,               -- a worker process's meter file, beside the DB (cloudexit/meter.py)
+    run_id INTEGER NOT NULL,             -- the migration run it counts for
+    bytes INTEGER NOT NULL, gets INTEGER NOT NULL, heads INTEGER NOT NULL, lists INTEGER NOT NULL
+)
+"""  # transfers.part_sizes: JSON {"etag": ..., "sizes": [...]} (see cloudexit/parts.py);
+# meters: the last reading of each meter file, already added to its run's counters
 
 _MIGRATIONS: dict[int, str] = {1: _SCHEMA_V1, 2: _SCHEMA_V2, 3: _SCHEMA_V3, 4: _SCHEMA_V4,
                                  5: _SCHEMA_V5, 6: _SCHEMA_V6, 7: _SCHEMA_V7}

@@ -47,6 +47,7 @@ from .checksums import (
     worth_computing,
 )
 from .dicomscan import scan
+from .meter import Meter
 from .parts import RAISE_KINDS, learn_part_sizes
 
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
@@ -59,6 +60,9 @@ TRANSIENT_CODES = {"SlowDown", "InternalError", "ServiceUnavailable", "RequestTi
 _CODE = re.compile(rb"<Code>([^<]+)</Code>")
 _MESSAGE = re.compile(rb"<Message>([^<]*)</Message>")
 HEADER_BYTES = 64 * 1024  # first bytes kept in memory for the DICOM check
+# Large objects: how often the ranges' progress is fsynced and reported for resume. A kill loses
+# at most this much (plus the engine's commit interval) of each object's download.
+CHECKPOINT_SECONDS = 0.5
 TEMP_PREFIX = ".cloudexit-"  # temp files are hidden and never a name a layout produces
 
 
@@ -325,6 +329,23 @@ class Response(http.client.HTTPResponse):
         if not self.will_close and not self.chunked and self.length is None:
             self.will_close = True
 
+    def readinto(self, b: Any) -> int:
+        """What `HTTPResponse.readinto` does, but returning what one read of the socket brought
+        (`readinto1`) instead of waiting for `b` to fill: bytes are written and counted as they
+        come, so on a slow link a kill loses none that were counted as received."""
+        if self.fp is None or self.chunked or self._method == "HEAD":  # type: ignore[attr-defined]
+            return super().readinto(b)
+        if self.length is not None and len(b) > self.length:
+            b = memoryview(b)[0:self.length]
+        n = self.fp.readinto1(b)
+        if not n and b:
+            self._close_conn()  # type: ignore[attr-defined]
+        elif self.length is not None:
+            self.length -= n
+            if not self.length:
+                self._close_conn()  # type: ignore[attr-defined]
+        return n
+
     def _read_header_lines(self) -> list[tuple[str, str]]:
         items: list[tuple[str, str]] = []
         while True:
@@ -353,6 +374,7 @@ class S3Reader:
         self.signer = Signer(credentials, endpoint.region)
         self._local = threading.local()
         self._ssl: ssl.SSLContext | None = None
+        self.meter: Meter | None = None  # a worker process's egress meter (meter.py)
 
     def set_credentials(self, credentials: Credentials) -> None:
         if credentials != self.signer.credentials:
@@ -427,32 +449,48 @@ class S3Reader:
                                      for k, v in query.items())
         if ep.proxy and ep.scheme == "http":
             target = f"http://{ep.host}{target}"
-        if counters is not None:
-            if method == "HEAD":
-                counters.head += 1
-            elif key is None:
-                counters.list += 1
-            else:
-                counters.get += 1
         for attempt in (0, 1):
             reused = getattr(self._local, "conn", None) is not None
+            sent = False
             try:
                 conn = self._open(fresh=attempt > 0)
                 conn.putrequest(method, target, skip_host=True, skip_accept_encoding=True)
                 for name, value in signed.items():
                     conn.putheader(name, value)
                 conn.endheaders()
-                return conn.getresponse()
+                sent = True
+                resp = conn.getresponse()
+                self.count_request(method, key, counters)
+                return resp
             except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError,
                     ConnectionAbortedError) as exc:
                 self.close()
                 if attempt == 0 and reused:
                     continue  # the server closed an idle keep-alive connection: one fresh try
+                if sent:
+                    self.count_request(method, key, counters)  # it may have reached the server
                 raise FetchError("unreachable", f"connection lost before an answer: {_short(exc)}") from exc
             except (OSError, http.client.HTTPException) as exc:
                 self.close()
+                if sent:
+                    self.count_request(method, key, counters)
                 raise FetchError("unreachable", f"cannot reach {ep.host}: {_short(exc)}") from exc
         raise AssertionError("unreachable")
+
+    def count_request(self, method: str, key: str | None, counters: Counters | None) -> None:
+        """A request sent (a refused or failed connection is none: nothing reached the server)."""
+        kind = "head" if method == "HEAD" else "list" if key is None else "get"
+        if counters is not None:
+            setattr(counters, kind, getattr(counters, kind) + 1)
+        if self.meter is not None:
+            self.meter.add(**{"list_" if kind == "list" else kind: 1})
+
+    def received(self, n: int, counters: Counters | None) -> None:
+        """`n` body bytes came off the wire (the provider bills them, kept or not)."""
+        if counters is not None:
+            counters.bytes += n
+        if self.meter is not None:
+            self.meter.add(nbytes=n)
 
     def fail(self, resp: http.client.HTTPResponse, what: str) -> FetchError:
         """Read an error answer and classify it (the connection stays usable)."""
@@ -461,6 +499,7 @@ class S3Reader:
         except (OSError, http.client.HTTPException):
             body = b""
             self.close()
+        self.received(len(body), None)
         match = _CODE.search(body)
         code = match.group(1).decode(errors="replace") if match else str(resp.status)
         message = _MESSAGE.search(body)
@@ -579,10 +618,12 @@ class Fetcher:
                  stop: Any, root: str, attempts: int = 6, backoff_base: float = 0.5, backoff_max: float = 30.0,
                  buffer_size: int = 2**20, range_streams: int = 4, fsync: bool = True,
                  report: Callable[[tuple[Any, ...]], None] | None = None,
-                 group_folder_sync: bool = False) -> None:
+                 group_folder_sync: bool = False, meter: str | None = None) -> None:
         from .stores.filesystem import Placer
 
         self.reader = S3Reader(endpoint, credentials)
+        if meter:
+            self.reader.meter = Meter(meter)
         self.rate = rate
         self.stop = stop
         self.attempts = attempts
@@ -854,7 +895,7 @@ class Fetcher:
                 n = resp.readinto(buf[:min(len(buf), expected - got)])
                 if not n:
                     break
-                counters.bytes += n
+                self.reader.received(n, counters)
                 chunk = buf[:n]
                 if hasher is not None:
                     hasher.update(chunk)
@@ -1038,10 +1079,6 @@ class Fetcher:
                         with cond:
                             written[index] = base + n
                             cond.notify_all()
-                        if written[index] - synced[index] >= sync_step:
-                            os.fdatasync(fd)  # what is reported must survive a power cut
-                            synced[index] = written[index]
-                            self.report(("range", task.id, index, synced[index]))
 
                     self._stream(resp, fd, None, bytearray(HEADER_BYTES), end - pos, counters, task,
                                  offset=pos, progress=moved)
@@ -1065,15 +1102,35 @@ class Fetcher:
                         failure.append(disk_error(exc, f"writing {task.temp}"))
                         cond.notify_all()
                     return
-            os.fdatasync(fd)
-            synced[index] = end - start
-            self.report(("range", task.id, index, end - start))
+            try:
+                os.fdatasync(fd)  # a whole range: recorded at once, not at the next checkpoint
+            except OSError as exc:
+                with cond:
+                    failure.append(disk_error(exc, f"writing {task.temp}"))
+                    cond.notify_all()
+                return
+            synced_to(index, end - start)
 
         threads: list[threading.Thread] = []
         synced = list(written)
-        # Progress inside a range, for resume. Each fdatasync flushes the whole file and stalls
-        # its stream, so ranges up to 16 MiB report (and sync) once, at their end.
-        sync_step = max(16 * 2**20, task.range_size // 4)
+        sync_lock = threading.Lock()
+
+        def checkpoint() -> None:
+            """How far each range got, for a resume that continues mid-range: fsync the temp
+            file first, so what the engine records is on disk. One fdatasync covers every range,
+            and the streams never wait for it (they only pwrite)."""
+            with cond:
+                now_written = list(written)
+            os.fdatasync(fd)
+            for i, n in enumerate(now_written):
+                synced_to(i, n)
+
+        def synced_to(index: int, n: int) -> None:
+            with sync_lock:
+                if n > synced[index]:
+                    synced[index] = task.done_ranges[index] = n  # a retry in this process continues too
+                    self.report(("range", task.id, index, n))
+
         pending = [i for i in range(len(ranges)) if written[i] < ranges[i][1] - ranges[i][0]]
         lock = threading.Lock()
 
@@ -1094,8 +1151,12 @@ class Fetcher:
         head = bytearray()
         buf = self._buffer()
         pos = 0
+        next_checkpoint = time.monotonic() + CHECKPOINT_SECONDS
         try:
             while pos < task.size:
+                if time.monotonic() >= next_checkpoint:
+                    checkpoint()
+                    next_checkpoint = time.monotonic() + CHECKPOINT_SECONDS
                 index = pos // task.range_size
                 with cond:
                     while True:
@@ -1121,6 +1182,11 @@ class Fetcher:
                 cond.notify_all()
             for t in threads:
                 t.join()
+            if not exc.restart and exc.kind != "corrupt":
+                try:
+                    checkpoint()  # keep what arrived: the next attempt or run continues from there
+                except OSError:
+                    pass
             os.close(fd)
             if exc.restart or exc.kind == "corrupt":
                 raise

@@ -175,6 +175,7 @@ class FaultProxy:
         self._archives: list[_Archive] = []
         self._restores: dict[tuple[str, str], _Restore] = {}
         self._down = False
+        self._pace: float | None = None  # bytes per second per response body (None: as fast as it goes)
         self._seen: list[Seen] = []
         self._bytes_sent = 0
         self._bytes_received = 0
@@ -316,6 +317,13 @@ class FaultProxy:
         """Wait `seconds` before forwarding the request (a slow first byte)."""
         rule = Rule("delay", method, seconds=seconds, times=times, probability=probability)
         return self._add(rule, key, query)
+
+    def pace(self, bytes_per_second: float | None) -> None:
+        """Send every response body at most this fast (per response), in small writes, as a slow
+        link would: little is ever waiting in socket buffers, so `bytes_sent` is what the client
+        has read, give or take one write. None: full speed again."""
+        with self._lock:
+            self._pace = bytes_per_second
 
     def remove(self, rule: Rule) -> None:
         with self._lock:
@@ -687,7 +695,10 @@ class _Handler(socketserver.StreamRequestHandler):
         elif rule and rule.kind == "flip":
             flip_at = rule.at
         sent = 0
-        for chunk in chunks:
+        started = time.monotonic()
+        for chunk in _paced(chunks, self.proxy._pace):
+            if self.proxy._pace:
+                time.sleep(max(0.0, sent / self.proxy._pace - (time.monotonic() - started)))
             if self.proxy.is_down:
                 self._close_upstream()
                 raise _Reset
@@ -818,6 +829,16 @@ def _base_headers(length: int, keep: bool, request_id: str | None = None) -> lis
     if not keep:
         headers.append(("Connection", "close"))
     return headers
+
+
+def _paced(chunks: Iterator[bytes], pace: float | None) -> Iterator[bytes]:
+    """The chunks, in pieces of 16 KiB when paced."""
+    for chunk in chunks:
+        if not pace:
+            yield chunk
+            continue
+        for start in range(0, len(chunk), 16384):
+            yield chunk[start:start + 16384]
 
 
 def _chunks(response: http.client.HTTPResponse) -> Iterator[bytes]:
