@@ -127,6 +127,19 @@ class MeterBook:
                     tx.execute("DELETE FROM meters WHERE name = ?", (name,))
         return grew
 
+    def drop_unused(self) -> None:
+        """The run failed before any work: remove this run's files that counted nothing."""
+        for path in self.mine:
+            if not any(read(path) or ()):
+                try:
+                    path.unlink()
+                except FileNotFoundError:
+                    pass
+        try:
+            self.folder.rmdir()
+        except OSError:
+            pass
+
     def close(self, state: Any, run_id: int) -> None:
         """The workers have ended: record their last counts and remove their files."""
         with state.transaction() as tx:

@@ -287,6 +287,7 @@ class Migration:
         finally:
             if self.workers and not self.workers_joined:  # failed before the work began
                 self._stop_workers()
+                self.meters.drop_unused()
             for outlet in self.outlets:
                 outlet.pool.shutdown(wait=False, cancel_futures=True)
                 try:
