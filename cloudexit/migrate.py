@@ -44,6 +44,8 @@ from typing import Any, Callable, Iterator
 
 from .config import MigrateConfig
 from .errors import CloudexitError, CredentialsError, Interrupted, StateError, UsageError
+from .meter import MeterBook
+from .parts import record_sizes, recorded_sizes
 from .source import Source
 from .state import State, now
 from .stores import Delivery, Item, StoreError, StoreUnavailable
@@ -221,7 +223,8 @@ class Migration:
         self.dest = store.id
         self.run_id = 0
         self.progress = MigrateProgress()
-        self.counters = Counters()  # since the last commit
+        self.counters = Counters()  # the engine's own requests, since the last commit
+        self.meters = MeterBook(state.path)  # the workers' requests and bytes (meter.py)
         self.restore_requests = 0
         self.retries = 0
         self.fetched = 0
@@ -278,6 +281,7 @@ class Migration:
                     raise StateError(f"worker process {worker.name} ended before it started ({exc})",
                                      hint="check memory and the system log; then run the command again") from exc
             self._open_run()
+            self.meters.settle(self.state, self.run_id)  # what runs killed before counted
             self._sync()
             self._sync_pacs()
             self._run_workers()
@@ -287,6 +291,7 @@ class Migration:
         finally:
             if self.workers and not self.workers_joined:  # failed before the work began
                 self._stop_workers()
+                self.meters.drop_unused()
             for outlet in self.outlets:
                 outlet.pool.shutdown(wait=False, cancel_futures=True)
                 try:
@@ -602,7 +607,8 @@ class Migration:
         self.setup_pipes = [send for _recv, send in pipes]
         self.workers = [ctx.Process(target=worker_main, name=f"cloudexit-worker-{i}", daemon=True,
                                     args=(recv, self.inbox, self.outbox, self.rate, self.stop_event,
-                                          cfg.threads, options, os.getpid()))
+                                          cfg.threads, {**options, "meter": self.meters.new_path()},
+                                          os.getpid()))
                         for i, (recv, _send) in enumerate(pipes)]
         with _main_module_hidden():
             for w in self.workers:
@@ -663,9 +669,7 @@ class Migration:
                 elif message[0] == "result":
                     pending.append(message[1])
                 elif message[0] == "range":
-                    flight = self.flights.get(message[1])
-                    if flight is not None:
-                        ranges.append((flight.key, flight.etag, message[2], message[3]))
+                    self._range(message, ranges)
                 try:
                     message = self.outbox.get_nowait()
                 except queue.Empty:
@@ -722,6 +726,16 @@ class Migration:
                     continue
                 return
 
+    def _range(self, message: tuple[Any, ...], ranges: list[tuple[str, str, int, int]]) -> None:
+        """A large object's range got this far, on disk: record it (next commit), and keep it in
+        the task for a retry in this run."""
+        flight = self.flights.get(message[1])
+        if flight is not None:
+            _, _, index, done = message
+            task = flight.task
+            task.done_ranges[index] = max(done, task.done_ranges.get(index, 0))
+            ranges.append((flight.key, flight.etag, index, done))
+
     def _check_workers(self) -> None:
         """A worker process that died (killed, out of memory) would leave its tasks in flight
         for ever: stop cleanly instead; --resume queues them again."""
@@ -752,7 +766,7 @@ class Migration:
         fresh: list[sqlite3.Row] = []
         if len(picked) < room:
             fresh = self.state.query(
-                "SELECT t.key, t.seq, t.etag, t.size, t.kind, t.path, t.attempts, t.range_size, t.mtime_ns, "
+                "SELECT t.key, t.seq, t.etag, t.size, t.kind, t.path, t.attempts, t.range_size, t.mtime_ns, t.part_sizes, "
                 "o.sop_uid, o.study_uid, o.series_uid, o.checksums FROM transfers t "
                 "JOIN objects o ON o.key = t.key WHERE t.dest = ? AND t.state = 'queued' AND t.seq > ? "
                 "ORDER BY t.seq LIMIT ?", (self.dest, self.cursor, min(room - len(picked), 512)))
@@ -811,7 +825,8 @@ class Migration:
             expect={"sop_uid": r["sop_uid"], "study_uid": r["study_uid"], "series_uid": r["series_uid"]},
             provider=json.loads(r["checksums"]) if r["checksums"] else {},
             credentials=self.credentials, large=large, range_size=range_size or self.config.range_size,
-            done_ranges=done_ranges, replaceable=r["mtime_ns"])
+            done_ranges=done_ranges, replaceable=r["mtime_ns"],
+            part_sizes=recorded_sizes(r["part_sizes"], r["etag"], r["size"]))
         return _Flight(r["seq"], r["key"], r["etag"], r["size"], r["kind"], r["path"], task,
                        attempts=r["attempts"] + 1)
 
@@ -819,6 +834,10 @@ class Migration:
     def _commit(self, results: list[Result], ranges: list[tuple[str, str, int, int]]) -> None:
         stamp = now()
         with self.state.transaction() as tx:
+            if ranges:  # before the results: a verified object's ranges are deleted
+                tx.executemany("INSERT INTO transfer_ranges(key, dest, etag, idx, bytes) VALUES (?, ?, ?, ?, ?) "
+                               "ON CONFLICT(key, dest, etag, idx) DO UPDATE SET bytes = max(bytes, excluded.bytes)",
+                               [(k, self.dest, e, i, b) for k, e, i, b in ranges])
             for result in results:
                 self._apply(tx, result, stamp)
             if self.done_rows:
@@ -830,10 +849,7 @@ class Migration:
                 self.done_rows = []
             if self.pacs_done:
                 self._commit_deliveries(tx, stamp)
-            if ranges:
-                tx.executemany("INSERT INTO transfer_ranges(key, dest, etag, idx, bytes) VALUES (?, ?, ?, ?, ?) "
-                               "ON CONFLICT(key, dest, etag, idx) DO UPDATE SET bytes = max(bytes, excluded.bytes)",
-                               [(k, self.dest, e, i, b) for k, e, i, b in ranges])
+            grew = self.meters.collect(tx, self.run_id)
             c = self.counters
             tx.execute(
                 "UPDATE migration_runs SET get_requests = get_requests + ?, head_requests = head_requests + ?, "
@@ -844,17 +860,20 @@ class Migration:
                 (c.get, c.head, c.list, self.restore_requests, c.bytes, self.retries, stamp,
                  *self.verified_delta, self.run_id))
             self.verified_delta = [0, 0, 0]
-            self.progress.bytes_downloaded += c.bytes
+            self.progress.bytes_downloaded += c.bytes + grew[0]
             self.counters = Counters()
             self.restore_requests = self.retries = 0
 
     def _apply(self, tx: sqlite3.Connection, r: Result, stamp: str) -> None:
-        flight = self.flights.pop(r.id, None)
-        self.counters.add(r.counters)
+        flight = self.flights.pop(r.id, None)  # its requests and bytes came by the meters
         self.retries += r.retries
         if flight is None:
             return
         key, dest = flight.key, self.dest
+        if r.part_sizes:
+            flight.task.part_sizes = r.part_sizes  # for a retry in this run, and the next runs
+            tx.execute("UPDATE transfers SET part_sizes = ? WHERE key = ? AND dest = ?",
+                       (record_sizes(flight.etag, r.part_sizes), key, dest))
         if r.outcome in ("verified", "quarantined"):
             self.streak, self.last_ok = 0, time.monotonic()
             landed = r.path or flight.task.final
@@ -1284,6 +1303,7 @@ class Migration:
         self.stop_event.set() if (interrupted or self.stop_error is not None) else None
         deadline = time.monotonic() + (15.0 if not interrupted else 10.0)
         pending: list[Result] = []
+        ranges: list[tuple[str, str, int, int]] = []
         while self.flights and time.monotonic() < deadline:
             try:
                 message = self.outbox.get(timeout=0.1)
@@ -1291,15 +1311,17 @@ class Migration:
                 continue
             except KeyboardInterrupt:
                 break
-            if message[0] in ("result", "results"):
+            if message[0] == "range":  # how far the large objects got as they stopped
+                self._range(message, ranges)
+            elif message[0] in ("result", "results"):
                 pending.extend(message[1] if message[0] == "results" else [message[1]])
                 if len(pending) >= 64:
-                    self._commit(pending, [])
-                    pending = []
+                    self._commit(pending, ranges)
+                    pending, ranges = [], []
         for outlet in self.outlets:  # deliveries in progress end (queued ones are cancelled)
             outlet.pool.shutdown(wait=True, cancel_futures=True)
         self._drain_deliveries()
-        self._commit(pending, [])
+        self._commit(pending, ranges)
         stamp = now()
         with self.state.transaction() as tx:
             if self.flights or self.retry_heap:
@@ -1310,6 +1332,7 @@ class Migration:
             self.flights.clear()
             self.retry_heap.clear()
         self._stop_workers()
+        self.meters.close(self.state, self.run_id)
         if self.background is not None:
             self.background.shutdown(wait=False, cancel_futures=True)
         self.reader.close()

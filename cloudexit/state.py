@@ -32,7 +32,7 @@ from .statefile import (
     writable,
 )
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 
 _SCHEMA_V1 = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT);
@@ -305,9 +305,21 @@ CREATE INDEX transfers_fold ON transfers(dest, fold_path) WHERE fold_path IS NOT
 INSERT OR IGNORE INTO meta(key, value) VALUES ('migration_id', lower(hex(randomblob(16))));
 INSERT OR IGNORE INTO meta(key, value) VALUES ('redact_key', lower(hex(randomblob(32))))
 """
+# Version 8: migrate records the part sizes it learned of multipart objects whose parts are of
+# unequal sizes (so they are asked once), and the egress counters of its worker processes.
+_SCHEMA_V8 = """
+ALTER TABLE transfers ADD COLUMN part_sizes TEXT;
+CREATE TABLE meters (
+    name TEXT PRIMARY KEY,               -- a worker process's meter file, beside the DB (cloudexit/meter.py)
+    run_id INTEGER NOT NULL,             -- the migration run it counts for
+    bytes INTEGER NOT NULL, gets INTEGER NOT NULL, heads INTEGER NOT NULL, lists INTEGER NOT NULL
+)
+"""  # transfers.part_sizes: JSON {"etag": ..., "sizes": [...]} (see cloudexit/parts.py);
+# meters: the last reading of each meter file, already added to its run's counters
 
 _MIGRATIONS: dict[int, str] = {1: _SCHEMA_V1, 2: _SCHEMA_V2, 3: _SCHEMA_V3, 4: _SCHEMA_V4,
-                                 5: _SCHEMA_V5, 6: _SCHEMA_V6, 7: _SCHEMA_V7}
+                                 5: _SCHEMA_V5, 6: _SCHEMA_V6, 7: _SCHEMA_V7,
+                                 8: _SCHEMA_V8}
 
 
 GENESIS_HASH = "0" * 64

@@ -109,7 +109,7 @@ class Seen:
 class Rule:
     """One programmed fault. Returned by the fault methods; `fired` counts its uses."""
 
-    kind: str  # status | drop | truncate | flip | delay
+    kind: str  # status | drop | truncate | flip | shorten | delay
     method: str | None = None
     key: re.Pattern[str] | None = None
     query: re.Pattern[str] | None = None
@@ -175,6 +175,7 @@ class FaultProxy:
         self._archives: list[_Archive] = []
         self._restores: dict[tuple[str, str], _Restore] = {}
         self._down = False
+        self._pace: float | None = None  # bytes per second per response body (None: as fast as it goes)
         self._seen: list[Seen] = []
         self._bytes_sent = 0
         self._bytes_received = 0
@@ -299,12 +300,30 @@ class FaultProxy:
         rule = Rule("flip", method, at=offset, times=times, probability=probability)
         return self._add(rule, key, query)
 
+    def shorten(self, by: int = 1, *, method: str | None = "GET", key: str | None = None,
+                query: str | None = None, times: int | None = None,
+                probability: float | None = None) -> Rule:
+        """Announce a Content-Length `by` bytes short and send that many body bytes, then close:
+        a middlebox that rewrote the length. The client sees a whole, well-formed answer.
+
+        No-op (but still counted as fired) on a body without a Content-Length.
+        """
+        rule = Rule("shorten", method, at=by, times=times, probability=probability)
+        return self._add(rule, key, query)
+
     def delay(self, seconds: float, *, method: str | None = None, key: str | None = None,
               query: str | None = None, times: int | None = None,
               probability: float | None = None) -> Rule:
         """Wait `seconds` before forwarding the request (a slow first byte)."""
         rule = Rule("delay", method, seconds=seconds, times=times, probability=probability)
         return self._add(rule, key, query)
+
+    def pace(self, bytes_per_second: float | None) -> None:
+        """Send every response body at most this fast (per response), in small writes, as a slow
+        link would: little is ever waiting in socket buffers, so `bytes_sent` is what the client
+        has read, give or take one write. None: full speed again."""
+        with self._lock:
+            self._pace = bytes_per_second
 
     def remove(self, rule: Rule) -> None:
         with self._lock:
@@ -636,6 +655,14 @@ class _Handler(socketserver.StreamRequestHandler):
                 body = self.proxy._rewrite_listing(request.bucket, body)
             headers = [(k, v) for k, v in headers if k.lower() != "content-length"]
             headers.append(("Content-Length", str(len(body))))
+        if (rule and rule.kind == "shorten" and not bodiless and body is None
+                and response.length is not None and not response.chunked):
+            # Announce fewer bytes, send only those, and close: the rest is never read upstream.
+            short = max(0, response.length - rule.at)
+            headers = [(k, v) for k, v in headers if k.lower() != "content-length"]
+            headers.append(("Content-Length", str(short)))
+            keep = False
+            rule = Rule("truncate", at=short)
         chunked = not bodiless and body is None and response.chunked
         # Without a length or chunking, the body ends when the connection closes.
         if not bodiless and body is None and not chunked and response.length is None:
@@ -668,7 +695,10 @@ class _Handler(socketserver.StreamRequestHandler):
         elif rule and rule.kind == "flip":
             flip_at = rule.at
         sent = 0
-        for chunk in chunks:
+        started = time.monotonic()
+        for chunk in _paced(chunks, self.proxy._pace):
+            if self.proxy._pace:
+                time.sleep(max(0.0, sent / self.proxy._pace - (time.monotonic() - started)))
             if self.proxy.is_down:
                 self._close_upstream()
                 raise _Reset
@@ -799,6 +829,16 @@ def _base_headers(length: int, keep: bool, request_id: str | None = None) -> lis
     if not keep:
         headers.append(("Connection", "close"))
     return headers
+
+
+def _paced(chunks: Iterator[bytes], pace: float | None) -> Iterator[bytes]:
+    """The chunks, in pieces of 16 KiB when paced."""
+    for chunk in chunks:
+        if not pace:
+            yield chunk
+            continue
+        for start in range(0, len(chunk), 16384):
+            yield chunk[start:start + 16384]
 
 
 def _chunks(response: http.client.HTTPResponse) -> Iterator[bytes]:
