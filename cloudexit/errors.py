@@ -78,3 +78,8 @@ class NothingMigrated(UsageError):
 
 class ConfirmationMismatch(UsageError):
     """`decommission --execute --confirm TOKEN`: the token does not match what would be deleted now."""
+
+
+class SigningError(CloudexitError):
+    """An audit cannot be signed, or its signature checked (no ssh-keygen, a key that needs a
+    passphrase, an unreadable key or signer file)."""
