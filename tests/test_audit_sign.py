@@ -9,6 +9,7 @@ import os
 import shutil
 import stat
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -131,3 +132,30 @@ def test_passphrase_key_and_missing_ssh_keygen_give_one_line(migrated, signed: P
     assert len(r.output.strip().splitlines()) <= 2 and not out.exists()
     r = run("audit", "verify", signed, "--signer", f"{keys['alice']}.pub")
     assert r.exit_code == 1 and "ssh-keygen is not installed" in r.output and "Traceback" not in r.output
+
+
+@pytest.mark.skipif(shutil.which("ssh-agent") is None, reason="ssh-agent is not installed")
+def test_public_key_signs_through_ssh_agent(migrated, keys: dict[str, Path], tmp_path: Path,  # noqa: F811
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """The way to sign with a passphrase-protected key: load it into ssh-agent, pass KEY.pub."""
+    pub = Path(f"{keys['alice']}.pub")
+    out = tmp_path / "audit"
+    monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)
+    r = run("audit", "--db", migrated["db"], "--out", out, "--sign", pub)
+    assert r.exit_code == 1 and "none is running" in r.output and not out.exists()
+
+    sock = tmp_path / "agent.sock"
+    agent = subprocess.Popen(["ssh-agent", "-D", "-a", str(sock)], stdout=subprocess.DEVNULL)
+    try:
+        while not sock.exists():
+            assert agent.poll() is None
+            time.sleep(0.05)
+        monkeypatch.setenv("SSH_AUTH_SOCK", str(sock))
+        subprocess.run(["ssh-add", "-q", str(keys["alice"])], check=True, capture_output=True)
+        r = run("audit", "--db", migrated["db"], "--out", out, "--sign", pub)
+        assert r.exit_code == 3 and "signed by alice@hospital" in r.output, r.output
+    finally:
+        agent.terminate()
+        agent.wait()
+    r = run("audit", "verify", out, "--signer", pub)
+    assert r.exit_code == 0 and "signed by alice@hospital" in r.output, r.output
