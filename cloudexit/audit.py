@@ -12,7 +12,9 @@ the files disagree:
 * `audit.json`: the facts (format `cloudexit.audit/1`, documented in docs/audit.md);
 * `audit.html`: the report (rendered by `cloudexit.audit_html`), carrying a *fingerprint*,
   the SHA-256 over the three data files above, for the signed paper copy;
-* `SHA256SUMS` over all of them (`sha256sum -c` reads it too).
+* `SHA256SUMS` over all of them (`sha256sum -c` reads it too);
+* with `signer` (`--sign KEY`), `SHA256SUMS.sig`: SHA256SUMS signed with an SSH key
+  (`cloudexit.audit_sign`); audit.html names the signer and the key fingerprint.
 
 `verify_audit(dir)` recomputes all of that and says exactly which file was altered, added or
 removed, and whether the exported event chain is intact. The audit also appends an
@@ -36,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .audit_sign import SIGNATURE  # beside SHA256SUMS, which it signs (so not listed in it)
 from .errors import CloudexitError
 from .files import make_private_dirs, open_private
 from .redact import Redactor
@@ -1220,7 +1223,7 @@ def prepare_out(out: Path, force: bool) -> list[str]:
         raise AuditError(f"{out} exists and is not a folder", hint="give --out a folder name")
     if out.exists():
         entries = sorted(os.listdir(out))
-        others = [e for e in entries if e not in OUTPUTS and not e.startswith(".audit-tmp-")]
+        others = [e for e in entries if e not in (*OUTPUTS, SIGNATURE) and not e.startswith(".audit-tmp-")]
         if entries and not force:
             if others:
                 shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
@@ -1231,12 +1234,14 @@ def prepare_out(out: Path, force: bool) -> list[str]:
     else:
         make_private_dirs(out)  # every folder created for it 0700, not only the last
     os.chmod(out, 0o700)
-    return [e for e in sorted(os.listdir(out)) if e not in OUTPUTS and not e.startswith(".audit-tmp-")]
+    return [e for e in sorted(os.listdir(out)) if e not in (*OUTPUTS, SIGNATURE) and not e.startswith(".audit-tmp-")]
 
 
 def write_audit(state: State, out: str | os.PathLike[str], lang: str = "en",
-                include_phi: bool = False, force: bool = False, redact_keys: bool = False) -> AuditResult:
-    """Write the audit folder (see the module docstring) from one consistent snapshot."""
+                include_phi: bool = False, force: bool = False, redact_keys: bool = False,
+                signer: Any = None) -> AuditResult:
+    """Write the audit folder (see the module docstring) from one consistent snapshot.
+    `signer`: an `audit_sign.Signer` (known before the report is rendered, so it names it)."""
     from .audit_html import render_html
     from .audit_i18n import LANGS
 
@@ -1280,6 +1285,8 @@ def write_audit(state: State, out: str | os.PathLike[str], lang: str = "en",
                          "columns": list(MANIFEST_COLUMNS + (PHI_COLUMNS if include_phi else ())),
                          "keys_redacted": redact_keys}
     facts["events_export"] = {"events": events, "sha256": digests["events.jsonl"]}
+    if signer is not None:
+        facts["signature"] = signer.facts()
     fh = _HashingFile(tmp["audit.json"])
     fh.write(json.dumps(facts, indent=2, ensure_ascii=False, default=str) + "\n")
     digests["audit.json"] = fh.close()
@@ -1290,12 +1297,19 @@ def write_audit(state: State, out: str | os.PathLike[str], lang: str = "en",
     fh = _HashingFile(tmp["SHA256SUMS"])
     fh.write(sums_text(digests))
     sums = fh.close()
+    if signer is not None:
+        from .audit_sign import sign
+
+        os.replace(sign(tmp["SHA256SUMS"], signer), out / SIGNATURE)
+    else:
+        (out / SIGNATURE).unlink(missing_ok=True)  # a previous audit's (--force): it signs nothing here
     for name in OUTPUTS:
         os.replace(tmp[name], out / name)
     _fsync_dir(out)
     state.log("audit.written", out=str(out.resolve()), fingerprint=fingerprint, sha256sums=sums,
               verdict=facts["verdict"]["status"], lang=lang, phi=include_phi,
-              events=events, head=facts["event_chain"]["head_hash"])
+              events=events, head=facts["event_chain"]["head_hash"],
+              **({"signer": signer.identity, "signer_key": signer.fingerprint} if signer is not None else {}))
     return AuditResult(out, {**digests, "SHA256SUMS": sums}, fingerprint, facts["verdict"], rows,
                        events, others)
 
@@ -1386,9 +1400,11 @@ def _sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def verify_audit(folder: str | os.PathLike[str], db_path: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+def verify_audit(folder: str | os.PathLike[str], db_path: str | os.PathLike[str] | None = None,
+                 signer: str | os.PathLike[str] | None = None) -> dict[str, Any]:
     """Recompute an audit folder: files against SHA256SUMS, the exported event chain, the
-    fingerprint in audit.html, and (with `db_path`) the exported events against the DB's log.
+    fingerprint in audit.html, (with `db_path`) the exported events against the DB's log, and
+    (with `signer`, a public key or allowed_signers file) the signature of SHA256SUMS.
 
     Returns {"ok": bool, "problems": [text, ...], ...}; `problems` names each altered, added or
     removed file and each break in the chain.
@@ -1421,7 +1437,7 @@ def verify_audit(folder: str | os.PathLike[str], db_path: str | os.PathLike[str]
         if actual[name] != digest:
             problems.append(f"{name}: altered (SHA-256 differs from SHA256SUMS)")
     for name in sorted(os.listdir(folder)):
-        if name != "SHA256SUMS" and name not in listed:
+        if name not in ("SHA256SUMS", SIGNATURE) and name not in listed:
             problems.append(f"{name}: added (not in SHA256SUMS)")
     chain = _check_export_chain(folder / "events.jsonl")
     problems += [f"events.jsonl: {p}" for p in chain["problems"]]
@@ -1447,9 +1463,13 @@ def verify_audit(folder: str | os.PathLike[str], db_path: str | os.PathLike[str]
     if db_path is not None:
         db_check = _check_against_db(folder, Path(db_path), chain, listed)
         problems += db_check["problems"]
+    from .audit_sign import check as check_signature
+
+    signature = check_signature(folder, signer, (facts.get("signature") or {}).get("fingerprint"))
+    problems += signature["problems"]
     return {"ok": not problems, "folder": str(folder), "problems": problems, "files": sorted(actual),
             "chain": chain, "fingerprint": fingerprint,
-            "verdict": (facts.get("verdict") or {}).get("status"), "db": db_check}
+            "verdict": (facts.get("verdict") or {}).get("status"), "db": db_check, "signature": signature}
 
 
 def _check_export_chain(path: Path) -> dict[str, Any]:

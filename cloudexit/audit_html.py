@@ -559,7 +559,18 @@ def _signoff(facts: dict[str, Any], T: dict[str, str], tr: Callable[..., str], f
             f'<p>{_inline_md(T["o.intro"])}</p>'
             f'<p>{escape(T["o.fingerprint"])}:</p>'
             f'<p class="fingerprint" data-fingerprint="{fingerprint}">{fingerprint}</p>'
+            + _signer(facts.get("signature"), T, tr) +
             f'<p class="verdict {facts["verdict"]["status"]}">{escape(T["verdict." + facts["verdict"]["status"]])}</p>'
             + _table([escape(T["o.role"]), escape(T["o.name"]), escape(T["o.signature"]), escape(T["o.date"])],
                      rows, "sign")
             + "</section>")
+
+
+def _signer(signature: dict[str, Any] | None, T: dict[str, str], tr: Callable[..., str]) -> str:
+    """Who signed SHA256SUMS (`audit --sign`), and the key fingerprint to write on the paper."""
+    if not signature:
+        return ""
+    key = escape(signature["fingerprint"])
+    return (f'<p>{tr("o.signed_by", who=signature["identity"], type=signature["key_type"])}</p>'
+            f'<p class="fingerprint" data-signer-fingerprint="{key}">{key}</p>'
+            f'<p>{tr("o.signed_check", file=signature["file"])}</p>')

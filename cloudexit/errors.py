@@ -91,3 +91,8 @@ class StateReadOnly(StateError):
 class StateCorrupt(StateError):
     """SQLite found damaged pages in the state DB: the message has `PRAGMA quick_check`'s
     findings and the hint names the backup to restore."""
+
+
+class SigningError(CloudexitError):
+    """An audit cannot be signed, or its signature checked (no ssh-keygen, a key that needs a
+    passphrase, an unreadable key or signer file)."""

@@ -1458,14 +1458,16 @@ class Migration:
             self._insert_pacs_rows(tx)
 
     def _eligible(self, o: _Outlet, limit: int) -> list[sqlite3.Row]:
-        """PACS rows to deliver: queued, and the archive holds the verified file of that version
-        (the second holder of a shared SOP Instance UID too: the store records the conflict)."""
+        """PACS rows to deliver: queued, and the archive holds the verified file of that version.
+        Never the second holder of a shared SOP Instance UID (conflict_with set): it ends as a
+        duplicate or quarantined, and a PACS that overwrites instances would keep it in place of
+        the first (see `_settle_pacs`)."""
         return self.state.query(
             "SELECT p.key, a.path, a.sha256, a.size, x.kind, x.sop_uid, x.sop_class_uid, x.study_uid, "
             "x.series_uid, x.transfer_syntax FROM transfers p "
             "JOIN transfers a ON a.key = p.key AND a.dest = ? JOIN objects x ON x.key = p.key "
             "WHERE p.dest = ? AND p.state = 'queued' AND a.path IS NOT NULL AND a.etag IS p.etag "
-            "AND (a.state = 'verified' OR (a.state = 'quarantined' AND a.conflict_with IS NOT NULL)) "
+            "AND a.state = 'verified' AND a.conflict_with IS NULL "
             "ORDER BY p.seq LIMIT ?", (self.dest, o.store.id, limit))
 
     def _pacs_work(self) -> None:
@@ -1595,10 +1597,18 @@ class Migration:
                     "UPDATE transfers SET state = 'missing', reason = 'missing at the source', updated_at = ? "
                     "WHERE dest = ? AND state = 'queued' AND key IN "
                     "(SELECT key FROM transfers WHERE dest = ? AND state = 'missing')", (stamp, dest, self.dest))
+                reason = ("(SELECT 'not delivered: ' || a.state || ' in the archive' || coalesce(' (' || a.reason "
+                          "|| ')', '') FROM transfers a WHERE a.key = transfers.key AND a.dest = ?)")
+                # A quarantined conflict copy is recorded here as such, beside the copy delivered.
                 tx.execute(
-                    "UPDATE transfers SET state = 'skipped', updated_at = ?, reason = (SELECT 'not delivered: ' "
-                    "|| a.state || ' in the archive' || coalesce(' (' || a.reason || ')', '') FROM transfers a "
-                    "WHERE a.key = transfers.key AND a.dest = ?) WHERE dest = ? AND state = 'queued' AND key IN "
+                    f"UPDATE transfers SET state = 'quarantined', updated_at = ?, reason = {reason}, "
+                    "conflict_with = (SELECT a.conflict_with FROM transfers a WHERE a.key = transfers.key "
+                    "AND a.dest = ?) WHERE dest = ? AND state = 'queued' AND key IN "
+                    "(SELECT key FROM transfers WHERE dest = ? AND state = 'quarantined' AND conflict_with IS NOT NULL)",
+                    (stamp, self.dest, self.dest, dest, self.dest))
+                tx.execute(
+                    f"UPDATE transfers SET state = 'skipped', updated_at = ?, reason = {reason} "
+                    "WHERE dest = ? AND state = 'queued' AND key IN "
                     "(SELECT key FROM transfers WHERE dest = ? AND state IN ('quarantined', 'skipped'))",
                     (stamp, self.dest, dest, self.dest))
 

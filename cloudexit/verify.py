@@ -398,7 +398,8 @@ def _explain(series: dict[str, set[str]], notes: dict[str, str]) -> str | None:
 
 # -- samples ----------------------------------------------------------------------------------------
 def _sample(state: State, store: Any, n: int, seed: int, report: VerifyReport, tick: Progress) -> None:
-    """Fetch `n` instances back from the PACS and compare them with the archived copies."""
+    """Fetch `n` instances back from the PACS (the kept copy of every shared SOP Instance UID
+    first, then random ones) and compare them with the archived copies."""
     missing = {f.sop_uid for f in report.findings if f.level == "instance" and f.problem == "missing"}
     missing_studies = {s.study_uid for s in report.studies if s.found_instances is None}
     rows = state.query(
@@ -415,7 +416,14 @@ def _sample(state: State, store: Any, n: int, seed: int, report: VerifyReport, t
     if not pool:
         report.counts["samples_unavailable"] = n
         return
-    chosen = random.Random(seed).sample(pool, min(n, len(pool)))
+    # A SOP Instance UID the source holds more than once is where a PACS may keep the wrong copy
+    # (one that overwrites instances keeps the last sent): its kept copy is always compared.
+    shared = {r[0] for r in state.query(
+        "SELECT sop_uid FROM objects WHERE kind = 'dicom' AND status = 'present' AND sop_uid IS NOT NULL "
+        "GROUP BY sop_uid HAVING count(*) > 1")}
+    always = [r for r in pool if r["sop_uid"] in shared]
+    rest = [r for r in pool if r["sop_uid"] not in shared]
+    chosen = always + random.Random(seed).sample(rest, min(max(0, n - len(always)), len(rest)))
     for i, r in enumerate(chosen, 1):
         report.samples.append(_compare_one(store, r))
         tick("samples", i, len(chosen))

@@ -14,7 +14,7 @@ from click.testing import CliRunner, Result
 from cloudexit.cli import main
 from cloudexit.s3server import SeaweedServer
 from faultproxy import fault_proxy  # noqa: F401 - fixtures, registered for every test
-from orthanc import orthanc, pacs, status_scp  # noqa: F401
+from orthanc import orthanc, overwriting_orthanc, overwriting_pacs, pacs, status_scp  # noqa: F401
 
 _bucket_ids = itertools.count(1)
 

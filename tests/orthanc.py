@@ -3,15 +3,18 @@ the statuses a test asks for.
 
 * `OrthancServer(workdir)`: `/usr/sbin/Orthanc` with its own JSON config: random free HTTP and
   DICOM ports on 127.0.0.1, storage in `workdir`, the DICOMweb plugin, C-STORE/C-FIND/C-GET open
-  to any calling AE (our default CLOUDEXIT is also declared as a modality). `stop()` and
+  to any calling AE (our default CLOUDEXIT is also declared as a modality). `overwrite=True`
+  sets "OverwriteInstances" (a second object with a known SOP Instance UID replaces the first,
+  as some PACS are configured). `stop()` and
   `start()` keep ports and storage, for "PACS down mid-run" tests.
 * fixtures: `orthanc` (one per session), `pacs` (the same Orthanc, emptied before the test),
+  `overwriting_pacs` (a second Orthanc with OverwriteInstances, emptied before the test),
   `status_scp` (an in-process Storage SCP; `status_scp.statuses[sop_uid] = 0xA700` makes it answer
   that status for that instance, everything else gets 0x0000).
 * `write_objects(objects, folder)`: synthetic objects as files plus the `Item` a store gets.
 
 Register them in tests/conftest.py with:
-    from orthanc import orthanc, pacs, status_scp  # noqa: F401
+    from orthanc import orthanc, overwriting_orthanc, overwriting_pacs, pacs, status_scp  # noqa: F401
 """
 
 from __future__ import annotations
@@ -42,7 +45,8 @@ AET = "ORTHANC"
 class OrthancServer:
     """One Orthanc process with its own config, ports and storage."""
 
-    def __init__(self, workdir: Path, aet: str = AET, users: dict[str, str] | None = None) -> None:
+    def __init__(self, workdir: Path, aet: str = AET, users: dict[str, str] | None = None,
+                 overwrite: bool = False) -> None:
         self.workdir = Path(workdir)
         self.aet = aet
         self.users = users
@@ -65,7 +69,7 @@ class OrthancServer:
             "DicomModalities": {"cloudexit": ["CLOUDEXIT", "127.0.0.1", 11112]},
             "Plugins": [DICOMWEB_PLUGIN],
             "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
-            "StorageCompression": False, "OverwriteInstances": False,
+            "StorageCompression": False, "OverwriteInstances": overwrite,
             "LimitFindResults": 0, "LimitFindInstances": 0,
             "DicomScuTimeout": 30, "DicomAssociationCloseDelay": 0,
             "SaveJobs": False, "ConcurrentJobs": 2,
@@ -188,10 +192,29 @@ def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OrthancServer]
 @pytest.fixture
 def pacs(orthanc: OrthancServer) -> OrthancServer:
     """The session's Orthanc, running and empty."""
-    if orthanc.proc is None or orthanc.proc.poll() is not None:
-        orthanc.start()
-    orthanc.clear()
-    return orthanc
+    return _running_and_empty(orthanc)
+
+
+def _running_and_empty(server: OrthancServer) -> OrthancServer:
+    if server.proc is None or server.proc.poll() is not None:
+        server.start()
+    server.clear()
+    return server
+
+
+@pytest.fixture(scope="session")
+def overwriting_orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OrthancServer]:
+    if not os.path.exists(ORTHANC):
+        pytest.skip("Orthanc is not installed (apt-get install orthanc orthanc-dicomweb)")
+    with OrthancServer(tmp_path_factory.mktemp("orthanc-overwrite"), overwrite=True) as server:
+        yield server
+
+
+@pytest.fixture
+def overwriting_pacs(overwriting_orthanc: OrthancServer) -> OrthancServer:
+    """An Orthanc that keeps the LAST object sent for a SOP Instance UID ("OverwriteInstances"),
+    running and empty."""
+    return _running_and_empty(overwriting_orthanc)
 
 
 class StatusSCP:

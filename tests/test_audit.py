@@ -39,7 +39,7 @@ def migrated(s3: SeaweedServer, tmp_path_factory: pytest.TempPathFactory) -> dic
     for name, value in s3.env().items():
         mp.setenv(name, value)
     mp.delenv("AWS_PROFILE", raising=False)
-    bucket = f"audit-{os.getpid()}"
+    bucket = f"audit-{os.getpid()}-{os.urandom(4).hex()}"  # the fixture is also imported by test_audit_sign
     s3.client().create_bucket(Bucket=bucket)
     truth = synthetic.upload(s3.client(), bucket, synthetic.generate(synthetic.Profile.tiny()))
     root = tmp_path_factory.mktemp("audit")
