@@ -37,7 +37,7 @@ from typing import Any
 
 from . import __version__
 from .errors import CloudexitError
-from .files import open_private
+from .files import make_private_dirs, open_private
 from .state import GENESIS_HASH, State, event_hash, now
 
 FORMAT = "cloudexit.audit/1"
@@ -1219,7 +1219,7 @@ def prepare_out(out: Path, force: bool) -> list[str]:
             raise AuditError(f"{out} already holds an audit",
                              hint="keep it: choose another folder; replace it: pass --force")
     else:
-        out.mkdir(mode=0o700, parents=True)
+        make_private_dirs(out)
     os.chmod(out, 0o700)
     return [e for e in sorted(os.listdir(out)) if e not in OUTPUTS and not e.startswith(".audit-tmp-")]
 

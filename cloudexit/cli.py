@@ -15,26 +15,50 @@ import click
 
 from . import __version__
 from .config import InventoryConfig, SourceConfig
-from .errors import CloudexitError, UsageError
+from .errors import CloudexitError, FileSystemError, UsageError
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_PARTIAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 
 class CloudexitGroup(click.Group):
+    """Maps every error to one line (`Error: ...` and a hint on stderr) and its exit code; with
+    --json, to `{"error", "hint", "exit"}` on stdout instead."""
+
     def invoke(self, ctx: click.Context) -> Any:
+        words = [*getattr(ctx, "_protected_args", []), *ctx.args]
+        as_json = "--json" in words[:words.index("--")] if "--" in words else "--json" in words
         try:
             return super().invoke(ctx)
         except CloudexitError as exc:
             if ctx.meta.get("traceback"):
                 raise
-            click.secho(f"Error: {exc}", fg="red", err=True)
-            ctx.exit(exc.exit_code)
+            _fail(ctx, as_json, exc.message, exc.hint, exc.exit_code)
+        except OSError as exc:  # a path, permission or disk problem the library did not name
+            if ctx.meta.get("traceback"):
+                raise
+            err = FileSystemError.from_os_error(exc)
+            _fail(ctx, as_json, err.message, err.hint, err.exit_code)
+        except click.ClickException as exc:
+            if not as_json:
+                raise
+            _fail(ctx, as_json, exc.format_message(), "see --help", exc.exit_code)
         except KeyboardInterrupt:
             if ctx.meta.get("traceback"):
                 raise
-            click.echo("\nInterrupted. Everything committed so far is kept; "
-                       "run the same command again to continue.", err=True)
-            ctx.exit(EXIT_INTERRUPTED)
+            if not as_json:
+                click.echo("\nInterrupted. Everything committed so far is kept; "
+                           "run the same command again to continue.", err=True)
+                ctx.exit(EXIT_INTERRUPTED)
+            _fail(ctx, as_json, "interrupted", "everything committed so far is kept; run the "
+                  "same command again to continue", EXIT_INTERRUPTED)
+
+
+def _fail(ctx: click.Context, as_json: bool, message: str, hint: str | None, code: int) -> None:
+    if as_json:
+        click.echo(json.dumps({"error": message, "hint": hint, "exit": code}, ensure_ascii=False))
+    else:
+        click.secho(f"Error: {message}" + (f"\n  hint: {hint}" if hint else ""), fg="red", err=True)
+    ctx.exit(code)
 
 
 def _set_traceback(ctx: click.Context, _param: click.Parameter, value: bool) -> bool:
@@ -407,6 +431,9 @@ class _ByteBar:
                    "dicomweb+https://HOST/PATH (STOW-RS). Repeatable.")
 @click.option("--resume", is_flag=True,
               help="Continue the last migration run (and its PACS deliveries); needs no other arguments.")
+@click.option("--yes", is_flag=True,
+              help="Start a run into a folder other than the archive an earlier run filled "
+                   "(everything is downloaded again).")
 @click.option("--calling-aet", envvar="CLOUDEXIT_CALLING_AET", default=None,
               help="Our AE title for C-STORE destinations (default CLOUDEXIT; env CLOUDEXIT_CALLING_AET).")
 @db_option
@@ -437,7 +464,7 @@ class _ByteBar:
 @click.option("--range-size", type=click.IntRange(65536, 2**32), default=None,
               help="Bytes per ranged GET of a large object (default 16 MiB).")
 @output_options
-def migrate(dests: tuple[str, ...], resume: bool, calling_aet: str | None, db_path: str,
+def migrate(dests: tuple[str, ...], resume: bool, yes: bool, calling_aet: str | None, db_path: str,
             endpoint_url: str | None,
             profile: str | None, region: str | None, retries: int, layout: str | None,
             non_dicom: str | None, order: str | None, restore_tier: str | None,
@@ -463,7 +490,7 @@ def migrate(dests: tuple[str, ...], resume: bool, calling_aet: str | None, db_pa
     a PACS refused or conflicted (listed).
     """
     from .config import MigrateConfig
-    from .migrate import Migration, config_from_run, last_run, set_live_bwlimit
+    from .migrate import Migration, check_new_archive, config_from_run, last_run, set_live_bwlimit
     from .source import Source
     from .state import State
     from .stores import open_store
@@ -504,6 +531,7 @@ def migrate(dests: tuple[str, ...], resume: bool, calling_aet: str | None, db_pa
                                  "archive before any PACS gets them)",
                                  hint="e.g. --to /srv/pacs-archive --to dicom://PACS@pacs.example.org:104")
             store = FilesystemStore(opened.root, layout=config.layout)
+            check_new_archive(state, store.id, yes)
             pacs = list(dests[1:])
         deliver_to = []
         for url in pacs:
@@ -833,19 +861,13 @@ def run_playbook(playbook_path: str, db_path: str | None, overrides: tuple[str, 
 
     Exit 0: the steps ran; 3: a gate stopped the run; 1: a step failed.
     """
-    from .errors import GateNotMet
     from .playbook import Runner, load
 
     book = load(playbook_path, overrides)
     db = db_path or (str(book.db) if book.db else "cloudexit.db")
     say = (lambda text: None) if (quiet or as_json) else click.echo
     runner = Runner(book, db, say=say, ack=ack, confirm=token)
-    try:
-        report = runner.run(from_step=from_step, until=until, dry_run=dry_run)
-    except GateNotMet as gate:
-        if as_json:
-            click.echo(json.dumps({"playbook": book.name, "db": db, "gate": str(gate)}, indent=2))
-        raise
+    report = runner.run(from_step=from_step, until=until, dry_run=dry_run)
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2, default=str))
         return

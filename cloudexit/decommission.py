@@ -43,7 +43,6 @@ import socket
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, overload
 
 from .audit import PACS_PREFIXES, current_user, last_verify_runs, recheck_sql
@@ -345,8 +344,6 @@ def plan(state: State, source: Source, destinations: Iterable[str] | None = None
                        f"{', '.join(_ROW_COLUMNS)})")
     judge = _Judge(state, dests)
     hasher = hashlib.sha256(json.dumps([source.url, status, all_versions]).encode())
-    if manifest is not None:
-        Path(manifest).parent.mkdir(parents=True, exist_ok=True)
     digest = hashlib.sha256()
     with private_writer(manifest) if manifest is not None else contextlib.nullcontext() as out:
 

@@ -151,6 +151,26 @@ def last_run(state: State) -> sqlite3.Row | None:
     return rows[0] if rows else None
 
 
+def check_new_archive(state: State, dest: str, confirmed: bool) -> None:
+    """Refuse, unless `confirmed`, a new run into a folder other than the archive an earlier run
+    filled: nothing there counts, so every object is downloaded again."""
+    earlier = [r["dest"] for r in state.query(
+        "SELECT DISTINCT dest FROM migration_runs WHERE dest != ? ORDER BY id", (dest,))]
+    if not earlier or confirmed or state.scalar("SELECT 1 FROM migration_runs WHERE dest = ?", (dest,)):
+        return
+    from .units import format_bytes
+
+    row = state.query("SELECT count(*) AS n, coalesce(sum(size), 0) AS b FROM objects "
+                      "WHERE status = 'present'")[0]
+    folder = earlier[-1][len("file://"):] if earlier[-1].startswith("file://") else earlier[-1]
+    raise UsageError(
+        f"this state DB already migrated into {folder}; --to {dest[len('file://'):]} is a second "
+        f"archive: all {row['n']} objects ({format_bytes(row['b'])}) would be downloaded again",
+        hint=f"to make a second copy, add --yes; to add a PACS to the existing archive: "
+             f"cloudexit migrate --to {folder} --to dicom://AET@HOST:PORT; to continue the last "
+             "run: cloudexit migrate --resume")
+
+
 def is_live(run: sqlite3.Row | None) -> bool:
     """Whether a run's process is alive now (same host, pid exists, recent heartbeat)."""
     if run is None or run["status"] != "running" or not run["pid"]:

@@ -21,6 +21,7 @@ import sqlite_utils
 
 from . import __version__
 from .errors import StateError
+from .files import make_parent_dirs
 
 APP_ID = 0x43455854  # "CEXT": tells our databases from any other SQLite file
 SCHEMA_VERSION = 6
@@ -301,7 +302,7 @@ def now() -> str:
 
 def _create_private(path: Path) -> None:
     """Create the DB file 0600 in a 0700 directory before SQLite touches it."""
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    make_parent_dirs(path)
     fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
     os.close(fd)
 

@@ -30,6 +30,7 @@ from collections.abc import Iterable
 from pathlib import Path, PurePosixPath
 from typing import ClassVar
 
+from ..files import make_private_dirs
 from ..paths import safe_relative_path
 from . import Delivery, Item, StoreError
 
@@ -60,28 +61,6 @@ def safe_key_path(key: str) -> str:
     if parts and parts[0] in SIDE_AREAS:
         parts[0] = "%5F" + parts[0][1:]
     return str(PurePosixPath(*parts))
-
-
-def make_private_dirs(path: str) -> None:
-    """`os.makedirs` with every folder it creates 0700 (makedirs applies the mode to the leaf
-    only). Safe when several threads create the same folders at once."""
-    try:
-        os.mkdir(path, 0o700)
-        return
-    except FileExistsError:
-        if os.path.isdir(path):
-            return
-        raise OSError(errno.ENOTDIR, f"a file is in the way of folder {path}") from None
-    except FileNotFoundError:
-        parent = os.path.dirname(path)
-        if parent == path:
-            raise
-        make_private_dirs(parent)
-    try:
-        os.mkdir(path, 0o700)
-    except FileExistsError:
-        if not os.path.isdir(path):
-            raise OSError(errno.ENOTDIR, f"a file is in the way of folder {path}") from None
 
 
 class FilesystemStore:
