@@ -7,6 +7,7 @@ one place (`CloudexitGroup.invoke`); `--traceback` shows the stack instead.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from typing import Any, Callable
@@ -137,17 +138,23 @@ def inventory(url: str, db_path: str, endpoint_url: str | None, profile: str | N
     """
     from .inventory import Inventory, resolve_since
     from .source import Source
-    from .state import State
+    from .state import State, discard_if_empty
     from .status import inventory_summary
 
     source = Source(url, SourceConfig(endpoint_url=endpoint_url, profile=profile, region=region,
                                       max_attempts=retries))
     config = InventoryConfig(workers=workers, list_workers=list_workers, header_bytes=header_bytes,
                              key_pattern=key_pattern)
-    with State(db_path, create=True) as state, _InventoryBar(quiet or as_json) as bar:
-        day = resolve_since(state, since)
-        summary = Inventory(state, source, config, progress=bar.update, since=day).run()
-        totals = inventory_summary(state)
+    first = not os.path.exists(db_path)
+    try:
+        with State(db_path, create=True) as state, _InventoryBar(quiet or as_json) as bar:
+            day = resolve_since(state, since)
+            summary = Inventory(state, source, config, progress=bar.update, since=day).run()
+            totals = inventory_summary(state)
+    except BaseException:
+        if first:  # a wrong bucket or no credentials: leave no empty state DB behind
+            discard_if_empty(db_path)
+        raise
     if as_json:
         click.echo(json.dumps({"round": summary.__dict__, "inventory": totals}, indent=2, default=str))
     elif not quiet:
@@ -247,8 +254,10 @@ def _print_summary(t: dict[str, Any]) -> None:
 
     inv = t["inventory"]
     lines = [
-        f"Source: {t['source']}  (endpoint {t['endpoint']})",
-        f"Inventory: {inv['status']} ({inv['rounds']} round(s), last finished {inv['finished_at'] or '-'})",
+        f"Source: {t['source'] or '-'}  (endpoint {t['endpoint'] or '-'})",
+        f"Inventory: {inv['status']} ({inv['rounds']} round(s), last finished {inv['finished_at'] or '-'})"
+        if inv["status"] else "Inventory: none has completed yet; run `cloudexit inventory "
+                              f"{t['source'] or 's3://BUCKET/PREFIX'}` with this --db",
         f"  objects          {t['objects']:>10}   {format_bytes(t['bytes'])}",
         f"  DICOM instances  {t['dicom_instances']:>10}   in {t['studies']} studies, "
         f"{t['series']} series, {t['patients']} patients",

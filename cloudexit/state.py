@@ -307,6 +307,26 @@ def _create_private(path: Path) -> None:
     os.close(fd)
 
 
+def discard_if_empty(path: str | os.PathLike[str]) -> bool:
+    """Delete a state DB (and its WAL files) that holds no object and no run: what a first
+    command that failed at once (a wrong bucket, no credentials) leaves. True if deleted."""
+    target = Path(path)
+    try:
+        conn = sqlite3.connect(f"file:{target}?mode=ro", uri=True)
+        try:
+            used = conn.execute("SELECT (SELECT count(*) FROM objects) + "
+                                "(SELECT count(*) FROM migration_runs)").fetchone()[0]
+        finally:
+            conn.close()
+    except sqlite3.Error:
+        return False  # not ours, or not readable: leave it alone
+    if used:
+        return False
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{target}{suffix}").unlink(missing_ok=True)
+    return True
+
+
 class State:
     """An open state database. Thread-safe: writes are serialised by a lock."""
 

@@ -169,3 +169,21 @@ def test_migrate_into_a_second_folder_says_so_and_asks_for_yes(migrated: tuple[d
     # The same folder as before needs no --yes (a PACS added to the archive run, or a repeat).
     same = _invoke(env, "migrate", "--db", str(db), "--to", str(second), "-q")
     assert same.exit_code in (0, 3), same.output
+
+
+def test_a_failed_first_inventory_leaves_no_state_db(cli: Callable[..., Result], tmp_path: Path) -> None:
+    db = tmp_path / "state" / "cloudexit.db"
+    result = cli("inventory", f"s3://no-such-bucket-{os.getpid()}", "--db", str(db))
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert not db.exists() and not list(db.parent.glob("cloudexit.db*"))
+    assert "no state database" in cli("status", "--db", str(db)).output
+
+
+def test_status_before_any_inventory_says_what_to_run(tmp_path: Path) -> None:
+    from cloudexit.state import State
+
+    db = tmp_path / "cloudexit.db"
+    State(db, create=True).close()  # e.g. left by an older version after a failed first run
+    result = CliRunner().invoke(main, ["status", "--db", str(db)], catch_exceptions=False)
+    assert "Inventory: None" not in result.output
+    assert "none has completed yet; run `cloudexit inventory" in result.output
