@@ -575,11 +575,14 @@ class Inventory:
                        + (unlisted if skipped else ""), {"r": r, "at": now()})
             not_listed = tx.execute("SELECT count(*) FROM objects WHERE status = 'present' "
                                     "AND last_seen_round < ?", (r,)).fetchone()[0]
-            tx.execute("UPDATE inventory_rounds SET status = 'complete', finished_at = ? WHERE id = ?",
-                       (now(), r))
             counts = dict(tx.execute(
                 "SELECT change, count(*) FROM objects WHERE change_round = ? GROUP BY change",
                 (r,)).fetchall())
+            # Recorded now: a later round overwrites objects.change, so these cannot be rebuilt.
+            tx.execute("UPDATE inventory_rounds SET status = 'complete', finished_at = ?, "
+                       "new_objects = ?, changed_objects = ?, deleted_objects = ? WHERE id = ?",
+                       (now(), counts.get("new", 0), counts.get("changed", 0),
+                        counts.get("deleted", 0), r))
             unchanged = tx.execute("SELECT count(*) FROM objects WHERE change = 'unchanged' "
                                    "AND last_seen_round = ?", (r,)).fetchone()[0]
             since = self.since.isoformat() if self.since else None

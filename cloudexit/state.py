@@ -24,7 +24,7 @@ from .errors import StateError
 from .files import make_parent_dirs
 
 APP_ID = 0x43455854  # "CEXT": tells our databases from any other SQLite file
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 _SCHEMA_V1 = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT);
@@ -284,8 +284,25 @@ CREATE INDEX list_tasks_open ON list_tasks(round, id) WHERE done = 0;
 CREATE INDEX list_tasks_skipped ON list_tasks(round, prefix) WHERE skipped = 1
 """
 
+# Version 7: each inventory round records its new/changed/deleted counts when it completes
+# (`objects.change` only keeps an object's latest change, so the counts of older rounds cannot
+# be rebuilt from it). Rounds completed before are filled from their `inventory.complete` event.
+_SCHEMA_V7 = """
+ALTER TABLE inventory_rounds ADD COLUMN new_objects INTEGER;
+ALTER TABLE inventory_rounds ADD COLUMN changed_objects INTEGER;
+ALTER TABLE inventory_rounds ADD COLUMN deleted_objects INTEGER;
+UPDATE inventory_rounds SET
+    new_objects = (SELECT json_extract(e.detail, '$.new') FROM events e WHERE e.kind = 'inventory.complete'
+                   AND json_extract(e.detail, '$.round') = inventory_rounds.id ORDER BY e.id DESC LIMIT 1),
+    changed_objects = (SELECT json_extract(e.detail, '$.changed') FROM events e WHERE e.kind = 'inventory.complete'
+                       AND json_extract(e.detail, '$.round') = inventory_rounds.id ORDER BY e.id DESC LIMIT 1),
+    deleted_objects = (SELECT json_extract(e.detail, '$.deleted') FROM events e WHERE e.kind = 'inventory.complete'
+                       AND json_extract(e.detail, '$.round') = inventory_rounds.id ORDER BY e.id DESC LIMIT 1)
+WHERE status = 'complete'
+"""
+
 _MIGRATIONS: dict[int, str] = {1: _SCHEMA_V1, 2: _SCHEMA_V2, 3: _SCHEMA_V3, 4: _SCHEMA_V4,
-                                 5: _SCHEMA_V5, 6: _SCHEMA_V6}
+                                 5: _SCHEMA_V5, 6: _SCHEMA_V6, 7: _SCHEMA_V7}
 
 
 GENESIS_HASH = "0" * 64
