@@ -746,10 +746,7 @@ def _print_verify(r: Any) -> None:
     if r.samples:
         same = sum(1 for s in r.samples if s.result in ("identical", "equivalent"))
         lines.append(f"  samples {same}/{len(r.samples)} identical or equivalent")
-    for f in r.findings[:20]:
-        where = f.path or f.key or f.sop_uid or f.series_uid or f.study_uid
-        extra = f" (expected {f.expected}, found {f.found})" if f.expected or f.found else ""
-        lines.append(f"  {f.level} {f.problem}: {where}{extra}" + (f"; {f.detail}" if f.detail else ""))
+    lines += [f"  {f.text()}" for f in r.findings[:20]]
     if len(r.findings) > 20:
         lines.append(f"  ... {len(r.findings) - 20} more (cloudexit verify --json, or table verify_findings)")
     for s in r.samples:

@@ -187,3 +187,22 @@ def test_status_before_any_inventory_says_what_to_run(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["status", "--db", str(db)], catch_exceptions=False)
     assert "Inventory: None" not in result.output
     assert "none has completed yet; run `cloudexit inventory" in result.output
+
+
+def test_verify_says_what_the_migration_recorded_for_an_object_not_delivered(
+        migrated: tuple[dict[str, Any], Path, str], tmp_path: Path) -> None:
+    import sqlite3
+
+    env, shared_db, _bucket = migrated
+    db = tmp_path / "cloudexit.db"
+    shutil.copy(shared_db, db)
+    conn = sqlite3.connect(db)  # as a migration that gave up on one object records it
+    key = conn.execute("SELECT key FROM transfers WHERE state = 'verified' ORDER BY seq LIMIT 1").fetchone()[0]
+    conn.execute("UPDATE transfers SET state = 'failed', reason = 'HTTP 500 after 5 attempts' WHERE key = ?",
+                 (key,))
+    conn.commit()
+    conn.close()
+    result = _invoke(env, "verify", "--db", str(db))
+    assert result.exit_code == 3, result.output
+    assert "None" not in result.output, result.output
+    assert f"object not-delivered: {key} (the migration recorded it as failed); HTTP 500" in result.output
