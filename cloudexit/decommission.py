@@ -435,9 +435,16 @@ def _decide(key: str, versions: list[Version], judge: _Judge, versioned: bool,
             all_versions: bool) -> list[ManifestRow]:
     """The manifest rows of one key: each version (and delete marker) to delete or keep, and why."""
     data = [v for v in versions if not v.delete_marker]
+    # A key whose latest version is a delete marker is not in a plain listing: no inventory can
+    # have seen it, so "arrived since the last inventory" would send the user to the wrong fix.
+    hidden = any(v.delete_marker and v.is_latest for v in versions)
     decided: list[ManifestRow] = []
     for v in data:
         safe, held, sha, reason = judge.judge(key, v.etag)
+        if hidden and reason.startswith("not inventoried"):
+            reason = ("hidden by a delete marker: deleted at the source before the inventory, which "
+                      "lists current objects only, so never migrated; its data stays as a noncurrent "
+                      "version (to migrate it, delete the marker, then run inventory, migrate, verify)")
         row = ManifestRow("keep", key, v.version_id, v.is_latest, False, v.etag, v.size,
                           v.last_modified, sha, held, "", reason)
         if not versioned:
@@ -448,7 +455,7 @@ def _decide(key: str, versions: list[Version], judge: _Judge, versioned: bool,
                 row.action, row.how = "delete", "version"
             elif not v.is_latest and any(judge.judge(key, w.etag)[0] for w in data if w is not v):
                 row.reason = (f"older content: this noncurrent version was never migrated; kept ({reason})"
-                              if not reason.startswith("not inventoried") else reason)
+                              if not reason.startswith(("not inventoried", "hidden by")) else reason)
         else:
             if safe and v.is_latest:
                 row.action, row.how = "delete", "marker"
