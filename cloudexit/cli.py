@@ -167,11 +167,24 @@ def inventory(url: str, db_path: str, endpoint_url: str | None, profile: str | N
                        f"folder(s) not listed; their {summary.not_listed} object(s) kept as they "
                        "were, deletions counted only in the folders listed.")
         _print_summary(totals)
+    if summary.archived and not quiet:
+        classes = ", ".join(f"{n} {cls}" for cls, n in sorted(summary.archived.items()))
+        click.echo(f"{sum(summary.archived.values())} object(s) are in an archive storage class "
+                   f"({classes}): `cloudexit migrate` restores them, then reads their headers.",
+                   err=True)
+    if summary.customer_key:
+        click.echo(f"{summary.customer_key} object(s) are encrypted with a customer-provided key "
+                   "(SSE-C): the store serves them only with that key, so no retry reads them; "
+                   "re-encrypt them at the source (copy with the key to SSE-S3 or no encryption) "
+                   "and run inventory again:", err=True)
+        for key in summary.customer_key_sample:
+            click.echo(f"  {key!r}", err=True)
     if summary.failed:
         click.echo(f"{len(summary.failed)} object(s) could not be read; run inventory again to retry:",
                    err=True)
         for key, reason in summary.failed[:10]:
             click.echo(f"  {key!r}: {reason}", err=True)
+    if summary.failed or summary.customer_key:
         sys.exit(EXIT_PARTIAL)
 
 

@@ -59,6 +59,16 @@ class TLSError(SourceError):
     firewall may block the domain with its own certificate for a while) and says why."""
 
 
+class ObjectArchived(SourceError):
+    """The object is in an archive storage class (GLACIER, DEEP_ARCHIVE...): it cannot be read
+    until restored, which `migrate` does."""
+
+
+class CustomerKeyRequired(SourceError):
+    """The object is encrypted with a customer-provided key (SSE-C): the store serves it only to
+    a request carrying that key, which cloudexit does not have. No retry helps."""
+
+
 class StateError(CloudexitError):
     """The state database is missing, foreign or belongs to another migration."""
 

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 from .config import InventoryConfig
 from .dicom import Header, classify, patient_hash
-from .errors import CloudexitError, UsageError
+from .errors import CloudexitError, CustomerKeyRequired, ObjectArchived, UsageError
 from .paths import folder_dates, key_flags
 from .source import ListedObject, ObjectChanged, ObjectGone, Source, iso
 from .state import State, now
@@ -98,6 +98,11 @@ class RoundSummary:
     since: str | None = None  # folders dated wholly before this day were not listed
     skipped_folders: int = 0
     not_listed: int = 0  # objects in those folders, kept as they were
+    # Left pending too, but no retry of the inventory reads them: in an archive storage class
+    # (migrate restores them, then reads their headers), or encrypted with a customer key (SSE-C).
+    archived: dict[str, int] = field(default_factory=dict)  # storage class: objects
+    customer_key: int = 0
+    customer_key_sample: list[str] = field(default_factory=list)  # the first 10 keys
 
 
 @dataclass
@@ -131,6 +136,7 @@ class _HeaderResult:
     gone: bool = False
     changed_to: tuple[str, int, str] | None = None  # new (etag, size, last_modified)
     error: str | None = None
+    unreadable: str | None = None  # why no retry reads it: archived | customer-key
 
 
 def compile_key_pattern(pattern: str) -> re.Pattern[str]:
@@ -191,7 +197,8 @@ class Inventory:
         # usually the slower side, so a short queue keeps memory down without idling it.
         self._pages: queue.Queue[_Page | BaseException] = queue.Queue(maxsize=4)
         self._stop = threading.Event()
-        self._failed: dict[str, str] = {}
+        self._failed: dict[str, str] = {}  # key: why its header could not be read this round
+        self._unreadable: dict[str, str] = {}  # of those, the ones no retry reads, and why
         self._changes: dict[str, int] = {}
         self._lean: LeanS3 | None = None
 
@@ -494,6 +501,9 @@ class Inventory:
                                  iso(head["LastModified"]))
         except ObjectGone:
             result.gone = True
+        except (ObjectArchived, CustomerKeyRequired) as exc:
+            result.error = str(exc)
+            result.unreadable = "archived" if isinstance(exc, ObjectArchived) else "customer-key"
         except CloudexitError as exc:
             if type(exc).__name__ in ("CredentialsError", "EndpointUnreachable"):
                 raise
@@ -508,6 +518,8 @@ class Inventory:
                 requests += r.requests
                 nbytes += r.bytes_read
                 if r.error:
+                    if r.unreadable:
+                        self._unreadable[r.key] = r.unreadable
                     if r.error != "stopped":
                         self._failed[r.key] = r.error
                         self.progress.failed = len(self._failed)
@@ -590,6 +602,18 @@ class Inventory:
                            changed=counts.get("changed", 0), deleted=counts.get("deleted", 0),
                            unread=len(self._failed), since=since, skipped_folders=skipped,
                            not_listed=not_listed)
+        why = self._unreadable
+        archived: dict[str, int] = {}
+        keys = [k for k, v in why.items() if v == "archived"]
+        for i in range(0, len(keys), 500):
+            batch = keys[i:i + 500]
+            for cls, n in self.state.query("SELECT coalesce(storage_class, 'archive'), count(*) FROM objects "
+                                           f"WHERE key IN ({','.join('?' * len(batch))}) GROUP BY 1", batch):
+                archived[cls] = archived.get(cls, 0) + n
         return RoundSummary(r, resumed, counts.get("new", 0), counts.get("changed", 0),
-                            counts.get("deleted", 0), unchanged, sorted(self._failed.items()),
-                            since, skipped, not_listed)
+                            counts.get("deleted", 0), unchanged,
+                            sorted((k, v) for k, v in self._failed.items() if k not in why),
+                            since, skipped, not_listed,
+                            archived=archived,
+                            customer_key=sum(1 for v in why.values() if v == "customer-key"),
+                            customer_key_sample=sorted(k for k, v in why.items() if v == "customer-key")[:10])
