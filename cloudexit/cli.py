@@ -467,7 +467,8 @@ class _ByteBar:
 @click.option("--order", type=click.Choice(["newest", "oldest", "key"]), default=None,
               help="Which studies first (default newest); a study's objects go together.")
 @click.option("--restore-tier", type=click.Choice(["bulk", "standard", "expedited"]), default=None,
-              help="Tier of RestoreObject for archived storage classes (default bulk).")
+              help="Tier of RestoreObject for archived storage classes (default bulk); expedited "
+                   "is not offered for DEEP_ARCHIVE, whose objects then get standard (said once).")
 @click.option("--restore-days", type=click.IntRange(1, 365), default=None,
               help="Days a restored copy stays readable (default 7).")
 @click.option("--restore-poll", type=click.FloatRange(1, 86400), default=None,
@@ -512,7 +513,8 @@ def migrate(dests: tuple[str, ...], resume: bool, yes: bool, calling_aet: str | 
     a PACS refused or conflicted (listed).
     """
     from .config import MigrateConfig
-    from .migrate import Migration, check_new_archive, config_from_run, last_run, set_live_bwlimit
+    from .migrate import (Migration, check_new_archive, config_from_run, last_run, restore_tier_note,
+                          set_live_bwlimit)
     from .source import Source
     from .state import State
     from .stores import open_store
@@ -567,6 +569,9 @@ def migrate(dests: tuple[str, ...], resume: bool, yes: bool, calling_aet: str | 
         source = Source(url or "", SourceConfig(
             endpoint_url=endpoint_url or (None if bound in (None, "aws") else bound),
             profile=profile, region=region or state.meta("region"), max_attempts=retries))
+        note = restore_tier_note(state, config.restore_tier)
+        if note and not quiet:
+            click.echo(note, err=True)
         with _MigrateBar(quiet or as_json) as bar:
             summary = Migration(state, source, store, config, progress=bar.update,
                                 resume=resume, deliver_to=deliver_to).run()

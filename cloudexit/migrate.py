@@ -59,6 +59,27 @@ DONE_STATES = ("verified", "duplicate", "quarantined", "skipped")
 TRANSIENT_REASONS = ("0xA7%", "HTTP 5%", "HTTP 429%")
 RESTORE_TIERS = {"bulk": "Bulk", "standard": "Standard", "expedited": "Expedited"}
 LIVE_AFTER = 15.0  # seconds: a run whose heartbeat is older is not live
+# AWS offers Expedited restores for GLACIER (Flexible Retrieval) only, not for DEEP_ARCHIVE
+# (RestoreObject API reference): those fall back to Standard.
+NO_EXPEDITED = {"DEEP_ARCHIVE"}
+
+
+def restore_tier(storage_class: str | None, tier: str) -> str:
+    """The tier to ask for: `tier`, except Expedited where the class does not offer it."""
+    return "Standard" if tier == "Expedited" and (storage_class or "").upper() in NO_EXPEDITED else tier
+
+
+def restore_tier_note(state: State, tier: str) -> str | None:
+    """One line for the user when `tier` cannot apply to some archived objects (None: it can)."""
+    if tier != "Expedited":
+        return None
+    marks = ",".join("?" * len(NO_EXPEDITED))
+    n = state.scalar(f"SELECT count(*) FROM objects WHERE status = 'present' AND upper(storage_class) "
+                     f"IN ({marks})", tuple(NO_EXPEDITED)) or 0
+    if not n:
+        return None
+    return (f"--restore-tier expedited: AWS has no Expedited restore for DEEP_ARCHIVE; its {n} "
+            "object(s) are restored with Standard (within 12 h), the others with Expedited")
 
 
 @dataclass
@@ -1056,7 +1077,7 @@ class Migration:
         cfg = self.config
         request: dict[str, Any] = {"Days": cfg.restore_days}
         if (storage_class or "").upper() not in ("ARCHIVE", "COLDARCHIVE", "DEEPCOLDARCHIVE", "COLD"):
-            request["GlacierJobParameters"] = {"Tier": cfg.restore_tier}
+            request["GlacierJobParameters"] = {"Tier": restore_tier(storage_class, cfg.restore_tier)}
         try:
             resp = self.source.client().restore_object(Bucket=self.source.bucket, Key=key,
                                                        RestoreRequest=request)
@@ -1158,9 +1179,11 @@ class Migration:
             "INSERT INTO restores(key, etag, storage_class, tier, days, status, requested_at, reason) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(key) DO UPDATE SET etag = excluded.etag, "
             "status = excluded.status, requested_at = excluded.requested_at, reason = excluded.reason",
-            (key, info["etag"], info.get("storage_class"), self.config.restore_tier,
+            (key, info["etag"], info.get("storage_class"),
+             restore_tier(info.get("storage_class"), self.config.restore_tier),
              self.config.restore_days, status, stamp, info.get("reason")))
-        self.state.log("migrate.restore", tx, key=key, status=status, tier=self.config.restore_tier,
+        self.state.log("migrate.restore", tx, key=key, status=status,
+                       tier=restore_tier(info.get("storage_class"), self.config.restore_tier),
                        days=self.config.restore_days, reason=info.get("reason"))
         if status == "restored":
             self._restored(tx, key, stamp)

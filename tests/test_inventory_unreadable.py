@@ -46,3 +46,24 @@ def test_customer_key_objects_are_named_with_what_to_do(cli, s3, bucket: str, db
     assert secret in result.stderr and "run inventory again to retry" not in result.stderr
     doc = json.loads(cli("inventory", f"s3://{bucket}", "--db", str(db), "--retries", "2", "--json").stdout)
     assert doc["round"]["customer_key"] == 1 and doc["round"]["failed"] == []
+
+
+def test_expedited_restores_fall_back_to_standard_for_deep_archive(cli, s3, bucket: str, db: Path,
+                                                                   tmp_path: Path, fault_proxy) -> None:
+    objects = [o for o in synthetic.upload(s3.client(), bucket, synthetic.generate(_profile()))
+               if o.kind == "dicom"]
+    glacier, deep = objects[0], objects[1]
+    fault_proxy.archive(f"^{glacier.key}$", "GLACIER")
+    fault_proxy.archive(f"^{deep.key}$", "DEEP_ARCHIVE")
+    endpoint = ("--endpoint-url", fault_proxy.endpoint_url)
+    assert cli("inventory", f"s3://{bucket}", "--db", str(db), *endpoint, "-q").exit_code == 0
+    result = cli("migrate", "--to", str(tmp_path / "archive"), "--db", str(db), *endpoint,
+                 "--restore-tier", "expedited", "--restore-poll", "1")
+    assert result.exit_code == 0, result.output
+    notes = [line for line in result.stderr.splitlines() if "no Expedited restore for DEEP_ARCHIVE" in line]
+    assert len(notes) == 1 and "1 object(s) are restored with Standard" in notes[0]
+    # What went on the wire, and what the state DB says was asked for.
+    assert fault_proxy.restore_tier(bucket, deep.key) == "Standard"
+    assert fault_proxy.restore_tier(bucket, glacier.key) == "Expedited"
+    tiers = {r["key"]: r["tier"] for r in rows(db, "SELECT key, tier FROM restores")}
+    assert tiers == {deep.key: "Standard", glacier.key: "Expedited"}
