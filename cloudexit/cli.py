@@ -620,6 +620,7 @@ class _MigrateBar:
         self.last = time.monotonic()
         self.last_bytes = 0
         self.waiting: str | None = None  # the waiting_since last shown
+        self.stopping = False
 
     def __enter__(self) -> "_MigrateBar":
         if not self.quiet and self.tty:
@@ -629,6 +630,13 @@ class _MigrateBar:
         return self
 
     def update(self, p: Any) -> None:
+        if p.stopping is not None and not self.stopping:  # Ctrl-C: said at once, even with -q
+            self.stopping = True
+            if self.bar is not None:
+                self.bar.clear()
+            click.echo(f"\nstopping: finishing {p.stopping} objects in flight "
+                       "(Ctrl-C again to stop now)", err=True)
+            return
         if self.quiet:
             return
         from .units import format_bytes, format_rate

@@ -99,6 +99,7 @@ class MigrateProgress:
     waiting_why: str | None = None  # what the user may have to do, when it is not a plain outage
     rate_limit: float | None = None  # bytes/s in force (None: unlimited, 0: paused)
     study: str | None = None  # study being worked on
+    stopping: int | None = None  # after Ctrl-C: objects in flight being finished (None: running)
 
 
 @dataclass
@@ -1273,22 +1274,37 @@ class Migration:
     # -- closing -----------------------------------------------------------------------------------
     def _shutdown(self, interrupted: bool) -> None:
         self.stop_event.set() if (interrupted or self.stop_error is not None) else None
+        if interrupted:  # said at once: the wait below can take seconds
+            self.progress.stopping = len(self.flights)
+            self.on_progress(self.progress)
         deadline = time.monotonic() + (15.0 if not interrupted else 10.0)
         pending: list[Result] = []
+        stop_now = False
         while self.flights and time.monotonic() < deadline:
             try:
                 message = self.outbox.get(timeout=0.1)
             except queue.Empty:
                 continue
-            except KeyboardInterrupt:
+            except KeyboardInterrupt:  # Ctrl-C again: stop now; the workers' temp files stay
+                stop_now = True        # temp files, nothing unverified reaches a final path
                 break
             if message[0] in ("result", "results"):
                 pending.extend(message[1] if message[0] == "results" else [message[1]])
                 if len(pending) >= 64:
                     self._commit(pending, [])
                     pending = []
+        # What is left is bookkeeping: a further Ctrl-C must not cut a transaction in half.
+        main = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
+        try:
+            self._finish_shutdown(pending, wait=not stop_now)
+        finally:
+            if main:
+                signal.signal(signal.SIGINT, previous)
+
+    def _finish_shutdown(self, pending: list[Result], wait: bool) -> None:
         for outlet in self.outlets:  # deliveries in progress end (queued ones are cancelled)
-            outlet.pool.shutdown(wait=True, cancel_futures=True)
+            outlet.pool.shutdown(wait=wait, cancel_futures=True)
         self._drain_deliveries()
         self._commit(pending, [])
         stamp = now()
