@@ -180,6 +180,9 @@ def check_new_archive(state: State, dest: str, confirmed: bool) -> None:
         "SELECT DISTINCT dest FROM migration_runs WHERE dest != ? ORDER BY id", (dest,))]
     if not earlier or confirmed or state.scalar("SELECT 1 FROM migration_runs WHERE dest = ?", (dest,)):
         return
+    last = last_run(state)
+    if last is not None and last["status"] in ("running", "interrupted", "stopped"):
+        return  # the unfinished run is what to speak of: Migration refuses with --resume
     from .units import format_bytes
 
     row = state.query("SELECT count(*) AS n, coalesce(sum(size), 0) AS b FROM objects "
