@@ -734,7 +734,8 @@ def verify(db_path: str, dests: tuple[str, ...], deep: bool, sample: int, seed: 
     are stored in the state DB for the audit. Exit 0: all verified; 3: differences found.
     """
     from .state import State
-    from .verify import destinations, open_destination, verify as run_verify
+    from .stores import QueryRefused
+    from .verify import destinations, dicomweb_twin, open_destination, verify as run_verify
 
     reports = []
     with State(db_path) as state:
@@ -742,11 +743,19 @@ def verify(db_path: str, dests: tuple[str, ...], deep: bool, sample: int, seed: 
         if not targets:
             raise UsageError("nothing to verify: no migration has delivered anywhere yet",
                              hint="run `cloudexit migrate --to DEST` first, or pass --to")
-        for dest in targets:
+        for dest in targets:  # a DICOMweb URL appended below (C-FIND refused) is verified too
             store = open_destination(dest, calling_aet=calling_aet)
             bar = _PhaseBar(quiet or as_json, "verify")
             try:
                 reports.append(run_verify(state, store, deep=deep, sample=sample, seed=seed, progress=bar))
+            except QueryRefused as exc:
+                twin = dicomweb_twin(state, store.id, targets)
+                if twin is None:
+                    raise
+                click.echo(f"{store.id}: {exc.message}; verifying through its DICOMweb URL "
+                           f"{twin} (QIDO-RS) instead. Hint: {exc.hint}", err=True)
+                if twin not in targets:
+                    targets.append(twin)
             finally:
                 bar.close()
                 store.close()

@@ -27,6 +27,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 from .errors import UsageError
 from .state import State, now
@@ -143,6 +144,16 @@ def destinations(state: State) -> list[str]:
         if r["dest"] not in seen:
             seen.append(r["dest"])
     return seen
+
+
+def dicomweb_twin(state: State, dest: str, given: list[str] | tuple[str, ...] = ()) -> str | None:
+    """A DICOMweb URL of the same host as the dicom:// destination `dest`, from the destinations
+    given or those the migration delivered to (QIDO-RS answers where C-FIND is refused)."""
+    host = urlsplit(dest).hostname
+    for other in [*given, *destinations(state)]:
+        if other.startswith("dicomweb+") and urlsplit(other).hostname == host:
+            return other
+    return None
 
 
 def verify(state: State, store: Store, deep: bool = False, sample: int = 0, seed: int | None = None,

@@ -42,7 +42,11 @@ AET = "ORTHANC"
 class OrthancServer:
     """One Orthanc process with its own config, ports and storage."""
 
-    def __init__(self, workdir: Path, aet: str = AET, users: dict[str, str] | None = None) -> None:
+    def __init__(self, workdir: Path, aet: str = AET, users: dict[str, str] | None = None,
+                 **options: Any) -> None:
+        """`options`: Orthanc configuration entries that replace the defaults below, e.g.
+        DicomAlwaysAllowFind=False, DicomModalities={} (a PACS that lets any AE store, only
+        registered ones query)."""
         self.workdir = Path(workdir)
         self.aet = aet
         self.users = users
@@ -69,6 +73,7 @@ class OrthancServer:
             "LimitFindResults": 0, "LimitFindInstances": 0,
             "DicomScuTimeout": 30, "DicomAssociationCloseDelay": 0,
             "SaveJobs": False, "ConcurrentJobs": 2,
+            **options,
         }))
 
     # -- addresses --------------------------------------------------------------------------------
