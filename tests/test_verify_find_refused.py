@@ -70,3 +70,17 @@ def test_a_refused_c_find_falls_back_to_qido_rs(s3: SeaweedServer, store_only: O
     doc = json.loads(result.stdout)
     assert doc["verified"] is True
     assert [d["dest"] for d in doc["destinations"]] == [store_only.dicomweb_url]
+
+
+def test_a_refused_c_get_of_a_sample_is_named_too(s3: SeaweedServer, tmp_path: Path) -> None:
+    """Queries allowed, retrieval not (DicomAlwaysAllowGet false): --sample says so."""
+    if not os.path.exists(ORTHANC):
+        pytest.skip("Orthanc is not installed (apt-get install orthanc orthanc-dicomweb)")
+    with OrthancServer(tmp_path / "no-get", DicomAlwaysAllowGet=False, DicomModalities={}) as no_get:
+        env, db = _migrated(s3, tmp_path, no_get.dicom_url)
+        result = _run(env, "verify", "--db", str(db), "--to", no_get.dicom_url, "--sample", "2")
+    # The counts pass; each sample is not compared, and says why (exit 3: not verified).
+    assert result.exit_code == 3, result.output
+    assert "could not fetch it back: the PACS at" in result.output
+    assert "closed the association on our C-GET" in result.output
+    assert "DicomAlwaysAllowGet" in result.output and "stopped answering" not in result.output
