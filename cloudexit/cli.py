@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import os
 import sys
 import time
 from typing import Any, Callable
@@ -16,13 +17,18 @@ import click
 
 from . import __version__
 from .config import InventoryConfig, SourceConfig
-from .errors import CloudexitError, UsageError
+from .errors import CloudexitError, FileSystemError, UsageError
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_PARTIAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 
 class CloudexitGroup(click.Group):
+    """Maps every error to one line (`Error: ...` and a hint on stderr) and its exit code; with
+    --json, to `{"error", "hint", "exit"}` on stdout instead."""
+
     def invoke(self, ctx: click.Context) -> Any:
+        words = [*getattr(ctx, "_protected_args", []), *ctx.args]
+        as_json = "--json" in words[:words.index("--")] if "--" in words else "--json" in words
         try:
             try:
                 return super().invoke(ctx)
@@ -38,14 +44,33 @@ class CloudexitGroup(click.Group):
         except CloudexitError as exc:
             if ctx.meta.get("traceback"):
                 raise
-            click.secho(f"Error: {exc}", fg="red", err=True)
-            ctx.exit(exc.exit_code)
+            _fail(ctx, as_json, exc.message, exc.hint, exc.exit_code)
+        except OSError as exc:  # a path, permission or disk problem the library did not name
+            if ctx.meta.get("traceback"):
+                raise
+            err = FileSystemError.from_os_error(exc)
+            _fail(ctx, as_json, err.message, err.hint, err.exit_code)
+        except click.ClickException as exc:
+            if not as_json:
+                raise
+            _fail(ctx, as_json, exc.format_message(), "see --help", exc.exit_code)
         except KeyboardInterrupt:
             if ctx.meta.get("traceback"):
                 raise
-            click.echo("\nInterrupted. Everything committed so far is kept; "
-                       "run the same command again to continue.", err=True)
-            ctx.exit(EXIT_INTERRUPTED)
+            if not as_json:
+                click.echo("\nInterrupted. Everything committed so far is kept; "
+                           "run the same command again to continue.", err=True)
+                ctx.exit(EXIT_INTERRUPTED)
+            _fail(ctx, as_json, "interrupted", "everything committed so far is kept; run the "
+                  "same command again to continue", EXIT_INTERRUPTED)
+
+
+def _fail(ctx: click.Context, as_json: bool, message: str, hint: str | None, code: int) -> None:
+    if as_json:
+        click.echo(json.dumps({"error": message, "hint": hint, "exit": code}, ensure_ascii=False))
+    else:
+        click.secho(f"Error: {message}" + (f"\n  hint: {hint}" if hint else ""), fg="red", err=True)
+    ctx.exit(code)
 
 
 def _set_traceback(ctx: click.Context, _param: click.Parameter, value: bool) -> bool:
@@ -129,18 +154,27 @@ def inventory(url: str, db_path: str, endpoint_url: str | None, profile: str | N
     """
     from .inventory import Inventory, resolve_since
     from .source import Source
-    from .state import State
+    from . import patientkey
+    from .state import State, discard_if_empty
     from .status import inventory_summary
 
     source = Source(url, SourceConfig(endpoint_url=endpoint_url, profile=profile, region=region,
                                       max_attempts=retries))
     config = InventoryConfig(workers=workers, list_workers=list_workers, header_bytes=header_bytes,
                              key_pattern=key_pattern)
-    with State(db_path, create=True) as state, _InventoryBar(quiet or as_json) as bar:
-        _warn_patient_key(state)
-        day = resolve_since(state, since)
-        summary = Inventory(state, source, config, progress=bar.update, since=day).run()
-        totals = inventory_summary(state)
+    first = not os.path.exists(db_path)
+    new_key = not patientkey.key_path(db_path).exists()
+    try:
+        with State(db_path, create=True) as state, _InventoryBar(quiet or as_json) as bar:
+            _warn_patient_key(state)
+            day = resolve_since(state, since)
+            summary = Inventory(state, source, config, progress=bar.update, since=day).run()
+            totals = inventory_summary(state)
+    except BaseException:
+        # A wrong bucket or no credentials: leave no empty state DB (nor the key made for it).
+        if first and discard_if_empty(db_path) and new_key:
+            patientkey.key_path(db_path).unlink(missing_ok=True)
+        raise
     if as_json:
         click.echo(json.dumps({"round": summary.__dict__, "inventory": totals}, indent=2, default=str))
     elif not quiet:
@@ -155,11 +189,24 @@ def inventory(url: str, db_path: str, endpoint_url: str | None, profile: str | N
         _print_summary(totals)
     if summary.backup_error:
         click.secho(f"Warning: no backup of the state DB was made: {summary.backup_error}", fg="yellow", err=True)
+    if summary.archived and not quiet:
+        classes = ", ".join(f"{n} {cls}" for cls, n in sorted(summary.archived.items()))
+        click.echo(f"{sum(summary.archived.values())} object(s) are in an archive storage class "
+                   f"({classes}): `cloudexit migrate` restores them, then reads their headers.",
+                   err=True)
+    if summary.customer_key:
+        click.echo(f"{summary.customer_key} object(s) are encrypted with a customer-provided key "
+                   "(SSE-C): the store serves them only with that key, so no retry reads them; "
+                   "re-encrypt them at the source (copy with the key to SSE-S3 or no encryption) "
+                   "and run inventory again:", err=True)
+        for key in summary.customer_key_sample:
+            click.echo(f"  {key!r}", err=True)
     if summary.failed:
         click.echo(f"{len(summary.failed)} object(s) could not be read; run inventory again to retry:",
                    err=True)
         for key, reason in summary.failed[:10]:
             click.echo(f"  {key!r}: {reason}", err=True)
+    if summary.failed or summary.customer_key:
         sys.exit(EXIT_PARTIAL)
 
 
@@ -250,8 +297,10 @@ def _print_summary(t: dict[str, Any]) -> None:
 
     inv = t["inventory"]
     lines = [
-        f"Source: {t['source']}  (endpoint {t['endpoint']})",
-        f"Inventory: {inv['status']} ({inv['rounds']} round(s), last finished {inv['finished_at'] or '-'})",
+        f"Source: {t['source'] or '-'}  (endpoint {t['endpoint'] or '-'})",
+        f"Inventory: {inv['status']} ({inv['rounds']} round(s), last finished {inv['finished_at'] or '-'})"
+        if inv["status"] else "Inventory: none has completed yet; run `cloudexit inventory "
+                              f"{t['source'] or 's3://BUCKET/PREFIX'}` with this --db",
         f"  objects          {t['objects']:>10}   {format_bytes(t['bytes'])}",
         f"  DICOM instances  {t['dicom_instances']:>10}   in {t['studies']} studies, "
         f"{t['series']} series, {t['patients']} patients",
@@ -434,6 +483,9 @@ class _ByteBar:
                    "dicomweb+https://HOST/PATH (STOW-RS). Repeatable.")
 @click.option("--resume", is_flag=True,
               help="Continue the last migration run (and its PACS deliveries); needs no other arguments.")
+@click.option("--yes", is_flag=True,
+              help="Start a run into a folder other than the archive an earlier run filled "
+                   "(everything is downloaded again).")
 @click.option("--calling-aet", envvar="CLOUDEXIT_CALLING_AET", default=None,
               help="Our AE title for C-STORE destinations (default CLOUDEXIT; env CLOUDEXIT_CALLING_AET).")
 @db_option
@@ -445,7 +497,8 @@ class _ByteBar:
 @click.option("--order", type=click.Choice(["newest", "oldest", "key"]), default=None,
               help="Which studies first (default newest); a study's objects go together.")
 @click.option("--restore-tier", type=click.Choice(["bulk", "standard", "expedited"]), default=None,
-              help="Tier of RestoreObject for archived storage classes (default bulk).")
+              help="Tier of RestoreObject for archived storage classes (default bulk); expedited "
+                   "is not offered for DEEP_ARCHIVE, whose objects then get standard (said once).")
 @click.option("--restore-days", type=click.IntRange(1, 365), default=None,
               help="Days a restored copy stays readable (default 7).")
 @click.option("--restore-poll", type=click.FloatRange(1, 86400), default=None,
@@ -469,7 +522,7 @@ class _ByteBar:
               help="Write into an archive folder another migration (another state DB) claimed, to "
                    "consolidate several buckets into one archive; its files are never replaced.")
 @output_options
-def migrate(dests: tuple[str, ...], resume: bool, calling_aet: str | None, db_path: str,
+def migrate(dests: tuple[str, ...], resume: bool, yes: bool, calling_aet: str | None, db_path: str,
             endpoint_url: str | None,
             profile: str | None, region: str | None, retries: int, layout: str | None,
             non_dicom: str | None, order: str | None, restore_tier: str | None,
@@ -496,7 +549,8 @@ def migrate(dests: tuple[str, ...], resume: bool, calling_aet: str | None, db_pa
     a PACS refused or conflicted (listed).
     """
     from .config import MigrateConfig
-    from .migrate import Migration, config_from_run, last_run, set_live_bwlimit
+    from .migrate import (Migration, check_new_archive, config_from_run, last_run, restore_tier_note,
+                          set_live_bwlimit)
     from .source import Source
     from .state import State
     from .stores import open_store
@@ -540,6 +594,7 @@ def migrate(dests: tuple[str, ...], resume: bool, calling_aet: str | None, db_pa
                                  "archive before any PACS gets them)",
                                  hint="e.g. --to /srv/pacs-archive --to dicom://PACS@pacs.example.org:104")
             store = FilesystemStore(opened.root, layout=config.layout)
+            check_new_archive(state, store.id, yes)
             pacs = list(dests[1:])
         deliver_to = []
         for url in pacs:
@@ -553,6 +608,9 @@ def migrate(dests: tuple[str, ...], resume: bool, calling_aet: str | None, db_pa
         source = Source(url or "", SourceConfig(
             endpoint_url=endpoint_url or (None if bound in (None, "aws") else bound),
             profile=profile, region=region or state.meta("region"), max_attempts=retries))
+        note = restore_tier_note(state, config.restore_tier)
+        if note and not quiet:
+            click.echo(note, err=True)
         with _MigrateBar(quiet or as_json) as bar:
             summary = Migration(state, source, store, config, progress=bar.update,
                                 resume=resume, deliver_to=deliver_to).run()
@@ -603,6 +661,7 @@ class _MigrateBar:
         self.last = time.monotonic()
         self.last_bytes = 0
         self.waiting: str | None = None  # the waiting_since last shown
+        self.stopping = False
 
     def __enter__(self) -> "_MigrateBar":
         if not self.quiet and self.tty:
@@ -612,6 +671,13 @@ class _MigrateBar:
         return self
 
     def update(self, p: Any) -> None:
+        if p.stopping is not None and not self.stopping:  # Ctrl-C: said at once, even with -q
+            self.stopping = True
+            if self.bar is not None:
+                self.bar.clear()
+            click.echo(f"\nstopping: finishing {p.stopping} objects in flight "
+                       "(Ctrl-C again to stop now)", err=True)
+            return
         if self.quiet:
             return
         from .units import format_bytes, format_rate
@@ -709,7 +775,8 @@ def verify(db_path: str, dests: tuple[str, ...], deep: bool, sample: int, seed: 
     are stored in the state DB for the audit. Exit 0: all verified; 3: differences found.
     """
     from .state import open_readable
-    from .verify import destinations, open_destination, verify as run_verify
+    from .stores import QueryRefused
+    from .verify import destinations, dicomweb_twin, open_destination, verify as run_verify
 
     reports = []
     with open_readable(db_path, scratch=True) as state:
@@ -718,11 +785,19 @@ def verify(db_path: str, dests: tuple[str, ...], deep: bool, sample: int, seed: 
         if not targets:
             raise UsageError("nothing to verify: no migration has delivered anywhere yet",
                              hint="run `cloudexit migrate --to DEST` first, or pass --to")
-        for dest in targets:
+        for dest in targets:  # a DICOMweb URL appended below (C-FIND refused) is verified too
             store = open_destination(dest, calling_aet=calling_aet)
             bar = _PhaseBar(quiet or as_json, "verify")
             try:
                 reports.append(run_verify(state, store, deep=deep, sample=sample, seed=seed, progress=bar))
+            except QueryRefused as exc:
+                twin = dicomweb_twin(state, store.id, targets)
+                if twin is None:
+                    raise
+                click.echo(f"{store.id}: {exc.message}; verifying through its DICOMweb URL "
+                           f"{twin} (QIDO-RS) instead. Hint: {exc.hint}", err=True)
+                if twin not in targets:
+                    targets.append(twin)
             finally:
                 bar.close()
                 store.close()
@@ -751,10 +826,7 @@ def _print_verify(r: Any) -> None:
     if r.samples:
         same = sum(1 for s in r.samples if s.result in ("identical", "equivalent"))
         lines.append(f"  samples {same}/{len(r.samples)} identical or equivalent")
-    for f in r.findings[:20]:
-        where = f.path or f.key or f.sop_uid or f.series_uid or f.study_uid
-        extra = f" (expected {f.expected}, found {f.found})" if f.expected or f.found else ""
-        lines.append(f"  {f.level} {f.problem}: {where}{extra}" + (f"; {f.detail}" if f.detail else ""))
+    lines += [f"  {f.text()}" for f in r.findings[:20]]
     if len(r.findings) > 20:
         lines.append(f"  ... {len(r.findings) - 20} more (cloudexit verify --json, or table verify_findings)")
     for s in r.samples:
@@ -906,19 +978,13 @@ def run_playbook(playbook_path: str, db_path: str | None, overrides: tuple[str, 
 
     Exit 0: the steps ran; 3: a gate stopped the run; 1: a step failed.
     """
-    from .errors import GateNotMet
     from .playbook import Runner, load
 
     book = load(playbook_path, overrides)
     db = db_path or (str(book.db) if book.db else "cloudexit.db")
     say = (lambda text: None) if (quiet or as_json) else click.echo
     runner = Runner(book, db, say=say, ack=ack, confirm=token)
-    try:
-        report = runner.run(from_step=from_step, until=until, dry_run=dry_run)
-    except GateNotMet as gate:
-        if as_json:
-            click.echo(json.dumps({"playbook": book.name, "db": db, "gate": str(gate)}, indent=2))
-        raise
+    report = runner.run(from_step=from_step, until=until, dry_run=dry_run)
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2, default=str))
         return

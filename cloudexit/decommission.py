@@ -48,7 +48,6 @@ import socket
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, overload
 
 from .audit import PACS_PREFIXES, current_user, last_verify_runs, recheck_sql
@@ -355,8 +354,6 @@ def plan(state: State, source: Source, destinations: Iterable[str] | None = None
                        f"{', '.join(_ROW_COLUMNS)})")
     judge = _Judge(state, dests)
     hasher = hashlib.sha256(json.dumps([source.url, status, all_versions]).encode())
-    if manifest is not None:
-        Path(manifest).parent.mkdir(parents=True, exist_ok=True)
     digest = hashlib.sha256()
     with private_writer(manifest) if manifest is not None else contextlib.nullcontext() as out:
 
@@ -452,9 +449,16 @@ def _decide(key: str, versions: list[Version], judge: _Judge, versioned: bool,
     """The manifest rows of one key: each version (and delete marker) to delete or keep, and why.
     `locks`: the reason of each (key, version id) under Object Lock now."""
     data = [v for v in versions if not v.delete_marker]
+    # A key whose latest version is a delete marker is not in a plain listing: no inventory can
+    # have seen it, so "arrived since the last inventory" would send the user to the wrong fix.
+    hidden = any(v.delete_marker and v.is_latest for v in versions)
     decided: list[ManifestRow] = []
     for v in data:
         safe, held, sha, reason = judge.judge(key, v.etag)
+        if hidden and reason.startswith("not inventoried"):
+            reason = ("hidden by a delete marker: deleted at the source before the inventory, which "
+                      "lists current objects only, so never migrated; its data stays as a noncurrent "
+                      "version (to migrate it, delete the marker, then run inventory, migrate, verify)")
         row = ManifestRow("keep", key, v.version_id, v.is_latest, False, v.etag, v.size,
                           v.last_modified, sha, held, "", reason)
         lock = (locks or {}).get((key, v.version_id))
@@ -471,7 +475,7 @@ def _decide(key: str, versions: list[Version], judge: _Judge, versioned: bool,
                 row.action, row.how = "delete", "version"
             elif not v.is_latest and any(judge.judge(key, w.etag)[0] for w in data if w is not v):
                 row.reason = (f"older content: this noncurrent version was never migrated; kept ({reason})"
-                              if not reason.startswith("not inventoried") else reason)
+                              if not reason.startswith(("not inventoried", "hidden by")) else reason)
         else:
             if safe and v.is_latest:
                 row.action, row.how = "delete", "marker"

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .config import InventoryConfig, SourceConfig
-from .files import write_private
+from .files import make_private_dirs, write_private
 from .inventory import Inventory
 from .s3server import SeaweedServer
 from .source import Source
@@ -39,7 +39,7 @@ def run_demo(workdir: str | None = None, size: str = "demo",
             shutil.rmtree(target)
         elif target.exists():
             target.unlink()
-    root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    make_private_dirs(root)
     try:
         with SeaweedServer(root / "s3") as server:
             say(f"Embedded S3 server (SeaweedFS) at {server.endpoint_url}")

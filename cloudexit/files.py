@@ -1,4 +1,5 @@
-"""Files that may name patients, keys or buckets: created owner-only (0600)."""
+"""Files that may name patients, keys or buckets: created owner-only (0600), in folders
+created owner-only (0700) when they are missing."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ def write_private(path: str | os.PathLike[str], data: str | bytes, durable: bool
     either the old file or the new one, never half of it.
     """
     raw = data.encode("utf-8") if isinstance(data, str) else data
+    make_parent_dirs(path)
     if durable:
         with private_writer(path) as fh:
             fh.write(raw)
@@ -31,6 +33,7 @@ def private_writer(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
     without an error, so a reader never sees half of it."""
     target = Path(path)
     tmp = target.with_name(target.name + ".tmp")
+    make_parent_dirs(target)
     try:
         with open_private(tmp) as fh:
             yield fh
@@ -50,6 +53,14 @@ def open_private(path: str | os.PathLike[str], buffering: int = -1) -> BinaryIO:
     return os.fdopen(fd, "wb", buffering=buffering)
 
 
+def make_parent_dirs(path: str | os.PathLike[str]) -> None:
+    """Create the missing folders above `path`, 0700: every output of every command does the
+    same (a user who names `reports/plan.html` expects `reports/` to appear)."""
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        make_private_dirs(parent)
+
+
 def make_private_dirs(path: str | os.PathLike[str]) -> None:
     """`os.makedirs` with every folder it creates 0700 (makedirs applies the mode to the leaf
     only). Safe when several threads create the same folders at once."""
@@ -60,7 +71,7 @@ def make_private_dirs(path: str | os.PathLike[str]) -> None:
     except FileExistsError:
         if os.path.isdir(path):
             return
-        raise OSError(errno.ENOTDIR, f"a file is in the way of folder {path}") from None
+        raise NotADirectoryError(errno.ENOTDIR, "a file is in the way of a folder", path) from None
     except FileNotFoundError:
         parent = os.path.dirname(path)
         if parent == path:
@@ -70,4 +81,4 @@ def make_private_dirs(path: str | os.PathLike[str]) -> None:
         os.mkdir(path, 0o700)
     except FileExistsError:
         if not os.path.isdir(path):
-            raise OSError(errno.ENOTDIR, f"a file is in the way of folder {path}") from None
+            raise NotADirectoryError(errno.ENOTDIR, "a file is in the way of a folder", path) from None

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 from .config import InventoryConfig
 from .dicom import Header, classify, patient_hash
 from .dicom import preload as preload_pydicom
-from .errors import CloudexitError, UsageError
+from .errors import CloudexitError, CustomerKeyRequired, ObjectArchived, UsageError
 from .paths import folder_dates, key_flags
 from .source import ListedObject, ObjectChanged, ObjectGone, Source, iso
 from .state import State, now
@@ -100,6 +100,11 @@ class RoundSummary:
     skipped_folders: int = 0
     not_listed: int = 0  # objects in those folders, kept as they were
     backup_error: str | None = None  # why the end-of-round backup of the state DB failed
+    # Left pending too, but no retry of the inventory reads them: in an archive storage class
+    # (migrate restores them, then reads their headers), or encrypted with a customer key (SSE-C).
+    archived: dict[str, int] = field(default_factory=dict)  # storage class: objects
+    customer_key: int = 0
+    customer_key_sample: list[str] = field(default_factory=list)  # the first 10 keys
 
 
 @dataclass
@@ -133,6 +138,7 @@ class _HeaderResult:
     gone: bool = False
     changed_to: tuple[str, int, str] | None = None  # new (etag, size, last_modified)
     error: str | None = None
+    unreadable: str | None = None  # why no retry reads it: archived | customer-key
 
 
 def compile_key_pattern(pattern: str) -> re.Pattern[str]:
@@ -193,7 +199,8 @@ class Inventory:
         # usually the slower side, so a short queue keeps memory down without idling it.
         self._pages: queue.Queue[_Page | BaseException] = queue.Queue(maxsize=4)
         self._stop = threading.Event()
-        self._failed: dict[str, str] = {}
+        self._failed: dict[str, str] = {}  # key: why its header could not be read this round
+        self._unreadable: dict[str, str] = {}  # of those, the ones no retry reads, and why
         self._changes: dict[str, int] = {}
         self._lean: LeanS3 | None = None
 
@@ -506,6 +513,9 @@ class Inventory:
                                  iso(head["LastModified"]))
         except ObjectGone:
             result.gone = True
+        except (ObjectArchived, CustomerKeyRequired) as exc:
+            result.error = str(exc)
+            result.unreadable = "archived" if isinstance(exc, ObjectArchived) else "customer-key"
         except CloudexitError as exc:
             if type(exc).__name__ in ("CredentialsError", "EndpointUnreachable"):
                 raise
@@ -520,6 +530,8 @@ class Inventory:
                 requests += r.requests
                 nbytes += r.bytes_read
                 if r.error:
+                    if r.unreadable:
+                        self._unreadable[r.key] = r.unreadable
                     if r.error != "stopped":
                         self._failed[r.key] = r.error
                         self.progress.failed = len(self._failed)
@@ -587,11 +599,14 @@ class Inventory:
                        + (unlisted if skipped else ""), {"r": r, "at": now()})
             not_listed = tx.execute("SELECT count(*) FROM objects WHERE status = 'present' "
                                     "AND last_seen_round < ?", (r,)).fetchone()[0]
-            tx.execute("UPDATE inventory_rounds SET status = 'complete', finished_at = ? WHERE id = ?",
-                       (now(), r))
             counts = dict(tx.execute(
                 "SELECT change, count(*) FROM objects WHERE change_round = ? GROUP BY change",
                 (r,)).fetchall())
+            # Recorded now: a later round overwrites objects.change, so these cannot be rebuilt.
+            tx.execute("UPDATE inventory_rounds SET status = 'complete', finished_at = ?, "
+                       "new_objects = ?, changed_objects = ?, deleted_objects = ? WHERE id = ?",
+                       (now(), counts.get("new", 0), counts.get("changed", 0),
+                        counts.get("deleted", 0), r))
             unchanged = tx.execute("SELECT count(*) FROM objects WHERE change = 'unchanged' "
                                    "AND last_seen_round = ?", (r,)).fetchone()[0]
             since = self.since.isoformat() if self.since else None
@@ -599,6 +614,18 @@ class Inventory:
                            changed=counts.get("changed", 0), deleted=counts.get("deleted", 0),
                            unread=len(self._failed), since=since, skipped_folders=skipped,
                            not_listed=not_listed)
+        why = self._unreadable
+        archived: dict[str, int] = {}
+        keys = [k for k, v in why.items() if v == "archived"]
+        for i in range(0, len(keys), 500):
+            batch = keys[i:i + 500]
+            for cls, n in self.state.query("SELECT coalesce(storage_class, 'archive'), count(*) FROM objects "
+                                           f"WHERE key IN ({','.join('?' * len(batch))}) GROUP BY 1", batch):
+                archived[cls] = archived.get(cls, 0) + n
         return RoundSummary(r, resumed, counts.get("new", 0), counts.get("changed", 0),
-                            counts.get("deleted", 0), unchanged, sorted(self._failed.items()),
-                            since, skipped, not_listed)
+                            counts.get("deleted", 0), unchanged,
+                            sorted((k, v) for k, v in self._failed.items() if k not in why),
+                            since, skipped, not_listed,
+                            archived=archived,
+                            customer_key=sum(1 for v in why.values() if v == "customer-key"),
+                            customer_key_sample=sorted(k for k, v in why.items() if v == "customer-key")[:10])

@@ -61,6 +61,27 @@ DONE_STATES = ("verified", "duplicate", "quarantined", "skipped")
 TRANSIENT_REASONS = ("0xA7%", "HTTP 5%", "HTTP 429%")
 RESTORE_TIERS = {"bulk": "Bulk", "standard": "Standard", "expedited": "Expedited"}
 LIVE_AFTER = 15.0  # seconds: a run whose heartbeat is older is not live
+# AWS offers Expedited restores for GLACIER (Flexible Retrieval) only, not for DEEP_ARCHIVE
+# (RestoreObject API reference): those fall back to Standard.
+NO_EXPEDITED = {"DEEP_ARCHIVE"}
+
+
+def restore_tier(storage_class: str | None, tier: str) -> str:
+    """The tier to ask for: `tier`, except Expedited where the class does not offer it."""
+    return "Standard" if tier == "Expedited" and (storage_class or "").upper() in NO_EXPEDITED else tier
+
+
+def restore_tier_note(state: State, tier: str) -> str | None:
+    """One line for the user when `tier` cannot apply to some archived objects (None: it can)."""
+    if tier != "Expedited":
+        return None
+    marks = ",".join("?" * len(NO_EXPEDITED))
+    n = state.scalar(f"SELECT count(*) FROM objects WHERE status = 'present' AND upper(storage_class) "
+                     f"IN ({marks})", tuple(NO_EXPEDITED)) or 0
+    if not n:
+        return None
+    return (f"--restore-tier expedited: AWS has no Expedited restore for DEEP_ARCHIVE; its {n} "
+            "object(s) are restored with Standard (within 12 h), the others with Expedited")
 
 
 @dataclass
@@ -80,6 +101,7 @@ class MigrateProgress:
     waiting_why: str | None = None  # what the user may have to do, when it is not a plain outage
     rate_limit: float | None = None  # bytes/s in force (None: unlimited, 0: paused)
     study: str | None = None  # study being worked on
+    stopping: int | None = None  # after Ctrl-C: objects in flight being finished (None: running)
 
 
 @dataclass
@@ -152,6 +174,29 @@ def runs(state: State) -> list[sqlite3.Row]:
 def last_run(state: State) -> sqlite3.Row | None:
     rows = state.query("SELECT * FROM migration_runs ORDER BY id DESC LIMIT 1")
     return rows[0] if rows else None
+
+
+def check_new_archive(state: State, dest: str, confirmed: bool) -> None:
+    """Refuse, unless `confirmed`, a new run into a folder other than the archive an earlier run
+    filled: nothing there counts, so every object is downloaded again."""
+    earlier = [r["dest"] for r in state.query(
+        "SELECT DISTINCT dest FROM migration_runs WHERE dest != ? ORDER BY id", (dest,))]
+    if not earlier or confirmed or state.scalar("SELECT 1 FROM migration_runs WHERE dest = ?", (dest,)):
+        return
+    last = last_run(state)
+    if last is not None and last["status"] in ("running", "interrupted", "stopped"):
+        return  # the unfinished run is what to speak of: Migration refuses with --resume
+    from .units import format_bytes
+
+    row = state.query("SELECT count(*) AS n, coalesce(sum(size), 0) AS b FROM objects "
+                      "WHERE status = 'present'")[0]
+    folder = earlier[-1][len("file://"):] if earlier[-1].startswith("file://") else earlier[-1]
+    raise UsageError(
+        f"this state DB already migrated into {folder}; --to {dest[len('file://'):]} is a second "
+        f"archive: all {row['n']} objects ({format_bytes(row['b'])}) would be downloaded again",
+        hint=f"to make a second copy, add --yes; to add a PACS to the existing archive: "
+             f"cloudexit migrate --to {folder} --to dicom://AET@HOST:PORT; to continue the last "
+             "run: cloudexit migrate --resume")
 
 
 def is_live(run: sqlite3.Row | None) -> bool:
@@ -1106,7 +1151,7 @@ class Migration:
         cfg = self.config
         request: dict[str, Any] = {"Days": cfg.restore_days}
         if (storage_class or "").upper() not in ("ARCHIVE", "COLDARCHIVE", "DEEPCOLDARCHIVE", "COLD"):
-            request["GlacierJobParameters"] = {"Tier": cfg.restore_tier}
+            request["GlacierJobParameters"] = {"Tier": restore_tier(storage_class, cfg.restore_tier)}
         try:
             resp = self.source.client().restore_object(Bucket=self.source.bucket, Key=key,
                                                        RestoreRequest=request)
@@ -1208,9 +1253,11 @@ class Migration:
             "INSERT INTO restores(key, etag, storage_class, tier, days, status, requested_at, reason) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(key) DO UPDATE SET etag = excluded.etag, "
             "status = excluded.status, requested_at = excluded.requested_at, reason = excluded.reason",
-            (key, info["etag"], info.get("storage_class"), self.config.restore_tier,
+            (key, info["etag"], info.get("storage_class"),
+             restore_tier(info.get("storage_class"), self.config.restore_tier),
              self.config.restore_days, status, stamp, info.get("reason")))
-        self.state.log("migrate.restore", tx, key=key, status=status, tier=self.config.restore_tier,
+        self.state.log("migrate.restore", tx, key=key, status=status,
+                       tier=restore_tier(info.get("storage_class"), self.config.restore_tier),
                        days=self.config.restore_days, reason=info.get("reason"))
         if status == "restored":
             self._restored(tx, key, stamp)
@@ -1301,15 +1348,20 @@ class Migration:
     # -- closing -----------------------------------------------------------------------------------
     def _shutdown(self, interrupted: bool) -> None:
         self.stop_event.set() if (interrupted or self.stop_error is not None) else None
+        if interrupted:  # said at once: the wait below can take seconds
+            self.progress.stopping = len(self.flights)
+            self.on_progress(self.progress)
         deadline = time.monotonic() + (15.0 if not interrupted else 10.0)
         pending: list[Result] = []
         ranges: list[tuple[str, str, int, int]] = []
+        stop_now = False
         while self.flights and time.monotonic() < deadline:
             try:
                 message = self.outbox.get(timeout=0.1)
             except queue.Empty:
                 continue
-            except KeyboardInterrupt:
+            except KeyboardInterrupt:  # Ctrl-C again: stop now; the workers' temp files stay
+                stop_now = True        # temp files, nothing unverified reaches a final path
                 break
             if message[0] == "range":  # how far the large objects got as they stopped
                 self._range(message, ranges)
@@ -1318,8 +1370,19 @@ class Migration:
                 if len(pending) >= 64:
                     self._commit(pending, ranges)
                     pending, ranges = [], []
+        # What is left is bookkeeping: a further Ctrl-C must not cut a transaction in half.
+        main = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
+        try:
+            self._finish_shutdown(pending, ranges, wait=not stop_now)
+        finally:
+            if main:
+                signal.signal(signal.SIGINT, previous)
+
+    def _finish_shutdown(self, pending: list[Result], ranges: list[tuple[str, str, int, int]],
+                         wait: bool) -> None:
         for outlet in self.outlets:  # deliveries in progress end (queued ones are cancelled)
-            outlet.pool.shutdown(wait=True, cancel_futures=True)
+            outlet.pool.shutdown(wait=wait, cancel_futures=True)
         self._drain_deliveries()
         self._commit(pending, ranges)
         stamp = now()

@@ -614,7 +614,6 @@ class Runner:
                       "json": lambda x: json.dumps(x.to_dict(), indent=2, default=str)}.get(target.suffix[1:].lower())
             if render is None:
                 raise PlaybookError(f"{self.pb.path}, line {step.line}: plan out {out!r}: end the name in .md, .html or .json")
-            target.parent.mkdir(parents=True, exist_ok=True)
             write_private(target, render(result))
             written.append(str(target))
         return {"written": written, "_message": "plan made" + (f": {', '.join(written)}" if written else "")}

@@ -32,7 +32,7 @@ from .statefile import (
     writable,
 )
 
-SCHEMA_VERSION = 8
+SCHEMA_VERSION = 9
 
 _SCHEMA_V1 = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT);
@@ -316,10 +316,26 @@ CREATE TABLE meters (
 )
 """  # transfers.part_sizes: JSON {"etag": ..., "sizes": [...]} (see cloudexit/parts.py);
 # meters: the last reading of each meter file, already added to its run's counters
+# Version 9: each inventory round records its new/changed/deleted counts when it completes
+# (`objects.change` only keeps an object's latest change, so the counts of older rounds cannot
+# be rebuilt from it). Rounds completed before are filled from their `inventory.complete` event.
+_SCHEMA_V9 = """
+ALTER TABLE inventory_rounds ADD COLUMN new_objects INTEGER;
+ALTER TABLE inventory_rounds ADD COLUMN changed_objects INTEGER;
+ALTER TABLE inventory_rounds ADD COLUMN deleted_objects INTEGER;
+UPDATE inventory_rounds SET
+    new_objects = (SELECT json_extract(e.detail, '$.new') FROM events e WHERE e.kind = 'inventory.complete'
+                   AND json_extract(e.detail, '$.round') = inventory_rounds.id ORDER BY e.id DESC LIMIT 1),
+    changed_objects = (SELECT json_extract(e.detail, '$.changed') FROM events e WHERE e.kind = 'inventory.complete'
+                       AND json_extract(e.detail, '$.round') = inventory_rounds.id ORDER BY e.id DESC LIMIT 1),
+    deleted_objects = (SELECT json_extract(e.detail, '$.deleted') FROM events e WHERE e.kind = 'inventory.complete'
+                       AND json_extract(e.detail, '$.round') = inventory_rounds.id ORDER BY e.id DESC LIMIT 1)
+WHERE status = 'complete'
+"""
 
 _MIGRATIONS: dict[int, str] = {1: _SCHEMA_V1, 2: _SCHEMA_V2, 3: _SCHEMA_V3, 4: _SCHEMA_V4,
                                  5: _SCHEMA_V5, 6: _SCHEMA_V6, 7: _SCHEMA_V7,
-                                 8: _SCHEMA_V8}
+                                 8: _SCHEMA_V8, 9: _SCHEMA_V9}
 
 
 GENESIS_HASH = "0" * 64
@@ -340,6 +356,26 @@ def _create_private(path: Path) -> None:
     make_private_dirs(path.parent)
     fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
     os.close(fd)
+
+
+def discard_if_empty(path: str | os.PathLike[str]) -> bool:
+    """Delete a state DB (and its WAL files) that holds no object and no run: what a first
+    command that failed at once (a wrong bucket, no credentials) leaves. True if deleted."""
+    target = Path(path)
+    try:
+        conn = sqlite3.connect(f"file:{target}?mode=ro", uri=True)
+        try:
+            used = conn.execute("SELECT (SELECT count(*) FROM objects) + "
+                                "(SELECT count(*) FROM migration_runs)").fetchone()[0]
+        finally:
+            conn.close()
+    except sqlite3.Error:
+        return False  # not ours, or not readable: leave it alone
+    if used:
+        return False
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{target}{suffix}").unlink(missing_ok=True)
+    return True
 
 
 class State:

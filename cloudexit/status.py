@@ -181,11 +181,16 @@ def delta_summary(state: State) -> dict[str, Any] | None:
             f"ON t.key = o.key AND t.dest = ? WHERE o.status = 'present'{only_dicom} AND "
             f"(t.key IS NULL OR t.etag IS NOT o.etag OR t.state NOT IN ({handled}))", (dest, *_HANDLED))[0]
         per_dest.append({"dest": dest, "objects": row["n"], "bytes": row["b"]})
+    # The counts each round recorded when it completed (schema 7), not objects.change: that
+    # holds only an object's latest change, so an older round would lose what a later one saw.
     rounds = []
-    for r in state.query("SELECT id, finished_at FROM inventory_rounds WHERE status = 'complete' "
-                         "ORDER BY id DESC LIMIT 5"):
-        counts = {c["change"]: c["n"] for c in state.query(
-            "SELECT change, count(*) AS n FROM objects WHERE change_round = ? GROUP BY change", (r["id"],))}
+    for r in state.query("SELECT id, finished_at, new_objects, changed_objects, deleted_objects "
+                         "FROM inventory_rounds WHERE status = 'complete' ORDER BY id DESC LIMIT 5"):
+        if r["new_objects"] is None:  # completed before schema 7 with no event to fill it from
+            counts = {c["change"]: c["n"] for c in state.query(
+                "SELECT change, count(*) AS n FROM objects WHERE change_round = ? GROUP BY change", (r["id"],))}
+        else:
+            counts = {"new": r["new_objects"], "changed": r["changed_objects"], "deleted": r["deleted_objects"]}
         rounds.append({"round": r["id"], "finished_at": r["finished_at"], "new": counts.get("new", 0),
                        "changed": counts.get("changed", 0), "deleted": counts.get("deleted", 0)})
     return {"destinations": per_dest, "left_objects": max(d["objects"] for d in per_dest),

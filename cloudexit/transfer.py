@@ -59,6 +59,10 @@ TRANSIENT_CODES = {"SlowDown", "InternalError", "ServiceUnavailable", "RequestTi
                    "OperationAborted", "IncompleteBody"}
 _CODE = re.compile(rb"<Code>([^<]+)</Code>")
 _MESSAGE = re.compile(rb"<Message>([^<]*)</Message>")
+# A GET of an SSE-C object without its key: AWS answers 400 InvalidRequest "The object was stored
+# using a form of Server Side Encryption...", SeaweedFS 400 InvalidArgument "Requests specifying
+# Server Side Encryption with Customer provided keys must provide the customer key."
+_SSE_C = re.compile(rb"<Message>[^<]*Server[ -]Side Encryption", re.IGNORECASE)
 HEADER_BYTES = 64 * 1024  # first bytes kept in memory for the DICOM check
 # Large objects: how often the ranges' progress is fsynced and reported for resume. A kill loses
 # at most this much (plus the engine's commit interval) of each object's download.
@@ -516,6 +520,9 @@ class S3Reader:
         if code == "InvalidObjectState":
             return FetchError("archived", f"{what}: in an archive storage class, needs a restore",
                               status, code)
+        if status == 400 and _SSE_C.search(body):
+            return FetchError("sse-c", f"{what}: encrypted with a customer-provided key (SSE-C); "
+                              "the store serves it only with that key", status, code)
         if code in CREDENTIAL_CODES or (status in (400, 401) and "token" in code.lower()):
             return FetchError("credentials", detail, status, code)
         if status >= 500 or code in TRANSIENT_CODES or status == 429:

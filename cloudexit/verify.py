@@ -28,6 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Any
+from urllib.parse import urlsplit
 
 from .errors import UsageError
 from .state import State, now
@@ -58,6 +59,18 @@ class Finding:
     expected: str | None = None
     found: str | None = None
     detail: str | None = None
+
+    def text(self) -> str:
+        """The finding in one line for a person: what, where, the figures, why."""
+        where = self.path or self.key or self.sop_uid or self.series_uid or self.study_uid
+        if self.problem == "not-delivered":  # `found` is the transfer's state, nothing was expected
+            extra = (" (never migrated)" if self.found in (None, "not migrated")
+                     else f" (the migration recorded it as {self.found})")
+        elif self.expected is not None or self.found is not None:
+            extra = f" (expected {self.expected or '-'}, found {self.found or 'none'})"
+        else:
+            extra = ""
+        return f"{self.level} {self.problem}: {where}{extra}" + (f"; {self.detail}" if self.detail else "")
 
 
 @dataclass
@@ -133,6 +146,16 @@ def destinations(state: State) -> list[str]:
         if r["dest"] not in seen:
             seen.append(r["dest"])
     return seen
+
+
+def dicomweb_twin(state: State, dest: str, given: list[str] | tuple[str, ...] = ()) -> str | None:
+    """A DICOMweb URL of the same host as the dicom:// destination `dest`, from the destinations
+    given or those the migration delivered to (QIDO-RS answers where C-FIND is refused)."""
+    host = urlsplit(dest).hostname
+    for other in [*given, *destinations(state)]:
+        if other.startswith("dicomweb+") and urlsplit(other).hostname == host:
+            return other
+    return None
 
 
 def verify(state: State, store: Store, deep: bool = False, sample: int = 0, seed: int | None = None,
@@ -267,7 +290,7 @@ def _verify_filesystem(state: State, store: Any, deep: bool, report: VerifyRepor
         report.studies.append(count)
         if count.status != "ok":
             report.add(Finding("study", count.status if count.status == "missing" else "count",
-                               study_uid=r["study"], expected=str(r["want"]), found=str(r["have"])))
+                               study_uid=r["study"], expected=str(r["want"]), found=str(r["have"] or 0)))
     report.counts["expected_instances"] = sum(s.expected_instances for s in report.studies)
     report.counts["found_instances"] = sum(s.found_instances or 0 for s in report.studies)
     conn.execute("DELETE FROM temp.verify_bad")

@@ -146,6 +146,7 @@ class _Archive:
 class _Restore:
     ready_at: float  # wall-clock time the restore completes
     days: int
+    tier: str = ""  # the Tier the RestoreRequest asked for ("" when it named none)
 
 
 class FaultProxy:
@@ -387,18 +388,24 @@ class FaultProxy:
                     return arch
         return None
 
-    def _restore(self, arch: _Archive, bucket: str, key: str, days: int) -> int:
+    def _restore(self, arch: _Archive, bucket: str, key: str, days: int, tier: str = "") -> int:
         """Record a RestoreObject; the AWS status code: 202 new, 409 ongoing, 200 restored."""
         now = time.time()
         with self._lock:
             state = self._restores.get((bucket, key))
             if state is None:
-                self._restores[(bucket, key)] = _Restore(now + arch.restore_delay, days)
+                self._restores[(bucket, key)] = _Restore(now + arch.restore_delay, days, tier)
                 return 202
             if now < state.ready_at:
                 return 409
             state.days = days  # AWS extends the expiry of a restored copy
             return 200
+
+    def restore_tier(self, bucket: str, key: str) -> str | None:
+        """The Tier the first RestoreObject of `key` asked for (None: no restore was asked)."""
+        with self._lock:
+            state = self._restores.get((bucket, key))
+        return None if state is None else state.tier
 
     def restored(self, bucket: str, key: str) -> bool:
         """Whether an archived object may be read now."""
@@ -726,8 +733,10 @@ class _Handler(socketserver.StreamRequestHandler):
                         keep: bool) -> bool:
         body = b"".join(self._body_chunks(headers))
         found = re.search(rb"<Days>\s*(\d+)\s*</Days>", body)
+        tier = re.search(rb"<Tier>\s*(\w+)\s*</Tier>", body)
         status = self.proxy._restore(arch, request.bucket, request.key,
-                                     int(found.group(1)) if found else 1)
+                                     int(found.group(1)) if found else 1,
+                                     tier.group(1).decode() if tier else "")
         if status == 409:
             self._send_error(request, seen, 409, "RestoreAlreadyInProgress",
                              _MESSAGES["RestoreAlreadyInProgress"], keep)

@@ -46,7 +46,10 @@ class OrthancServer:
     """One Orthanc process with its own config, ports and storage."""
 
     def __init__(self, workdir: Path, aet: str = AET, users: dict[str, str] | None = None,
-                 overwrite: bool = False) -> None:
+                 overwrite: bool = False, **options: Any) -> None:
+        """`options`: Orthanc configuration entries that replace the defaults below, e.g.
+        DicomAlwaysAllowFind=False, DicomModalities={} (a PACS that lets any AE store, only
+        registered ones query)."""
         self.workdir = Path(workdir)
         self.aet = aet
         self.users = users
@@ -73,6 +76,7 @@ class OrthancServer:
             "LimitFindResults": 0, "LimitFindInstances": 0,
             "DicomScuTimeout": 30, "DicomAssociationCloseDelay": 0,
             "SaveJobs": False, "ConcurrentJobs": 2,
+            **options,
         }))
 
     # -- addresses --------------------------------------------------------------------------------

@@ -230,3 +230,19 @@ def test_object_lock_is_read_in_the_dry_run(cli, s3, db: Path, tmp_path: Path) -
     result = json.loads(done.output)
     assert result["deleted"] == 2 and result["failed"] == [], result
     assert set(keys_in(s3, bucket)) == {"compliance.bin", "governance.bin", "hold.bin"}
+
+
+def test_a_key_hidden_by_a_delete_marker_is_named_so(cli, s3, bucket, db: Path, tmp_path: Path) -> None:
+    """Deleted (a delete marker) before the inventory: no inventory lists it, so the manifest must
+    not call it new since the last inventory."""
+    client = s3.client()
+    client.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
+    objects = synthetic.upload(client, bucket, synthetic.generate(SMALL))
+    hidden = objects[0]
+    client.delete_object(Bucket=bucket, Key=hidden.key)
+    migrate_and_verify(cli, bucket, db, tmp_path / "archive")
+    doc = json.loads(cli("decommission", "--db", str(db), "--json").output)
+    (row,) = [r for r in manifest_rows(doc["manifest"]) if r["key"] == hidden.key and r["delete_marker"] == "0"]
+    assert row["action"] == "keep" and row["reason"].startswith("hidden by a delete marker")
+    assert "since the last inventory" not in row["reason"]
+    assert "hidden by a delete marker" in doc["kept_by_reason"]
