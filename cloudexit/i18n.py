@@ -49,6 +49,15 @@ PHRASES: dict[str, str] = {
     "suspended": "已暂停",
     "passed": "通过",
     "error": "出错",
+    # `cloudexit verify` findings: what and where
+    "object not-delivered": "对象未送达",
+    "study missing": "检查缺失", "study count": "检查实例数不符",
+    "series missing": "序列缺失", "series count": "序列实例数不符", "series extra": "多出的序列",
+    "instance missing": "实例缺失", "instance extra": "多出的实例",
+    "file missing": "文件缺失", "file not-a-file": "不是普通文件", "file size": "文件大小不符",
+    "file sha256": "文件 SHA-256 不符", "file extra": "多出的文件",
+    # bucket versioning, as the deletion proof shows it
+    "versioned": "已启用",
     # plan: assumptions and warnings that take no figures
     "no timetable: the full link around the clock": "无时间表：全天满速使用链路",
     "no timetable: the full link": "无时间表：满速使用链路",
@@ -94,6 +103,19 @@ PHRASES.update({
     "Huawei Cloud OBS, mainland China": "华为云 OBS（中国内地）",
     "Tencent Cloud COS, mainland China": "腾讯云 COS（中国内地）",
     "Alibaba Cloud Data Transport": "阿里云闪电立方",
+    "exists; export from OSS to a device not confirmed. Data Online Migration lists OSS to a local file "
+    "system, with source traffic fees": "服务存在，但能否从 OSS 导出到设备未经确认；在线迁移服务支持从 OSS 迁到本地文件系统，需付源端流量费",
+    "AWS Snowball Edge export": "AWS Snowball Edge 设备导出",
+    "closed to new customers from 7 Nov 2025; export jobs are split into parts of at most 210 TB":
+        "自 2025 年 11 月 7 日起不再接受新客户；导出任务按每份最多 210 TB 拆分",
+    "AWS free data transfer out when leaving AWS (March 2024)": "AWS 迁出免流量费计划（2024 年 3 月）",
+    "Azure free egress when leaving Azure (March 2024)": "Azure 迁出免流量费计划（2024 年 3 月）",
+    "Google Cloud free exit": "Google Cloud 免费迁出计划",
+    "approved on request through AWS Support; paid as credits; all data must leave within the window":
+        "须经 AWS Support 申请批准；以抵扣金返还；全部数据须在期限内迁出",
+    "support request first; 60 days to move the data; credit applied after the subscription is cancelled":
+        "须先提交支持请求；60 天内迁出数据；取消订阅后返还抵扣金",
+    "notice to Google first, then a migration window; paid as credits": "须先通知 Google，随后进入迁移期；以抵扣金返还",
 })
 
 Pattern = tuple[re.Pattern[str], str]
@@ -163,6 +185,8 @@ PATTERNS: list[Pattern] = [
     _p("{cls} restore requests ({tier})", "{cls} 解冻请求（{tier} 档）"),
     _p("{cls} retrieval", "{cls} 数据取回"),
     _p("{name} catalogue", "{name} 价目表"),
+    # last, being the loosest: a catalogue's device or program and its note
+    _p("{t_name}: {t_note}", "{t_name}：{t_note}"),
 ]
 
 # Why an object is in an exception list: (machine code, English pattern, Chinese). The state
@@ -171,9 +195,9 @@ REASONS: list[tuple[str, re.Pattern[str], str]] = [(code, *_p(en, zh)) for code,
     ("truncated", "truncated: pixel data declares {declared} bytes, object holds {held}",
      "文件被截断：像素数据声明 {declared} 字节，对象只有 {held} 字节"),
     ("conflict", ("conflict: SOP Instance UID also at {other} with different content; both kept, this one "
-                  "quarantined"), "冲突：相同 SOP Instance UID 另见于 {other}，内容不同；两者均保留，本对象已隔离"),
+                  "quarantined"), "冲突：另一对象有相同的 SOP Instance UID 而内容不同（见提示）；两者均保留，本对象已隔离"),
     ("conflict", "conflict: SOP Instance UID also at {other} (not migrated yet: {state}); quarantined",
-     "冲突：相同 SOP Instance UID 另见于 {other}（尚未迁移）；已隔离"),
+     "冲突：另一对象有相同的 SOP Instance UID（尚未迁移，见提示）；已隔离"),
     ("not_dicom", "downloaded file is not usable DICOM: {detail}", "下载的文件不是可用的 DICOM"),
     ("uids_missing", "Study or Series Instance UID missing", "缺少 Study 或 Series Instance UID"),
     ("connection_lost", "connection lost", "连接中断"),

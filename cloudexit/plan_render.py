@@ -151,7 +151,9 @@ def _line_row(line: CostLine, lang: str, month: str = "") -> list[str]:
 def _fact_value(fact: Fact | Span, lang: str) -> str:
     unknown = plan_texts(lang)["unknown"]
     if isinstance(fact, Fact):
-        return unknown if fact.value is None else f"{fact.value:g}"
+        if fact.value is None:
+            return unknown
+        return f"{int(fact.value):,}" if float(fact.value).is_integer() else f"{fact.value:g}"
     return unknown if not fact.known else f"{fact.min:g}-{fact.max:g}"
 
 
