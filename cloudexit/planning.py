@@ -70,9 +70,13 @@ def scale_workload(workload: Workload, target_bytes: int) -> Workload:
 
     classes = {name: ClassLoad(n(c.objects), n(c.bytes), n(c.multipart_objects), n(c.multipart_parts))
                for name, c in workload.classes.items()}
+    objects = sum(c.objects for c in classes.values())
+    # A LIST page holds up to 1,000 keys: a small bucket's walk of many short prefixes (35 pages
+    # for the demo's 116 objects) does not grow with the bucket the way its objects do.
+    pages = max(workload.inventory_list_requests, -(-objects // 1000))
     return Workload(classes, inventory_header_bytes=n(workload.inventory_header_bytes),
                     inventory_get_requests=n(workload.inventory_get_requests),
-                    inventory_list_requests=n(workload.inventory_list_requests))
+                    inventory_list_requests=pages)
 
 
 def build_plan(state: State, provider: str | None, region: str | None, price_file: str | None,

@@ -110,6 +110,8 @@ def test_plan_assume_size_is_labelled_everywhere_and_not_kept(cli, inventoried, 
     plan = json.loads(outs["json"].read_text())
     assert plan["workload"]["bytes"] == pytest.approx(40e12, rel=1e-3)
     assert plan["assumed_size"]["bytes"] == sum(o.size for o in truth)
+    # One LIST page per 1,000 objects, not the tiny bucket's prefix walk scaled up.
+    assert plan["workload"]["inventory"]["list_requests"] == -(-plan["workload"]["objects"] // 1000)
     assert plan["assumptions"][0].startswith("assumed size: 40.0 TB")
     assert "ASSUMPTION" in outs["md"].read_text() and 'class="assumed"' in outs["html"].read_text()
     zh = tmp_path / "p40-zh.html"
