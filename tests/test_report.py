@@ -218,3 +218,17 @@ def test_page_one_is_the_directors_summary(printed, lang: str, phrases: list[str
     # The summary ends on page 1: its last line is there, and the sections start on page 2.
     assert ("on the following pages" in first) if lang == "en" else ("后续各页" in squeezed)
     assert ("1. Summary" in second) if lang == "en" else ("一、概要" in second)
+
+
+def test_chart_legend_leaves_room_for_chinese_labels() -> None:
+    """A CJK character is a full em wide: the next swatch starts after the label's last one
+    (it was placed 7 px per character, over the last character of 已完成)."""
+    from cloudexit import charts
+
+    svg = charts.hbars([("2016", 1.0, 2.0, "1 B / 2 B")], "按检查年份的进度（字节）",
+                       [(charts.DONE, "已完成"), (charts.TODO, "未完成"), (charts.BAR, "每 1 s")])
+    swatches = [float(x) for x in re.findall(r'<rect x="([\d.]+)" y="\d+" width="10"', svg)]
+    labels = re.findall(r'<text x="([\d.]+)" y="\d+">([^<]+)</text>', svg)[-3:]
+    for (x, label), next_swatch in zip(labels, swatches[1:]):
+        wide = sum(11 if ord(ch) > 0x2E80 else 6 for ch in label)  # 11 px font
+        assert float(x) + wide < next_swatch, label
