@@ -33,13 +33,13 @@ def run(*args: Any) -> Result:
 def exited(s3: SeaweedServer, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """Profile.demo() in SeaweedFS, inventoried, planned, migrated into archives A and B,
     audited and planned in both languages."""
+    from conftest import point_at
+
     from cloudexit.config import MigrateConfig, SourceConfig
     from cloudexit.migrate import Migration
     from cloudexit.source import Source
     from cloudexit.state import State
     from cloudexit.stores.filesystem import FilesystemStore
-
-    from conftest import point_at
 
     mp = pytest.MonkeyPatch()
     point_at(s3, mp)
