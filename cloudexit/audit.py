@@ -170,7 +170,8 @@ def _source_uids(state: State) -> dict[str, int]:
         f"count(DISTINCT series_uid) AS series, count(DISTINCT patient_hash) AS patients {dicom}")[0]
     # SOP Instance UIDs (one per object, mostly): grouped in the order of their index, not put in
     # a temporary B-tree, and the duplicates counted on the way.
-    sops = state.query(f"SELECT count(*) AS instances, coalesce(sum(n > 1), 0) AS duplicates FROM "
+    sops = state.query(f"SELECT count(*) AS instances, coalesce(sum(n > 1), 0) AS duplicates, "
+                       f"coalesce(sum(n - 1), 0) AS copies FROM "
                        f"(SELECT count(*) AS n {dicom} AND sop_uid IS NOT NULL GROUP BY sop_uid)")[0]
     return {**dict(uids), **dict(sops)}
 
@@ -183,6 +184,7 @@ def _source(state: State, groups: list[dict[str, Any]], uids: dict[str, int]) ->
 
     row = {"objects": total(present), "bytes": total(present, "bytes"),
            "dicom_objects": total([g for g in present if g["kind"] == "dicom"]),
+           "dicom_bytes": total([g for g in present if g["kind"] == "dicom"], "bytes"),
            "non_dicom": total([g for g in present if g["kind"] == "other"]),
            "unreadable": total([g for g in present if g["kind"] == "unreadable"]),
            "pending": total([g for g in present if g["kind"] == "pending"]),
@@ -199,12 +201,14 @@ def _source(state: State, groups: list[dict[str, Any]], uids: dict[str, int]) ->
         "url": state.meta("source_url"), "endpoint": state.meta("endpoint_url"),
         "region": state.meta("region"),
         "objects": row["objects"], "bytes": row["bytes"],
-        "dicom_objects": row["dicom_objects"] or 0, "instances": uids["instances"],
+        "dicom_objects": row["dicom_objects"] or 0, "dicom_bytes": row["dicom_bytes"] or 0,
+        "instances": uids["instances"],
         "studies": uids["studies"], "series": uids["series"], "patients": uids["patients"],
         "non_dicom": row["non_dicom"] or 0, "unreadable": row["unreadable"] or 0,
         "pending": row["pending"] or 0, "hostile_keys": row["hostile_keys"] or 0,
         "deleted_at_source": total([g for g in groups if g["status"] == "deleted"]),
         "duplicate_sop_uids": uids["duplicates"],
+        "duplicate_copies": uids["copies"],  # dicom_objects - instances: second copies of a UID
         "storage_classes": sorted(classes.values(), key=lambda c: -c["bytes"]),
         "inventory": {
             "rounds": rounds["n"],
@@ -318,7 +322,7 @@ def arrivals(conn: sqlite3.Connection, dests: Iterable[str]) -> dict[str, dict[s
     for dest in dests:
         arrived = conn.execute(
             "SELECT count(DISTINCT o.sop_uid), count(DISTINCT o.study_uid), count(DISTINCT o.series_uid), "
-            "count(DISTINCT o.patient_hash) FROM transfers t JOIN objects o ON o.key = t.key "
+            "count(DISTINCT o.patient_hash), count(*) FROM transfers t JOIN objects o ON o.key = t.key "
             f"WHERE t.dest = ? AND t.state IN {GOOD_SQL} AND o.kind = 'dicom'", (dest,)).fetchone()
         complete = conn.execute(
             "SELECT sum(good = n) FROM (SELECT o.study_uid, count(DISTINCT o.sop_uid) AS n, "
@@ -326,7 +330,7 @@ def arrivals(conn: sqlite3.Connection, dests: Iterable[str]) -> dict[str, dict[s
             "FROM objects o LEFT JOIN transfers t ON t.key = o.key AND t.dest = ? "
             "WHERE o.status = 'present' AND o.kind = 'dicom' AND o.study_uid IS NOT NULL "
             "GROUP BY o.study_uid)", (dest,)).fetchone()[0]
-        out[dest] = {**dict(zip(("instances", "studies", "series", "patients"), arrived)),
+        out[dest] = {**dict(zip(("instances", "studies", "series", "patients", "dicom_objects"), arrived)),
                      "studies_complete": complete or 0}
     return out
 
@@ -348,10 +352,12 @@ def _destination(state: State, dest: str, tgroups: list[dict[str, Any]], arrived
         "by_state": by_state,
         "objects": sum(g["objects"] for g in good),  # a verified copy is here (duplicates: kept once)
         "bytes": sum(g["bytes"] for name, g in zip(GOOD, good) if name != "duplicate"),
+        "dicom_objects": arrived["dicom_objects"],  # DICOM objects with a verified copy here
         "instances": arrived["instances"], "studies": arrived["studies"],
         "series": arrived["series"], "patients": arrived["patients"],
         "studies_complete": arrived["studies_complete"],
-        "quarantined": by_state.get("quarantined", {"objects": 0, "bytes": 0}),
+        # Kept aside for a person to decide: damaged objects and SOP Instance UID conflicts.
+        "quarantined": {k: sum(by_state.get(name, {}).get(k, 0) for name in REVIEW) for k in ("objects", "bytes")},
     }
 
 
@@ -598,6 +604,13 @@ def _exceptions(state: State, dests: list[str], groups: list[dict[str, Any]],
     for name, belongs in _CATEGORY_OF.items():
         counts[f"{name}_n"] = sum(g["n"] for g in tgroups if belongs(g))
         counts[f"{name}_b"] = sum(g["b"] for g in tgroups if belongs(g))
+    for name, belongs in _CATEGORY_OF.items():
+        counts[f"{name}_by_dest"] = {d: sum(g["n"] for g in tgroups if g["dest"] == d and belongs(g))
+                                     for d in dests}
+    if len(dests) > 1:  # an object in several destinations counts once (per destination: by_dest)
+        for name, (where, _) in _EXCEPTIONS.items():
+            if counts[f"{name}_n"]:
+                counts[f"{name}_n"], counts[f"{name}_b"] = _distinct(state, where)
     for name, (where, remedy) in _EXCEPTIONS.items():
         items: list[dict[str, Any]] = []
         if counts[f"{name}_n"]:
@@ -613,7 +626,7 @@ def _exceptions(state: State, dests: list[str], groups: list[dict[str, Any]],
                     f"FROM transfers t JOIN objects o ON o.key = t.key WHERE t.dest = ? AND {where}{rows} "
                     "ORDER BY t.seq LIMIT ?", (dest, limit))]
         out[name] = {"count": counts[f"{name}_n"], "bytes": counts[f"{name}_b"], "remedy": remedy,
-                     "items": items[:limit]}
+                     "by_dest": counts[f"{name}_by_dest"], "items": items[:limit]}
 
     def by_decision(label: str, field: str) -> int:
         return sum(g[field] for g in groups if g["decision"] == label)
@@ -638,6 +651,13 @@ def _exceptions(state: State, dests: list[str], groups: list[dict[str, Any]],
                       (len(dests), limit))] if count else []}
     out["pacs"] = _pacs_mismatches(state, limit)
     return out
+
+
+def _distinct(state: State, where: str) -> tuple[int, int]:
+    """Objects (and their bytes) with a transfer matching `where` in any destination, once each."""
+    row = state.query("SELECT count(*) AS n, coalesce(sum(o.size), 0) AS b FROM objects o WHERE EXISTS "
+                      f"(SELECT 1 FROM transfers t WHERE t.key = o.key AND {where})")[0]
+    return int(row["n"]), int(row["b"])
 
 
 def _item(r: Any, remedy: str) -> dict[str, Any]:
@@ -1048,7 +1068,9 @@ def _verdict(state: State, facts: dict[str, Any]) -> dict[str, Any]:
         blocking.append({"code": "stale", "n": stale_n})
     if x["missing"]["count"]:
         review.append({"code": "missing", "n": x["missing"]["count"]})
-    quarantined = x["quarantined"]["count"] + x["conflicts"]["count"]
+    # Objects kept aside anywhere (damaged or conflicting), each once however many destinations.
+    quarantined = (_distinct(state, "t.state IN ('quarantined', 'conflict')")[0] if len(facts["destinations"]) > 1
+                   else x["quarantined"]["count"] + x["conflicts"]["count"])
     if quarantined:
         review.append({"code": "quarantined", "n": quarantined})
     if x["skipped"]["count"]:

@@ -383,11 +383,17 @@ def _print_migration(m: dict[str, Any]) -> None:
               help="Price an offline device when the network would take longer (e.g. 7d, 36h).")
 @click.option("--out", "outs", multiple=True, type=click.Path(dir_okay=False),
               help="Write the plan: .md, .html (with a chart) or .json; repeatable.")
+@click.option("--lang", type=click.Choice(["en", "zh"]), default="en", show_default=True,
+              help="Language of the plan's text and documents (the JSON stays English).")
+@click.option("--assume-size", "assume_size",
+              help="Plan the same mix of objects at this size instead (e.g. 40TB); every output "
+                   "says it is an assumption, and the audit keeps comparing with the real plan.")
 @source_options
 @output_options
 def plan(db_path: str, provider: str | None, region: str | None, price_file: str | None,
          bandwidth: str | None, measure: bool, measure_bytes: str, schedule_text: str | None,
          concurrency: int, start_text: str | None, offline_threshold: str, outs: tuple[str, ...],
+         lang: str, assume_size: str | None,
          endpoint_url: str | None, profile: str | None, retries: int, as_json: bool,
          quiet: bool) -> None:
     """Estimate egress cost and transfer time, as ranges, per scenario.
@@ -410,6 +416,7 @@ def plan(db_path: str, provider: str | None, region: str | None, price_file: str
     rate = parse_rate(bandwidth) if bandwidth else None
     schedule = parse_schedule(schedule_text) if schedule_text else None
     threshold = parse_duration(offline_threshold)
+    assume_bytes = parse_size(assume_size) if assume_size else None
     start = datetime.fromisoformat(start_text) if start_text else datetime.now()
     start = start if start.tzinfo else start.astimezone()
     with State(db_path) as state:
@@ -436,10 +443,12 @@ def plan(db_path: str, provider: str | None, region: str | None, price_file: str
         elif rate is None:
             measurement = stored_measurement(state)
         link = link_from(rate, measurement, concurrency)
-        result = build_plan(state, provider, region, price_file, link, schedule, start, threshold)
+        result = build_plan(state, provider, region, price_file, link, schedule, start, threshold,
+                            assume_bytes)
     for out in outs:
         suffix = out.rsplit(".", 1)[-1].lower()
-        render = {"md": plan_model.render_markdown, "html": plan_model.render_html,
+        render = {"md": lambda p: plan_model.render_markdown(p, lang),
+                  "html": lambda p: plan_model.render_html(p, lang),
                   "json": lambda p: json.dumps(p.to_dict(), indent=2, default=str)}.get(suffix)
         if render is None:
             raise UsageError(f"--out {out}: unknown format", hint="end the name in .md, .html or .json")
@@ -449,7 +458,7 @@ def plan(db_path: str, provider: str | None, region: str | None, price_file: str
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2, default=str))
     elif not quiet:
-        click.echo(plan_model.render_text(result))
+        click.echo(plan_model.render_text(result, lang))
 
 
 class _ByteBar:

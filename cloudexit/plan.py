@@ -19,7 +19,6 @@ restore times, ``high`` the worst ones and minimum billable sizes. Field names o
 
 from __future__ import annotations
 
-import html
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -262,6 +261,9 @@ class Plan:
     unverified: list[Fact | Span]
     unknown: list[Fact | Span]
     catalogue_file: str = ""
+    # Set by `plan --assume-size`: {"size": "40 TB", "bytes": ..., "objects": ...} of the real
+    # inventory; every output says the figures are for the assumed size.
+    assumed_size: dict | None = None
 
     def scenario(self, key: str) -> Scenario:
         for scenario in self.scenarios:
@@ -292,6 +294,7 @@ class Plan:
             "warnings": list(self.warnings),
             "unverified_prices": [_fact_dict(f) for f in self.unverified],
             "unknown_prices": [_fact_dict(f) for f in self.unknown],
+            "assumed_size": self.assumed_size,
         }
 
 
@@ -943,9 +946,7 @@ class _Model:
             f"each, {self.workload.get_requests:,} GETs (one per object, one per part of multipart "
             "objects)",
             f"1 GB = {cat.gb_bytes.or_zero():,.0f} bytes",
-            "egress tiers restart every calendar month; the free allowance covers the first GB "
-            "of each "
-            "month and counts toward the first tier",
+            f"egress tiers restart every calendar month; {self._free_words()}",
             "the inventory's header reads are billed in the first month; its requests are listed "
             "as already spent",
             "range: low = best throughput and shortest restores; high = worst throughput, "
@@ -964,6 +965,16 @@ class _Model:
                 "timetable on the start's clock"
             )
         return words
+
+    def _free_words(self) -> str:
+        """What the monthly free egress allowance does: nothing said of a first GB it lacks."""
+        free = self.catalogue.egress.free_gb_per_month
+        if not free.known:
+            return "the free allowance is unknown: counted as 0 GB"
+        if free.or_zero() <= 0:
+            return f"no free egress allowance ({free.or_zero():g} GB per month)"
+        return (f"the free allowance covers the first {free.or_zero():,.0f} GB of each month "
+                "and counts toward the first tier")
 
     def facts_used(self, scenarios: list[Scenario]) -> set[str]:
         """Catalogue fields this plan's numbers rest on (to list only the relevant caveats)."""
@@ -1050,273 +1061,20 @@ def _hhmm(minute: int) -> str:
 # --- rendering -----------------------------------------------------------------------------
 
 
-def _money(value: float) -> str:
-    return f"{value:,.2f}"
+def render_text(plan: Plan, lang: str = "en") -> str:
+    """The terminal table (rendering lives in cloudexit.plan_render)."""
+    from .plan_render import render_text as render
+
+    return render(plan, lang)
 
 
-def _cost_text(plan: Plan, scenario: Scenario) -> str:
-    if scenario.cost is None:
-        return "unknown"
-    c = scenario.cost
-    text = f"{_money(c.expected)} ({_money(c.low)}-{_money(c.high)})"
-    return text if scenario.complete else text + " incomplete"
+def render_markdown(plan: Plan, lang: str = "en") -> str:
+    from .plan_render import render_markdown as render
+
+    return render(plan, lang)
 
 
-def _time_text(scenario: Scenario) -> str:
-    if scenario.time_s is None:
-        return "-"
-    t = scenario.time_s
-    return f"{format_duration(t.expected)} ({format_duration(t.low)}-{format_duration(t.high)})"
+def render_html(plan: Plan, lang: str = "en") -> str:
+    from .plan_render import render_html as render
 
-
-def _finish_text(scenario: Scenario) -> str:
-    return scenario.finish[1].strftime("%Y-%m-%d %H:%M") if scenario.finish else "-"
-
-
-def _summary_rows(plan: Plan) -> list[list[str]]:
-    rows = []
-    for s in plan.scenarios:
-        if s.available:
-            rows.append([s.key, _time_text(s), _finish_text(s), _cost_text(plan, s)])
-        else:
-            rows.append([s.key, "-", "-", f"not available: {s.reason}"])
-    return rows
-
-
-def _headline(plan: Plan) -> str:
-    w = plan.workload
-    return (
-        f"{plan.title} ({plan.provider}, {plan.region}): "
-        f"{format_bytes(w.bytes)} in {w.objects:,} objects, "
-        f"start {plan.start.strftime('%Y-%m-%d %H:%M %Z').strip()}"
-    )
-
-
-def render_text(plan: Plan) -> str:
-    """The terminal table: one row per scenario, then warnings."""
-    header = [
-        "scenario",
-        "time (expected, range)",
-        "finish (expected)",
-        f"cost {plan.currency} (expected, range)",
-    ]
-    rows = [header] + _summary_rows(plan)
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    lines = [_headline(plan), ""]
-    for index, row in enumerate(rows):
-        lines.append("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip())
-        if index == 0:
-            lines.append("  ".join("-" * w for w in widths))
-    notes = plan.warnings + [f"{s.key}: {w}" for s in plan.scenarios for w in s.warnings]
-    if notes:
-        lines += ["", "warnings:"] + [f"  - {n}" for n in notes]
-    if plan.unknown:
-        lines += ["", f"unknown, prices counted as 0: {', '.join(f.name for f in plan.unknown)}"]
-    return "\n".join(lines) + "\n"
-
-
-def _md_table(rows: list[list[str]]) -> list[str]:
-    out = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
-    out += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows[1:]]
-    return out
-
-
-def _breakdown_rows(plan: Plan, bd: Breakdown) -> list[list[str]]:
-    rows = [["item", "quantity", "unit price", f"cost {plan.currency}"]]
-    for month in bd.egress:
-        for line in month.lines:
-            rows.append(
-                _line_row(
-                    plan,
-                    CostLine(
-                        f"{month.month} {line.item}",
-                        line.quantity,
-                        line.unit,
-                        line.unit_price,
-                        line.cost,
-                        line.note,
-                    ),
-                )
-            )
-    for line in bd.requests + bd.restores + bd.device + bd.inventory:
-        rows.append(_line_row(plan, line))
-    if bd.exit_credit:
-        rows.append(["exit program credit", "", "", _money(bd.exit_credit)])
-    rows.append(["**total**", "", "", f"**{_money(bd.total)}**"])
-    return rows
-
-
-def _line_row(plan: Plan, line: CostLine) -> list[str]:
-    if line.unit_price is None:
-        price = "unknown"
-    else:
-        price = f"{line.unit_price:.6g}/{line.unit.rstrip('s')}" + (
-            f" ({line.note})" if line.note else ""
-        )
-    quantity = f"{line.quantity:,.2f}" if line.unit == "GB" else f"{line.quantity:,.0f}"
-    return [line.item, f"{quantity} {line.unit}", price, _money(line.cost)]
-
-
-def render_markdown(plan: Plan) -> str:
-    """The plan as a Markdown document for management and the project record."""
-    out = [f"# Leaving {plan.title}: cost and time", "", _headline(plan), ""]
-    out += _md_table(
-        [
-            [
-                "scenario",
-                "time (expected, range)",
-                "finish (expected)",
-                f"cost {plan.currency} (expected, range)",
-            ]
-        ]
-        + _summary_rows(plan)
-    )
-    for s in plan.scenarios:
-        out += ["", f"## {s.title} (`{s.key}`)", ""]
-        if not s.available:
-            out += [f"Not available: {s.reason}", ""]
-        out += [f"- {a}" for a in s.assumptions] + [f"- **warning:** {w}" for w in s.warnings]
-        if s.breakdown is not None:
-            out += ["", *_md_table(_breakdown_rows(plan, s.breakdown))]
-    out += ["", "## Assumptions", ""] + [f"- {a}" for a in plan.assumptions]
-    if plan.warnings:
-        out += ["", "## Warnings", ""] + [f"- {w}" for w in plan.warnings]
-    out += ["", "## Prices not confirmed in a primary source", ""]
-    out += [
-        f"- `{f.name}`: {_fact_value(f)} ({f.source}, read {f.read_on})"
-        + (f" - {f.note}" if f.note else "")
-        for f in plan.unverified
-    ] or ["- none"]
-    return "\n".join(out) + "\n"
-
-
-def _fact_value(fact: Fact | Span) -> str:
-    if isinstance(fact, Fact):
-        return "unknown" if fact.value is None else f"{fact.value:g}"
-    return "unknown" if not fact.known else f"{fact.min:g}-{fact.max:g}"
-
-
-_COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
-
-
-def render_svg(plan: Plan, width: int = 760, height: int = 320) -> str:
-    """Cumulative data moved over calendar time, one line per scenario (inline SVG)."""
-    series = [(s, s.series) for s in plan.scenarios if s.available and s.series]
-    left, right, top, bottom = 70, 45, 20, 50
-    end = max((pts[-1][0] for _, pts in series), default=plan.start + timedelta(days=1))
-    span_s = max((end - plan.start).total_seconds(), 1.0)
-    total = max(float(plan.workload.bytes), 1.0)
-    plot_w, plot_h = width - left - right, height - top - bottom
-
-    def x(t: datetime) -> float:
-        return left + plot_w * (t - plan.start).total_seconds() / span_s
-
-    def y(b: float) -> float:
-        return top + plot_h * (1 - b / total)
-
-    parts = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-        f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="11">',
-        f'<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" '
-        'fill="none" stroke="#999"/>',
-    ]
-    for i in range(5):
-        value = total * i / 4
-        parts.append(
-            f'<text x="{left - 6}" y="{y(value) + 4:.1f}" text-anchor="end">'
-            f"{html.escape(format_bytes(value))}</text>"
-        )
-        parts.append(
-            f'<line x1="{left}" x2="{left + plot_w}" y1="{y(value):.1f}" y2="{y(value):.1f}" '
-            'stroke="#eee"/>'
-        )
-    for i in range(6):
-        moment = plan.start + timedelta(seconds=span_s * i / 5)
-        label = moment.strftime("%Y-%m-%d" if span_s > 3 * 86400 else "%m-%d %H:%M")
-        parts.append(
-            f'<text x="{x(moment):.1f}" y="{top + plot_h + 16}" text-anchor="middle">{label}</text>'
-        )
-    for index, (scenario, pts) in enumerate(series):
-        colour = _COLOURS[index % len(_COLOURS)]
-        coords = " ".join(f"{x(t):.1f},{y(b):.1f}" for t, b in pts)
-        # Scenarios often share a curve: earlier lines are wider, so they show under later ones.
-        stroke = 2 + 1.2 * (len(series) - 1 - index)
-        parts.append(
-            f'<polyline fill="none" stroke="{colour}" stroke-width="{stroke:g}" '
-            f'stroke-linejoin="round" points="{coords}"/>'
-        )
-        lx = left + 10 + index * (plot_w // max(len(series), 1))
-        parts.append(f'<rect x="{lx}" y="{height - 16}" width="10" height="10" fill="{colour}"/>')
-        parts.append(f'<text x="{lx + 14}" y="{height - 7}">{html.escape(scenario.key)}</text>')
-    parts.append("</svg>")
-    return "\n".join(parts)
-
-
-def render_html(plan: Plan) -> str:
-    """One self-contained HTML file: summary, chart, breakdowns, assumptions; nothing external."""
-    esc = html.escape
-
-    def table(rows: list[list[str]]) -> str:
-        head = "".join(f"<th>{esc(c)}</th>" for c in rows[0])
-        body = "".join(
-            "<tr>" + "".join(f"<td>{esc(c.strip('*'))}</td>" for c in row) + "</tr>"
-            for row in rows[1:]
-        )
-        return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-    sections = [
-        f"<h1>Leaving {esc(plan.title)}: cost and time</h1>",
-        f"<p>{esc(_headline(plan))}</p>",
-        table(
-            [
-                [
-                    "scenario",
-                    "time (expected, range)",
-                    "finish (expected)",
-                    f"cost {plan.currency} (expected, range)",
-                ]
-            ]
-            + _summary_rows(plan)
-        ),
-        "<h2>Data moved over calendar time</h2>",
-        render_svg(plan),
-    ]
-    for s in plan.scenarios:
-        sections.append(f"<h2>{esc(s.title)} <code>{esc(s.key)}</code></h2>")
-        if not s.available:
-            sections.append(f"<p>Not available: {esc(s.reason)}</p>")
-        items = [esc(a) for a in s.assumptions] + [
-            f"<strong>warning:</strong> {esc(w)}" for w in s.warnings
-        ]
-        sections.append("<ul>" + "".join(f"<li>{i}</li>" for i in items) + "</ul>")
-        if s.breakdown is not None:
-            sections.append(table(_breakdown_rows(plan, s.breakdown)))
-    sections.append(
-        "<h2>Assumptions</h2><ul>"
-        + "".join(f"<li>{esc(a)}</li>" for a in plan.assumptions)
-        + "</ul>"
-    )
-    if plan.warnings:
-        sections.append(
-            "<h2>Warnings</h2><ul>" + "".join(f"<li>{esc(w)}</li>" for w in plan.warnings) + "</ul>"
-        )
-    facts = "".join(
-        f"<li><code>{esc(f.name)}</code>: {esc(_fact_value(f))} ({esc(f.source)}, "
-        f"read {esc(f.read_on)}) {esc(f.note)}</li>"
-        for f in plan.unverified
-    )
-    sections.append(
-        f"<h2>Prices not confirmed in a primary source</h2><ul>{facts or '<li>none</li>'}</ul>"
-    )
-    style = (
-        "body{font-family:sans-serif;max-width:60em;margin:2em auto;color:#222}"
-        "table{border-collapse:collapse;margin:1em 0}"
-        "td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}"
-        "th{background:#f4f4f4}code{background:#f4f4f4}"
-    )
-    return (
-        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-        f"<title>cloudexit plan: {esc(plan.title)}</title><style>{style}</style></head><body>\n"
-        + "\n".join(sections)
-        + "\n</body></html>\n"
-    )
+    return render(plan, lang)

@@ -57,9 +57,33 @@ def link_from(bandwidth: float | None, measurement: Measurement | None, concurre
     return Link.from_bandwidth(bandwidth, concurrency=concurrency)
 
 
+def scale_workload(workload: Workload, target_bytes: int) -> Workload:
+    """The inventory's mix (storage classes, object sizes, multipart share, inventory requests)
+    scaled to `target_bytes`: what the same bucket would cost and take at that size."""
+    if workload.bytes <= 0:
+        raise UsageError("the inventory holds no bytes: there is no mix to scale",
+                         hint="run `cloudexit inventory s3://BUCKET` first")
+    factor = target_bytes / workload.bytes
+
+    def n(value: int) -> int:
+        return max(round(value * factor), 1 if value else 0)
+
+    classes = {name: ClassLoad(n(c.objects), n(c.bytes), n(c.multipart_objects), n(c.multipart_parts))
+               for name, c in workload.classes.items()}
+    objects = sum(c.objects for c in classes.values())
+    # A LIST page holds up to 1,000 keys: a small bucket's walk of many short prefixes (35 pages
+    # for the demo's 116 objects) does not grow with the bucket the way its objects do.
+    pages = max(workload.inventory_list_requests, -(-objects // 1000))
+    return Workload(classes, inventory_header_bytes=n(workload.inventory_header_bytes),
+                    inventory_get_requests=n(workload.inventory_get_requests),
+                    inventory_list_requests=pages)
+
+
 def build_plan(state: State, provider: str | None, region: str | None, price_file: str | None,
                link: Link, schedule: Schedule | None, start: datetime,
-               offline_threshold: timedelta) -> Plan:
+               offline_threshold: timedelta, assume_bytes: int | None = None) -> Plan:
+    """The plan of the inventoried bucket, kept in the state DB for the audit to compare with;
+    with `assume_bytes`, of the same mix at that size (labelled as such, and not kept)."""
     provider = provider or (None if price_file else guess_provider(state.meta("endpoint_url")))
     if provider is None and price_file is None:
         from .pricing import known_providers
@@ -69,8 +93,21 @@ def build_plan(state: State, provider: str | None, region: str | None, price_fil
         raise UsageError("the inventory is empty: nothing to plan",
                          hint="run `cloudexit inventory s3://BUCKET` first")
     catalogue = load_catalogue(provider, region or state.meta("region") or None, price_file)
-    plan = make_plan(workload_from_state(state), catalogue, link, start, schedule,
-                     offline_threshold)
+    workload = workload_from_state(state)
+    if assume_bytes is not None:
+        from .units import format_bytes
+
+        real = workload
+        workload = scale_workload(real, assume_bytes)
+        plan = make_plan(workload, catalogue, link, start, schedule, offline_threshold)
+        plan.assumed_size = {"size": format_bytes(assume_bytes), "bytes": real.bytes,
+                             "objects": real.objects, "factor": assume_bytes / real.bytes}
+        plan.assumptions.insert(0, (
+            f"assumed size: {format_bytes(assume_bytes)}, the inventory's mix of {real.objects:,} "
+            f"objects and {format_bytes(real.bytes)} scaled by {assume_bytes / real.bytes:,.0f}"))
+        state.log("plan.assumed", provider=catalogue.provider, bytes=assume_bytes)
+        return plan
+    plan = make_plan(workload, catalogue, link, start, schedule, offline_threshold)
     state.set_meta(plan=json.dumps(plan.to_dict(), default=str))
     state.log("plan.made", provider=catalogue.provider, region=catalogue.region,
               link=link.source, schedule=schedule.text if schedule else None)

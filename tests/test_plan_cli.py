@@ -94,3 +94,34 @@ def test_measure_with_the_bucket_unreachable(cli, inventoried, fault_proxy) -> N
                  "--endpoint-url", fault_proxy.endpoint_url)
     assert result.exit_code == 1
     assert "cannot reach" in result.stderr and fault_proxy.endpoint_url in result.stderr
+
+
+def test_plan_assume_size_is_labelled_everywhere_and_not_kept(cli, inventoried, tmp_path: Path) -> None:
+    """`--assume-size 40TB` scales the inventory's mix to 40 TB; text, Markdown, HTML (both
+    languages) and JSON all say it is an assumption, and the real plan stays the audit's."""
+    db, truth = inventoried
+    real = cli("plan", "--db", str(db), "--provider", "aliyun-oss", "--region", "cn-hangzhou", "--bandwidth", "1Gbit/s", "--json")
+    assert real.exit_code == 0, real.output
+    outs = {ext: tmp_path / f"p40.{ext}" for ext in ("md", "html", "json")}
+    result = cli("plan", "--db", str(db), "--provider", "aliyun-oss", "--region", "cn-hangzhou", "--bandwidth", "1Gbit/s",
+                 "--assume-size", "40TB", *[a for o in outs.values() for a in ("--out", str(o))])
+    assert result.exit_code == 0, result.output
+    assert "\nASSUMPTION: sized as 40.0 TB, not as the bucket inventoried" in result.stdout
+    plan = json.loads(outs["json"].read_text())
+    assert plan["workload"]["bytes"] == pytest.approx(40e12, rel=1e-3)
+    assert plan["assumed_size"]["bytes"] == sum(o.size for o in truth)
+    # One LIST page per 1,000 objects, not the tiny bucket's prefix walk scaled up.
+    assert plan["workload"]["inventory"]["list_requests"] == -(-plan["workload"]["objects"] // 1000)
+    assert plan["assumptions"][0].startswith("assumed size: 40.0 TB")
+    assert "ASSUMPTION" in outs["md"].read_text() and 'class="assumed"' in outs["html"].read_text()
+    zh = tmp_path / "p40-zh.html"
+    assert cli("plan", "--db", str(db), "--provider", "aliyun-oss", "--region", "cn-hangzhou", "--bandwidth", "1Gbit/s",
+               "--assume-size", "40TB", "--lang", "zh", "--out", str(zh), "-q").exit_code == 0
+    assert "假设：按 40.0 TB 估算" in zh.read_text()
+    from cloudexit.state import State
+
+    with State(db) as state:  # the plan the audit compares with is still the real bucket's
+        assert json.loads(state.meta("plan"))["workload"]["bytes"] == sum(o.size for o in truth)
+    bad = cli("plan", "--db", str(db), "--provider", "aliyun-oss", "--region", "cn-hangzhou", "--bandwidth", "1Gbit/s",
+              "--assume-size", "40T")
+    assert bad.exit_code == 2 and "Traceback" not in bad.output

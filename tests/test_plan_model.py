@@ -353,3 +353,55 @@ def test_renderers():
     assert page.startswith("<!DOCTYPE html>") and "<svg" in page and "<polyline" in page
     for external in ("<script", "<link", "src=", "@import"):
         assert external not in page
+
+
+def test_alibaba_plan_is_complete_and_says_there_is_no_free_allowance():
+    """Alibaba's request prices are known now, so no cost is tagged incomplete; the mainland
+    has no free egress allowance, and the plan no longer says one covers the first GB."""
+    plan = make_plan(standard(1_000), load_catalogue("aliyun-oss"), steady(1e7), datetime(2026, 3, 2))
+    assert all(s.complete for s in plan.scenarios if s.available)
+    assert "incomplete" not in render_text(plan)
+    words = " ".join(plan.assumptions)
+    assert "no free egress allowance (0 GB per month)" in words
+    assert "covers the first" not in words
+    aws = make_plan(standard(1_000), load_catalogue("aws-s3"), steady(1e7), datetime(2026, 3, 2))
+    assert "the free allowance covers the first 100 GB of each month" in " ".join(aws.assumptions)
+
+
+def test_chart_axis_fits_the_data():
+    """A 9 s scenario beside an 8 h one (night-only) was a sliver at the left edge of a linear
+    axis: the axis turns logarithmic, and ends where the slowest scenario ends."""
+    from cloudexit.plan_render import render_svg
+    from cloudexit.schedule import parse_schedule
+
+    night = parse_schedule("Mon-Sun 07:30,0 19:00,off")
+    plan = make_plan(standard(0.1, objects=100), load_catalogue("aliyun-oss"), steady(1e7),
+                     datetime(2026, 3, 2, 10, 0), night)
+    svg = render_svg(plan)
+    assert 'data-axis="log"' in svg
+    slowest = max((s.finish[1] - plan.start).total_seconds() for s in plan.scenarios if s.finish)
+    assert f'data-span-s="{slowest:.0f}"' in svg
+    # The fastest line reaches the top within the first third of the plot, not at x = 70-71.
+    import re
+
+    fastest = re.findall(r'points="([^"]+)"', svg)[0].split()
+    xs = [float(p.split(",")[0]) for p in fastest]
+    assert 80 < xs[-1] < 70 + (760 - 115) / 2
+    linear = render_svg(make_plan(standard(0.1, objects=100), load_catalogue("aws-s3"),
+                                  steady(1e7), datetime(2026, 3, 2, 10, 0)))
+    assert 'data-axis="linear"' in linear
+
+
+def test_chinese_plan_has_the_same_figures():
+    from cloudexit.plan_render import render_html as html_of
+
+    plan = make_plan(standard(1_000), load_catalogue("aliyun-oss"), steady(1e7), datetime(2026, 3, 2))
+    en, zh = html_of(plan, "en"), html_of(plan, "zh")
+    assert 'lang="zh-CN"' in zh and "最快方案" in zh and "假设条件" in zh
+    assert 'lang="en"' not in zh.split("<body>", 1)[1]  # every model sentence found in the glossary
+    import re
+
+    def figures(page: str) -> list[str]:  # every figure of every table (summary, breakdowns)
+        return re.findall(r"\d[\d,]*\.\d\d", "".join(re.findall(r"<table>.*?</table>", page)))
+
+    assert figures(en) == figures(zh)
