@@ -23,7 +23,7 @@ from . import __version__
 from .errors import StateError
 
 APP_ID = 0x43455854  # "CEXT": tells our databases from any other SQLite file
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 _SCHEMA_V1 = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT);
@@ -283,8 +283,20 @@ CREATE INDEX list_tasks_open ON list_tasks(round, id) WHERE done = 0;
 CREATE INDEX list_tasks_skipped ON list_tasks(round, prefix) WHERE skipped = 1
 """
 
+# Version 7: objects a PACS wrote in an envelope (Orthanc's zlib attachments, gzip): the
+# inventory records the envelope and the decoded size, and Orthanc's own metadata attachments;
+# migrate records what it decoded: the raw object's SHA-256 beside the plain file's.
+_SCHEMA_V7 = """
+ALTER TABLE objects ADD COLUMN encoding TEXT;
+ALTER TABLE objects ADD COLUMN plain_size INTEGER;
+ALTER TABLE objects ADD COLUMN pacs_metadata TEXT;
+ALTER TABLE transfers ADD COLUMN encoding TEXT;
+ALTER TABLE transfers ADD COLUMN raw_sha256 TEXT;
+ALTER TABLE transfers ADD COLUMN file_size INTEGER
+"""
+
 _MIGRATIONS: dict[int, str] = {1: _SCHEMA_V1, 2: _SCHEMA_V2, 3: _SCHEMA_V3, 4: _SCHEMA_V4,
-                                 5: _SCHEMA_V5, 6: _SCHEMA_V6}
+                                 5: _SCHEMA_V5, 6: _SCHEMA_V6, 7: _SCHEMA_V7}
 
 
 GENESIS_HASH = "0" * 64

@@ -540,6 +540,7 @@ class Task:
     range_size: int = 16 * 2**20
     done_ranges: dict[int, int] = field(default_factory=dict)  # range -> bytes on disk and fsynced
     fresh: bool = False  # discard any temp file (a resumed one failed verification)
+    encoding: str | None = None  # envelope to decode after the raw checks (cloudexit.containers)
 
 
 @dataclass
@@ -565,6 +566,7 @@ class Result:
     restart: bool = False
     elapsed: float = 0.0
     folder: str | None = None  # the file's folder still to fsync (worker side only)
+    decoded: dict[str, Any] | None = None  # encoding, raw_sha256, raw_size, size (plain file)
 
 
 # -- the worker side ---------------------------------------------------------------------------------
@@ -879,6 +881,10 @@ class Fetcher:
         result.sha256 = hasher.sha256_hex()
         result.md5 = hasher.md5_hex()
         target = task.final
+        if task.encoding and task.kind == "dicom":
+            from .containers import judge_decoded
+
+            return judge_decoded(self, task, result)
         if task.kind == "dicom":
             problem = self._check_dicom(task, head, result)
             if problem:
@@ -903,9 +909,10 @@ class Fetcher:
 
         return os.path.join(self.placer.base, MISMATCH, safe_key_path(key))
 
-    def _check_dicom(self, task: Task, head: bytes, result: Result, path: str | None = None) -> str | None:
+    def _check_dicom(self, task: Task, head: bytes, result: Result, path: str | None = None,
+                     size: int | None = None) -> str | None:
         """None if the file is DICOM with the inventoried UIDs; else what is wrong."""
-        found = scan(head, task.size)
+        found = scan(head, task.size if size is None else size)
         if found.need_more or not found.decided:
             from .dicom import parse_file
 

@@ -4,7 +4,9 @@ the statuses a test asks for.
 * `OrthancServer(workdir)`: `/usr/sbin/Orthanc` with its own JSON config: random free HTTP and
   DICOM ports on 127.0.0.1, storage in `workdir`, the DICOMweb plugin, C-STORE/C-FIND/C-GET open
   to any calling AE (our default CLOUDEXIT is also declared as a modality). `stop()` and
-  `start()` keep ports and storage, for "PACS down mid-run" tests.
+  `start()` keep ports and storage, for "PACS down mid-run" tests. `options` overrides config
+  entries (e.g. `{"StorageCompression": True}`); `storage` is its storage folder and
+  `attachments()` maps each file there to its instance and attachment kind.
 * fixtures: `orthanc` (one per session), `pacs` (the same Orthanc, emptied before the test),
   `status_scp` (an in-process Storage SCP; `status_scp.statuses[sop_uid] = 0xA700` makes it answer
   that status for that instance, everything else gets 0x0000).
@@ -42,7 +44,8 @@ AET = "ORTHANC"
 class OrthancServer:
     """One Orthanc process with its own config, ports and storage."""
 
-    def __init__(self, workdir: Path, aet: str = AET, users: dict[str, str] | None = None) -> None:
+    def __init__(self, workdir: Path, aet: str = AET, users: dict[str, str] | None = None,
+                 options: dict[str, Any] | None = None) -> None:
         self.workdir = Path(workdir)
         self.aet = aet
         self.users = users
@@ -50,9 +53,9 @@ class OrthancServer:
         self.dicom_port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
         self.config = self.workdir / "orthanc.json"
-        storage = self.workdir / "storage"
+        storage = self.storage = self.workdir / "storage"
         storage.mkdir(parents=True, exist_ok=True)
-        self.config.write_text(json.dumps({
+        self.config.write_text(json.dumps({**{
             "Name": "cloudexit-test",
             "StorageDirectory": str(storage), "IndexDirectory": str(storage),
             "HttpPort": self.http_port, "DicomPort": self.dicom_port, "DicomAet": aet,
@@ -69,7 +72,7 @@ class OrthancServer:
             "LimitFindResults": 0, "LimitFindInstances": 0,
             "DicomScuTimeout": 30, "DicomAssociationCloseDelay": 0,
             "SaveJobs": False, "ConcurrentJobs": 2,
-        }))
+        }, **(options or {})}))
 
     # -- addresses --------------------------------------------------------------------------------
     @property
@@ -155,6 +158,17 @@ class OrthancServer:
         req = urllib.request.Request(f"{self.http_url}/instances/{oid}/file")
         with urllib.request.urlopen(req, timeout=30) as resp:
             return resp.read()
+
+    def attachments(self) -> dict[str, tuple[str, str]]:
+        """Every attachment file in the storage area: {uuid: (SOP Instance UID, attachment
+        name)}, from the REST API (the mapping lives only in Orthanc's index)."""
+        found = {}
+        for oid in self.rest("GET", "/instances"):
+            sop = self.rest("GET", f"/instances/{oid}/simplified-tags")["SOPInstanceUID"]
+            for name in self.rest("GET", f"/instances/{oid}/attachments"):
+                info = self.rest("GET", f"/instances/{oid}/attachments/{name}/info")
+                found[info["Uuid"]] = (sop, name)
+        return found
 
     def delete_instance(self, sop_uid: str) -> None:
         oid = self.find_instance(sop_uid)

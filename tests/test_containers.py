@@ -1,0 +1,251 @@
+"""Buckets as a PACS wrote them: a real Orthanc with `"StorageCompression": true` stores
+generated instances, its storage area goes to SeaweedFS under the object-storage plugin's key
+layouts, and cloudexit must find the instances inside, migrate them decoded and deliver them to
+a second Orthanc. Broken envelopes (a zlib stream cut short or damaged, Orthanc's encryption,
+a gzip whose CRC is wrong) are each a clear per-object result, never a silent non-DICOM."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import os
+import struct
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from dbutil import rows
+
+from cloudexit import synthetic
+from cloudexit.containers import DecodeError, classify_object, decode_file, sniff
+from cloudexit.s3server import SeaweedServer
+from orthanc import ORTHANC, OrthancServer
+
+
+@dataclass
+class OrthancStorage:
+    """What a compressed Orthanc left on disk, and what it holds."""
+
+    files: dict[str, tuple[bytes, str, str]]  # uuid -> (stored bytes, SOP Instance UID, attachment)
+    instances: dict[str, bytes]  # SOP Instance UID -> the DICOM file Orthanc returns
+    studies: set[str]  # Study Instance UIDs
+
+
+def _profile() -> synthetic.Profile:
+    return synthetic.Profile(patients=2, studies_per_patient=1, ct_series_per_study=1,
+                             ct_slices_per_series=3, ct_matrix=64, cr_per_study=1, cr_matrix=128,
+                             multiframe_objects=0, awkward=False)
+
+
+@pytest.fixture(scope="module")
+def orthanc_storage(tmp_path_factory: pytest.TempPathFactory) -> OrthancStorage:
+    if not os.path.exists(ORTHANC):
+        pytest.skip("Orthanc is not installed (apt-get install orthanc orthanc-dicomweb)")
+    server = OrthancServer(tmp_path_factory.mktemp("orthanc-compressed"), aet="WRITER",
+                           options={"StorageCompression": True})
+    with server:
+        for obj in synthetic.generate(_profile()):
+            if obj.kind == "dicom":
+                server.rest("POST", "/instances", obj.body())
+        mapping = server.attachments()
+        instances = {sop: server.stored_file(sop) for sop, _ in mapping.values()}
+        studies = {server.rest("GET", f"/studies/{s}")["MainDicomTags"]["StudyInstanceUID"]
+                   for s in server.rest("GET", "/studies")}
+    files = {}
+    for path in server.storage.rglob("*"):
+        if path.name in mapping:
+            files[path.name] = (path.read_bytes(), *mapping[path.name])
+    assert len(files) == len(mapping) and len(instances) == 8
+    return OrthancStorage(files, instances, studies)
+
+
+_SUFFIX = {"dicom": ".dcm", "dicom-until-pixel-data": ".dcm.head"}
+
+
+def upload_orthanc(s3: SeaweedServer, bucket: str, storage: OrthancStorage, layout: str) -> None:
+    """The storage area as the object-storage plugin names it: `flat` ({uuid}{ext}, `.cmp`
+    added to every other one as newer plugins do) or `legacy` (aa/bb/{uuid})."""
+    client = s3.client()
+    for n, (uuid, (data, _sop, name)) in enumerate(sorted(storage.files.items())):
+        if layout == "flat":
+            key = f"{uuid}{_SUFFIX[name]}" + (".cmp" if n % 2 else "")
+        else:
+            key = f"{uuid[:2]}/{uuid[2:4]}/{uuid}"
+        client.put_object(Bucket=bucket, Key=key, Body=data)
+
+
+@pytest.mark.parametrize("layout", ["flat", "legacy"])
+def test_inventory_finds_the_instances_inside(cli: Any, s3: SeaweedServer, bucket: str, db: Path,
+                                              orthanc_storage: OrthancStorage, layout: str) -> None:
+    upload_orthanc(s3, bucket, orthanc_storage, layout)
+    result = cli("inventory", f"s3://{bucket}", "--db", str(db), "-q")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(cli("status", "--db", str(db), "--json").output)
+    heads = sum(1 for _, _, name in orthanc_storage.files.values() if name != "dicom")
+    assert heads > 0
+    assert summary["dicom_instances"] == summary["dicom_objects"] == len(orthanc_storage.instances)
+    assert summary["studies"] == len(orthanc_storage.studies)
+    assert summary["pacs_metadata"] == heads
+    assert summary["non_dicom"] == summary["unreadable"] == summary["duplicate_sop_uids"] == 0
+    assert {r["encoding"] for r in rows(db, "SELECT encoding FROM objects")} == {"orthanc-zlib"}
+    text = cli("status", "--db", str(db)).output
+    assert "PACS metadata" in text and "orthanc-zlib" in text
+
+
+def test_migrate_orthanc_bucket_into_a_second_orthanc(cli: Any, s3: SeaweedServer, bucket: str,
+                                                      db: Path, tmp_path: Path, pacs: OrthancServer,
+                                                      orthanc_storage: OrthancStorage) -> None:
+    upload_orthanc(s3, bucket, orthanc_storage, "flat")
+    assert cli("inventory", f"s3://{bucket}", "--db", str(db), "-q").exit_code == 0
+    archive = tmp_path / "archive"
+    result = cli("migrate", "--to", str(archive), "--to", pacs.dicom_url, "--db", str(db), "--json")
+    assert result.exit_code == 0, result.output
+    # The archive holds each instance as plain DICOM at STUDY/SERIES/SOP.dcm, byte for byte the
+    # file the first Orthanc was given; Orthanc's header copies went to the side area as stored.
+    archived = rows(db, "SELECT t.*, o.study_uid, o.series_uid, o.sop_uid, o.pacs_metadata "
+                        "FROM transfers t JOIN objects o ON o.key = t.key WHERE t.dest LIKE 'file://%'")
+    instances = [r for r in archived if r["pacs_metadata"] is None]
+    assert len(instances) == len(orthanc_storage.instances)
+    for r in instances:
+        assert r["state"] == "verified" and r["encoding"] == "orthanc-zlib", dict(r)
+        assert r["path"] == f"{r['study_uid']}/{r['series_uid']}/{r['sop_uid']}.dcm"
+        plain = (archive / r["path"]).read_bytes()
+        assert plain == orthanc_storage.instances[r["sop_uid"]]
+        assert r["sha256"] == hashlib.sha256(plain).hexdigest() and r["file_size"] == len(plain)
+        raw = next(d for d, sop, name in orthanc_storage.files.values()
+                   if sop == r["sop_uid"] and name == "dicom")
+        assert r["raw_sha256"] == hashlib.sha256(raw).hexdigest()
+        assert {"md5", "zlib-adler32", "orthanc-declared-size", "dicom-sop-uid"} <= set(r["checks"].split(","))
+    heads = [r for r in archived if r["pacs_metadata"]]
+    assert heads and all(r["state"] == "verified" and r["path"].startswith("_non-dicom/")
+                         and r["encoding"] is None for r in heads)
+    # The second Orthanc holds every study and instance of the first.
+    assert pacs.instance_count() == len(orthanc_storage.instances)
+    found = {pacs.rest("GET", f"/studies/{s}")["MainDicomTags"]["StudyInstanceUID"]
+             for s in pacs.rest("GET", "/studies")}
+    assert found == orthanc_storage.studies
+    for sop, data in orthanc_storage.instances.items():
+        # The same dataset (the file meta records who sent it, so it differs).
+        assert _dataset(pacs.stored_file(sop)) == _dataset(data)
+    check = cli("verify", "--deep", "--db", str(db), "--json")
+    assert check.exit_code == 0, check.output
+    assert all(d["status"] == "passed" for d in json.loads(check.output)["destinations"])
+
+
+def _dataset(data: bytes) -> Any:
+    import pydicom
+
+    ds = pydicom.dcmread(io.BytesIO(data))
+    del ds.file_meta
+    return ds
+
+
+# -- broken envelopes: each a clear per-object result --------------------------------------------
+def _ct(matrix: int = 64, seed: int = 0) -> synthetic.SyntheticObject:
+    profile = synthetic.Profile(patients=1, studies_per_patient=1, ct_series_per_study=1,
+                                ct_slices_per_series=1, ct_matrix=matrix, cr_per_study=0,
+                                multiframe_objects=0, awkward=False, layouts=("uid",), seed=seed)
+    return next(o for o in synthetic.generate(profile) if o.kind == "dicom")
+
+
+def _orthanc(data: bytes) -> bytes:
+    return struct.pack("<Q", len(data)) + zlib.compress(data)
+
+
+def _noisy(obj: synthetic.SyntheticObject) -> bytes:
+    """The object with random pixel values (incompressible: the stream runs past 64 KiB)."""
+    body = obj.body()
+    return body[:-65536 * 2] + os.urandom(65536 * 2)
+
+
+def test_classify_envelopes() -> None:
+    body = _ct().body()
+    packed = _orthanc(body)
+    assert sniff(packed) == "orthanc-zlib" and sniff(gzip.compress(body)) == "gzip"
+    assert sniff(body) is None
+    whole = classify_object("x", packed, len(packed))
+    assert whole.kind == "dicom" and whole.encoding == "orthanc-zlib" and whole.plain_size == len(body)
+    assert classify_object("x.dcm.gz", gzip.compress(body), len(gzip.compress(body))).kind == "dicom"
+    cut = packed[:len(packed) // 2]
+    h = classify_object("x", cut, len(cut))
+    assert h.kind == "unreadable" and "cut short" in (h.reason or ""), h
+    wrong_size = struct.pack("<Q", len(body) + 5) + packed[8:]
+    h = classify_object("x", wrong_size, len(wrong_size))
+    assert h.kind == "unreadable" and "declares" in (h.reason or ""), h
+    encrypted = b"A1" + b"\x01\x00\x00\x00" + os.urandom(400)
+    h = classify_object("x.dcm.enc", encrypted, len(encrypted))
+    assert h.kind == "unreadable" and h.encoding == "orthanc-encrypted"
+    assert "cannot be read without the key" in (h.reason or "")
+    bad_crc = bytearray(gzip.compress(body))
+    bad_crc[-8] ^= 0xFF
+    h = classify_object("x", bytes(bad_crc), len(bad_crc))
+    assert h.kind == "unreadable" and "corrupt" in (h.reason or ""), h
+    json_copy = _orthanc(b'{ "0008,0018" : { "Name" : "SOPInstanceUID", "Type" : "String" } }')
+    h = classify_object("x.json", json_copy, len(json_copy))
+    assert h.kind == "other" and h.pacs_metadata == "orthanc-dicom-as-json"
+
+
+def test_decode_file_checks_the_envelope(tmp_path: Path) -> None:
+    body = _noisy(_ct(256))
+    raw, out = tmp_path / "raw", tmp_path / "out"
+    raw.write_bytes(_orthanc(body))
+    done = decode_file("orthanc-zlib", str(raw), str(out))
+    assert out.read_bytes() == body and done.sha256 == hashlib.sha256(body).hexdigest()
+    two = gzip.compress(body[:1000]) + gzip.compress(body[1000:])  # concatenated members
+    raw.write_bytes(two)
+    assert decode_file("gzip", str(raw), str(out)).size == len(body) and out.read_bytes() == body
+    for broken, why in ((_orthanc(body)[:-3000], "cut short"),
+                        (_orthanc(body) + b"junk", "unexpected bytes"),
+                        (struct.pack("<Q", 7) + zlib.compress(body), "declares 7 bytes")):
+        raw.write_bytes(broken)
+        with pytest.raises(DecodeError, match=why):
+            decode_file("orthanc-zlib", str(raw), str(out))
+        assert not out.exists()
+
+
+@pytest.fixture
+def broken_bucket(s3: SeaweedServer, bucket: str) -> Iterator[dict[str, bytes]]:
+    noisy = _noisy(_ct(256, seed=1))
+    damaged = bytearray(_orthanc(_noisy(_ct(256, seed=2))))
+    damaged[-200] ^= 0xFF  # past what the inventory reads: only the whole stream shows it
+    objects = {
+        "good.dcm.gz": gzip.compress(_ct(seed=3).body()),
+        "gzip-without-suffix": gzip.compress(noisy),
+        "cut-short.dcm": _orthanc(_ct(seed=4).body())[:300],
+        "damaged.dcm": bytes(damaged),
+        "secret.dcm.enc": b"A1" + b"\x07\x00\x00\x00" + os.urandom(2000),
+    }
+    for key, data in objects.items():
+        s3.client().put_object(Bucket=bucket, Key=key, Body=data)
+    yield objects
+
+
+def test_broken_envelopes_are_clear_per_object_failures(cli: Any, bucket: str, db: Path, tmp_path: Path,
+                                                        broken_bucket: dict[str, bytes]) -> None:
+    assert cli("inventory", f"s3://{bucket}", "--db", str(db), "-q").exit_code == 0
+    kinds = {r["key"]: r for r in rows(db, "SELECT * FROM objects")}
+    assert kinds["good.dcm.gz"]["kind"] == kinds["gzip-without-suffix"]["kind"] == "dicom"
+    assert kinds["damaged.dcm"]["kind"] == "dicom"  # its header inflates cleanly
+    assert kinds["cut-short.dcm"]["kind"] == "unreadable"
+    assert "cut short" in kinds["cut-short.dcm"]["reason"]
+    assert kinds["secret.dcm.enc"]["kind"] == "unreadable"
+    assert "without the key" in kinds["secret.dcm.enc"]["reason"]
+    assert not any(r["kind"] == "other" for r in kinds.values())
+    archive = tmp_path / "archive"
+    result = cli("migrate", "--to", str(archive), "--db", str(db), "--json")
+    assert result.exit_code == 3, result.output
+    done = {r["key"]: r for r in rows(db, "SELECT * FROM transfers")}
+    for key in ("good.dcm.gz", "gzip-without-suffix"):
+        assert done[key]["state"] == "verified" and done[key]["encoding"] == "gzip"
+        assert (archive / done[key]["path"]).read_bytes() == gzip.decompress(broken_bucket[key])
+        assert "gzip-crc32" in done[key]["checks"]
+    bad = done["damaged.dcm"]
+    assert bad["state"] == "quarantined" and "corrupt" in bad["reason"], dict(bad)
+    assert (archive / bad["path"]).read_bytes() == broken_bucket["damaged.dcm"]  # kept as it was
+    for key in ("cut-short.dcm", "secret.dcm.enc"):
+        assert done[key]["state"] == "quarantined" and done[key]["path"].startswith("_quarantine/")
