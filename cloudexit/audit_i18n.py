@@ -63,6 +63,10 @@ TEXT: dict[str, dict[str, str]] = {
         "row.bytes": "Bytes",
         "row.non_dicom": "Non-DICOM objects",
         "row.unreadable": "Unreadable DICOM",
+        "row.pacs_metadata": "of the non-DICOM: PACS metadata attachments (Orthanc's header-only and "
+                             "JSON copies of instances, kept in the side area; not instances)",
+        "row.decoded": "Instances decoded from the PACS's storage format (Orthanc zlib, gzip): "
+                       "checked as stored, then decoded and checked again",
         "row.studies_complete": "Studies complete",
         "times": "When",
         "t.start": "Migration started",
@@ -328,6 +332,9 @@ TEXT: dict[str, dict[str, str]] = {
         "row.bytes": "数据量（字节）",
         "row.non_dicom": "非 DICOM 对象",
         "row.unreadable": "无法读取的 DICOM",
+        "row.pacs_metadata": "其中 PACS 元数据附件（Orthanc 保存的实例头部副本与 JSON 副本，"
+                             "存放在旁路目录；不是影像实例）",
+        "row.decoded": "从 PACS 存储格式解码的实例（Orthanc zlib、gzip）：先按原样校验，解码后再校验",
         "row.studies_complete": "完整到达的检查",
         "times": "时间",
         "t.start": "迁移开始",

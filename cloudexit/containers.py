@@ -29,8 +29,9 @@ from .dicom import Header, classify
 ORTHANC_ZLIB = "orthanc-zlib"
 GZIP = "gzip"
 ORTHANC_ENCRYPTED = "orthanc-encrypted"
+ZIP = "zip"
 ENCODINGS = {ORTHANC_ZLIB: "Orthanc zlib attachment (8-byte size + zlib)", GZIP: "gzip",
-             ORTHANC_ENCRYPTED: "Orthanc storage encryption"}
+             ORTHANC_ENCRYPTED: "Orthanc storage encryption", ZIP: "zip archive"}
 UNTIL_PIXEL_DATA = "orthanc-dicom-until-pixel-data"
 DICOM_AS_JSON = "orthanc-dicom-as-json"
 METADATA = {UNTIL_PIXEL_DATA: "Orthanc's header-only copy of an instance (\"DICOM until pixel data\")",
@@ -65,6 +66,8 @@ def sniff(data: bytes) -> str | None:
             return ORTHANC_ZLIB
     if data[:3] == b"\x1f\x8b\x08":
         return GZIP
+    if data[:4] == b"PK\x03\x04":
+        return ZIP
     if len(data) >= _ENCRYPTED_OVERHEAD and data[:2] == b"A1" and _random_looking(data[6:262]):
         return ORTHANC_ENCRYPTED
     return None
@@ -92,6 +95,8 @@ def classify_object(key: str, data: bytes, size: int) -> Header:
         if header.kind == "other" and len(data) >= size and _ORTHANC_JSON.match(data[:64]):
             header.pacs_metadata, header.reason = DICOM_AS_JSON, METADATA[DICOM_AS_JSON]
         return header
+    if encoding == ZIP:
+        return Header("unreadable", encoding=encoding, reason=_zip_reason(data, size))
     if encoding == ORTHANC_ENCRYPTED:
         key_id = data[2:6].hex()
         return Header("unreadable", encoding=encoding, reason=(
@@ -142,6 +147,26 @@ def classify_object(key: str, data: bytes, size: int) -> Header:
     elif header.kind == "unreadable":
         header.reason = f"{label}: {header.reason}"
     return header
+
+
+def _zip_reason(data: bytes, size: int) -> str:
+    """Zipped studies are not unpacked yet: say so, and what the archive holds when its
+    directory is in the bytes read (a small zip); never a silent non-DICOM."""
+    what = "zip archive"
+    if len(data) >= size:
+        import io
+        import zipfile
+
+        try:
+            with zipfile.ZipFile(io.BytesIO(data)) as archive:
+                names = [i.filename for i in archive.infolist() if not i.is_dir()]
+            dicom = sum(1 for n in names if n.lower().endswith((".dcm", ".dicom"))
+                        or "." not in n.rsplit("/", 1)[-1])  # DICOMDIR-style names have no suffix
+            what = f"zip archive of {len(names)} files ({dicom} DICOM by name)"
+        except (zipfile.BadZipFile, OSError, ValueError) as exc:
+            what = f"zip archive that cannot be read ({exc})"
+    return (f"{what}: zipped studies are not unpacked by this version; the archive is kept as "
+            "stored in _quarantine/ (unzip it and upload its DICOM files to migrate them as instances)")
 
 
 def scan_rows(plain: bytes, size: int) -> bool:
@@ -255,3 +280,19 @@ def judge_decoded(fetcher: Any, task: Any, result: Any) -> str:
     result.sha256, result.md5 = decoded.sha256, None  # of the file written
     result.outcome = "verified"
     return str(task.final)
+
+
+def audit_facts(conn: Any) -> dict[str, Any]:
+    """For the audit: objects by envelope (and how many were decoded into verified files), and
+    Orthanc's metadata attachments by kind. Grouped in SQL: a few rows, whatever the bucket."""
+    stored = {r[0]: r[1] for r in conn.execute(
+        "SELECT encoding, count(*) FROM objects WHERE status = 'present' AND encoding IS NOT NULL "
+        "GROUP BY 1").fetchall()}
+    decoded = {r[0]: r[1] for r in conn.execute(
+        "SELECT encoding, count(DISTINCT key) FROM transfers WHERE encoding IS NOT NULL "
+        "AND state = 'verified' GROUP BY 1").fetchall()}
+    metadata = {r[0]: r[1] for r in conn.execute(
+        "SELECT pacs_metadata, count(*) FROM objects WHERE status = 'present' "
+        "AND pacs_metadata IS NOT NULL GROUP BY 1").fetchall()}
+    return {"stored_in": stored, "decoded": decoded, "decoded_total": sum(decoded.values()),
+            "pacs_metadata": metadata, "pacs_metadata_total": sum(metadata.values())}

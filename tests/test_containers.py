@@ -6,12 +6,14 @@ a gzip whose CRC is wrong) are each a clear per-object result, never a silent no
 
 from __future__ import annotations
 
+import csv
 import gzip
 import hashlib
 import io
 import json
 import os
 import struct
+import zipfile
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -135,6 +137,18 @@ def test_migrate_orthanc_bucket_into_a_second_orthanc(cli: Any, s3: SeaweedServe
     check = cli("verify", "--deep", "--db", str(db), "--json")
     assert check.exit_code == 0, check.output
     assert all(d["status"] == "passed" for d in json.loads(check.output)["destinations"])
+    # The audit says which objects were decoded and how, and what the metadata copies are.
+    out = tmp_path / "audit"
+    assert cli("audit", "--db", str(db), "--out", str(out), "-q").exit_code == 0
+    facts = json.loads((out / "audit.json").read_text())["containers"]
+    assert facts["decoded"] == {"orthanc-zlib": len(instances)}
+    assert facts["pacs_metadata"] == {"orthanc-dicom-until-pixel-data": len(heads)}
+    with open(out / "manifest.csv", newline="") as fh:
+        lines = [r for r in csv.DictReader(fh) if r["destination"].startswith("file://")]
+    decoded = [r for r in lines if r["raw_sha256"]]
+    assert len(decoded) == len(instances) and {r["encoding"] for r in decoded} == {"orthanc-zlib"}
+    html = (out / "audit.html").read_text()
+    assert "PACS metadata attachments" in html and "Instances decoded" in html
 
 
 def _dataset(data: bytes) -> Any:
@@ -185,6 +199,13 @@ def test_classify_envelopes() -> None:
     bad_crc[-8] ^= 0xFF
     h = classify_object("x", bytes(bad_crc), len(bad_crc))
     assert h.kind == "unreadable" and "corrupt" in (h.reason or ""), h
+    packed_zip = io.BytesIO()
+    with zipfile.ZipFile(packed_zip, "w") as archive:
+        archive.writestr("study/1.dcm", body)
+        archive.writestr("study/README.txt", b"hello")
+    h = classify_object("study.zip", packed_zip.getvalue(), len(packed_zip.getvalue()))
+    assert h.kind == "unreadable" and h.encoding == "zip", h
+    assert "zip archive of 2 files (1 DICOM by name): zipped studies are not unpacked" in (h.reason or "")
     json_copy = _orthanc(b'{ "0008,0018" : { "Name" : "SOPInstanceUID", "Type" : "String" } }')
     h = classify_object("x.json", json_copy, len(json_copy))
     assert h.kind == "other" and h.pacs_metadata == "orthanc-dicom-as-json"
