@@ -149,6 +149,11 @@ def test_migrate_orthanc_bucket_into_a_second_orthanc(cli: Any, s3: SeaweedServe
     assert len(decoded) == len(instances) and {r["encoding"] for r in decoded} == {"orthanc-zlib"}
     html = (out / "audit.html").read_text()
     assert "PACS metadata attachments" in html and "Instances decoded" in html
+    # Every object (instances and Orthanc's header copies) is verified where it must be: the
+    # decommission plan deletes them all, and records the SHA-256 of the plain file kept.
+    dry = cli("decommission", "--db", str(db), "--json")
+    assert dry.exit_code == 0, dry.output
+    assert json.loads(dry.output)["to_delete"] == len(orthanc_storage.files)
 
 
 def _dataset(data: bytes) -> Any:
@@ -236,6 +241,9 @@ def broken_bucket(s3: SeaweedServer, bucket: str) -> Iterator[dict[str, bytes]]:
     damaged[-200] ^= 0xFF  # past what the inventory reads: only the whole stream shows it
     objects = {
         "good.dcm.gz": gzip.compress(_ct(seed=3).body()),
+        # past the small-object loop (1 MiB) and past --large-object below: the other two paths
+        "mid.dcm": _orthanc(_ct(768, seed=5).body()),
+        "big.dcm.gz": gzip.compress(_ct(1024, seed=6).body()),
         "gzip-without-suffix": gzip.compress(noisy),
         "cut-short.dcm": _orthanc(_ct(seed=4).body())[:300],
         "damaged.dcm": bytes(damaged),
@@ -258,15 +266,42 @@ def test_broken_envelopes_are_clear_per_object_failures(cli: Any, bucket: str, d
     assert "without the key" in kinds["secret.dcm.enc"]["reason"]
     assert not any(r["kind"] == "other" for r in kinds.values())
     archive = tmp_path / "archive"
-    result = cli("migrate", "--to", str(archive), "--db", str(db), "--json")
+    assert 2**20 < len(broken_bucket["mid.dcm"]) < 1_500_000 < len(broken_bucket["big.dcm.gz"])
+    result = cli("migrate", "--to", str(archive), "--db", str(db), "--json", "--large-object", "1500000")
     assert result.exit_code == 3, result.output
     done = {r["key"]: r for r in rows(db, "SELECT * FROM transfers")}
-    for key in ("good.dcm.gz", "gzip-without-suffix"):
-        assert done[key]["state"] == "verified" and done[key]["encoding"] == "gzip"
-        assert (archive / done[key]["path"]).read_bytes() == gzip.decompress(broken_bucket[key])
-        assert "gzip-crc32" in done[key]["checks"]
+    for key in ("good.dcm.gz", "gzip-without-suffix", "big.dcm.gz", "mid.dcm"):
+        assert done[key]["state"] == "verified", dict(done[key])
+        plain = (archive / done[key]["path"]).read_bytes()
+        if key == "mid.dcm":
+            assert done[key]["encoding"] == "orthanc-zlib" and plain == zlib.decompress(broken_bucket[key][8:])
+        else:
+            assert done[key]["encoding"] == "gzip" and plain == gzip.decompress(broken_bucket[key])
+            assert "gzip-crc32" in done[key]["checks"]
     bad = done["damaged.dcm"]
     assert bad["state"] == "quarantined" and "corrupt" in bad["reason"], dict(bad)
     assert (archive / bad["path"]).read_bytes() == broken_bucket["damaged.dcm"]  # kept as it was
     for key in ("cut-short.dcm", "secret.dcm.enc"):
         assert done[key]["state"] == "quarantined" and done[key]["path"].startswith("_quarantine/")
+
+
+def test_a_schema_6_database_gets_the_envelope_columns(tmp_path: Path) -> None:
+    import sqlite3
+
+    from cloudexit.state import _MIGRATIONS, APP_ID, State
+
+    path = tmp_path / "old.db"
+    conn = sqlite3.connect(path)
+    for version in range(1, 7):
+        conn.executescript(_MIGRATIONS[version])
+    conn.execute("INSERT INTO objects(key, size, first_seen_round, last_seen_round, kind) "
+                 "VALUES ('a.dcm', 1, 1, 1, 'dicom')")
+    conn.execute(f"PRAGMA application_id={APP_ID}")
+    conn.execute("PRAGMA user_version=6")
+    conn.commit()
+    conn.close()
+    with State(path) as state:
+        assert state.schema_version() == 7
+        row = state.query("SELECT encoding, plain_size, pacs_metadata FROM objects")[0]
+        assert tuple(row) == (None, None, None)
+        state.query("SELECT encoding, raw_sha256, file_size FROM transfers")
