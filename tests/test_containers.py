@@ -97,6 +97,12 @@ def test_inventory_finds_the_instances_inside(cli: Any, s3: SeaweedServer, bucke
     assert {r["encoding"] for r in rows(db, "SELECT encoding FROM objects")} == {"orthanc-zlib"}
     text = cli("status", "--db", str(db)).output
     assert "PACS metadata" in text and "orthanc-zlib" in text
+    # The plan counts instances and studies, and what the compressed objects decode to.
+    plan = cli("plan", "--db", str(db), "--provider", "aws-s3", "--bandwidth", "100Mbit/s")
+    assert plan.exit_code == 0, plan.output
+    assert (f"{len(orthanc_storage.instances)} DICOM instances in {len(orthanc_storage.studies)} studies"
+            in plan.output), plan.output
+    assert "stored compressed by the PACS decode to" in plan.output
 
 
 def test_migrate_orthanc_bucket_into_a_second_orthanc(cli: Any, s3: SeaweedServer, bucket: str,
