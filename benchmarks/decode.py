@@ -9,6 +9,12 @@ folder, then times `cloudexit.containers.decode_file` over all of them on one th
 worker thread does after the raw object's checksums passed: inflate, Adler-32, declared size,
 SHA-256 of the plain file, write), without fsync, so the figure is CPU only. Prints MB/s of
 compressed input and of decoded output, and the link each core keeps up with.
+
+    PYTHONPATH=. /work/main/.venv/bin/python benchmarks/decode.py --instances 1000 --migrate
+
+also puts the same N instances into two buckets of a local SeaweedFS, as plain `.dcm` objects
+and as Orthanc-compressed `{uuid}.dcm` ones, and times `cloudexit migrate` of each (after its
+inventory) into a fresh folder: wall, CPU of migrate and its workers, peak RSS, the S3 server's CPU.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
 
 from cloudexit import synthetic  # noqa: E402
 from cloudexit.containers import decode_file  # noqa: E402
@@ -49,11 +56,42 @@ def _phantom(matrix: int) -> bytes:
     return values.tobytes()
 
 
+def end_to_end(profile: synthetic.Profile, phantom: bytes) -> None:
+    import uuid
+
+    from common import measure
+
+    from cloudexit.s3server import SeaweedServer
+
+    with tempfile.TemporaryDirectory() as tmp, SeaweedServer(Path(tmp) / "s3") as server:
+        client = server.client()
+        for bucket in ("plain", "orthanc"):
+            client.create_bucket(Bucket=bucket)
+        for obj in synthetic.generate(profile):
+            body = obj.body()[:-len(phantom)] + phantom
+            client.put_object(Bucket="plain", Key=f"{uuid.uuid4()}.dcm", Body=body)
+            client.put_object(Bucket="orthanc", Key=f"{uuid.uuid4()}.dcm",
+                              Body=struct.pack("<Q", len(body)) + zlib.compress(body))
+        env = {**os.environ, **server.env(), "PYTHONPATH": str(REPO)}
+        cli = [sys.executable, "-m", "cloudexit.cli"]
+        for bucket in ("plain", "orthanc"):
+            db, dest = Path(tmp) / f"{bucket}.db", Path(tmp) / f"{bucket}-archive"
+            inv = measure([*cli, "inventory", f"s3://{bucket}", "--db", str(db), "-q"], env=env)
+            assert inv.returncode == 0, inv
+            os.sync()
+            run = measure([*cli, "migrate", "--to", str(dest), "--db", str(db), "-q"], env=env,
+                          server_pid=server.proc.pid)
+            assert run.returncode == 0, run
+            print(f"migrate {bucket:8}: wall {run.wall_s:.2f} s, CPU {run.cpu_s:.2f} s, "
+                  f"peak RSS {run.peak_tree_rss_mb:.0f} MB (tree), S3 server CPU {run.server_cpu_s:.2f} s")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--instances", type=int, default=200)
     parser.add_argument("--matrix", type=int, default=512)
     parser.add_argument("--dir", default="/dev/shm" if os.path.isdir("/dev/shm") else None)
+    parser.add_argument("--migrate", action="store_true", help="also time migrate, plain vs compressed")
     args = parser.parse_args()
     profile = synthetic.Profile.ct_bench(args.instances, matrix=args.matrix)
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
@@ -86,6 +124,8 @@ def main() -> None:
     print(f"wall {wall:.2f} s, CPU {cpu:.2f} s: {raw_bytes / cpu / 1e6:.0f} MB/s compressed in, "
           f"{plain_bytes / cpu / 1e6:.0f} MB/s decoded out per core "
           f"({raw_bytes * 8 / cpu / 1e9:.2f} Gbit/s of link per core)")
+    if args.migrate:
+        end_to_end(profile, _phantom(args.matrix))
     print(f"of which zlib inflate alone: {plain_bytes / inflate / 1e6:.0f} MB/s decoded; inflate + "
           f"SHA-256: {plain_bytes / hashed / 1e6:.0f} MB/s")
 
