@@ -311,3 +311,22 @@ def test_a_schema_6_database_gets_the_envelope_columns(tmp_path: Path) -> None:
         row = state.query("SELECT encoding, plain_size, pacs_metadata FROM objects")[0]
         assert tuple(row) == (None, None, None)
         state.query("SELECT encoding, raw_sha256, file_size FROM transfers")
+
+
+def test_a_delta_round_decodes_the_new_version(cli: Any, s3: SeaweedServer, bucket: str, db: Path,
+                                               tmp_path: Path) -> None:
+    first, second = _ct(seed=7).body(), _ct(seed=8).body()
+    s3.client().put_object(Bucket=bucket, Key="a.dcm.gz", Body=gzip.compress(first))
+    archive = tmp_path / "archive"
+    assert cli("inventory", f"s3://{bucket}", "--db", str(db), "-q").exit_code == 0
+    assert cli("migrate", "--to", str(archive), "--db", str(db), "-q").exit_code == 0
+    (before,) = rows(db, "SELECT * FROM transfers")
+    # The PACS rewrites the object: the next round decodes the new version.
+    s3.client().put_object(Bucket=bucket, Key="a.dcm.gz", Body=_orthanc(second))
+    assert cli("inventory", f"s3://{bucket}", "--db", str(db), "-q").exit_code == 0
+    assert cli("migrate", "--resume", "--db", str(db), "-q").exit_code == 0
+    (after,) = rows(db, "SELECT * FROM transfers")
+    assert after["state"] == "verified" and after["encoding"] == "orthanc-zlib" and after["changes"] == 1
+    assert after["raw_sha256"] == hashlib.sha256(_orthanc(second)).hexdigest() != before["raw_sha256"]
+    assert (archive / after["path"]).read_bytes() == second
+    assert after["sha256"] == hashlib.sha256(second).hexdigest()
