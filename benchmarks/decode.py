@@ -2,8 +2,8 @@
 
     PYTHONPATH=. /work/main/.venv/bin/python benchmarks/decode.py --instances 200 --matrix 512
 
-Makes N synthetic CT slices (512x512 16-bit: ~0.5 MB each), puts a CT-like phantom in its pixels (the synthetic
-pixels are noise, which does not compress), compresses each as Orthanc's
+Makes N synthetic CT slices (512x512 16-bit: ~0.5 MB each), puts a CT-like phantom in their
+pixels (the synthetic pixels are noise, which does not compress), compresses each as Orthanc's
 `StorageCompression` does (8-byte size + zlib at its default level), writes them to a tmpfs
 folder, then times `cloudexit.containers.decode_file` over all of them on one thread (what one
 worker thread does after the raw object's checksums passed: inflate, Adler-32, declared size,
@@ -83,7 +83,8 @@ def end_to_end(profile: synthetic.Profile, phantom: bytes) -> None:
                           server_pid=server.proc.pid)
             assert run.returncode == 0, run
             print(f"migrate {bucket:8}: wall {run.wall_s:.2f} s, CPU {run.cpu_s:.2f} s, "
-                  f"peak RSS {run.peak_tree_rss_mb:.0f} MB (tree), S3 server CPU {run.server_cpu_s:.2f} s")
+                  f"peak RSS {run.peak_tree_rss_mb:.0f} MB (tree), "
+                  f"S3 server CPU {run.server_cpu_s:.2f} s")
 
 
 def main() -> None:
