@@ -105,13 +105,15 @@ def test_inventory_finds_the_instances_inside(cli: Any, s3: SeaweedServer, bucke
     assert "stored compressed by the PACS decode to" in plan.output
 
 
+@pytest.mark.parametrize("protocol", ["dicom", "dicomweb"])
 def test_migrate_orthanc_bucket_into_a_second_orthanc(cli: Any, s3: SeaweedServer, bucket: str,
                                                       db: Path, tmp_path: Path, pacs: OrthancServer,
-                                                      orthanc_storage: OrthancStorage) -> None:
+                                                      orthanc_storage: OrthancStorage, protocol: str) -> None:
     upload_orthanc(s3, bucket, orthanc_storage, "flat")
     assert cli("inventory", f"s3://{bucket}", "--db", str(db), "-q").exit_code == 0
     archive = tmp_path / "archive"
-    result = cli("migrate", "--to", str(archive), "--to", pacs.dicom_url, "--db", str(db), "--json")
+    target = pacs.dicom_url if protocol == "dicom" else pacs.dicomweb_url  # C-STORE or STOW-RS
+    result = cli("migrate", "--to", str(archive), "--to", target, "--db", str(db), "--json")
     assert result.exit_code == 0, result.output
     # The archive holds each instance as plain DICOM at STUDY/SERIES/SOP.dcm, byte for byte the
     # file the first Orthanc was given; Orthanc's header copies went to the side area as stored.
