@@ -108,7 +108,8 @@ def test_inventory_finds_the_instances_inside(cli: Any, s3: SeaweedServer, bucke
 @pytest.mark.parametrize("protocol", ["dicom", "dicomweb"])
 def test_migrate_orthanc_bucket_into_a_second_orthanc(cli: Any, s3: SeaweedServer, bucket: str,
                                                       db: Path, tmp_path: Path, pacs: OrthancServer,
-                                                      orthanc_storage: OrthancStorage, protocol: str) -> None:
+                                                      orthanc_storage: OrthancStorage,
+                                                      protocol: str) -> None:
     upload_orthanc(s3, bucket, orthanc_storage, "flat")
     assert cli("inventory", f"s3://{bucket}", "--db", str(db), "-q").exit_code == 0
     archive = tmp_path / "archive"
