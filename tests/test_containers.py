@@ -224,6 +224,11 @@ def test_classify_envelopes() -> None:
     json_copy = _orthanc(b'{ "0008,0018" : { "Name" : "SOPInstanceUID", "Type" : "String" } }')
     h = classify_object("x.json", json_copy, len(json_copy))
     assert h.kind == "other" and h.pacs_metadata == "orthanc-dicom-as-json"
+    plain_json = b'{"0008,0018": {"Name": "SOPInstanceUID", "Type": "String", "Value": "1.2"}}'
+    h = classify_object("x.json", plain_json, len(plain_json))  # stored without compression
+    assert h.kind == "other" and h.pacs_metadata == "orthanc-dicom-as-json" and h.encoding is None
+    other = b'{"hello": 1}'
+    assert classify_object("x.json", other, len(other)).pacs_metadata is None
 
 
 def test_decode_file_checks_the_envelope(tmp_path: Path) -> None:
