@@ -39,6 +39,7 @@ from typing import Any
 
 from . import __version__
 from .audit_sign import SIGNATURE  # beside SHA256SUMS, which it signs (so not listed in it)
+from .containers import audit_facts as envelope_facts
 from .errors import CloudexitError
 from .files import make_private_dirs, open_private
 from .redact import Redactor
@@ -57,7 +58,10 @@ MANIFEST_COLUMNS = (
     "key", "size", "etag", "last_modified", "storage_class", "source_checksums", "source_status",
     "kind", "study_uid", "series_uid", "sop_uid", "modality", "study_date", "patient_hash",
     "destination", "state", "path", "sha256", "md5", "checks", "not_checked", "reason",
-    "conflict_with", "attempts", "started_at", "verified_at", "decommission",
+    "conflict_with", "attempts", "started_at", "verified_at",
+    # an object in an envelope (containers.py): how it was stored, and the raw object's SHA-256
+    # when the file is its decoded instance; Orthanc's metadata attachments say what they are
+    "encoding", "raw_sha256", "pacs_metadata", "decommission",
 )
 PHI_COLUMNS = ("patient_id", "patient_name")
 
@@ -147,6 +151,7 @@ def audit_facts(state: State, include_phi: bool = False, limit: int = LIST_LIMIT
             for item in category["items"]:
                 item["patient_id"], item["patient_name"] = read_patient(item.get("dest"), item.get("path"))
     facts["verification"] = _verification(state, tgroups)
+    facts["containers"] = envelope_facts(state.conn)  # decoded instances, PACS metadata
     facts["custody"] = _custody(state, dests)
     facts["residency"] = _residency(state, dests)
     facts["decommission"] = _decommission(groups)
@@ -1129,6 +1134,7 @@ def manifest_sql(rule: Rule, include_phi: bool = False, redact_keys: bool = Fals
         _csv_ours("coalesce(t.state, 'not migrated')"), _csv_text(path), "t.sha256",
         "t.md5", _csv_ours("t.checks"), _csv_text("t.not_checked"), _csv_text(reason),
         _csv_text(conflict), "t.attempts", "t.started_at", "t.verified_at",
+        "coalesce(t.encoding, o.encoding)", "t.raw_sha256", "o.pacs_metadata",
     )
     template = ",".join(["%s"] * len(fields)) + ","
     return (f"SELECT printf('{template}', " + ", ".join(fields) + f") AS line, {_csv_ours(decision)}, "

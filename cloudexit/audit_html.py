@@ -208,6 +208,10 @@ def _summary(facts: dict[str, Any], T: dict[str, str], tr: Callable[..., str]) -
                 + [cell for d in dests for cell in (_n(d["studies_complete"]), "")])
     rows.append([escape(T["row.non_dicom"]), _n(src["non_dicom"])] + ["", ""] * len(dests))
     rows.append([escape(T["row.unreadable"]), _n(src["unreadable"])] + ["", ""] * len(dests))
+    envelopes = facts.get("containers") or {}
+    for key, field in (("row.pacs_metadata", "pacs_metadata_total"), ("row.decoded", "decoded_total")):
+        if envelopes.get(field):
+            rows.append([escape(T[key]), _n(envelopes[field])] + ["", ""] * len(dests))
     tl, usage, inv = facts["timeline"], facts["usage"], src["inventory"]
     times = _table(None, [
         [escape(T["t.inventory"]), f'{_t(inv["started_at"])} – {_t(inv["finished_at"]) if inv["finished_at"] else escape(T["t.not_finished"])}'],

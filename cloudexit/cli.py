@@ -307,6 +307,12 @@ def _print_summary(t: dict[str, Any]) -> None:
         f"  non-DICOM        {t['non_dicom']:>10}",
         f"  unreadable       {t['unreadable']:>10}",
     ]
+    if t.get("pacs_metadata"):
+        lines.append(f"  PACS metadata    {t['pacs_metadata']:>10}   (Orthanc's header-only and JSON "
+                     "copies of instances: not instances, copied to the side area)")
+    for row in t.get("by_encoding") or []:
+        lines.append(f"  {row['name']:<16} {row['objects']:>10}   objects in this envelope "
+                     f"({format_bytes(row['bytes'])} as stored)")
     if t["pending"]:
         lines.append(f"  not yet read     {t['pending']:>10}")
     if t["hostile_keys"]:

@@ -39,6 +39,9 @@ class Header:
     transfer_syntax: str | None = None
     patient_id: str | None = None  # only ever stored hashed; see patient_hash()
     header_length: int | None = None  # bytes before pixel data
+    encoding: str | None = None  # envelope the object is in (cloudexit.containers), None: plain
+    plain_size: int | None = None  # decoded size, when the envelope declares it
+    pacs_metadata: str | None = None  # a PACS's own metadata attachment (containers.METADATA)
 
 
 def patient_hash(key: str | None, patient_id: str | None) -> str | None:

@@ -265,6 +265,8 @@ PLAN_TEXT: dict[str, dict[str, str]] = {
     "en": {
         "title": "Leaving {title}: cost and time",
         "headline": "{title} ({provider}, {region}): {size} in {objects} objects, start {start}",
+        "headline.dicom": "{instances} DICOM instances in {studies} studies",
+        "headline.encoded": "{encoded} stored compressed by the PACS decode to {decoded} in the archive",
         "assumed": "ASSUMPTION: sized as {size}, not as the bucket inventoried ({real_size} in {real_objects} objects); every figure "
                    "below scales the inventory's mix of objects, classes and sizes to that size.",
         "scenario": "scenario", "time": "time (expected, range)", "finish": "finish (expected)",
@@ -281,6 +283,8 @@ PLAN_TEXT: dict[str, dict[str, str]] = {
     "zh": {
         "title": "迁出{title}：费用与时间",
         "headline": "{title}（{provider}，{region}）：{size}，{objects} 个对象，开始于 {start}",
+        "headline.dicom": "{studies} 个检查中的 {instances} 个 DICOM 实例",
+        "headline.encoded": "PACS 压缩存储的 {encoded} 在归档中解压为 {decoded}",
         "assumed": "假设：按 {size} 估算，而非清点所得的存储桶实际规模（{real_size}，{real_objects} 个对象）；以下所有数字均按清点所得的对象、"
                    "存储类型和大小构成放大到该规模。",
         "scenario": "方案", "time": "时间（预计，范围）", "finish": "完成时间（预计）",

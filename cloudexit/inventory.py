@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from .config import InventoryConfig
-from .dicom import Header, classify, patient_hash
+from .containers import classify_object
+from .dicom import Header, patient_hash
 from .dicom import preload as preload_pydicom
 from .errors import CloudexitError, CustomerKeyRequired, ObjectArchived, UsageError
 from .paths import folder_dates, key_flags
@@ -71,7 +72,8 @@ ON CONFLICT(key) DO UPDATE SET
 _HEADER_UPDATE = """
 UPDATE objects SET kind = ?, reason = ?, study_uid = ?, series_uid = ?, sop_uid = ?,
     sop_class_uid = ?, modality = ?, study_date = ?, transfer_syntax = ?, patient_hash = ?,
-    checksums = ?, header_source = 'header', header_bytes = header_bytes + ?, updated_at = ?
+    checksums = ?, header_source = 'header', header_bytes = header_bytes + ?, updated_at = ?,
+    encoding = ?, plain_size = ?, pacs_metadata = ?
 WHERE key = ? AND etag IS ?
 """
 
@@ -486,7 +488,7 @@ class Inventory:
             result.error = "stopped"
             return result
         if size == 0:
-            result.header = classify(b"", 0)
+            result.header = classify_object(key, b"", 0)
             return result
         length = min(self.config.header_bytes, size)
         try:
@@ -495,7 +497,7 @@ class Inventory:
                 result.requests += 1
                 result.bytes_read += len(read.data)
                 result.checksums = read.checksums
-                header = classify(read.data, read.size)
+                header = classify_object(key, read.data, read.size)
                 if not header.need_more or length >= size or length >= self.config.max_header_bytes:
                     if header.need_more:
                         header.reason = (header.reason or "") + f" (gave up after {length} bytes)"
@@ -554,7 +556,8 @@ class Inventory:
                                 h.sop_class_uid, h.modality, h.study_date, h.transfer_syntax,
                                 patient_hash(self.patient_key, h.patient_id),
                                 json.dumps(r.checksums) if r.checksums else None,
-                                r.bytes_read, stamp, r.key, r.etag))
+                                r.bytes_read, stamp, h.encoding, h.plain_size, h.pacs_metadata,
+                                r.key, r.etag))
             tx.executemany(_HEADER_UPDATE, updates)
             tx.execute("UPDATE inventory_rounds SET get_requests = get_requests + ?, "
                        "header_bytes = header_bytes + ? WHERE id = ?", (requests, nbytes, self.round))

@@ -597,6 +597,7 @@ class Migration:
                 tx.execute(
                     "UPDATE transfers SET state = ?, etag = ?, size = ?, kind = ?, path = ?, conflict_with = ?, "
                     "sha256 = NULL, md5 = NULL, checks = NULL, reason = NULL, changes = changes + 1, "
+                    "encoding = NULL, raw_sha256 = NULL, file_size = NULL, "
                     "updated_at = ?, fold_path = ? WHERE key = ? AND dest = ?",
                     (self._initial_state(o, path), o["etag"], o["size"], o["kind"], path, conflict,
                      stamp, self._fold(path), o["key"], dest))
@@ -812,7 +813,7 @@ class Migration:
         if len(picked) < room:
             fresh = self.state.query(
                 "SELECT t.key, t.seq, t.etag, t.size, t.kind, t.path, t.attempts, t.range_size, t.mtime_ns, t.part_sizes, "
-                "o.sop_uid, o.study_uid, o.series_uid, o.checksums FROM transfers t "
+                "o.sop_uid, o.study_uid, o.series_uid, o.checksums, o.encoding FROM transfers t "
                 "JOIN objects o ON o.key = t.key WHERE t.dest = ? AND t.state = 'queued' AND t.seq > ? "
                 "ORDER BY t.seq LIMIT ?", (self.dest, self.cursor, min(room - len(picked), 512)))
             if len(fresh) < room - len(picked):
@@ -871,7 +872,8 @@ class Migration:
             provider=json.loads(r["checksums"]) if r["checksums"] else {},
             credentials=self.credentials, large=large, range_size=range_size or self.config.range_size,
             done_ranges=done_ranges, replaceable=r["mtime_ns"],
-            part_sizes=recorded_sizes(r["part_sizes"], r["etag"], r["size"]))
+            part_sizes=recorded_sizes(r["part_sizes"], r["etag"], r["size"]),
+            encoding=r["encoding"] if r["kind"] == "dicom" else None)
         return _Flight(r["seq"], r["key"], r["etag"], r["size"], r["kind"], r["path"], task,
                        attempts=r["attempts"] + 1)
 
@@ -933,6 +935,10 @@ class Migration:
                 (r.outcome, relative, r.sha256, r.md5, ",".join(r.checks),
                  "; ".join(r.not_checked) or None, reason, stamp, stamp, self.run_id, r.mtime_ns,
                  self.store.fold(relative), key, dest))
+            if r.decoded:  # the file is the decoded instance: record the raw object beside it
+                tx.execute("UPDATE transfers SET encoding = ?, raw_sha256 = ?, file_size = ? "
+                           "WHERE key = ? AND dest = ?", (r.decoded["encoding"], r.decoded["raw_sha256"],
+                                                          r.decoded["size"], key, dest))
             if flight.task.large:
                 tx.execute("DELETE FROM transfer_ranges WHERE key = ? AND dest = ?", (key, dest))
             self.verified_delta[0] += flight.size
@@ -1190,7 +1196,8 @@ class Migration:
 
     def _bg_inspect(self, key: str, etag: str, size: int) -> None:
         """Read an object's header (as the inventory does) to know where it goes."""
-        from .dicom import classify, patient_hash
+        from .containers import classify_object
+        from .dicom import patient_hash
         from .source import ObjectChanged, ObjectGone
 
         length = min(64 * 1024, size) if size else 0
@@ -1198,13 +1205,13 @@ class Migration:
         try:
             while True:
                 if length == 0:
-                    header = classify(b"", 0)
+                    header = classify_object(key, b"", 0)
                     break
                 read = self.source.read_range(key, 0, length - 1, etag)
                 info["bytes"] += len(read.data)
                 info["requests"] += 1
                 info["checksums"] = read.checksums
-                header = classify(read.data, read.size)
+                header = classify_object(key, read.data, read.size)
                 if not header.need_more or length >= size or length >= 32 * 2**20:
                     break
                 length = min(length * 4, size)
@@ -1228,7 +1235,8 @@ class Migration:
             "series_uid": header.series_uid, "sop_uid": header.sop_uid,
             "sop_class_uid": header.sop_class_uid, "modality": header.modality,
             "study_date": header.study_date, "transfer_syntax": header.transfer_syntax,
-            "patient_hash": patient_hash(self.patient_key, header.patient_id)}
+            "patient_hash": patient_hash(self.patient_key, header.patient_id), "encoding": header.encoding,
+            "plain_size": header.plain_size, "pacs_metadata": header.pacs_metadata}
         self.bg_results.put(("inspect", key, info))
 
     def _drain_background(self) -> None:
@@ -1331,11 +1339,12 @@ class Migration:
             "UPDATE objects SET kind = ?, reason = ?, study_uid = ?, series_uid = ?, sop_uid = ?, "
             "sop_class_uid = ?, modality = ?, study_date = ?, transfer_syntax = ?, patient_hash = ?, "
             "checksums = coalesce(?, checksums), header_source = 'header', "
-            "header_bytes = header_bytes + ?, updated_at = ? WHERE key = ? AND etag IS ?",
+            "header_bytes = header_bytes + ?, updated_at = ?, encoding = ?, plain_size = ?, "
+            "pacs_metadata = ? WHERE key = ? AND etag IS ?",
             (h["kind"], h["reason"], h["study_uid"], h["series_uid"], h["sop_uid"], h["sop_class_uid"],
              h["modality"], h["study_date"], h["transfer_syntax"], h["patient_hash"],
              json.dumps(info["checksums"]) if info.get("checksums") else None, info["bytes"], stamp,
-             key, info["etag"]))
+             h["encoding"], h["plain_size"], h["pacs_metadata"], key, info["etag"]))
         o = _q(tx, "SELECT * FROM objects WHERE key = ?", (key,)).fetchone()
         tx.execute("UPDATE transfers SET path = NULL WHERE key = ? AND dest = ?", (key, self.dest))
         path, conflict = self._path(tx, o)
@@ -1526,7 +1535,7 @@ class Migration:
         duplicate or quarantined, and a PACS that overwrites instances would keep it in place of
         the first (see `_settle_pacs`)."""
         return self.state.query(
-            "SELECT p.key, a.path, a.sha256, a.size, x.kind, x.sop_uid, x.sop_class_uid, x.study_uid, "
+            "SELECT p.key, a.path, a.sha256, coalesce(a.file_size, a.size) AS size, x.kind, x.sop_uid, x.sop_class_uid, x.study_uid, "
             "x.series_uid, x.transfer_syntax FROM transfers p "
             "JOIN transfers a ON a.key = p.key AND a.dest = ? JOIN objects x ON x.key = p.key "
             "WHERE p.dest = ? AND p.state = 'queued' AND a.path IS NOT NULL AND a.etag IS p.etag "

@@ -84,6 +84,12 @@ class Workload:
     inventory_header_bytes: int = 0  # bytes the inventory's ranged header reads pulled out
     inventory_get_requests: int = 0
     inventory_list_requests: int = 0
+    instances: int | None = None  # distinct SOP Instance UIDs (None: not counted)
+    studies: int | None = None
+    # objects stored in a PACS's envelope (Orthanc zlib, gzip): bytes as stored, and decoded
+    # (what the archive will hold for them), when the envelope declared it
+    encoded_bytes: int = 0
+    decoded_bytes: int = 0
 
     @property
     def objects(self) -> int:
@@ -303,6 +309,10 @@ def _workload_dict(workload: Workload) -> dict:
         "objects": workload.objects,
         "bytes": workload.bytes,
         "get_requests": workload.get_requests,
+        "instances": workload.instances,
+        "studies": workload.studies,
+        "encoded_bytes": workload.encoded_bytes,
+        "decoded_bytes": workload.decoded_bytes,
         "classes": {
             name: {
                 "objects": c.objects,

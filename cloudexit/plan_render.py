@@ -62,9 +62,17 @@ def _summary_rows(plan: Plan, lang: str) -> list[list[str]]:
 
 def _headline(plan: Plan, lang: str) -> str:
     w, T = plan.workload, plan_texts(lang)
-    return T["headline"].format(title=say(lang)(plan.title), provider=plan.provider, region=plan.region,
+    line = T["headline"].format(title=say(lang)(plan.title), provider=plan.provider, region=plan.region,
                                 size=format_bytes(w.bytes), objects=f"{w.objects:,}",
                                 start=plan.start.strftime("%Y-%m-%d %H:%M %Z").strip())
+    extra = []
+    if w.instances is not None and w.studies is not None:
+        extra.append(T["headline.dicom"].format(instances=f"{w.instances:,}", studies=f"{w.studies:,}"))
+    if w.encoded_bytes:
+        extra.append(T["headline.encoded"].format(encoded=format_bytes(w.encoded_bytes),
+                                                  decoded=format_bytes(w.decoded_bytes)))
+    return line + ("" if not extra else (" (" if lang == "en" else "（") + "; ".join(extra)
+                   + (")" if lang == "en" else "）"))
 
 
 def _assumed(plan: Plan, lang: str) -> str | None:

@@ -39,9 +39,17 @@ def workload_from_state(state: State) -> Workload:
         classes[row["sc"]] = ClassLoad(row["n"], row["b"] or 0, row["big"] or 0, row["parts"] or 0)
     rounds = state.query("SELECT sum(list_requests) AS l, sum(get_requests) AS g, "
                          "sum(header_bytes) AS b FROM inventory_rounds")[0]
+    # Instances and studies, not objects: Orthanc keeps ~2 objects per instance.
+    counts = state.query(
+        "SELECT count(DISTINCT sop_uid) AS i, count(DISTINCT study_uid) AS s, "
+        "sum(CASE WHEN encoding IS NOT NULL THEN size END) AS e, "
+        "sum(CASE WHEN encoding IS NOT NULL THEN coalesce(plain_size, size) END) AS d "
+        "FROM objects WHERE status = 'present' AND kind = 'dicom'")[0]
     return Workload(classes, inventory_header_bytes=rounds["b"] or 0,
                     inventory_get_requests=rounds["g"] or 0,
-                    inventory_list_requests=rounds["l"] or 0)
+                    inventory_list_requests=rounds["l"] or 0,
+                    instances=counts["i"] or 0, studies=counts["s"] or 0,
+                    encoded_bytes=counts["e"] or 0, decoded_bytes=counts["d"] or 0)
 
 
 def link_from(bandwidth: float | None, measurement: Measurement | None, concurrency: int) -> Link:

@@ -32,7 +32,7 @@ from .statefile import (
     writable,
 )
 
-SCHEMA_VERSION = 9
+SCHEMA_VERSION = 10
 
 _SCHEMA_V1 = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT);
@@ -332,10 +332,21 @@ UPDATE inventory_rounds SET
                        AND json_extract(e.detail, '$.round') = inventory_rounds.id ORDER BY e.id DESC LIMIT 1)
 WHERE status = 'complete'
 """
+# Version 10: objects a PACS wrote in an envelope (Orthanc's zlib attachments, gzip): the
+# inventory records the envelope and the decoded size, and Orthanc's own metadata attachments;
+# migrate records what it decoded: the raw object's SHA-256 beside the plain file's.
+_SCHEMA_V10 = """
+ALTER TABLE objects ADD COLUMN encoding TEXT;
+ALTER TABLE objects ADD COLUMN plain_size INTEGER;
+ALTER TABLE objects ADD COLUMN pacs_metadata TEXT;
+ALTER TABLE transfers ADD COLUMN encoding TEXT;
+ALTER TABLE transfers ADD COLUMN raw_sha256 TEXT;
+ALTER TABLE transfers ADD COLUMN file_size INTEGER
+"""
 
 _MIGRATIONS: dict[int, str] = {1: _SCHEMA_V1, 2: _SCHEMA_V2, 3: _SCHEMA_V3, 4: _SCHEMA_V4,
                                  5: _SCHEMA_V5, 6: _SCHEMA_V6, 7: _SCHEMA_V7,
-                                 8: _SCHEMA_V8, 9: _SCHEMA_V9}
+                                 8: _SCHEMA_V8, 9: _SCHEMA_V9, 10: _SCHEMA_V10}
 
 
 GENESIS_HASH = "0" * 64

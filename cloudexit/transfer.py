@@ -592,6 +592,7 @@ class Task:
     part_sizes: list[int] | None = None  # of a multipart object, learned from the source (parts.py)
     fresh: bool = False  # discard any temp file (a resumed one failed verification)
     replaceable: int | None = None  # mtime_ns of this migration's own earlier file at `final`
+    encoding: str | None = None  # envelope to decode after the raw checks (cloudexit.containers)
 
 
 @dataclass
@@ -620,6 +621,7 @@ class Result:
     mtime_ns: int | None = None  # of the file as placed (verify compares it, with the size)
     conflict: str | None = None  # the path that held other bytes: this copy went to quarantine
     part_sizes: list[int] | None = None  # learned from the source, for the engine to record
+    decoded: dict[str, Any] | None = None  # encoding, raw_sha256, raw_size, size (plain file)
 
 
 # -- the worker side ---------------------------------------------------------------------------------
@@ -968,6 +970,10 @@ class Fetcher:
         result.sha256 = hasher.sha256_hex()
         result.md5 = hasher.md5_hex()
         target = task.final
+        if task.encoding and task.kind == "dicom":
+            from .containers import judge_decoded
+
+            return judge_decoded(self, task, result)
         if task.kind == "dicom":
             problem = self._check_dicom(task, head, result)
             if problem:
@@ -1013,9 +1019,10 @@ class Fetcher:
 
         return os.path.join(self.placer.base, MISMATCH, safe_key_path(key))
 
-    def _check_dicom(self, task: Task, head: bytes, result: Result, path: str | None = None) -> str | None:
+    def _check_dicom(self, task: Task, head: bytes, result: Result, path: str | None = None,
+                     size: int | None = None) -> str | None:
         """None if the file is DICOM with the inventoried UIDs; else what is wrong."""
-        found = scan(head, task.size)
+        found = scan(head, task.size if size is None else size)
         if found.need_more or not found.decided:
             from .dicom import parse_file
 

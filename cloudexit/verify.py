@@ -235,8 +235,10 @@ def _verify_filesystem(state: State, store: Any, deep: bool, report: VerifyRepor
     with ThreadPoolExecutor(threads) as pool:
         while True:
             page = state.query(
-                "SELECT t.rowid AS id, t.key, t.path, t.size, t.sha256, t.mtime_ns, t.state, o.kind, o.study_uid, "
-                "o.series_uid, o.sop_uid FROM transfers t LEFT JOIN objects o ON o.key = t.key "
+                # file_size: a decoded instance's file (the object's size is the raw object's)
+                "SELECT t.rowid AS id, t.key, t.path, coalesce(t.file_size, t.size) AS size, t.sha256, t.mtime_ns, "
+                "t.state, o.kind, o.study_uid, o.series_uid, o.sop_uid "
+                "FROM transfers t LEFT JOIN objects o ON o.key = t.key "
                 # `+t.dest`: walk the rowid range, not the (dest, path) index (a sort per page).
                 f"WHERE +t.dest = ? AND t.rowid > ? AND {_ARCHIVED} ORDER BY t.rowid LIMIT ?",
                 (report.dest, last, _PAGE))

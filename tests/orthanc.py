@@ -6,7 +6,9 @@ the statuses a test asks for.
   to any calling AE (our default CLOUDEXIT is also declared as a modality). `overwrite=True`
   sets "OverwriteInstances" (a second object with a known SOP Instance UID replaces the first,
   as some PACS are configured). `stop()` and
-  `start()` keep ports and storage, for "PACS down mid-run" tests.
+  `start()` keep ports and storage, for "PACS down mid-run" tests. `options` (a dict, or
+  keywords) overrides config entries (e.g. `{"StorageCompression": True}`); `storage` is its
+  storage folder and `attachments()` maps each file there to its instance and attachment kind.
 * fixtures: `orthanc` (one per session), `pacs` (the same Orthanc, emptied before the test),
   `overwriting_pacs` (a second Orthanc with OverwriteInstances, emptied before the test),
   `status_scp` (an in-process Storage SCP; `status_scp.statuses[sop_uid] = 0xA700` makes it answer
@@ -46,7 +48,7 @@ class OrthancServer:
     """One Orthanc process with its own config, ports and storage."""
 
     def __init__(self, workdir: Path, aet: str = AET, users: dict[str, str] | None = None,
-                 overwrite: bool = False, **options: Any) -> None:
+                 overwrite: bool = False, options: dict[str, Any] | None = None, **more: Any) -> None:
         """`options`: Orthanc configuration entries that replace the defaults below, e.g.
         DicomAlwaysAllowFind=False, DicomModalities={} (a PACS that lets any AE store, only
         registered ones query)."""
@@ -57,9 +59,9 @@ class OrthancServer:
         self.dicom_port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
         self.config = self.workdir / "orthanc.json"
-        storage = self.workdir / "storage"
+        storage = self.storage = self.workdir / "storage"
         storage.mkdir(parents=True, exist_ok=True)
-        self.config.write_text(json.dumps({
+        self.config.write_text(json.dumps({**{
             "Name": "cloudexit-test",
             "StorageDirectory": str(storage), "IndexDirectory": str(storage),
             "HttpPort": self.http_port, "DicomPort": self.dicom_port, "DicomAet": aet,
@@ -76,7 +78,7 @@ class OrthancServer:
             "LimitFindResults": 0, "LimitFindInstances": 0,
             "DicomScuTimeout": 30, "DicomAssociationCloseDelay": 0,
             "SaveJobs": False, "ConcurrentJobs": 2,
-            **options,
+            **(options or {}), **more,
         }))
 
     # -- addresses --------------------------------------------------------------------------------
@@ -163,6 +165,17 @@ class OrthancServer:
         req = urllib.request.Request(f"{self.http_url}/instances/{oid}/file")
         with urllib.request.urlopen(req, timeout=30) as resp:
             return resp.read()
+
+    def attachments(self) -> dict[str, tuple[str, str]]:
+        """Every attachment file in the storage area: {uuid: (SOP Instance UID, attachment
+        name)}, from the REST API (the mapping lives only in Orthanc's index)."""
+        found = {}
+        for oid in self.rest("GET", "/instances"):
+            sop = self.rest("GET", f"/instances/{oid}/simplified-tags")["SOPInstanceUID"]
+            for name in self.rest("GET", f"/instances/{oid}/attachments"):
+                info = self.rest("GET", f"/instances/{oid}/attachments/{name}/info")
+                found[info["Uuid"]] = (sop, name)
+        return found
 
     def delete_instance(self, sop_uid: str) -> None:
         oid = self.find_instance(sop_uid)
