@@ -295,13 +295,19 @@ def _print_migration(m: dict[str, Any]) -> None:
               help="Your contract prices, same format as the catalogue (docs/pricing.md).")
 @click.option("--bandwidth", help="The link's nominal speed, with its unit: 200Mbit/s or 25MB/s.")
 @click.option("--measure", is_flag=True,
-              help="Download a stratified sample from the bucket to measure throughput and latency.")
-@click.option("--measure-bytes", default="512MB", show_default=True,
-              help="At most this much for the large objects of the --measure sample.")
+              help="Migrate a sample of the bucket (its mix of sizes) with migrate's own engine "
+                   "into a temporary folder and time it: the link as migrate will see it.")
+@click.option("--measure-seconds", default=20.0, show_default=True, type=click.FloatRange(3, 3600),
+              help="Stop the --measure run after this long (the sample may finish sooner).")
+@click.option("--measure-bytes", default="256MB", show_default=True,
+              help="The --measure sample's size at most (egress you pay for).")
+@click.option("--latency", "latency_text",
+              help="Round trip to the endpoint for a --bandwidth plan, e.g. 30ms (default 50ms).")
 @click.option("--schedule", "schedule_text",
               help='Bandwidth timetable, e.g. "Mon-Fri 08:00,50M 18:00,off" (as migrate --bwlimit).')
-@click.option("--concurrency", default=16, show_default=True, type=click.IntRange(1, 1024),
-              help="Parallel requests the migration will use.")
+@click.option("--concurrency", type=click.IntRange(1, 1024),
+              help="Parallel requests the migration will use (default: migrate's own, "
+                   "2 x threads per worker process).")
 @click.option("--start", "start_text", help="When the migration starts (ISO 8601; default now).")
 @click.option("--offline-threshold", default="7d", show_default=True,
               help="Price an offline device when the network would take longer (e.g. 7d, 36h).")
@@ -310,8 +316,8 @@ def _print_migration(m: dict[str, Any]) -> None:
 @source_options
 @output_options
 def plan(db_path: str, provider: str | None, region: str | None, price_file: str | None,
-         bandwidth: str | None, measure: bool, measure_bytes: str, schedule_text: str | None,
-         concurrency: int, start_text: str | None, offline_threshold: str, outs: tuple[str, ...],
+         bandwidth: str | None, measure: bool, measure_seconds: float, measure_bytes: str,
+         latency_text: str | None, schedule_text: str | None, concurrency: int | None, start_text: str | None, offline_threshold: str, outs: tuple[str, ...],
          endpoint_url: str | None, profile: str | None, retries: int, as_json: bool,
          quiet: bool) -> None:
     """Estimate egress cost and transfer time, as ranges, per scenario.
@@ -329,7 +335,7 @@ def plan(db_path: str, provider: str | None, region: str | None, price_file: str
     from .source import Source
     from .state import State
     from .files import write_private
-    from .units import format_bytes, format_duration, parse_duration, parse_rate, parse_size
+    from .units import format_bytes, format_rate, parse_duration, parse_rate, parse_size
 
     rate = parse_rate(bandwidth) if bandwidth else None
     schedule = parse_schedule(schedule_text) if schedule_text else None
@@ -348,18 +354,21 @@ def plan(db_path: str, provider: str | None, region: str | None, price_file: str
             source = Source(url, SourceConfig(endpoint_url=endpoint, profile=profile,
                                               max_attempts=retries))
             with _ByteBar(quiet or as_json, "measuring") as bar:
-                measurement = measure_link(state, source, max_bytes=parse_size(measure_bytes),
-                                           progress=bar.update)
+                measurement = measure_link(state, source, seconds=measure_seconds,
+                                           max_bytes=parse_size(measure_bytes), progress=bar.update)
             if not quiet and not as_json:
-                click.echo(f"Measured the link on {measurement.objects} objects "
-                           f"({format_bytes(measurement.bytes)}, {measurement.get_requests} GETs, "
-                           f"{format_duration(measurement.seconds)}): "
-                           f"{format_bytes(measurement.throughput_expected)}/s, "
-                           f"latency {measurement.latency_s * 1000:.0f} ms. "
-                           f"The sample itself cost {format_bytes(measurement.bytes)} of egress.")
+                m = measurement
+                click.echo(f"Measured the link by migrating {m.objects} sampled objects "
+                           f"({m.seconds:.1f} s): steady state {format_rate(m.throughput_expected)}, "
+                           f"{format_bytes(m.throughput_low)}/s to {format_bytes(m.throughput_high)}/s "
+                           f"over {m.steady_seconds:.1f} s, "
+                           f"latency {m.latency_s * 1000:.0f} ms (p90 {m.latency_p90_s * 1000:.0f} ms). "
+                           f"The sample cost {format_bytes(m.bytes)} of egress and "
+                           f"{m.get_requests:,} GET requests.")
         elif rate is None:
             measurement = stored_measurement(state)
-        link = link_from(rate, measurement, concurrency)
+        latency = parse_duration(latency_text).total_seconds() if latency_text else None
+        link = link_from(rate, measurement, concurrency, latency)
         result = build_plan(state, provider, region, price_file, link, schedule, start, threshold)
     for out in outs:
         suffix = out.rsplit(".", 1)[-1].lower()

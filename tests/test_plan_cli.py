@@ -42,7 +42,7 @@ def test_plan_measure_stores_and_uses_the_link(cli, inventoried) -> None:
     db, _ = inventoried
     result = cli("plan", "--db", str(db), "--provider", "aws-s3", "--measure")
     assert result.exit_code == 0, result.output
-    assert "Measured the link on" in result.stdout and "The sample itself cost" in result.stdout
+    assert "Measured the link by migrating" in result.stdout and "The sample cost" in result.stdout
     # The stored measurement is used by the next plan without --measure or --bandwidth.
     again = cli("plan", "--db", str(db), "--provider", "aws-s3", "--json")
     assert again.exit_code == 0, again.output
