@@ -185,21 +185,41 @@ class _InventoryBar:
 def status(db_path: str, as_json: bool, quiet: bool) -> None:
     """Where the migration stands, at a glance."""
     from .state import State
-    from .status import delta_summary, inventory_summary, migration_summary
+    from .status import delta_summary, inventory_summary, migration_summary, plan_vs_actual
 
     with State(db_path) as state:
         totals = inventory_summary(state)
         migration = migration_summary(state)
         delta = delta_summary(state)
+        versus = plan_vs_actual(state)
     if as_json:
-        click.echo(json.dumps({**totals, "migration": migration, "delta": delta}, indent=2,
-                              default=str))
+        click.echo(json.dumps({**totals, "migration": migration, "delta": delta,
+                               "plan_vs_actual": versus}, indent=2, default=str))
     else:
         _print_summary(totals)
         if migration is not None:
             _print_migration(migration)
         if delta is not None:
             _print_delta(delta)
+        if versus is not None:
+            _print_versus(versus)
+
+
+def _print_versus(v: dict[str, Any]) -> None:
+    """The plan against the run: how far to trust the next plan."""
+    from .units import format_bytes, format_duration
+
+    p = v["planned_s"]
+    line = (f"Plan vs actual ({v['scenario']}; link {v['link']}): planned "
+            f"{format_duration(p['expected'])} ({format_duration(p['low'])}-{format_duration(p['high'])}) "
+            f"for {format_bytes(v['planned_bytes'] or 0)}; actual {format_duration(v['actual_s'])} "
+            f"in {len(v['runs'])} run(s), {format_bytes(v['actual_bytes'])} downloaded")
+    if v["error"] is not None:
+        line += (f"; the plan was {abs(v['error']):.0%} {'long' if v['error'] > 0 else 'short'}"
+                 + ("" if v["inside_range"] else ", outside its range"))
+    else:
+        line += " so far"
+    click.echo(line)
 
 
 def _print_delta(d: dict[str, Any]) -> None:

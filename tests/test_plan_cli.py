@@ -94,3 +94,19 @@ def test_measure_with_the_bucket_unreachable(cli, inventoried, fault_proxy) -> N
                  "--endpoint-url", fault_proxy.endpoint_url)
     assert result.exit_code == 1
     assert "cannot reach" in result.stderr and fault_proxy.endpoint_url in result.stderr
+
+
+def test_status_shows_the_plan_against_the_run(cli, inventoried, tmp_path: Path) -> None:
+    """After a migration, status says how far the plan was from what happened."""
+    db, truth = inventoried
+    assert cli("plan", "--db", str(db), "--provider", "aws-s3", "--bandwidth", "1Gbit/s").exit_code == 0
+    before = json.loads(cli("status", "--db", str(db), "--json").stdout)
+    assert before["plan_vs_actual"] is None  # no run yet
+    assert cli("migrate", "--db", str(db), "--to", str(tmp_path / "archive"), "-q").exit_code in (0, 3)
+    status = cli("status", "--db", str(db), "--json")
+    versus = json.loads(status.stdout)["plan_vs_actual"]
+    assert versus["scenario"] == "fastest" and versus["complete"] is True
+    assert versus["actual_bytes"] >= sum(o.size for o in truth) * 0.9
+    assert versus["error"] == pytest.approx((versus["planned_s"]["expected"] - versus["actual_s"])
+                                            / versus["actual_s"])
+    assert "Plan vs actual (fastest" in cli("status", "--db", str(db)).stdout
