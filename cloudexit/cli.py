@@ -321,6 +321,9 @@ def _print_migration(m: dict[str, Any]) -> None:
               help="Stop the --measure run after this long (the sample may finish sooner).")
 @click.option("--measure-bytes", default="256MB", show_default=True,
               help="The --measure sample's size at most (egress you pay for).")
+@click.option("--recalibrate", is_flag=True,
+              help="Take the link's rate from this migration's own runs so far (downloaded bytes "
+                   "over active time, outages left out) and plan the rest with it.")
 @click.option("--latency", "latency_text",
               help="Round trip to the endpoint for a --bandwidth plan, e.g. 30ms (default 50ms).")
 @click.option("--schedule", "schedule_text",
@@ -337,7 +340,7 @@ def _print_migration(m: dict[str, Any]) -> None:
 @output_options
 def plan(db_path: str, provider: str | None, region: str | None, price_file: str | None,
          bandwidth: str | None, measure: bool, measure_seconds: float, measure_bytes: str,
-         latency_text: str | None, schedule_text: str | None, concurrency: int | None, start_text: str | None, offline_threshold: str, outs: tuple[str, ...],
+         recalibrate: bool, latency_text: str | None, schedule_text: str | None, concurrency: int | None, start_text: str | None, offline_threshold: str, outs: tuple[str, ...],
          endpoint_url: str | None, profile: str | None, retries: int, as_json: bool,
          quiet: bool) -> None:
     """Estimate egress cost and transfer time, as ranges, per scenario.
@@ -349,7 +352,7 @@ def plan(db_path: str, provider: str | None, region: str | None, price_file: str
     from datetime import datetime
 
     from . import plan as plan_model
-    from .measure import measure_link, stored_measurement
+    from .measure import measure_link, recalibrated, stored_measurement
     from .planning import build_plan, link_from
     from .schedule import parse_schedule
     from .source import Source
@@ -385,6 +388,12 @@ def plan(db_path: str, provider: str | None, region: str | None, price_file: str
                            f"latency {m.latency_s * 1000:.0f} ms (p90 {m.latency_p90_s * 1000:.0f} ms). "
                            f"The sample cost {format_bytes(m.bytes)} of egress and "
                            f"{m.get_requests:,} GET requests.")
+        elif recalibrate:
+            measurement = recalibrated(state)
+            if not quiet and not as_json:
+                click.echo(f"Recalibrated from {measurement.classes['runs']['count']} migration run(s): "
+                           f"{format_rate(measurement.throughput_expected)} over "
+                           f"{measurement.steady_seconds:.0f} s of transfer.")
         elif rate is None:
             measurement = stored_measurement(state)
         latency = parse_duration(latency_text).total_seconds() if latency_text else None

@@ -56,7 +56,8 @@ class Measurement:
     steady_seconds: float = 0.0  # how long the steady state was observed
     complete: bool = True  # the whole sample moved before the time limit
     startup_s: float = 0.0  # seconds a run takes before its first GET
-    method: str = "engine"  # "engine": the migrate engine timed; older DBs hold "boto3"
+    method: str = "engine"  # engine: migrate timed on a sample; runs: recalibrated from the
+    # migration's own runs; boto3: older DBs
     classes: dict[str, dict[str, int]] = field(default_factory=dict)  # sample per size class
 
     def to_dict(self) -> dict[str, Any]:
@@ -317,6 +318,49 @@ def _latencies(source: Source, state: State, keys: list[str]) -> list[float]:
     finally:
         reader.close()
     return times
+
+
+def recalibrated(state: State) -> Measurement:
+    """The link as the migration's own runs saw it: bytes downloaded over their active time,
+    less the time the link was down; runs under a bandwidth timetable are used only when there
+    is no other (their rate is the limiter's). Recorded like a measurement, and used by the
+    next plans."""
+    from datetime import datetime  # noqa: PLC0415
+
+    runs = state.query("SELECT id, started_at, finished_at, heartbeat_at, bwlimit, bytes_downloaded, "
+                       "get_requests FROM migration_runs WHERE bytes_downloaded > 0 ORDER BY id")
+    if not runs:
+        raise UsageError("no migration run has moved data yet: nothing to recalibrate from",
+                         hint="run `cloudexit migrate` first, or measure the link with --measure")
+    down: dict[int, float] = {}
+    for row in state.query("SELECT detail FROM events WHERE kind = 'migrate.link_up'"):
+        detail = json.loads(row["detail"] or "{}")
+        down[detail.get("run", 0)] = down.get(detail.get("run", 0), 0.0) + float(detail.get("down_seconds") or 0)
+    free = [r for r in runs if not r["bwlimit"]] or runs
+    rates, moved, seconds, requests = [], 0, 0.0, 0
+    for r in free:
+        end = r["finished_at"] or r["heartbeat_at"] or r["started_at"]
+        active = (datetime.fromisoformat(end) - datetime.fromisoformat(r["started_at"])).total_seconds()
+        active -= down.get(r["id"], 0.0)
+        if active <= 1:
+            continue
+        rates.append(r["bytes_downloaded"] / active)
+        moved += r["bytes_downloaded"]
+        seconds += active
+        requests += r["get_requests"]
+    if not rates:
+        raise UsageError("the migration runs were too short to recalibrate from",
+                         hint="run `cloudexit migrate` longer, or measure the link with --measure")
+    rate = moved / seconds
+    result = Measurement(
+        measured_at=now(), objects=0, bytes=moved, get_requests=requests, seconds=seconds,
+        latency_s=0.05, throughput_low=min(min(rates), rate * (1 - MIN_SPREAD)),
+        throughput_expected=rate, throughput_high=max(max(rates), rate * (1 + MIN_SPREAD)),
+        concurrency=0, steady_seconds=seconds, method="runs",
+        classes={"runs": {"count": len(rates), "limited": int(free is runs and bool(runs[0]["bwlimit"]))}})
+    state.set_meta(link_measurement=json.dumps(result.to_dict()))
+    state.log("plan.recalibrated", **result.to_dict())
+    return result
 
 
 def stored_measurement(state: State) -> Measurement | None:

@@ -55,13 +55,15 @@ def link_from(bandwidth: float | None, measurement: Measurement | None,
     config = config or MigrateConfig()
     concurrency = concurrency or config.requests_in_flight()
     if measurement is not None:
-        by_engine = measurement.method == "engine"
-        how = "by migrating a sample" if by_engine else "with a boto3 sample"
+        by_engine = measurement.method in ("engine", "runs")
+        how = {"engine": "by migrating a sample of", "runs": "from the migration's runs, "}.get(
+            measurement.method, "with a boto3 sample of")
         return Link(Range(measurement.throughput_low, measurement.throughput_expected,
                           measurement.throughput_high), latency_s=measurement.latency_s,
                     concurrency=concurrency,
-                    source=f"measured {measurement.measured_at} {how} of "
-                           f"{measurement.objects} objects",
+                    source=f"measured {measurement.measured_at} {how} "
+                           + (f"{measurement.objects} objects" if measurement.objects
+                              else f"{measurement.steady_seconds:.0f} s of transfer"),
                     overheads_included=by_engine, cores=config.worker_processes(),
                     startup_s=measurement.startup_s or START_UP_S)
     if bandwidth is None:

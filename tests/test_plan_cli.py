@@ -110,3 +110,17 @@ def test_status_shows_the_plan_against_the_run(cli, inventoried, tmp_path: Path)
     assert versus["error"] == pytest.approx((versus["planned_s"]["expected"] - versus["actual_s"])
                                             / versus["actual_s"])
     assert "Plan vs actual (fastest" in cli("status", "--db", str(db)).stdout
+
+
+def test_recalibrate_takes_the_rate_from_the_runs(cli, inventoried, tmp_path: Path) -> None:
+    """The rate of the runs so far (here held at 2 MiB/s by a timetable) plans the rest."""
+    db, _ = inventoried
+    refused = cli("plan", "--db", str(db), "--provider", "aws-s3", "--recalibrate")
+    assert refused.exit_code == 2 and "nothing to recalibrate from" in refused.stderr
+    assert cli("migrate", "--db", str(db), "--to", str(tmp_path / "archive"), "-q",
+               "--bwlimit", "00:00,2M").exit_code in (0, 3)
+    result = cli("plan", "--db", str(db), "--provider", "aws-s3", "--recalibrate", "--json")
+    assert result.exit_code == 0, result.output
+    link = json.loads(result.stdout)["link"]
+    assert "from the migration's runs" in link["source"]
+    assert abs(link["throughput_bytes_per_s"]["expected"] - 2 * 2**20) < 0.35 * 2 * 2**20
