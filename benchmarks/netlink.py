@@ -16,7 +16,6 @@ import subprocess
 import time
 
 NAME = "cxbench"
-HOST_IP, SERVER_IP = "10.231.7.1", "10.231.7.2"
 
 
 def can_shape() -> str | None:
@@ -34,10 +33,11 @@ def _run(*args: str) -> None:
 
 
 class ShapedLink:
-    def __init__(self, name: str = NAME) -> None:
+    def __init__(self, name: str = NAME, subnet: int = 7) -> None:
+        """`name` and `subnet` (10.231.SUBNET.0/30) tell two links on one machine apart."""
         self.name = name
         self.host_dev, self.ns_dev = f"{name}0", f"{name}1"
-        self.server_ip = SERVER_IP
+        self.host_ip, self.server_ip = f"10.231.{subnet}.1", f"10.231.{subnet}.2"
         self.prefix = ["ip", "netns", "exec", name]
         self.rate: str | None = None
 
@@ -49,9 +49,9 @@ class ShapedLink:
         _run("ip", "netns", "add", self.name)
         _run("ip", "link", "add", self.host_dev, "type", "veth", "peer", "name", self.ns_dev)
         _run("ip", "link", "set", self.ns_dev, "netns", self.name)
-        _run("ip", "addr", "add", f"{HOST_IP}/30", "dev", self.host_dev)
+        _run("ip", "addr", "add", f"{self.host_ip}/30", "dev", self.host_dev)
         _run("ip", "link", "set", self.host_dev, "up")
-        _run(*self.prefix, "ip", "addr", "add", f"{SERVER_IP}/30", "dev", self.ns_dev)
+        _run(*self.prefix, "ip", "addr", "add", f"{self.server_ip}/30", "dev", self.ns_dev)
         _run(*self.prefix, "ip", "link", "set", self.ns_dev, "up")
         _run(*self.prefix, "ip", "link", "set", "lo", "up")
         return self
