@@ -258,22 +258,42 @@ class _InventoryBar:
 def status(db_path: str, as_json: bool, quiet: bool) -> None:
     """Where the migration stands, at a glance."""
     from .state import open_readable
-    from .status import delta_summary, inventory_summary, migration_summary
+    from .status import delta_summary, inventory_summary, migration_summary, plan_vs_actual
 
     with open_readable(db_path) as state:
         _warn_patient_key(state)
         totals = inventory_summary(state)
         migration = migration_summary(state)
         delta = delta_summary(state)
+        versus = plan_vs_actual(state)
     if as_json:
-        click.echo(json.dumps({**totals, "migration": migration, "delta": delta}, indent=2,
-                              default=str))
+        click.echo(json.dumps({**totals, "migration": migration, "delta": delta,
+                               "plan_vs_actual": versus}, indent=2, default=str))
     else:
         _print_summary(totals)
         if migration is not None:
             _print_migration(migration)
         if delta is not None:
             _print_delta(delta)
+        if versus is not None:
+            _print_versus(versus)
+
+
+def _print_versus(v: dict[str, Any]) -> None:
+    """The plan against the run: how far to trust the next plan."""
+    from .units import format_bytes, format_duration
+
+    p = v["planned_s"]
+    line = (f"Plan vs actual ({v['scenario']}; link {v['link']}): planned "
+            f"{format_duration(p['expected'])} ({format_duration(p['low'])}-{format_duration(p['high'])}) "
+            f"for {format_bytes(v['planned_bytes'] or 0)}; actual {format_duration(v['actual_s'])} "
+            f"in {len(v['runs'])} run(s), {format_bytes(v['actual_bytes'])} downloaded")
+    if v["error"] is not None:
+        line += (f"; the plan was {abs(v['error']):.0%} {'long' if v['error'] > 0 else 'short'}"
+                 + ("" if v["inside_range"] else ", outside its range"))
+    else:
+        line += " so far"
+    click.echo(line)
 
 
 def _print_delta(d: dict[str, Any]) -> None:
@@ -377,13 +397,22 @@ def _print_migration(m: dict[str, Any]) -> None:
               help="Your contract prices, same format as the catalogue (docs/pricing.md).")
 @click.option("--bandwidth", help="The link's nominal speed, with its unit: 200Mbit/s or 25MB/s.")
 @click.option("--measure", is_flag=True,
-              help="Download a stratified sample from the bucket to measure throughput and latency.")
-@click.option("--measure-bytes", default="512MB", show_default=True,
-              help="At most this much for the large objects of the --measure sample.")
+              help="Migrate a sample of the bucket (its mix of sizes) with migrate's own engine "
+                   "into a temporary folder and time it: the link as migrate will see it.")
+@click.option("--measure-seconds", default=20.0, show_default=True, type=click.FloatRange(3, 3600),
+              help="Stop the --measure run after this long (the sample may finish sooner).")
+@click.option("--measure-bytes", default="256MB", show_default=True,
+              help="The --measure sample's size at most (egress you pay for).")
+@click.option("--recalibrate", is_flag=True,
+              help="Take the link's rate from this migration's own runs so far (downloaded bytes "
+                   "over active time, outages left out) and plan the rest with it.")
+@click.option("--latency", "latency_text",
+              help="Round trip to the endpoint for a --bandwidth plan, e.g. 30ms (default 50ms).")
 @click.option("--schedule", "schedule_text",
               help='Bandwidth timetable, e.g. "Mon-Fri 08:00,50M 18:00,off" (as migrate --bwlimit).')
-@click.option("--concurrency", default=16, show_default=True, type=click.IntRange(1, 1024),
-              help="Parallel requests the migration will use.")
+@click.option("--concurrency", type=click.IntRange(1, 1024),
+              help="Parallel requests the migration will use (default: migrate's own, "
+                   "2 x threads per worker process).")
 @click.option("--start", "start_text", help="When the migration starts (ISO 8601; default now).")
 @click.option("--offline-threshold", default="7d", show_default=True,
               help="Price an offline device when the network would take longer (e.g. 7d, 36h).")
@@ -397,9 +426,10 @@ def _print_migration(m: dict[str, Any]) -> None:
 @source_options
 @output_options
 def plan(db_path: str, provider: str | None, region: str | None, price_file: str | None,
-         bandwidth: str | None, measure: bool, measure_bytes: str, schedule_text: str | None,
-         concurrency: int, start_text: str | None, offline_threshold: str, outs: tuple[str, ...],
-         lang: str, assume_size: str | None,
+         bandwidth: str | None, measure: bool, measure_seconds: float, measure_bytes: str,
+         recalibrate: bool, latency_text: str | None, schedule_text: str | None,
+         concurrency: int | None, start_text: str | None, offline_threshold: str,
+         outs: tuple[str, ...], lang: str, assume_size: str | None,
          endpoint_url: str | None, profile: str | None, retries: int, as_json: bool,
          quiet: bool) -> None:
     """Estimate egress cost and transfer time, as ranges, per scenario.
@@ -411,13 +441,13 @@ def plan(db_path: str, provider: str | None, region: str | None, price_file: str
     from datetime import datetime
 
     from . import plan as plan_model
-    from .measure import measure_link, stored_measurement
+    from .measure import measure_link, recalibrated, stored_measurement
     from .planning import build_plan, link_from
     from .schedule import parse_schedule
     from .source import Source
     from .state import State
     from .files import write_private
-    from .units import format_bytes, format_duration, parse_duration, parse_rate, parse_size
+    from .units import format_bytes, format_rate, parse_duration, parse_rate, parse_size
 
     rate = parse_rate(bandwidth) if bandwidth else None
     schedule = parse_schedule(schedule_text) if schedule_text else None
@@ -437,18 +467,27 @@ def plan(db_path: str, provider: str | None, region: str | None, price_file: str
             source = Source(url, SourceConfig(endpoint_url=endpoint, profile=profile,
                                               max_attempts=retries))
             with _ByteBar(quiet or as_json, "measuring") as bar:
-                measurement = measure_link(state, source, max_bytes=parse_size(measure_bytes),
-                                           progress=bar.update)
+                measurement = measure_link(state, source, seconds=measure_seconds,
+                                           max_bytes=parse_size(measure_bytes), progress=bar.update)
             if not quiet and not as_json:
-                click.echo(f"Measured the link on {measurement.objects} objects "
-                           f"({format_bytes(measurement.bytes)}, {measurement.get_requests} GETs, "
-                           f"{format_duration(measurement.seconds)}): "
-                           f"{format_bytes(measurement.throughput_expected)}/s, "
-                           f"latency {measurement.latency_s * 1000:.0f} ms. "
-                           f"The sample itself cost {format_bytes(measurement.bytes)} of egress.")
+                m = measurement
+                click.echo(f"Measured the link by migrating {m.objects} sampled objects "
+                           f"({m.seconds:.1f} s): steady state {format_rate(m.throughput_expected)}, "
+                           f"{format_bytes(m.throughput_low)}/s to {format_bytes(m.throughput_high)}/s "
+                           f"over {m.steady_seconds:.1f} s, "
+                           f"latency {m.latency_s * 1000:.0f} ms (p90 {m.latency_p90_s * 1000:.0f} ms). "
+                           f"The sample cost {format_bytes(m.bytes)} of egress and "
+                           f"{m.get_requests:,} GET requests.")
+        elif recalibrate:
+            measurement = recalibrated(state)
+            if not quiet and not as_json:
+                click.echo(f"Recalibrated from {measurement.classes['runs']['count']} migration run(s): "
+                           f"{format_rate(measurement.throughput_expected)} over "
+                           f"{measurement.steady_seconds:.0f} s of transfer.")
         elif rate is None:
             measurement = stored_measurement(state)
-        link = link_from(rate, measurement, concurrency)
+        latency = parse_duration(latency_text).total_seconds() if latency_text else None
+        link = link_from(rate, measurement, concurrency, latency)
         result = build_plan(state, provider, region, price_file, link, schedule, start, threshold,
                             assume_bytes)
     for out in outs:

@@ -345,6 +345,12 @@ class Migration:
                     pass
             self._release_lock()
 
+    def request_stop(self, reason: str) -> None:
+        """End the run early, as Ctrl-C does (what is in flight is left queued); `run` then
+        raises Interrupted. Called from the progress callback, on the engine's thread."""
+        if self.stop_error is None:
+            self.stop_error = Interrupted(reason)
+
     # -- preconditions -----------------------------------------------------------------------------
     def _check_inventory(self) -> None:
         state = self.state
@@ -359,7 +365,7 @@ class Migration:
             raise UsageError(f"--layout {self.config.layout!r}: use uid or keys")
         if self.config.non_dicom not in ("copy", "skip"):
             raise UsageError(f"--non-dicom {self.config.non_dicom!r}: use copy or skip")
-        if self.config.order not in ("newest", "oldest", "key"):
+        if self.config.order not in ("newest", "oldest", "key", "mixed"):
             raise UsageError(f"--order {self.config.order!r}: use newest, oldest or key")
         if self.config.bwlimit:
             from .schedule import parse_schedule
@@ -488,6 +494,8 @@ class Migration:
     def _order(self) -> str:
         if self.config.order == "key":
             return "o.key"
+        if self.config.order == "mixed":  # sizes and studies interleaved: the link measurement
+            return "(o.rowid * 2654435761) % 4294967296, o.key"
         direction = "DESC" if self.config.order == "newest" else "ASC"
         return (f"o.study_date IS NULL, o.study_date {direction}, o.study_uid IS NULL, o.study_uid, "
                 f"o.series_uid, o.key")
@@ -641,7 +649,7 @@ class Migration:
         self.rate = SharedRate(ctx)
         self.inbox: Any = ctx.Queue()
         self.outbox: Any = ctx.Queue()
-        processes = cfg.processes or min(os.cpu_count() or 1, 8)
+        processes = cfg.worker_processes()
         self.capacity = processes * cfg.threads
         options = {"root": str(self.store.root), "attempts": cfg.attempts,
                    "backoff_base": cfg.backoff_base, "backoff_max": cfg.backoff_max,
@@ -734,7 +742,7 @@ class Migration:
             if self.config.backup_minutes and clock >= self.next_backup:
                 self.backup_error = self.state.backup()
                 self.next_backup = time.monotonic() + self.config.backup_minutes * 60
-            if clock - last_tick >= 1.0:
+            if clock - last_tick >= self.config.progress_interval:
                 last_tick = clock
                 self._check_workers()
                 self._apply_rate()

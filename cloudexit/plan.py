@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, tzinfo
 from zoneinfo import ZoneInfo
 
@@ -45,6 +45,15 @@ SERIES_POINTS = 200
 # migrations by benchmarks/plan_accuracy.py (docs/performance.md).
 _TIMETABLE_SHARE = {"low": 1.0, "expected": 0.97, "high": 0.90}
 _LATENCY_SHARE = {"low": 0.0, "expected": 0.5, "high": 1.0}
+# What the migrate client itself costs, for a link given as a nominal rate (a measured link
+# already includes it): CPU per object (request, signing, results, DB rows) and per byte (MD5,
+# SHA-256, the DICOM check, write and fsync), per worker process on one core. Measured on a
+# 2-core x86-64 VM with the S3 server on the same cores (docs/performance.md, "Transfer" and
+# "Plan accuracy"); the quick end of a range assumes a faster client, the slow end a slower one.
+CLIENT_CPU_PER_OBJECT_S = 1.5e-3
+CLIENT_CPU_PER_BYTE_S = 10e-9
+_CLIENT_SHARE = {"low": 1.3, "expected": 1.0, "high": 0.75}
+START_UP_S = 2.0  # interpreter, worker processes and the endpoint check before the first GET
 
 
 # --- inputs --------------------------------------------------------------------------------
@@ -112,16 +121,22 @@ class Link:
     latency_s: float = 0.05
     concurrency: int = 16
     source: str = "given"  # how the figures were obtained, printed with the plan
+    # True when the throughput was measured by running migrate itself on a sample of this
+    # bucket: request latency and the client's own work are in it already, not added again.
+    overheads_included: bool = False
+    cores: int = 0  # worker processes of the migration; 0: the client's CPU is not modelled
+    startup_s: float = 0.0  # before the first byte moves (a run's start: see START_UP_S)
 
     @classmethod
     def from_bandwidth(
-        cls, bytes_per_s: float, latency_s: float = 0.05, concurrency: int = 16
+        cls, bytes_per_s: float, latency_s: float = 0.05, concurrency: int = 16, cores: int = 0
     ) -> Link:
         """A link from its nominal rate; usable share 60% / 85% / 95% (low / expected / high)."""
         rates = Range(*(bytes_per_s * NOMINAL_SHARE[case] for case in CASES))
         shares = "/".join(f"{NOMINAL_SHARE[c]:.0%}" for c in CASES)
         return cls(
-            rates, latency_s, concurrency, f"nominal {format_rate(bytes_per_s)}, {shares} usable"
+            rates, latency_s, concurrency, f"nominal {format_rate(bytes_per_s)}, {shares} usable",
+            cores=cores,
         )
 
     def rate(self, case: str) -> float:
@@ -495,10 +510,17 @@ class _Model:
         self.warnings: list[str] = []
         self.zone: tzinfo | None = ZoneInfo(catalogue.billing_timezone) if start.tzinfo else None
         self.link = self._provider_capped(link)
-        # Request latency spread over the bytes: seconds per byte beyond the bandwidth.
-        self.per_byte_overhead = (
+        # Request latency spread over the bytes: seconds per byte beyond the bandwidth. A link
+        # measured by migrate itself has it in its rate already.
+        self.per_byte_overhead = 0.0 if link.overheads_included else (
             link.latency_s * workload.get_requests / (max(link.concurrency, 1) * workload.bytes)
         )
+        # The client's CPU as a ceiling on the rate: many tiny objects are bound by it, not
+        # by the link.
+        self.client_rate: float | None = None
+        if link.cores and not link.overheads_included:
+            cpu_per_byte = CLIENT_CPU_PER_BYTE_S + CLIENT_CPU_PER_OBJECT_S * workload.objects / workload.bytes
+            self.client_rate = link.cores / cpu_per_byte
         edges = {b.start_minute for b in catalogue.egress.time_of_day} | {
             b.end_minute % 1440 for b in catalogue.egress.time_of_day
         }
@@ -514,9 +536,7 @@ class _Model:
             f"{format_bytes(self.workload.bytes)} stored: faster than that the link cannot be used"
         )
         rates = Range(*(min(link.rate(c), cap) for c in CASES))
-        return Link(
-            rates, link.latency_s, link.concurrency, f"{link.source}; capped by the provider"
-        )
+        return replace(link, throughput=rates, source=f"{link.source}; capped by the provider")
 
     # scenario setups
 
@@ -601,11 +621,14 @@ class _Model:
     def _walk(self, setup: _Setup, case: str) -> _Run:
         """Move every byte through the link and timetable, split at every billing boundary."""
         cap = self.link.rate(_THROUGHPUT[case])
+        if self.client_rate is not None:
+            cap = min(cap, self.client_rate * _CLIENT_SHARE[case])
         schedule = setup.schedule
         overhead = self.per_byte_overhead * _LATENCY_SHARE[case]
         pending = self._ready_times(setup, case)
         total = sum(b for _, b in pending)
-        moment, moved, released, chunks = self.start, 0.0, 0.0, []
+        # Nothing moves while the run starts: a constant that matters only for small exits.
+        moment, moved, released, chunks = self.start + timedelta(seconds=self.link.startup_s), 0.0, 0.0, []
         last_progress = moment
         while total - moved > _BYTE_SLACK:
             while pending and pending[0][0] <= moment:
@@ -954,7 +977,8 @@ class _Model:
             f"expected {format_rate(self.link.throughput.expected)}",
             f"{self.link.concurrency} parallel requests, {self.link.latency_s * 1000:g} ms latency "
             f"each, {self.workload.get_requests:,} GETs (one per object, one per part of multipart "
-            "objects)",
+            "objects)" + ("; latency and the client's own work are in the measured rate"
+                          if self.link.overheads_included else ""),
             f"1 GB = {cat.gb_bytes.or_zero():,.0f} bytes",
             f"egress tiers restart every calendar month; {self._free_words()}",
             "the inventory's header reads are billed in the first month; its requests are listed "
@@ -963,6 +987,14 @@ class _Model:
             "longest restores "
             "and minimum billable sizes",
         ]
+        if self.link.startup_s:
+            words.append(f"{self.link.startup_s:.1f} s to start the run before the first byte")
+        if self.client_rate is not None:
+            words.append(
+                f"the client's CPU caps the rate at {format_rate(self.client_rate)} with "
+                f"{self.link.cores} worker processes ({CLIENT_CPU_PER_OBJECT_S * 1000:g} ms per "
+                f"object, {CLIENT_CPU_PER_BYTE_S * 1e9:g} s per GB on one core)"
+            )
         if self.zone is None:
             words.append(
                 "times are read on one clock: the start time is taken to be "

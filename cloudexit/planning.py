@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from datetime import datetime, timedelta
 
+from .config import MigrateConfig
 from .errors import UsageError
 from .measure import Measurement
-from .plan import ClassLoad, Link, Plan, Range, Workload, make_plan
+from .plan import START_UP_S, ClassLoad, Link, Plan, Range, Workload, make_plan
 from .pricing import load_catalogue
 from .schedule import Schedule
 from .state import State
@@ -18,8 +20,6 @@ PROVIDER_HOSTS = {
     "myhuaweicloud.com": "huawei-obs", "blob.core.windows.net": "azure-blob",
     "storage.googleapis.com": "gcs",
 }
-MULTIPART_THRESHOLD = 64 * 2**20  # migrate reads objects this large in ranged parts
-PART_SIZE = 64 * 2**20
 
 
 def guess_provider(endpoint: str | None) -> str | None:
@@ -28,14 +28,17 @@ def guess_provider(endpoint: str | None) -> str | None:
     return next((name for host, name in PROVIDER_HOSTS.items() if host in endpoint), None)
 
 
-def workload_from_state(state: State) -> Workload:
-    """What is left to move, by storage class, plus what the inventory already cost."""
+def workload_from_state(state: State, config: MigrateConfig | None = None) -> Workload:
+    """What is left to move, by storage class, plus what the inventory already cost. Large
+    objects count one GET per range, at migrate's own threshold and range size."""
+    config = config or MigrateConfig()
+    threshold, part = config.large_object, config.range_size
     classes = {}
     for row in state.query(
             "SELECT coalesce(storage_class, 'STANDARD') AS sc, count(*) AS n, sum(size) AS b, "
             "sum(size >= ?) AS big, sum(CASE WHEN size >= ? THEN (size + ? - 1) / ? ELSE 0 END) AS parts "
             "FROM objects WHERE status = 'present' GROUP BY 1",
-            (MULTIPART_THRESHOLD, MULTIPART_THRESHOLD, PART_SIZE, PART_SIZE)):
+            (threshold, threshold, part, part)):
         classes[row["sc"]] = ClassLoad(row["n"], row["b"] or 0, row["big"] or 0, row["parts"] or 0)
     rounds = state.query("SELECT sum(list_requests) AS l, sum(get_requests) AS g, "
                          "sum(header_bytes) AS b FROM inventory_rounds")[0]
@@ -52,17 +55,31 @@ def workload_from_state(state: State) -> Workload:
                     encoded_bytes=counts["e"] or 0, decoded_bytes=counts["d"] or 0)
 
 
-def link_from(bandwidth: float | None, measurement: Measurement | None, concurrency: int) -> Link:
-    """A measured link when there is a measurement, else the nominal bandwidth."""
+def link_from(bandwidth: float | None, measurement: Measurement | None,
+              concurrency: int | None = None, latency_s: float | None = None,
+              config: MigrateConfig | None = None) -> Link:
+    """A measured link when there is a measurement, else the nominal bandwidth. Concurrency
+    and worker processes are migrate's own unless given."""
+    config = config or MigrateConfig()
+    concurrency = concurrency or config.requests_in_flight()
     if measurement is not None:
+        by_engine = measurement.method in ("engine", "runs")
+        how = {"engine": "by migrating a sample of", "runs": "from the migration's runs, "}.get(
+            measurement.method, "with a boto3 sample of")
         return Link(Range(measurement.throughput_low, measurement.throughput_expected,
                           measurement.throughput_high), latency_s=measurement.latency_s,
                     concurrency=concurrency,
-                    source=f"measured {measurement.measured_at} on {measurement.objects} objects")
+                    source=f"measured {measurement.measured_at} {how} "
+                           + (f"{measurement.objects} objects" if measurement.objects
+                              else f"{measurement.steady_seconds:.0f} s of transfer"),
+                    overheads_included=by_engine, cores=config.worker_processes(),
+                    startup_s=measurement.startup_s or START_UP_S)
     if bandwidth is None:
         raise UsageError("the plan needs the link's speed",
                          hint="give --bandwidth (e.g. 200Mbit/s or 25MB/s) or --measure")
-    return Link.from_bandwidth(bandwidth, concurrency=concurrency)
+    link = Link.from_bandwidth(bandwidth, latency_s=0.05 if latency_s is None else latency_s,
+                               concurrency=concurrency, cores=config.worker_processes())
+    return replace(link, startup_s=START_UP_S)
 
 
 def scale_workload(workload: Workload, target_bytes: int) -> Workload:

@@ -57,7 +57,7 @@ SOURCE: Spec = {
 PRICING: Spec = {
     "provider": ("str?", False, None), "region": ("str?", False, None),
     "price_file": ("str?", False, None), "bandwidth": ("str?", False, None),
-    "concurrency": (int, False, 16), "offline_threshold": (str, False, "7d"),
+    "concurrency": (int, False, 0), "offline_threshold": (str, False, "7d"),
 }
 SCHEDULE: Spec = {"bwlimit": ("str?", False, None), "note": (str, False, "")}
 VERIFICATION: Spec = {
@@ -602,7 +602,7 @@ class Runner:
             raise PlaybookError(f"{self.pb.path}, line {step.line}: the plan step needs pricing.bandwidth "
                                 "(e.g. 100Mbit/s)")
         schedule = parse_schedule(self.pb.schedule["bwlimit"]) if self.pb.schedule["bwlimit"] else None
-        link = link_from(parse_rate(bandwidth), None, p["concurrency"])
+        link = link_from(parse_rate(bandwidth), None, p["concurrency"] or None)
         price_file = str(self.pb.path.parent / p["price_file"]) if p["price_file"] else None
         result = build_plan(state, p["provider"] or self.pb.source["provider"], p["region"] or self.pb.source["region"],
                             price_file, link, schedule, datetime.now().astimezone(),

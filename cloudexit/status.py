@@ -202,6 +202,46 @@ def delta_summary(state: State) -> dict[str, Any] | None:
             "exit_window_ends": state.meta("exit_window_ends")}
 
 
+def plan_vs_actual(state: State) -> dict[str, Any] | None:
+    """The last plan against what the migration did: time per run and in all, bytes, and the
+    error of the plan's expected time, so a hospital can see how far to trust the next plan.
+
+    The scenario compared is the one the run followed: `within_schedule` when the plan had a
+    timetable, else `fastest`. Times are the runs' active time (start to last heartbeat), not
+    the days between them; the error is given once the migration is complete.
+    None without a plan or a migration run.
+    """
+    text = state.meta("plan")
+    runs = state.query("SELECT id, started_at, finished_at, heartbeat_at, status, bwlimit, "
+                       "bytes_downloaded FROM migration_runs ORDER BY id")
+    if not text or not runs:
+        return None
+    from datetime import datetime
+
+    plan = json.loads(text)
+    scenarios = {sc["key"]: sc for sc in plan.get("scenarios", [])}
+    key = "within_schedule" if "within_schedule" in scenarios else "fastest"
+    planned = (scenarios.get(key) or {}).get("time_s")
+    if not planned:
+        return None
+    per_run = []
+    for r in runs:
+        end = r["finished_at"] or r["heartbeat_at"] or r["started_at"]
+        seconds = (datetime.fromisoformat(end) - datetime.fromisoformat(r["started_at"])).total_seconds()
+        per_run.append({"run": r["id"], "status": r["status"], "bwlimit": r["bwlimit"],
+                        "seconds": max(seconds, 0.0), "bytes_downloaded": r["bytes_downloaded"]})
+    active = sum(r["seconds"] for r in per_run)
+    complete = runs[-1]["status"] in ("complete", "partial")
+    return {
+        "scenario": key, "link": (plan.get("link") or {}).get("source"),
+        "planned_s": planned, "planned_bytes": (plan.get("workload") or {}).get("bytes"),
+        "actual_s": active, "actual_bytes": sum(r["bytes_downloaded"] for r in per_run),
+        "complete": complete, "runs": per_run,
+        "error": (planned["expected"] - active) / active if complete and active > 0 else None,
+        "inside_range": planned["low"] <= active <= planned["high"] if complete else None,
+    }
+
+
 def _waiting_why(state: State, run_id: int) -> str | None:
     """What the live run says the user may have to do while it waits (a TLS certificate that is
     no longer trusted), from its last link-down event."""

@@ -48,6 +48,7 @@ from xml.sax.saxutils import escape, unescape
 import pytest
 
 CHUNK = 256 * 1024
+PACE_PIECE = 16 * 1024  # bytes the pacer lets through at a time
 # Headers that describe one hop, not the message; the proxy sets its own.
 _HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te",
                "trailer", "upgrade"}
@@ -183,6 +184,7 @@ class FaultProxy:
         self._resets = 0
         self._accepted = 0
         self._connections: set[socket.socket] = set()
+        self._pacer: _TokenBucket | None = None
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
@@ -325,6 +327,13 @@ class FaultProxy:
         has read, give or take one write. None: full speed again."""
         with self._lock:
             self._pace = bytes_per_second
+
+    def shape(self, bytes_per_s: float | None, burst: int = 64 * 1024) -> None:
+        """Shape every response body, all connections together (unlike `pace`, per response), to `bytes_per_s` with a token
+        bucket of `burst` bytes (a large burst: a link that is fast, then throttled). A double
+        of a shaped link (`tc ... tbf`), for tests that must run without root; None: unshaped."""
+        with self._lock:
+            self._pacer = _TokenBucket(bytes_per_s, burst) if bytes_per_s else None
 
     def remove(self, rule: Rule) -> None:
         with self._lock:
@@ -717,7 +726,18 @@ class _Handler(socketserver.StreamRequestHandler):
             if cut:
                 chunk = chunk[:limit - sent]
             if chunk:
-                self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk) if chunked else chunk)
+                pacer = self.proxy._pacer
+                if pacer is not None and not chunked:
+                    # In packet-sized pieces, as a shaped link interleaves its streams: the
+                    # first bytes of an answer come soon, the rest at the shared rate.
+                    for i in range(0, len(chunk), PACE_PIECE):
+                        pacer.take(len(chunk[i:i + PACE_PIECE]))
+                        self.wfile.write(chunk[i:i + PACE_PIECE])
+                        self.wfile.flush()
+                else:
+                    if pacer is not None:
+                        pacer.take(len(chunk))
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk) if chunked else chunk)
                 sent += len(chunk)
                 self.proxy._count_bytes(seen, sent=len(chunk))
             if cut:
@@ -848,6 +868,24 @@ def _paced(chunks: Iterator[bytes], pace: float | None) -> Iterator[bytes]:
             continue
         for start in range(0, len(chunk), 16384):
             yield chunk[start:start + 16384]
+
+
+class _TokenBucket:
+    """Bytes at `rate` per second after a first `burst`; takers that overdraw wait their turn."""
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate, self.burst = float(rate), float(burst)
+        self.tokens, self.last = float(burst), time.monotonic()
+        self.lock = threading.Lock()
+
+    def take(self, n: int) -> None:
+        with self.lock:
+            clock = time.monotonic()
+            self.tokens = min(self.burst, self.tokens + (clock - self.last) * self.rate) - n
+            self.last = clock
+            wait = -self.tokens / self.rate if self.tokens < 0 else 0.0
+        if wait:
+            time.sleep(wait)
 
 
 def _chunks(response: http.client.HTTPResponse) -> Iterator[bytes]:

@@ -405,3 +405,40 @@ def test_chinese_plan_has_the_same_figures():
         return re.findall(r"\d[\d,]*\.\d\d", "".join(re.findall(r"<table>.*?</table>", page)))
 
     assert figures(en) == figures(zh)
+
+
+def test_many_tiny_objects_are_bound_by_the_client_not_the_link():
+    """20,000 objects of 500 bytes on 1 Gbit/s: the link would move them in 0.01 s; the client
+    spends ~1.5 ms of CPU on each, over its worker processes (was: about 0 s)."""
+    from cloudexit.plan import CLIENT_CPU_PER_BYTE_S, CLIENT_CPU_PER_OBJECT_S
+
+    work = Workload({"STANDARD": ClassLoad(20_000, 20_000 * 500)})
+    link = Link(Range(125e6, 125e6, 125e6), latency_s=0.0, concurrency=32, cores=2)
+    fastest = make_plan(work, load_catalogue("aws-s3"), link, datetime(2026, 3, 2)).scenario("fastest")
+    cpu = 20_000 * CLIENT_CPU_PER_OBJECT_S + 20_000 * 500 * CLIENT_CPU_PER_BYTE_S
+    assert fastest.time_s.expected == pytest.approx(cpu / 2, rel=1e-6)
+    assert fastest.time_s.low < fastest.time_s.expected < fastest.time_s.high
+
+
+def test_a_link_measured_by_migrating_is_not_slowed_twice():
+    """A rate measured by migrate itself already holds latency and the client's work."""
+    work = Workload({"STANDARD": ClassLoad(2_000, 10**9)})
+    measured = Link(Range(1e7, 1e7, 1e7), latency_s=0.2, concurrency=4, cores=2,
+                    overheads_included=True, startup_s=1.5)
+    fastest = make_plan(work, load_catalogue("aws-s3"), measured, datetime(2026, 3, 2)).scenario("fastest")
+    assert fastest.time_s.expected == pytest.approx(100 + 1.5)
+
+
+def test_requests_use_migrates_range_size(tmp_path):
+    """The plan counts the GETs migrate makes: one per 16 MiB range of a large object (was one
+    per 64 MiB part: 4x too few)."""
+    from cloudexit.config import MigrateConfig
+    from cloudexit.planning import workload_from_state
+    from cloudexit.state import State
+
+    with State(tmp_path / "s.db", create=True) as state:
+        with state.transaction() as tx:
+            tx.execute("INSERT INTO objects(key, size, first_seen_round, last_seen_round) VALUES "
+                       "('big', ?, 1, 1), ('small', 1000, 1, 1)", (2**30,))
+        work = workload_from_state(state)
+        assert work.get_requests == 1 + 2**30 // MigrateConfig().range_size == 65
