@@ -49,9 +49,9 @@ class OrthancServer:
 
     def __init__(self, workdir: Path, aet: str = AET, users: dict[str, str] | None = None,
                  overwrite: bool = False, options: dict[str, Any] | None = None, **more: Any) -> None:
-        """`options`: Orthanc configuration entries that replace the defaults below, e.g.
-        DicomAlwaysAllowFind=False, DicomModalities={} (a PACS that lets any AE store, only
-        registered ones query)."""
+        """`options` (a dict) and keywords: Orthanc configuration entries that replace the
+        defaults below, e.g. {"StorageCompression": True}, or DicomAlwaysAllowFind=False,
+        DicomModalities={} (a PACS that lets any AE store, only registered ones query)."""
         self.workdir = Path(workdir)
         self.aet = aet
         self.users = users
@@ -61,7 +61,7 @@ class OrthancServer:
         self.config = self.workdir / "orthanc.json"
         storage = self.storage = self.workdir / "storage"
         storage.mkdir(parents=True, exist_ok=True)
-        self.config.write_text(json.dumps({**{
+        self.config.write_text(json.dumps({
             "Name": "cloudexit-test",
             "StorageDirectory": str(storage), "IndexDirectory": str(storage),
             "HttpPort": self.http_port, "DicomPort": self.dicom_port, "DicomAet": aet,

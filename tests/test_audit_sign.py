@@ -5,7 +5,6 @@ SHA256SUMS (which the unsigned audit cannot tell from the original) is caught.""
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 import stat
 import subprocess
