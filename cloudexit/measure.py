@@ -13,7 +13,6 @@ what migrate will do is what is timed. The sample's own cost (bytes and requests
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import statistics
 import tempfile
@@ -34,7 +33,6 @@ STEADY_FROM, STEADY_TO = 0.5, 0.95  # the steady state: between these shares of 
 WINDOW_S = 1.0  # the spread of the rate is read over windows this long
 MIN_SPREAD = 0.10  # a measured rate is never given tighter than +-10%
 LATENCY_PROBES = 12
-SCAN_S = 0.5  # seconds between looks at the bytes written
 INTERPRETER_START_S = 0.5  # the command's own start (Python and imports), before the engine
 # Archive tiers cannot be read without a restore: never sampled.
 _NEEDS_RESTORE = ("GLACIER", "DEEP_ARCHIVE", "ARCHIVE", "COLDARCHIVE", "DEEPCOLDARCHIVE")
@@ -244,12 +242,10 @@ def _run_sample(state: State, source: Source, sample: Sample, config: MigrateCon
         clock = time.monotonic()
         if p.in_flight and started_at is None:
             started_at = clock - t0
-        if points and clock - t0 - points[-1][0] < SCAN_S and not (clock - t0 >= seconds):
-            return
-        # Bytes as they arrive, partial files included: the engine counts an object when it is
-        # done, and a dozen 5 MB objects sharing a slow link finish together, after seconds
-        # of apparent silence.
-        moved = max(_bytes_on_disk(archive), p.bytes_downloaded)
+        # Bytes as they come off the wire (the workers' egress meters, read at every commit),
+        # partial objects included: counted per finished object, a dozen 5 MB objects sharing a
+        # slow link would show seconds of silence, then all at once.
+        moved = p.bytes_downloaded
         points.append((clock - t0, moved))
         tick(moved - seen)
         seen = moved
@@ -264,35 +260,15 @@ def _run_sample(state: State, source: Source, sample: Sample, config: MigrateCon
                           measured, progress=on_progress)
     try:
         migration.run()
-        points.append((time.monotonic() - t0, _bytes_on_disk(archive)))
     except Interrupted:
         if not cut:
             raise  # the user's Ctrl-C, not our stop
     row = sample_state.query("SELECT coalesce(sum(get_requests), 0) AS g, "
                              "coalesce(sum(bytes_downloaded), 0) AS b FROM migration_runs")[0]
     sample_state.close()
+    if not cut:
+        points.append((time.monotonic() - t0, row["b"]))
     return points, row["g"], cut, started_at or 0.0
-
-
-def _bytes_on_disk(root: Path) -> int:
-    """Bytes written under `root`: allocated blocks, not sizes, for files written by ranges at
-    offsets (sparse until filled), and sizes for files smaller than a block."""
-    total, stack = 0, [str(root)]
-    while stack:
-        try:
-            entries = list(os.scandir(stack.pop()))
-        except OSError:
-            continue  # a folder renamed or not made yet
-        for entry in entries:
-            try:
-                if entry.is_dir(follow_symlinks=False):
-                    stack.append(entry.path)
-                else:
-                    st = entry.stat(follow_symlinks=False)
-                    total += min(st.st_size, st.st_blocks * 512)
-            except OSError:
-                continue  # a temp file renamed away while we looked: counted at its new name
-    return total
 
 
 def _latencies(source: Source, state: State, keys: list[str]) -> list[float]:

@@ -48,7 +48,6 @@ from xml.sax.saxutils import escape, unescape
 import pytest
 
 CHUNK = 256 * 1024
-PACE_PIECE = 16 * 1024  # bytes the pacer lets through at a time
 # Headers that describe one hop, not the message; the proxy sets its own.
 _HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te",
                "trailer", "upgrade"}
@@ -712,7 +711,9 @@ class _Handler(socketserver.StreamRequestHandler):
             flip_at = rule.at
         sent = 0
         started = time.monotonic()
-        for chunk in _paced(chunks, self.proxy._pace):
+        # Paced or shaped: in 16 KiB pieces, as a slow link sends packets (the first bytes of an
+        # answer come soon, and what is counted as sent is what went out, give or take a piece).
+        for chunk in _paced(chunks, self.proxy._pace or (self.proxy._pacer and 1.0)):
             if self.proxy._pace:
                 time.sleep(max(0.0, sent / self.proxy._pace - (time.monotonic() - started)))
             if self.proxy.is_down:
@@ -727,17 +728,11 @@ class _Handler(socketserver.StreamRequestHandler):
                 chunk = chunk[:limit - sent]
             if chunk:
                 pacer = self.proxy._pacer
-                if pacer is not None and not chunked:
-                    # In packet-sized pieces, as a shaped link interleaves its streams: the
-                    # first bytes of an answer come soon, the rest at the shared rate.
-                    for i in range(0, len(chunk), PACE_PIECE):
-                        pacer.take(len(chunk[i:i + PACE_PIECE]))
-                        self.wfile.write(chunk[i:i + PACE_PIECE])
-                        self.wfile.flush()
-                else:
-                    if pacer is not None:
-                        pacer.take(len(chunk))
-                    self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk) if chunked else chunk)
+                if pacer is not None:
+                    pacer.take(len(chunk))
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk) if chunked else chunk)
+                if pacer is not None:
+                    self.wfile.flush()
                 sent += len(chunk)
                 self.proxy._count_bytes(seen, sent=len(chunk))
             if cut:

@@ -221,7 +221,7 @@ def test_a_timetable_cap_gives_a_range_not_a_point():
 
 def test_nominal_bandwidth_is_not_all_usable():
     link = Link.from_bandwidth(125e6)  # 1 Gbit/s
-    assert link.throughput.expected == pytest.approx(125e6 * 0.85)
+    assert link.throughput.expected == pytest.approx(125e6 * 0.90)
     assert link.throughput.low < link.throughput.expected < link.throughput.high < 125e6
 
 
