@@ -138,6 +138,9 @@ PATTERNS: list[Pattern] = [
     # link
     _p("nominal {rate}, {shares} usable", "标称 {rate}，可用 {shares}"),
     _p("measured {at} on {n} objects", "于 {at} 对 {n} 个对象实测"),
+    _p("measured {at} by migrating a sample of {n} objects", "于 {at} 以迁移引擎迁移 {n} 个样本对象实测"),
+    _p("measured {at} from the migration's runs, {s} s of transfer", "于 {at} 按本次迁移任务实测（传输 {s} 秒）"),
+    _p("measured {at} with a boto3 sample of {n} objects", "于 {at} 用 boto3 抽样 {n} 个对象实测"),
     _p("{t_source}; capped by the provider", "{t_source}；受云厂商限速"),
     # plan assumptions
     _p("prices: {t_title} ({t_file}), in {currency}", "价格：{t_title}（{t_file}），单位 {currency}"),
@@ -145,7 +148,12 @@ PATTERNS: list[Pattern] = [
        "链路：{t_source}；可用 {low} 至 {high}，预计 {expected}"),
     _p("{n} parallel requests, {ms} ms latency each, {gets} GETs (one per object, one per part of "
        "multipart objects)", "{n} 个并行请求，每个延迟 {ms} ms，共 {gets} 次 GET（每个对象一次，分段对象每段一次）"),
+    _p("{t_base}; latency and the client's own work are in the measured rate",
+       "{t_base}；延迟与客户端自身开销已包含在实测速率中"),
     _p("1 GB = {n} bytes", "1 GB = {n} 字节"),
+    _p("{s} s to start the run before the first byte", "开始传输前启动约需 {s} 秒"),
+    _p("the client's CPU caps the rate at {rate} with {n} worker processes ({ms} ms per object, {gb} s "
+       "per GB on one core)", "客户端 CPU 将速率限制在 {rate}（{n} 个工作进程；单核每个对象 {ms} ms、每 GB {gb} 秒）"),
     _p("egress tiers restart every calendar month; {t_free}", "流量阶梯每个自然月重新计算；{t_free}"),
     _p("no free egress allowance ({n} GB per month)", "没有免费流量额度（每月 {n} GB）"),
     _p("the free allowance covers the first {n} GB of each month and counts toward the first tier",

@@ -1365,28 +1365,28 @@ class Migration:
     # -- closing -----------------------------------------------------------------------------------
     def _shutdown(self, interrupted: bool) -> None:
         self.stop_event.set() if (interrupted or self.stop_error is not None) else None
-        if interrupted:  # said at once: the wait below can take seconds
-            self.progress.stopping = len(self.flights)
-            self.on_progress(self.progress)
-        deadline = time.monotonic() + (15.0 if not interrupted else 10.0)
         pending: list[Result] = []
         ranges: list[tuple[str, str, int, int]] = []
         stop_now = False
-        while self.flights and time.monotonic() < deadline:
-            try:
-                message = self.outbox.get(timeout=0.1)
-            except queue.Empty:
-                continue
-            except KeyboardInterrupt:  # Ctrl-C again: stop now; the workers' temp files stay
-                stop_now = True        # temp files, nothing unverified reaches a final path
-                break
-            if message[0] == "range":  # how far the large objects got as they stopped
-                self._range(message, ranges)
-            elif message[0] in ("result", "results"):
-                pending.extend(message[1] if message[0] == "results" else [message[1]])
-                if len(pending) >= 64:
-                    self._commit(pending, ranges)
-                    pending, ranges = [], []
+        try:  # a second Ctrl-C anywhere in this wait (the line below included) stops now
+            if interrupted:  # said at once: the wait below can take seconds
+                self.progress.stopping = len(self.flights)
+                self.on_progress(self.progress)
+            deadline = time.monotonic() + (15.0 if not interrupted else 10.0)
+            while self.flights and time.monotonic() < deadline:
+                try:
+                    message = self.outbox.get(timeout=0.1)
+                except queue.Empty:
+                    continue
+                if message[0] == "range":  # how far the large objects got as they stopped
+                    self._range(message, ranges)
+                elif message[0] in ("result", "results"):
+                    pending.extend(message[1] if message[0] == "results" else [message[1]])
+                    if len(pending) >= 64:
+                        self._commit(pending, ranges)
+                        pending, ranges = [], []
+        except KeyboardInterrupt:  # Ctrl-C again: stop now; the workers' temp files stay temp
+            stop_now = True        # files, nothing unverified reaches a final path
         # What is left is bookkeeping: a further Ctrl-C must not cut a transaction in half.
         main = threading.current_thread() is threading.main_thread()
         previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None

@@ -30,11 +30,14 @@ def test_round_counts_survive_later_rounds_and_old_dbs_are_filled(cli, s3, bucke
     text = cli("status", "--db", str(db)).output
     assert "inventory round 1 " in text and f"{len(truth)} new" in text
 
-    # A state DB from before schema 7: the counts come back from each round's event.
+    # A state DB from before schema 9: the counts come back from each round's event.
     conn = sqlite3.connect(db)
     for column in ("new_objects", "changed_objects", "deleted_objects"):
         conn.execute(f"ALTER TABLE inventory_rounds DROP COLUMN {column}")
-    conn.execute("PRAGMA user_version = 6")
+    for table, column in (("objects", "encoding"), ("objects", "plain_size"), ("objects", "pacs_metadata"),
+                          ("transfers", "encoding"), ("transfers", "raw_sha256"), ("transfers", "file_size")):
+        conn.execute(f"ALTER TABLE {table} DROP COLUMN {column}")  # schema 10's, after it
+    conn.execute("PRAGMA user_version = 8")
     conn.commit()
     conn.close()
     with State(db) as state:
