@@ -331,7 +331,7 @@ def plan(db_path: str, provider: str | None, region: str | None, price_file: str
     from .files import write_private
     from .units import format_bytes, format_duration, parse_duration, parse_rate, parse_size
 
-    rate = parse_rate(bandwidth) if bandwidth else None
+    rate = parse_rate(bandwidth, limit=False) if bandwidth else None
     schedule = parse_schedule(schedule_text) if schedule_text else None
     threshold = parse_duration(offline_threshold)
     start = datetime.fromisoformat(start_text) if start_text else datetime.now()
