@@ -671,7 +671,7 @@ def verify(db_path: str, dests: tuple[str, ...], deep: bool, sample: int, seed: 
     are stored in the state DB for the audit. Exit 0: all verified; 3: differences found.
     """
     from .state import State
-    from .verify import destinations, open_destination, verify as run_verify
+    from .verify import check_sample, destinations, open_destination, verify as run_verify
 
     reports = []
     with State(db_path) as state:
@@ -679,6 +679,7 @@ def verify(db_path: str, dests: tuple[str, ...], deep: bool, sample: int, seed: 
         if not targets:
             raise UsageError("nothing to verify: no migration has delivered anywhere yet",
                              hint="run `cloudexit migrate --to DEST` first, or pass --to")
+        check_sample(targets, sample)
         for dest in targets:
             store = open_destination(dest, calling_aet=calling_aet)
             bar = _PhaseBar(quiet or as_json, "verify")
