@@ -766,9 +766,10 @@ def audit(ctx: click.Context, out: str | None, lang: str, include_phi: bool, for
                                "manifest_rows": result.manifest_rows, "events": result.events},
                               indent=2, default=str))
     elif not quiet:
-        label = {"complete": "complete", "complete_with_exceptions": "complete, with exceptions to review",
-                 "incomplete": "NOT complete"}[status]
-        click.echo(f"Audit written to {result.out}/audit.html (migration {label}).")
+        # The verdict's one name (as in audit.json and the report), then what it means.
+        meaning = {"complete": "nothing left to do", "complete_with_exceptions": "nothing left to do by "
+                   "the tool; exceptions for a person to review", "incomplete": "the migration is NOT complete"}
+        click.echo(f"Audit written to {result.out}/audit.html (verdict {status}: {meaning[status]}).")
         click.echo(f"  {result.manifest_rows} manifest rows, {result.events} events; fingerprint {result.fingerprint}")
         click.echo(f"  check it any time with: cloudexit audit verify {result.out}")
     if result.others:
@@ -906,7 +907,8 @@ def decommission(db_path: str, endpoint_url: str | None, profile: str | None, re
     if execute and not token:
         raise UsageError("--execute needs the confirmation token of a dry run: --confirm TOKEN",
                          hint="run `cloudexit decommission` (a dry run) first, review its manifest")
-    manifest = manifest or str(Path(db_path).resolve().parent / "decommission-manifest.csv")
+    default_manifest = str(Path(db_path).resolve().parent / "decommission-manifest.csv")
+    manifest = manifest or default_manifest
     with State(db_path) as state:
         source = source_from_state(state, endpoint_url, profile, region, retries)
         if not execute:
@@ -917,9 +919,16 @@ def decommission(db_path: str, endpoint_url: str | None, profile: str | None, re
                 click.echo("\n".join(summary_text(p)))
                 click.echo(f"Manifest: {p.manifest} (sha256 {p.manifest_sha256})")
                 if p.to_delete:
+                    # The same command as this dry run, so it can be pasted as printed.
+                    import shlex
+
+                    same = ["--db", db_path] + (["--endpoint-url", endpoint_url] if endpoint_url else []) \
+                        + (["--profile", profile] if profile else []) \
+                        + [arg for d in dests for arg in ("--to", d)] \
+                        + (["--manifest", manifest] if manifest != default_manifest else []) \
+                        + (["--all-versions"] if all_versions else [])
                     click.echo(f"Nothing deleted (dry run). To delete the {len(p.to_delete)} objects above:\n"
-                               f"  cloudexit decommission --execute --confirm {p.token}"
-                               + (" --all-versions" if all_versions else ""))
+                               f"  cloudexit decommission {shlex.join(same)} --execute --confirm {p.token}")
             if p.kept or not p.to_delete:
                 sys.exit(EXIT_PARTIAL)
             return
@@ -972,7 +981,13 @@ def demo(workdir: str | None, size: str, as_json: bool, quiet: bool) -> None:
             from .plan import render_text
             click.echo(render_text(data))
 
-    result = run_demo(workdir, size=size, say=say, show=show)
+    try:
+        result = run_demo(workdir, size=size, say=say, show=show)
+    except KeyboardInterrupt:
+        # Not "run the same command again to continue": the demo resets its folder each run.
+        click.echo(f"\nInterrupted. The demo starts afresh each time: `cloudexit demo` runs it again "
+                   f"from the start (it resets {workdir or 'its folder'}).", err=True)
+        sys.exit(EXIT_INTERRUPTED)
     if as_json:
         click.echo(json.dumps(result, indent=2, default=str))
 
