@@ -264,7 +264,10 @@ def _print_migration(m: dict[str, Any]) -> None:
     if m["bwlimit"]:
         lines.append(f"  bandwidth timetable: {m['bwlimit']}")
     lines.append(f"  objects {m['done']}/{m['objects']} done, {format_bytes(m['bytes_done'])} of "
-                 f"{format_bytes(m['bytes_total'])}; studies {m['studies_complete']}/{m['studies_total']} complete")
+                 f"{format_bytes(m['bytes_total'])}")
+    lines.append(f"  studies {m['studies_total']}: {m['studies_complete']} complete (every object verified), "
+                 f"{m['studies_with_exceptions']} finished with exceptions (an object failed, missing or "
+                 f"quarantined), {m['studies_unfinished']} in progress")
     lines.append("  by state: " + ", ".join(f"{k} {v}" for k, v in sorted(m["by_state"].items())))
     for pacs, d in m.get("deliveries", {}).items():
         lines.append(f"  delivered to {pacs}: {d['done']}/{d['objects']} ("
@@ -276,11 +279,11 @@ def _print_migration(m: dict[str, Any]) -> None:
                  + ", ".join(f"{v} {k}" for k, v in u["requests"].items())
                  + f", {u['retries']} retries, {u['link_outages']} link outages")
     if m["studies_in_progress"]:
-        lines.append("  studies in progress (study date, modality, done/total):")
+        lines.append("  studies not complete (study date, modality, objects done/total, exceptions):")
         for s in m["studies_in_progress"]:
             lines.append(f"    {s['study']}  {s['date'] or '-':<8} {s['modality'] or '-':<4} "
-                         f"{s['done']}/{s['total']}" + (f"  ({s['active']} downloading)" if s["active"] else "")
-                         + (f"  ({s['problems']} not verified)" if s["problems"] else ""))
+                         f"{s['done']}/{s['total']} done" + (f", {s['active']} downloading" if s["active"] else "")
+                         + (f", {s['problems']} exception(s)" if s["problems"] else ""))
     for p in m["problems"][:10]:
         lines.append(f"  {p['state']:<11} {p['key']!r}: {p['reason']}")
     click.echo("\n".join(lines))
