@@ -37,6 +37,37 @@ class CloudexitGroup(click.Group):
             ctx.exit(EXIT_INTERRUPTED)
 
 
+# Shown under each command's --help; `\b` keeps click from re-wrapping the lines.
+EXAMPLES: dict[str, list[str]] = {
+    "inventory": ["cloudexit inventory s3://hospital-pacs/archive/ --endpoint-url "
+                  "https://oss-cn-hangzhou.aliyuncs.com --db pacs-exit.db",
+                  "cloudexit inventory s3://hospital-pacs/ --db pacs-exit.db --since last   "
+                  "# a later round, dated folders only"],
+    "status": ["cloudexit status --db pacs-exit.db", "cloudexit status --db pacs-exit.db --json"],
+    "plan": ["cloudexit plan --db pacs-exit.db --bandwidth 200Mbit/s --out plan.html",
+             'cloudexit plan --db pacs-exit.db --bandwidth 200Mbit/s --schedule "Mon-Fri 07:30,0 19:00,off"',
+             "cloudexit plan --db pacs-exit.db --measure --provider aliyun-oss"],
+    "migrate": ["cloudexit migrate --db pacs-exit.db --to /srv/pacs-archive",
+                'cloudexit migrate --db pacs-exit.db --to /srv/pacs-archive --bwlimit "Mon-Fri 07:30,0 19:00,off"',
+                "cloudexit migrate --db pacs-exit.db --resume   # after Ctrl-C, a reboot, a cut link"],
+    "verify": ["cloudexit verify --db pacs-exit.db --deep",
+               "cloudexit verify --db pacs-exit.db --to dicom://ORTHANC@pacs.local:4242 --sample 20"],
+    "audit": ["cloudexit audit --db pacs-exit.db --out audit/ --lang zh",
+              "cloudexit audit verify audit/"],
+    "audit_verify": ["cloudexit audit verify audit/", "cloudexit audit verify audit/ --db pacs-exit.db"],
+    "run_playbook": ["cloudexit run playbooks/branch-hospital-pacs.yaml --dry-run",
+                     "cloudexit run playbooks/aws-s3-exit.yaml --ack exit-approval",
+                     "cloudexit run playbooks/branch-hospital-pacs.yaml --confirm TOKEN"],
+    "decommission": ["cloudexit decommission --db pacs-exit.db   # dry run: prints a token",
+                     "cloudexit decommission --db pacs-exit.db --execute --confirm TOKEN"],
+    "demo": ["cloudexit demo", "cloudexit demo --size tiny --workdir /tmp/cloudexit-demo"],
+}
+
+
+def _examples(command: str) -> str:
+    return "\b\nExamples:\n" + "\n".join(f"  {line}" for line in EXAMPLES[command])
+
+
 def _set_traceback(ctx: click.Context, _param: click.Parameter, value: bool) -> bool:
     ctx.meta["traceback"] = ctx.meta.get("traceback") or value
     return value
@@ -80,7 +111,7 @@ def main() -> None:
 
 
 # -- inventory ------------------------------------------------------------------------------
-@main.command()
+@main.command(epilog=_examples("inventory"))
 @click.argument("url", metavar="s3://BUCKET[/PREFIX]")
 @db_option
 @source_options
@@ -179,7 +210,7 @@ class _InventoryBar:
 
 
 # -- status ---------------------------------------------------------------------------------
-@main.command()
+@main.command(epilog=_examples("status"))
 @db_option
 @output_options
 def status(db_path: str, as_json: bool, quiet: bool) -> None:
@@ -290,7 +321,7 @@ def _print_migration(m: dict[str, Any]) -> None:
 
 
 # -- plan -----------------------------------------------------------------------------------
-@main.command()
+@main.command(epilog=_examples("plan"))
 @db_option
 @click.option("--provider", help="Price catalogue: aws-s3, aliyun-oss, tencent-cos, huawei-obs, "
               "azure-blob, gcs (default: from the endpoint).")
@@ -302,7 +333,8 @@ def _print_migration(m: dict[str, Any]) -> None:
 @click.option("--measure-bytes", default="512MB", show_default=True,
               help="At most this much for the large objects of the --measure sample.")
 @click.option("--schedule", "schedule_text",
-              help='Bandwidth timetable, e.g. "Mon-Fri 08:00,50M 18:00,off" (as migrate --bwlimit).')
+              help='Bandwidth timetable, as migrate --bwlimit: "Mon-Fri 07:30,0 19:00,off" moves '
+                   'nothing (0) on weekdays from 07:30 and without limit (off) from 19:00.')
 @click.option("--concurrency", default=16, show_default=True, type=click.IntRange(1, 1024),
               help="Parallel requests the migration will use.")
 @click.option("--start", "start_text", help="When the migration starts (ISO 8601; default now).")
@@ -403,7 +435,7 @@ class _ByteBar:
 
 
 # -- migrate --------------------------------------------------------------------------------
-@main.command()
+@main.command(epilog=_examples("migrate"))
 @click.option("--to", "dests", metavar="DEST", multiple=True,
               help="The archive folder (/srv/pacs-archive or file:///srv/pacs-archive), first; then "
                    "any PACS to deliver to: dicom://AET@HOST:PORT (C-STORE) or "
@@ -427,8 +459,9 @@ class _ByteBar:
 @click.option("--restore-poll", type=click.FloatRange(1, 86400), default=None,
               help="Seconds between checks of restores in progress (default 900).")
 @click.option("--bwlimit", default=None,
-              help='Bandwidth timetable, rclone syntax: "20M", "08:00,20M 18:00,off", '
-                   '"Mon-Fri 08:00,512k 19:00,off". While a migration runs, '
+              help='Bandwidth timetable, rclone syntax: "20M" (20 MiB/s), "08:00,20M 18:00,off", '
+                   '"Mon-Fri 07:30,0 19:00,off". Each entry TIME,RATE holds until the next; 0 '
+                   'pauses, off means no limit. While a migration runs, '
                    '`cloudexit migrate --bwlimit TIMETABLE` changes its limit within seconds.')
 @click.option("--processes", type=click.IntRange(0, 64), default=None,
               help="Worker processes (default 0: one per CPU).")
@@ -651,7 +684,7 @@ class _PhaseBar:
             self.bar.close()
             self.bar = None
 
-@main.command()
+@main.command(epilog=_examples("verify"))
 @db_option
 @click.option("--to", "dests", multiple=True, metavar="DEST",
               help="A destination to verify: a folder, dicom://AET@HOST:PORT or dicomweb+https://HOST/PATH; "
@@ -729,7 +762,7 @@ def _print_verify(r: Any) -> None:
 
 
 # -- audit ----------------------------------------------------------------------------------
-@main.group(invoke_without_command=True)
+@main.group(invoke_without_command=True, epilog=_examples("audit"))
 @click.option("--out", "out", type=click.Path(file_okay=False),
               help="The folder to write (created 0700; refused if it holds other files).")
 @click.option("--lang", type=click.Choice(["en", "zh"]), default="en", show_default=True,
@@ -782,7 +815,7 @@ def audit(ctx: click.Context, out: str | None, lang: str, include_phi: bool, for
         sys.exit(EXIT_PARTIAL)
 
 
-@audit.command("verify")
+@audit.command("verify", epilog=_examples("audit_verify"))
 @click.argument("folder", metavar="DIR", type=click.Path(file_okay=False))
 @click.option("--db", "db_path", type=click.Path(dir_okay=False), default=None,
               help="Also check the events against this state database and that it recorded this audit.")
@@ -812,7 +845,7 @@ def audit_verify(folder: str, db_path: str | None, as_json: bool, quiet: bool) -
 
 
 # -- run ------------------------------------------------------------------------------------
-@main.command("run")
+@main.command("run", epilog=_examples("run_playbook"))
 @click.argument("playbook_path", metavar="PLAYBOOK.yaml", type=click.Path(dir_okay=False))
 @click.option("--db", "db_path", envvar="CLOUDEXIT_DB", type=click.Path(dir_okay=False),
               help="The migration's state database (env CLOUDEXIT_DB; default: the playbook's `db:`, "
@@ -867,7 +900,7 @@ def run_playbook(playbook_path: str, db_path: str | None, overrides: tuple[str, 
 
 
 # -- decommission ---------------------------------------------------------------------------
-@main.command()
+@main.command(epilog=_examples("decommission"))
 @db_option
 @source_options
 @click.option("--to", "dests", multiple=True, metavar="DEST",
@@ -960,7 +993,7 @@ def decommission(db_path: str, endpoint_url: str | None, profile: str | None, re
 
 
 # -- demo -----------------------------------------------------------------------------------
-@main.command()
+@main.command(epilog=_examples("demo"))
 @click.option("--workdir", type=click.Path(file_okay=False), default="cloudexit-demo",
               show_default=True,
               help="Where the demo keeps its state DB, archive and reports (reset on each run).")
