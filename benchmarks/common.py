@@ -210,7 +210,7 @@ def _populate_filer(server: SeaweedServer, bucket: str, n: int, layout: str, thr
         for attempt in range(5):
             conn = getattr(local, "conn", None)
             if conn is None:
-                conn = local.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+                conn = local.conn = http.client.HTTPConnection(getattr(server, "ip", "127.0.0.1"), port, timeout=60)
             try:
                 conn.request("PUT", f"/buckets/{bucket}/{quote(inst.key)}", body=tiny_dicom(inst),
                              headers={"Content-Type": "application/dicom"})

@@ -12,7 +12,9 @@ the files disagree:
 * `audit.json`: the facts (format `cloudexit.audit/1`, documented in docs/audit.md);
 * `audit.html`: the report (rendered by `cloudexit.audit_html`), carrying a *fingerprint*,
   the SHA-256 over the three data files above, for the signed paper copy;
-* `SHA256SUMS` over all of them (`sha256sum -c` reads it too).
+* `SHA256SUMS` over all of them (`sha256sum -c` reads it too);
+* with `signer` (`--sign KEY`), `SHA256SUMS.sig`: SHA256SUMS signed with an SSH key
+  (`cloudexit.audit_sign`); audit.html names the signer and the key fingerprint.
 
 `verify_audit(dir)` recomputes all of that and says exactly which file was altered, added or
 removed, and whether the exported event chain is intact. The audit also appends an
@@ -36,9 +38,12 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .audit_sign import SIGNATURE  # beside SHA256SUMS, which it signs (so not listed in it)
+from .containers import audit_facts as envelope_facts
 from .errors import CloudexitError
-from .files import open_private
-from .state import GENESIS_HASH, State, event_hash, now
+from .files import make_private_dirs, open_private
+from .redact import Redactor
+from .state import GENESIS_HASH, State, event_hash, now, open_readable
 
 FORMAT = "cloudexit.audit/1"
 OUTPUTS = ("audit.html", "audit.json", "manifest.csv", "events.jsonl", "SHA256SUMS")
@@ -53,7 +58,10 @@ MANIFEST_COLUMNS = (
     "key", "size", "etag", "last_modified", "storage_class", "source_checksums", "source_status",
     "kind", "study_uid", "series_uid", "sop_uid", "modality", "study_date", "patient_hash",
     "destination", "state", "path", "sha256", "md5", "checks", "not_checked", "reason",
-    "conflict_with", "attempts", "started_at", "verified_at", "decommission",
+    "conflict_with", "attempts", "started_at", "verified_at",
+    # an object in an envelope (containers.py): how it was stored, and the raw object's SHA-256
+    # when the file is its decoded instance; Orthanc's metadata attachments say what they are
+    "encoding", "raw_sha256", "pacs_metadata", "decommission",
 )
 PHI_COLUMNS = ("patient_id", "patient_name")
 
@@ -76,11 +84,12 @@ class AuditError(CloudexitError):
 
 # -- opening ----------------------------------------------------------------------------------
 def open_state(db_path: str | os.PathLike[str]) -> State:
-    """Open a state DB for the audit; refuse one without a migration."""
+    """Open a state DB for the audit; refuse one without a migration. A read-only DB is read
+    through a private copy (the `audit.written` event then goes nowhere: `scratch_of`)."""
     path = Path(db_path)
     if path.exists() and not os.access(path, os.R_OK):
         raise AuditError(f"cannot read {path}: permission denied")
-    state = State(path)
+    state = open_readable(path, scratch=True)
     try:
         runs = state.scalar("SELECT count(*) FROM migration_runs")
     except Exception:
@@ -142,6 +151,7 @@ def audit_facts(state: State, include_phi: bool = False, limit: int = LIST_LIMIT
             for item in category["items"]:
                 item["patient_id"], item["patient_name"] = read_patient(item.get("dest"), item.get("path"))
     facts["verification"] = _verification(state, tgroups)
+    facts["containers"] = envelope_facts(state.conn)  # decoded instances, PACS metadata
     facts["custody"] = _custody(state, dests)
     facts["residency"] = _residency(state, dests)
     facts["decommission"] = _decommission(groups)
@@ -165,7 +175,8 @@ def _source_uids(state: State) -> dict[str, int]:
         f"count(DISTINCT series_uid) AS series, count(DISTINCT patient_hash) AS patients {dicom}")[0]
     # SOP Instance UIDs (one per object, mostly): grouped in the order of their index, not put in
     # a temporary B-tree, and the duplicates counted on the way.
-    sops = state.query(f"SELECT count(*) AS instances, coalesce(sum(n > 1), 0) AS duplicates FROM "
+    sops = state.query(f"SELECT count(*) AS instances, coalesce(sum(n > 1), 0) AS duplicates, "
+                       f"coalesce(sum(n - 1), 0) AS copies FROM "
                        f"(SELECT count(*) AS n {dicom} AND sop_uid IS NOT NULL GROUP BY sop_uid)")[0]
     return {**dict(uids), **dict(sops)}
 
@@ -178,6 +189,7 @@ def _source(state: State, groups: list[dict[str, Any]], uids: dict[str, int]) ->
 
     row = {"objects": total(present), "bytes": total(present, "bytes"),
            "dicom_objects": total([g for g in present if g["kind"] == "dicom"]),
+           "dicom_bytes": total([g for g in present if g["kind"] == "dicom"], "bytes"),
            "non_dicom": total([g for g in present if g["kind"] == "other"]),
            "unreadable": total([g for g in present if g["kind"] == "unreadable"]),
            "pending": total([g for g in present if g["kind"] == "pending"]),
@@ -194,12 +206,14 @@ def _source(state: State, groups: list[dict[str, Any]], uids: dict[str, int]) ->
         "url": state.meta("source_url"), "endpoint": state.meta("endpoint_url"),
         "region": state.meta("region"),
         "objects": row["objects"], "bytes": row["bytes"],
-        "dicom_objects": row["dicom_objects"] or 0, "instances": uids["instances"],
+        "dicom_objects": row["dicom_objects"] or 0, "dicom_bytes": row["dicom_bytes"] or 0,
+        "instances": uids["instances"],
         "studies": uids["studies"], "series": uids["series"], "patients": uids["patients"],
         "non_dicom": row["non_dicom"] or 0, "unreadable": row["unreadable"] or 0,
         "pending": row["pending"] or 0, "hostile_keys": row["hostile_keys"] or 0,
         "deleted_at_source": total([g for g in groups if g["status"] == "deleted"]),
         "duplicate_sop_uids": uids["duplicates"],
+        "duplicate_copies": uids["copies"],  # dicom_objects - instances: second copies of a UID
         "storage_classes": sorted(classes.values(), key=lambda c: -c["bytes"]),
         "inventory": {
             "rounds": rounds["n"],
@@ -313,7 +327,7 @@ def arrivals(conn: sqlite3.Connection, dests: Iterable[str]) -> dict[str, dict[s
     for dest in dests:
         arrived = conn.execute(
             "SELECT count(DISTINCT o.sop_uid), count(DISTINCT o.study_uid), count(DISTINCT o.series_uid), "
-            "count(DISTINCT o.patient_hash) FROM transfers t JOIN objects o ON o.key = t.key "
+            "count(DISTINCT o.patient_hash), count(*) FROM transfers t JOIN objects o ON o.key = t.key "
             f"WHERE t.dest = ? AND t.state IN {GOOD_SQL} AND o.kind = 'dicom'", (dest,)).fetchone()
         complete = conn.execute(
             "SELECT sum(good = n) FROM (SELECT o.study_uid, count(DISTINCT o.sop_uid) AS n, "
@@ -321,7 +335,7 @@ def arrivals(conn: sqlite3.Connection, dests: Iterable[str]) -> dict[str, dict[s
             "FROM objects o LEFT JOIN transfers t ON t.key = o.key AND t.dest = ? "
             "WHERE o.status = 'present' AND o.kind = 'dicom' AND o.study_uid IS NOT NULL "
             "GROUP BY o.study_uid)", (dest,)).fetchone()[0]
-        out[dest] = {**dict(zip(("instances", "studies", "series", "patients"), arrived)),
+        out[dest] = {**dict(zip(("instances", "studies", "series", "patients", "dicom_objects"), arrived)),
                      "studies_complete": complete or 0}
     return out
 
@@ -343,10 +357,12 @@ def _destination(state: State, dest: str, tgroups: list[dict[str, Any]], arrived
         "by_state": by_state,
         "objects": sum(g["objects"] for g in good),  # a verified copy is here (duplicates: kept once)
         "bytes": sum(g["bytes"] for name, g in zip(GOOD, good) if name != "duplicate"),
+        "dicom_objects": arrived["dicom_objects"],  # DICOM objects with a verified copy here
         "instances": arrived["instances"], "studies": arrived["studies"],
         "series": arrived["series"], "patients": arrived["patients"],
         "studies_complete": arrived["studies_complete"],
-        "quarantined": by_state.get("quarantined", {"objects": 0, "bytes": 0}),
+        # Kept aside for a person to decide: damaged objects and SOP Instance UID conflicts.
+        "quarantined": {k: sum(by_state.get(name, {}).get(k, 0) for name in REVIEW) for k in ("objects", "bytes")},
     }
 
 
@@ -593,6 +609,13 @@ def _exceptions(state: State, dests: list[str], groups: list[dict[str, Any]],
     for name, belongs in _CATEGORY_OF.items():
         counts[f"{name}_n"] = sum(g["n"] for g in tgroups if belongs(g))
         counts[f"{name}_b"] = sum(g["b"] for g in tgroups if belongs(g))
+    for name, belongs in _CATEGORY_OF.items():
+        counts[f"{name}_by_dest"] = {d: sum(g["n"] for g in tgroups if g["dest"] == d and belongs(g))
+                                     for d in dests}
+    if len(dests) > 1:  # an object in several destinations counts once (per destination: by_dest)
+        for name, (where, _) in _EXCEPTIONS.items():
+            if counts[f"{name}_n"]:
+                counts[f"{name}_n"], counts[f"{name}_b"] = _distinct(state, where)
     for name, (where, remedy) in _EXCEPTIONS.items():
         items: list[dict[str, Any]] = []
         if counts[f"{name}_n"]:
@@ -608,7 +631,7 @@ def _exceptions(state: State, dests: list[str], groups: list[dict[str, Any]],
                     f"FROM transfers t JOIN objects o ON o.key = t.key WHERE t.dest = ? AND {where}{rows} "
                     "ORDER BY t.seq LIMIT ?", (dest, limit))]
         out[name] = {"count": counts[f"{name}_n"], "bytes": counts[f"{name}_b"], "remedy": remedy,
-                     "items": items[:limit]}
+                     "by_dest": counts[f"{name}_by_dest"], "items": items[:limit]}
 
     def by_decision(label: str, field: str) -> int:
         return sum(g[field] for g in groups if g["decision"] == label)
@@ -633,6 +656,13 @@ def _exceptions(state: State, dests: list[str], groups: list[dict[str, Any]],
                       (len(dests), limit))] if count else []}
     out["pacs"] = _pacs_mismatches(state, limit)
     return out
+
+
+def _distinct(state: State, where: str) -> tuple[int, int]:
+    """Objects (and their bytes) with a transfer matching `where` in any destination, once each."""
+    row = state.query("SELECT count(*) AS n, coalesce(sum(o.size), 0) AS b FROM objects o WHERE EXISTS "
+                      f"(SELECT 1 FROM transfers t WHERE t.key = o.key AND {where})")[0]
+    return int(row["n"]), int(row["b"])
 
 
 def _item(r: Any, remedy: str) -> dict[str, Any]:
@@ -1043,7 +1073,9 @@ def _verdict(state: State, facts: dict[str, Any]) -> dict[str, Any]:
         blocking.append({"code": "stale", "n": stale_n})
     if x["missing"]["count"]:
         review.append({"code": "missing", "n": x["missing"]["count"]})
-    quarantined = x["quarantined"]["count"] + x["conflicts"]["count"]
+    # Objects kept aside anywhere (damaged or conflicting), each once however many destinations.
+    quarantined = (_distinct(state, "t.state IN ('quarantined', 'conflict')")[0] if len(facts["destinations"]) > 1
+                   else x["quarantined"]["count"] + x["conflicts"]["count"])
     if quarantined:
         review.append({"code": "quarantined", "n": quarantined})
     if x["skipped"]["count"]:
@@ -1082,21 +1114,27 @@ _WALK_TRANSFER = (
     "t.checks, t.not_checked) END")
 
 
-def manifest_sql(rule: Rule, include_phi: bool = False) -> tuple[str, dict[str, Any]]:
+def manifest_sql(rule: Rule, include_phi: bool = False, redact_keys: bool = False) -> tuple[str, dict[str, Any]]:
     """The manifest query: SQLite formats each line but its last field in one printf() call (one
     function call per row instead of a coalesce and a concatenation per field: a third less CPU
     at 1M rows); the last, the decision, comes as a column of its own, with what the line adds
     to the report's groups (manifest_lines); the file's destination and path only when the patients'
     names are to be read from it."""
     decision, _, params = rule.sql()
+    # --redact-keys: keys, paths and the reasons quoting them through cloudexit.redact (SQL
+    # functions registered on the connection by manifest_lines).
+    key, path, conflict, reason = (("redact_key(o.key)", "redact_path(t.path)", "redact_key(t.conflict_with)",
+                                    "redact_text(t.reason, t.conflict_with, t.path)") if redact_keys
+                                   else ("o.key", "t.path", "t.conflict_with", "t.reason"))
     fields = (
-        _csv_text("o.key"), "o.size", _csv_text("o.etag"), _csv_text("o.last_modified"),
+        _csv_text(key), "o.size", _csv_text("o.etag"), _csv_text("o.last_modified"),
         _csv_text("o.storage_class"), _csv_text("o.checksums"), "o.status", "o.kind",
         _csv_text("o.study_uid"), _csv_text("o.series_uid"), _csv_text("o.sop_uid"), _csv_text("o.modality"),
         _csv_text("o.study_date"), "o.patient_hash", _csv_text("t.dest"),
-        _csv_ours("coalesce(t.state, 'not migrated')"), _csv_text("t.path"), "t.sha256",
-        "t.md5", _csv_ours("t.checks"), _csv_text("t.not_checked"), _csv_text("t.reason"),
-        _csv_text("t.conflict_with"), "t.attempts", "t.started_at", "t.verified_at",
+        _csv_ours("coalesce(t.state, 'not migrated')"), _csv_text(path), "t.sha256",
+        "t.md5", _csv_ours("t.checks"), _csv_text("t.not_checked"), _csv_text(reason),
+        _csv_text(conflict), "t.attempts", "t.started_at", "t.verified_at",
+        "coalesce(t.encoding, o.encoding)", "t.raw_sha256", "o.pacs_metadata",
     )
     template = ",".join(["%s"] * len(fields)) + ","
     return (f"SELECT printf('{template}', " + ", ".join(fields) + f") AS line, {_csv_ours(decision)}, "
@@ -1108,7 +1146,8 @@ def manifest_sql(rule: Rule, include_phi: bool = False) -> tuple[str, dict[str, 
 
 def manifest_lines(conn: State | sqlite3.Connection, rule: Rule, include_phi: bool = False,
                    walked: dict[tuple[str, str, str | None], list[int]] | None = None,
-                   changed: dict[str, list[tuple[int, int]]] | None = None) -> Iterator[tuple[str, int]]:
+                   changed: dict[str, list[tuple[int, int]]] | None = None,
+                   redact: Redactor | None = None) -> Iterator[tuple[str, int]]:
     """manifest.csv without its header: one line per object and destination (an object in no
     destination: one line), in key order. SQLite builds each line; this only streams them.
 
@@ -1118,7 +1157,9 @@ def manifest_lines(conn: State | sqlite3.Connection, rule: Rule, include_phi: bo
     destination, the first LIST_LIMIT "changed" exceptions by `seq` (see Groups)."""
     if isinstance(conn, State):
         conn = conn.conn
-    cur = conn.execute(*manifest_sql(rule, include_phi))
+    if redact is not None:
+        redact.register(conn)
+    cur = conn.execute(*manifest_sql(rule, include_phi, redact is not None))
     last = None
     while True:
         rows = cur.fetchmany(2000)
@@ -1210,7 +1251,7 @@ def prepare_out(out: Path, force: bool) -> list[str]:
         raise AuditError(f"{out} exists and is not a folder", hint="give --out a folder name")
     if out.exists():
         entries = sorted(os.listdir(out))
-        others = [e for e in entries if e not in OUTPUTS and not e.startswith(".audit-tmp-")]
+        others = [e for e in entries if e not in (*OUTPUTS, SIGNATURE) and not e.startswith(".audit-tmp-")]
         if entries and not force:
             if others:
                 shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
@@ -1219,14 +1260,16 @@ def prepare_out(out: Path, force: bool) -> list[str]:
             raise AuditError(f"{out} already holds an audit",
                              hint="keep it: choose another folder; replace it: pass --force")
     else:
-        out.mkdir(mode=0o700, parents=True)
+        make_private_dirs(out)  # every folder created for it 0700, not only the last
     os.chmod(out, 0o700)
-    return [e for e in sorted(os.listdir(out)) if e not in OUTPUTS and not e.startswith(".audit-tmp-")]
+    return [e for e in sorted(os.listdir(out)) if e not in (*OUTPUTS, SIGNATURE) and not e.startswith(".audit-tmp-")]
 
 
 def write_audit(state: State, out: str | os.PathLike[str], lang: str = "en",
-                include_phi: bool = False, force: bool = False) -> AuditResult:
-    """Write the audit folder (see the module docstring) from one consistent snapshot."""
+                include_phi: bool = False, force: bool = False, redact_keys: bool = False,
+                signer: Any = None) -> AuditResult:
+    """Write the audit folder (see the module docstring) from one consistent snapshot.
+    `signer`: an `audit_sign.Signer` (known before the report is rendered, so it names it)."""
     from .audit_html import render_html
     from .audit_i18n import LANGS
 
@@ -1243,8 +1286,9 @@ def write_audit(state: State, out: str | os.PathLike[str], lang: str = "en",
     rule = Rule.of(state)
     written: dict[str, Any] = {}
     ready = threading.Event()
+    redact = Redactor(state.meta("redact_key") or "") if redact_keys else None
     worker = threading.Thread(target=_write_exports, name="audit-manifest",
-                              args=(other, tmp, rule, include_phi, written, ready))
+                              args=(other, tmp, rule, include_phi, written, ready, redact))
 
     def passes() -> Groups:
         ready.wait()
@@ -1255,6 +1299,8 @@ def write_audit(state: State, out: str | os.PathLike[str], lang: str = "en",
     try:
         worker.start()
         facts = audit_facts(state, include_phi=include_phi, passes=passes)
+        if redact is not None:
+            redact.exceptions(facts["exceptions"])
     finally:
         worker.join()
         state.conn.execute("COMMIT")
@@ -1264,8 +1310,11 @@ def write_audit(state: State, out: str | os.PathLike[str], lang: str = "en",
     digests.update(written["digests"])
     rows, events = written["rows"], written["events"]
     facts["manifest"] = {"rows": rows, "sha256": digests["manifest.csv"],
-                         "columns": list(MANIFEST_COLUMNS + (PHI_COLUMNS if include_phi else ()))}
+                         "columns": list(MANIFEST_COLUMNS + (PHI_COLUMNS if include_phi else ())),
+                         "keys_redacted": redact_keys}
     facts["events_export"] = {"events": events, "sha256": digests["events.jsonl"]}
+    if signer is not None:
+        facts["signature"] = signer.facts()
     fh = _HashingFile(tmp["audit.json"])
     fh.write(json.dumps(facts, indent=2, ensure_ascii=False, default=str) + "\n")
     digests["audit.json"] = fh.close()
@@ -1276,12 +1325,19 @@ def write_audit(state: State, out: str | os.PathLike[str], lang: str = "en",
     fh = _HashingFile(tmp["SHA256SUMS"])
     fh.write(sums_text(digests))
     sums = fh.close()
+    if signer is not None:
+        from .audit_sign import sign
+
+        os.replace(sign(tmp["SHA256SUMS"], signer), out / SIGNATURE)
+    else:
+        (out / SIGNATURE).unlink(missing_ok=True)  # a previous audit's (--force): it signs nothing here
     for name in OUTPUTS:
         os.replace(tmp[name], out / name)
     _fsync_dir(out)
     state.log("audit.written", out=str(out.resolve()), fingerprint=fingerprint, sha256sums=sums,
               verdict=facts["verdict"]["status"], lang=lang, phi=include_phi,
-              events=events, head=facts["event_chain"]["head_hash"])
+              events=events, head=facts["event_chain"]["head_hash"],
+              **({"signer": signer.identity, "signer_key": signer.fingerprint} if signer is not None else {}))
     return AuditResult(out, {**digests, "SHA256SUMS": sums}, fingerprint, facts["verdict"], rows,
                        events, others)
 
@@ -1308,7 +1364,7 @@ def _twin_snapshot(state: State) -> sqlite3.Connection:
 
 
 def _write_exports(conn: sqlite3.Connection, tmp: dict[str, Path], rule: Rule, include_phi: bool,
-                   result: dict[str, Any], ready: threading.Event) -> None:
+                   result: dict[str, Any], ready: threading.Event, redact: Redactor | None = None) -> None:
     """manifest.csv, adding up the report's groups on the way (for the facts: `ready` says
     when), then events.jsonl, from `conn` (run in a thread: errors are handed back). The walk
     over every object and transfer is made once, here, for both."""
@@ -1318,7 +1374,7 @@ def _write_exports(conn: sqlite3.Connection, tmp: dict[str, Path], rule: Rule, i
         rows = 0
         walked: dict[tuple[str, str, str | None], list[int]] = {}
         changed: dict[str, list[tuple[int, int]]] = {}
-        for chunk, count in manifest_lines(conn, rule, include_phi, walked, changed):
+        for chunk, count in manifest_lines(conn, rule, include_phi, walked, changed, redact):
             fh.write(chunk)
             rows += count
         digests = {"manifest.csv": fh.close()}
@@ -1372,9 +1428,11 @@ def _sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def verify_audit(folder: str | os.PathLike[str], db_path: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+def verify_audit(folder: str | os.PathLike[str], db_path: str | os.PathLike[str] | None = None,
+                 signer: str | os.PathLike[str] | None = None) -> dict[str, Any]:
     """Recompute an audit folder: files against SHA256SUMS, the exported event chain, the
-    fingerprint in audit.html, and (with `db_path`) the exported events against the DB's log.
+    fingerprint in audit.html, (with `db_path`) the exported events against the DB's log, and
+    (with `signer`, a public key or allowed_signers file) the signature of SHA256SUMS.
 
     Returns {"ok": bool, "problems": [text, ...], ...}; `problems` names each altered, added or
     removed file and each break in the chain.
@@ -1407,7 +1465,7 @@ def verify_audit(folder: str | os.PathLike[str], db_path: str | os.PathLike[str]
         if actual[name] != digest:
             problems.append(f"{name}: altered (SHA-256 differs from SHA256SUMS)")
     for name in sorted(os.listdir(folder)):
-        if name != "SHA256SUMS" and name not in listed:
+        if name not in ("SHA256SUMS", SIGNATURE) and name not in listed:
             problems.append(f"{name}: added (not in SHA256SUMS)")
     chain = _check_export_chain(folder / "events.jsonl")
     problems += [f"events.jsonl: {p}" for p in chain["problems"]]
@@ -1433,9 +1491,13 @@ def verify_audit(folder: str | os.PathLike[str], db_path: str | os.PathLike[str]
     if db_path is not None:
         db_check = _check_against_db(folder, Path(db_path), chain, listed)
         problems += db_check["problems"]
+    from .audit_sign import check as check_signature
+
+    signature = check_signature(folder, signer, (facts.get("signature") or {}).get("fingerprint"))
+    problems += signature["problems"]
     return {"ok": not problems, "folder": str(folder), "problems": problems, "files": sorted(actual),
             "chain": chain, "fingerprint": fingerprint,
-            "verdict": (facts.get("verdict") or {}).get("status"), "db": db_check}
+            "verdict": (facts.get("verdict") or {}).get("status"), "db": db_check, "signature": signature}
 
 
 def _check_export_chain(path: Path) -> dict[str, Any]:
@@ -1477,7 +1539,7 @@ def _check_against_db(folder: Path, db_path: Path, chain: dict[str, Any], listed
     """The exported events are the DB's own (same hashes at the same ids), and the DB's chain
     records this audit (an `audit.written` event naming this SHA256SUMS)."""
     problems: list[str] = []
-    with State(db_path) as state:
+    with open_readable(db_path) as state:
         db_problems = state.verify_event_chain()
         problems += [f"state DB event log: {p}" for p in db_problems[:20]]
         stored = {r["id"]: r["hash"] for r in state.query("SELECT id, hash FROM events")}

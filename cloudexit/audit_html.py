@@ -14,72 +14,23 @@ from itertools import pairwise
 from typing import Any
 
 from . import charts
+from .audit_front import count_note, front_page
 from .audit_i18n import texts
+from .html_bits import (
+    _b,
+    _code,
+    _css_string,
+    _d,
+    _Html,
+    _inline_md,
+    _money,
+    _n,
+    _t,
+    _table,
+)
+from .i18n import reason as reason_of
+from .i18n import say
 from .units import format_bytes, format_duration
-
-
-def _n(value: Any) -> str:
-    v = int(value or 0)
-    return f'<span class="n" data-v="{v}">{v:,}</span>'
-
-
-def _b(value: Any) -> str:
-    v = int(value or 0)
-    return f'<span class="n" data-v="{v}" title="{v:,} bytes">{escape(format_bytes(v))}</span>'
-
-
-def _d(seconds: Any) -> str:
-    if seconds is None:
-        return "-"
-    v = float(seconds)
-    return f'<span class="n" data-v="{round(v)}">{escape(format_duration(v))}</span>'
-
-
-def _money(value: Any) -> str:
-    if value is None:
-        return "-"
-    return f'<span class="n" data-v="{float(value):.2f}">{float(value):,.2f}</span>'
-
-
-def _t(text: Any) -> str:
-    """An ISO timestamp shown as `YYYY-MM-DD HH:MM:SS UTC`."""
-    if not text:
-        return "-"
-    try:
-        moment = datetime.fromisoformat(str(text))
-    except ValueError:
-        return escape(str(text))
-    return f'<time datetime="{escape(str(text))}">{moment.strftime("%Y-%m-%d %H:%M:%S")}' \
-           f'{" UTC" if moment.utcoffset() is not None and not moment.utcoffset() else ""}</time>'
-
-
-def _table(head: list[str] | None, rows: list[list[str]], cls: str = "") -> str:
-    body = "".join("<tr>" + "".join(_td(c) for c in row) + "</tr>" for row in rows)
-    if head is None:  # a key / value table: the first column names the row
-        body = "".join("<tr>" + "".join((f"<th>{c}</th>" if i == 0 else f"<td>{c}</td>")
-                                        for i, c in enumerate(row)) + "</tr>" for row in rows)
-        return f'<table class="kv {cls}"><tbody>{body}</tbody></table>'
-    h = "".join(f"<th>{c}</th>" for c in head)
-    return f'<table class="{cls}"><thead><tr>{h}</tr></thead><tbody>{body}</tbody></table>'
-
-
-def _td(cell: str) -> str:
-    """A cell; right-aligned when it holds a figure."""
-    bare = cell.removeprefix("<strong>")
-    if bare.startswith('<span class="n"'):
-        return f'<td class="num">{cell}</td>'
-    return f"<td>{cell}</td>"
-
-
-def _code(text: Any) -> str:
-    return f"<code>{escape(str(text))}</code>" if text not in (None, "") else "-"
-
-
-def _inline_md(text: str) -> str:
-    """`code` spans in translated text (already escaped)."""
-    parts = escape(text).split("`")
-    return "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
-
 
 CSS = """
 :root{--ok:#2e7d4f;--warn:#b26a00;--bad:#c62828;--line:#d0d7de;--soft:#f5f7f9}
@@ -95,7 +46,7 @@ th{background:var(--soft);font-weight:600}
 td .n,td.num{font-variant-numeric:tabular-nums}
 td.num{text-align:right;white-space:nowrap}
 table.items td:first-child{width:34%}
-table.xsum td:first-child{width:30%}
+table.xsum td:first-child{width:30%}table.xsum th{white-space:nowrap}
 table.sign th:first-child{width:30%}table.sign th:nth-child(2){width:25%}table.sign th:nth-child(3){width:30%}
 code{background:var(--soft);padding:0 3px;border-radius:3px;font-size:.92em;word-break:break-all}
 .verdict{display:inline-block;padding:.35em .9em;border-radius:4px;color:#fff;font-weight:700;font-size:1.15em;margin:.5em 0}
@@ -109,6 +60,10 @@ nav ol{columns:2;margin:.3em 0}
 table.sign td{height:3.2em}
 table.kv th{width:34%;font-weight:normal;background:#fafbfc}
 .small{font-size:.85em}
+section.front{border:2px solid var(--line);padding:.2em 1em .6em;margin:1em 0}
+section.front h3{margin:.8em 0 .3em}section.front p{margin:.3em 0}
+table.xfront{width:auto;min-width:50%}
+.counting ul{margin:.2em 0 1em;padding-left:1.3em;color:#57606a}
 @media print{
  body{max-width:none;margin:0;padding:0;font-size:10pt}
  nav{display:none}
@@ -116,13 +71,15 @@ table.kv th{width:34%;font-weight:normal;background:#fafbfc}
  h3{break-after:avoid}
  tr,svg,.verdict{break-inside:avoid;page-break-inside:avoid}
  section.signoff{break-before:page;page-break-before:always}
+ section.front{break-after:page;page-break-after:always}
+ section.front h2{margin-top:.4em}
  a{color:inherit;text-decoration:none}
 }
 """
 
 
 def render_html(facts: dict[str, Any], lang: str, fingerprint: str) -> str:
-    T = texts(lang)
+    T = {**texts(lang), "lang": lang}  # "lang": for the glossary (cloudexit.i18n) in the sections
 
     def tr(key: str, **fields: Any) -> str:
         """Translated text: plain fields escaped, number markup (already HTML) kept."""
@@ -131,15 +88,15 @@ def render_html(facts: dict[str, Any], lang: str, fingerprint: str) -> str:
 
     src, dests = facts["source"], facts["destinations"]
     phi = facts["phi_included"]
-    dest_names = ", ".join(d["dest"] for d in dests)
+    dest_names = _Html(", ".join(_code(d["dest"]) for d in dests) or "-")
     sections: list[str] = []
     head = [
         f'<h1>{escape(T["title"])}</h1>',
-        f'<p class="meta">{tr("subtitle", source=src["url"] or "-", dests=dest_names or "-")}</p>',
-        f'<p class="meta">{tr("generated", at=facts["generated_at"], user=facts["audit_by"]["user"], host=facts["audit_by"]["host"], version=facts["tool_version"], db=facts["db"]["path"])}</p>',
+        f'<p class="meta">{tr("subtitle", source=_Html(_code(src["url"])), dests=dest_names)}</p>',
+        f'<p class="meta">{tr("generated", at=facts["generated_at"], user=_Html(_code(facts["audit_by"]["user"])), host=_Html(_code(facts["audit_by"]["host"])), version=facts["tool_version"], db=_Html(_code(facts["db"]["path"])))}</p>',
         f'<p class="meta">{escape(T["phi_page"] if phi else T["no_phi"])}</p>',
     ]
-    sections.append(_verdict(facts, T, tr))
+    sections.append(front_page(facts, T, tr, lang, _verdict(facts, T, tr)))
     sections.append(_summary(facts, T, tr))
     sections.append(_charts(facts, T, tr))
     sections.append(_exceptions(facts, T, tr))
@@ -178,12 +135,33 @@ def render_html(facts: dict[str, Any], lang: str, fingerprint: str) -> str:
     )
 
 
-class _Html(str):
-    """Markup that `tr` must not escape."""
+def _reason_cell(text: str | None, state: str | None, T: dict[str, str]) -> str:
+    """Why an object is listed, in the report's language; its machine code (and, translated,
+    the English the state DB keeps) in the tooltip."""
+    code, words = reason_of(text, state, T["lang"])
+    tip = code if T["lang"] == "en" else f"{code}: {text or '-'}"
+    return f'<span class="reason" data-code="{escape(code)}" title="{escape(tip)}">{escape(words)}</span>'
 
 
-def _css_string(text: str) -> str:
-    return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", " ") + '"'
+def _finding_cell(item: dict[str, Any], T: dict[str, str]) -> str:
+    """A `cloudexit verify` finding: level and problem translated, details in the tooltip."""
+    if T["lang"] == "en":
+        return f'<span class="reason" data-code="{escape(str(item["state"]))}">{escape(item["reason"] or "-")}</span>'
+    what = " ".join(item["reason"].split(" ", 2)[:2]) if item["reason"] else ""
+    words = say(T["lang"])(what)
+    return f'<span class="reason" data-code="{escape(str(item["state"]))}" title="{escape(item["reason"] or "")}">' \
+           f'{escape(words if words != what else T["v.nc_other"])}</span>'
+
+
+def _why(text: str | None, lang: str, other: str | None = None) -> str:
+    """A free-text explanation from the state DB: the glossary's words, else (not in English) a
+    generic label with the English in the tooltip."""
+    if not text:
+        return "-"
+    words = say(lang)(text)
+    if lang == "en" or words != text:
+        return escape(words)
+    return f'<span title="{escape(text)}">{escape(other or texts(lang)["see_tip"])}</span>'
 
 
 def _reason_text(reason: dict[str, Any], T: dict[str, str], tr: Callable[..., str]) -> str:
@@ -192,7 +170,7 @@ def _reason_text(reason: dict[str, Any], T: dict[str, str], tr: Callable[..., st
     if "n" in reason:
         fields["n"] = _Html(_n(reason["n"]))
     if "status" in reason:
-        fields["status"] = reason["status"]
+        fields["status"] = say(T["lang"])(reason["status"])
     return tr("reason." + code, **fields)
 
 
@@ -213,11 +191,12 @@ def _summary(facts: dict[str, Any], T: dict[str, str], tr: Callable[..., str]) -
     src, dests = facts["source"], facts["destinations"]
     head = [escape(T["c.item"]), escape(T["c.source"])]
     for d in dests:
-        head.append(tr("c.dest", dest=d["dest"]))
+        head.append(tr("c.dest", dest=_Html(_code(d["dest"]))))
         head.append(escape(T["c.quarantined"]))
     rows = []
     for key, field, fmt in (("row.patients", "patients", _n), ("row.studies", "studies", _n),
-                            ("row.series", "series", _n), ("row.instances", "instances", _n),
+                            ("row.series", "series", _n), ("row.dicom_objects", "dicom_objects", _n),
+                            ("row.instances", "instances", _n),
                             ("row.objects", "objects", _n), ("row.bytes", "bytes", _b)):
         row = [escape(T[key]), fmt(src[field])]
         for d in dests:
@@ -229,6 +208,10 @@ def _summary(facts: dict[str, Any], T: dict[str, str], tr: Callable[..., str]) -
                 + [cell for d in dests for cell in (_n(d["studies_complete"]), "")])
     rows.append([escape(T["row.non_dicom"]), _n(src["non_dicom"])] + ["", ""] * len(dests))
     rows.append([escape(T["row.unreadable"]), _n(src["unreadable"])] + ["", ""] * len(dests))
+    envelopes = facts.get("containers") or {}
+    for key, field in (("row.pacs_metadata", "pacs_metadata_total"), ("row.decoded", "decoded_total")):
+        if envelopes.get(field):
+            rows.append([escape(T[key]), _n(envelopes[field])] + ["", ""] * len(dests))
     tl, usage, inv = facts["timeline"], facts["usage"], src["inventory"]
     times = _table(None, [
         [escape(T["t.inventory"]), f'{_t(inv["started_at"])} – {_t(inv["finished_at"]) if inv["finished_at"] else escape(T["t.not_finished"])}'],
@@ -246,7 +229,7 @@ def _summary(facts: dict[str, Any], T: dict[str, str], tr: Callable[..., str]) -
         [escape(T["u.inventory"]), f'{_b(inv["header_bytes"])} · GET {_n(inv["get_requests"])} · LIST {_n(inv["list_requests"])}'],
     ])
     return (f'<section id="summary"><h2>{escape(T["s.summary"])}</h2>'
-            f'<h3>{escape(T["counts"])}</h3>{_table(head, rows, "nums")}'
+            f'<h3>{escape(T["counts"])}</h3>{_table(head, rows, "nums")}{count_note(facts, T, tr)}'
             f'<h3>{escape(T["times"])}</h3>{times}<h3>{escape(T["usage"])}</h3>{used}'
             f'<h3>{escape(T["cost"])}</h3>{_cost(facts, T, tr)}</section>')
 
@@ -265,22 +248,23 @@ def _cost(facts: dict[str, Any], T: dict[str, str], tr: Callable[..., str]) -> s
                 + _table([escape(T["cost.scenario"]), escape(T["t.duration"]), escape(T["t.active"])],
                          [[escape(T["cost.actual"]), _d(act["time_s"]), _d(act["active_s"])]]))
     schedule = f', {est["schedule"]}' if est.get("schedule") else ""
-    out = [f'<p class="note">{tr("cost.plan", at=est["made_at"] or "-", provider=est["provider"] or "-", region=est["region"] or "", link=est["link"] or "-", schedule=schedule)}</p>']
+    w = say(T["lang"])
+    out = [f'<p class="note">{tr("cost.plan", at=est["made_at"] or "-", provider=_Html(_code(est["provider"])), region=_Html(_code(est["region"]) if est["region"] else ""), link=w(est["link"]), schedule=schedule)}</p>']
     rows = []
     for s in est["scenarios"]:
         if s.get("available"):
-            rows.append([escape(s.get("title") or s["key"]), _range(s.get("time_s"), _d),
+            rows.append([escape(w(s.get("title") or s["key"])), _range(s.get("time_s"), _d),
                          _range(s.get("cost"), _money)])
         else:
-            rows.append([escape(s.get("title") or s["key"]), escape(T["cost.unavailable"]), "-"])
+            rows.append([escape(w(s.get("title") or s["key"])), escape(T["cost.unavailable"]), "-"])
     rows.append([f'<strong>{escape(T["cost.actual"])}</strong>', f'<strong>{_d(act["time_s"])}</strong>',
                  f'<strong>{_money(act["cost"])}</strong>'])
     out.append(_table([escape(T["cost.scenario"]), escape(T["cost.time"]),
                        tr("cost.money", currency=est["currency"] or "")], rows, "nums"))
     if act["cost"] is not None:
-        out.append(f'<p class="small note">{tr("cost.actual_note", catalogue=est["catalogue"] or "-")}</p>')
+        out.append(f'<p class="small note">{tr("cost.actual_note", catalogue=w(est["catalogue"]))}</p>')
     else:
-        out.append(f'<p class="small note">{tr("cost.actual_unpriced", why=act.get("why_not") or "-")}</p>')
+        out.append(f'<p class="small note">{tr("cost.actual_unpriced", why=_Html(_why(act.get("why_not"), T["lang"])))}</p>')
     return "".join(out)
 
 
@@ -349,15 +333,15 @@ def _exceptions(facts: dict[str, Any], T: dict[str, str], tr: Callable[..., str]
         if not cat["count"]:
             continue
         out.append(f'<h3 id="x-{name}">{escape(T["x." + name])}: {_n(cat["count"])}</h3>')
-        rows = [[_code(i["key"]), escape(i.get("dest") or "-"), escape(i.get("reason") or "-"), _patient(i, phi)]
-                for i in cat["items"]]
+        rows = [[_code(i["key"]), _code(i.get("dest")), _reason_cell(i.get("reason"), i.get("state"), T),
+                 _patient(i, phi)] for i in cat["items"]]
         out.append(_table([escape(T["x.key"]), escape(T["x.dest"]), escape(T["x.reason"]),
                            escape(T["x.patient"])], rows, "small items"))
         if cat["count"] > len(cat["items"]):
             out.append(f'<p class="note">{tr("x.more", n=_Html(_n(cat["count"] - len(cat["items"]))))}</p>')
     if pacs["checked"] and pacs["count"]:
         out.append(f'<h3 id="x-pacs">{_inline_md(T["x.pacs"])}: {_n(pacs["count"])}</h3>')
-        rows = [[_code(i["key"]), escape(i["dest"] or "-"), escape(i["reason"] or "-")] for i in pacs["items"]]
+        rows = [[_code(i["key"]), _code(i["dest"]), _finding_cell(i, T)] for i in pacs["items"]]
         out.append(_table([escape(T["x.key"]), escape(T["x.dest"]), escape(T["x.reason"])], rows, "small items"))
         if pacs["count"] > len(pacs["items"]):
             out.append(f'<p class="note">{tr("x.more", n=_Html(_n(pacs["count"] - len(pacs["items"]))))}</p>')
@@ -389,7 +373,8 @@ def _verification(facts: dict[str, Any], T: dict[str, str], tr: Callable[..., st
     out.append(f'<h3>{escape(T["v.not_checked"])}</h3>')
     if v["not_checked"]:
         out.append(_table([escape(T["x.reason"]), escape(T["v.objects"])],
-                          [[escape(r["reason"]), _n(r["objects"])] for r in v["not_checked"]], "small"))
+                          [[_why(r["reason"], T["lang"], T["v.nc_other"]), _n(r["objects"])] for r in v["not_checked"]],
+                          "small"))
     else:
         out.append(f'<p class="none">{escape(T["x.none"])}</p>')
     out.append(f'<h3>{_inline_md(T["v.verify"])}</h3>')
@@ -398,14 +383,14 @@ def _verification(facts: dict[str, Any], T: dict[str, str], tr: Callable[..., st
         rows = []
         for r in runs:
             rows.append([_code(r["dest"]), _t(r["finished_at"]),
-                         escape(T.get("v.r." + r["status"], r["status"])) + (f': {escape(r["error"])}' if r["error"] else ""),
+                         escape(T.get("v.r." + r["status"], r["status"])) + (f': {_why(r["error"], T["lang"])}' if r["error"] else ""),
                          _n(r["files_rehashed"]) if r["deep"] else "-",
                          f'{_n(r["studies_ok"])} / {_n(r["studies_total"])}', _n(r["findings_total"]),
                          f'{_n(r["samples_same"])} / {_n(r["samples_total"])}' if r["samples_total"] else "-"])
         out.append(_table([escape(T["v.r." + k]) for k in ("dest", "when", "status", "deep", "studies",
                                                            "findings", "samples")], rows, "small"))
     if v["verify"]["unverified"]:
-        out.append(f'<p>{tr("v.unverified", dests=", ".join(v["verify"]["unverified"]))}</p>')
+        out.append(f'<p>{tr("v.unverified", dests=_Html(", ".join(_code(d) for d in v["verify"]["unverified"])))}</p>')
     if not v["verify"]["run"]:
         out.append(f'<p>{_inline_md(T["v.verify_none"])}</p>')
     out.append("</section>")
@@ -416,32 +401,37 @@ def _custody(facts: dict[str, Any], T: dict[str, str], tr: Callable[..., str]) -
     k = facts["custody"]
     chain = facts["event_chain"]
     facts_rows = [
-        [escape(T["k.operator"]), escape(", ".join(k["operators"]) or "-")],
-        [escape(T["k.audit_by"]), escape(f'{facts["audit_by"]["user"]} @ {facts["audit_by"]["host"]}')],
-        [escape(T["k.hosts"]), escape(", ".join(k["hosts"]) or "-")],
+        [escape(T["k.operator"]), ", ".join(_code(u) for u in k["operators"]) or "-"],
+        [escape(T["k.audit_by"]), _code(f'{facts["audit_by"]["user"]} @ {facts["audit_by"]["host"]}')],
+        [escape(T["k.hosts"]), ", ".join(_code(h) for h in k["hosts"]) or "-"],
         [escape(T["k.tool"]), tr("k.tool_v", created=k["created_by_version"] or "-", now=k["audit_version"])],
         [escape(T["k.source"]), _code(k["source"])],
         [escape(T["k.endpoint"]), _code(k["endpoint"])],
-        [escape(T["k.region"]), escape(k["region"] or T["r.unknown"])],
+        [escape(T["k.region"]), _code(k["region"]) if k["region"] else escape(T["r.unknown"])],
         [escape(T["k.dests"]), "<br>".join(_code(d) for d in k["destinations"])],
     ]
     if chain["intact"]:
         chain_text = tr("k.chain_ok", n=_Html(_n(chain["events"])), head=_Html(_code(chain["head_hash"])))
     else:
-        chain_text = tr("k.chain_bad", n=_Html(_n(chain["events"])), problems="; ".join(chain["problems"]))
+        problems = "; ".join(chain["problems"])
+        if T["lang"] != "en":  # the problems name events in English: kept whole in the tooltip
+            problems = _Html(f'<span title="{escape(problems)}">'
+                             f'{tr("k.chain_problems", n=_Html(_n(len(chain["problems"]))))}</span>')
+        chain_text = tr("k.chain_bad", n=_Html(_n(chain["events"])), problems=problems)
     facts_rows.append([escape(T["k.chain"]), chain_text])
     runs = []
+    w = say(T["lang"])
     for r in facts["runs"]:
         for i, s in enumerate(r["sessions"]):
-            how = s["how"] or "-"
-            if how == "running":
+            how = w(s["how"] or "-")
+            if s["how"] == "running":
                 how = T["k.still_running"]
-            elif how == "killed":
+            elif s["how"] == "killed":
                 how = f'{how} {T["k.open"]}'
-            runs.append([_n(r["id"]) if i == 0 else "", escape(s["kind"]), _t(s["start"]), _t(s["end"]),
-                         escape(how), escape(r["host"] or "-"), escape(r["user"] or "-"),
+            runs.append([_n(r["id"]) if i == 0 else "", escape(w(s["kind"])), _t(s["start"]), _t(s["end"]),
+                         escape(how), _code(r["host"]), _code(r["user"]),
                          _code(r["dest"]) if i == 0 else ""])
-    rounds = [[_n(x["id"]), _t(x["started_at"]), _t(x["finished_at"]), escape(x["status"]), _n(x["resumed"])]
+    rounds = [[_n(x["id"]), _t(x["started_at"]), _t(x["finished_at"]), escape(w(x["status"])), _n(x["resumed"])]
               for x in k["inventory_rounds"]]
     return (f'<section id="custody"><h2>{escape(T["s.custody"])}</h2><p class="note">{escape(T["k.intro"])}</p>'
             + _table(None, facts_rows)
@@ -451,7 +441,7 @@ def _custody(facts: dict[str, Any], T: dict[str, str], tr: Callable[..., str]) -
                      runs, "small")
             + f'<h3>{escape(T["k.rounds"])}</h3>'
             + _table([escape(T["k.round"]), escape(T["k.from"]), escape(T["k.to"]), escape(T["k.status"]),
-                      "resumed"], rounds, "small")
+                      escape(T["k.resumed"])], rounds, "small")
             + "</section>")
 
 
@@ -459,13 +449,13 @@ def _residency(facts: dict[str, Any], T: dict[str, str], tr: Callable[..., str])
     r = facts["residency"]
     s = r["source"]
     before = "<br>".join([
-        f'{escape(T["r.provider"])}: {escape(s["provider"] or T["r.unknown"])}',
+        f'{escape(T["r.provider"])}: {_code(s["provider"]) if s["provider"] else escape(T["r.unknown"])}',
         f'{escape(T["k.endpoint"])}: {_code(s["endpoint"])}',
-        f'{escape(T["k.region"])}: {escape(s["region"] or T["r.unknown"])}',
+        f'{escape(T["k.region"])}: {_code(s["region"]) if s["region"] else escape(T["r.unknown"])}',
         f'{escape(T["k.source"])}: {_code(s["url"])}',
     ])
     now = "<br>".join(
-        f'{_code(d["dest"])} ' + (tr("r.dest_host", host=", ".join(d["hosts"])) if d["hosts"] else "")
+        f'{_code(d["dest"])} ' + (tr("r.dest_host", host=_Html(", ".join(_code(h) for h in d["hosts"]))) if d["hosts"] else "")
         for d in r["destinations"])
     return (f'<section id="residency"><h2>{escape(T["s.residency"])}</h2><p class="note">{escape(T["r.intro"])}</p>'
             + _table([escape(T["r.before"]), escape(T["r.now"])], [[before, now]]) + "</section>")
@@ -519,9 +509,9 @@ def _deletion(facts: dict[str, Any], T: dict[str, str], tr: Callable[..., str]) 
         out.append(_table(None, [
             [escape(T["del.token"]), _code(r["token"])],
             [escape(T["del.when"]), f'{_t(r["started_at"])} – {_t(r["finished_at"])}'],
-            [escape(T["del.operator"]), escape(f'{r["operator"] or "-"} @ {r["host"] or "-"}')],
-            [escape(T["k.status"]), escape(r["status"])],
-            [escape(T["del.versioning"]), escape(f'{r["versioning"]}: {how}')],
+            [escape(T["del.operator"]), _code(f'{r["operator"] or "-"} @ {r["host"] or "-"}')],
+            [escape(T["k.status"]), escape(say(T["lang"])(r["status"]))],
+            [escape(T["del.versioning"]), escape(f'{say(T["lang"])(r["versioning"])}: {how}')],
             [escape(T["k.dests"]), "<br>".join(_code(x) for x in r["destinations"])],
             [escape(T["del.deleted"]), f'{_n(r["deleted"])} ({_b(r["deleted_bytes"])})'],
             [escape(T["del.delete_markers"]), _n(r["delete_markers"])],
@@ -537,8 +527,10 @@ def _deletion(facts: dict[str, Any], T: dict[str, str], tr: Callable[..., str]) 
                                                   "del.failed", "del.when")], rows, "small"))
     still = d["still_present"]
     out.append(f'<h3>{escape(T["del.still"])}</h3>')
-    rows = [[escape(reason), _n(c.get("objects")), _b(c.get("bytes"))] for reason, c in still["kept_by_reason"].items()]
-    rows += [[escape(f'{T["del.failed"]}: {e["code"]}'), _n(e["objects"]), ""] for e in still["errors"]]
+    rows = [[_inline_md(T.get("dr." + reason, reason)), _n(c.get("objects")), _b(c.get("bytes"))]
+            for reason, c in still["kept_by_reason"].items()]
+    rows += [[f'<span title="{escape(str(e["code"]))}">{escape(T["del.error"])}</span>', _n(e["objects"]), ""]
+             for e in still["errors"]]
     if still["noncurrent"]:
         rows.append([escape(T["del.noncurrent"]), _n(still["noncurrent"]), ""])
     if still["unconfirmed"]:
@@ -559,7 +551,18 @@ def _signoff(facts: dict[str, Any], T: dict[str, str], tr: Callable[..., str], f
             f'<p>{_inline_md(T["o.intro"])}</p>'
             f'<p>{escape(T["o.fingerprint"])}:</p>'
             f'<p class="fingerprint" data-fingerprint="{fingerprint}">{fingerprint}</p>'
+            + _signer(facts.get("signature"), T, tr) +
             f'<p class="verdict {facts["verdict"]["status"]}">{escape(T["verdict." + facts["verdict"]["status"]])}</p>'
             + _table([escape(T["o.role"]), escape(T["o.name"]), escape(T["o.signature"]), escape(T["o.date"])],
                      rows, "sign")
             + "</section>")
+
+
+def _signer(signature: dict[str, Any] | None, T: dict[str, str], tr: Callable[..., str]) -> str:
+    """Who signed SHA256SUMS (`audit --sign`), and the key fingerprint to write on the paper."""
+    if not signature:
+        return ""
+    key = escape(signature["fingerprint"])
+    return (f'<p>{tr("o.signed_by", who=signature["identity"], type=signature["key_type"])}</p>'
+            f'<p class="fingerprint" data-signer-fingerprint="{key}">{key}</p>'
+            f'<p>{tr("o.signed_check", file=signature["file"])}</p>')

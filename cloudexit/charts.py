@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 from html import escape
+from unicodedata import east_asian_width
 
 from .units import format_bytes
 
@@ -21,6 +22,23 @@ def _open(width: int, height: int, title: str) -> list[str]:
             f'width="100%" role="img" aria-label="{escape(title)}" class="chart" '
             f'font-family="sans-serif" font-size="11" fill="{_TEXT}">'),
             f"<title>{escape(title)}</title>"]
+
+
+def text_width(label: str, size: float = 11) -> float:
+    """Width of `label` in px at font size `size`: CJK (wide) characters are a full em, the rest
+    about 0.62 em (sans-serif digits and lowercase; capitals a little wider)."""
+    return sum(size if east_asian_width(ch) in ("W", "F") else size * 0.62 for ch in label)
+
+
+def _legend(legend: Sequence[tuple[str, str]], x: float, y: float, faded: bool) -> list[str]:
+    """Legend swatches and labels from `x`, each label measured so the next one starts after it."""
+    parts = []
+    for colour, label in legend:
+        opacity = ' fill-opacity="0.35"' if faded and colour != BAR else ""
+        parts.append(f'<rect x="{x:.1f}" y="{y}" width="10" height="10" fill="{colour}"{opacity}/>')
+        parts.append(f'<text x="{x + 14:.1f}" y="{y + 9}">{escape(label)}</text>')
+        x += 14 + text_width(label) + 14
+    return parts
 
 
 def _nice_max(value: float) -> float:
@@ -76,12 +94,7 @@ def throughput(t0: datetime, span_s: float, bucket_s: int, points: Sequence[Sequ
         sec = span_s * i / ticks
         label = (t0 + timedelta(seconds=sec)).strftime(fmt)
         parts.append(f'<text x="{x(sec):.1f}" y="{top + ph + 15}" text-anchor="middle">{label}</text>')
-    lx = left
-    for colour, label in legend:
-        opacity = ' fill-opacity="0.35"' if colour != BAR else ""
-        parts.append(f'<rect x="{lx}" y="{height - 16}" width="10" height="10" fill="{colour}"{opacity}/>')
-        parts.append(f'<text x="{lx + 14}" y="{height - 7}">{escape(label)}</text>')
-        lx += 22 + 7 * len(label)
+    parts += _legend(legend, left, height - 16, faded=True)
     parts.append("</svg>")
     return "\n".join(parts)
 
@@ -105,10 +118,6 @@ def hbars(rows: Sequence[tuple[str, float, float, str]], title: str,
         parts.append(f'<rect x="{left}" y="{y + 3}" width="{max(w_done, 0 if done <= 0 else 1):.1f}" '
                      f'height="15" fill="{DONE if done < total or legend else BAR}"/>')
         parts.append(f'<text x="{left + max(w_total, w_done) + 6:.1f}" y="{y + 14}">{escape(note)}</text>')
-    lx = left
-    for colour, label in legend:
-        parts.append(f'<rect x="{lx}" y="{height - 16}" width="10" height="10" fill="{colour}"/>')
-        parts.append(f'<text x="{lx + 14}" y="{height - 7}">{escape(label)}</text>')
-        lx += 22 + 7 * len(label)
+    parts += _legend(legend, left, height - 16, faded=False)
     parts.append("</svg>")
     return "\n".join(parts)

@@ -7,6 +7,8 @@ one place (`CloudexitGroup.invoke`); `--traceback` shows the stack instead.
 from __future__ import annotations
 
 import json
+import sqlite3
+import os
 import sys
 import time
 from typing import Any, Callable
@@ -15,26 +17,60 @@ import click
 
 from . import __version__
 from .config import InventoryConfig, SourceConfig
-from .errors import CloudexitError, UsageError
+from .errors import CloudexitError, FileSystemError, UsageError
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_PARTIAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 
 class CloudexitGroup(click.Group):
+    """Maps every error to one line (`Error: ...` and a hint on stderr) and its exit code; with
+    --json, to `{"error", "hint", "exit"}` on stdout instead."""
+
     def invoke(self, ctx: click.Context) -> Any:
+        words = [*getattr(ctx, "_protected_args", []), *ctx.args]
+        as_json = "--json" in words[:words.index("--")] if "--" in words else "--json" in words
         try:
-            return super().invoke(ctx)
+            try:
+                return super().invoke(ctx)
+            except sqlite3.Error as exc:  # met outside the State's own methods
+                from pathlib import Path
+
+                from .statefile import translate
+
+                error = translate(exc, Path(ctx.meta.get("db_path") or "cloudexit.db"))
+                if error is None:
+                    raise
+                raise error from exc
         except CloudexitError as exc:
             if ctx.meta.get("traceback"):
                 raise
-            click.secho(f"Error: {exc}", fg="red", err=True)
-            ctx.exit(exc.exit_code)
+            _fail(ctx, as_json, exc.message, exc.hint, exc.exit_code)
+        except OSError as exc:  # a path, permission or disk problem the library did not name
+            if ctx.meta.get("traceback"):
+                raise
+            err = FileSystemError.from_os_error(exc)
+            _fail(ctx, as_json, err.message, err.hint, err.exit_code)
+        except click.ClickException as exc:
+            if not as_json:
+                raise
+            _fail(ctx, as_json, exc.format_message(), "see --help", exc.exit_code)
         except KeyboardInterrupt:
             if ctx.meta.get("traceback"):
                 raise
-            click.echo("\nInterrupted. Everything committed so far is kept; "
-                       "run the same command again to continue.", err=True)
-            ctx.exit(EXIT_INTERRUPTED)
+            if not as_json:
+                click.echo("\nInterrupted. Everything committed so far is kept; "
+                           "run the same command again to continue.", err=True)
+                ctx.exit(EXIT_INTERRUPTED)
+            _fail(ctx, as_json, "interrupted", "everything committed so far is kept; run the "
+                  "same command again to continue", EXIT_INTERRUPTED)
+
+
+def _fail(ctx: click.Context, as_json: bool, message: str, hint: str | None, code: int) -> None:
+    if as_json:
+        click.echo(json.dumps({"error": message, "hint": hint, "exit": code}, ensure_ascii=False))
+    else:
+        click.secho(f"Error: {message}" + (f"\n  hint: {hint}" if hint else ""), fg="red", err=True)
+    ctx.exit(code)
 
 
 # Shown under each command's --help; `\b` keeps click from re-wrapping the lines.
@@ -73,9 +109,14 @@ def _set_traceback(ctx: click.Context, _param: click.Parameter, value: bool) -> 
     return value
 
 
+def _note_db(ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
+    ctx.meta["db_path"] = value  # for errors met on the DB outside the library's own handling
+    return value
+
+
 def db_option(f: Callable[..., Any]) -> Callable[..., Any]:
     return click.option("--db", "db_path", envvar="CLOUDEXIT_DB", default="cloudexit.db",
-                        show_default=True, type=click.Path(dir_okay=False),
+                        show_default=True, type=click.Path(dir_okay=False), callback=_note_db,
                         help="The migration's state database (env CLOUDEXIT_DB).")(f)
 
 
@@ -144,17 +185,27 @@ def inventory(url: str, db_path: str, endpoint_url: str | None, profile: str | N
     """
     from .inventory import Inventory, resolve_since
     from .source import Source
-    from .state import State
+    from . import patientkey
+    from .state import State, discard_if_empty
     from .status import inventory_summary
 
     source = Source(url, SourceConfig(endpoint_url=endpoint_url, profile=profile, region=region,
                                       max_attempts=retries))
     config = InventoryConfig(workers=workers, list_workers=list_workers, header_bytes=header_bytes,
                              key_pattern=key_pattern)
-    with State(db_path, create=True) as state, _InventoryBar(quiet or as_json) as bar:
-        day = resolve_since(state, since)
-        summary = Inventory(state, source, config, progress=bar.update, since=day).run()
-        totals = inventory_summary(state)
+    first = not os.path.exists(db_path)
+    new_key = not patientkey.key_path(db_path).exists()
+    try:
+        with State(db_path, create=True) as state, _InventoryBar(quiet or as_json) as bar:
+            _warn_patient_key(state)
+            day = resolve_since(state, since)
+            summary = Inventory(state, source, config, progress=bar.update, since=day).run()
+            totals = inventory_summary(state)
+    except BaseException:
+        # A wrong bucket or no credentials: leave no empty state DB (nor the key made for it).
+        if first and discard_if_empty(db_path) and new_key:
+            patientkey.key_path(db_path).unlink(missing_ok=True)
+        raise
     if as_json:
         click.echo(json.dumps({"round": summary.__dict__, "inventory": totals}, indent=2, default=str))
     elif not quiet:
@@ -167,12 +218,34 @@ def inventory(url: str, db_path: str, endpoint_url: str | None, profile: str | N
                        f"folder(s) not listed; their {summary.not_listed} object(s) kept as they "
                        "were, deletions counted only in the folders listed.")
         _print_summary(totals)
+    if summary.backup_error:
+        click.secho(f"Warning: no backup of the state DB was made: {summary.backup_error}", fg="yellow", err=True)
+    if summary.archived and not quiet:
+        classes = ", ".join(f"{n} {cls}" for cls, n in sorted(summary.archived.items()))
+        click.echo(f"{sum(summary.archived.values())} object(s) are in an archive storage class "
+                   f"({classes}): `cloudexit migrate` restores them, then reads their headers.",
+                   err=True)
+    if summary.customer_key:
+        click.echo(f"{summary.customer_key} object(s) are encrypted with a customer-provided key "
+                   "(SSE-C): the store serves them only with that key, so no retry reads them; "
+                   "re-encrypt them at the source (copy with the key to SSE-S3 or no encryption) "
+                   "and run inventory again:", err=True)
+        for key in summary.customer_key_sample:
+            click.echo(f"  {key!r}", err=True)
     if summary.failed:
         click.echo(f"{len(summary.failed)} object(s) could not be read; run inventory again to retry:",
                    err=True)
         for key, reason in summary.failed[:10]:
             click.echo(f"  {key!r}: {reason}", err=True)
+    if summary.failed or summary.customer_key:
         sys.exit(EXIT_PARTIAL)
+
+
+def _warn_patient_key(state: Any) -> None:
+    """One line when patients cannot be matched (the key file is missing or not this DB's)."""
+    warning = state.patient_key().warning()
+    if warning:
+        click.secho(f"Warning: {warning}", fg="yellow", err=True)
 
 
 class _InventoryBar:
@@ -215,22 +288,43 @@ class _InventoryBar:
 @output_options
 def status(db_path: str, as_json: bool, quiet: bool) -> None:
     """Where the migration stands, at a glance."""
-    from .state import State
-    from .status import delta_summary, inventory_summary, migration_summary
+    from .state import open_readable
+    from .status import delta_summary, inventory_summary, migration_summary, plan_vs_actual
 
-    with State(db_path) as state:
+    with open_readable(db_path) as state:
+        _warn_patient_key(state)
         totals = inventory_summary(state)
         migration = migration_summary(state)
         delta = delta_summary(state)
+        versus = plan_vs_actual(state)
     if as_json:
-        click.echo(json.dumps({**totals, "migration": migration, "delta": delta}, indent=2,
-                              default=str))
+        click.echo(json.dumps({**totals, "migration": migration, "delta": delta,
+                               "plan_vs_actual": versus}, indent=2, default=str))
     else:
         _print_summary(totals)
         if migration is not None:
             _print_migration(migration)
         if delta is not None:
             _print_delta(delta)
+        if versus is not None:
+            _print_versus(versus)
+
+
+def _print_versus(v: dict[str, Any]) -> None:
+    """The plan against the run: how far to trust the next plan."""
+    from .units import format_bytes, format_duration
+
+    p = v["planned_s"]
+    line = (f"Plan vs actual ({v['scenario']}; link {v['link']}): planned "
+            f"{format_duration(p['expected'])} ({format_duration(p['low'])}-{format_duration(p['high'])}) "
+            f"for {format_bytes(v['planned_bytes'] or 0)}; actual {format_duration(v['actual_s'])} "
+            f"in {len(v['runs'])} run(s), {format_bytes(v['actual_bytes'])} downloaded")
+    if v["error"] is not None:
+        line += (f"; the plan was {abs(v['error']):.0%} {'long' if v['error'] > 0 else 'short'}"
+                 + ("" if v["inside_range"] else ", outside its range"))
+    else:
+        line += " so far"
+    click.echo(line)
 
 
 def _print_delta(d: dict[str, Any]) -> None:
@@ -254,14 +348,22 @@ def _print_summary(t: dict[str, Any]) -> None:
 
     inv = t["inventory"]
     lines = [
-        f"Source: {t['source']}  (endpoint {t['endpoint']})",
-        f"Inventory: {inv['status']} ({inv['rounds']} round(s), last finished {inv['finished_at'] or '-'})",
+        f"Source: {t['source'] or '-'}  (endpoint {t['endpoint'] or '-'})",
+        f"Inventory: {inv['status']} ({inv['rounds']} round(s), last finished {inv['finished_at'] or '-'})"
+        if inv["status"] else "Inventory: none has completed yet; run `cloudexit inventory "
+                              f"{t['source'] or 's3://BUCKET/PREFIX'}` with this --db",
         f"  objects          {t['objects']:>10}   {format_bytes(t['bytes'])}",
         f"  DICOM instances  {t['dicom_instances']:>10}   in {t['studies']} studies, "
         f"{t['series']} series, {t['patients']} patients",
         f"  non-DICOM        {t['non_dicom']:>10}",
         f"  unreadable       {t['unreadable']:>10}",
     ]
+    if t.get("pacs_metadata"):
+        lines.append(f"  PACS metadata    {t['pacs_metadata']:>10}   (Orthanc's header-only and JSON "
+                     "copies of instances: not instances, copied to the side area)")
+    for row in t.get("by_encoding") or []:
+        lines.append(f"  {row['name']:<16} {row['objects']:>10}   objects in this envelope "
+                     f"({format_bytes(row['bytes'])} as stored)")
     if t["pending"]:
         lines.append(f"  not yet read     {t['pending']:>10}")
     if t["hostile_keys"]:
@@ -329,24 +431,40 @@ def _print_migration(m: dict[str, Any]) -> None:
               help="Your contract prices, same format as the catalogue (docs/pricing.md).")
 @click.option("--bandwidth", help="The link's nominal speed, with its unit: 200Mbit/s or 25MB/s.")
 @click.option("--measure", is_flag=True,
-              help="Download a stratified sample from the bucket to measure throughput and latency.")
-@click.option("--measure-bytes", default="512MB", show_default=True,
-              help="At most this much for the large objects of the --measure sample.")
+              help="Migrate a sample of the bucket (its mix of sizes) with migrate's own engine "
+                   "into a temporary folder and time it: the link as migrate will see it.")
+@click.option("--measure-seconds", default=20.0, show_default=True, type=click.FloatRange(3, 3600),
+              help="Stop the --measure run after this long (the sample may finish sooner).")
+@click.option("--measure-bytes", default="256MB", show_default=True,
+              help="The --measure sample's size at most (egress you pay for).")
+@click.option("--recalibrate", is_flag=True,
+              help="Take the link's rate from this migration's own runs so far (downloaded bytes "
+                   "over active time, outages left out) and plan the rest with it.")
+@click.option("--latency", "latency_text",
+              help="Round trip to the endpoint for a --bandwidth plan, e.g. 30ms (default 50ms).")
 @click.option("--schedule", "schedule_text",
               help='Bandwidth timetable, as migrate --bwlimit: "Mon-Fri 07:30,0 19:00,off" moves '
                    'nothing (0) on weekdays from 07:30 and without limit (off) from 19:00.')
-@click.option("--concurrency", default=16, show_default=True, type=click.IntRange(1, 1024),
-              help="Parallel requests the migration will use.")
+@click.option("--concurrency", type=click.IntRange(1, 1024),
+              help="Parallel requests the migration will use (default: migrate's own, "
+                   "2 x threads per worker process).")
 @click.option("--start", "start_text", help="When the migration starts (ISO 8601; default now).")
 @click.option("--offline-threshold", default="7d", show_default=True,
               help="Price an offline device when the network would take longer (e.g. 7d, 36h).")
 @click.option("--out", "outs", multiple=True, type=click.Path(dir_okay=False),
               help="Write the plan: .md, .html (with a chart) or .json; repeatable.")
+@click.option("--lang", type=click.Choice(["en", "zh"]), default="en", show_default=True,
+              help="Language of the plan's text and documents (the JSON stays English).")
+@click.option("--assume-size", "assume_size",
+              help="Plan the same mix of objects at this size instead (e.g. 40TB); every output "
+                   "says it is an assumption, and the audit keeps comparing with the real plan.")
 @source_options
 @output_options
 def plan(db_path: str, provider: str | None, region: str | None, price_file: str | None,
-         bandwidth: str | None, measure: bool, measure_bytes: str, schedule_text: str | None,
-         concurrency: int, start_text: str | None, offline_threshold: str, outs: tuple[str, ...],
+         bandwidth: str | None, measure: bool, measure_seconds: float, measure_bytes: str,
+         recalibrate: bool, latency_text: str | None, schedule_text: str | None,
+         concurrency: int | None, start_text: str | None, offline_threshold: str,
+         outs: tuple[str, ...], lang: str, assume_size: str | None,
          endpoint_url: str | None, profile: str | None, retries: int, as_json: bool,
          quiet: bool) -> None:
     """Estimate egress cost and transfer time, as ranges, per scenario.
@@ -358,17 +476,18 @@ def plan(db_path: str, provider: str | None, region: str | None, price_file: str
     from datetime import datetime
 
     from . import plan as plan_model
-    from .measure import measure_link, stored_measurement
+    from .measure import measure_link, recalibrated, stored_measurement
     from .planning import build_plan, link_from
     from .schedule import parse_schedule
     from .source import Source
     from .state import State
     from .files import write_private
-    from .units import format_bytes, format_duration, parse_duration, parse_rate, parse_size
+    from .units import format_bytes, format_rate, parse_duration, parse_rate, parse_size
 
     rate = parse_rate(bandwidth, limit=False) if bandwidth else None
     schedule = parse_schedule(schedule_text) if schedule_text else None
     threshold = parse_duration(offline_threshold)
+    assume_bytes = parse_size(assume_size) if assume_size else None
     start = datetime.fromisoformat(start_text) if start_text else datetime.now()
     start = start if start.tzinfo else start.astimezone()
     with State(db_path) as state:
@@ -383,22 +502,33 @@ def plan(db_path: str, provider: str | None, region: str | None, price_file: str
             source = Source(url, SourceConfig(endpoint_url=endpoint, profile=profile,
                                               max_attempts=retries))
             with _ByteBar(quiet or as_json, "measuring") as bar:
-                measurement = measure_link(state, source, max_bytes=parse_size(measure_bytes),
-                                           progress=bar.update)
+                measurement = measure_link(state, source, seconds=measure_seconds,
+                                           max_bytes=parse_size(measure_bytes), progress=bar.update)
             if not quiet and not as_json:
-                click.echo(f"Measured the link on {measurement.objects} objects "
-                           f"({format_bytes(measurement.bytes)}, {measurement.get_requests} GETs, "
-                           f"{format_duration(measurement.seconds)}): "
-                           f"{format_bytes(measurement.throughput_expected)}/s, "
-                           f"latency {measurement.latency_s * 1000:.0f} ms. "
-                           f"The sample itself cost {format_bytes(measurement.bytes)} of egress.")
+                m = measurement
+                click.echo(f"Measured the link by migrating {m.objects} sampled objects "
+                           f"({m.seconds:.1f} s): steady state {format_rate(m.throughput_expected)}, "
+                           f"{format_bytes(m.throughput_low)}/s to {format_bytes(m.throughput_high)}/s "
+                           f"over {m.steady_seconds:.1f} s, "
+                           f"latency {m.latency_s * 1000:.0f} ms (p90 {m.latency_p90_s * 1000:.0f} ms). "
+                           f"The sample cost {format_bytes(m.bytes)} of egress and "
+                           f"{m.get_requests:,} GET requests.")
+        elif recalibrate:
+            measurement = recalibrated(state)
+            if not quiet and not as_json:
+                click.echo(f"Recalibrated from {measurement.classes['runs']['count']} migration run(s): "
+                           f"{format_rate(measurement.throughput_expected)} over "
+                           f"{measurement.steady_seconds:.0f} s of transfer.")
         elif rate is None:
             measurement = stored_measurement(state)
-        link = link_from(rate, measurement, concurrency)
-        result = build_plan(state, provider, region, price_file, link, schedule, start, threshold)
+        latency = parse_duration(latency_text).total_seconds() if latency_text else None
+        link = link_from(rate, measurement, concurrency, latency)
+        result = build_plan(state, provider, region, price_file, link, schedule, start, threshold,
+                            assume_bytes)
     for out in outs:
         suffix = out.rsplit(".", 1)[-1].lower()
-        render = {"md": plan_model.render_markdown, "html": plan_model.render_html,
+        render = {"md": lambda p: plan_model.render_markdown(p, lang),
+                  "html": lambda p: plan_model.render_html(p, lang),
                   "json": lambda p: json.dumps(p.to_dict(), indent=2, default=str)}.get(suffix)
         if render is None:
             raise UsageError(f"--out {out}: unknown format", hint="end the name in .md, .html or .json")
@@ -408,7 +538,7 @@ def plan(db_path: str, provider: str | None, region: str | None, price_file: str
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2, default=str))
     elif not quiet:
-        click.echo(plan_model.render_text(result))
+        click.echo(plan_model.render_text(result, lang))
 
 
 class _ByteBar:
@@ -442,6 +572,9 @@ class _ByteBar:
                    "dicomweb+https://HOST/PATH (STOW-RS). Repeatable.")
 @click.option("--resume", is_flag=True,
               help="Continue the last migration run (and its PACS deliveries); needs no other arguments.")
+@click.option("--yes", is_flag=True,
+              help="Start a run into a folder other than the archive an earlier run filled "
+                   "(everything is downloaded again).")
 @click.option("--calling-aet", envvar="CLOUDEXIT_CALLING_AET", default=None,
               help="Our AE title for C-STORE destinations (default CLOUDEXIT; env CLOUDEXIT_CALLING_AET).")
 @db_option
@@ -453,7 +586,8 @@ class _ByteBar:
 @click.option("--order", type=click.Choice(["newest", "oldest", "key"]), default=None,
               help="Which studies first (default newest); a study's objects go together.")
 @click.option("--restore-tier", type=click.Choice(["bulk", "standard", "expedited"]), default=None,
-              help="Tier of RestoreObject for archived storage classes (default bulk).")
+              help="Tier of RestoreObject for archived storage classes (default bulk); expedited "
+                   "is not offered for DEEP_ARCHIVE, whose objects then get standard (said once).")
 @click.option("--restore-days", type=click.IntRange(1, 365), default=None,
               help="Days a restored copy stays readable (default 7).")
 @click.option("--restore-poll", type=click.FloatRange(1, 86400), default=None,
@@ -472,14 +606,20 @@ class _ByteBar:
               help="Objects of this many bytes or more download in parallel ranges (default 64 MiB).")
 @click.option("--range-size", type=click.IntRange(65536, 2**32), default=None,
               help="Bytes per ranged GET of a large object (default 16 MiB).")
+@click.option("--backup-every", "backup_minutes", type=click.FloatRange(0, 7 * 24 * 60), default=None,
+              help="Minutes between backups of the state DB (<db>.backup-1, -2; default 30, 0: none).")
+@click.option("--join-archive", is_flag=True, default=None,
+              help="Write into an archive folder another migration (another state DB) claimed, to "
+                   "consolidate several buckets into one archive; its files are never replaced.")
 @output_options
-def migrate(dests: tuple[str, ...], resume: bool, calling_aet: str | None, db_path: str,
+def migrate(dests: tuple[str, ...], resume: bool, yes: bool, calling_aet: str | None, db_path: str,
             endpoint_url: str | None,
             profile: str | None, region: str | None, retries: int, layout: str | None,
             non_dicom: str | None, order: str | None, restore_tier: str | None,
             restore_days: int | None, restore_poll: float | None, bwlimit: str | None,
             processes: int | None, threads: int | None, large_object: int | None,
-            range_size: int | None, as_json: bool, quiet: bool) -> None:
+            range_size: int | None, backup_minutes: float | None, join_archive: bool | None,
+            as_json: bool, quiet: bool) -> None:
     """Download every inventoried object into the archive, verified; resumable; then deliver
     each verified DICOM object to every PACS given with more `--to`.
 
@@ -499,7 +639,8 @@ def migrate(dests: tuple[str, ...], resume: bool, calling_aet: str | None, db_pa
     a PACS refused or conflicted (listed).
     """
     from .config import MigrateConfig
-    from .migrate import Migration, config_from_run, last_run, set_live_bwlimit
+    from .migrate import (Migration, check_new_archive, config_from_run, last_run, restore_tier_note,
+                          set_live_bwlimit)
     from .source import Source
     from .state import State
     from .stores import open_store
@@ -514,8 +655,11 @@ def migrate(dests: tuple[str, ...], resume: bool, calling_aet: str | None, db_pa
                                   "expedited": "Expedited"}.get(restore_tier or ""),
                  "restore_days": restore_days, "restore_poll": restore_poll, "bwlimit": bwlimit,
                  "processes": processes, "threads": threads, "large_object": large_object,
-                 "range_size": range_size}
+                 "range_size": range_size, "backup_minutes": backup_minutes,
+                 "join_archive": join_archive}
     with State(db_path) as state:
+        if dest or resume:
+            _warn_patient_key(state)
         if not dest and not resume:
             if bwlimit is None:
                 raise UsageError("say where to: --to DEST starts a run, --resume continues the last one")
@@ -540,6 +684,7 @@ def migrate(dests: tuple[str, ...], resume: bool, calling_aet: str | None, db_pa
                                  "archive before any PACS gets them)",
                                  hint="e.g. --to /srv/pacs-archive --to dicom://PACS@pacs.example.org:104")
             store = FilesystemStore(opened.root, layout=config.layout)
+            check_new_archive(state, store.id, yes)
             pacs = list(dests[1:])
         deliver_to = []
         for url in pacs:
@@ -553,6 +698,9 @@ def migrate(dests: tuple[str, ...], resume: bool, calling_aet: str | None, db_pa
         source = Source(url or "", SourceConfig(
             endpoint_url=endpoint_url or (None if bound in (None, "aws") else bound),
             profile=profile, region=region or state.meta("region"), max_attempts=retries))
+        note = restore_tier_note(state, config.restore_tier)
+        if note and not quiet:
+            click.echo(note, err=True)
         with _MigrateBar(quiet or as_json) as bar:
             summary = Migration(state, source, store, config, progress=bar.update,
                                 resume=resume, deliver_to=deliver_to).run()
@@ -560,6 +708,8 @@ def migrate(dests: tuple[str, ...], resume: bool, calling_aet: str | None, db_pa
         click.echo(json.dumps(summary.__dict__, indent=2, default=str))
     elif not quiet:
         _print_migration_result(summary)
+    if summary.backup_error:
+        click.secho(f"Warning: the last backup of the state DB failed: {summary.backup_error}", fg="yellow", err=True)
     if summary.exit_code:
         sys.exit(summary.exit_code)
 
@@ -601,6 +751,7 @@ class _MigrateBar:
         self.last = time.monotonic()
         self.last_bytes = 0
         self.waiting: str | None = None  # the waiting_since last shown
+        self.stopping = False
 
     def __enter__(self) -> "_MigrateBar":
         if not self.quiet and self.tty:
@@ -610,6 +761,13 @@ class _MigrateBar:
         return self
 
     def update(self, p: Any) -> None:
+        if p.stopping is not None and not self.stopping:  # Ctrl-C: said at once, even with -q
+            self.stopping = True
+            if self.bar is not None:
+                self.bar.clear()
+            click.echo(f"\nstopping: finishing {p.stopping} objects in flight "
+                       "(Ctrl-C again to stop now)", err=True)
+            return
         if self.quiet:
             return
         from .units import format_bytes, format_rate
@@ -706,30 +864,43 @@ def verify(db_path: str, dests: tuple[str, ...], deep: bool, sample: int, seed: 
     extra instances; --sample compares instances fetched back with the archived copies. Results
     are stored in the state DB for the audit. Exit 0: all verified; 3: differences found.
     """
-    from .state import State
-    from .verify import check_sample, destinations, open_destination, verify as run_verify
+    from .state import open_readable
+    from .stores import QueryRefused
+    from .verify import check_sample, destinations, dicomweb_twin, open_destination, verify as run_verify
 
     reports = []
-    with State(db_path) as state:
+    with open_readable(db_path, scratch=True) as state:
+        recorded = state.scratch_of is None
         targets = list(dests) or destinations(state)
         if not targets:
             raise UsageError("nothing to verify: no migration has delivered anywhere yet",
                              hint="run `cloudexit migrate --to DEST` first, or pass --to")
         check_sample(targets, sample)
-        for dest in targets:
+        for dest in targets:  # a DICOMweb URL appended below (C-FIND refused) is verified too
             store = open_destination(dest, calling_aet=calling_aet)
             bar = _PhaseBar(quiet or as_json, "verify")
             try:
                 reports.append(run_verify(state, store, deep=deep, sample=sample, seed=seed, progress=bar))
+            except QueryRefused as exc:
+                twin = dicomweb_twin(state, store.id, targets)
+                if twin is None:
+                    raise
+                click.echo(f"{store.id}: {exc.message}; verifying through its DICOMweb URL "
+                           f"{twin} (QIDO-RS) instead. Hint: {exc.hint}", err=True)
+                if twin not in targets:
+                    targets.append(twin)
             finally:
                 bar.close()
                 store.close()
     if as_json:
-        click.echo(json.dumps({"verified": all(r.passed for r in reports),
+        click.echo(json.dumps({"verified": all(r.passed for r in reports), "recorded": recorded,
                                "destinations": [r.to_dict() for r in reports]}, indent=2, default=str))
     elif not quiet:
         for r in reports:
             _print_verify(r)
+    if not recorded:
+        click.echo(f"Note: {db_path} is read-only: these results were NOT recorded in it (the audit "
+                   "will not show them); run verify on a writable DB to record them.", err=True)
     if not all(r.passed for r in reports):
         sys.exit(EXIT_PARTIAL)
 
@@ -746,10 +917,7 @@ def _print_verify(r: Any) -> None:
     if r.samples:
         same = sum(1 for s in r.samples if s.result in ("identical", "equivalent"))
         lines.append(f"  samples {same}/{len(r.samples)} identical or equivalent")
-    for f in r.findings[:20]:
-        where = f.path or f.key or f.sop_uid or f.series_uid or f.study_uid
-        extra = f" (expected {f.expected}, found {f.found})" if f.expected or f.found else ""
-        lines.append(f"  {f.level} {f.problem}: {where}{extra}" + (f"; {f.detail}" if f.detail else ""))
+    lines += [f"  {f.text()}" for f in r.findings[:20]]
     if len(r.findings) > 20:
         lines.append(f"  ... {len(r.findings) - 20} more (cloudexit verify --json, or table verify_findings)")
     for s in r.samples:
@@ -771,11 +939,17 @@ def _print_verify(r: Any) -> None:
               help="Add Patient ID and Name (read from the archived files) to the manifest and "
                    "exceptions; every page then says it holds patient identity.")
 @click.option("--force", is_flag=True, help="Write into a folder that is not empty (replaces a previous audit).")
+@click.option("--redact-keys", is_flag=True,
+              help="Write manifest.csv with object keys and archive paths hashed per folder level "
+                   "(keyed, not reversible from the manifest): for keys that embed patient names.")
+@click.option("--sign", "sign_key", metavar="KEY", type=click.Path(dir_okay=False),
+              help="Sign SHA256SUMS with this SSH key (ssh-keygen -Y sign; a key without passphrase, "
+                   "or KEY.pub of a key in ssh-agent): SHA256SUMS.sig; the report names the signer.")
 @db_option
 @output_options
 @click.pass_context
 def audit(ctx: click.Context, out: str | None, lang: str, include_phi: bool, force: bool,
-          db_path: str, as_json: bool, quiet: bool) -> None:
+          redact_keys: bool, sign_key: str | None, db_path: str, as_json: bool, quiet: bool) -> None:
     """Write the migration audit: audit.html, audit.json, manifest.csv, events.jsonl, SHA256SUMS.
 
     The report management signs: complete or not and why, counts at the source and in each
@@ -792,14 +966,22 @@ def audit(ctx: click.Context, out: str | None, lang: str, include_phi: bool, for
         raise UsageError("say where to write the audit: --out DIR",
                          hint="or check an audit written before: cloudexit audit verify DIR")
     from .audit import open_state, write_audit
+    from .audit_sign import signer_of
 
+    if include_phi and redact_keys:
+        raise UsageError("--redact-keys hides the names keys may hold; --include-phi adds patient names",
+                         hint="choose one of them")
+    signer = signer_of(sign_key) if sign_key else None  # a bad key stops before anything is written
     with open_state(db_path) as state:
-        result = write_audit(state, out, lang=lang, include_phi=include_phi, force=force)
+        result = write_audit(state, out, lang=lang, include_phi=include_phi, force=force,
+                             redact_keys=redact_keys, signer=signer)
+        recorded = state.scratch_of is None
     status = result.verdict["status"]
     if as_json:
         click.echo(json.dumps({"out": str(result.out), "verdict": result.verdict,
                                "fingerprint": result.fingerprint, "files": result.files,
-                               "manifest_rows": result.manifest_rows, "events": result.events},
+                               "manifest_rows": result.manifest_rows, "events": result.events,
+                               "signer": signer.facts() if signer else None},
                               indent=2, default=str))
     elif not quiet:
         # The verdict's one name (as in audit.json and the report), then what it means.
@@ -807,7 +989,16 @@ def audit(ctx: click.Context, out: str | None, lang: str, include_phi: bool, for
                    "the tool; exceptions for a person to review", "incomplete": "the migration is NOT complete"}
         click.echo(f"Audit written to {result.out}/audit.html (verdict {status}: {meaning[status]}).")
         click.echo(f"  {result.manifest_rows} manifest rows, {result.events} events; fingerprint {result.fingerprint}")
-        click.echo(f"  check it any time with: cloudexit audit verify {result.out}")
+        if signer:
+            click.echo(f"  signed by {signer.identity}, key {signer.fingerprint} (SHA256SUMS.sig)")
+            click.echo(f"  check it any time with: cloudexit audit verify {result.out} --signer {signer.key}"
+                       + ("" if signer.key.endswith(".pub") else ".pub"))
+        else:
+            click.echo(f"  check it any time with: cloudexit audit verify {result.out}")
+    if not recorded:
+        click.echo(f"Note: {db_path} is read-only: this audit is NOT recorded in its event log, so "
+                   f"`cloudexit audit verify {result.out} --db {db_path}` will say the DB has no "
+                   "record of it.", err=True)
     if result.others:
         click.echo(f"Note: {len(result.others)} other file(s) in {result.out} are not part of the audit; "
                    "`cloudexit audit verify` reports them as added.", err=True)
@@ -817,18 +1008,22 @@ def audit(ctx: click.Context, out: str | None, lang: str, include_phi: bool, for
 
 @audit.command("verify", epilog=_examples("audit_verify"))
 @click.argument("folder", metavar="DIR", type=click.Path(file_okay=False))
-@click.option("--db", "db_path", type=click.Path(dir_okay=False), default=None,
+@click.option("--db", "db_path", type=click.Path(dir_okay=False), default=None, callback=_note_db,
               help="Also check the events against this state database and that it recorded this audit.")
+@click.option("--signer", metavar="KEYFILE|allowed_signers", type=click.Path(dir_okay=False),
+              help="Check SHA256SUMS.sig was made by this public key (or a key in this allowed_signers file).")
 @output_options
-def audit_verify(folder: str, db_path: str | None, as_json: bool, quiet: bool) -> None:
-    """Check a written audit: every file against SHA256SUMS, the event hash chain, the fingerprint.
+def audit_verify(folder: str, db_path: str | None, signer: str | None, as_json: bool, quiet: bool) -> None:
+    """Check a written audit: every file against SHA256SUMS, the event hash chain, the fingerprint,
+    and with --signer the SSH signature of SHA256SUMS.
 
     Prints OK, or exactly which file was altered, added or removed and where the event chain
     breaks. Exit 0: intact; 1: tampered.
     """
     from .audit import verify_audit
 
-    report = verify_audit(folder, db_path)
+    report = verify_audit(folder, db_path, signer=signer)
+    sig = report["signature"]
     if as_json:
         click.echo(json.dumps(report, indent=2, default=str))
     elif report["ok"]:
@@ -836,6 +1031,10 @@ def audit_verify(folder: str, db_path: str | None, as_json: bool, quiet: bool) -
             chain = report["chain"]
             click.echo(f"OK: {len(report['files'])} files match SHA256SUMS; event chain intact "
                        f"({chain['events']} events, head {chain['head']}); fingerprint {report['fingerprint']}")
+            if sig["ok"]:
+                click.echo(f"OK: SHA256SUMS signed by {sig['identity']} (key {sig['fingerprint']})")
+            elif sig["note"]:
+                click.echo(f"Note: {sig['note']}")
     else:
         click.echo(f"TAMPERED: {folder}", err=True)
         for problem in report["problems"]:
@@ -871,19 +1070,13 @@ def run_playbook(playbook_path: str, db_path: str | None, overrides: tuple[str, 
 
     Exit 0: the steps ran; 3: a gate stopped the run; 1: a step failed.
     """
-    from .errors import GateNotMet
     from .playbook import Runner, load
 
     book = load(playbook_path, overrides)
     db = db_path or (str(book.db) if book.db else "cloudexit.db")
     say = (lambda text: None) if (quiet or as_json) else click.echo
     runner = Runner(book, db, say=say, ack=ack, confirm=token)
-    try:
-        report = runner.run(from_step=from_step, until=until, dry_run=dry_run)
-    except GateNotMet as gate:
-        if as_json:
-            click.echo(json.dumps({"playbook": book.name, "db": db, "gate": str(gate)}, indent=2))
-        raise
+    report = runner.run(from_step=from_step, until=until, dry_run=dry_run)
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2, default=str))
         return

@@ -38,6 +38,7 @@ class MigrateConfig:
     layout: str = "uid"  # "uid": STUDY/SERIES/SOP.dcm; "keys": the source keys, sanitised
     non_dicom: str = "copy"  # "copy": into DEST/_non-dicom/ (by key); "skip": recorded, not copied
     order: str = "newest"  # newest | oldest | key: newest studies first, whole studies together
+    # ("mixed", sizes interleaved, is for `plan --measure`'s sample)
     processes: int = 0  # worker processes; 0: one per CPU (at most 8)
     threads: int = 8  # download threads per worker process, one connection each; small objects
     # run 2 x threads at once on each worker's main thread (`multiget`)
@@ -54,6 +55,20 @@ class MigrateConfig:
     restore_poll: float = 900.0  # seconds between checks of restores in progress
     bwlimit: str | None = None  # rclone timetable, e.g. "08:00,20M 18:00,off"; None: no limit
     fsync: bool = True  # fsync each file and its directory before it counts as verified
+    backup_minutes: float = 30.0  # a backup of the state DB this often (0: none); see docs/state-db.md
     connect_timeout: float = 10.0
     read_timeout: float = 60.0
     commit_interval: float = 0.25  # seconds between DB commits of finished objects
+    join_archive: bool = False  # write into an archive folder another migration claimed
+    progress_interval: float = 1.0  # seconds between progress reports (the link measurement: less)
+
+    def worker_processes(self) -> int:
+        """Worker processes a run starts: `processes`, or one per CPU (at most 8)."""
+        import os
+
+        return self.processes or min(os.cpu_count() or 1, 8)
+
+    def requests_in_flight(self, small: bool = True) -> int:
+        """GETs a run keeps in flight: small objects 2 x threads per worker (`multiget`),
+        large ones one per download thread."""
+        return self.worker_processes() * self.threads * (2 if small else 1)

@@ -26,6 +26,11 @@ marker (DeleteObjects without VersionId): its data still exists as a noncurrent 
 still billed; the report says so. With `all_versions`, each version whose ETag is the verified
 one is deleted by VersionId, and the key's delete markers once every version of it goes.
 Noncurrent versions with other content were never migrated: they are kept and reported.
+Object Lock: in a bucket with Object Lock on (GetObjectLockConfiguration, once), each version
+that would be deleted is read with HEAD (its x-amz-object-lock-* headers); one under a
+COMPLIANCE or GOVERNANCE retention that has not ended, or a legal hold, is kept, its reason
+saying until when. A delete marker can still hide a locked version (S3 allows it); the reason
+says its data stays.
 Unversioned buckets: each key is deleted with its verified ETag as a condition (the store answers
 PreconditionFailed if it was overwritten since).
 """
@@ -43,11 +48,10 @@ import socket
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, overload
 
 from .audit import PACS_PREFIXES, current_user, last_verify_runs, recheck_sql
-from .cleanup_source import MAX_BATCH, Version, delete_batch, list_all, versioning
+from .cleanup_source import MAX_BATCH, Version, delete_batch, list_all, object_lock_enabled, read_locks, versioning
 from .config import SourceConfig
 from .errors import ConfirmationMismatch, NothingMigrated, StateError, UsageError
 from .files import private_writer
@@ -188,13 +192,17 @@ def _totals(state: State, table: str) -> dict[str, Any]:
         "sum(action = 'keep' AND NOT delete_marker) AS k, "
         "coalesce(sum(CASE WHEN action = 'keep' AND NOT delete_marker THEN size END), 0) AS kb, "
         "sum(action = 'delete' AND how = 'marker') AS m, "
-        f"sum(action = 'keep' AND NOT delete_marker AND NOT is_latest) AS n FROM {table}")[0]
+        f"sum(action = 'keep' AND NOT delete_marker AND NOT is_latest) AS n, "
+        f"sum(action = 'keep' AND reason LIKE 'object lock:%') AS l, "
+        f"coalesce(sum(CASE WHEN action = 'keep' AND reason LIKE 'object lock:%' THEN size END), 0) AS lb "
+        f"FROM {table}")[0]
     reasons = {r["reason"]: {"objects": r["n"], "bytes": r["b"]} for r in state.query(
         "SELECT CASE WHEN instr(reason, ':') THEN substr(reason, 1, instr(reason, ':') - 1) ELSE reason END "
         f"AS reason, count(*) AS n, sum(size) AS b FROM {table} WHERE action = 'keep' AND NOT delete_marker "
         "GROUP BY 1 ORDER BY 1")}
     return {"to_delete": t["d"] or 0, "to_delete_bytes": t["db"], "kept": t["k"] or 0, "kept_bytes": t["kb"],
-            "kept_by_reason": reasons, "delete_markers_to_place": t["m"] or 0, "noncurrent_left": t["n"] or 0}
+            "kept_by_reason": reasons, "delete_markers_to_place": t["m"] or 0, "noncurrent_left": t["n"] or 0,
+            "locked": t["l"] or 0, "locked_bytes": t["lb"]}
 
 
 @dataclass
@@ -339,14 +347,13 @@ def plan(state: State, source: Source, destinations: Iterable[str] | None = None
         raise StateError("the inventory is not finished", hint="run `cloudexit inventory` again first")
     status = versioning(source)
     versioned = status != "off"
+    locked = versioned and object_lock_enabled(source)  # no lock on the bucket: no per-object reads
     table = _listing_table(state, list_all(source, versioned))
     rows_table = f"{table}_rows"
     state.conn.execute(f"CREATE TABLE {rows_table} (seq INTEGER PRIMARY KEY, "
                        f"{', '.join(_ROW_COLUMNS)})")
     judge = _Judge(state, dests)
     hasher = hashlib.sha256(json.dumps([source.url, status, all_versions]).encode())
-    if manifest is not None:
-        Path(manifest).parent.mkdir(parents=True, exist_ok=True)
     digest = hashlib.sha256()
     with private_writer(manifest) if manifest is not None else contextlib.nullcontext() as out:
 
@@ -359,7 +366,10 @@ def plan(state: State, source: Source, destinations: Iterable[str] | None = None
         emit(",".join(MANIFEST_FIELDS) + "\n")
         for keys, versions in _key_batches(state, table):
             judge.load(keys)
-            decided = [row for key in keys for row in _decide(key, versions[key], judge, versioned, all_versions)]
+            locks = read_locks(source, [(k, v.version_id) for k in keys for v in versions[k]
+                                        if not v.delete_marker and judge.judge(k, v.etag)[0]]) if locked else {}
+            decided = [row for key in keys
+                       for row in _decide(key, versions[key], judge, versioned, all_versions, locks)]
             lines = io.StringIO()
             csv.writer(lines, lineterminator="\n").writerows(r.csv_row() for r in decided)
             emit(lines.getvalue())
@@ -435,14 +445,28 @@ def _key_batches(state: State, table: str) -> Iterator[tuple[list[str], dict[str
 
 
 def _decide(key: str, versions: list[Version], judge: _Judge, versioned: bool,
-            all_versions: bool) -> list[ManifestRow]:
-    """The manifest rows of one key: each version (and delete marker) to delete or keep, and why."""
+            all_versions: bool, locks: dict[tuple[str, str | None], str] | None = None) -> list[ManifestRow]:
+    """The manifest rows of one key: each version (and delete marker) to delete or keep, and why.
+    `locks`: the reason of each (key, version id) under Object Lock now."""
     data = [v for v in versions if not v.delete_marker]
+    # A key whose latest version is a delete marker is not in a plain listing: no inventory can
+    # have seen it, so "arrived since the last inventory" would send the user to the wrong fix.
+    hidden = any(v.delete_marker and v.is_latest for v in versions)
     decided: list[ManifestRow] = []
     for v in data:
         safe, held, sha, reason = judge.judge(key, v.etag)
+        if hidden and reason.startswith("not inventoried"):
+            reason = ("hidden by a delete marker: deleted at the source before the inventory, which "
+                      "lists current objects only, so never migrated; its data stays as a noncurrent "
+                      "version (to migrate it, delete the marker, then run inventory, migrate, verify)")
         row = ManifestRow("keep", key, v.version_id, v.is_latest, False, v.etag, v.size,
                           v.last_modified, sha, held, "", reason)
+        lock = (locks or {}).get((key, v.version_id))
+        if lock and safe and (all_versions or not v.is_latest):
+            # Verified, but the store refuses to delete it before then: kept, never promised.
+            row.reason = f"{lock}; verified at every destination, delete it after that"
+            decided.append(row)
+            continue
         if not versioned:
             if safe:
                 row.action, row.how = "delete", "if-match"
@@ -451,12 +475,15 @@ def _decide(key: str, versions: list[Version], judge: _Judge, versioned: bool,
                 row.action, row.how = "delete", "version"
             elif not v.is_latest and any(judge.judge(key, w.etag)[0] for w in data if w is not v):
                 row.reason = (f"older content: this noncurrent version was never migrated; kept ({reason})"
-                              if not reason.startswith("not inventoried") else reason)
+                              if not reason.startswith(("not inventoried", "hidden by")) else reason)
         else:
             if safe and v.is_latest:
                 row.action, row.how = "delete", "marker"
                 row.reason = ("verified at every destination; a delete marker hides it, its data stays "
                               "as a noncurrent version (use --all-versions to delete it)")
+                if lock:
+                    row.reason = (f"verified at every destination; a delete marker hides it, its data stays "
+                                  f"as a noncurrent version under {lock[len('object lock: '):]}")
             elif safe:
                 row.reason = "noncurrent version: kept (only --all-versions deletes old versions)"
         decided.append(row)
@@ -627,8 +654,15 @@ def summary_text(p: Plan) -> list[str]:
     lines.append(f"  kept in the bucket {s['kept']:>8}   {format_bytes(s['kept_bytes'])}")
     for reason, c in s["kept_by_reason"].items():
         lines.append(f"    {reason:<32} {c['objects']:>8}   {format_bytes(c['bytes'])}")
-    for r in Rows(p.rows.state, p.rows.table, "action = 'keep' AND NOT delete_marker")[:10]:
+    locked = "action = 'keep' AND reason LIKE 'object lock:%'"
+    for r in Rows(p.rows.state, p.rows.table, f"action = 'keep' AND NOT delete_marker AND NOT ({locked})")[:10]:
         lines.append(f"    {r.key!r}" + (f" v{r.version_id}" if r.version_id else "") + f": {r.reason}")
+    if s.get("locked"):
+        lines.append(f"  under Object Lock: {s['locked']} verified versions ({format_bytes(s['locked_bytes'])}) "
+                     "the store will not delete yet (kept above; the manifest lists them all):")
+        for r in Rows(p.rows.state, p.rows.table, locked)[:10]:
+            lines.append(f"    {r.key!r}" + (f" v{r.version_id}" if r.version_id else "")
+                         + f": {r.reason.split(';')[0][len('object lock: '):]}")
     if s["kept"]:
         lines.append("  The free-exit programs (AWS, Azure, Google) require all data to leave: "
                      "what is kept must be migrated (or knowingly abandoned) first.")

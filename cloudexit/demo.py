@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .config import InventoryConfig, SourceConfig
-from .files import write_private
+from .files import make_private_dirs, write_private
 from .inventory import Inventory
 from .s3server import SeaweedServer
 from .source import Source
@@ -32,14 +32,14 @@ def run_demo(workdir: str | None = None, size: str = "demo",
 
     own = workdir is None
     root = Path(workdir or tempfile.mkdtemp(prefix="cloudexit-demo-"))
-    for stale in ("s3", "archive", "cloudexit.db", "cloudexit.db-wal", "cloudexit.db-shm",
+    for stale in ("s3", "archive", "plan.html", "plan-40TB.html", "cloudexit.db", "cloudexit.db-wal", "cloudexit.db-shm",
                   "cloudexit.db.lock"):
         target = root / stale
         if target.is_dir():
             shutil.rmtree(target)
         elif target.exists():
             target.unlink()
-    root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    make_private_dirs(root)
     try:
         with SeaweedServer(root / "s3") as server:
             say(f"Embedded S3 server (SeaweedFS) at {server.endpoint_url}")
@@ -87,6 +87,14 @@ def _plan(state: State, root: Path, say: Callable[[str], None]) -> Any:
                       datetime.now().astimezone(), timedelta(days=7))
     write_private(out, render_html(plan))
     say(f"Plan written to {out}")
+    # The demo bucket is tiny; what the same exit costs at a hospital's size, labelled as such.
+    say('$ cloudexit plan --provider aliyun-oss --bandwidth 100Mbit/s '
+        '--schedule "Mon-Sun 07:30,0 19:00,off" --assume-size 40TB --out plan-40TB.html')
+    big = build_plan(state, "aliyun-oss", None, None, Link.from_bandwidth(100e6 / 8), schedule,
+                     datetime.now().astimezone(), timedelta(days=7), assume_bytes=40 * 10**12)
+    out = root / "plan-40TB.html"
+    write_private(out, render_html(big))
+    say(f"Plan at an assumed 40 TB written to {out}")
     return plan
 
 

@@ -11,8 +11,10 @@ import hmac
 import io
 import re
 import struct
+import threading
 import warnings
 from dataclasses import dataclass
+from typing import Any
 
 PIXEL_TAGS = {0x7FE00010, 0x7FE00008, 0x7FE00009}  # Pixel Data, Float and Double Float Pixel Data
 UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
@@ -37,14 +39,42 @@ class Header:
     transfer_syntax: str | None = None
     patient_id: str | None = None  # only ever stored hashed; see patient_hash()
     header_length: int | None = None  # bytes before pixel data
+    encoding: str | None = None  # envelope the object is in (cloudexit.containers), None: plain
+    plain_size: int | None = None  # decoded size, when the envelope declares it
+    pacs_metadata: str | None = None  # a PACS's own metadata attachment (containers.METADATA)
 
 
-def patient_hash(salt: str, patient_id: str | None) -> str | None:
-    """A salted, keyed hash of a Patient ID: stable within one migration, not reversible."""
-    if not patient_id:
+def patient_hash(key: str | None, patient_id: str | None) -> str | None:
+    """A keyed hash of a Patient ID: stable within one migration, not reversible without the
+    key (kept outside the state DB, see `patientkey`). No key: None (unmatched)."""
+    if not patient_id or not key:
         return None
-    digest = hmac.new(salt.encode(), patient_id.strip().encode("utf-8"), hashlib.sha256)
+    digest = hmac.new(key.encode(), patient_id.strip().encode("utf-8"), hashlib.sha256)
     return digest.hexdigest()[:20]
+
+
+_IMPORT_LOCK = threading.Lock()
+_READ_PARTIAL: Any = None
+
+
+def preload() -> Any:
+    """Import pydicom, once, before threads parse with it; returns `read_partial`.
+
+    pydicom's modules import each other (values, dataelem, filewriter...). A thread that
+    starts `from pydicom.filereader import ...` while another is still running pydicom's
+    `__init__` finds the package half-initialised and fails with "cannot import name
+    'convert_numbers' from partially initialized module 'pydicom.values'". So the whole
+    package is imported under a lock; callers that start header threads call this first.
+    """
+    global _READ_PARTIAL
+    if _READ_PARTIAL is None:
+        with _IMPORT_LOCK:
+            if _READ_PARTIAL is None:
+                import pydicom  # noqa: F401 - the whole package, before any of its modules
+                from pydicom.filereader import read_partial
+
+                _READ_PARTIAL = read_partial
+    return _READ_PARTIAL
 
 
 def _sniff(data: bytes) -> str | None:
@@ -80,8 +110,7 @@ def classify(data: bytes, object_size: int) -> Header:
     if fast is not None:
         return fast
 
-    from pydicom.filereader import read_partial
-
+    read_partial = preload()
     pixel: dict[str, int] = {}
 
     def stop(tag: int, vr: str | None, length: int) -> bool:

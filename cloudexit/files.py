@@ -1,7 +1,9 @@
-"""Files that may name patients, keys or buckets: created owner-only (0600)."""
+"""Files that may name patients, keys or buckets: created owner-only (0600), in folders
+created owner-only (0700) when they are missing."""
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,6 +18,7 @@ def write_private(path: str | os.PathLike[str], data: str | bytes, durable: bool
     either the old file or the new one, never half of it.
     """
     raw = data.encode("utf-8") if isinstance(data, str) else data
+    make_parent_dirs(path)
     if durable:
         with private_writer(path) as fh:
             fh.write(raw)
@@ -30,6 +33,7 @@ def private_writer(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
     without an error, so a reader never sees half of it."""
     target = Path(path)
     tmp = target.with_name(target.name + ".tmp")
+    make_parent_dirs(target)
     try:
         with open_private(tmp) as fh:
             yield fh
@@ -47,3 +51,34 @@ def open_private(path: str | os.PathLike[str], buffering: int = -1) -> BinaryIO:
     # O_CREAT's mode does not apply to a file that already exists.
     os.fchmod(fd, 0o600)
     return os.fdopen(fd, "wb", buffering=buffering)
+
+
+def make_parent_dirs(path: str | os.PathLike[str]) -> None:
+    """Create the missing folders above `path`, 0700: every output of every command does the
+    same (a user who names `reports/plan.html` expects `reports/` to appear)."""
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        make_private_dirs(parent)
+
+
+def make_private_dirs(path: str | os.PathLike[str]) -> None:
+    """`os.makedirs` with every folder it creates 0700 (makedirs applies the mode to the leaf
+    only). Safe when several threads create the same folders at once."""
+    path = os.fspath(path)
+    try:
+        os.mkdir(path, 0o700)
+        return
+    except FileExistsError:
+        if os.path.isdir(path):
+            return
+        raise NotADirectoryError(errno.ENOTDIR, "a file is in the way of a folder", path) from None
+    except FileNotFoundError:
+        parent = os.path.dirname(path)
+        if parent == path:
+            raise
+        make_private_dirs(parent)
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        if not os.path.isdir(path):
+            raise NotADirectoryError(errno.ENOTDIR, "a file is in the way of a folder", path) from None

@@ -23,8 +23,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from .config import InventoryConfig
-from .dicom import Header, classify, patient_hash
-from .errors import CloudexitError, UsageError
+from .containers import classify_object
+from .dicom import Header, patient_hash
+from .dicom import preload as preload_pydicom
+from .errors import CloudexitError, CustomerKeyRequired, ObjectArchived, UsageError
 from .paths import folder_dates, key_flags
 from .source import ListedObject, ObjectChanged, ObjectGone, Source, iso
 from .state import State, now
@@ -70,7 +72,8 @@ ON CONFLICT(key) DO UPDATE SET
 _HEADER_UPDATE = """
 UPDATE objects SET kind = ?, reason = ?, study_uid = ?, series_uid = ?, sop_uid = ?,
     sop_class_uid = ?, modality = ?, study_date = ?, transfer_syntax = ?, patient_hash = ?,
-    checksums = ?, header_source = 'header', header_bytes = header_bytes + ?, updated_at = ?
+    checksums = ?, header_source = 'header', header_bytes = header_bytes + ?, updated_at = ?,
+    encoding = ?, plain_size = ?, pacs_metadata = ?
 WHERE key = ? AND etag IS ?
 """
 
@@ -98,6 +101,12 @@ class RoundSummary:
     since: str | None = None  # folders dated wholly before this day were not listed
     skipped_folders: int = 0
     not_listed: int = 0  # objects in those folders, kept as they were
+    backup_error: str | None = None  # why the end-of-round backup of the state DB failed
+    # Left pending too, but no retry of the inventory reads them: in an archive storage class
+    # (migrate restores them, then reads their headers), or encrypted with a customer key (SSE-C).
+    archived: dict[str, int] = field(default_factory=dict)  # storage class: objects
+    customer_key: int = 0
+    customer_key_sample: list[str] = field(default_factory=list)  # the first 10 keys
 
 
 @dataclass
@@ -131,6 +140,7 @@ class _HeaderResult:
     gone: bool = False
     changed_to: tuple[str, int, str] | None = None  # new (etag, size, last_modified)
     error: str | None = None
+    unreadable: str | None = None  # why no retry reads it: archived | customer-key
 
 
 def compile_key_pattern(pattern: str) -> re.Pattern[str]:
@@ -183,7 +193,7 @@ class Inventory:
         self.config = config or InventoryConfig()
         self.on_progress = progress or (lambda p: None)
         self.progress = Progress()
-        self.salt = state.meta("salt") or ""
+        self.patient_key = state.patient_key().key  # None: patients recorded unmatched
         self.pattern = compile_key_pattern(self.config.key_pattern) if self.config.key_pattern else None
         self.since = since
         self.round = 0
@@ -191,7 +201,8 @@ class Inventory:
         # usually the slower side, so a short queue keeps memory down without idling it.
         self._pages: queue.Queue[_Page | BaseException] = queue.Queue(maxsize=4)
         self._stop = threading.Event()
-        self._failed: dict[str, str] = {}
+        self._failed: dict[str, str] = {}  # key: why its header could not be read this round
+        self._unreadable: dict[str, str] = {}  # of those, the ones no retry reads, and why
         self._changes: dict[str, int] = {}
         self._lean: LeanS3 | None = None
 
@@ -204,10 +215,12 @@ class Inventory:
         source.check()
         self._lean = LeanS3(source)
         resumed = self._open_round()
+        self._note_missing_key()
         if self.pattern is None:
             with state.transaction() as tx:
                 tx.execute("UPDATE objects SET kind = 'pending' "
                            "WHERE header_source = 'key-pattern' AND status = 'present'")
+        preload_pydicom()  # before the header threads: they would race importing it
         lister = ThreadPoolExecutor(self.config.list_workers, thread_name_prefix="list")
         reader = ThreadPoolExecutor(self.config.workers, thread_name_prefix="header")
         try:
@@ -223,7 +236,9 @@ class Inventory:
         if self.pattern is not None:
             self._stop.clear()
             self._check_pattern_sample()
-        return self._finish(resumed)
+        summary = self._finish(resumed)
+        summary.backup_error = state.backup()  # a copy to restore if the DB is ever damaged
+        return summary
 
     def _open_round(self) -> bool:
         row = self.state.query("SELECT id, since FROM inventory_rounds WHERE status = 'running' "
@@ -246,6 +261,12 @@ class Inventory:
             self.state.log("inventory.started", tx, round=self.round, source=self.source.url,
                            since=since)
         return False
+
+    def _note_missing_key(self) -> None:
+        """Say in the event log (the audit's record) that this round cannot match patients."""
+        problem = self.state.patient_key().problem
+        if problem is not None:
+            self.state.log("patient_key.missing", round=self.round, problem=problem)
 
     def _loop(self, lister: ThreadPoolExecutor, reader: ThreadPoolExecutor) -> None:
         # Counters kept here instead of counting rows on every turn: open listing tasks (all,
@@ -467,7 +488,7 @@ class Inventory:
             result.error = "stopped"
             return result
         if size == 0:
-            result.header = classify(b"", 0)
+            result.header = classify_object(key, b"", 0)
             return result
         length = min(self.config.header_bytes, size)
         try:
@@ -476,7 +497,7 @@ class Inventory:
                 result.requests += 1
                 result.bytes_read += len(read.data)
                 result.checksums = read.checksums
-                header = classify(read.data, read.size)
+                header = classify_object(key, read.data, read.size)
                 if not header.need_more or length >= size or length >= self.config.max_header_bytes:
                     if header.need_more:
                         header.reason = (header.reason or "") + f" (gave up after {length} bytes)"
@@ -494,6 +515,9 @@ class Inventory:
                                  iso(head["LastModified"]))
         except ObjectGone:
             result.gone = True
+        except (ObjectArchived, CustomerKeyRequired) as exc:
+            result.error = str(exc)
+            result.unreadable = "archived" if isinstance(exc, ObjectArchived) else "customer-key"
         except CloudexitError as exc:
             if type(exc).__name__ in ("CredentialsError", "EndpointUnreachable"):
                 raise
@@ -508,6 +532,8 @@ class Inventory:
                 requests += r.requests
                 nbytes += r.bytes_read
                 if r.error:
+                    if r.unreadable:
+                        self._unreadable[r.key] = r.unreadable
                     if r.error != "stopped":
                         self._failed[r.key] = r.error
                         self.progress.failed = len(self._failed)
@@ -528,9 +554,10 @@ class Inventory:
                 assert h is not None
                 updates.append((h.kind, h.reason, h.study_uid, h.series_uid, h.sop_uid,
                                 h.sop_class_uid, h.modality, h.study_date, h.transfer_syntax,
-                                patient_hash(self.salt, h.patient_id),
+                                patient_hash(self.patient_key, h.patient_id),
                                 json.dumps(r.checksums) if r.checksums else None,
-                                r.bytes_read, stamp, r.key, r.etag))
+                                r.bytes_read, stamp, h.encoding, h.plain_size, h.pacs_metadata,
+                                r.key, r.etag))
             tx.executemany(_HEADER_UPDATE, updates)
             tx.execute("UPDATE inventory_rounds SET get_requests = get_requests + ?, "
                        "header_bytes = header_bytes + ? WHERE id = ?", (requests, nbytes, self.round))
@@ -575,11 +602,14 @@ class Inventory:
                        + (unlisted if skipped else ""), {"r": r, "at": now()})
             not_listed = tx.execute("SELECT count(*) FROM objects WHERE status = 'present' "
                                     "AND last_seen_round < ?", (r,)).fetchone()[0]
-            tx.execute("UPDATE inventory_rounds SET status = 'complete', finished_at = ? WHERE id = ?",
-                       (now(), r))
             counts = dict(tx.execute(
                 "SELECT change, count(*) FROM objects WHERE change_round = ? GROUP BY change",
                 (r,)).fetchall())
+            # Recorded now: a later round overwrites objects.change, so these cannot be rebuilt.
+            tx.execute("UPDATE inventory_rounds SET status = 'complete', finished_at = ?, "
+                       "new_objects = ?, changed_objects = ?, deleted_objects = ? WHERE id = ?",
+                       (now(), counts.get("new", 0), counts.get("changed", 0),
+                        counts.get("deleted", 0), r))
             unchanged = tx.execute("SELECT count(*) FROM objects WHERE change = 'unchanged' "
                                    "AND last_seen_round = ?", (r,)).fetchone()[0]
             since = self.since.isoformat() if self.since else None
@@ -587,6 +617,18 @@ class Inventory:
                            changed=counts.get("changed", 0), deleted=counts.get("deleted", 0),
                            unread=len(self._failed), since=since, skipped_folders=skipped,
                            not_listed=not_listed)
+        why = self._unreadable
+        archived: dict[str, int] = {}
+        keys = [k for k, v in why.items() if v == "archived"]
+        for i in range(0, len(keys), 500):
+            batch = keys[i:i + 500]
+            for cls, n in self.state.query("SELECT coalesce(storage_class, 'archive'), count(*) FROM objects "
+                                           f"WHERE key IN ({','.join('?' * len(batch))}) GROUP BY 1", batch):
+                archived[cls] = archived.get(cls, 0) + n
         return RoundSummary(r, resumed, counts.get("new", 0), counts.get("changed", 0),
-                            counts.get("deleted", 0), unchanged, sorted(self._failed.items()),
-                            since, skipped, not_listed)
+                            counts.get("deleted", 0), unchanged,
+                            sorted((k, v) for k, v in self._failed.items() if k not in why),
+                            since, skipped, not_listed,
+                            archived=archived,
+                            customer_key=sum(1 for v in why.values() if v == "customer-key"),
+                            customer_key_sample=sorted(k for k, v in why.items() if v == "customer-key")[:10])

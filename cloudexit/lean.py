@@ -22,7 +22,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import unquote_plus
 
-from .errors import SourceError
+from .errors import CustomerKeyRequired, ObjectArchived, SourceError
 from .source import (
     CHECKSUM_HEADERS,
     ListedObject,
@@ -141,6 +141,10 @@ class LeanS3:
             return source.untrusted(exc.detail)
         if exc.kind == "denied":
             return source.denied(what)
+        if exc.kind == "archived":
+            return ObjectArchived(exc.detail)
+        if exc.kind == "sse-c":
+            return CustomerKeyRequired(exc.detail)
         return SourceError(exc.detail)
 
 

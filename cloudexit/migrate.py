@@ -44,10 +44,12 @@ from typing import Any, Callable, Iterator
 
 from .config import MigrateConfig
 from .errors import CloudexitError, CredentialsError, Interrupted, StateError, UsageError
+from .meter import MeterBook
+from .parts import record_sizes, recorded_sizes
 from .source import Source
 from .state import State, now
 from .stores import Delivery, Item, StoreError, StoreUnavailable
-from .stores.filesystem import FilesystemStore, key_hash
+from .stores.filesystem import CASE_COLLISIONS, COLLISIONS, FilesystemStore, key_hash
 from .transfer import Counters, Credentials, Endpoint, FetchError, Result, S3Reader, SharedRate, Task
 
 # Storage classes whose objects must be restored before a GET (S3, OSS, COS, OBS names).
@@ -59,6 +61,27 @@ DONE_STATES = ("verified", "duplicate", "quarantined", "skipped")
 TRANSIENT_REASONS = ("0xA7%", "HTTP 5%", "HTTP 429%")
 RESTORE_TIERS = {"bulk": "Bulk", "standard": "Standard", "expedited": "Expedited"}
 LIVE_AFTER = 15.0  # seconds: a run whose heartbeat is older is not live
+# AWS offers Expedited restores for GLACIER (Flexible Retrieval) only, not for DEEP_ARCHIVE
+# (RestoreObject API reference): those fall back to Standard.
+NO_EXPEDITED = {"DEEP_ARCHIVE"}
+
+
+def restore_tier(storage_class: str | None, tier: str) -> str:
+    """The tier to ask for: `tier`, except Expedited where the class does not offer it."""
+    return "Standard" if tier == "Expedited" and (storage_class or "").upper() in NO_EXPEDITED else tier
+
+
+def restore_tier_note(state: State, tier: str) -> str | None:
+    """One line for the user when `tier` cannot apply to some archived objects (None: it can)."""
+    if tier != "Expedited":
+        return None
+    marks = ",".join("?" * len(NO_EXPEDITED))
+    n = state.scalar(f"SELECT count(*) FROM objects WHERE status = 'present' AND upper(storage_class) "
+                     f"IN ({marks})", tuple(NO_EXPEDITED)) or 0
+    if not n:
+        return None
+    return (f"--restore-tier expedited: AWS has no Expedited restore for DEEP_ARCHIVE; its {n} "
+            "object(s) are restored with Standard (within 12 h), the others with Expedited")
 
 
 @dataclass
@@ -78,6 +101,7 @@ class MigrateProgress:
     waiting_why: str | None = None  # what the user may have to do, when it is not a plain outage
     rate_limit: float | None = None  # bytes/s in force (None: unlimited, 0: paused)
     study: str | None = None  # study being worked on
+    stopping: int | None = None  # after Ctrl-C: objects in flight being finished (None: running)
 
 
 @dataclass
@@ -103,6 +127,7 @@ class MigrationSummary:
     # PACS destinations (`--to dicom://...`, `--to dicomweb+https://...`): dest -> state -> count
     deliveries: dict[str, dict[str, int]] = field(default_factory=dict)
     delivered_this_run: int = 0
+    backup_error: str | None = None  # why the last backup of the state DB failed
 
     @property
     def exit_code(self) -> int:
@@ -149,6 +174,29 @@ def runs(state: State) -> list[sqlite3.Row]:
 def last_run(state: State) -> sqlite3.Row | None:
     rows = state.query("SELECT * FROM migration_runs ORDER BY id DESC LIMIT 1")
     return rows[0] if rows else None
+
+
+def check_new_archive(state: State, dest: str, confirmed: bool) -> None:
+    """Refuse, unless `confirmed`, a new run into a folder other than the archive an earlier run
+    filled: nothing there counts, so every object is downloaded again."""
+    earlier = [r["dest"] for r in state.query(
+        "SELECT DISTINCT dest FROM migration_runs WHERE dest != ? ORDER BY id", (dest,))]
+    if not earlier or confirmed or state.scalar("SELECT 1 FROM migration_runs WHERE dest = ?", (dest,)):
+        return
+    last = last_run(state)
+    if last is not None and last["status"] in ("running", "interrupted", "stopped"):
+        return  # the unfinished run is what to speak of: Migration refuses with --resume
+    from .units import format_bytes
+
+    row = state.query("SELECT count(*) AS n, coalesce(sum(size), 0) AS b FROM objects "
+                      "WHERE status = 'present'")[0]
+    folder = earlier[-1][len("file://"):] if earlier[-1].startswith("file://") else earlier[-1]
+    raise UsageError(
+        f"this state DB already migrated into {folder}; --to {dest[len('file://'):]} is a second "
+        f"archive: all {row['n']} objects ({format_bytes(row['b'])}) would be downloaded again",
+        hint=f"to make a second copy, add --yes; to add a PACS to the existing archive: "
+             f"cloudexit migrate --to {folder} --to dicom://AET@HOST:PORT; to continue the last "
+             "run: cloudexit migrate --resume")
 
 
 def is_live(run: sqlite3.Row | None) -> bool:
@@ -220,7 +268,8 @@ class Migration:
         self.dest = store.id
         self.run_id = 0
         self.progress = MigrateProgress()
-        self.counters = Counters()  # since the last commit
+        self.counters = Counters()  # the engine's own requests, since the last commit
+        self.meters = MeterBook(state.path)  # the workers' requests and bytes (meter.py)
         self.restore_requests = 0
         self.retries = 0
         self.fetched = 0
@@ -245,7 +294,7 @@ class Migration:
         self.next_restore_poll = 0.0
         self.started = time.monotonic()
         self._lock_fd: int | None = None
-        self.salt = state.meta("salt") or ""
+        self.patient_key = state.patient_key().key  # None: patients recorded unmatched
         self.deliver_to = list(deliver_to or [])
         self.outlets: list[_Outlet] = []
         self.delivered: queue.Queue[tuple[_Outlet, str, Any]] = queue.Queue()
@@ -257,6 +306,8 @@ class Migration:
         self.workers: list[Any] = []
         self.setup_pipes: list[Any] = []  # each worker's endpoint and credentials go there
         self.workers_joined = False
+        self.next_backup = time.monotonic() + self.config.backup_minutes * 60
+        self.backup_error: str | None = None
 
     # -- public ------------------------------------------------------------------------------------
     def run(self) -> MigrationSummary:
@@ -264,6 +315,7 @@ class Migration:
         self._take_lock()
         try:
             self.store.check()
+            self._claim_archive()
             self._open_outlets()
             self._start_workers()  # they start up (a second or so) while we resolve and plan
             self.endpoint, self.credentials = self._endpoint()
@@ -274,6 +326,7 @@ class Migration:
                     raise StateError(f"worker process {worker.name} ended before it started ({exc})",
                                      hint="check memory and the system log; then run the command again") from exc
             self._open_run()
+            self.meters.settle(self.state, self.run_id)  # what runs killed before counted
             self._sync()
             self._sync_pacs()
             self._run_workers()
@@ -283,6 +336,7 @@ class Migration:
         finally:
             if self.workers and not self.workers_joined:  # failed before the work began
                 self._stop_workers()
+                self.meters.drop_unused()
             for outlet in self.outlets:
                 outlet.pool.shutdown(wait=False, cancel_futures=True)
                 try:
@@ -290,6 +344,12 @@ class Migration:
                 except Exception:  # noqa: BLE001
                     pass
             self._release_lock()
+
+    def request_stop(self, reason: str) -> None:
+        """End the run early, as Ctrl-C does (what is in flight is left queued); `run` then
+        raises Interrupted. Called from the progress callback, on the engine's thread."""
+        if self.stop_error is None:
+            self.stop_error = Interrupted(reason)
 
     # -- preconditions -----------------------------------------------------------------------------
     def _check_inventory(self) -> None:
@@ -305,12 +365,22 @@ class Migration:
             raise UsageError(f"--layout {self.config.layout!r}: use uid or keys")
         if self.config.non_dicom not in ("copy", "skip"):
             raise UsageError(f"--non-dicom {self.config.non_dicom!r}: use copy or skip")
-        if self.config.order not in ("newest", "oldest", "key"):
+        if self.config.order not in ("newest", "oldest", "key", "mixed"):
             raise UsageError(f"--order {self.config.order!r}: use newest, oldest or key")
         if self.config.bwlimit:
             from .schedule import parse_schedule
 
             self.schedule = parse_schedule(self.config.bwlimit)
+
+    def _claim_archive(self) -> None:
+        """Claim the archive folder for this migration (or join it, `--join-archive`), and take
+        note of conflicts other members recorded about our files (see stores/claim.py)."""
+        from .stores.claim import claim, note_conflicts
+
+        state = self.state
+        claim(self.store.root, state.meta("migration_id") or "", state.meta("source_url"),
+              str(state.path.resolve()), join=self.config.join_archive, at=now())
+        note_conflicts(state, self.dest, self.store.root)
 
     def _take_lock(self) -> None:
         path = str(self.state.path) + ".lock"
@@ -424,6 +494,8 @@ class Migration:
     def _order(self) -> str:
         if self.config.order == "key":
             return "o.key"
+        if self.config.order == "mixed":  # sizes and studies interleaved: the link measurement
+            return "(o.rowid * 2654435761) % 4294967296, o.key"
         direction = "DESC" if self.config.order == "newest" else "ASC"
         return (f"o.study_date IS NULL, o.study_date {direction}, o.study_uid IS NULL, o.study_uid, "
                 f"o.series_uid, o.key")
@@ -447,14 +519,25 @@ class Migration:
             path = self.store.conflict_path(o["key"], o["sop_uid"])
         else:
             path = self.store.path_for(o["key"], kind, o["study_uid"], o["series_uid"], o["sop_uid"])
+            folded = self._fold(path)
+            if folded is not None:
+                # The destination takes names differing in case (or Unicode form) as one: a
+                # second key for the same name is a collision, quarantined, never placed over it.
+                holder = tx.execute("SELECT key FROM transfers WHERE dest = ? AND fold_path = ? AND key != ? "
+                                    "LIMIT 1", (self.dest, folded, o["key"])).fetchone()
+                if holder:
+                    conflict, path = holder[0], f"{CASE_COLLISIONS}/{key_hash(o['key'], 32)}"
         return self._unique(tx, path, o["key"]), conflict
+
+    def _fold(self, path: str | None) -> str | None:
+        return self.store.fold(path) if path else None
 
     def _unique(self, tx: sqlite3.Connection, path: str, key: str) -> str:
         if self._free(tx, path, key):
             return path
         p = PurePosixPath(path)
         candidates = [str(p.with_name(f"{p.stem}~{key_hash(key, 12)}{p.suffix}")),
-                      f"_quarantine/collisions/{key_hash(key, 32)}"]
+                      f"{COLLISIONS}/{key_hash(key, 32)}"]
         for candidate in candidates:
             if self._free(tx, candidate, key):
                 return candidate
@@ -522,9 +605,10 @@ class Migration:
                 tx.execute(
                     "UPDATE transfers SET state = ?, etag = ?, size = ?, kind = ?, path = ?, conflict_with = ?, "
                     "sha256 = NULL, md5 = NULL, checks = NULL, reason = NULL, changes = changes + 1, "
-                    "updated_at = ? WHERE key = ? AND dest = ?",
+                    "encoding = NULL, raw_sha256 = NULL, file_size = NULL, "
+                    "updated_at = ?, fold_path = ? WHERE key = ? AND dest = ?",
                     (self._initial_state(o, path), o["etag"], o["size"], o["kind"], path, conflict,
-                     stamp, o["key"], dest))
+                     stamp, self._fold(path), o["key"], dest))
                 self.state.log("migrate.changed", tx, key=o["key"], old_etag=o["t_etag"],
                                new_etag=o["etag"], old_sha256=o["t_sha256"], old_path=o["t_path"],
                                was=o["t_state"])
@@ -545,12 +629,12 @@ class Migration:
             # (`_free` refuses a file where a folder is): their checks are skipped for the next ones.
             self._known_folders = set()
             insert = ("INSERT INTO transfers(key, dest, seq, state, etag, size, kind, path, conflict_with, "
-                      "updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+                      "updated_at, fold_path) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
             try:
                 for o in rows:
                     path, conflict = self._path(tx, o, twin=bool(o["twin"]))
                     tx.execute(insert, (o["key"], dest, base + o["rn"], self._initial_state(o, path), o["etag"],
-                                        o["size"], o["kind"], path, conflict, stamp))
+                                        o["size"], o["kind"], path, conflict, stamp, self._fold(path)))
             finally:
                 self._known_folders = None
             tx.execute("DROP TABLE temp.cx_new")
@@ -565,7 +649,7 @@ class Migration:
         self.rate = SharedRate(ctx)
         self.inbox: Any = ctx.Queue()
         self.outbox: Any = ctx.Queue()
-        processes = cfg.processes or min(os.cpu_count() or 1, 8)
+        processes = cfg.worker_processes()
         self.capacity = processes * cfg.threads
         options = {"root": str(self.store.root), "attempts": cfg.attempts,
                    "backoff_base": cfg.backoff_base, "backoff_max": cfg.backoff_max,
@@ -577,13 +661,17 @@ class Migration:
         self.setup_pipes = [send for _recv, send in pipes]
         self.workers = [ctx.Process(target=worker_main, name=f"cloudexit-worker-{i}", daemon=True,
                                     args=(recv, self.inbox, self.outbox, self.rate, self.stop_event,
-                                          cfg.threads, options, os.getpid()))
+                                          cfg.threads, {**options, "meter": self.meters.new_path()},
+                                          os.getpid()))
                         for i, (recv, _send) in enumerate(pipes)]
         with _main_module_hidden():
             for w in self.workers:
                 w.start()
 
     def _run_workers(self) -> None:
+        from .dicom import preload
+
+        preload()  # the background threads read headers (`_bg_inspect`): import pydicom first
         self.background = ThreadPoolExecutor(4, thread_name_prefix="cloudexit-bg")
         self.reader = S3Reader(Endpoint(**{**asdict(self.endpoint), "connect_timeout": 5.0,
                                            "read_timeout": 10.0}), self.credentials)
@@ -635,9 +723,7 @@ class Migration:
                 elif message[0] == "result":
                     pending.append(message[1])
                 elif message[0] == "range":
-                    flight = self.flights.get(message[1])
-                    if flight is not None:
-                        ranges.append((flight.key, flight.etag, message[2], message[3]))
+                    self._range(message, ranges)
                 try:
                     message = self.outbox.get_nowait()
                 except queue.Empty:
@@ -653,7 +739,10 @@ class Migration:
                     last_commit = clock
             if self.stop_error is not None:
                 return
-            if clock - last_tick >= 1.0:
+            if self.config.backup_minutes and clock >= self.next_backup:
+                self.backup_error = self.state.backup()
+                self.next_backup = time.monotonic() + self.config.backup_minutes * 60
+            if clock - last_tick >= self.config.progress_interval:
                 last_tick = clock
                 self._check_workers()
                 self._apply_rate()
@@ -691,6 +780,16 @@ class Migration:
                     continue
                 return
 
+    def _range(self, message: tuple[Any, ...], ranges: list[tuple[str, str, int, int]]) -> None:
+        """A large object's range got this far, on disk: record it (next commit), and keep it in
+        the task for a retry in this run."""
+        flight = self.flights.get(message[1])
+        if flight is not None:
+            _, _, index, done = message
+            task = flight.task
+            task.done_ranges[index] = max(done, task.done_ranges.get(index, 0))
+            ranges.append((flight.key, flight.etag, index, done))
+
     def _check_workers(self) -> None:
         """A worker process that died (killed, out of memory) would leave its tasks in flight
         for ever: stop cleanly instead; --resume queues them again."""
@@ -721,8 +820,8 @@ class Migration:
         fresh: list[sqlite3.Row] = []
         if len(picked) < room:
             fresh = self.state.query(
-                "SELECT t.key, t.seq, t.etag, t.size, t.kind, t.path, t.attempts, t.range_size, "
-                "o.sop_uid, o.study_uid, o.series_uid, o.checksums FROM transfers t "
+                "SELECT t.key, t.seq, t.etag, t.size, t.kind, t.path, t.attempts, t.range_size, t.mtime_ns, t.part_sizes, "
+                "o.sop_uid, o.study_uid, o.series_uid, o.checksums, o.encoding FROM transfers t "
                 "JOIN objects o ON o.key = t.key WHERE t.dest = ? AND t.state = 'queued' AND t.seq > ? "
                 "ORDER BY t.seq LIMIT ?", (self.dest, self.cursor, min(room - len(picked), 512)))
             if len(fresh) < room - len(picked):
@@ -780,7 +879,9 @@ class Migration:
             expect={"sop_uid": r["sop_uid"], "study_uid": r["study_uid"], "series_uid": r["series_uid"]},
             provider=json.loads(r["checksums"]) if r["checksums"] else {},
             credentials=self.credentials, large=large, range_size=range_size or self.config.range_size,
-            done_ranges=done_ranges)
+            done_ranges=done_ranges, replaceable=r["mtime_ns"],
+            part_sizes=recorded_sizes(r["part_sizes"], r["etag"], r["size"]),
+            encoding=r["encoding"] if r["kind"] == "dicom" else None)
         return _Flight(r["seq"], r["key"], r["etag"], r["size"], r["kind"], r["path"], task,
                        attempts=r["attempts"] + 1)
 
@@ -788,20 +889,22 @@ class Migration:
     def _commit(self, results: list[Result], ranges: list[tuple[str, str, int, int]]) -> None:
         stamp = now()
         with self.state.transaction() as tx:
+            if ranges:  # before the results: a verified object's ranges are deleted
+                tx.executemany("INSERT INTO transfer_ranges(key, dest, etag, idx, bytes) VALUES (?, ?, ?, ?, ?) "
+                               "ON CONFLICT(key, dest, etag, idx) DO UPDATE SET bytes = max(bytes, excluded.bytes)",
+                               [(k, self.dest, e, i, b) for k, e, i, b in ranges])
             for result in results:
                 self._apply(tx, result, stamp)
             if self.done_rows:
                 tx.executemany(
                     "UPDATE transfers SET state = ?, path = ?, sha256 = ?, md5 = ?, checks = ?, not_checked = ?, "
-                    "reason = ?, verified_at = ?, updated_at = ?, run_id = ? WHERE key = ? AND dest = ?",
+                    "reason = ?, verified_at = ?, updated_at = ?, run_id = ?, mtime_ns = ?, fold_path = ? "
+                    "WHERE key = ? AND dest = ?",
                     self.done_rows)
                 self.done_rows = []
             if self.pacs_done:
                 self._commit_deliveries(tx, stamp)
-            if ranges:
-                tx.executemany("INSERT INTO transfer_ranges(key, dest, etag, idx, bytes) VALUES (?, ?, ?, ?, ?) "
-                               "ON CONFLICT(key, dest, etag, idx) DO UPDATE SET bytes = max(bytes, excluded.bytes)",
-                               [(k, self.dest, e, i, b) for k, e, i, b in ranges])
+            grew = self.meters.collect(tx, self.run_id)
             c = self.counters
             tx.execute(
                 "UPDATE migration_runs SET get_requests = get_requests + ?, head_requests = head_requests + ?, "
@@ -812,28 +915,38 @@ class Migration:
                 (c.get, c.head, c.list, self.restore_requests, c.bytes, self.retries, stamp,
                  *self.verified_delta, self.run_id))
             self.verified_delta = [0, 0, 0]
-            self.progress.bytes_downloaded += c.bytes
+            self.progress.bytes_downloaded += c.bytes + grew[0]
             self.counters = Counters()
             self.restore_requests = self.retries = 0
 
     def _apply(self, tx: sqlite3.Connection, r: Result, stamp: str) -> None:
-        flight = self.flights.pop(r.id, None)
-        self.counters.add(r.counters)
+        flight = self.flights.pop(r.id, None)  # its requests and bytes came by the meters
         self.retries += r.retries
         if flight is None:
             return
         key, dest = flight.key, self.dest
+        if r.part_sizes:
+            flight.task.part_sizes = r.part_sizes  # for a retry in this run, and the next runs
+            tx.execute("UPDATE transfers SET part_sizes = ? WHERE key = ? AND dest = ?",
+                       (record_sizes(flight.etag, r.part_sizes), key, dest))
         if r.outcome in ("verified", "quarantined"):
             self.streak, self.last_ok = 0, time.monotonic()
             landed = r.path or flight.task.final
             root = str(self.store.root) + os.sep
             relative = landed[len(root):] if landed.startswith(root) else os.path.relpath(landed, self.store.root)
             reason = r.detail
-            if r.outcome == "quarantined" and reason is None:
+            if r.conflict:
+                reason = self._archive_conflict(tx, key, r, relative, stamp)
+            elif r.outcome == "quarantined" and reason is None:
                 reason = tx.execute("SELECT reason FROM objects WHERE key = ?", (key,)).fetchone()[0]
             self.done_rows.append(
                 (r.outcome, relative, r.sha256, r.md5, ",".join(r.checks),
-                 "; ".join(r.not_checked) or None, reason, stamp, stamp, self.run_id, key, dest))
+                 "; ".join(r.not_checked) or None, reason, stamp, stamp, self.run_id, r.mtime_ns,
+                 self.store.fold(relative), key, dest))
+            if r.decoded:  # the file is the decoded instance: record the raw object beside it
+                tx.execute("UPDATE transfers SET encoding = ?, raw_sha256 = ?, file_size = ? "
+                           "WHERE key = ? AND dest = ?", (r.decoded["encoding"], r.decoded["raw_sha256"],
+                                                          r.decoded["size"], key, dest))
             if flight.task.large:
                 tx.execute("DELETE FROM transfer_ranges WHERE key = ? AND dest = ?", (key, dest))
             self.verified_delta[0] += flight.size
@@ -947,6 +1060,22 @@ class Migration:
             return
         self._fail(tx, flight, "failed", r.detail or kind, stamp)
 
+    def _archive_conflict(self, tx: sqlite3.Connection, key: str, r: Result, relative: str, stamp: str) -> str:
+        """A verified copy found its path holding other bytes: it was kept in quarantine. Record
+        it here and in the archive's ledger (the other migration's DB may not be at hand)."""
+        from .stores.claim import record_conflict
+
+        assert r.conflict is not None
+        taken = os.path.relpath(r.conflict, self.store.root).replace(os.sep, "/")
+        record_conflict(self.store.root, {
+            "at": stamp, "migration_id": self.state.meta("migration_id"),
+            "source": self.state.meta("source_url"), "path": taken, "quarantined_at": relative,
+            "sha256": r.sha256})
+        self.state.log("migrate.archive-conflict", tx, key=key, path=taken, quarantined_at=relative,
+                       sha256=r.sha256)
+        return (f"archive conflict: {taken} already holds another file with other bytes (kept: "
+                f"never replaced); this verified copy is at {relative}")
+
     def _fail(self, tx: sqlite3.Connection, flight: _Flight, state_name: str, reason: str, stamp: str) -> None:
         tx.execute("UPDATE transfers SET state = ?, reason = ?, updated_at = ? WHERE key = ? AND dest = ?",
                    (state_name, reason, stamp, flight.key, self.dest))
@@ -1036,7 +1165,7 @@ class Migration:
         cfg = self.config
         request: dict[str, Any] = {"Days": cfg.restore_days}
         if (storage_class or "").upper() not in ("ARCHIVE", "COLDARCHIVE", "DEEPCOLDARCHIVE", "COLD"):
-            request["GlacierJobParameters"] = {"Tier": cfg.restore_tier}
+            request["GlacierJobParameters"] = {"Tier": restore_tier(storage_class, cfg.restore_tier)}
         try:
             resp = self.source.client().restore_object(Bucket=self.source.bucket, Key=key,
                                                        RestoreRequest=request)
@@ -1075,7 +1204,8 @@ class Migration:
 
     def _bg_inspect(self, key: str, etag: str, size: int) -> None:
         """Read an object's header (as the inventory does) to know where it goes."""
-        from .dicom import classify, patient_hash
+        from .containers import classify_object
+        from .dicom import patient_hash
         from .source import ObjectChanged, ObjectGone
 
         length = min(64 * 1024, size) if size else 0
@@ -1083,13 +1213,13 @@ class Migration:
         try:
             while True:
                 if length == 0:
-                    header = classify(b"", 0)
+                    header = classify_object(key, b"", 0)
                     break
                 read = self.source.read_range(key, 0, length - 1, etag)
                 info["bytes"] += len(read.data)
                 info["requests"] += 1
                 info["checksums"] = read.checksums
-                header = classify(read.data, read.size)
+                header = classify_object(key, read.data, read.size)
                 if not header.need_more or length >= size or length >= 32 * 2**20:
                     break
                 length = min(length * 4, size)
@@ -1113,7 +1243,8 @@ class Migration:
             "series_uid": header.series_uid, "sop_uid": header.sop_uid,
             "sop_class_uid": header.sop_class_uid, "modality": header.modality,
             "study_date": header.study_date, "transfer_syntax": header.transfer_syntax,
-            "patient_hash": patient_hash(self.salt, header.patient_id)}
+            "patient_hash": patient_hash(self.patient_key, header.patient_id), "encoding": header.encoding,
+            "plain_size": header.plain_size, "pacs_metadata": header.pacs_metadata}
         self.bg_results.put(("inspect", key, info))
 
     def _drain_background(self) -> None:
@@ -1138,9 +1269,11 @@ class Migration:
             "INSERT INTO restores(key, etag, storage_class, tier, days, status, requested_at, reason) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(key) DO UPDATE SET etag = excluded.etag, "
             "status = excluded.status, requested_at = excluded.requested_at, reason = excluded.reason",
-            (key, info["etag"], info.get("storage_class"), self.config.restore_tier,
+            (key, info["etag"], info.get("storage_class"),
+             restore_tier(info.get("storage_class"), self.config.restore_tier),
              self.config.restore_days, status, stamp, info.get("reason")))
-        self.state.log("migrate.restore", tx, key=key, status=status, tier=self.config.restore_tier,
+        self.state.log("migrate.restore", tx, key=key, status=status,
+                       tier=restore_tier(info.get("storage_class"), self.config.restore_tier),
                        days=self.config.restore_days, reason=info.get("reason"))
         if status == "restored":
             self._restored(tx, key, stamp)
@@ -1214,40 +1347,61 @@ class Migration:
             "UPDATE objects SET kind = ?, reason = ?, study_uid = ?, series_uid = ?, sop_uid = ?, "
             "sop_class_uid = ?, modality = ?, study_date = ?, transfer_syntax = ?, patient_hash = ?, "
             "checksums = coalesce(?, checksums), header_source = 'header', "
-            "header_bytes = header_bytes + ?, updated_at = ? WHERE key = ? AND etag IS ?",
+            "header_bytes = header_bytes + ?, updated_at = ?, encoding = ?, plain_size = ?, "
+            "pacs_metadata = ? WHERE key = ? AND etag IS ?",
             (h["kind"], h["reason"], h["study_uid"], h["series_uid"], h["sop_uid"], h["sop_class_uid"],
              h["modality"], h["study_date"], h["transfer_syntax"], h["patient_hash"],
              json.dumps(info["checksums"]) if info.get("checksums") else None, info["bytes"], stamp,
-             key, info["etag"]))
+             h["encoding"], h["plain_size"], h["pacs_metadata"], key, info["etag"]))
         o = _q(tx, "SELECT * FROM objects WHERE key = ?", (key,)).fetchone()
         tx.execute("UPDATE transfers SET path = NULL WHERE key = ? AND dest = ?", (key, self.dest))
         path, conflict = self._path(tx, o)
         state_name = "skipped" if h["kind"] == "other" and self.config.non_dicom == "skip" else "queued"
         tx.execute("UPDATE transfers SET state = ?, kind = ?, path = ?, conflict_with = ?, etag = ?, "
-                   "size = ?, updated_at = ? WHERE key = ? AND dest = ?",
-                   (state_name, h["kind"], path, conflict, o["etag"], o["size"], stamp, key, self.dest))
+                   "size = ?, updated_at = ?, fold_path = ? WHERE key = ? AND dest = ?",
+                   (state_name, h["kind"], path, conflict, o["etag"], o["size"], stamp, self._fold(path),
+                    key, self.dest))
 
     # -- closing -----------------------------------------------------------------------------------
     def _shutdown(self, interrupted: bool) -> None:
         self.stop_event.set() if (interrupted or self.stop_error is not None) else None
+        if interrupted:  # said at once: the wait below can take seconds
+            self.progress.stopping = len(self.flights)
+            self.on_progress(self.progress)
         deadline = time.monotonic() + (15.0 if not interrupted else 10.0)
         pending: list[Result] = []
+        ranges: list[tuple[str, str, int, int]] = []
+        stop_now = False
         while self.flights and time.monotonic() < deadline:
             try:
                 message = self.outbox.get(timeout=0.1)
             except queue.Empty:
                 continue
-            except KeyboardInterrupt:
+            except KeyboardInterrupt:  # Ctrl-C again: stop now; the workers' temp files stay
+                stop_now = True        # temp files, nothing unverified reaches a final path
                 break
-            if message[0] in ("result", "results"):
+            if message[0] == "range":  # how far the large objects got as they stopped
+                self._range(message, ranges)
+            elif message[0] in ("result", "results"):
                 pending.extend(message[1] if message[0] == "results" else [message[1]])
                 if len(pending) >= 64:
-                    self._commit(pending, [])
-                    pending = []
+                    self._commit(pending, ranges)
+                    pending, ranges = [], []
+        # What is left is bookkeeping: a further Ctrl-C must not cut a transaction in half.
+        main = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
+        try:
+            self._finish_shutdown(pending, ranges, wait=not stop_now)
+        finally:
+            if main:
+                signal.signal(signal.SIGINT, previous)
+
+    def _finish_shutdown(self, pending: list[Result], ranges: list[tuple[str, str, int, int]],
+                         wait: bool) -> None:
         for outlet in self.outlets:  # deliveries in progress end (queued ones are cancelled)
-            outlet.pool.shutdown(wait=True, cancel_futures=True)
+            outlet.pool.shutdown(wait=wait, cancel_futures=True)
         self._drain_deliveries()
-        self._commit(pending, [])
+        self._commit(pending, ranges)
         stamp = now()
         with self.state.transaction() as tx:
             if self.flights or self.retry_heap:
@@ -1258,6 +1412,7 @@ class Migration:
             self.flights.clear()
             self.retry_heap.clear()
         self._stop_workers()
+        self.meters.close(self.state, self.run_id)
         if self.background is not None:
             self.background.shutdown(wait=False, cancel_futures=True)
         self.reader.close()
@@ -1297,6 +1452,14 @@ class Migration:
                                (f"identical to {r['conflict_with']!r} (same SHA-256), kept once at "
                                 f"{r['canon_path']}", stamp, r["key"], self.dest))
                     self.state.log("migrate.duplicate", tx, key=r["key"], same_as=r["conflict_with"])
+                elif r["path"].startswith(CASE_COLLISIONS + "/"):
+                    reason = (f"collision: its name differs from {r['conflict_with']!r}'s only in letter "
+                              "case or Unicode form, which this destination takes as the same name; "
+                              "both kept, this one quarantined")
+                    tx.execute("UPDATE transfers SET state = 'quarantined', reason = ?, updated_at = ? "
+                               "WHERE key = ? AND dest = ?", (reason, stamp, r["key"], self.dest))
+                    self.state.log("migrate.collision", tx, key=r["key"], holder=r["conflict_with"],
+                                   path=r["path"])
                 else:
                     reason = (f"conflict: SOP Instance UID also at {r['conflict_with']!r} with different "
                               f"content; both kept, this one quarantined")
@@ -1375,14 +1538,16 @@ class Migration:
             self._insert_pacs_rows(tx)
 
     def _eligible(self, o: _Outlet, limit: int) -> list[sqlite3.Row]:
-        """PACS rows to deliver: queued, and the archive holds the verified file of that version
-        (the second holder of a shared SOP Instance UID too: the store records the conflict)."""
+        """PACS rows to deliver: queued, and the archive holds the verified file of that version.
+        Never the second holder of a shared SOP Instance UID (conflict_with set): it ends as a
+        duplicate or quarantined, and a PACS that overwrites instances would keep it in place of
+        the first (see `_settle_pacs`)."""
         return self.state.query(
-            "SELECT p.key, a.path, a.sha256, a.size, x.kind, x.sop_uid, x.sop_class_uid, x.study_uid, "
+            "SELECT p.key, a.path, a.sha256, coalesce(a.file_size, a.size) AS size, x.kind, x.sop_uid, x.sop_class_uid, x.study_uid, "
             "x.series_uid, x.transfer_syntax FROM transfers p "
             "JOIN transfers a ON a.key = p.key AND a.dest = ? JOIN objects x ON x.key = p.key "
             "WHERE p.dest = ? AND p.state = 'queued' AND a.path IS NOT NULL AND a.etag IS p.etag "
-            "AND (a.state = 'verified' OR (a.state = 'quarantined' AND a.conflict_with IS NOT NULL)) "
+            "AND a.state = 'verified' AND a.conflict_with IS NULL "
             "ORDER BY p.seq LIMIT ?", (self.dest, o.store.id, limit))
 
     def _pacs_work(self) -> None:
@@ -1512,10 +1677,18 @@ class Migration:
                     "UPDATE transfers SET state = 'missing', reason = 'missing at the source', updated_at = ? "
                     "WHERE dest = ? AND state = 'queued' AND key IN "
                     "(SELECT key FROM transfers WHERE dest = ? AND state = 'missing')", (stamp, dest, self.dest))
+                reason = ("(SELECT 'not delivered: ' || a.state || ' in the archive' || coalesce(' (' || a.reason "
+                          "|| ')', '') FROM transfers a WHERE a.key = transfers.key AND a.dest = ?)")
+                # A quarantined conflict copy is recorded here as such, beside the copy delivered.
                 tx.execute(
-                    "UPDATE transfers SET state = 'skipped', updated_at = ?, reason = (SELECT 'not delivered: ' "
-                    "|| a.state || ' in the archive' || coalesce(' (' || a.reason || ')', '') FROM transfers a "
-                    "WHERE a.key = transfers.key AND a.dest = ?) WHERE dest = ? AND state = 'queued' AND key IN "
+                    f"UPDATE transfers SET state = 'quarantined', updated_at = ?, reason = {reason}, "
+                    "conflict_with = (SELECT a.conflict_with FROM transfers a WHERE a.key = transfers.key "
+                    "AND a.dest = ?) WHERE dest = ? AND state = 'queued' AND key IN "
+                    "(SELECT key FROM transfers WHERE dest = ? AND state = 'quarantined' AND conflict_with IS NOT NULL)",
+                    (stamp, self.dest, self.dest, dest, self.dest))
+                tx.execute(
+                    f"UPDATE transfers SET state = 'skipped', updated_at = ?, reason = {reason} "
+                    "WHERE dest = ? AND state = 'queued' AND key IN "
                     "(SELECT key FROM transfers WHERE dest = ? AND state IN ('quarantined', 'skipped'))",
                     (stamp, self.dest, dest, self.dest))
 
@@ -1565,7 +1738,7 @@ class Migration:
                       "LIST": run["list_requests"], "RESTORE": run["restore_requests"]},
             retries=run["retries"], elapsed=time.monotonic() - self.started,
             fetched_this_run=self.fetched, failures=failures, deliveries=deliveries,
-            delivered_this_run=self.delivered_count)
+            delivered_this_run=self.delivered_count, backup_error=self.backup_error)
         if stop is not None:
             if isinstance(stop, Interrupted):
                 raise Interrupted(

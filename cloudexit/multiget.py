@@ -47,7 +47,7 @@ class _Slot:
     coming) while it has a task; the selector watches it for `events` (0: not registered)."""
 
     __slots__ = ("sock", "buf", "view", "got", "head_end", "total", "task", "started", "close_after",
-                 "headers", "phase", "events", "request", "reused", "address")
+                 "headers", "phase", "events", "request", "reused", "address", "metered")
 
     def __init__(self) -> None:
         self.sock: socket.socket | None = None
@@ -63,6 +63,7 @@ class _Slot:
 
     def reset(self) -> None:
         self.got = 0
+        self.metered = 0  # body bytes counted in the egress meter
         self.head_end = -1
         self.total = -1
         self.started = 0.0
@@ -85,6 +86,7 @@ class MultiGet:
                  fallback: Callable[[Task, Counters | None], None]) -> None:
         self.fetcher = fetcher
         self.endpoint = fetcher.reader.endpoint
+        self.reader = fetcher.reader
         self.send, self.fallback = send, fallback
         self.landed: list[Result] = []  # placed, waiting for their folders' fsync
         self.landed_since = 0.0
@@ -345,9 +347,14 @@ class MultiGet:
                 if not self._again(slot):
                     self._give_up(slot, "connection closed before the whole answer")
                 return
+            if not slot.got:
+                self.reader.count_request("GET", "", None)  # an answer: the request reached the server
             slot.got += n
             if slot.head_end < 0 and not self._head(slot):
                 return
+            body = min(slot.got, slot.total) - slot.head_end
+            self.reader.received(body - slot.metered, None)  # as it arrives: a kill loses none
+            slot.metered = body
             if slot.total >= 0 and slot.got >= slot.total:
                 self._complete(slot)
                 return
@@ -427,6 +434,8 @@ class MultiGet:
         task = slot.task
         spent = Counters(get=1, bytes=max(0, slot.got - max(slot.head_end, 0))) \
             if slot.phase == "read" else None
+        if slot.phase == "read" and not slot.got:
+            self.reader.count_request("GET", "", None)  # sent, no answer: it may have reached the server
         self._release(slot, close=True)
         if task is not None:
             self.fallback(task, spent)

@@ -10,7 +10,10 @@ from pathlib import PurePosixPath
 MAX_SEGMENT_BYTES = 255
 MAX_KEY_BYTES = 1024
 _DRIVE = re.compile(r"^[A-Za-z]:")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# Control characters, C1 controls too, and the Unicode bidirectional controls (embeddings,
+# overrides, isolates: U+202A-202E, U+2066-2069), which make a name display in another order
+# than it is ("scan\u202egpj.exe" shows as "scanexe.jpg").
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
 
 
 def key_flags(key: str) -> list[str]:
@@ -42,13 +45,15 @@ def safe_relative_path(key: str) -> PurePosixPath:
     """A relative path for `key` that cannot leave the directory it is joined to.
 
     Unsafe segments are rewritten (never dropped, so two keys stay two paths): `..`
-    becomes `%2E%2E`, backslashes and control characters are escaped, drive letters lose their
-    colon, and over-long segments are shortened with a hash suffix.
+    becomes `%2E%2E`, backslashes, control characters and bidirectional controls are escaped
+    (their UTF-8 bytes as %XX), drive letters lose their colon, and over-long segments are
+    shortened with a hash suffix.
     """
     # '%' is escaped first so that the mapping stays one-to-one (a key that already looks
     # escaped cannot collide with an escaped one).
     text = key.replace("%", "%25").replace("\\", "%5C")
-    text = _CONTROL.sub(lambda m: f"%{ord(m.group()):02X}", text)
+    # Escaped as URL encoding does: each UTF-8 byte as %XX (U+202E -> %E2%80%AE).
+    text = _CONTROL.sub(lambda m: "".join(f"%{b:02X}" for b in m.group().encode()), text)
     parts = []
     for segment in text.split("/"):
         if segment in ("", "."):

@@ -19,10 +19,9 @@ restore times, ``high`` the worst ones and minimum billable sizes. Field names o
 
 from __future__ import annotations
 
-import html
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, tzinfo
 from zoneinfo import ZoneInfo
 
@@ -39,13 +38,26 @@ _THROUGHPUT = {"low": "high", "expected": "expected", "high": "low"}
 _BYTE_SLACK = 0.5  # float sums may leave a fraction of a byte; that is done
 _NO_PROGRESS = timedelta(days=8)  # a weekly timetable that moves nothing for this long never will
 # A nominal line rate is never all usable: TCP/TLS overhead, other traffic, the cloud side.
-NOMINAL_SHARE = {"low": 0.60, "expected": 0.85, "high": 0.95}
+# On a dedicated link shaped by tbf, migrate got 94-97% of the nominal rate (TCP/IP headers
+# take ~3%; benchmarks/plan_accuracy.py, docs/plan.md): the expected case leaves room for other
+# traffic, the slow end is a busy shared link.
+NOMINAL_SHARE = {"low": 0.60, "expected": 0.90, "high": 0.98}
 SERIES_POINTS = 200
 # A bandwidth limiter holds its rate to a few percent, and parallel requests hide most of their
 # latency: how much of each the low / expected / high cases count. Calibrated against real
 # migrations by benchmarks/plan_accuracy.py (docs/performance.md).
 _TIMETABLE_SHARE = {"low": 1.0, "expected": 0.97, "high": 0.90}
 _LATENCY_SHARE = {"low": 0.0, "expected": 0.5, "high": 1.0}
+# What the migrate client itself costs, for a link given as a nominal rate (a measured link
+# already includes it): CPU per object (request, signing, results, DB rows) and per byte (MD5,
+# SHA-256, the DICOM check, write and fsync), per worker process on one core. Measured on a
+# 2-core x86-64 VM with the S3 server on the same cores (docs/performance.md, "Transfer" and
+# "Plan accuracy"); the quick end of a range assumes a faster client, the slow end a slower one.
+CLIENT_CPU_PER_OBJECT_S = 1.5e-3
+CLIENT_CPU_PER_BYTE_S = 10e-9
+_CLIENT_SHARE = {"low": 1.3, "expected": 1.0, "high": 0.75}
+START_UP_S = 1.5  # interpreter, worker processes and the endpoint check before the first GET
+_START_UP_SHARE = {"low": 0.5, "expected": 1.0, "high": 2.0}
 
 
 # --- inputs --------------------------------------------------------------------------------
@@ -85,6 +97,12 @@ class Workload:
     inventory_header_bytes: int = 0  # bytes the inventory's ranged header reads pulled out
     inventory_get_requests: int = 0
     inventory_list_requests: int = 0
+    instances: int | None = None  # distinct SOP Instance UIDs (None: not counted)
+    studies: int | None = None
+    # objects stored in a PACS's envelope (Orthanc zlib, gzip): bytes as stored, and decoded
+    # (what the archive will hold for them), when the envelope declared it
+    encoded_bytes: int = 0
+    decoded_bytes: int = 0
 
     @property
     def objects(self) -> int:
@@ -107,16 +125,22 @@ class Link:
     latency_s: float = 0.05
     concurrency: int = 16
     source: str = "given"  # how the figures were obtained, printed with the plan
+    # True when the throughput was measured by running migrate itself on a sample of this
+    # bucket: request latency and the client's own work are in it already, not added again.
+    overheads_included: bool = False
+    cores: int = 0  # worker processes of the migration; 0: the client's CPU is not modelled
+    startup_s: float = 0.0  # before the first byte moves (a run's start: see START_UP_S)
 
     @classmethod
     def from_bandwidth(
-        cls, bytes_per_s: float, latency_s: float = 0.05, concurrency: int = 16
+        cls, bytes_per_s: float, latency_s: float = 0.05, concurrency: int = 16, cores: int = 0
     ) -> Link:
         """A link from its nominal rate; usable share 60% / 85% / 95% (low / expected / high)."""
         rates = Range(*(bytes_per_s * NOMINAL_SHARE[case] for case in CASES))
         shares = "/".join(f"{NOMINAL_SHARE[c]:.0%}" for c in CASES)
         return cls(
-            rates, latency_s, concurrency, f"nominal {format_rate(bytes_per_s)}, {shares} usable"
+            rates, latency_s, concurrency, f"nominal {format_rate(bytes_per_s)}, {shares} usable",
+            cores=cores,
         )
 
     def rate(self, case: str) -> float:
@@ -262,6 +286,9 @@ class Plan:
     unverified: list[Fact | Span]
     unknown: list[Fact | Span]
     catalogue_file: str = ""
+    # Set by `plan --assume-size`: {"size": "40 TB", "bytes": ..., "objects": ...} of the real
+    # inventory; every output says the figures are for the assumed size.
+    assumed_size: dict | None = None
 
     def scenario(self, key: str) -> Scenario:
         for scenario in self.scenarios:
@@ -292,6 +319,7 @@ class Plan:
             "warnings": list(self.warnings),
             "unverified_prices": [_fact_dict(f) for f in self.unverified],
             "unknown_prices": [_fact_dict(f) for f in self.unknown],
+            "assumed_size": self.assumed_size,
         }
 
 
@@ -300,6 +328,10 @@ def _workload_dict(workload: Workload) -> dict:
         "objects": workload.objects,
         "bytes": workload.bytes,
         "get_requests": workload.get_requests,
+        "instances": workload.instances,
+        "studies": workload.studies,
+        "encoded_bytes": workload.encoded_bytes,
+        "decoded_bytes": workload.decoded_bytes,
         "classes": {
             name: {
                 "objects": c.objects,
@@ -482,10 +514,17 @@ class _Model:
         self.warnings: list[str] = []
         self.zone: tzinfo | None = ZoneInfo(catalogue.billing_timezone) if start.tzinfo else None
         self.link = self._provider_capped(link)
-        # Request latency spread over the bytes: seconds per byte beyond the bandwidth.
-        self.per_byte_overhead = (
+        # Request latency spread over the bytes: seconds per byte beyond the bandwidth. A link
+        # measured by migrate itself has it in its rate already.
+        self.per_byte_overhead = 0.0 if link.overheads_included else (
             link.latency_s * workload.get_requests / (max(link.concurrency, 1) * workload.bytes)
         )
+        # The client's CPU as a ceiling on the rate: many tiny objects are bound by it, not
+        # by the link.
+        self.client_rate: float | None = None
+        if link.cores and not link.overheads_included:
+            cpu_per_byte = CLIENT_CPU_PER_BYTE_S + CLIENT_CPU_PER_OBJECT_S * workload.objects / workload.bytes
+            self.client_rate = link.cores / cpu_per_byte
         edges = {b.start_minute for b in catalogue.egress.time_of_day} | {
             b.end_minute % 1440 for b in catalogue.egress.time_of_day
         }
@@ -501,9 +540,7 @@ class _Model:
             f"{format_bytes(self.workload.bytes)} stored: faster than that the link cannot be used"
         )
         rates = Range(*(min(link.rate(c), cap) for c in CASES))
-        return Link(
-            rates, link.latency_s, link.concurrency, f"{link.source}; capped by the provider"
-        )
+        return replace(link, throughput=rates, source=f"{link.source}; capped by the provider")
 
     # scenario setups
 
@@ -588,11 +625,15 @@ class _Model:
     def _walk(self, setup: _Setup, case: str) -> _Run:
         """Move every byte through the link and timetable, split at every billing boundary."""
         cap = self.link.rate(_THROUGHPUT[case])
+        if self.client_rate is not None:
+            cap = min(cap, self.client_rate * _CLIENT_SHARE[case])
         schedule = setup.schedule
         overhead = self.per_byte_overhead * _LATENCY_SHARE[case]
         pending = self._ready_times(setup, case)
         total = sum(b for _, b in pending)
-        moment, moved, released, chunks = self.start, 0.0, 0.0, []
+        # Nothing moves while the run starts: a constant that matters only for small exits.
+        startup = timedelta(seconds=self.link.startup_s * _START_UP_SHARE[case])
+        moment, moved, released, chunks = self.start + startup, 0.0, 0.0, []
         last_progress = moment
         while total - moved > _BYTE_SLACK:
             while pending and pending[0][0] <= moment:
@@ -941,17 +982,24 @@ class _Model:
             f"expected {format_rate(self.link.throughput.expected)}",
             f"{self.link.concurrency} parallel requests, {self.link.latency_s * 1000:g} ms latency "
             f"each, {self.workload.get_requests:,} GETs (one per object, one per part of multipart "
-            "objects)",
+            "objects)" + ("; latency and the client's own work are in the measured rate"
+                          if self.link.overheads_included else ""),
             f"1 GB = {cat.gb_bytes.or_zero():,.0f} bytes",
-            "egress tiers restart every calendar month; the free allowance covers the first GB "
-            "of each "
-            "month and counts toward the first tier",
+            f"egress tiers restart every calendar month; {self._free_words()}",
             "the inventory's header reads are billed in the first month; its requests are listed "
             "as already spent",
             "range: low = best throughput and shortest restores; high = worst throughput, "
             "longest restores "
             "and minimum billable sizes",
         ]
+        if self.link.startup_s:
+            words.append(f"{self.link.startup_s:.1f} s to start the run before the first byte")
+        if self.client_rate is not None:
+            words.append(
+                f"the client's CPU caps the rate at {format_rate(self.client_rate)} with "
+                f"{self.link.cores} worker processes ({CLIENT_CPU_PER_OBJECT_S * 1000:g} ms per "
+                f"object, {CLIENT_CPU_PER_BYTE_S * 1e9:g} s per GB on one core)"
+            )
         if self.zone is None:
             words.append(
                 "times are read on one clock: the start time is taken to be "
@@ -964,6 +1012,16 @@ class _Model:
                 "timetable on the start's clock"
             )
         return words
+
+    def _free_words(self) -> str:
+        """What the monthly free egress allowance does: nothing said of a first GB it lacks."""
+        free = self.catalogue.egress.free_gb_per_month
+        if not free.known:
+            return "the free allowance is unknown: counted as 0 GB"
+        if free.or_zero() <= 0:
+            return f"no free egress allowance ({free.or_zero():g} GB per month)"
+        return (f"the free allowance covers the first {free.or_zero():,.0f} GB of each month "
+                "and counts toward the first tier")
 
     def facts_used(self, scenarios: list[Scenario]) -> set[str]:
         """Catalogue fields this plan's numbers rest on (to list only the relevant caveats)."""
@@ -1050,273 +1108,20 @@ def _hhmm(minute: int) -> str:
 # --- rendering -----------------------------------------------------------------------------
 
 
-def _money(value: float) -> str:
-    return f"{value:,.2f}"
+def render_text(plan: Plan, lang: str = "en") -> str:
+    """The terminal table (rendering lives in cloudexit.plan_render)."""
+    from .plan_render import render_text as render
+
+    return render(plan, lang)
 
 
-def _cost_text(plan: Plan, scenario: Scenario) -> str:
-    if scenario.cost is None:
-        return "unknown"
-    c = scenario.cost
-    text = f"{_money(c.expected)} ({_money(c.low)}-{_money(c.high)})"
-    return text if scenario.complete else text + " incomplete"
+def render_markdown(plan: Plan, lang: str = "en") -> str:
+    from .plan_render import render_markdown as render
+
+    return render(plan, lang)
 
 
-def _time_text(scenario: Scenario) -> str:
-    if scenario.time_s is None:
-        return "-"
-    t = scenario.time_s
-    return f"{format_duration(t.expected)} ({format_duration(t.low)}-{format_duration(t.high)})"
+def render_html(plan: Plan, lang: str = "en") -> str:
+    from .plan_render import render_html as render
 
-
-def _finish_text(scenario: Scenario) -> str:
-    return scenario.finish[1].strftime("%Y-%m-%d %H:%M") if scenario.finish else "-"
-
-
-def _summary_rows(plan: Plan) -> list[list[str]]:
-    rows = []
-    for s in plan.scenarios:
-        if s.available:
-            rows.append([s.key, _time_text(s), _finish_text(s), _cost_text(plan, s)])
-        else:
-            rows.append([s.key, "-", "-", f"not available: {s.reason}"])
-    return rows
-
-
-def _headline(plan: Plan) -> str:
-    w = plan.workload
-    return (
-        f"{plan.title} ({plan.provider}, {plan.region}): "
-        f"{format_bytes(w.bytes)} in {w.objects:,} objects, "
-        f"start {plan.start.strftime('%Y-%m-%d %H:%M %Z').strip()}"
-    )
-
-
-def render_text(plan: Plan) -> str:
-    """The terminal table: one row per scenario, then warnings."""
-    header = [
-        "scenario",
-        "time (expected, range)",
-        "finish (expected)",
-        f"cost {plan.currency} (expected, range)",
-    ]
-    rows = [header] + _summary_rows(plan)
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    lines = [_headline(plan), ""]
-    for index, row in enumerate(rows):
-        lines.append("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip())
-        if index == 0:
-            lines.append("  ".join("-" * w for w in widths))
-    notes = plan.warnings + [f"{s.key}: {w}" for s in plan.scenarios for w in s.warnings]
-    if notes:
-        lines += ["", "warnings:"] + [f"  - {n}" for n in notes]
-    if plan.unknown:
-        lines += ["", f"unknown, prices counted as 0: {', '.join(f.name for f in plan.unknown)}"]
-    return "\n".join(lines) + "\n"
-
-
-def _md_table(rows: list[list[str]]) -> list[str]:
-    out = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
-    out += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows[1:]]
-    return out
-
-
-def _breakdown_rows(plan: Plan, bd: Breakdown) -> list[list[str]]:
-    rows = [["item", "quantity", "unit price", f"cost {plan.currency}"]]
-    for month in bd.egress:
-        for line in month.lines:
-            rows.append(
-                _line_row(
-                    plan,
-                    CostLine(
-                        f"{month.month} {line.item}",
-                        line.quantity,
-                        line.unit,
-                        line.unit_price,
-                        line.cost,
-                        line.note,
-                    ),
-                )
-            )
-    for line in bd.requests + bd.restores + bd.device + bd.inventory:
-        rows.append(_line_row(plan, line))
-    if bd.exit_credit:
-        rows.append(["exit program credit", "", "", _money(bd.exit_credit)])
-    rows.append(["**total**", "", "", f"**{_money(bd.total)}**"])
-    return rows
-
-
-def _line_row(plan: Plan, line: CostLine) -> list[str]:
-    if line.unit_price is None:
-        price = "unknown"
-    else:
-        price = f"{line.unit_price:.6g}/{line.unit.rstrip('s')}" + (
-            f" ({line.note})" if line.note else ""
-        )
-    quantity = f"{line.quantity:,.2f}" if line.unit == "GB" else f"{line.quantity:,.0f}"
-    return [line.item, f"{quantity} {line.unit}", price, _money(line.cost)]
-
-
-def render_markdown(plan: Plan) -> str:
-    """The plan as a Markdown document for management and the project record."""
-    out = [f"# Leaving {plan.title}: cost and time", "", _headline(plan), ""]
-    out += _md_table(
-        [
-            [
-                "scenario",
-                "time (expected, range)",
-                "finish (expected)",
-                f"cost {plan.currency} (expected, range)",
-            ]
-        ]
-        + _summary_rows(plan)
-    )
-    for s in plan.scenarios:
-        out += ["", f"## {s.title} (`{s.key}`)", ""]
-        if not s.available:
-            out += [f"Not available: {s.reason}", ""]
-        out += [f"- {a}" for a in s.assumptions] + [f"- **warning:** {w}" for w in s.warnings]
-        if s.breakdown is not None:
-            out += ["", *_md_table(_breakdown_rows(plan, s.breakdown))]
-    out += ["", "## Assumptions", ""] + [f"- {a}" for a in plan.assumptions]
-    if plan.warnings:
-        out += ["", "## Warnings", ""] + [f"- {w}" for w in plan.warnings]
-    out += ["", "## Prices not confirmed in a primary source", ""]
-    out += [
-        f"- `{f.name}`: {_fact_value(f)} ({f.source}, read {f.read_on})"
-        + (f" - {f.note}" if f.note else "")
-        for f in plan.unverified
-    ] or ["- none"]
-    return "\n".join(out) + "\n"
-
-
-def _fact_value(fact: Fact | Span) -> str:
-    if isinstance(fact, Fact):
-        return "unknown" if fact.value is None else f"{fact.value:g}"
-    return "unknown" if not fact.known else f"{fact.min:g}-{fact.max:g}"
-
-
-_COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
-
-
-def render_svg(plan: Plan, width: int = 760, height: int = 320) -> str:
-    """Cumulative data moved over calendar time, one line per scenario (inline SVG)."""
-    series = [(s, s.series) for s in plan.scenarios if s.available and s.series]
-    left, right, top, bottom = 70, 45, 20, 50
-    end = max((pts[-1][0] for _, pts in series), default=plan.start + timedelta(days=1))
-    span_s = max((end - plan.start).total_seconds(), 1.0)
-    total = max(float(plan.workload.bytes), 1.0)
-    plot_w, plot_h = width - left - right, height - top - bottom
-
-    def x(t: datetime) -> float:
-        return left + plot_w * (t - plan.start).total_seconds() / span_s
-
-    def y(b: float) -> float:
-        return top + plot_h * (1 - b / total)
-
-    parts = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-        f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="11">',
-        f'<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" '
-        'fill="none" stroke="#999"/>',
-    ]
-    for i in range(5):
-        value = total * i / 4
-        parts.append(
-            f'<text x="{left - 6}" y="{y(value) + 4:.1f}" text-anchor="end">'
-            f"{html.escape(format_bytes(value))}</text>"
-        )
-        parts.append(
-            f'<line x1="{left}" x2="{left + plot_w}" y1="{y(value):.1f}" y2="{y(value):.1f}" '
-            'stroke="#eee"/>'
-        )
-    for i in range(6):
-        moment = plan.start + timedelta(seconds=span_s * i / 5)
-        label = moment.strftime("%Y-%m-%d" if span_s > 3 * 86400 else "%m-%d %H:%M")
-        parts.append(
-            f'<text x="{x(moment):.1f}" y="{top + plot_h + 16}" text-anchor="middle">{label}</text>'
-        )
-    for index, (scenario, pts) in enumerate(series):
-        colour = _COLOURS[index % len(_COLOURS)]
-        coords = " ".join(f"{x(t):.1f},{y(b):.1f}" for t, b in pts)
-        # Scenarios often share a curve: earlier lines are wider, so they show under later ones.
-        stroke = 2 + 1.2 * (len(series) - 1 - index)
-        parts.append(
-            f'<polyline fill="none" stroke="{colour}" stroke-width="{stroke:g}" '
-            f'stroke-linejoin="round" points="{coords}"/>'
-        )
-        lx = left + 10 + index * (plot_w // max(len(series), 1))
-        parts.append(f'<rect x="{lx}" y="{height - 16}" width="10" height="10" fill="{colour}"/>')
-        parts.append(f'<text x="{lx + 14}" y="{height - 7}">{html.escape(scenario.key)}</text>')
-    parts.append("</svg>")
-    return "\n".join(parts)
-
-
-def render_html(plan: Plan) -> str:
-    """One self-contained HTML file: summary, chart, breakdowns, assumptions; nothing external."""
-    esc = html.escape
-
-    def table(rows: list[list[str]]) -> str:
-        head = "".join(f"<th>{esc(c)}</th>" for c in rows[0])
-        body = "".join(
-            "<tr>" + "".join(f"<td>{esc(c.strip('*'))}</td>" for c in row) + "</tr>"
-            for row in rows[1:]
-        )
-        return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-    sections = [
-        f"<h1>Leaving {esc(plan.title)}: cost and time</h1>",
-        f"<p>{esc(_headline(plan))}</p>",
-        table(
-            [
-                [
-                    "scenario",
-                    "time (expected, range)",
-                    "finish (expected)",
-                    f"cost {plan.currency} (expected, range)",
-                ]
-            ]
-            + _summary_rows(plan)
-        ),
-        "<h2>Data moved over calendar time</h2>",
-        render_svg(plan),
-    ]
-    for s in plan.scenarios:
-        sections.append(f"<h2>{esc(s.title)} <code>{esc(s.key)}</code></h2>")
-        if not s.available:
-            sections.append(f"<p>Not available: {esc(s.reason)}</p>")
-        items = [esc(a) for a in s.assumptions] + [
-            f"<strong>warning:</strong> {esc(w)}" for w in s.warnings
-        ]
-        sections.append("<ul>" + "".join(f"<li>{i}</li>" for i in items) + "</ul>")
-        if s.breakdown is not None:
-            sections.append(table(_breakdown_rows(plan, s.breakdown)))
-    sections.append(
-        "<h2>Assumptions</h2><ul>"
-        + "".join(f"<li>{esc(a)}</li>" for a in plan.assumptions)
-        + "</ul>"
-    )
-    if plan.warnings:
-        sections.append(
-            "<h2>Warnings</h2><ul>" + "".join(f"<li>{esc(w)}</li>" for w in plan.warnings) + "</ul>"
-        )
-    facts = "".join(
-        f"<li><code>{esc(f.name)}</code>: {esc(_fact_value(f))} ({esc(f.source)}, "
-        f"read {esc(f.read_on)}) {esc(f.note)}</li>"
-        for f in plan.unverified
-    )
-    sections.append(
-        f"<h2>Prices not confirmed in a primary source</h2><ul>{facts or '<li>none</li>'}</ul>"
-    )
-    style = (
-        "body{font-family:sans-serif;max-width:60em;margin:2em auto;color:#222}"
-        "table{border-collapse:collapse;margin:1em 0}"
-        "td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}"
-        "th{background:#f4f4f4}code{background:#f4f4f4}"
-    )
-    return (
-        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-        f"<title>cloudexit plan: {esc(plan.title)}</title><style>{style}</style></head><body>\n"
-        + "\n".join(sections)
-        + "\n</body></html>\n"
-    )
+    return render(plan, lang)

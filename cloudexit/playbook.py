@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterable
 
 import yaml
 
+from . import patientkey
 from .errors import CloudexitError, GateNotMet, PlaybookError, StateError
 from .files import write_private
 from .pricing.catalogue import _LOADER, _List, _Map, _scalar
@@ -56,7 +57,7 @@ SOURCE: Spec = {
 PRICING: Spec = {
     "provider": ("str?", False, None), "region": ("str?", False, None),
     "price_file": ("str?", False, None), "bandwidth": ("str?", False, None),
-    "concurrency": (int, False, 16), "offline_threshold": (str, False, "7d"),
+    "concurrency": (int, False, 0), "offline_threshold": (str, False, "7d"),
 }
 SCHEDULE: Spec = {"bwlimit": ("str?", False, None), "note": (str, False, "")}
 VERIFICATION: Spec = {
@@ -601,7 +602,7 @@ class Runner:
             raise PlaybookError(f"{self.pb.path}, line {step.line}: the plan step needs pricing.bandwidth "
                                 "(e.g. 100Mbit/s)")
         schedule = parse_schedule(self.pb.schedule["bwlimit"]) if self.pb.schedule["bwlimit"] else None
-        link = link_from(parse_rate(bandwidth), None, p["concurrency"])
+        link = link_from(parse_rate(bandwidth), None, p["concurrency"] or None)
         price_file = str(self.pb.path.parent / p["price_file"]) if p["price_file"] else None
         result = build_plan(state, p["provider"] or self.pb.source["provider"], p["region"] or self.pb.source["region"],
                             price_file, link, schedule, datetime.now().astimezone(),
@@ -613,7 +614,6 @@ class Runner:
                       "json": lambda x: json.dumps(x.to_dict(), indent=2, default=str)}.get(target.suffix[1:].lower())
             if render is None:
                 raise PlaybookError(f"{self.pb.path}, line {step.line}: plan out {out!r}: end the name in .md, .html or .json")
-            target.parent.mkdir(parents=True, exist_ok=True)
             write_private(target, render(result))
             written.append(str(target))
         return {"written": written, "_message": "plan made" + (f": {', '.join(written)}" if written else "")}
@@ -642,8 +642,13 @@ class Runner:
             shutil.rmtree(folder)
         marks = ",".join("?" * len(picked))
         rows = state.query(f"SELECT * FROM objects WHERE status = 'present' AND study_uid IN ({marks})", picked)
+        pilot_key, key = patientkey.key_path(pilot_db), state.patient_key().key
+        if pilot_key != state.key_path:  # the pilot hashes patients with the migration's key
+            pilot_key.unlink(missing_ok=True)
+            if key is not None:
+                patientkey.write(pilot_key, key)
         with State(pilot_db, create=True) as pilot:
-            pilot.set_meta(**{k: state.meta(k) for k in ("source_url", "endpoint_url", "region", "salt")})
+            pilot.set_meta(**{k: state.meta(k) for k in ("source_url", "endpoint_url", "region")})
             with pilot.transaction() as tx:
                 tx.execute("INSERT INTO inventory_rounds(started_at, finished_at, status) VALUES (?, ?, 'complete')",
                            (now(), now()))

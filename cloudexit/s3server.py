@@ -59,8 +59,13 @@ class SeaweedServer:
     """Start `weed mini` with S3 auth on, wait until S3 answers, stop it on exit."""
 
     def __init__(self, workdir: str | os.PathLike[str] | None = None,
-                 tls: tuple[str, str] | None = None) -> None:
-        """tls: (certificate PEM, key PEM) files: S3 over HTTPS too, on `https_port`."""
+                 tls: tuple[str, str] | None = None, ip: str = "127.0.0.1",
+                 prefix: list[str] | None = None) -> None:
+        """tls: (certificate PEM, key PEM) files: S3 over HTTPS too, on `https_port`.
+        ip and prefix: serve on another address, e.g. inside a network namespace
+        (prefix ["ip", "netns", "exec", NAME]) behind a shaped link, for the benchmarks."""
+        self.ip = ip
+        self.prefix = list(prefix or [])
         self._own_dir = workdir is None
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="cloudexit-s3-")).resolve()
         self.port = 0
@@ -70,13 +75,13 @@ class SeaweedServer:
 
     @property
     def endpoint_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.ip}:{self.port}"
 
     @property
     def https_url(self) -> str:
         if not self.tls:
             raise ValueError("started without tls=")
-        return f"https://127.0.0.1:{self.https_port}"
+        return f"https://{self.ip}:{self.https_port}"
 
     @property
     def credentials(self) -> dict[str, str]:
@@ -119,7 +124,7 @@ class SeaweedServer:
                  ("master", "filer", "volume", "s3", "s3https", "admin", "webdav", "metrics", "debug")}
         self.port = ports["s3"]
         args = [
-            weed_binary(), "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+            *self.prefix, weed_binary(), "mini", f"-dir={data}", f"-ip={self.ip}", f"-ip.bind={self.ip}",
             f"-master.port={ports['master']}", f"-filer.port={ports['filer']}",
             f"-volume.port={ports['volume']}", f"-s3.port={ports['s3']}",
             f"-admin.port={ports['admin']}", "-admin.ui=false", "-webdav=false",

@@ -9,21 +9,30 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import secrets
+import shutil
 import sqlite3
+import tempfile
 import threading
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, NoReturn
 
 import sqlite_utils
 
-from . import __version__
-from .errors import StateError
+from . import __version__, patientkey, statefile
+from .errors import StateError, StateReadOnly
+from .files import make_private_dirs
+from .statefile import (
+    APP_ID,
+    READ_ONLY_HINT,
+    exists,
+    connect_readonly,
+    refuse_foreign,
+    writable,
+)
 
-APP_ID = 0x43455854  # "CEXT": tells our databases from any other SQLite file
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 10
 
 _SCHEMA_V1 = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT);
@@ -283,8 +292,61 @@ CREATE INDEX list_tasks_open ON list_tasks(round, id) WHERE done = 0;
 CREATE INDEX list_tasks_skipped ON list_tasks(round, prefix) WHERE skipped = 1
 """
 
+# Version 7: the archive folder's guard. `meta.migration_id` names this migration in the marker
+# file of the archive folder it claims (`.cloudexit-archive.json`); `transfers.mtime_ns` is the
+# file's modification time right after placement, so `verify` catches a replaced file without
+# re-hashing; `transfers.fold_path` is the path as a case-folding (or Unicode-normalising)
+# destination compares names, so two keys that differ only in case are a collision, not one file;
+# `meta.redact_key` keys the per-segment hashes of `audit --redact-keys`.
+_SCHEMA_V7 = """
+ALTER TABLE transfers ADD COLUMN mtime_ns INTEGER;
+ALTER TABLE transfers ADD COLUMN fold_path TEXT;
+CREATE INDEX transfers_fold ON transfers(dest, fold_path) WHERE fold_path IS NOT NULL;
+INSERT OR IGNORE INTO meta(key, value) VALUES ('migration_id', lower(hex(randomblob(16))));
+INSERT OR IGNORE INTO meta(key, value) VALUES ('redact_key', lower(hex(randomblob(32))))
+"""
+# Version 8: migrate records the part sizes it learned of multipart objects whose parts are of
+# unequal sizes (so they are asked once), and the egress counters of its worker processes.
+_SCHEMA_V8 = """
+ALTER TABLE transfers ADD COLUMN part_sizes TEXT;
+CREATE TABLE meters (
+    name TEXT PRIMARY KEY,               -- a worker process's meter file, beside the DB (cloudexit/meter.py)
+    run_id INTEGER NOT NULL,             -- the migration run it counts for
+    bytes INTEGER NOT NULL, gets INTEGER NOT NULL, heads INTEGER NOT NULL, lists INTEGER NOT NULL
+)
+"""  # transfers.part_sizes: JSON {"etag": ..., "sizes": [...]} (see cloudexit/parts.py);
+# meters: the last reading of each meter file, already added to its run's counters
+# Version 9: each inventory round records its new/changed/deleted counts when it completes
+# (`objects.change` only keeps an object's latest change, so the counts of older rounds cannot
+# be rebuilt from it). Rounds completed before are filled from their `inventory.complete` event.
+_SCHEMA_V9 = """
+ALTER TABLE inventory_rounds ADD COLUMN new_objects INTEGER;
+ALTER TABLE inventory_rounds ADD COLUMN changed_objects INTEGER;
+ALTER TABLE inventory_rounds ADD COLUMN deleted_objects INTEGER;
+UPDATE inventory_rounds SET
+    new_objects = (SELECT json_extract(e.detail, '$.new') FROM events e WHERE e.kind = 'inventory.complete'
+                   AND json_extract(e.detail, '$.round') = inventory_rounds.id ORDER BY e.id DESC LIMIT 1),
+    changed_objects = (SELECT json_extract(e.detail, '$.changed') FROM events e WHERE e.kind = 'inventory.complete'
+                       AND json_extract(e.detail, '$.round') = inventory_rounds.id ORDER BY e.id DESC LIMIT 1),
+    deleted_objects = (SELECT json_extract(e.detail, '$.deleted') FROM events e WHERE e.kind = 'inventory.complete'
+                       AND json_extract(e.detail, '$.round') = inventory_rounds.id ORDER BY e.id DESC LIMIT 1)
+WHERE status = 'complete'
+"""
+# Version 10: objects a PACS wrote in an envelope (Orthanc's zlib attachments, gzip): the
+# inventory records the envelope and the decoded size, and Orthanc's own metadata attachments;
+# migrate records what it decoded: the raw object's SHA-256 beside the plain file's.
+_SCHEMA_V10 = """
+ALTER TABLE objects ADD COLUMN encoding TEXT;
+ALTER TABLE objects ADD COLUMN plain_size INTEGER;
+ALTER TABLE objects ADD COLUMN pacs_metadata TEXT;
+ALTER TABLE transfers ADD COLUMN encoding TEXT;
+ALTER TABLE transfers ADD COLUMN raw_sha256 TEXT;
+ALTER TABLE transfers ADD COLUMN file_size INTEGER
+"""
+
 _MIGRATIONS: dict[int, str] = {1: _SCHEMA_V1, 2: _SCHEMA_V2, 3: _SCHEMA_V3, 4: _SCHEMA_V4,
-                                 5: _SCHEMA_V5, 6: _SCHEMA_V6}
+                                 5: _SCHEMA_V5, 6: _SCHEMA_V6, 7: _SCHEMA_V7,
+                                 8: _SCHEMA_V8, 9: _SCHEMA_V9, 10: _SCHEMA_V10}
 
 
 GENESIS_HASH = "0" * 64
@@ -300,46 +362,117 @@ def now() -> str:
 
 
 def _create_private(path: Path) -> None:
-    """Create the DB file 0600 in a 0700 directory before SQLite touches it."""
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    """Create the DB file 0600 in a 0700 directory (every folder created for it 0700) before
+    SQLite touches it."""
+    make_private_dirs(path.parent)
     fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
     os.close(fd)
 
 
-class State:
-    """An open state database. Thread-safe: writes are serialised by a lock."""
+def discard_if_empty(path: str | os.PathLike[str]) -> bool:
+    """Delete a state DB (and its WAL files) that holds no object and no run: what a first
+    command that failed at once (a wrong bucket, no credentials) leaves. True if deleted."""
+    target = Path(path)
+    try:
+        conn = sqlite3.connect(f"file:{target}?mode=ro", uri=True)
+        try:
+            used = conn.execute("SELECT (SELECT count(*) FROM objects) + "
+                                "(SELECT count(*) FROM migration_runs)").fetchone()[0]
+        finally:
+            conn.close()
+    except sqlite3.Error:
+        return False  # not ours, or not readable: leave it alone
+    if used:
+        return False
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{target}{suffix}").unlink(missing_ok=True)
+    return True
 
-    def __init__(self, path: str | os.PathLike[str], create: bool = False) -> None:
+
+class State:
+    """An open state database. Thread-safe: writes are serialised by a lock.
+
+    `readonly`: open without writing anything (an auditor's copy: 0400, a read-only folder or
+    mount); every write then fails with StateReadOnly. `open_readable` picks it when needed.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], create: bool = False, readonly: bool = False,
+                 key_of: Path | None = None) -> None:
         self.path = Path(path)
-        fresh = not self.path.exists()
+        self.readonly = readonly
+        self.scratch_of: Path | None = None  # set by `open_readable`: a private copy of this DB
+        self.lock = threading.RLock()
+        fresh = not exists(self.path)
         if fresh and not create:
             raise StateError(f"no state database at {self.path}",
                              hint="run `cloudexit inventory s3://BUCKET` first, or pass --db")
         if fresh:
             _create_private(self.path)
-        self.conn = sqlite3.connect(self.path, check_same_thread=False, timeout=30,
-                                    isolation_level=None)
-        self.lock = threading.RLock()
+        else:
+            refuse_foreign(self.path)
+            if not readonly and not writable(self.path):
+                raise StateReadOnly(f"the state database {self.path} is read-only (file mode, folder or "
+                                    "mount), and this command must write to it", hint=READ_ONLY_HINT)
+        self.conn = self._connect()
         try:
-            self.conn.execute("PRAGMA journal_mode=WAL")
-            self.conn.execute("PRAGMA synchronous=NORMAL")
-            self.conn.execute("PRAGMA busy_timeout=30000")
             app_id = self.conn.execute("PRAGMA application_id").fetchone()[0]
         except sqlite3.DatabaseError as exc:
             self.conn.close()
-            raise StateError(f"{self.path} is not a cloudexit state database ({exc})") from exc
+            raise self._error(exc) or StateError(
+                f"{self.path} is not a cloudexit state database ({exc})") from exc
         if fresh:
             self._migrate(0)
         elif app_id != APP_ID:
             self.conn.close()
             raise StateError(f"{self.path} is not a cloudexit state database",
                              hint="pass --db with a new file name for a new migration")
+        elif readonly:
+            if self.schema_version() != SCHEMA_VERSION:
+                self.conn.close()
+                raise StateReadOnly(f"{self.path} is read-only and was written by another version of "
+                                    f"cloudexit (schema {self.schema_version()}, this one reads "
+                                    f"{SCHEMA_VERSION})", hint="copy it somewhere writable first")
         else:
             self._migrate(self.schema_version())
         self.db = sqlite_utils.Database(self.conn)
+        self.key_path = key_of or patientkey.key_path(self.path)
+        self._patient_key: patientkey.PatientKey | None = None
+        if not readonly and key_of is None:
+            self._settle_patient_key()
+
+    def _connect(self) -> sqlite3.Connection:
+        if self.readonly:
+            return connect_readonly(self.path)
+        conn = sqlite3.connect(self.path, check_same_thread=False, timeout=30, isolation_level=None)
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("PRAGMA busy_timeout=30000")
+        except sqlite3.DatabaseError as exc:
+            conn.close()
+            raise self._error(exc) or StateError(
+                f"{self.path} is not a cloudexit state database ({exc})") from exc
+        return conn
+
+    def _reraise(self, exc: BaseException) -> NoReturn:
+        error = self._error(exc)
+        if error is None:
+            raise exc
+        raise error from exc
+
+    def _error(self, exc: BaseException) -> StateError | None:
+        """The user's error for an SQLite failure on this DB (full disk, read-only, damaged
+        pages), or None: the caller re-raises the original."""
+        if self.readonly and isinstance(exc, sqlite3.Error) and (
+                "readonly" in str(exc) or "read-only" in str(exc)):
+            return StateReadOnly(f"the state database {self.path} was opened read-only and this "
+                                 "command must write to it", hint=READ_ONLY_HINT)
+        return statefile.translate(exc, self.path)
 
     def close(self) -> None:
         self.conn.close()
+        if self.scratch_of is not None:
+            shutil.rmtree(self.path.parent, ignore_errors=True)
 
     def __enter__(self) -> "State":
         return self
@@ -363,32 +496,90 @@ class State:
                 self.conn.execute(f"PRAGMA user_version={version}")
                 self.conn.execute(f"PRAGMA application_id={APP_ID}")
         if current == 0:
-            self.set_meta(created_at=now(), tool_version=__version__,
-                          salt=secrets.token_hex(16))
+            self.set_meta(created_at=now(), tool_version=__version__)
+
+    # -- the patient key ------------------------------------------------------------------
+    def _settle_patient_key(self) -> None:
+        """Give a new DB its key file; move an old DB's key (`meta.salt`) out of the DB.
+
+        The salt is deleted with secure_delete on and the WAL checkpointed and truncated, so
+        no copy of it stays in the file's free space or in the WAL.
+        """
+        salt = self.meta("salt")
+        if salt is not None:
+            patientkey.move_out(self.key_path, salt)
+            self.conn.execute("PRAGMA secure_delete=ON")
+            try:
+                with self.transaction() as tx:
+                    tx.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('patient_key_check', ?)",
+                               (patientkey.check_value(salt),))
+                    tx.execute("DELETE FROM meta WHERE key = 'salt'")
+                    self.log("patient_key.moved_out", tx, key_file=str(self.key_path))
+                self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            finally:
+                self.conn.execute("PRAGMA secure_delete=OFF")
+        elif self.meta("patient_key_check") is None:
+            key = patientkey.adopt_or_create(self.key_path)
+            self.set_meta(patient_key_check=patientkey.check_value(key))
+
+    def patient_key(self) -> patientkey.PatientKey:
+        """This DB's key (`key` None when its file is missing or another DB's: see `problem`)."""
+        if self._patient_key is None:
+            self._patient_key = patientkey.read(self.key_path, self.meta("patient_key_check"))
+        return self._patient_key
 
     # -- helpers --------------------------------------------------------------------------
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
         """One atomic write; everything inside commits together or not at all."""
         with self.lock:
-            self.conn.execute("BEGIN IMMEDIATE")
+            try:
+                self.conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as exc:
+                self._reraise(exc)
             try:
                 yield self.conn
-            except BaseException:
-                self.conn.execute("ROLLBACK")
-                raise
-            self.conn.execute("COMMIT")
+                self.conn.execute("COMMIT")
+            except BaseException as exc:
+                if self.conn.in_transaction:  # SQLite may have rolled back already (disk full)
+                    try:
+                        self.conn.execute("ROLLBACK")
+                    except sqlite3.Error:
+                        pass
+                self._reraise(exc)
 
     def query(self, sql: str, params: Any = ()) -> list[sqlite3.Row]:
         with self.lock:
-            cur = self.conn.execute(sql, params)
-            cur.row_factory = sqlite3.Row  # type: ignore[assignment]
-            return cur.fetchall()
+            try:
+                cur = self.conn.execute(sql, params)
+                cur.row_factory = sqlite3.Row  # type: ignore[assignment]
+                return cur.fetchall()
+            except sqlite3.Error as exc:
+                self._reraise(exc)
 
     def scalar(self, sql: str, params: Any = ()) -> Any:
         with self.lock:
-            row = self.conn.execute(sql, params).fetchone()
+            try:
+                row = self.conn.execute(sql, params).fetchone()
+            except sqlite3.Error as exc:
+                self._reraise(exc)
         return row[0] if row else None
+
+    def backup(self) -> str | None:
+        """A consistent copy beside the DB (`<db>.backup-1`; the one before is `-2`), or why
+        not: a failed backup (no room for the copy) leaves the older ones and must not stop
+        the work, so it is logged (`state.backup_failed`) and returned, not raised."""
+        try:
+            with self.lock:
+                statefile.backup(self.conn, self.path)
+            return None
+        except StateError as exc:
+            reason = str(exc).split("\n")[0]
+        try:
+            self.log("state.backup_failed", reason=reason)
+        except StateError:
+            pass  # the disk that refused the copy may refuse the event too
+        return reason
 
     def meta(self, key: str) -> str | None:
         return self.scalar("SELECT value FROM meta WHERE key = ?", (key,))
@@ -441,3 +632,42 @@ class State:
                 f"{self.path} belongs to the migration of {bound} at {bound_endpoint}, "
                 f"not {url} at {endpoint}",
                 hint="use another --db (or CLOUDEXIT_DB) for a different bucket or prefix")
+
+
+def open_readable(path: str | os.PathLike[str], scratch: bool = False) -> State:
+    """Open a DB for a command that only reads it (status, audit verify), or that writes only
+    its own results (verify, audit: `scratch`).
+
+    A writable DB opens as usual. A read-only one (an auditor's copy: 0400, a read-only folder
+    or mount) opens read-only, or, with `scratch` or an older schema, as a private temporary
+    copy (SQLite's backup API into a 0700 temp folder, removed on close) whose writes are
+    discarded: `scratch_of` then names the original, so the command can say nothing was
+    recorded. The original is never written.
+    """
+    path = Path(path)
+    if not exists(path):
+        return State(path)  # says there is none
+    refuse_foreign(path)
+    if writable(path):
+        return State(path)
+    if not scratch:
+        try:
+            return State(path, readonly=True)
+        except StateReadOnly:
+            pass  # another schema: read a migrated copy
+    folder = Path(tempfile.mkdtemp(prefix="cloudexit-readonly-"))
+    copy = folder / path.name
+    try:
+        _create_private(copy)
+        source, target = connect_readonly(path), sqlite3.connect(copy)
+        try:
+            source.backup(target)
+        finally:
+            source.close()
+            target.close()
+        state = State(copy, key_of=patientkey.key_path(path))
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    state.scratch_of = path
+    return state

@@ -8,6 +8,12 @@ from typing import Any
 from .state import State
 
 
+def _patient_key(state: State) -> dict[str, Any]:
+    key = state.patient_key()
+    return {"file": str(key.path), "available": key.key is not None, "problem": key.problem,
+            "warning": key.warning()}
+
+
 def inventory_summary(state: State) -> dict[str, Any]:
     """The inventory's totals and breakdowns (only objects present at the source)."""
     one = lambda sql: state.scalar(sql) or 0  # noqa: E731
@@ -26,7 +32,11 @@ def inventory_summary(state: State) -> dict[str, Any]:
         "studies": one(f"SELECT count(DISTINCT study_uid) {dicom}"),
         "series": one(f"SELECT count(DISTINCT series_uid) {dicom}"),
         "patients": one(f"SELECT count(DISTINCT patient_hash) {dicom}"),
-        "non_dicom": one(f"SELECT count(*) {present} AND kind = 'other'"),
+        "non_dicom": one(f"SELECT count(*) {present} AND kind = 'other' AND pacs_metadata IS NULL"),
+        # Orthanc's header-only and DICOM-as-JSON copies: neither instances nor conflicts
+        "pacs_metadata": one(f"SELECT count(*) {present} AND pacs_metadata IS NOT NULL"),
+        "by_encoding": _breakdown(state, f"SELECT encoding, count(*), sum(size) {present} "
+                                  "AND encoding IS NOT NULL GROUP BY 1 ORDER BY 2 DESC"),
         "unreadable": one(f"SELECT count(*) {present} AND kind = 'unreadable'"),
         "pending": one(f"SELECT count(*) {present} AND kind = 'pending'"),
         "deleted_at_source": one("SELECT count(*) FROM objects WHERE status = 'deleted'"),
@@ -39,6 +49,7 @@ def inventory_summary(state: State) -> dict[str, Any]:
                                     f"count(*), sum(size) {dicom} GROUP BY 1 ORDER BY 1"),
         "by_storage_class": _breakdown(state, f"SELECT storage_class, count(*), sum(size) "
                                        f"{present} GROUP BY 1 ORDER BY 3 DESC"),
+        "patient_key": _patient_key(state),
         "inventory": {
             "rounds": one("SELECT count(*) FROM inventory_rounds"),
             "status": latest[0]["status"] if latest else None,
@@ -182,16 +193,61 @@ def delta_summary(state: State) -> dict[str, Any] | None:
             f"ON t.key = o.key AND t.dest = ? WHERE o.status = 'present'{only_dicom} AND "
             f"(t.key IS NULL OR t.etag IS NOT o.etag OR t.state NOT IN ({handled}))", (dest, *_HANDLED))[0]
         per_dest.append({"dest": dest, "objects": row["n"], "bytes": row["b"]})
+    # The counts each round recorded when it completed (schema 7), not objects.change: that
+    # holds only an object's latest change, so an older round would lose what a later one saw.
     rounds = []
-    for r in state.query("SELECT id, finished_at FROM inventory_rounds WHERE status = 'complete' "
-                         "ORDER BY id DESC LIMIT 5"):
-        counts = {c["change"]: c["n"] for c in state.query(
-            "SELECT change, count(*) AS n FROM objects WHERE change_round = ? GROUP BY change", (r["id"],))}
+    for r in state.query("SELECT id, finished_at, new_objects, changed_objects, deleted_objects "
+                         "FROM inventory_rounds WHERE status = 'complete' ORDER BY id DESC LIMIT 5"):
+        if r["new_objects"] is None:  # completed before schema 7 with no event to fill it from
+            counts = {c["change"]: c["n"] for c in state.query(
+                "SELECT change, count(*) AS n FROM objects WHERE change_round = ? GROUP BY change", (r["id"],))}
+        else:
+            counts = {"new": r["new_objects"], "changed": r["changed_objects"], "deleted": r["deleted_objects"]}
         rounds.append({"round": r["id"], "finished_at": r["finished_at"], "new": counts.get("new", 0),
                        "changed": counts.get("changed", 0), "deleted": counts.get("deleted", 0)})
     return {"destinations": per_dest, "left_objects": max(d["objects"] for d in per_dest),
             "left_bytes": max(d["bytes"] for d in per_dest), "rounds": rounds,
             "exit_window_ends": state.meta("exit_window_ends")}
+
+
+def plan_vs_actual(state: State) -> dict[str, Any] | None:
+    """The last plan against what the migration did: time per run and in all, bytes, and the
+    error of the plan's expected time, so a hospital can see how far to trust the next plan.
+
+    The scenario compared is the one the run followed: `within_schedule` when the plan had a
+    timetable, else `fastest`. Times are the runs' active time (start to last heartbeat), not
+    the days between them; the error is given once the migration is complete.
+    None without a plan or a migration run.
+    """
+    text = state.meta("plan")
+    runs = state.query("SELECT id, started_at, finished_at, heartbeat_at, status, bwlimit, "
+                       "bytes_downloaded FROM migration_runs ORDER BY id")
+    if not text or not runs:
+        return None
+    from datetime import datetime
+
+    plan = json.loads(text)
+    scenarios = {sc["key"]: sc for sc in plan.get("scenarios", [])}
+    key = "within_schedule" if "within_schedule" in scenarios else "fastest"
+    planned = (scenarios.get(key) or {}).get("time_s")
+    if not planned:
+        return None
+    per_run = []
+    for r in runs:
+        end = r["finished_at"] or r["heartbeat_at"] or r["started_at"]
+        seconds = (datetime.fromisoformat(end) - datetime.fromisoformat(r["started_at"])).total_seconds()
+        per_run.append({"run": r["id"], "status": r["status"], "bwlimit": r["bwlimit"],
+                        "seconds": max(seconds, 0.0), "bytes_downloaded": r["bytes_downloaded"]})
+    active = sum(r["seconds"] for r in per_run)
+    complete = runs[-1]["status"] in ("complete", "partial")
+    return {
+        "scenario": key, "link": (plan.get("link") or {}).get("source"),
+        "planned_s": planned, "planned_bytes": (plan.get("workload") or {}).get("bytes"),
+        "actual_s": active, "actual_bytes": sum(r["bytes_downloaded"] for r in per_run),
+        "complete": complete, "runs": per_run,
+        "error": (planned["expected"] - active) / active if complete and active > 0 else None,
+        "inside_range": planned["low"] <= active <= planned["high"] if complete else None,
+    }
 
 
 def _waiting_why(state: State, run_id: int) -> str | None:

@@ -39,6 +39,7 @@ from typing import Any, Callable
 from urllib.parse import quote, urlsplit
 
 from .checksums import (
+    CheckResult,
     Expectation,
     ObjectHasher,
     expectations,
@@ -46,6 +47,8 @@ from .checksums import (
     worth_computing,
 )
 from .dicomscan import scan
+from .meter import Meter
+from .parts import RAISE_KINDS, learn_part_sizes
 
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 CREDENTIAL_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken",
@@ -56,7 +59,14 @@ TRANSIENT_CODES = {"SlowDown", "InternalError", "ServiceUnavailable", "RequestTi
                    "OperationAborted", "IncompleteBody"}
 _CODE = re.compile(rb"<Code>([^<]+)</Code>")
 _MESSAGE = re.compile(rb"<Message>([^<]*)</Message>")
+# A GET of an SSE-C object without its key: AWS answers 400 InvalidRequest "The object was stored
+# using a form of Server Side Encryption...", SeaweedFS 400 InvalidArgument "Requests specifying
+# Server Side Encryption with Customer provided keys must provide the customer key."
+_SSE_C = re.compile(rb"<Message>[^<]*Server[ -]Side Encryption", re.IGNORECASE)
 HEADER_BYTES = 64 * 1024  # first bytes kept in memory for the DICOM check
+# Large objects: how often the ranges' progress is fsynced and reported for resume. A kill loses
+# at most this much (plus the engine's commit interval) of each object's download.
+CHECKPOINT_SECONDS = 0.5
 TEMP_PREFIX = ".cloudexit-"  # temp files are hidden and never a name a layout produces
 
 
@@ -82,7 +92,9 @@ DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPER
 
 
 def disk_error(exc: OSError, what: str) -> FetchError:
-    return FetchError("disk", f"{what}: {os.strerror(exc.errno or 0)} ({errno.errorcode.get(exc.errno or 0, '?')})",
+    # strerror: ours say more where we raise them (a folder that resolves outside the archive)
+    return FetchError("disk", f"{what}: {exc.strerror or os.strerror(exc.errno or 0)} "
+                      f"({errno.errorcode.get(exc.errno or 0, '?')})",
                       code=errno.errorcode.get(exc.errno or 0))
 
 
@@ -323,6 +335,23 @@ class Response(http.client.HTTPResponse):
         if not self.will_close and not self.chunked and self.length is None:
             self.will_close = True
 
+    def readinto(self, b: Any) -> int:
+        """What `HTTPResponse.readinto` does, but returning what one read of the socket brought
+        (`readinto1`) instead of waiting for `b` to fill: bytes are written and counted as they
+        come, so on a slow link a kill loses none that were counted as received."""
+        if self.fp is None or self.chunked or self._method == "HEAD":  # type: ignore[attr-defined]
+            return super().readinto(b)
+        if self.length is not None and len(b) > self.length:
+            b = memoryview(b)[0:self.length]
+        n = self.fp.readinto1(b)
+        if not n and b:
+            self._close_conn()  # type: ignore[attr-defined]
+        elif self.length is not None:
+            self.length -= n
+            if not self.length:
+                self._close_conn()  # type: ignore[attr-defined]
+        return n
+
     def _read_header_lines(self) -> list[tuple[str, str]]:
         items: list[tuple[str, str]] = []
         while True:
@@ -351,6 +380,7 @@ class S3Reader:
         self.signer = Signer(credentials, endpoint.region)
         self._local = threading.local()
         self._ssl: ssl.SSLContext | None = None
+        self.meter: Meter | None = None  # a worker process's egress meter (meter.py)
 
     def set_credentials(self, credentials: Credentials) -> None:
         if credentials != self.signer.credentials:
@@ -425,32 +455,48 @@ class S3Reader:
                                      for k, v in query.items())
         if ep.proxy and ep.scheme == "http":
             target = f"http://{ep.host}{target}"
-        if counters is not None:
-            if method == "HEAD":
-                counters.head += 1
-            elif key is None:
-                counters.list += 1
-            else:
-                counters.get += 1
         for attempt in (0, 1):
             reused = getattr(self._local, "conn", None) is not None
+            sent = False
             try:
                 conn = self._open(fresh=attempt > 0)
                 conn.putrequest(method, target, skip_host=True, skip_accept_encoding=True)
                 for name, value in signed.items():
                     conn.putheader(name, value)
                 conn.endheaders()
-                return conn.getresponse()
+                sent = True
+                resp = conn.getresponse()
+                self.count_request(method, key, counters)
+                return resp
             except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError,
                     ConnectionAbortedError) as exc:
                 self.close()
                 if attempt == 0 and reused:
                     continue  # the server closed an idle keep-alive connection: one fresh try
+                if sent:
+                    self.count_request(method, key, counters)  # it may have reached the server
                 raise FetchError("unreachable", f"connection lost before an answer: {_short(exc)}") from exc
             except (OSError, http.client.HTTPException) as exc:
                 self.close()
+                if sent:
+                    self.count_request(method, key, counters)
                 raise FetchError("unreachable", f"cannot reach {ep.host}: {_short(exc)}") from exc
         raise AssertionError("unreachable")
+
+    def count_request(self, method: str, key: str | None, counters: Counters | None) -> None:
+        """A request sent (a refused or failed connection is none: nothing reached the server)."""
+        kind = "head" if method == "HEAD" else "list" if key is None else "get"
+        if counters is not None:
+            setattr(counters, kind, getattr(counters, kind) + 1)
+        if self.meter is not None:
+            self.meter.add(**{"list_" if kind == "list" else kind: 1})
+
+    def received(self, n: int, counters: Counters | None) -> None:
+        """`n` body bytes came off the wire (the provider bills them, kept or not)."""
+        if counters is not None:
+            counters.bytes += n
+        if self.meter is not None:
+            self.meter.add(nbytes=n)
 
     def fail(self, resp: http.client.HTTPResponse, what: str) -> FetchError:
         """Read an error answer and classify it (the connection stays usable)."""
@@ -459,6 +505,7 @@ class S3Reader:
         except (OSError, http.client.HTTPException):
             body = b""
             self.close()
+        self.received(len(body), None)
         match = _CODE.search(body)
         code = match.group(1).decode(errors="replace") if match else str(resp.status)
         message = _MESSAGE.search(body)
@@ -473,6 +520,9 @@ class S3Reader:
         if code == "InvalidObjectState":
             return FetchError("archived", f"{what}: in an archive storage class, needs a restore",
                               status, code)
+        if status == 400 and _SSE_C.search(body):
+            return FetchError("sse-c", f"{what}: encrypted with a customer-provided key (SSE-C); "
+                              "the store serves it only with that key", status, code)
         if code in CREDENTIAL_CODES or (status in (400, 401) and "token" in code.lower()):
             return FetchError("credentials", detail, status, code)
         if status >= 500 or code in TRANSIENT_CODES or status == 429:
@@ -539,7 +589,10 @@ class Task:
     large: bool = False
     range_size: int = 16 * 2**20
     done_ranges: dict[int, int] = field(default_factory=dict)  # range -> bytes on disk and fsynced
+    part_sizes: list[int] | None = None  # of a multipart object, learned from the source (parts.py)
     fresh: bool = False  # discard any temp file (a resumed one failed verification)
+    replaceable: int | None = None  # mtime_ns of this migration's own earlier file at `final`
+    encoding: str | None = None  # envelope to decode after the raw checks (cloudexit.containers)
 
 
 @dataclass
@@ -565,6 +618,10 @@ class Result:
     restart: bool = False
     elapsed: float = 0.0
     folder: str | None = None  # the file's folder still to fsync (worker side only)
+    mtime_ns: int | None = None  # of the file as placed (verify compares it, with the size)
+    conflict: str | None = None  # the path that held other bytes: this copy went to quarantine
+    part_sizes: list[int] | None = None  # learned from the source, for the engine to record
+    decoded: dict[str, Any] | None = None  # encoding, raw_sha256, raw_size, size (plain file)
 
 
 # -- the worker side ---------------------------------------------------------------------------------
@@ -575,10 +632,12 @@ class Fetcher:
                  stop: Any, root: str, attempts: int = 6, backoff_base: float = 0.5, backoff_max: float = 30.0,
                  buffer_size: int = 2**20, range_streams: int = 4, fsync: bool = True,
                  report: Callable[[tuple[Any, ...]], None] | None = None,
-                 group_folder_sync: bool = False) -> None:
+                 group_folder_sync: bool = False, meter: str | None = None) -> None:
         from .stores.filesystem import Placer
 
         self.reader = S3Reader(endpoint, credentials)
+        if meter:
+            self.reader.meter = Meter(meter)
         self.rate = rate
         self.stop = stop
         self.attempts = attempts
@@ -642,6 +701,16 @@ class Fetcher:
                     if exc.kind == "cancelled":
                         result.outcome = "cancelled"
                         return result
+                    changed_to = None
+                    if exc.kind == "changed":
+                        changed_to = self._new_version(task, result)
+                        if changed_to is not None and changed_to.get("etag") == task.etag \
+                                and changed_to.get("size") == task.size:
+                            # The source still has the inventoried version: the 412 or the short
+                            # Content-Length came from something on the way (a proxy, a cache).
+                            exc = FetchError("transient", f"{exc.detail}; but the source still has "
+                                             "the inventoried ETag and size: a transport fault", exc.status,
+                                             exc.code, restart=exc.restart)
                     if exc.kind in ("transient", "corrupt") and attempt + 1 < self.attempts \
                             and not self.stop.is_set():
                         if exc.restart:
@@ -656,7 +725,7 @@ class Fetcher:
                             continue
                         exc.kind = "unreachable"
                     if exc.kind == "changed":
-                        result.changed_to = self._new_version(task, result)
+                        result.changed_to = changed_to
                     result.error_kind, result.detail, result.restart = exc.kind, exc.detail, exc.restart
                     if exc.restart:
                         self.placer.discard(task.temp)
@@ -692,35 +761,51 @@ class Fetcher:
         if not any(c.per_part for c in checks):
             return checks, None
         parts = max(c.parts for c in checks if c.per_part)
+        if task.part_sizes and len(task.part_sizes) == parts:  # learned on an earlier attempt
+            return checks, part_bounds(task.size, part_sizes=task.part_sizes)
         if not can_ask:  # a response body is being read on this connection: no HEADs now
             for c in [c for c in checks if c.per_part]:
                 result.not_checked.append(f"{c.name} (composite checksum without a multipart ETag)")
             return [c for c in checks if not c.per_part], None
         try:
-            first = self.reader.head(task.key, result.counters, part_number=1, etag=task.etag)
+            first = self.reader.head(task.key, result.counters, part_number=1)  # no If-Match: see parts.py
             part_size = int(first.get("content-length", 0))
             bounds = part_bounds(task.size, part_size=part_size) if part_size else None
         except FetchError as exc:
-            if exc.kind in ("unreachable", "transient", "credentials", "tls", "changed", "gone"):
+            if exc.kind in RAISE_KINDS:
                 raise
             bounds = None
         if bounds is None or len(bounds) - 1 != parts:
             # Parts of unequal size: ask each part's size (one HEAD per part).
-            sizes = []
-            try:
-                for number in range(1, parts + 1):
-                    info = self.reader.head(task.key, result.counters, part_number=number, etag=task.etag)
-                    sizes.append(int(info.get("content-length", 0)))
-                bounds = part_bounds(task.size, part_sizes=sizes)
-            except FetchError as exc:
-                if exc.kind in ("unreachable", "transient", "credentials", "tls", "changed", "gone"):
-                    raise
-                bounds = None
+            sizes = self._learn_parts(task, result, parts)
+            bounds = part_bounds(task.size, part_sizes=sizes) if sizes else None
         if bounds is None or bounds[-1] != task.size:
             for c in [c for c in checks if c.per_part]:
                 result.not_checked.append(f"{c.name} (the endpoint does not tell part sizes)")
             checks = [c for c in checks if not c.per_part]
         return checks, bounds
+
+    def _learn_parts(self, task: Task, result: Result, parts: int) -> list[int] | None:
+        sizes = learn_part_sizes(self.reader, task.key, task.size, parts, result.counters)
+        if sizes:
+            task.part_sizes = result.part_sizes = sizes
+        return sizes
+
+    def _unequal_parts(self, task: Task, result: Result, hasher: ObjectHasher, check: CheckResult,
+                       fd: int) -> ObjectHasher | None:
+        """A per-part check failed with part sizes guessed from part 1 (all equal but the last):
+        ask every part's size; if they differ from the guess, hash the file again with them.
+        None: nothing to learn (sizes known already, or the same as guessed, or not told)."""
+        per_part = [c for c in hasher.checks if c.per_part]
+        failed = {name for name, _expected, _got in check.failed}
+        if task.part_sizes or not any(c.name in failed for c in per_part):
+            return None
+        sizes = self._learn_parts(task, result, max(c.parts for c in per_part))
+        if not sizes or part_bounds(task.size, part_sizes=sizes) == hasher.bounds:
+            return None
+        again = ObjectHasher(task.size, hasher.checks, part_bounds(task.size, part_sizes=sizes))
+        self._rehash(fd, task.size, again, bytearray())
+        return again
 
     # -- small objects: one streaming GET ---------------------------------------------------------
     def _fetch(self, task: Task, result: Result) -> None:
@@ -824,7 +909,7 @@ class Fetcher:
                 n = resp.readinto(buf[:min(len(buf), expected - got)])
                 if not n:
                     break
-                counters.bytes += n
+                self.reader.received(n, counters)
                 chunk = buf[:n]
                 if hasher is not None:
                     hasher.update(chunk)
@@ -865,12 +950,18 @@ class Fetcher:
     def _finish(self, task: Task, result: Result, fd: int, hasher: ObjectHasher, head: bytes,
                 resumed: bool) -> None:
         """Verify everything, then fsync and rename into place."""
-        self._place(task, result, fd, self._judge(task, result, hasher, head))
+        self._place(task, result, fd, self._judge(task, result, hasher, head, fd))
 
-    def _judge(self, task: Task, result: Result, hasher: ObjectHasher, head: bytes) -> str:
+    def _judge(self, task: Task, result: Result, hasher: ObjectHasher, head: bytes,
+               fd: int | None = None) -> str:
         """Verify the bytes (FetchError "corrupt" if they are not the object's) and the DICOM
-        header; return where the file goes: its final path, or quarantine."""
+        header; return where the file goes: its final path, or quarantine. `fd`: the temp file,
+        to hash again if the object's parts turn out to be of unequal sizes."""
         check = hasher.verify()
+        if not check.ok and fd is not None:
+            again = self._unequal_parts(task, result, hasher, check, fd)
+            if again is not None:
+                hasher, check = again, again.verify()
         if not check.ok:
             name, expected, got = check.failed[0]
             raise FetchError("corrupt", f"{name} mismatch: expected {expected}, got {got}",
@@ -879,6 +970,10 @@ class Fetcher:
         result.sha256 = hasher.sha256_hex()
         result.md5 = hasher.md5_hex()
         target = task.final
+        if task.encoding and task.kind == "dicom":
+            from .containers import judge_decoded
+
+            return judge_decoded(self, task, result)
         if task.kind == "dicom":
             problem = self._check_dicom(task, head, result)
             if problem:
@@ -891,21 +986,43 @@ class Fetcher:
         return target
 
     def _place(self, task: Task, result: Result, fd: int, target: str) -> None:
+        from .stores.filesystem import PlacementConflict
+
         if target != task.final:
             self.placer.prepare(target)
-        result.replaced = self.placer.place(fd, task.temp, target, sync_folder=not self.group_folder_sync)
+        sync = not self.group_folder_sync
+        try:
+            result.replaced = self.placer.place(fd, task.temp, target, sync_folder=sync,
+                                                sha256=result.sha256, replaceable=task.replaceable)
+        except PlacementConflict as exc:
+            # Another file (another migration's, or another key's on a destination that folds
+            # case) holds this path: keep it, quarantine this copy beside the others.
+            result.conflict, target = exc.path, self._conflict_path(exc.path, result.sha256 or "")
+            self.placer.prepare(target)
+            self.placer.place(fd, task.temp, target, sync_folder=sync, sha256=result.sha256)
+            result.outcome = "quarantined"
         result.path = target
+        result.mtime_ns = os.stat(target, follow_symlinks=False).st_mtime_ns
         if self.group_folder_sync:
             result.folder = os.path.dirname(target)
+
+    def _conflict_path(self, taken: str, sha256: str) -> str:
+        from .stores.filesystem import ARCHIVE_CONFLICTS
+
+        rel = os.path.relpath(taken, self.placer.base)
+        stem, suffix = os.path.splitext(os.path.basename(rel))
+        return os.path.join(self.placer.base, ARCHIVE_CONFLICTS, os.path.dirname(rel),
+                            f"{stem}~{sha256[:16]}{suffix}")
 
     def _mismatch_path(self, key: str) -> str:
         from .stores.filesystem import MISMATCH, safe_key_path
 
         return os.path.join(self.placer.base, MISMATCH, safe_key_path(key))
 
-    def _check_dicom(self, task: Task, head: bytes, result: Result, path: str | None = None) -> str | None:
+    def _check_dicom(self, task: Task, head: bytes, result: Result, path: str | None = None,
+                     size: int | None = None) -> str | None:
         """None if the file is DICOM with the inventoried UIDs; else what is wrong."""
-        found = scan(head, task.size)
+        found = scan(head, task.size if size is None else size)
         if found.need_more or not found.decided:
             from .dicom import parse_file
 
@@ -944,11 +1061,15 @@ class Fetcher:
             self._rehash(fd, task.size, hasher, head)
             if self.placer.fsync:
                 os.fsync(fd)  # a kill -9 after the rename may have left it in the page cache only
+            check = hasher.verify()
+            if not check.ok:
+                again = self._unequal_parts(task, result, hasher, check, fd)
+                if again is not None:
+                    hasher, check = again, again.verify()
         except FetchError:
             return False
         finally:
             os.close(fd)
-        check = hasher.verify()
         if not check.ok:
             return False
         result.checks = []
@@ -958,6 +1079,7 @@ class Fetcher:
         result.outcome = "quarantined" if task.kind == "unreadable" else "verified"
         result.checks, result.sha256, result.md5 = check.passed, hasher.sha256_hex(), hasher.md5_hex()
         result.path, result.local = task.final, True
+        result.mtime_ns = os.stat(task.final, follow_symlinks=False).st_mtime_ns
         self.placer.discard(task.temp)
         if self.group_folder_sync:
             result.folder = os.path.dirname(task.final)
@@ -998,10 +1120,6 @@ class Fetcher:
                         with cond:
                             written[index] = base + n
                             cond.notify_all()
-                        if written[index] - synced[index] >= sync_step:
-                            os.fdatasync(fd)  # what is reported must survive a power cut
-                            synced[index] = written[index]
-                            self.report(("range", task.id, index, synced[index]))
 
                     self._stream(resp, fd, None, bytearray(HEADER_BYTES), end - pos, counters, task,
                                  offset=pos, progress=moved)
@@ -1025,15 +1143,35 @@ class Fetcher:
                         failure.append(disk_error(exc, f"writing {task.temp}"))
                         cond.notify_all()
                     return
-            os.fdatasync(fd)
-            synced[index] = end - start
-            self.report(("range", task.id, index, end - start))
+            try:
+                os.fdatasync(fd)  # a whole range: recorded at once, not at the next checkpoint
+            except OSError as exc:
+                with cond:
+                    failure.append(disk_error(exc, f"writing {task.temp}"))
+                    cond.notify_all()
+                return
+            synced_to(index, end - start)
 
         threads: list[threading.Thread] = []
         synced = list(written)
-        # Progress inside a range, for resume. Each fdatasync flushes the whole file and stalls
-        # its stream, so ranges up to 16 MiB report (and sync) once, at their end.
-        sync_step = max(16 * 2**20, task.range_size // 4)
+        sync_lock = threading.Lock()
+
+        def checkpoint() -> None:
+            """How far each range got, for a resume that continues mid-range: fsync the temp
+            file first, so what the engine records is on disk. One fdatasync covers every range,
+            and the streams never wait for it (they only pwrite)."""
+            with cond:
+                now_written = list(written)
+            os.fdatasync(fd)
+            for i, n in enumerate(now_written):
+                synced_to(i, n)
+
+        def synced_to(index: int, n: int) -> None:
+            with sync_lock:
+                if n > synced[index]:
+                    synced[index] = task.done_ranges[index] = n  # a retry in this process continues too
+                    self.report(("range", task.id, index, n))
+
         pending = [i for i in range(len(ranges)) if written[i] < ranges[i][1] - ranges[i][0]]
         lock = threading.Lock()
 
@@ -1054,8 +1192,12 @@ class Fetcher:
         head = bytearray()
         buf = self._buffer()
         pos = 0
+        next_checkpoint = time.monotonic() + CHECKPOINT_SECONDS
         try:
             while pos < task.size:
+                if time.monotonic() >= next_checkpoint:
+                    checkpoint()
+                    next_checkpoint = time.monotonic() + CHECKPOINT_SECONDS
                 index = pos // task.range_size
                 with cond:
                     while True:
@@ -1081,6 +1223,11 @@ class Fetcher:
                 cond.notify_all()
             for t in threads:
                 t.join()
+            if not exc.restart and exc.kind != "corrupt":
+                try:
+                    checkpoint()  # keep what arrived: the next attempt or run continues from there
+                except OSError:
+                    pass
             os.close(fd)
             if exc.restart or exc.kind == "corrupt":
                 raise

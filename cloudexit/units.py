@@ -167,12 +167,12 @@ def format_duration(seconds: float) -> str:
     return f"{days} d {rest_hours} h" if rest_hours else f"{days} d"
 
 
-_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+_DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 
 def parse_duration(text: str) -> timedelta:
-    """`7d`, `36h`, `90m`, `2w`, `30s` -> timedelta; a bare number is refused (which unit?)."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*", text or "")
+    """`7d`, `36h`, `90m`, `2w`, `30s`, `40ms` -> timedelta; a bare number is refused (which unit?)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|[smhdw])\s*", text or "")
     if not match:
         raise UsageError(f"cannot read duration {text!r}", hint="write it like 7d, 36h, 90m or 2w")
     return timedelta(seconds=float(match.group(1)) * _DURATION_UNITS[match.group(2)])

@@ -26,11 +26,14 @@ from collections import defaultdict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
 from typing import Any
+from urllib.parse import urlsplit
 
 from .errors import UsageError
 from .state import State, now
 from .stores import Store, StoreError
+from .stores.claim import RESERVED, members, note_conflicts, read_marker
 
 # Attribute values a report may show; anything else (patient, names, dates, free text) is only
 # said to differ, never shown.
@@ -47,7 +50,7 @@ PIXEL_TAG = 0x7FE00010
 @dataclass
 class Finding:
     level: str  # object | file | study | series | instance
-    problem: str  # missing | extra | size | sha256 | not-a-file | not-delivered | count
+    problem: str  # missing | extra | size | mtime | sha256 | not-a-file | not-delivered | count
     key: str | None = None
     path: str | None = None
     study_uid: str | None = None
@@ -56,6 +59,18 @@ class Finding:
     expected: str | None = None
     found: str | None = None
     detail: str | None = None
+
+    def text(self) -> str:
+        """The finding in one line for a person: what, where, the figures, why."""
+        where = self.path or self.key or self.sop_uid or self.series_uid or self.study_uid
+        if self.problem == "not-delivered":  # `found` is the transfer's state, nothing was expected
+            extra = (" (never migrated)" if self.found in (None, "not migrated")
+                     else f" (the migration recorded it as {self.found})")
+        elif self.expected is not None or self.found is not None:
+            extra = f" (expected {self.expected or '-'}, found {self.found or 'none'})"
+        else:
+            extra = ""
+        return f"{self.level} {self.problem}: {where}{extra}" + (f"; {self.detail}" if self.detail else "")
 
 
 @dataclass
@@ -131,6 +146,16 @@ def destinations(state: State) -> list[str]:
         if r["dest"] not in seen:
             seen.append(r["dest"])
     return seen
+
+
+def dicomweb_twin(state: State, dest: str, given: list[str] | tuple[str, ...] = ()) -> str | None:
+    """A DICOMweb URL of the same host as the dicom:// destination `dest`, from the destinations
+    given or those the migration delivered to (QIDO-RS answers where C-FIND is refused)."""
+    host = urlsplit(dest).hostname
+    for other in [*given, *destinations(state)]:
+        if other.startswith("dicomweb+") and urlsplit(other).hostname == host:
+            return other
+    return None
 
 
 def verify(state: State, store: Store, deep: bool = False, sample: int = 0, seed: int | None = None,
@@ -209,8 +234,10 @@ def _verify_filesystem(state: State, store: Any, deep: bool, report: VerifyRepor
     with ThreadPoolExecutor(threads) as pool:
         while True:
             page = state.query(
-                "SELECT t.rowid AS id, t.key, t.path, t.size, t.sha256, t.state, o.kind, o.study_uid, "
-                "o.series_uid, o.sop_uid FROM transfers t LEFT JOIN objects o ON o.key = t.key "
+                # file_size: a decoded instance's file (the object's size is the raw object's)
+                "SELECT t.rowid AS id, t.key, t.path, coalesce(t.file_size, t.size) AS size, t.sha256, t.mtime_ns, "
+                "t.state, o.kind, o.study_uid, o.series_uid, o.sop_uid "
+                "FROM transfers t LEFT JOIN objects o ON o.key = t.key "
                 # `+t.dest`: walk the rowid range, not the (dest, path) index (a sort per page).
                 f"WHERE +t.dest = ? AND t.rowid > ? AND {_ARCHIVED} ORDER BY t.rowid LIMIT ?",
                 (report.dest, last, _PAGE))
@@ -219,11 +246,18 @@ def _verify_filesystem(state: State, store: Any, deep: bool, report: VerifyRepor
             last = page[-1]["id"]
             checked = pool.map(lambda r: _check_file(root, r, deep), page) if deep else \
                 (_check_file(root, r, deep) for r in page)
-            for r, problems in zip(page, checked, strict=True):
+            times = []
+            for r, (problems, mtime_ns) in zip(page, checked, strict=True):
+                if mtime_ns is not None:
+                    times.append((mtime_ns, r["id"]))
                 for finding in problems:
                     report.add(finding)
                 if problems:
                     conn.execute("INSERT OR IGNORE INTO temp.verify_bad VALUES (?)", (r["key"],))
+            if times:  # proven by their hash: quick checks compare these times from now on
+                with state.transaction() as tx:
+                    tx.executemany("UPDATE transfers SET mtime_ns = ? WHERE rowid = ?", times)
+                report.counts["files_mtime_recorded"] += len(times)
             report.counts["files_checked"] += len(page)
             report.counts["files_rehashed"] += sum(1 for r in page if deep and r["sha256"])
             done += len(page)
@@ -231,6 +265,7 @@ def _verify_filesystem(state: State, store: Any, deep: bool, report: VerifyRepor
     report.counts["files_ok"] = report.counts["files_checked"] - sum(
         1 for f in report.findings if f.level == "file")
     _extra_files(state, root, report)
+    report.counts["archive_conflicts_noted"] = note_conflicts(state, report.dest, root)
     # Every object of the inventory must have been accounted for at this destination.
     for r in state.query(
             "SELECT o.key, o.kind, o.study_uid, o.sop_uid, t.state, t.reason FROM objects o "
@@ -256,47 +291,74 @@ def _verify_filesystem(state: State, store: Any, deep: bool, report: VerifyRepor
         report.studies.append(count)
         if count.status != "ok":
             report.add(Finding("study", count.status if count.status == "missing" else "count",
-                               study_uid=r["study"], expected=str(r["want"]), found=str(r["have"])))
+                               study_uid=r["study"], expected=str(r["want"]), found=str(r["have"] or 0)))
     report.counts["expected_instances"] = sum(s.expected_instances for s in report.studies)
     report.counts["found_instances"] = sum(s.found_instances or 0 for s in report.studies)
     conn.execute("DELETE FROM temp.verify_bad")
 
 
-def _check_file(root: str, r: sqlite3.Row, deep: bool) -> list[Finding]:
-    """What is wrong with one archived file (nothing: an empty list)."""
+def _check_file(root: str, r: sqlite3.Row, deep: bool) -> tuple[list[Finding], int | None]:
+    """What is wrong with one archived file (nothing: an empty list), and, when `deep` proved
+    its bytes and its modification time is not the one recorded (a file placed before schema
+    7, or touched since with its content unchanged), the time to record for quick checks."""
+    findings, st = _file_findings(root, r, deep)
+    if deep and not findings and r["sha256"] and st is not None and st.st_mtime_ns != r["mtime_ns"]:
+        return findings, st.st_mtime_ns
+    return findings, None
+
+
+def _file_findings(root: str, r: sqlite3.Row, deep: bool) -> tuple[list[Finding], os.stat_result | None]:
     full = os.path.join(root, r["path"])
     where = dict(key=r["key"], path=r["path"], study_uid=r["study_uid"], sop_uid=r["sop_uid"])
     try:
         st = os.lstat(full)
     except FileNotFoundError:
-        return [Finding("file", "missing", **where)]
+        return [Finding("file", "missing", **where)], None
     if not stat.S_ISREG(st.st_mode):
-        return [Finding("file", "not-a-file", **where)]
+        return [Finding("file", "not-a-file", **where)], st
     if r["size"] is not None and st.st_size != r["size"]:
-        return [Finding("file", "size", expected=str(r["size"]), found=str(st.st_size), **where)]
+        return [Finding("file", "size", expected=str(r["size"]), found=str(st.st_size), **where)], st
+    if not deep and r["mtime_ns"] is not None and st.st_mtime_ns != r["mtime_ns"]:
+        # Same size, another modification time: the file was replaced or written to since it
+        # was placed (--deep then says whether its bytes differ).
+        return [Finding("file", "mtime", expected=_ns_text(r["mtime_ns"]), found=_ns_text(st.st_mtime_ns),
+                        detail="replaced or modified since it was placed; `verify --deep` compares "
+                               "its content", **where)], st
     if deep and r["sha256"]:
         digest = hashlib.sha256()
         with open(full, "rb") as fh:
             while chunk := fh.read(2**20):
                 digest.update(chunk)
         if digest.hexdigest() != r["sha256"]:
-            return [Finding("file", "sha256", expected=r["sha256"], found=digest.hexdigest(), **where)]
-    return []
+            return [Finding("file", "sha256", expected=r["sha256"], found=digest.hexdigest(), **where)], st
+    return [], st
+
+
+def _ns_text(ns: int) -> str:
+    return datetime.fromtimestamp(ns / 1e9, timezone.utc).isoformat(timespec="microseconds")
 
 
 def _extra_files(state: State, root: str, report: VerifyReport) -> None:
     """Files in the archive the migration did not put there, looked up in the DB folder by folder
-    (the unique index on (dest, path)), not held as one set of every path."""
+    (the unique index on (dest, path)), not held as one set of every path.
+
+    In an archive shared with other migrations (`migrate --join-archive`) their files are
+    counted (`files_other_migrations`), not reported: this DB cannot tell them from others."""
+    shared = len(members(read_marker(root))) > 1
     for folder, _dirs, files in os.walk(root):
         below = os.path.relpath(folder, root).replace(os.sep, "/")
         prefix = "" if below == "." else below + "/"
+        if not prefix:
+            files = [f for f in files if f not in RESERVED]  # the archive's marker and ledger
         for i in range(0, len(files), 500):
             rels = {prefix + name: name for name in files[i:i + 500]}
             known = {r[0] for r in state.query(
                 f"SELECT path FROM transfers t WHERE t.dest = ? AND {_ARCHIVED} "
                 f"AND t.path IN ({','.join('?' * len(rels))})", (report.dest, *rels))}
             for rel, name in rels.items():
-                if rel not in known:
+                if rel not in known and shared and not name.startswith(".cloudexit-"):
+                    report.counts["files_other_migrations"] += 1
+                elif rel not in known:
                     temp = name.startswith(".cloudexit-")
                     report.add(Finding("file", "extra", path=rel,
                                        detail="temp file left by an interrupted run" if temp else None))
@@ -360,7 +422,8 @@ def _explain(series: dict[str, set[str]], notes: dict[str, str]) -> str | None:
 
 # -- samples ----------------------------------------------------------------------------------------
 def _sample(state: State, store: Any, n: int, seed: int, report: VerifyReport, tick: Progress) -> None:
-    """Fetch `n` instances back from the PACS and compare them with the archived copies."""
+    """Fetch `n` instances back from the PACS (the kept copy of every shared SOP Instance UID
+    first, then random ones) and compare them with the archived copies."""
     missing = {f.sop_uid for f in report.findings if f.level == "instance" and f.problem == "missing"}
     missing_studies = {s.study_uid for s in report.studies if s.found_instances is None}
     rows = state.query(
@@ -377,7 +440,14 @@ def _sample(state: State, store: Any, n: int, seed: int, report: VerifyReport, t
     if not pool:
         report.counts["samples_unavailable"] = n
         return
-    chosen = random.Random(seed).sample(pool, min(n, len(pool)))
+    # A SOP Instance UID the source holds more than once is where a PACS may keep the wrong copy
+    # (one that overwrites instances keeps the last sent): its kept copy is always compared.
+    shared = {r[0] for r in state.query(
+        "SELECT sop_uid FROM objects WHERE kind = 'dicom' AND status = 'present' AND sop_uid IS NOT NULL "
+        "GROUP BY sop_uid HAVING count(*) > 1")}
+    always = [r for r in pool if r["sop_uid"] in shared]
+    rest = [r for r in pool if r["sop_uid"] not in shared]
+    chosen = always + random.Random(seed).sample(rest, min(max(0, n - len(always)), len(rest)))
     for i, r in enumerate(chosen, 1):
         report.samples.append(_compare_one(store, r))
         tick("samples", i, len(chosen))

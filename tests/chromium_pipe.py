@@ -107,8 +107,9 @@ class _Pipe:
 
 
 def render(url: str, screenshot: str | Path | None = None, width: int = 1200,
-           pdf: str | Path | None = None) -> dict[str, Any]:
-    """Load `url`; return {"console": [...], "errors": [...], "requests": [...], "pdf_pages": n}."""
+           pdf: str | Path | None = None, evaluate: str | None = None) -> dict[str, Any]:
+    """Load `url`; return {"console": [...], "errors": [...], "requests": [...], "pdf_pages": n}
+    and, with `evaluate` (a JavaScript expression), its value as "value"."""
     profile = tempfile.mkdtemp(prefix="cx-chromium-")
     pipe = _Pipe(profile)
     try:
@@ -122,7 +123,8 @@ def render(url: str, screenshot: str | Path | None = None, width: int = 1200,
         pipe.send("Page.navigate", {"url": url}, session=session)
         pipe.wait_for("Page.loadEventFired")
         time.sleep(0.3)  # late console messages
-        pipe.send("Runtime.evaluate", {"expression": "1"}, session=session)
+        value = pipe.send("Runtime.evaluate", {"expression": evaluate or "1", "returnByValue": True},
+                          session=session).get("result", {}).get("value")
         metrics = pipe.send("Page.getLayoutMetrics", session=session)
         height = int(metrics["cssContentSize"]["height"])
         if screenshot is not None:
@@ -148,6 +150,6 @@ def render(url: str, screenshot: str | Path | None = None, width: int = 1200,
                and e["params"]["entry"].get("level") in ("error", "warning")]
     errors += [c for c in console if c.get("type") in ("error", "warning", "assert")]
     requests = [e["params"]["request"]["url"] for e in events if e.get("method") == "Network.requestWillBeSent"]
-    return {"console": console, "errors": errors, "requests": requests, "height": height,
+    return {"console": console, "errors": errors, "requests": requests, "height": height, "value": value,
             "pdf_pages": data.count(b"/Type /Page") - data.count(b"/Type /Pages"),
             "pdf_bytes": len(data)}

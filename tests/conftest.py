@@ -14,7 +14,7 @@ from click.testing import CliRunner, Result
 from cloudexit.cli import main
 from cloudexit.s3server import SeaweedServer
 from faultproxy import fault_proxy  # noqa: F401 - fixtures, registered for every test
-from orthanc import needs, orthanc, pacs, status_scp  # noqa: F401
+from orthanc import needs, orthanc, overwriting_orthanc, overwriting_pacs, pacs, status_scp  # noqa: F401
 
 _bucket_ids = itertools.count(1)
 
@@ -36,12 +36,17 @@ def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedServer]:
         yield server
 
 
-@pytest.fixture
-def s3_env(s3: SeaweedServer, monkeypatch: pytest.MonkeyPatch) -> SeaweedServer:
+def point_at(s3: SeaweedServer, monkeypatch: pytest.MonkeyPatch) -> None:
     """Point boto3 (in this process and in subprocesses) at the test server."""
     for name, value in s3.env().items():
         monkeypatch.setenv(name, value)
     monkeypatch.delenv("AWS_PROFILE", raising=False)
+
+
+@pytest.fixture
+def s3_env(s3: SeaweedServer, monkeypatch: pytest.MonkeyPatch) -> SeaweedServer:
+    """Point boto3 (in this process and in subprocesses) at the test server."""
+    point_at(s3, monkeypatch)
     return s3
 
 

@@ -109,7 +109,7 @@ class Seen:
 class Rule:
     """One programmed fault. Returned by the fault methods; `fired` counts its uses."""
 
-    kind: str  # status | drop | truncate | flip | delay
+    kind: str  # status | drop | truncate | flip | shorten | delay
     method: str | None = None
     key: re.Pattern[str] | None = None
     query: re.Pattern[str] | None = None
@@ -146,6 +146,7 @@ class _Archive:
 class _Restore:
     ready_at: float  # wall-clock time the restore completes
     days: int
+    tier: str = ""  # the Tier the RestoreRequest asked for ("" when it named none)
 
 
 class FaultProxy:
@@ -175,12 +176,14 @@ class FaultProxy:
         self._archives: list[_Archive] = []
         self._restores: dict[tuple[str, str], _Restore] = {}
         self._down = False
+        self._pace: float | None = None  # bytes per second per response body (None: as fast as it goes)
         self._seen: list[Seen] = []
         self._bytes_sent = 0
         self._bytes_received = 0
         self._resets = 0
         self._accepted = 0
         self._connections: set[socket.socket] = set()
+        self._pacer: _TokenBucket | None = None
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
@@ -299,12 +302,37 @@ class FaultProxy:
         rule = Rule("flip", method, at=offset, times=times, probability=probability)
         return self._add(rule, key, query)
 
+    def shorten(self, by: int = 1, *, method: str | None = "GET", key: str | None = None,
+                query: str | None = None, times: int | None = None,
+                probability: float | None = None) -> Rule:
+        """Announce a Content-Length `by` bytes short and send that many body bytes, then close:
+        a middlebox that rewrote the length. The client sees a whole, well-formed answer.
+
+        No-op (but still counted as fired) on a body without a Content-Length.
+        """
+        rule = Rule("shorten", method, at=by, times=times, probability=probability)
+        return self._add(rule, key, query)
+
     def delay(self, seconds: float, *, method: str | None = None, key: str | None = None,
               query: str | None = None, times: int | None = None,
               probability: float | None = None) -> Rule:
         """Wait `seconds` before forwarding the request (a slow first byte)."""
         rule = Rule("delay", method, seconds=seconds, times=times, probability=probability)
         return self._add(rule, key, query)
+
+    def pace(self, bytes_per_second: float | None) -> None:
+        """Send every response body at most this fast (per response), in small writes, as a slow
+        link would: little is ever waiting in socket buffers, so `bytes_sent` is what the client
+        has read, give or take one write. None: full speed again."""
+        with self._lock:
+            self._pace = bytes_per_second
+
+    def shape(self, bytes_per_s: float | None, burst: int = 64 * 1024) -> None:
+        """Shape every response body, all connections together (unlike `pace`, per response), to `bytes_per_s` with a token
+        bucket of `burst` bytes (a large burst: a link that is fast, then throttled). A double
+        of a shaped link (`tc ... tbf`), for tests that must run without root; None: unshaped."""
+        with self._lock:
+            self._pacer = _TokenBucket(bytes_per_s, burst) if bytes_per_s else None
 
     def remove(self, rule: Rule) -> None:
         with self._lock:
@@ -368,18 +396,24 @@ class FaultProxy:
                     return arch
         return None
 
-    def _restore(self, arch: _Archive, bucket: str, key: str, days: int) -> int:
+    def _restore(self, arch: _Archive, bucket: str, key: str, days: int, tier: str = "") -> int:
         """Record a RestoreObject; the AWS status code: 202 new, 409 ongoing, 200 restored."""
         now = time.time()
         with self._lock:
             state = self._restores.get((bucket, key))
             if state is None:
-                self._restores[(bucket, key)] = _Restore(now + arch.restore_delay, days)
+                self._restores[(bucket, key)] = _Restore(now + arch.restore_delay, days, tier)
                 return 202
             if now < state.ready_at:
                 return 409
             state.days = days  # AWS extends the expiry of a restored copy
             return 200
+
+    def restore_tier(self, bucket: str, key: str) -> str | None:
+        """The Tier the first RestoreObject of `key` asked for (None: no restore was asked)."""
+        with self._lock:
+            state = self._restores.get((bucket, key))
+        return None if state is None else state.tier
 
     def restored(self, bucket: str, key: str) -> bool:
         """Whether an archived object may be read now."""
@@ -636,6 +670,14 @@ class _Handler(socketserver.StreamRequestHandler):
                 body = self.proxy._rewrite_listing(request.bucket, body)
             headers = [(k, v) for k, v in headers if k.lower() != "content-length"]
             headers.append(("Content-Length", str(len(body))))
+        if (rule and rule.kind == "shorten" and not bodiless and body is None
+                and response.length is not None and not response.chunked):
+            # Announce fewer bytes, send only those, and close: the rest is never read upstream.
+            short = max(0, response.length - rule.at)
+            headers = [(k, v) for k, v in headers if k.lower() != "content-length"]
+            headers.append(("Content-Length", str(short)))
+            keep = False
+            rule = Rule("truncate", at=short)
         chunked = not bodiless and body is None and response.chunked
         # Without a length or chunking, the body ends when the connection closes.
         if not bodiless and body is None and not chunked and response.length is None:
@@ -668,7 +710,12 @@ class _Handler(socketserver.StreamRequestHandler):
         elif rule and rule.kind == "flip":
             flip_at = rule.at
         sent = 0
-        for chunk in chunks:
+        started = time.monotonic()
+        # Paced or shaped: in 16 KiB pieces, as a slow link sends packets (the first bytes of an
+        # answer come soon, and what is counted as sent is what went out, give or take a piece).
+        for chunk in _paced(chunks, self.proxy._pace or (self.proxy._pacer and 1.0)):
+            if self.proxy._pace:
+                time.sleep(max(0.0, sent / self.proxy._pace - (time.monotonic() - started)))
             if self.proxy.is_down:
                 self._close_upstream()
                 raise _Reset
@@ -680,7 +727,12 @@ class _Handler(socketserver.StreamRequestHandler):
             if cut:
                 chunk = chunk[:limit - sent]
             if chunk:
+                pacer = self.proxy._pacer
+                if pacer is not None:
+                    pacer.take(len(chunk))
                 self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk) if chunked else chunk)
+                if pacer is not None:
+                    self.wfile.flush()
                 sent += len(chunk)
                 self.proxy._count_bytes(seen, sent=len(chunk))
             if cut:
@@ -696,8 +748,10 @@ class _Handler(socketserver.StreamRequestHandler):
                         keep: bool) -> bool:
         body = b"".join(self._body_chunks(headers))
         found = re.search(rb"<Days>\s*(\d+)\s*</Days>", body)
+        tier = re.search(rb"<Tier>\s*(\w+)\s*</Tier>", body)
         status = self.proxy._restore(arch, request.bucket, request.key,
-                                     int(found.group(1)) if found else 1)
+                                     int(found.group(1)) if found else 1,
+                                     tier.group(1).decode() if tier else "")
         if status == 409:
             self._send_error(request, seen, 409, "RestoreAlreadyInProgress",
                              _MESSAGES["RestoreAlreadyInProgress"], keep)
@@ -799,6 +853,34 @@ def _base_headers(length: int, keep: bool, request_id: str | None = None) -> lis
     if not keep:
         headers.append(("Connection", "close"))
     return headers
+
+
+def _paced(chunks: Iterator[bytes], pace: float | None) -> Iterator[bytes]:
+    """The chunks, in pieces of 16 KiB when paced."""
+    for chunk in chunks:
+        if not pace:
+            yield chunk
+            continue
+        for start in range(0, len(chunk), 16384):
+            yield chunk[start:start + 16384]
+
+
+class _TokenBucket:
+    """Bytes at `rate` per second after a first `burst`; takers that overdraw wait their turn."""
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate, self.burst = float(rate), float(burst)
+        self.tokens, self.last = float(burst), time.monotonic()
+        self.lock = threading.Lock()
+
+    def take(self, n: int) -> None:
+        with self.lock:
+            clock = time.monotonic()
+            self.tokens = min(self.burst, self.tokens + (clock - self.last) * self.rate) - n
+            self.last = clock
+            wait = -self.tokens / self.rate if self.tokens < 0 else 0.0
+        if wait:
+            time.sleep(wait)
 
 
 def _chunks(response: http.client.HTTPResponse) -> Iterator[bytes]:

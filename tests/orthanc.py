@@ -3,15 +3,20 @@ the statuses a test asks for.
 
 * `OrthancServer(workdir)`: `/usr/sbin/Orthanc` with its own JSON config: random free HTTP and
   DICOM ports on 127.0.0.1, storage in `workdir`, the DICOMweb plugin, C-STORE/C-FIND/C-GET open
-  to any calling AE (our default CLOUDEXIT is also declared as a modality). `stop()` and
-  `start()` keep ports and storage, for "PACS down mid-run" tests.
+  to any calling AE (our default CLOUDEXIT is also declared as a modality). `overwrite=True`
+  sets "OverwriteInstances" (a second object with a known SOP Instance UID replaces the first,
+  as some PACS are configured). `stop()` and
+  `start()` keep ports and storage, for "PACS down mid-run" tests. `options` (a dict, or
+  keywords) overrides config entries (e.g. `{"StorageCompression": True}`); `storage` is its
+  storage folder and `attachments()` maps each file there to its instance and attachment kind.
 * fixtures: `orthanc` (one per session), `pacs` (the same Orthanc, emptied before the test),
+  `overwriting_pacs` (a second Orthanc with OverwriteInstances, emptied before the test),
   `status_scp` (an in-process Storage SCP; `status_scp.statuses[sop_uid] = 0xA700` makes it answer
   that status for that instance, everything else gets 0x0000).
 * `write_objects(objects, folder)`: synthetic objects as files plus the `Item` a store gets.
 
 Register them in tests/conftest.py with:
-    from orthanc import orthanc, pacs, status_scp  # noqa: F401
+    from orthanc import orthanc, overwriting_orthanc, overwriting_pacs, pacs, status_scp  # noqa: F401
 """
 
 from __future__ import annotations
@@ -62,7 +67,11 @@ def needs(*parts: str) -> None:
 class OrthancServer:
     """One Orthanc process with its own config, ports and storage."""
 
-    def __init__(self, workdir: Path, aet: str = AET, users: dict[str, str] | None = None) -> None:
+    def __init__(self, workdir: Path, aet: str = AET, users: dict[str, str] | None = None,
+                 overwrite: bool = False, options: dict[str, Any] | None = None, **more: Any) -> None:
+        """`options` (a dict) and keywords: Orthanc configuration entries that replace the
+        defaults below, e.g. {"StorageCompression": True}, or DicomAlwaysAllowFind=False,
+        DicomModalities={} (a PACS that lets any AE store, only registered ones query)."""
         self.workdir = Path(workdir)
         self.aet = aet
         self.users = users
@@ -70,7 +79,7 @@ class OrthancServer:
         self.dicom_port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
         self.config = self.workdir / "orthanc.json"
-        storage = self.workdir / "storage"
+        storage = self.storage = self.workdir / "storage"
         storage.mkdir(parents=True, exist_ok=True)
         self.config.write_text(json.dumps({
             "Name": "cloudexit-test",
@@ -85,10 +94,11 @@ class OrthancServer:
             "DicomModalities": {"cloudexit": ["CLOUDEXIT", "127.0.0.1", 11112]},
             "Plugins": [DICOMWEB_PLUGIN],
             "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
-            "StorageCompression": False, "OverwriteInstances": False,
+            "StorageCompression": False, "OverwriteInstances": overwrite,
             "LimitFindResults": 0, "LimitFindInstances": 0,
             "DicomScuTimeout": 30, "DicomAssociationCloseDelay": 0,
             "SaveJobs": False, "ConcurrentJobs": 2,
+            **(options or {}), **more,
         }))
 
     # -- addresses --------------------------------------------------------------------------------
@@ -176,6 +186,17 @@ class OrthancServer:
         with urllib.request.urlopen(req, timeout=30) as resp:
             return resp.read()
 
+    def attachments(self) -> dict[str, tuple[str, str]]:
+        """Every attachment file in the storage area: {uuid: (SOP Instance UID, attachment
+        name)}, from the REST API (the mapping lives only in Orthanc's index)."""
+        found = {}
+        for oid in self.rest("GET", "/instances"):
+            sop = self.rest("GET", f"/instances/{oid}/simplified-tags")["SOPInstanceUID"]
+            for name in self.rest("GET", f"/instances/{oid}/attachments"):
+                info = self.rest("GET", f"/instances/{oid}/attachments/{name}/info")
+                found[info["Uuid"]] = (sop, name)
+        return found
+
     def delete_instance(self, sop_uid: str) -> None:
         oid = self.find_instance(sop_uid)
         assert oid, sop_uid
@@ -207,10 +228,29 @@ def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OrthancServer]
 @pytest.fixture
 def pacs(orthanc: OrthancServer) -> OrthancServer:
     """The session's Orthanc, running and empty."""
-    if orthanc.proc is None or orthanc.proc.poll() is not None:
-        orthanc.start()
-    orthanc.clear()
-    return orthanc
+    return _running_and_empty(orthanc)
+
+
+def _running_and_empty(server: OrthancServer) -> OrthancServer:
+    if server.proc is None or server.proc.poll() is not None:
+        server.start()
+    server.clear()
+    return server
+
+
+@pytest.fixture(scope="session")
+def overwriting_orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OrthancServer]:
+    if not os.path.exists(ORTHANC):
+        pytest.skip("Orthanc is not installed (apt-get install orthanc orthanc-dicomweb)")
+    with OrthancServer(tmp_path_factory.mktemp("orthanc-overwrite"), overwrite=True) as server:
+        yield server
+
+
+@pytest.fixture
+def overwriting_pacs(overwriting_orthanc: OrthancServer) -> OrthancServer:
+    """An Orthanc that keeps the LAST object sent for a SOP Instance UID ("OverwriteInstances"),
+    running and empty."""
+    return _running_and_empty(overwriting_orthanc)
 
 
 class StatusSCP:

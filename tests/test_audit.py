@@ -39,7 +39,7 @@ def migrated(s3: SeaweedServer, tmp_path_factory: pytest.TempPathFactory) -> dic
     for name, value in s3.env().items():
         mp.setenv(name, value)
     mp.delenv("AWS_PROFILE", raising=False)
-    bucket = f"audit-{os.getpid()}"
+    bucket = f"audit-{os.getpid()}-{os.urandom(4).hex()}"  # the fixture is also imported by test_audit_sign
     s3.client().create_bucket(Bucket=bucket)
     truth = synthetic.upload(s3.client(), bucket, synthetic.generate(synthetic.Profile.tiny()))
     root = tmp_path_factory.mktemp("audit")
@@ -301,13 +301,14 @@ def test_no_migration_unreadable_and_foreign_db(migrated, tmp_path: Path) -> Non
     garbage.write_bytes(os.urandom(4096))
     r = run("audit", "--db", garbage, "--out", tmp_path / "b")
     assert r.exit_code == 1
-    assert r.output == f"Error: {garbage} is not a cloudexit state database (file is not a database)\n"
+    assert r.output == (f"Error: {garbage} is not a cloudexit state database (not an SQLite file)\n"
+                        "  hint: pass --db with a new file name for a new migration\n")
     foreign = tmp_path / "foreign.db"
     with sqlite3.connect(foreign) as conn:
         conn.execute("CREATE TABLE t (x)")
     r = run("audit", "--db", foreign, "--out", tmp_path / "c")
     assert r.exit_code == 1
-    assert r.output == (f"Error: {foreign} is not a cloudexit state database\n"
+    assert r.output == (f"Error: {foreign} is not a cloudexit state database (another SQLite database)\n"
                         "  hint: pass --db with a new file name for a new migration\n")
     r = run("audit", "--db", tmp_path / "none.db", "--out", tmp_path / "d")
     assert r.exit_code == 1 and r.output.startswith(f"Error: no state database at {tmp_path / 'none.db'}")

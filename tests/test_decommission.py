@@ -5,8 +5,11 @@ supports versioning, delete markers, ListObjectVersions and ETag-conditional Del
 from __future__ import annotations
 
 import json
+import os
 import re
 import stat
+import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -188,3 +191,61 @@ def test_usage_errors(cli, s3, bucket, db: Path, tmp_path: Path) -> None:
     assert cli("inventory", f"s3://{bucket}", "--db", str(db), "-q").exit_code == 0
     result = cli("decommission", "--db", str(db))
     assert result.exit_code == 2 and "nothing to decommission" in result.output
+
+
+def test_object_lock_is_read_in_the_dry_run(cli, s3, db: Path, tmp_path: Path) -> None:
+    """A bucket with Object Lock (SeaweedFS supports it): a COMPLIANCE and a GOVERNANCE retention
+    that has not ended and a legal hold keep three verified objects; the dry run promises only the
+    free one, lists the locked ones apart with their retain-until date, and --execute deletes
+    exactly what it promised."""
+    client = s3.client()
+    bucket = f"locked-{os.getpid()}"
+    client.create_bucket(Bucket=bucket, ObjectLockEnabledForBucket=True)
+    until = datetime.now(UTC) + timedelta(days=30)
+    past = datetime.now(UTC) + timedelta(seconds=2)
+    client.put_object(Bucket=bucket, Key="compliance.bin", Body=b"c" * 100, ObjectLockMode="COMPLIANCE",
+                      ObjectLockRetainUntilDate=until)
+    client.put_object(Bucket=bucket, Key="governance.bin", Body=b"g" * 100, ObjectLockMode="GOVERNANCE",
+                      ObjectLockRetainUntilDate=until)
+    client.put_object(Bucket=bucket, Key="hold.bin", Body=b"h" * 100, ObjectLockLegalHoldStatus="ON")
+    client.put_object(Bucket=bucket, Key="free.bin", Body=b"f" * 100)
+    client.put_object(Bucket=bucket, Key="ended.bin", Body=b"e" * 100, ObjectLockMode="GOVERNANCE",
+                      ObjectLockRetainUntilDate=past)  # retention ended by the time of the dry run
+    migrate_and_verify(cli, bucket, db, tmp_path / "archive")
+    while datetime.now(UTC) <= past:
+        time.sleep(0.2)
+
+    dry = cli("decommission", "--db", str(db), "--all-versions")
+    assert dry.exit_code == 3, dry.output
+    assert "under Object Lock: 3 verified versions" in dry.output, dry.output
+    day = until.strftime("%Y-%m-%d")
+    assert f"COMPLIANCE retention until {day}" in dry.output and f"GOVERNANCE retention until {day}" in dry.output
+    assert "legal hold on" in dry.output
+    doc = json.loads(cli("decommission", "--db", str(db), "--all-versions", "--json").output)
+    assert doc["to_delete"] == 2 and doc["locked"] == 3 and doc["kept"] == 3
+    plan_rows = {r["key"]: r for r in manifest_rows(doc["manifest"])}
+    assert {k for k, r in plan_rows.items() if r["action"] == "delete"} == {"free.bin", "ended.bin"}
+    assert all(plan_rows[k]["reason"].startswith("object lock: ")
+               for k in ("compliance.bin", "governance.bin", "hold.bin"))
+
+    done = cli("decommission", "--db", str(db), "--all-versions", "--execute", "--confirm", doc["token"], "--json")
+    assert done.exit_code == 3, done.output  # the locked ones stay, nothing failed
+    result = json.loads(done.output)
+    assert result["deleted"] == 2 and result["failed"] == [], result
+    assert set(keys_in(s3, bucket)) == {"compliance.bin", "governance.bin", "hold.bin"}
+
+
+def test_a_key_hidden_by_a_delete_marker_is_named_so(cli, s3, bucket, db: Path, tmp_path: Path) -> None:
+    """Deleted (a delete marker) before the inventory: no inventory lists it, so the manifest must
+    not call it new since the last inventory."""
+    client = s3.client()
+    client.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
+    objects = synthetic.upload(client, bucket, synthetic.generate(SMALL))
+    hidden = objects[0]
+    client.delete_object(Bucket=bucket, Key=hidden.key)
+    migrate_and_verify(cli, bucket, db, tmp_path / "archive")
+    doc = json.loads(cli("decommission", "--db", str(db), "--json").output)
+    (row,) = [r for r in manifest_rows(doc["manifest"]) if r["key"] == hidden.key and r["delete_marker"] == "0"]
+    assert row["action"] == "keep" and row["reason"].startswith("hidden by a delete marker")
+    assert "since the last inventory" not in row["reason"]
+    assert "hidden by a delete marker" in doc["kept_by_reason"]

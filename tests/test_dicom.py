@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 
+from cloudexit import synthetic
 from cloudexit.dicom import classify, patient_hash
 from cloudexit.paths import key_flags, safe_relative_path
 
@@ -96,6 +98,9 @@ def test_patient_hash_is_salted_and_stable() -> None:
     ("a\\..\\b", ["dot-segment", "backslash"]),
     ("a//b", ["empty-segment"]),
     ("bell\x07", ["control-char"]),
+    ("scan\u202egpj.exe", ["control-char"]),
+    ("a/\u2066b\u2069", ["control-char"]),
+    ("c1\x85", ["control-char"]),
     ("x" * 300, ["too-long"]),
     ("影像/张三 study/1.dcm", []),
 ])
@@ -114,7 +119,56 @@ def test_safe_relative_path_stays_inside(tmp_path, key: str) -> None:
     assert all(len(p.encode()) <= 255 for p in rel.parts)
 
 
+@pytest.mark.parametrize("char", [chr(c) for c in (*range(0x202A, 0x202F), *range(0x2066, 0x206A))])
+def test_bidi_controls_are_escaped_in_file_names(char: str) -> None:
+    """A bidi override in a key would show a file name in another order than it is."""
+    rel = str(safe_relative_path(f"scan{char}gpj.exe"))
+    assert char not in rel
+    assert rel == "scan" + "".join(f"%{b:02X}" for b in char.encode()) + "gpj.exe"
+    assert safe_relative_path("scan\u202egpj.exe") != safe_relative_path("scan%E2%80%AEgpj.exe")
+
+
 def test_safe_relative_paths_keep_distinct_keys_distinct() -> None:
     keys = ["a/../b", "a/%2E%2E/b", "a/b", "a//b", "x" * 300, "x" * 299 + "y"]
     paths = [safe_relative_path(k) for k in keys]
     assert len(set(paths)) == len(paths)
+
+
+# A cold interpreter parses truncated headers (they go to pydicom, not the fast path) on 64
+# threads that start a few ms apart, so that some begin while another is inside pydicom's
+# __init__. Before `preload` took a lock, 8 runs of 10 failed with an ImportError.
+_RACE = """
+import sys, threading, time, pathlib
+from cloudexit import dicom
+assert "pydicom" not in sys.modules
+cases = [(p.read_bytes(), int(p.stem.split("-")[1])) for p in pathlib.Path(sys.argv[1]).iterdir()]
+errors = []
+def work(i):
+    time.sleep(i * 0.004)
+    try:
+        for data, size in cases:
+            h = dicom.classify(data, size)
+            if "import" in (h.reason or "").lower():
+                errors.append(h.reason)
+    except BaseException as exc:
+        errors.append(repr(exc))
+threads = [threading.Thread(target=work, args=(i,)) for i in range(64)]
+[t.start() for t in threads]
+[t.join() for t in threads]
+print(errors[0] if errors else "ok")
+"""
+
+
+def test_threads_importing_pydicom_from_cold_do_not_race(tmp_path: Path) -> None:
+    """Probabilistic: 5 cold interpreters; each failed 8 times in 10 without the fix."""
+    import subprocess
+    import sys
+
+    bodies = [o.body() for o in synthetic.generate(synthetic.Profile.tiny()) if o.kind == "dicom"][:8]
+    for n, body in enumerate(bodies):
+        cut = 300 + 37 * n  # a truncated object: the header ends mid-element
+        (tmp_path / f"{n}-{cut}").write_bytes(body[:cut])
+    for _ in range(5):
+        out = subprocess.run([sys.executable, "-c", _RACE, str(tmp_path)], check=False,
+                             capture_output=True, text=True, timeout=60)
+        assert out.stdout.strip() == "ok", out.stdout + out.stderr

@@ -169,6 +169,25 @@ def test_truncate_keeps_length_header_and_cuts_body(proxy: FaultProxy, obj: tupl
     assert no_retries(proxy).get_object(Bucket=bucket, Key=key)["Body"].read() == data
 
 
+def test_shorten_announces_and_sends_fewer_bytes(proxy: FaultProxy, obj: tuple) -> None:
+    bucket, key, data = obj
+    proxy.shorten(by=1000, key=key, times=1)
+    client = no_retries(proxy, response_checksum_validation="when_required")
+    got = client.get_object(Bucket=bucket, Key=key)
+    assert got["ContentLength"] == len(data) - 1000
+    assert got["Body"].read() == data[:-1000]  # a whole, well-formed answer, only shorter
+    assert client.get_object(Bucket=bucket, Key=key)["Body"].read() == data
+
+
+def test_pace_holds_the_rate_of_a_body(proxy: FaultProxy, obj: tuple) -> None:
+    bucket, key, data = obj
+    proxy.pace(4 * len(data))  # 1 MiB at 4 MiB/s: about 0.25 s
+    started = time.monotonic()
+    assert no_retries(proxy).get_object(Bucket=bucket, Key=key)["Body"].read() == data
+    assert time.monotonic() - started >= 0.2
+    proxy.pace(None)
+
+
 def test_flip_corrupts_one_bit(proxy: FaultProxy, obj: tuple) -> None:
     bucket, key, data = obj
     proxy.flip(offset=123_456, key=key, times=1)

@@ -18,6 +18,7 @@ from dbutil import rows
 
 from cloudexit import synthetic
 from cloudexit.s3server import SeaweedServer
+from cloudexit.stores.claim import LOCK, MARKER, RESERVED
 from cloudexit.stores.filesystem import safe_key_path
 
 
@@ -87,8 +88,10 @@ def test_migrate_places_and_verifies_every_object(cli, inventoried, db: Path, tm
         else:
             assert row["path"] == where, o.key
             assert row["state"] == ("quarantined" if o.kind == "unreadable" else "verified"), o.key
-    # Exactly the objects, nothing else (no temp files), nothing outside DEST.
-    assert sorted(on_disk) == sorted(r["path"] for r in transfers.values())
+    # Exactly the objects and the archive's marker (and its lock), nothing else (no temp
+    # files), nothing outside DEST.
+    assert set(on_disk) & RESERVED == {MARKER, LOCK}
+    assert sorted(set(on_disk) - RESERVED) == sorted(r["path"] for r in transfers.values())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["archive", "state"]
     for p in dest.rglob("*"):
         mode = stat.S_IMODE(p.stat().st_mode)
@@ -213,7 +216,7 @@ def test_unfinished_run_blocks_a_new_one_and_resume_finishes(s3_env, inventoried
     assert done.exit_code == 3
     counts = {r["state"]: r["n"] for r in rows(db, "SELECT state, count(*) AS n FROM transfers GROUP BY 1")}
     assert set(counts) <= {"verified", "quarantined", "duplicate"}
-    assert not list(dest.rglob(".cloudexit-*"))
+    assert not [p for p in dest.rglob(".cloudexit-*") if p.name not in RESERVED]  # no temp files
     assert rows(db, "SELECT bwlimit FROM migration_runs")[0]["bwlimit"] == "2M"
 
 

@@ -16,6 +16,7 @@ from click.testing import CliRunner
 from cloudexit import synthetic
 from cloudexit.cli import main
 from cloudexit.s3server import SeaweedServer
+from cloudexit.stores.dicomfile import dataset_sha256
 from orthanc import OrthancServer
 
 
@@ -41,8 +42,9 @@ def _check_delivered(db: Path, dest: str, objects: list[synthetic.SyntheticObjec
     pair = [o.key for o in dicom if o.case == "dup-sop-conflict"]
     shared = {o.sop_uid for o in dicom if o.case == "dup-sop-conflict"}
     assert len(pair) == 2 and len(shared) == 1
-    # Orthanc kept one copy of the shared SOP Instance UID: the other is a recorded conflict.
-    assert sorted(by_key[k]["state"] for k in pair) == ["conflict", "stored"], [dict(by_key[k]) for k in pair]
+    # The archive's kept copy of the shared SOP Instance UID went to the PACS; the quarantined
+    # one is recorded as not delivered.
+    assert sorted(by_key[k]["state"] for k in pair) == ["quarantined", "stored"], [dict(by_key[k]) for k in pair]
     others = [r for k, r in by_key.items() if k not in pair]
     assert {r["state"] for r in others} == {"stored"}, {r["key"]: r["reason"] for r in others}
     sops = {o.sop_uid for o in dicom}
@@ -55,10 +57,11 @@ def test_migrate_into_archive_and_cstore(cli: Any, inventoried: list[synthetic.S
                                          db: Path, tmp_path: Path, pacs: OrthancServer) -> None:
     archive = tmp_path / "archive"
     result = cli("migrate", "--to", str(archive), "--to", pacs.dicom_url, "--db", str(db), "--json")
-    assert result.exit_code == 3, result.output  # truncated object quarantined, one PACS conflict
+    assert result.exit_code == 3, result.output  # truncated object and a conflict copy quarantined
     summary = json.loads(result.output)
     (counts,) = summary["deliveries"].values()
-    assert counts.get("conflict") == 1 and counts.get("failed", 0) == 0 and "queued" not in counts
+    assert counts.get("quarantined") == 1 and counts.get("failed", 0) == 0 and "queued" not in counts
+    assert "conflict" not in counts
     _check_delivered(db, pacs.dicom_url, inventoried, pacs)
     # Every object is also in the archive, downloaded once.
     assert summary["fetched_this_run"] == summary["total"] == len(inventoried)
@@ -77,7 +80,7 @@ def test_migrate_into_archive_and_cstore(cli: Any, inventoried: list[synthetic.S
     last = int(pacs.rest("GET", "/changes?last")["Last"])
     before = pacs.instance_count()
     again = cli("migrate", "--resume", "--db", str(db), "--json")
-    assert again.exit_code == 3, again.output  # the recorded conflict still counts
+    assert again.exit_code == 3, again.output  # the quarantined copies still count
     repeat = json.loads(again.output)
     assert repeat["fetched_this_run"] == 0 and repeat["delivered_this_run"] == 0
     assert pacs.instance_count() == before and _new_instances(pacs, last) == 0
@@ -138,3 +141,47 @@ def test_audit_counts_non_dicom_as_migrated_with_a_pacs_destination(cli, s3, buc
     cli("audit", "--db", str(db), "--out", str(out))
     facts = json.loads((out / "audit.json").read_text())
     assert facts["exceptions"]["not_migrated"]["count"] == 0
+
+
+@pytest.mark.parametrize("via", ["dicom", "dicomweb"])
+def test_quarantined_copy_never_reaches_a_pacs_that_overwrites(
+        cli: Any, inventoried: list[synthetic.SyntheticObject], db: Path, tmp_path: Path,
+        overwriting_pacs: OrthancServer, via: str) -> None:
+    """Two objects share a SOP Instance UID with different content: the archive keeps the first
+    and quarantines the second. A PACS that keeps the last copy sent (OverwriteInstances) must
+    never be sent the quarantined one, and `verify --sample` compares the PACS's copy with the
+    kept one, whatever the sample size."""
+    pacs = overwriting_pacs
+    dest = pacs.dicom_url if via == "dicom" else pacs.dicomweb_url
+    archive = tmp_path / "archive"
+    result = cli("migrate", "--to", str(archive), "--to", dest, "--db", str(db), "--json")
+    assert result.exit_code == 3, result.output  # the quarantined copies
+    pair = {o.key for o in inventoried if o.case == "dup-sop-conflict"}
+    (sop,) = {o.sop_uid for o in inventoried if o.case == "dup-sop-conflict"}
+    kept = rows(db, "SELECT key, path FROM transfers WHERE dest LIKE 'file://%' AND state = 'verified' "
+                    "AND key IN (?, ?)", tuple(pair))
+    (held,) = rows(db, "SELECT key, path, conflict_with FROM transfers WHERE dest LIKE 'file://%' "
+                       "AND state = 'quarantined' AND key IN (?, ?)", tuple(pair))
+    assert len(kept) == 1 and held["conflict_with"] == kept[0]["key"]
+    by_key = {r["key"]: r for r in rows(db, "SELECT * FROM transfers WHERE dest = ? AND key IN (?, ?)",
+                                        (dest, *pair))}
+    assert by_key[kept[0]["key"]]["state"] == "stored"
+    withheld = by_key[held["key"]]
+    assert withheld["state"] == "quarantined" and withheld["conflict_with"] == kept[0]["key"], dict(withheld)
+    assert "not delivered" in withheld["reason"]
+    # The PACS holds the kept bytes (its own file meta aside).
+    kept_file, held_file = archive / kept[0]["path"], archive / held["path"]
+    assert dataset_sha256(data=pacs.stored_file(sop)) == dataset_sha256(str(kept_file))
+    assert dataset_sha256(str(held_file)) != dataset_sha256(str(kept_file))
+    check = cli("verify", "--db", str(db), "--to", dest, "--sample", "1", "--json")
+    assert check.exit_code == 0, check.output
+
+    # Someone else sends the quarantined copy: the PACS now holds other bytes for that UID.
+    pacs.rest("POST", "/instances", held_file.read_bytes())
+    assert dataset_sha256(data=pacs.stored_file(sop)) == dataset_sha256(str(held_file))
+    check = cli("verify", "--db", str(db), "--to", dest, "--sample", "1", "--json")
+    assert check.exit_code != 0, check.output
+    doc = json.loads(check.output)
+    (report,) = [d for d in doc["destinations"] if d["dest"] == dest]
+    bad = [s for s in report["samples"] if s["sop_uid"] == sop]
+    assert bad and bad[0]["result"] == "differs" and bad[0]["key"] == kept[0]["key"], report["samples"]

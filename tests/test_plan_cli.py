@@ -42,7 +42,7 @@ def test_plan_measure_stores_and_uses_the_link(cli, inventoried) -> None:
     db, _ = inventoried
     result = cli("plan", "--db", str(db), "--provider", "aws-s3", "--measure")
     assert result.exit_code == 0, result.output
-    assert "Measured the link on" in result.stdout and "The sample itself cost" in result.stdout
+    assert "Measured the link by migrating" in result.stdout and "The sample cost" in result.stdout
     # The stored measurement is used by the next plan without --measure or --bandwidth.
     again = cli("plan", "--db", str(db), "--provider", "aws-s3", "--json")
     assert again.exit_code == 0, again.output
@@ -94,3 +94,64 @@ def test_measure_with_the_bucket_unreachable(cli, inventoried, fault_proxy) -> N
                  "--endpoint-url", fault_proxy.endpoint_url)
     assert result.exit_code == 1
     assert "cannot reach" in result.stderr and fault_proxy.endpoint_url in result.stderr
+
+
+def test_plan_assume_size_is_labelled_everywhere_and_not_kept(cli, inventoried, tmp_path: Path) -> None:
+    """`--assume-size 40TB` scales the inventory's mix to 40 TB; text, Markdown, HTML (both
+    languages) and JSON all say it is an assumption, and the real plan stays the audit's."""
+    db, truth = inventoried
+    real = cli("plan", "--db", str(db), "--provider", "aliyun-oss", "--region", "cn-hangzhou", "--bandwidth", "1Gbit/s", "--json")
+    assert real.exit_code == 0, real.output
+    outs = {ext: tmp_path / f"p40.{ext}" for ext in ("md", "html", "json")}
+    result = cli("plan", "--db", str(db), "--provider", "aliyun-oss", "--region", "cn-hangzhou", "--bandwidth", "1Gbit/s",
+                 "--assume-size", "40TB", *[a for o in outs.values() for a in ("--out", str(o))])
+    assert result.exit_code == 0, result.output
+    assert "\nASSUMPTION: sized as 40.0 TB, not as the bucket inventoried" in result.stdout
+    plan = json.loads(outs["json"].read_text())
+    assert plan["workload"]["bytes"] == pytest.approx(40e12, rel=1e-3)
+    assert plan["assumed_size"]["bytes"] == sum(o.size for o in truth)
+    # One LIST page per 1,000 objects, not the tiny bucket's prefix walk scaled up.
+    assert plan["workload"]["inventory"]["list_requests"] == -(-plan["workload"]["objects"] // 1000)
+    assert plan["assumptions"][0].startswith("assumed size: 40.0 TB")
+    assert "ASSUMPTION" in outs["md"].read_text() and 'class="assumed"' in outs["html"].read_text()
+    zh = tmp_path / "p40-zh.html"
+    assert cli("plan", "--db", str(db), "--provider", "aliyun-oss", "--region", "cn-hangzhou", "--bandwidth", "1Gbit/s",
+               "--assume-size", "40TB", "--lang", "zh", "--out", str(zh), "-q").exit_code == 0
+    assert "假设：按 40.0 TB 估算" in zh.read_text()
+    from cloudexit.state import State
+
+    with State(db) as state:  # the plan the audit compares with is still the real bucket's
+        assert json.loads(state.meta("plan"))["workload"]["bytes"] == sum(o.size for o in truth)
+    bad = cli("plan", "--db", str(db), "--provider", "aliyun-oss", "--region", "cn-hangzhou", "--bandwidth", "1Gbit/s",
+              "--assume-size", "40T")
+    assert bad.exit_code == 2 and "Traceback" not in bad.output
+
+
+def test_status_shows_the_plan_against_the_run(cli, inventoried, tmp_path: Path) -> None:
+    """After a migration, status says how far the plan was from what happened."""
+    db, truth = inventoried
+    assert cli("plan", "--db", str(db), "--provider", "aws-s3", "--bandwidth", "1Gbit/s").exit_code == 0
+    before = json.loads(cli("status", "--db", str(db), "--json").stdout)
+    assert before["plan_vs_actual"] is None  # no run yet
+    assert cli("migrate", "--db", str(db), "--to", str(tmp_path / "archive"), "-q").exit_code in (0, 3)
+    status = cli("status", "--db", str(db), "--json")
+    versus = json.loads(status.stdout)["plan_vs_actual"]
+    assert versus["scenario"] == "fastest" and versus["complete"] is True
+    assert versus["actual_bytes"] >= sum(o.size for o in truth) * 0.9
+    assert versus["error"] == pytest.approx((versus["planned_s"]["expected"] - versus["actual_s"])
+                                            / versus["actual_s"])
+    assert "Plan vs actual (fastest" in cli("status", "--db", str(db)).stdout
+
+
+def test_recalibrate_takes_the_rate_from_the_runs(cli, inventoried, tmp_path: Path) -> None:
+    """The rate of the runs so far (here held at 2 MiB/s by a timetable) plans the rest."""
+    db, _ = inventoried
+    refused = cli("plan", "--db", str(db), "--provider", "aws-s3", "--recalibrate")
+    assert refused.exit_code == 2 and "nothing to recalibrate from" in refused.stderr
+    assert cli("migrate", "--db", str(db), "--to", str(tmp_path / "archive"), "-q",
+               "--bwlimit", "00:00,2M").exit_code in (0, 3)
+    result = cli("plan", "--db", str(db), "--provider", "aws-s3", "--recalibrate", "--json")
+    assert result.exit_code == 0, result.output
+    link = json.loads(result.stdout)["link"]
+    assert "from the migration's runs" in link["source"]
+    assert abs(link["throughput_bytes_per_s"]["expected"] - 2 * 2**20) < 0.35 * 2 * 2**20

@@ -221,7 +221,7 @@ def test_a_timetable_cap_gives_a_range_not_a_point():
 
 def test_nominal_bandwidth_is_not_all_usable():
     link = Link.from_bandwidth(125e6)  # 1 Gbit/s
-    assert link.throughput.expected == pytest.approx(125e6 * 0.85)
+    assert link.throughput.expected == pytest.approx(125e6 * 0.90)
     assert link.throughput.low < link.throughput.expected < link.throughput.high < 125e6
 
 
@@ -353,3 +353,92 @@ def test_renderers():
     assert page.startswith("<!DOCTYPE html>") and "<svg" in page and "<polyline" in page
     for external in ("<script", "<link", "src=", "@import"):
         assert external not in page
+
+
+def test_alibaba_plan_is_complete_and_says_there_is_no_free_allowance():
+    """Alibaba's request prices are known now, so no cost is tagged incomplete; the mainland
+    has no free egress allowance, and the plan no longer says one covers the first GB."""
+    plan = make_plan(standard(1_000), load_catalogue("aliyun-oss"), steady(1e7), datetime(2026, 3, 2))
+    assert all(s.complete for s in plan.scenarios if s.available)
+    assert "incomplete" not in render_text(plan)
+    words = " ".join(plan.assumptions)
+    assert "no free egress allowance (0 GB per month)" in words
+    assert "covers the first" not in words
+    aws = make_plan(standard(1_000), load_catalogue("aws-s3"), steady(1e7), datetime(2026, 3, 2))
+    assert "the free allowance covers the first 100 GB of each month" in " ".join(aws.assumptions)
+
+
+def test_chart_axis_fits_the_data():
+    """A 9 s scenario beside an 8 h one (night-only) was a sliver at the left edge of a linear
+    axis: the axis turns logarithmic, and ends where the slowest scenario ends."""
+    from cloudexit.plan_render import render_svg
+    from cloudexit.schedule import parse_schedule
+
+    night = parse_schedule("Mon-Sun 07:30,0 19:00,off")
+    plan = make_plan(standard(0.1, objects=100), load_catalogue("aliyun-oss"), steady(1e7),
+                     datetime(2026, 3, 2, 10, 0), night)
+    svg = render_svg(plan)
+    assert 'data-axis="log"' in svg
+    slowest = max((s.finish[1] - plan.start).total_seconds() for s in plan.scenarios if s.finish)
+    assert f'data-span-s="{slowest:.0f}"' in svg
+    # The fastest line reaches the top within the first third of the plot, not at x = 70-71.
+    import re
+
+    fastest = re.findall(r'points="([^"]+)"', svg)[0].split()
+    xs = [float(p.split(",")[0]) for p in fastest]
+    assert 80 < xs[-1] < 70 + (760 - 115) / 2
+    linear = render_svg(make_plan(standard(0.1, objects=100), load_catalogue("aws-s3"),
+                                  steady(1e7), datetime(2026, 3, 2, 10, 0)))
+    assert 'data-axis="linear"' in linear
+
+
+def test_chinese_plan_has_the_same_figures():
+    from cloudexit.plan_render import render_html as html_of
+
+    plan = make_plan(standard(1_000), load_catalogue("aliyun-oss"), steady(1e7), datetime(2026, 3, 2))
+    en, zh = html_of(plan, "en"), html_of(plan, "zh")
+    assert 'lang="zh-CN"' in zh and "最快方案" in zh and "假设条件" in zh
+    assert 'lang="en"' not in zh.split("<body>", 1)[1]  # every model sentence found in the glossary
+    import re
+
+    def figures(page: str) -> list[str]:  # every figure of every table (summary, breakdowns)
+        return re.findall(r"\d[\d,]*\.\d\d", "".join(re.findall(r"<table>.*?</table>", page)))
+
+    assert figures(en) == figures(zh)
+
+
+def test_many_tiny_objects_are_bound_by_the_client_not_the_link():
+    """20,000 objects of 500 bytes on 1 Gbit/s: the link would move them in 0.01 s; the client
+    spends ~1.5 ms of CPU on each, over its worker processes (was: about 0 s)."""
+    from cloudexit.plan import CLIENT_CPU_PER_BYTE_S, CLIENT_CPU_PER_OBJECT_S
+
+    work = Workload({"STANDARD": ClassLoad(20_000, 20_000 * 500)})
+    link = Link(Range(125e6, 125e6, 125e6), latency_s=0.0, concurrency=32, cores=2)
+    fastest = make_plan(work, load_catalogue("aws-s3"), link, datetime(2026, 3, 2)).scenario("fastest")
+    cpu = 20_000 * CLIENT_CPU_PER_OBJECT_S + 20_000 * 500 * CLIENT_CPU_PER_BYTE_S
+    assert fastest.time_s.expected == pytest.approx(cpu / 2, rel=1e-6)
+    assert fastest.time_s.low < fastest.time_s.expected < fastest.time_s.high
+
+
+def test_a_link_measured_by_migrating_is_not_slowed_twice():
+    """A rate measured by migrate itself already holds latency and the client's work."""
+    work = Workload({"STANDARD": ClassLoad(2_000, 10**9)})
+    measured = Link(Range(1e7, 1e7, 1e7), latency_s=0.2, concurrency=4, cores=2,
+                    overheads_included=True, startup_s=1.5)
+    fastest = make_plan(work, load_catalogue("aws-s3"), measured, datetime(2026, 3, 2)).scenario("fastest")
+    assert fastest.time_s.expected == pytest.approx(100 + 1.5)
+
+
+def test_requests_use_migrates_range_size(tmp_path):
+    """The plan counts the GETs migrate makes: one per 16 MiB range of a large object (was one
+    per 64 MiB part: 4x too few)."""
+    from cloudexit.config import MigrateConfig
+    from cloudexit.planning import workload_from_state
+    from cloudexit.state import State
+
+    with State(tmp_path / "s.db", create=True) as state:
+        with state.transaction() as tx:
+            tx.execute("INSERT INTO objects(key, size, first_seen_round, last_seen_round) VALUES "
+                       "('big', ?, 1, 1), ('small', 1000, 1, 1)", (2**30,))
+        work = workload_from_state(state)
+        assert work.get_requests == 1 + 2**30 // MigrateConfig().range_size == 65

@@ -37,8 +37,21 @@ def test_research_unverified_prices_ship_as_unverified():
     assert tencent.egress.tiers[0].price.value == 0.50
     assert tencent.egress.tiers[0].price.verified is False
     oss = load_catalogue("aliyun-oss")
-    assert oss.get_per_1000.value is None and oss.get_per_1000.verified is False
+    assert oss.get_per_1000.verified is False and oss.list_per_1000.verified is False
     assert "requests.get_per_1000" in [f.name for f in oss.unverified()]
+
+
+def test_alibaba_request_prices_are_recorded_with_their_source():
+    """0.01 CNY per 10,000 Standard GET-type requests; OSS bills a LIST as a PUT-type request,
+    also 0.01 CNY per 10,000 (docs/pricing.md). Before, both were unknown and every Alibaba
+    plan said "incomplete"."""
+    oss = load_catalogue("aliyun-oss")
+    assert oss.get_per_1000.value == pytest.approx(0.01 / 10)
+    assert oss.list_per_1000.value == pytest.approx(0.01 / 10)
+    for fact in (oss.get_per_1000, oss.list_per_1000):
+        assert "alibabacloud.com/help/en/oss/api-operation-calling-fees" in fact.source
+        assert fact.read_on == "2026-12" and "free quota" in fact.note
+    assert "PUT-type" in oss.list_per_1000.note
 
 
 def test_alibaba_idle_hours_are_half_price():

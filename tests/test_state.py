@@ -42,6 +42,9 @@ def test_newer_schema_is_refused(tmp_path: Path) -> None:
         State(path)
 
 
-def test_meta_salt_is_random_per_migration(tmp_path: Path) -> None:
+def test_patient_key_is_random_per_migration_and_outside_the_db(tmp_path: Path) -> None:
     with State(tmp_path / "a.db", create=True) as a, State(tmp_path / "b.db", create=True) as b:
-        assert a.meta("salt") and a.meta("salt") != b.meta("salt")
+        key_a, key_b = a.patient_key().key, b.patient_key().key
+        assert key_a and key_b and key_a != key_b
+        assert a.meta("salt") is None and a.key_path == tmp_path / "a.db.key"
+        assert key_a.encode() not in (tmp_path / "a.db").read_bytes()

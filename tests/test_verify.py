@@ -89,6 +89,7 @@ def test_tampered_archive(migrated: tuple[Path, Path], page: int, monkeypatch: p
     items = _archived_items(db, archive)
     gone, flipped = Path(items[0][1]), Path(items[1][1])
     saved = gone.read_bytes(), flipped.read_bytes()
+    times = [(st.st_atime_ns, st.st_mtime_ns) for st in (gone.stat(), flipped.stat())]
     extra = archive / "stray.dcm"
     try:
         gone.unlink()
@@ -98,8 +99,11 @@ def test_tampered_archive(migrated: tuple[Path, Path], page: int, monkeypatch: p
         extra.write_bytes(b"not ours")
         quick = run("verify", "--db", str(db), "--json")
         assert quick.exit_code == 3
-        problems = {(f["level"], f["problem"]) for f in json.loads(quick.output)["destinations"][0]["findings"]}
-        assert problems == {("file", "missing"), ("file", "extra"), ("study", "count")}
+        findings = json.loads(quick.output)["destinations"][0]["findings"]
+        problems = {(f["level"], f["problem"]) for f in findings}
+        # The flipped file kept its size; its modification time gives it away without a re-hash.
+        assert problems == {("file", "missing"), ("file", "extra"), ("file", "mtime"), ("study", "count")}
+        assert [f["key"] for f in findings if f["problem"] == "mtime"] == [items[1][0].key]
         deep = run("verify", "--db", str(db), "--deep", "--json")
         findings = json.loads(deep.output)["destinations"][0]["findings"]
         assert deep.exit_code == 3
@@ -110,7 +114,36 @@ def test_tampered_archive(migrated: tuple[Path, Path], page: int, monkeypatch: p
     finally:
         gone.write_bytes(saved[0])
         flipped.write_bytes(saved[1])
+        for path, ns in zip((gone, flipped), times):
+            os.utime(path, ns=ns)
         extra.unlink(missing_ok=True)
+
+
+def test_deep_verify_records_the_times_quick_checks_compare(migrated: tuple[Path, Path]) -> None:
+    """Files placed before schema 7 have no recorded time: a --deep run that proves their bytes
+    records it, and a quick verify then catches a file replaced with the same size."""
+    db, archive = migrated
+    conn = sqlite3.connect(db)
+    with conn:
+        conn.execute("UPDATE transfers SET mtime_ns = NULL")
+    conn.close()
+    deep = run("verify", "--db", str(db), "--deep", "--json")
+    assert deep.exit_code == 0, deep.output
+    counts = json.loads(deep.output)["destinations"][0]["counts"]
+    recorded = [r["mtime_ns"] for r in _rows(db, "SELECT mtime_ns FROM transfers WHERE path IS NOT NULL "
+                                                 "AND state IN ('verified', 'quarantined')")]
+    assert counts["files_mtime_recorded"] == len(recorded) and None not in recorded
+    path = Path(_archived_items(db, archive)[0][1])
+    saved, st = path.read_bytes(), path.stat()
+    try:
+        path.write_bytes(saved)  # same bytes, same size, a new time: only the time tells
+        quick = run("verify", "--db", str(db), "--json")
+        assert quick.exit_code == 3
+        assert [f["problem"] for f in json.loads(quick.output)["destinations"][0]["findings"]
+                if f["level"] == "file"] == ["mtime"]
+    finally:
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert run("verify", "--db", str(db)).exit_code == 0
 
 
 def test_pacs_counts_by_c_find(migrated: tuple[Path, Path], pacs: OrthancServer) -> None:

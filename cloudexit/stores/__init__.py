@@ -40,6 +40,11 @@ class StoreUnavailable(StoreError):
     """The destination does not answer right now (a PACS restarting): pause and retry."""
 
 
+class QueryRefused(StoreError):
+    """The PACS is up but will not answer our queries (C-FIND): most likely our calling AE title
+    may store but not query. `verify` asks its DICOMweb URL (QIDO-RS) instead when it knows one."""
+
+
 @dataclass(frozen=True)
 class Item:
     """What a store is told about one verified object."""

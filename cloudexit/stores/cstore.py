@@ -48,7 +48,7 @@ from pynetdicom.sop_class import (
 from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS
 
 from ..errors import UsageError
-from . import Delivery, Item, StoreError, StoreUnavailable
+from . import Delivery, Item, QueryRefused, StoreError, StoreUnavailable
 from .dicomfile import dataset_sha256, file_layout
 
 # Send files from disk as they are (no decode/re-encode): faster and byte-exact. pynetdicom only
@@ -357,7 +357,7 @@ class CStoreStore:
         try:
             for status, identifier in assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind):
                 if "Status" not in status:
-                    raise StoreUnavailable(f"the PACS at {self.host}:{self.port} stopped answering C-FIND")
+                    raise self._query_lost("C-FIND", "DicomAlwaysAllowFind")
                 code = int(status.Status)
                 if code in (0xFF00, 0xFF01):
                     if identifier is not None:
@@ -368,6 +368,22 @@ class CStoreStore:
             if assoc.is_established:
                 assoc.release()
         return found
+
+    def _query_lost(self, service: str, orthanc_option: str) -> StoreError:
+        """No answer to a C-FIND or C-GET (the association aborted). A PACS that still answers
+        C-ECHO is up and refused the request: Orthanc, for one, accepts C-STORE from any AE
+        title but C-FIND (C-GET) only from registered ones (DicomAlwaysAllowFind false), and aborts."""
+        try:
+            self.check()
+        except StoreError:
+            return StoreUnavailable(f"the PACS at {self.host}:{self.port} stopped answering {service}")
+        verb = "query" if service == "C-FIND" else "retrieve"
+        return QueryRefused(
+            f"the PACS at {self.host}:{self.port} is up (it answers C-ECHO) but closed the association "
+            f"on our {service}: it most likely does not let calling AE title {self.calling_aet} {verb}",
+            hint=f"register {self.calling_aet} for {service} in the PACS (Orthanc: add it to "
+                 f"DicomModalities, or set {orthanc_option}), or verify through its DICOMweb URL: "
+                 "--to dicomweb+https://HOST/PATH")
 
     def count_studies(self, study_uids: list[str]) -> dict[str, int]:
         """NumberOfStudyRelatedInstances per study the PACS has (absent: it has none)."""
@@ -424,7 +440,7 @@ class CStoreStore:
             try:
                 for status, _ in assoc.send_c_get(q, StudyRootQueryRetrieveInformationModelGet):
                     if "Status" not in status:
-                        raise StoreUnavailable(f"the PACS at {self.host}:{self.port} stopped answering C-GET")
+                        raise self._query_lost("C-GET", "DicomAlwaysAllowGet")
                     last = int(status.Status)
             except (ValueError, RuntimeError) as exc:
                 raise StoreError(f"C-GET failed: {exc}") from exc
