@@ -88,11 +88,11 @@ def _plan(state: State, root: Path, say: Callable[[str], None]) -> Any:
     write_private(out, render_html(plan))
     say(f"Plan written to {out}")
     # The demo bucket is tiny; what the same exit costs at a hospital's size, labelled as such.
-    say('$ cloudexit plan --provider aliyun-oss --bandwidth 100Mbit/s '
-        '--schedule "Mon-Sun 07:30,0 19:00,off" --assume-size 40TB --out plan-40TB.html')
+    out = root / "plan-40TB.html"
+    say(f'$ cloudexit plan --db {root / "cloudexit.db"} --provider aliyun-oss --bandwidth 100Mbit/s '
+        f'--schedule "Mon-Sun 07:30,0 19:00,off" --assume-size 40TB --out {out}')
     big = build_plan(state, "aliyun-oss", None, None, Link.from_bandwidth(100e6 / 8), schedule,
                      datetime.now().astimezone(), timedelta(days=7), assume_bytes=40 * 10**12)
-    out = root / "plan-40TB.html"
     write_private(out, render_html(big))
     say(f"Plan at an assumed 40 TB written to {out}")
     return plan

@@ -21,7 +21,7 @@ def test_the_commands_it_echoes_can_be_pasted(tmp_path: Path) -> None:
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out
     echoed = [line[2:] for line in out.splitlines() if line.startswith("$ cloudexit ")]
-    assert len(echoed) == 5, out
+    assert len(echoed) >= 5, out
     for line in echoed:
         args = shlex.split(line)[1:]
         assert "--db" in args, line
