@@ -73,6 +73,37 @@ def _fail(ctx: click.Context, as_json: bool, message: str, hint: str | None, cod
     ctx.exit(code)
 
 
+# Shown under each command's --help; `\b` keeps click from re-wrapping the lines.
+EXAMPLES: dict[str, list[str]] = {
+    "inventory": ["cloudexit inventory s3://hospital-pacs/archive/ --endpoint-url "
+                  "https://oss-cn-hangzhou.aliyuncs.com --db pacs-exit.db",
+                  "cloudexit inventory s3://hospital-pacs/ --db pacs-exit.db --since last   "
+                  "# a later round, dated folders only"],
+    "status": ["cloudexit status --db pacs-exit.db", "cloudexit status --db pacs-exit.db --json"],
+    "plan": ["cloudexit plan --db pacs-exit.db --bandwidth 200Mbit/s --out plan.html",
+             'cloudexit plan --db pacs-exit.db --bandwidth 200Mbit/s --schedule "Mon-Fri 07:30,0 19:00,off"',
+             "cloudexit plan --db pacs-exit.db --measure --provider aliyun-oss"],
+    "migrate": ["cloudexit migrate --db pacs-exit.db --to /srv/pacs-archive",
+                'cloudexit migrate --db pacs-exit.db --to /srv/pacs-archive --bwlimit "Mon-Fri 07:30,0 19:00,off"',
+                "cloudexit migrate --db pacs-exit.db --resume   # after Ctrl-C, a reboot, a cut link"],
+    "verify": ["cloudexit verify --db pacs-exit.db --deep",
+               "cloudexit verify --db pacs-exit.db --to dicom://ORTHANC@pacs.local:4242 --sample 20"],
+    "audit": ["cloudexit audit --db pacs-exit.db --out audit/ --lang zh",
+              "cloudexit audit verify audit/"],
+    "audit_verify": ["cloudexit audit verify audit/", "cloudexit audit verify audit/ --db pacs-exit.db"],
+    "run_playbook": ["cloudexit run playbooks/branch-hospital-pacs.yaml --dry-run",
+                     "cloudexit run playbooks/aws-s3-exit.yaml --ack exit-approval",
+                     "cloudexit run playbooks/branch-hospital-pacs.yaml --confirm TOKEN"],
+    "decommission": ["cloudexit decommission --db pacs-exit.db   # dry run: prints a token",
+                     "cloudexit decommission --db pacs-exit.db --execute --confirm TOKEN"],
+    "demo": ["cloudexit demo", "cloudexit demo --size tiny --workdir /tmp/cloudexit-demo"],
+}
+
+
+def _examples(command: str) -> str:
+    return "\b\nExamples:\n" + "\n".join(f"  {line}" for line in EXAMPLES[command])
+
+
 def _set_traceback(ctx: click.Context, _param: click.Parameter, value: bool) -> bool:
     ctx.meta["traceback"] = ctx.meta.get("traceback") or value
     return value
@@ -121,7 +152,7 @@ def main() -> None:
 
 
 # -- inventory ------------------------------------------------------------------------------
-@main.command()
+@main.command(epilog=_examples("inventory"))
 @click.argument("url", metavar="s3://BUCKET[/PREFIX]")
 @db_option
 @source_options
@@ -252,7 +283,7 @@ class _InventoryBar:
 
 
 # -- status ---------------------------------------------------------------------------------
-@main.command()
+@main.command(epilog=_examples("status"))
 @db_option
 @output_options
 def status(db_path: str, as_json: bool, quiet: bool) -> None:
@@ -366,7 +397,10 @@ def _print_migration(m: dict[str, Any]) -> None:
     if m["bwlimit"]:
         lines.append(f"  bandwidth timetable: {m['bwlimit']}")
     lines.append(f"  objects {m['done']}/{m['objects']} done, {format_bytes(m['bytes_done'])} of "
-                 f"{format_bytes(m['bytes_total'])}; studies {m['studies_complete']}/{m['studies_total']} complete")
+                 f"{format_bytes(m['bytes_total'])}")
+    lines.append(f"  studies {m['studies_total']}: {m['studies_complete']} complete (every object verified), "
+                 f"{m['studies_with_exceptions']} finished with exceptions (an object failed, missing or "
+                 f"quarantined), {m['studies_unfinished']} in progress")
     lines.append("  by state: " + ", ".join(f"{k} {v}" for k, v in sorted(m["by_state"].items())))
     for pacs, d in m.get("deliveries", {}).items():
         lines.append(f"  delivered to {pacs}: {d['done']}/{d['objects']} ("
@@ -378,18 +412,18 @@ def _print_migration(m: dict[str, Any]) -> None:
                  + ", ".join(f"{v} {k}" for k, v in u["requests"].items())
                  + f", {u['retries']} retries, {u['link_outages']} link outages")
     if m["studies_in_progress"]:
-        lines.append("  studies in progress (study date, modality, done/total):")
+        lines.append("  studies not complete (study date, modality, objects done/total, exceptions):")
         for s in m["studies_in_progress"]:
             lines.append(f"    {s['study']}  {s['date'] or '-':<8} {s['modality'] or '-':<4} "
-                         f"{s['done']}/{s['total']}" + (f"  ({s['active']} downloading)" if s["active"] else "")
-                         + (f"  ({s['problems']} not verified)" if s["problems"] else ""))
+                         f"{s['done']}/{s['total']} done" + (f", {s['active']} downloading" if s["active"] else "")
+                         + (f", {s['problems']} exception(s)" if s["problems"] else ""))
     for p in m["problems"][:10]:
         lines.append(f"  {p['state']:<11} {p['key']!r}: {p['reason']}")
     click.echo("\n".join(lines))
 
 
 # -- plan -----------------------------------------------------------------------------------
-@main.command()
+@main.command(epilog=_examples("plan"))
 @db_option
 @click.option("--provider", help="Price catalogue: aws-s3, aliyun-oss, tencent-cos, huawei-obs, "
               "azure-blob, gcs (default: from the endpoint).")
@@ -409,7 +443,8 @@ def _print_migration(m: dict[str, Any]) -> None:
 @click.option("--latency", "latency_text",
               help="Round trip to the endpoint for a --bandwidth plan, e.g. 30ms (default 50ms).")
 @click.option("--schedule", "schedule_text",
-              help='Bandwidth timetable, e.g. "Mon-Fri 08:00,50M 18:00,off" (as migrate --bwlimit).')
+              help='Bandwidth timetable, as migrate --bwlimit: "Mon-Fri 07:30,0 19:00,off" moves '
+                   'nothing (0) on weekdays from 07:30 and without limit (off) from 19:00.')
 @click.option("--concurrency", type=click.IntRange(1, 1024),
               help="Parallel requests the migration will use (default: migrate's own, "
                    "2 x threads per worker process).")
@@ -449,7 +484,7 @@ def plan(db_path: str, provider: str | None, region: str | None, price_file: str
     from .files import write_private
     from .units import format_bytes, format_rate, parse_duration, parse_rate, parse_size
 
-    rate = parse_rate(bandwidth) if bandwidth else None
+    rate = parse_rate(bandwidth, limit=False) if bandwidth else None
     schedule = parse_schedule(schedule_text) if schedule_text else None
     threshold = parse_duration(offline_threshold)
     assume_bytes = parse_size(assume_size) if assume_size else None
@@ -530,7 +565,7 @@ class _ByteBar:
 
 
 # -- migrate --------------------------------------------------------------------------------
-@main.command()
+@main.command(epilog=_examples("migrate"))
 @click.option("--to", "dests", metavar="DEST", multiple=True,
               help="The archive folder (/srv/pacs-archive or file:///srv/pacs-archive), first; then "
                    "any PACS to deliver to: dicom://AET@HOST:PORT (C-STORE) or "
@@ -558,8 +593,9 @@ class _ByteBar:
 @click.option("--restore-poll", type=click.FloatRange(1, 86400), default=None,
               help="Seconds between checks of restores in progress (default 900).")
 @click.option("--bwlimit", default=None,
-              help='Bandwidth timetable, rclone syntax: "20M", "08:00,20M 18:00,off", '
-                   '"Mon-Fri 08:00,512k 19:00,off". While a migration runs, '
+              help='Bandwidth timetable, rclone syntax: "20M" (20 MiB/s), "08:00,20M 18:00,off", '
+                   '"Mon-Fri 07:30,0 19:00,off". Each entry TIME,RATE holds until the next; 0 '
+                   'pauses, off means no limit. While a migration runs, '
                    '`cloudexit migrate --bwlimit TIMETABLE` changes its limit within seconds.')
 @click.option("--processes", type=click.IntRange(0, 64), default=None,
               help="Worker processes (default 0: one per CPU).")
@@ -806,7 +842,7 @@ class _PhaseBar:
             self.bar.close()
             self.bar = None
 
-@main.command()
+@main.command(epilog=_examples("verify"))
 @db_option
 @click.option("--to", "dests", multiple=True, metavar="DEST",
               help="A destination to verify: a folder, dicom://AET@HOST:PORT or dicomweb+https://HOST/PATH; "
@@ -830,7 +866,7 @@ def verify(db_path: str, dests: tuple[str, ...], deep: bool, sample: int, seed: 
     """
     from .state import open_readable
     from .stores import QueryRefused
-    from .verify import destinations, dicomweb_twin, open_destination, verify as run_verify
+    from .verify import check_sample, destinations, dicomweb_twin, open_destination, verify as run_verify
 
     reports = []
     with open_readable(db_path, scratch=True) as state:
@@ -839,6 +875,7 @@ def verify(db_path: str, dests: tuple[str, ...], deep: bool, sample: int, seed: 
         if not targets:
             raise UsageError("nothing to verify: no migration has delivered anywhere yet",
                              hint="run `cloudexit migrate --to DEST` first, or pass --to")
+        check_sample(targets, sample)
         for dest in targets:  # a DICOMweb URL appended below (C-FIND refused) is verified too
             store = open_destination(dest, calling_aet=calling_aet)
             bar = _PhaseBar(quiet or as_json, "verify")
@@ -893,7 +930,7 @@ def _print_verify(r: Any) -> None:
 
 
 # -- audit ----------------------------------------------------------------------------------
-@main.group(invoke_without_command=True)
+@main.group(invoke_without_command=True, epilog=_examples("audit"))
 @click.option("--out", "out", type=click.Path(file_okay=False),
               help="The folder to write (created 0700; refused if it holds other files).")
 @click.option("--lang", type=click.Choice(["en", "zh"]), default="en", show_default=True,
@@ -947,9 +984,10 @@ def audit(ctx: click.Context, out: str | None, lang: str, include_phi: bool, for
                                "signer": signer.facts() if signer else None},
                               indent=2, default=str))
     elif not quiet:
-        label = {"complete": "complete", "complete_with_exceptions": "complete, with exceptions to review",
-                 "incomplete": "NOT complete"}[status]
-        click.echo(f"Audit written to {result.out}/audit.html (migration {label}).")
+        # The verdict's one name (as in audit.json and the report), then what it means.
+        meaning = {"complete": "nothing left to do", "complete_with_exceptions": "nothing left to do by "
+                   "the tool; exceptions for a person to review", "incomplete": "the migration is NOT complete"}
+        click.echo(f"Audit written to {result.out}/audit.html (verdict {status}: {meaning[status]}).")
         click.echo(f"  {result.manifest_rows} manifest rows, {result.events} events; fingerprint {result.fingerprint}")
         if signer:
             click.echo(f"  signed by {signer.identity}, key {signer.fingerprint} (SHA256SUMS.sig)")
@@ -968,7 +1006,7 @@ def audit(ctx: click.Context, out: str | None, lang: str, include_phi: bool, for
         sys.exit(EXIT_PARTIAL)
 
 
-@audit.command("verify")
+@audit.command("verify", epilog=_examples("audit_verify"))
 @click.argument("folder", metavar="DIR", type=click.Path(file_okay=False))
 @click.option("--db", "db_path", type=click.Path(dir_okay=False), default=None, callback=_note_db,
               help="Also check the events against this state database and that it recorded this audit.")
@@ -1006,7 +1044,7 @@ def audit_verify(folder: str, db_path: str | None, signer: str | None, as_json: 
 
 
 # -- run ------------------------------------------------------------------------------------
-@main.command("run")
+@main.command("run", epilog=_examples("run_playbook"))
 @click.argument("playbook_path", metavar="PLAYBOOK.yaml", type=click.Path(dir_okay=False))
 @click.option("--db", "db_path", envvar="CLOUDEXIT_DB", type=click.Path(dir_okay=False),
               help="The migration's state database (env CLOUDEXIT_DB; default: the playbook's `db:`, "
@@ -1055,7 +1093,7 @@ def run_playbook(playbook_path: str, db_path: str | None, overrides: tuple[str, 
 
 
 # -- decommission ---------------------------------------------------------------------------
-@main.command()
+@main.command(epilog=_examples("decommission"))
 @db_option
 @source_options
 @click.option("--to", "dests", multiple=True, metavar="DEST",
@@ -1098,7 +1136,8 @@ def decommission(db_path: str, endpoint_url: str | None, profile: str | None, re
     if execute and not token:
         raise UsageError("--execute needs the confirmation token of a dry run: --confirm TOKEN",
                          hint="run `cloudexit decommission` (a dry run) first, review its manifest")
-    manifest = manifest or str(Path(db_path).resolve().parent / "decommission-manifest.csv")
+    default_manifest = str(Path(db_path).resolve().parent / "decommission-manifest.csv")
+    manifest = manifest or default_manifest
     with State(db_path) as state:
         source = source_from_state(state, endpoint_url, profile, region, retries)
         if not execute:
@@ -1109,9 +1148,16 @@ def decommission(db_path: str, endpoint_url: str | None, profile: str | None, re
                 click.echo("\n".join(summary_text(p)))
                 click.echo(f"Manifest: {p.manifest} (sha256 {p.manifest_sha256})")
                 if p.to_delete:
+                    # The same command as this dry run, so it can be pasted as printed.
+                    import shlex
+
+                    same = ["--db", db_path] + (["--endpoint-url", endpoint_url] if endpoint_url else []) \
+                        + (["--profile", profile] if profile else []) \
+                        + [arg for d in dests for arg in ("--to", d)] \
+                        + (["--manifest", manifest] if manifest != default_manifest else []) \
+                        + (["--all-versions"] if all_versions else [])
                     click.echo(f"Nothing deleted (dry run). To delete the {len(p.to_delete)} objects above:\n"
-                               f"  cloudexit decommission --execute --confirm {p.token}"
-                               + (" --all-versions" if all_versions else ""))
+                               f"  cloudexit decommission {shlex.join(same)} --execute --confirm {p.token}")
             if p.kept or not p.to_delete:
                 sys.exit(EXIT_PARTIAL)
             return
@@ -1140,7 +1186,7 @@ def decommission(db_path: str, endpoint_url: str | None, profile: str | None, re
 
 
 # -- demo -----------------------------------------------------------------------------------
-@main.command()
+@main.command(epilog=_examples("demo"))
 @click.option("--workdir", type=click.Path(file_okay=False), default="cloudexit-demo",
               show_default=True,
               help="Where the demo keeps its state DB, archive and reports (reset on each run).")
@@ -1164,7 +1210,13 @@ def demo(workdir: str | None, size: str, as_json: bool, quiet: bool) -> None:
             from .plan import render_text
             click.echo(render_text(data))
 
-    result = run_demo(workdir, size=size, say=say, show=show)
+    try:
+        result = run_demo(workdir, size=size, say=say, show=show)
+    except KeyboardInterrupt:
+        # Not "run the same command again to continue": the demo resets its folder each run.
+        click.echo(f"\nInterrupted. The demo starts afresh each time: `cloudexit demo` runs it again "
+                   f"from the start (it resets {workdir or 'its folder'}).", err=True)
+        sys.exit(EXIT_INTERRUPTED)
     if as_json:
         click.echo(json.dumps(result, indent=2, default=str))
 

@@ -80,19 +80,19 @@ def _plan(state: State, root: Path, say: Callable[[str], None]) -> Any:
     from .schedule import parse_schedule
 
     schedule = parse_schedule("Mon-Sun 07:30,0 19:00,off")
-    say('$ cloudexit plan --provider aliyun-oss --bandwidth 100Mbit/s '
-        '--schedule "Mon-Sun 07:30,0 19:00,off" --out plan.html')
+    out = root / "plan.html"
+    say(f'$ cloudexit plan --db {root / "cloudexit.db"} --provider aliyun-oss --bandwidth 100Mbit/s '
+        f'--schedule "Mon-Sun 07:30,0 19:00,off" --out {out}')
     plan = build_plan(state, "aliyun-oss", None, None, Link.from_bandwidth(100e6 / 8), schedule,
                       datetime.now().astimezone(), timedelta(days=7))
-    out = root / "plan.html"
     write_private(out, render_html(plan))
     say(f"Plan written to {out}")
     # The demo bucket is tiny; what the same exit costs at a hospital's size, labelled as such.
-    say('$ cloudexit plan --provider aliyun-oss --bandwidth 100Mbit/s '
-        '--schedule "Mon-Sun 07:30,0 19:00,off" --assume-size 40TB --out plan-40TB.html')
+    out = root / "plan-40TB.html"
+    say(f'$ cloudexit plan --db {root / "cloudexit.db"} --provider aliyun-oss --bandwidth 100Mbit/s '
+        f'--schedule "Mon-Sun 07:30,0 19:00,off" --assume-size 40TB --out {out}')
     big = build_plan(state, "aliyun-oss", None, None, Link.from_bandwidth(100e6 / 8), schedule,
                      datetime.now().astimezone(), timedelta(days=7), assume_bytes=40 * 10**12)
-    out = root / "plan-40TB.html"
     write_private(out, render_html(big))
     say(f"Plan at an assumed 40 TB written to {out}")
     return plan
@@ -106,7 +106,7 @@ def _migrate(state: State, source: Source, root: Path, say: Callable[[str], None
     from .units import format_bytes, format_duration
 
     archive = root / "archive"
-    say(f"$ cloudexit migrate --to {archive}")
+    say(f"$ cloudexit migrate --db {state.path} --to {archive}")
     summary = Migration(state, source, FilesystemStore(archive), MigrateConfig()).run()
     say(f"Migrated in {format_duration(summary.elapsed)}: {summary.verified} objects verified "
         f"({format_bytes(summary.bytes_verified)}), {summary.quarantined} quarantined, "
@@ -126,7 +126,7 @@ def _verify_and_audit(state: State, root: Path, say: Callable[[str], None]) -> N
     from .verify import open_destination, verify
 
     archive = root / "archive"
-    say("$ cloudexit verify --deep")
+    say(f"$ cloudexit verify --db {state.path} --deep")
     store = open_destination(str(archive.resolve()))
     try:
         report = verify(state, store, deep=True)
@@ -135,7 +135,7 @@ def _verify_and_audit(state: State, root: Path, say: Callable[[str], None]) -> N
     findings = len(report.findings)
     say(f"Verified {archive}: {findings} finding(s)" + (" (see the audit's exceptions)" if findings else ""))
     out = root / "audit"
-    say(f"$ cloudexit audit --out {out}")
+    say(f"$ cloudexit audit --db {state.path} --out {out} --force")  # the demo replaces its last audit
     result = write_audit(state, out, force=True)
     say(f"Audit written to {out / 'audit.html'} (migration {result.verdict['status']}); "
         f"check it any time with: cloudexit audit verify {out}")

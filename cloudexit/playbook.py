@@ -669,7 +669,10 @@ class Runner:
         if problems:
             raise _Gate(f"pilot of {len(picked)} studies is not clean: {summary.failed} failed, {summary.missing} "
                         f"missing, {summary.quarantined} quarantined, {len(report.findings)} verify findings "
-                        f"(see `cloudexit status --db {pilot_db}`); fix the cause and run again", result)
+                        f"(see `cloudexit status --db {pilot_db}`); fix the cause and run again"
+                        + ("; quarantined objects (kept in the bucket, listed in the audit) stop the pilot "
+                           "unless the step says `allow_quarantined: true`"
+                           if summary.quarantined and not o["allow_quarantined"] else ""), result)
         result["_message"] = (f"pilot: {len(picked)} studies, {summary.verified} objects verified in {folder}, "
                               "zero mismatches")
         return result

@@ -99,12 +99,18 @@ def migration_summary(state: State, studies: int = 10) -> dict[str, Any] | None:
         "WHERE t.dest = ? AND o.study_uid IS NOT NULL GROUP BY o.study_uid "
         "HAVING done < total OR problems > 0 "
         "ORDER BY active DESC, min(t.seq) LIMIT ?", (*DONE_STATES, dest, studies))
-    complete_studies = state.scalar(
-        "SELECT count(*) FROM (SELECT o.study_uid FROM transfers t JOIN objects o ON o.key = t.key "
-        f"WHERE t.dest = ? AND o.study_uid IS NOT NULL GROUP BY o.study_uid "
-        f"HAVING sum(t.state IN ({','.join('?' * len(DONE_STATES))})) = count(*))", (dest, *DONE_STATES))
-    all_studies = state.scalar("SELECT count(DISTINCT o.study_uid) FROM transfers t JOIN objects o "
-                               "ON o.key = t.key WHERE t.dest = ?", (dest,))
+    # Every study is in exactly one of three groups, so the three add up to studies_total:
+    # complete (every object verified, a duplicate of one, or skipped by choice), with exceptions
+    # (nothing left to move, but an object failed, is missing or was quarantined), in progress.
+    by_study = state.query(
+        "SELECT sum(t.state IN ('failed', 'missing', 'quarantined')) AS problems, "
+        f"sum(t.state IN ({','.join('?' * len(DONE_STATES))}, 'failed', 'missing')) = count(*) AS finished "
+        "FROM transfers t JOIN objects o ON o.key = t.key "
+        "WHERE t.dest = ? AND o.study_uid IS NOT NULL GROUP BY o.study_uid", (*DONE_STATES, dest))
+    groups = {"complete": 0, "exceptions": 0, "in_progress": 0}
+    for r in by_study:
+        groups["in_progress" if not r["finished"] else "exceptions" if r["problems"] else "complete"] += 1
+    complete_studies, all_studies = groups["complete"], sum(groups.values())
     restores = {r["status"]: r["n"] for r in state.query(
         "SELECT status, count(*) AS n FROM restores GROUP BY status")}
     problems = [dict(r) for r in state.query(
@@ -139,7 +145,9 @@ def migration_summary(state: State, studies: int = 10) -> dict[str, Any] | None:
         "bytes_total": c["_bytes_total"],
         "bytes_done": c["_bytes_done"],
         "studies_total": all_studies or 0,
-        "studies_complete": complete_studies or 0,
+        "studies_complete": complete_studies,
+        "studies_with_exceptions": groups["exceptions"],
+        "studies_unfinished": groups["in_progress"],
         "studies_in_progress": [dict(r) for r in study_rows],
         "restores": restores,
         "problems": problems,

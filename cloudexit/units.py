@@ -38,8 +38,10 @@ OFF_WORDS = ("off", "unlimited", "none")
 PAUSE_WORDS = ("pause", "paused")
 
 
-def parse_rate(text: str, bare_unit: str | None = None) -> float | None:
+def parse_rate(text: str, bare_unit: str | None = None, *, limit: bool = True) -> float | None:
     """Parse a transfer rate into bytes per second; None means unlimited, 0.0 means paused.
+
+    ``limit=False`` reads a link's speed (plan --bandwidth), where off and 0 mean nothing.
 
     With ``bare_unit=None`` the unit must say bits or bytes. With ``bare_unit="MiB"`` rclone's
     ``--bwlimit`` reading also applies (``20M`` = 20 MiB/s, bare ``512`` = 512 KiB/s).
@@ -48,6 +50,11 @@ def parse_rate(text: str, bare_unit: str | None = None) -> float | None:
         raise ValueError(f"bare_unit must be None or 'MiB', not {bare_unit!r}")
     raw = text.strip()
     word = raw.lower()
+    example = "200Mbit/s, 25MB/s, 512KiB/s" + (", or off" if limit else "")
+    if not limit and (word in OFF_WORDS or word in PAUSE_WORDS or _is_zero(raw)):
+        raise UsageError(f"{text!r} is not a link speed",
+                         hint=f"write it with a unit, e.g. {example}; 0 and off are timetable "
+                              "values, for --schedule / --bwlimit")
     if word in OFF_WORDS:
         return None
     if word in PAUSE_WORDS:
@@ -63,14 +70,15 @@ def parse_rate(text: str, bare_unit: str | None = None) -> float | None:
     if not match:
         raise UsageError(
             f"cannot read rate {text!r}",
-            hint="write it with a unit, e.g. 200Mbit/s, 25MB/s, 512KiB/s, or off",
+            hint=f"write it with a unit, e.g. {example}",
         )
     value = float(match["num"])
     prefix, unit = match["prefix"], match["unit"]
     if value == 0:
         return 0.0  # zero is zero in any unit
     if unit in ("", "b/s"):
-        shown = f"{match['num']}{prefix}"
+        # A bare number is almost always meant in mega (a link of 200 bit/s is not plausible).
+        shown = f"{match['num']}{prefix or 'M'}"
         raise UsageError(
             f"ambiguous rate {text!r}: write {shown}bit/s or {shown}B/s",
             hint="bits and bytes differ eightfold; cloudexit does not guess which one you meant",
@@ -79,6 +87,11 @@ def parse_rate(text: str, bare_unit: str | None = None) -> float | None:
     if unit in ("bit/s", "bps"):
         return value * factor / 8
     return value * factor
+
+
+def _is_zero(raw: str) -> bool:
+    match = _RATE.match(raw)
+    return bool(match) and float(match["num"]) == 0
 
 
 def parse_size(text: str) -> int:

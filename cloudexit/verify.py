@@ -163,6 +163,8 @@ def verify(state: State, store: Store, deep: bool = False, sample: int = 0, seed
     """Reconcile one destination, record the result in the state DB, return the report."""
     if seed is None:
         seed = random.SystemRandom().randrange(2**31)
+    if store.kind == "filesystem":
+        sample = 0  # --sample fetches back from a PACS; a folder is re-hashed by --deep instead
     report = VerifyReport(store.id, store.kind, {"deep": deep, "sample": sample, "seed": seed})
     tick = progress or (lambda phase, done, total: None)
     with state.transaction() as tx:
@@ -172,9 +174,6 @@ def verify(state: State, store: Store, deep: bool = False, sample: int = 0, seed
         state.log("verify.started", tx, run=report.run_id, dest=report.dest, options=report.options)
     try:
         if store.kind == "filesystem":
-            if sample:
-                raise UsageError("--sample fetches instances back from a PACS; "
-                                 f"{store.id} is a folder (use --deep to re-hash it)")
             _verify_filesystem(state, store, deep, report, tick)
         else:
             _verify_pacs(state, store, report, tick)
@@ -558,6 +557,14 @@ def _record(state: State, report: VerifyReport) -> None:
                    (summary["status"], report.finished_at, json.dumps(summary), run))
         state.log("verify.finished", tx, run=run, dest=report.dest, status=summary["status"],
                   findings=len(report.findings), studies=summary["studies"])
+
+
+def check_sample(targets: list[str], sample: int) -> None:
+    """--sample applies to the PACS destinations among `targets`; refuse it when there are none."""
+    if sample and not any(t.startswith(("dicom://", "dicomweb")) for t in targets):
+        raise UsageError("--sample fetches instances back from a PACS, and no destination here is one",
+                         hint="add --to dicom://AET@HOST:PORT or --to dicomweb+https://HOST/PATH, "
+                              "or use --deep to re-hash a folder")
 
 
 def open_destination(dest: str, calling_aet: str | None = None) -> Store:

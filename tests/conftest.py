@@ -14,9 +14,19 @@ from click.testing import CliRunner, Result
 from cloudexit.cli import main
 from cloudexit.s3server import SeaweedServer
 from faultproxy import fault_proxy  # noqa: F401 - fixtures, registered for every test
-from orthanc import orthanc, overwriting_orthanc, overwriting_pacs, pacs, status_scp  # noqa: F401
+from orthanc import needs, orthanc, overwriting_orthanc, overwriting_pacs, pacs, status_scp  # noqa: F401
 
 _bucket_ids = itertools.count(1)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "needs(*parts): skips unless these system parts are installed "
+                            "(orthanc, dcmtk, chromium; see tests/orthanc.py SYSTEM_PARTS)")
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    for mark in item.iter_markers("needs"):
+        needs(*mark.args)
 
 
 @pytest.fixture(scope="session")

@@ -25,12 +25,13 @@ import base64
 import hashlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import time
 import urllib.request
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,25 @@ from cloudexit.stores import Item
 ORTHANC = "/usr/sbin/Orthanc"
 DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
 AET = "ORTHANC"
+
+# The system parts some tests need: how to tell one is there, and the line that installs it
+# (scripts/test installs them when it can). One table, so every such test skips the same way.
+SYSTEM_PARTS: dict[str, tuple[Callable[[], bool], str]] = {
+    "orthanc": (lambda: os.path.exists(ORTHANC) and os.path.exists(DICOMWEB_PLUGIN),
+                "apt-get install orthanc orthanc-dicomweb"),
+    "dcmtk": (lambda: shutil.which("findscu") is not None, "apt-get install dcmtk"),
+    "chromium": (lambda: shutil.which("chromium") is not None or os.path.exists("/usr/bin/chromium"),
+                 "apt-get install chromium fonts-wqy-microhei"),
+}
+
+
+def needs(*parts: str) -> None:
+    """Skip the calling test (or fixture) unless every named system part is installed, saying
+    which one is missing and how to install it. Tests use it as `@pytest.mark.needs("dcmtk")`."""
+    for part in parts:
+        present, install = SYSTEM_PARTS[part]
+        if not present():
+            pytest.skip(f"needs {part}: {install}")
 
 
 class OrthancServer:
@@ -200,8 +220,7 @@ def write_objects(objects: Iterable[Any], folder: Path) -> list[tuple[Item, str]
 
 @pytest.fixture(scope="session")
 def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OrthancServer]:
-    if not os.path.exists(ORTHANC):
-        pytest.skip("Orthanc is not installed (apt-get install orthanc orthanc-dicomweb)")
+    needs("orthanc")
     with OrthancServer(tmp_path_factory.mktemp("orthanc")) as server:
         yield server
 

@@ -346,11 +346,10 @@ def test_unfinished_migration_is_reported_as_not_complete(migrated, tmp_path: Pa
         f"event {gone + 1}: does not follow the event before it (an event was removed or inserted)"]
 
 
+@pytest.mark.needs("chromium")
 def test_chromium_renders_it_with_no_errors_and_no_requests(migrated, tmp_path: Path) -> None:
-    from chromium_pipe import CHROMIUM, render
+    from chromium_pipe import render
 
-    if CHROMIUM is None:
-        pytest.skip("chromium is not installed (Debian package `chromium`): cannot render audit.html")
     shot = tmp_path / "audit.png"
     url = (migrated["out"] / "audit.html").as_uri()
     seen = render(url, screenshot=shot)

@@ -35,3 +35,40 @@ def test_traceback_flag_shows_the_stack(tmp_path: Path) -> None:
     assert plain.exit_code == 1 and "Traceback" not in plain.output
     loud = runner.invoke(main, ["--traceback", "status", "--db", str(tmp_path / "x.db")])
     assert loud.exception is not None and type(loud.exception).__name__ == "StateError"
+
+
+def test_every_command_help_shows_examples_that_parse() -> None:
+    """Each command's --help ends in 1-3 examples, and each example is a valid command line."""
+    import shlex
+
+    import click
+
+    from cloudexit.cli import EXAMPLES, main as cli_main
+
+    commands = {name: cmd for name, cmd in cli_main.commands.items()}
+    assert set(commands) == {"inventory", "status", "plan", "migrate", "verify", "audit", "run",
+                             "decommission", "demo"}
+    for name in [*commands, "audit verify"]:
+        shown = CliRunner().invoke(cli_main, [*name.split(), "--help"]).output
+        assert "Examples:\n    cloudexit " in shown, name
+    for key, lines in EXAMPLES.items():
+        assert 1 <= len(lines) <= 3, key
+        for line in lines:
+            args = shlex.split(line.split("  #")[0])[1:]
+            assert args[0] == {"run_playbook": "run", "audit_verify": "audit"}.get(key, key), line
+            with click.Context(cli_main, info_name="cloudexit") as parent:
+                group: click.Group = cli_main
+                cmd = group.commands[args[0]]
+                rest = args[1:]
+                if isinstance(cmd, click.Group) and rest and rest[0] in cmd.commands:
+                    cmd, rest = cmd.commands[rest[0]], rest[1:]
+                cmd.make_context(args[0], rest, parent=parent)  # raises on an unknown option
+
+
+def test_timetable_syntax_is_in_the_help() -> None:
+    from cloudexit.cli import main as cli_main
+
+    for command, option in (("migrate", "--bwlimit"), ("plan", "--schedule")):
+        text = " ".join(CliRunner().invoke(cli_main, [command, "--help"]).output.split())
+        assert option in text and "0 19:00,off" in text
+        assert ("nothing (0)" in text and "without limit (off)" in text) or ("0 pauses, off means no limit" in text)

@@ -54,6 +54,7 @@ def test_open_store_from_the_protocol(pacs: OrthancServer, monkeypatch: pytest.M
         open_cstore("dicom://THIS-AE-TITLE-IS-TOO-LONG@127.0.0.1:104")
 
 
+@pytest.mark.needs("dcmtk")
 def test_tiny_pacs_into_orthanc(pacs: OrthancServer, tiny: list[tuple[Item, str]]) -> None:
     store = open_cstore(pacs.dicom_url)
     try:

@@ -76,7 +76,10 @@ def test_dry_run_then_execute_deletes_only_what_is_verified(cli, s3, bucket, db:
     assert "does not match what would be deleted now" in wrong.output
     assert keys_in(s3, bucket) == before
 
-    done = cli("decommission", "--db", str(db), "--execute", "--confirm", token, "--batch-size", "4")
+    # The command the dry run suggests is pasted as printed (it names the --db).
+    suggested = dry.output.split("objects above:\n", 1)[1].splitlines()[0].split()
+    assert suggested[:3] == ["cloudexit", "decommission", "--db"] and token in suggested
+    done = cli(*suggested[1:], "--batch-size", "4")
     assert done.exit_code == 3, done.output  # deleted, but some objects stay
     assert set(keys_in(s3, bucket)) == set(before) - delete
     recorded = rows(db, "SELECT * FROM deletions ORDER BY id")

@@ -203,7 +203,7 @@ def test_unfinished_run_blocks_a_new_one_and_resume_finishes(s3_env, inventoried
     live = cli("migrate", "--bwlimit", "2M", "--db", str(db))
     assert live.exit_code == 0 and "now uses --bwlimit '2M'" in live.output
     status = cli("status", "--db", str(db))
-    assert "live (pid" in status.output and "studies in progress" in status.output
+    assert "live (pid" in status.output and "studies not complete" in status.output
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
@@ -224,12 +224,20 @@ def test_status_shows_the_migration_by_study(cli, inventoried, db: Path, tmp_pat
     assert cli("migrate", "--to", str(tmp_path / "a"), "--db", str(db), "-q").exit_code == 3
     out = cli("status", "--db", str(db)).output
     assert "Migration run 1 into file://" in out and ": partial" in out
-    assert "studies in progress" in out  # the studies with a quarantined object are listed
+    assert "studies not complete" in out  # the studies with a quarantined object are listed
     data = json.loads(cli("status", "--db", str(db), "--json").output)
     m = data["migration"]
     assert m["by_state"]["quarantined"] == 2
     assert m["usage"]["requests"]["GET"] >= m["objects"]
     assert m["studies_total"] == 3
+    # One definition per number: a study with a quarantined object is not "complete"; the three
+    # groups add up, and the listed studies are exactly the ones that are not complete.
+    listed = m["studies_in_progress"]
+    assert m["studies_complete"] + m["studies_with_exceptions"] + m["studies_unfinished"] == 3
+    assert m["studies_with_exceptions"] == sum(1 for s in listed if s["problems"]) >= 1
+    assert m["studies_complete"] == 3 - len(listed)
+    assert (f"studies 3: {m['studies_complete']} complete (every object verified), "
+            f"{m['studies_with_exceptions']} finished with exceptions") in out
 
 
 def test_migrate_needs_an_inventory_and_a_destination(cli, db: Path, tmp_path: Path) -> None:

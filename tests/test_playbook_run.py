@@ -148,6 +148,7 @@ def test_dcm4chee_s3_pilot_gate_then_the_whole_exit(s3, bucket, tmp_path: Path) 
     assert result.exit_code == 3, result.output
     assert book.ran(result) == ["inventory", "plan", "pilot"]
     assert re.search(r"pilot of 2 studies is not clean: 0 failed, 0 missing, [1-9] quarantined", result.output)
+    assert "allow_quarantined: true" in " ".join(result.output.split())  # the way past the gate is named
     assert book.steps()["pilot"]["status"] == "gated" and "migrate" not in book.steps()
 
     book.sets += ["--set", "steps.2.pilot.allow_quarantined=true"]

@@ -35,6 +35,21 @@ def test_bare_megabytes_or_megabits_is_refused_with_what_to_write():
     assert caught.value.exit_code == 2
 
 
+def test_a_bare_number_suggests_a_plausible_unit():
+    with pytest.raises(UsageError) as caught:
+        parse_rate("200")
+    assert "write 200Mbit/s or 200MB/s" in str(caught.value)
+
+
+@pytest.mark.parametrize("text", ["off", "0", "0Mbit/s", "pause", "fast"])
+def test_a_link_speed_is_never_offered_off_and_then_refused(text):
+    with pytest.raises(UsageError) as caught:
+        parse_rate(text, limit=False)
+    # The hint for --bandwidth names only values --bandwidth takes.
+    assert "or off" not in (caught.value.hint or "")
+    assert parse_rate("200Mbit/s", limit=False) == 25e6
+
+
 @pytest.mark.parametrize("text", ["25Mb/s", "200", "1G"])
 def test_other_ambiguous_rates_are_refused(text):
     with pytest.raises(UsageError, match="ambiguous"):

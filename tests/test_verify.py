@@ -239,3 +239,20 @@ def test_usage_errors(migrated: tuple[Path, Path], tmp_path: Path) -> None:
     State(empty, create=True).close()
     result = run("verify", "--db", str(empty))
     assert result.exit_code == 2 and "nothing to verify" in result.output
+
+
+def test_sample_with_the_archive_first_samples_the_pacs_only(migrated: tuple[Path, Path],
+                                                             pacs: OrthancServer) -> None:
+    db, archive = migrated
+    items = _archived_items(db, archive)
+    store = open_cstore(pacs.dicom_url)
+    assert all(store.deliver(*pair).ok for pair in items)
+    store.close()
+    result = run("verify", "--db", str(db), "--to", str(archive), "--to", pacs.dicom_url,
+                 "--deep", "--sample", "5", "--json")
+    assert result.exit_code == 0, result.output
+    folder, dicom = json.loads(result.output)["destinations"]
+    assert folder["kind"] == "filesystem" and folder["samples"] == []
+    assert [s["result"] for s in dicom["samples"]] == ["identical"] * 5
+    alone = run("verify", "--db", str(db), "--to", str(archive), "--sample", "5")
+    assert alone.exit_code == 2 and "no destination here is one" in alone.output
