@@ -469,10 +469,16 @@ def versions() -> dict[str, str]:
     def first_line(cmd: list[str]) -> str:
         try:
             out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
-            text = (out.stdout or out.stderr).strip().splitlines()
-            return text[0] if text else "?"
         except (OSError, subprocess.SubprocessError):
             return "?"
+        text = (out.stdout or out.stderr).strip().splitlines()
+        return text[0] if text else "?"
+
+    def version(name: str, flag: str = "version") -> str:
+        try:
+            return first_line([tool(name), flag])
+        except SystemExit:  # not installed: a benchmark that does not run it still reports
+            return "not installed"
 
     import platform
 
@@ -480,10 +486,10 @@ def versions() -> dict[str, str]:
 
     return {
         "cloudexit": __version__,
-        "seaweedfs": first_line([tool("weed"), "version"]),
-        "s5cmd": first_line([tool("s5cmd"), "version"]),
-        "rclone": first_line([tool("rclone"), "version"]),
-        "aws": first_line([tool("aws"), "--version"]),
+        "seaweedfs": version("weed"),
+        "s5cmd": version("s5cmd"),
+        "rclone": version("rclone"),
+        "aws": version("aws", "--version"),
         "python": sys.version.split()[0],
         "cpus": str(os.cpu_count()),
         "memory_gb": f"{psutil.virtual_memory().total / 2**30:.0f}",

@@ -216,8 +216,9 @@ def table(results: dict) -> str:
     for c in results["cells"]:
         for name, t in c["tools"].items():
             share = f"{t['link_share']:.0%}" if t["link_share"] else "-"
+            ratio = f"{t['wall_vs_s5cmd']:.2f}x" if t["wall_vs_s5cmd"] else "-"
             lines.append(f"| {c['workload']} | {c['rate']} | {name} | {t['wall_s']:.2f} s | "
-                         f"{t['wall_vs_s5cmd']:.2f}x | {t['cpu_s']:.2f} s | {t['cpu_s_per_gb'] or 0:.2f} s | "
+                         f"{ratio} | {t['cpu_s']:.2f} s | {t['cpu_s_per_gb'] or 0:.2f} s | "
                          f"{t['cpu_ms_per_object']:.2f} | {t['steady_bps'] / 1e6:.1f} MB/s | {share} |")
     if "hash_floor_cpu_s_per_gb" in results:
         lines.append(f"\nMD5 + SHA-256 floor: {results['hash_floor_cpu_s_per_gb']:.2f} CPU-s per GB")
