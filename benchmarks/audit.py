@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cloudexit.state import State
+from cloudexit.state.db import State
 
 MODALITIES = ("CT", "MR", "CR", "DX", "MG")
 CLASSES = ("STANDARD", "STANDARD_IA", "GLACIER")
@@ -145,7 +145,7 @@ def _iso(t: float) -> str:
 
 def _log_at(state: State, at: str, kind: str, **detail: object) -> None:
     """Like State.log, with a given time (the benchmark's migration happened 'earlier')."""
-    from cloudexit.state import GENESIS_HASH, event_hash
+    from cloudexit.state.db import GENESIS_HASH, event_hash
 
     text = json.dumps(detail, sort_keys=True)
     with state.transaction() as tx:

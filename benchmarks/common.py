@@ -42,7 +42,7 @@ import psutil
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from cloudexit.s3server import SeaweedServer  # noqa: E402
+from cloudexit.testing.s3server import SeaweedServer  # noqa: E402
 
 BIN = Path(sys.executable).parent
 GNU_TIME = "/usr/bin/time" if os.access("/usr/bin/time", os.X_OK) else None

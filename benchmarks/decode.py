@@ -34,7 +34,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from cloudexit import synthetic  # noqa: E402
-from cloudexit.containers import decode_file  # noqa: E402
+from cloudexit.dicom.containers import decode_file  # noqa: E402
 
 
 def _phantom(matrix: int) -> bytes:
@@ -61,7 +61,7 @@ def end_to_end(profile: synthetic.Profile, phantom: bytes) -> None:
 
     from common import measure
 
-    from cloudexit.s3server import SeaweedServer
+    from cloudexit.testing.s3server import SeaweedServer
 
     with tempfile.TemporaryDirectory() as tmp, SeaweedServer(Path(tmp) / "s3") as server:
         client = server.client()

@@ -36,7 +36,7 @@ from netlink import ShapedLink, can_shape  # noqa: E402
 from transfer import _fill_synthetic, command, inventory_db, prepare  # noqa: E402
 
 from cloudexit import synthetic  # noqa: E402
-from cloudexit.s3server import SeaweedServer  # noqa: E402
+from cloudexit.testing.s3server import SeaweedServer  # noqa: E402
 
 RATE_BYTES = {"mbit": 1e6 / 8, "gbit": 1e9 / 8}
 

@@ -35,7 +35,7 @@ from common import measure, tool  # noqa: E402
 from netlink import ShapedLink, can_shape  # noqa: E402
 from transfer import prepare  # noqa: E402
 
-from cloudexit.s3server import SeaweedServer  # noqa: E402
+from cloudexit.testing.s3server import SeaweedServer  # noqa: E402
 
 TC_TO_PLAN = {"mbit": "Mbit/s", "gbit": "Gbit/s"}
 

@@ -50,13 +50,13 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, overload
 
-from .audit import PACS_PREFIXES, current_user, last_verify_runs, recheck_sql
-from .cleanup_source import MAX_BATCH, Version, delete_batch, list_all, object_lock_enabled, read_locks, versioning
-from .config import SourceConfig
-from .errors import ConfirmationMismatch, NothingMigrated, StateError, UsageError
-from .files import private_writer
-from .source import Source
-from .state import State, now
+from cloudexit.report.audit import PACS_PREFIXES, current_user, last_verify_runs, recheck_sql
+from cloudexit.s3.cleanup import MAX_BATCH, Version, delete_batch, list_all, object_lock_enabled, read_locks, versioning
+from cloudexit.core.config import SourceConfig
+from cloudexit.core.errors import ConfirmationMismatch, NothingMigrated, StateError, UsageError
+from cloudexit.core.files import private_writer
+from cloudexit.s3.source import Source
+from cloudexit.state.db import State, now
 
 GOOD_STATES = ("verified", "duplicate", "stored", "warning")
 MANIFEST_FIELDS = ("action", "key", "version_id", "is_latest", "delete_marker", "etag", "size",
@@ -245,7 +245,7 @@ def source_from_state(state: State, endpoint_url: str | None = None, profile: st
 
 def default_destinations(state: State) -> list[str]:
     """Every destination a migration delivered to or a verify checked, in first-use order."""
-    from .verify import destinations
+    from cloudexit.verify import destinations
 
     seen = destinations(state)
     for r in state.query("SELECT dest FROM verify_runs GROUP BY dest ORDER BY min(id)"):
@@ -641,7 +641,7 @@ def _confirm(state: State, source: Source, result: Execution, versioned: bool) -
 
 def summary_text(p: Plan) -> list[str]:
     """Lines for the CLI and the playbook runner."""
-    from .units import format_bytes
+    from cloudexit.core.units import format_bytes
 
     s = p.summary()
     lines = [f"Decommission of {p.source} (versioning: {p.versioning}"

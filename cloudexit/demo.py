@@ -8,13 +8,13 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
-from .config import InventoryConfig, SourceConfig
-from .files import make_private_dirs, write_private
-from .inventory import Inventory
-from .s3server import SeaweedServer
-from .source import Source
-from .state import State
-from .status import inventory_summary
+from cloudexit.core.config import InventoryConfig, SourceConfig
+from cloudexit.core.files import make_private_dirs, write_private
+from cloudexit.inventory import Inventory
+from cloudexit.testing.s3server import SeaweedServer
+from cloudexit.s3.source import Source
+from cloudexit.state.db import State
+from cloudexit.report.status import inventory_summary
 
 DEMO_BUCKET = "branch-hospital-pacs"
 
@@ -28,7 +28,7 @@ def run_demo(workdir: str | None = None, size: str = "demo",
     the start of each run. None: a temporary directory, removed after. `say` prints a line;
     `show(step, data)` renders a step's result ("inventory": totals, "plan": a Plan).
     """
-    from . import synthetic
+    from cloudexit.testing import synthetic
 
     own = workdir is None
     root = Path(workdir or tempfile.mkdtemp(prefix="cloudexit-demo-"))
@@ -75,9 +75,9 @@ def _plan(state: State, root: Path, say: Callable[[str], None]) -> Any:
     moving only at night so clinical hours keep their bandwidth?"""
     from datetime import datetime, timedelta
 
-    from .plan import Link, render_html
-    from .planning import build_plan
-    from .schedule import parse_schedule
+    from cloudexit.plan.model import Link, render_html
+    from cloudexit.plan.build import build_plan
+    from cloudexit.engine.schedule import parse_schedule
 
     schedule = parse_schedule("Mon-Sun 07:30,0 19:00,off")
     out = root / "plan.html"
@@ -100,10 +100,10 @@ def _plan(state: State, root: Path, say: Callable[[str], None]) -> Any:
 
 def _migrate(state: State, source: Source, root: Path, say: Callable[[str], None]) -> dict[str, Any]:
     """Bring everything home into <workdir>/archive, verified, and say what happened."""
-    from .config import MigrateConfig
-    from .migrate import Migration
-    from .stores.filesystem import FilesystemStore
-    from .units import format_bytes, format_duration
+    from cloudexit.core.config import MigrateConfig
+    from cloudexit.engine.migrate import Migration
+    from cloudexit.stores.filesystem import FilesystemStore
+    from cloudexit.core.units import format_bytes, format_duration
 
     archive = root / "archive"
     say(f"$ cloudexit migrate --db {state.path} --to {archive}")
@@ -122,8 +122,8 @@ def _migrate(state: State, source: Source, root: Path, say: Callable[[str], None
 
 def _verify_and_audit(state: State, root: Path, say: Callable[[str], None]) -> None:
     """Re-check the archive against the inventory (SHA-256 too), then write the audit."""
-    from .audit import write_audit
-    from .verify import open_destination, verify
+    from cloudexit.report.audit import write_audit
+    from cloudexit.verify import open_destination, verify
 
     archive = root / "archive"
     say(f"$ cloudexit verify --db {state.path} --deep")

@@ -22,17 +22,17 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from .config import InventoryConfig
-from .containers import classify_object
-from .dicom import Header, patient_hash
-from .dicom import preload as preload_pydicom
-from .errors import CloudexitError, CustomerKeyRequired, ObjectArchived, UsageError
-from .paths import folder_dates, key_flags
-from .source import ListedObject, ObjectChanged, ObjectGone, Source, iso
-from .state import State, now
+from cloudexit.core.config import InventoryConfig
+from cloudexit.dicom.containers import classify_object
+from cloudexit.dicom.header import Header, patient_hash
+from cloudexit.dicom.header import preload as preload_pydicom
+from cloudexit.core.errors import CloudexitError, CustomerKeyRequired, ObjectArchived, UsageError
+from cloudexit.core.paths import folder_dates, key_flags
+from cloudexit.s3.source import ListedObject, ObjectChanged, ObjectGone, Source, iso
+from cloudexit.state.db import State, now
 
 if TYPE_CHECKING:
-    from .lean import LeanS3
+    from cloudexit.s3.lean import LeanS3
 
 MAX_CHAR = "\U0010ffff"
 EXPLORE_DEPTH = 4  # levels of common prefixes explored before grouping folders
@@ -208,7 +208,7 @@ class Inventory:
 
     # -- the round ------------------------------------------------------------------------
     def run(self) -> RoundSummary:
-        from .lean import LeanS3
+        from cloudexit.s3.lean import LeanS3
 
         state, source = self.state, self.source
         state.bind_source(source.url, source.config.endpoint_url, source.config.region)

@@ -27,11 +27,11 @@ from typing import Any, Callable, Iterable
 
 import yaml
 
-from . import patientkey
-from .errors import CloudexitError, GateNotMet, PlaybookError, StateError
-from .files import write_private
-from .pricing.catalogue import _LOADER, _List, _Map, _scalar
-from .state import State, now
+from cloudexit.state import patientkey
+from cloudexit.core.errors import CloudexitError, GateNotMet, PlaybookError, StateError
+from cloudexit.core.files import write_private
+from cloudexit.plan.pricing.catalogue import _LOADER, _List, _Map, _scalar
+from cloudexit.state.db import State, now
 
 FORMAT = 1
 STEP_KINDS = ("inventory", "plan", "pilot", "migrate", "delta", "verify", "audit", "checkpoint",
@@ -524,8 +524,8 @@ class Runner:
         return p if p.is_absolute() else Path(os.path.abspath(self.db.parent / p))
 
     def _source(self) -> Any:
-        from .config import SourceConfig
-        from .source import Source
+        from cloudexit.core.config import SourceConfig
+        from cloudexit.s3.source import Source
 
         s = self.pb.source
         return Source(s["url"], SourceConfig(endpoint_url=s["endpoint"], profile=s["profile"],
@@ -541,7 +541,7 @@ class Runner:
         return self.pb.folders[0]
 
     def _migrate_config(self, step: Step) -> Any:
-        from .config import MigrateConfig
+        from cloudexit.core.config import MigrateConfig
 
         o = step.options
         values = {k: o.get(k) for k in ("layout", "non_dicom", "order", "processes", "threads")}
@@ -551,9 +551,9 @@ class Runner:
     def _migrate(self, state: State, step: Step, folder: str) -> dict[str, Any]:
         """One migrate pass into the archive (resuming an unfinished run); the engine delivers
         every verified DICOM object to the playbook's PACS targets in the same pass."""
-        from .migrate import Migration, last_run
-        from .stores.filesystem import FilesystemStore
-        from .verify import open_destination
+        from cloudexit.engine.migrate import Migration, last_run
+        from cloudexit.stores.filesystem import FilesystemStore
+        from cloudexit.verify import open_destination
 
         config = self._migrate_config(step)
         store = FilesystemStore(Path(folder), layout=config.layout)
@@ -573,8 +573,8 @@ class Runner:
 
     # -- steps --------------------------------------------------------------------------------------
     def _step_inventory(self, state: State, step: Step) -> dict[str, Any]:
-        from .config import InventoryConfig
-        from .inventory import Inventory
+        from cloudexit.core.config import InventoryConfig
+        from cloudexit.inventory import Inventory
 
         o = step.options
         values = {"workers": o["workers"], "header_bytes": o["header_bytes"],
@@ -591,10 +591,10 @@ class Runner:
     def _step_plan(self, state: State, step: Step) -> dict[str, Any]:
         from datetime import datetime
 
-        from . import plan as plan_model
-        from .planning import build_plan, link_from
-        from .schedule import parse_schedule
-        from .units import parse_duration, parse_rate
+        from cloudexit.plan import model as plan_model
+        from cloudexit.plan.build import build_plan, link_from
+        from cloudexit.engine.schedule import parse_schedule
+        from cloudexit.core.units import parse_duration, parse_rate
 
         p = self.pb.pricing
         bandwidth = step.opt("bandwidth") or p["bandwidth"]
@@ -623,9 +623,9 @@ class Runner:
 
     def _step_pilot(self, state: State, step: Step) -> dict[str, Any]:
         """The real engine and verify on a sample of studies, in a pilot state DB and folder of their own."""
-        from .migrate import Migration
-        from .stores.filesystem import FilesystemStore
-        from .verify import verify
+        from cloudexit.engine.migrate import Migration
+        from cloudexit.stores.filesystem import FilesystemStore
+        from cloudexit.verify import verify
 
         o = step.options
         studies = [r[0] for r in state.query(
@@ -691,8 +691,8 @@ class Runner:
                         "objects (see `cloudexit status`); run the playbook again to retry them", result)
 
     def _step_delta(self, state: State, step: Step) -> dict[str, Any]:
-        from .config import InventoryConfig
-        from .inventory import Inventory
+        from cloudexit.core.config import InventoryConfig
+        from cloudexit.inventory import Inventory
 
         summary = Inventory(state, self._source(), InventoryConfig(key_pattern=self.pb.source["key_pattern"])).run()
         moved = self._migrate(state, step, self._archive())
@@ -712,7 +712,7 @@ class Runner:
         return result
 
     def _step_verify(self, state: State, step: Step) -> dict[str, Any]:
-        from .verify import open_destination, verify
+        from cloudexit.verify import open_destination, verify
 
         v = self.pb.verification
         deep = v["deep"] if step.opt("deep") is None else step.opt("deep")
@@ -737,7 +737,7 @@ class Runner:
         return out
 
     def _step_audit(self, state: State, step: Step) -> dict[str, Any]:
-        from .audit import write_audit
+        from cloudexit.report.audit import write_audit
 
         result = write_audit(state, self._path(step.opt("out")), lang=step.opt("lang"),
                              include_phi=step.opt("include_phi"), force=True)
@@ -759,7 +759,7 @@ class Runner:
         return result
 
     def _step_decommission(self, state: State, step: Step) -> dict[str, Any]:
-        from . import decommission as dc
+        from cloudexit import decommission as dc
 
         o = step.options
         source = self._source()

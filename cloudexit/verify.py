@@ -30,10 +30,10 @@ from datetime import datetime, timezone
 from typing import Any
 from urllib.parse import urlsplit
 
-from .errors import UsageError
-from .state import State, now
-from .stores import Store, StoreError
-from .stores.claim import RESERVED, members, note_conflicts, read_marker
+from cloudexit.core.errors import UsageError
+from cloudexit.state.db import State, now
+from cloudexit.stores import Store, StoreError
+from cloudexit.stores.claim import RESERVED, members, note_conflicts, read_marker
 
 # Attribute values a report may show; anything else (patient, names, dates, free text) is only
 # said to differ, never shown.
@@ -462,7 +462,7 @@ def _archived(row: sqlite3.Row) -> bytes:
 
 
 def _compare_one(store: Any, r: sqlite3.Row) -> Sample:
-    from .stores.dicomfile import file_layout
+    from cloudexit.stores.dicomfile import file_layout
 
     try:
         data = _archived(r)
@@ -484,7 +484,7 @@ def compare_datasets(sop: str, key: str | None, ts_a: str, a: bytes, ts_b: str, 
     """What differs between the archived dataset (a) and the PACS's (b), attribute by attribute."""
     import warnings
 
-    from .stores.dicomfile import read_dataset
+    from cloudexit.stores.dicomfile import read_dataset
 
     syntax = None if ts_a == ts_b else f"{ts_a} -> {ts_b}"
     try:
@@ -570,9 +570,9 @@ def check_sample(targets: list[str], sample: int) -> None:
 def open_destination(dest: str, calling_aet: str | None = None) -> Store:
     """The store for a recorded destination id (or a `--to` value)."""
     if dest.startswith("dicom://"):
-        from .stores.cstore import open_store as open_cstore
+        from cloudexit.stores.cstore import open_store as open_cstore
 
         return open_cstore(dest, calling_aet=calling_aet)
-    from .stores import open_store
+    from cloudexit.stores import open_store
 
     return open_store(dest)

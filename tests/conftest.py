@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner, Result
 
 from cloudexit.cli import main
-from cloudexit.s3server import SeaweedServer
+from cloudexit.testing.s3server import SeaweedServer
 from faultproxy import fault_proxy  # noqa: F401 - fixtures, registered for every test
 from orthanc import needs, orthanc, overwriting_orthanc, overwriting_pacs, pacs, status_scp  # noqa: F401
 

@@ -233,7 +233,7 @@ class FaultProxy:
         import boto3
         from botocore.config import Config
 
-        from cloudexit.s3server import ACCESS_KEY, REGION, SECRET_KEY
+        from cloudexit.testing.s3server import ACCESS_KEY, REGION, SECRET_KEY
 
         config.setdefault("s3", {"addressing_style": "path"})
         return boto3.client("s3", endpoint_url=self.endpoint_url, region_name=REGION,
@@ -242,7 +242,7 @@ class FaultProxy:
 
     def env(self) -> dict[str, str]:
         """Environment variables that point boto3 (and subprocesses) at this proxy."""
-        from cloudexit.s3server import ACCESS_KEY, REGION, SECRET_KEY
+        from cloudexit.testing.s3server import ACCESS_KEY, REGION, SECRET_KEY
 
         return {"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
                 "AWS_DEFAULT_REGION": REGION, "AWS_REGION": REGION,

@@ -37,7 +37,7 @@ from typing import Any
 
 import pytest
 
-from cloudexit.s3server import free_port
+from cloudexit.testing.s3server import free_port
 from cloudexit.stores import Item
 
 ORTHANC = "/usr/sbin/Orthanc"

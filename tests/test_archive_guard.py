@@ -13,8 +13,8 @@ from pathlib import Path
 
 from dbutil import rows
 
-from cloudexit import synthetic
-from cloudexit.s3server import SeaweedServer
+from cloudexit.testing import synthetic
+from cloudexit.testing.s3server import SeaweedServer
 from cloudexit.stores.claim import LEDGER, MARKER
 from cloudexit.stores.filesystem import Placer, PlacementConflict
 
@@ -183,8 +183,8 @@ def test_a_planted_symlink_makes_no_folder_outside_dest(cli, s3, tmp_path: Path)
 
 
 def test_folders_created_for_the_db_and_the_audit_are_private(tmp_path: Path) -> None:
-    from cloudexit.audit import prepare_out
-    from cloudexit.state import State
+    from cloudexit.report.audit import prepare_out
+    from cloudexit.state.db import State
 
     old = os.umask(0o022)
     try:

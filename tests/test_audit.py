@@ -19,11 +19,11 @@ from typing import Any
 import pytest
 from click.testing import CliRunner, Result
 
-from cloudexit import synthetic
-from cloudexit.audit import MANIFEST_COLUMNS, audit_facts, open_state
-from cloudexit.audit_html import render_html
+from cloudexit.testing import synthetic
+from cloudexit.report.audit import MANIFEST_COLUMNS, audit_facts, open_state
+from cloudexit.report.html import render_html
 from cloudexit.cli import main
-from cloudexit.s3server import SeaweedServer
+from cloudexit.testing.s3server import SeaweedServer
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from cloudexit.audit import (
+from cloudexit.report.audit import (
     DECISION_SQL,
     Rule,
     _bucket_size,
@@ -26,7 +26,7 @@ from cloudexit.audit import (
     write_audit,
 )
 from cloudexit.decommission import _Judge
-from cloudexit.state import State
+from cloudexit.state.db import State
 
 ARCHIVE, PACS = "file:///srv/archive", "dicom://ORTHANC@pacs:4242"
 

@@ -13,9 +13,9 @@ from typing import Any, Callable, Iterator
 import pytest
 from click.testing import CliRunner, Result
 
-from cloudexit import synthetic
+from cloudexit.testing import synthetic
 from cloudexit.cli import main
-from cloudexit.s3server import SeaweedServer
+from cloudexit.testing.s3server import SeaweedServer
 
 
 def _profile() -> synthetic.Profile:
@@ -180,7 +180,7 @@ def test_a_failed_first_inventory_leaves_no_state_db(cli: Callable[..., Result],
 
 
 def test_status_before_any_inventory_says_what_to_run(tmp_path: Path) -> None:
-    from cloudexit.state import State
+    from cloudexit.state.db import State
 
     db = tmp_path / "cloudexit.db"
     State(db, create=True).close()  # e.g. left by an older version after a failed first run

@@ -23,9 +23,9 @@ from typing import Any
 import pytest
 from dbutil import rows
 
-from cloudexit import synthetic
-from cloudexit.containers import DecodeError, classify_object, decode_file, sniff
-from cloudexit.s3server import SeaweedServer
+from cloudexit.testing import synthetic
+from cloudexit.dicom.containers import DecodeError, classify_object, decode_file, sniff
+from cloudexit.testing.s3server import SeaweedServer
 from orthanc import ORTHANC, OrthancServer
 
 
@@ -304,7 +304,7 @@ def test_broken_envelopes_are_clear_per_object_failures(cli: Any, bucket: str, d
 def test_a_schema_6_database_gets_the_envelope_columns(tmp_path: Path) -> None:
     import sqlite3
 
-    from cloudexit.state import _MIGRATIONS, APP_ID, SCHEMA_VERSION, State
+    from cloudexit.state.db import _MIGRATIONS, APP_ID, SCHEMA_VERSION, State
 
     path = tmp_path / "old.db"
     conn = sqlite3.connect(path)

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from cloudexit import synthetic
-from cloudexit.errors import UsageError
+from cloudexit.testing import synthetic
+from cloudexit.core.errors import UsageError
 from cloudexit.stores import Delivery, Item, Store, StoreError, StoreUnavailable, open_store
 from cloudexit.stores.cstore import CStoreStore
 from cloudexit.stores.cstore import open_store as open_cstore
@@ -225,7 +225,7 @@ def test_check_fails_early(pacs: OrthancServer) -> None:
     with pytest.raises(StoreError, match="rejected the association") as wrong:
         open_cstore(pacs.dicom_url.replace("ORTHANC@", "NOTTHEPACS@")).check()
     assert "calling AE" in str(wrong.value)
-    from cloudexit.s3server import free_port
+    from cloudexit.testing.s3server import free_port
 
     with pytest.raises(StoreUnavailable):
         open_cstore(f"dicom://ORTHANC@127.0.0.1:{free_port()}").check()

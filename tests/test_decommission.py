@@ -16,10 +16,11 @@ from typing import Any
 import pytest
 from dbutil import rows
 
-from cloudexit import decommission, synthetic
+from cloudexit import decommission
+from cloudexit.testing import synthetic
 from cloudexit.decommission import execute, manifest_rows, plan, source_from_state
-from cloudexit.s3server import SeaweedServer
-from cloudexit.state import State
+from cloudexit.testing.s3server import SeaweedServer
+from cloudexit.state.db import State
 
 SMALL = synthetic.Profile(patients=2, studies_per_patient=1, ct_slices_per_series=3, ct_matrix=32,
                           cr_per_study=1, cr_matrix=32, multiframe_objects=0, awkward=False)

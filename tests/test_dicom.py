@@ -9,9 +9,9 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 
-from cloudexit import synthetic
-from cloudexit.dicom import classify, patient_hash
-from cloudexit.paths import key_flags, safe_relative_path
+from cloudexit.testing import synthetic
+from cloudexit.dicom.header import classify, patient_hash
+from cloudexit.core.paths import key_flags, safe_relative_path
 
 
 def _dicom(pixels: int = 1000, ts: str = ExplicitVRLittleEndian, preamble: bool = True,
@@ -139,7 +139,7 @@ def test_safe_relative_paths_keep_distinct_keys_distinct() -> None:
 # __init__. Before `preload` took a lock, 8 runs of 10 failed with an ImportError.
 _RACE = """
 import sys, threading, time, pathlib
-from cloudexit import dicom
+from cloudexit.dicom import header as dicom
 assert "pydicom" not in sys.modules
 cases = [(p.read_bytes(), int(p.stem.split("-")[1])) for p in pathlib.Path(sys.argv[1]).iterdir()]
 errors = []

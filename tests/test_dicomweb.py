@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from cloudexit import synthetic
-from cloudexit.errors import UsageError
+from cloudexit.testing import synthetic
+from cloudexit.core.errors import UsageError
 from cloudexit.stores import Delivery, Item, Store, StoreError, StoreUnavailable, open_store
 from cloudexit.stores.dicomfile import dataset_sha256
 from cloudexit.stores.dicomweb import (

@@ -19,7 +19,7 @@ from botocore.exceptions import (ClientError, ConnectionClosedError, EndpointCon
                                  FlexibleChecksumError, IncompleteReadError, ReadTimeoutError,
                                  ResponseStreamingError)
 
-from cloudexit.s3server import ACCESS_KEY, REGION, SECRET_KEY
+from cloudexit.testing.s3server import ACCESS_KEY, REGION, SECRET_KEY
 from faultproxy import FaultProxy
 
 # What botocore raises when a connection is reset or refused.

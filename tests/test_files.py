@@ -6,7 +6,7 @@ from __future__ import annotations
 import stat
 from pathlib import Path
 
-from cloudexit.files import write_private
+from cloudexit.core.files import write_private
 
 
 def _mode(path: Path) -> int:

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 from dbutil import rows as _rows
 
-from cloudexit import synthetic
-from cloudexit.s3server import SeaweedServer
+from cloudexit.testing import synthetic
+from cloudexit.testing.s3server import SeaweedServer
 
 
 
@@ -206,7 +206,7 @@ def test_missing_bucket(cli, db: Path) -> None:
 
 
 def test_unreachable_endpoint(cli, bucket: str, db: Path) -> None:
-    from cloudexit.s3server import free_port
+    from cloudexit.testing.s3server import free_port
 
     started = time.monotonic()
     result = cli("inventory", f"s3://{bucket}", "--db", str(db),

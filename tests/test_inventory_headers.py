@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from cloudexit import dicom, synthetic
+from cloudexit.dicom import header as dicom
+from cloudexit.testing import synthetic
 
 
 def _cases() -> list[tuple[str, bytes, int]]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from urllib.parse import quote_plus
 from xml.sax.saxutils import escape
 
-from cloudexit.lean import parse_page, parse_page_tree
+from cloudexit.s3.lean import parse_page, parse_page_tree
 
 KEYS = ["a/b.dcm", "ctl\x01char.dcm", "a+b c&d<e>\"f'.dcm", "影像/张三 study/1.dcm", "100%.dcm",
         "C:/Windows/x.dcm"]

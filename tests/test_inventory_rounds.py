@@ -6,8 +6,8 @@ import json
 import sqlite3
 from pathlib import Path
 
-from cloudexit import synthetic
-from cloudexit.state import SCHEMA_VERSION, State
+from cloudexit.testing import synthetic
+from cloudexit.state.db import SCHEMA_VERSION, State
 
 
 def test_round_counts_survive_later_rounds_and_old_dbs_are_filled(cli, s3, bucket: str, db: Path,

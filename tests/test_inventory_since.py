@@ -11,7 +11,7 @@ from urllib.parse import parse_qs
 import pytest
 from dbutil import rows as _rows
 
-from cloudexit.paths import folder_dates, key_flags
+from cloudexit.core.paths import folder_dates, key_flags
 
 DATED = [  # dcm4chee-style: YYYY/MM/DD/<study hash>/<series hash>/<instance hash>
     "2024/01/05/0A1B2C3D/11111111/AAAA0001",

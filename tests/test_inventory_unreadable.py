@@ -10,7 +10,7 @@ from pathlib import Path
 
 from dbutil import rows
 
-from cloudexit import synthetic
+from cloudexit.testing import synthetic
 
 
 def _profile() -> synthetic.Profile:

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from cloudexit import synthetic
+from cloudexit.testing import synthetic
 
 RATE = 4_000_000  # bytes/s through the pacer
 

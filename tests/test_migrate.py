@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 from dbutil import rows
 
-from cloudexit import synthetic
-from cloudexit.s3server import SeaweedServer
+from cloudexit.testing import synthetic
+from cloudexit.testing.s3server import SeaweedServer
 from cloudexit.stores.claim import LOCK, MARKER, RESERVED
 from cloudexit.stores.filesystem import safe_key_path
 
@@ -244,7 +244,7 @@ def test_migrate_needs_an_inventory_and_a_destination(cli, db: Path, tmp_path: P
     result = cli("migrate", "--to", str(tmp_path / "a"), "--db", str(db))
     assert result.exit_code == 1 and "no state database" in result.output
     db.parent.mkdir(parents=True, exist_ok=True)
-    from cloudexit.state import State
+    from cloudexit.state.db import State
 
     State(db, create=True).close()
     result = cli("migrate", "--db", str(db))
@@ -265,7 +265,7 @@ def test_wrong_credentials_stop_before_anything(cli, inventoried, db: Path, tmp_
 
 
 def test_v1_database_migrates_forward(tmp_path: Path) -> None:
-    from cloudexit.state import _SCHEMA_V1, APP_ID, SCHEMA_VERSION, State
+    from cloudexit.state.db import _SCHEMA_V1, APP_ID, SCHEMA_VERSION, State
 
     path = tmp_path / "old.db"
     conn = sqlite3.connect(path)

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from dbutil import rows
 
-from cloudexit import synthetic
-from cloudexit.s3server import SeaweedServer
+from cloudexit.testing import synthetic
+from cloudexit.testing.s3server import SeaweedServer
 from cloudexit.stores.claim import RESERVED
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from dbutil import rows
 
-from cloudexit import synthetic
+from cloudexit.testing import synthetic
 from cloudexit.stores.filesystem import TEMP_PREFIX
 
 

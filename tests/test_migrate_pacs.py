@@ -13,9 +13,9 @@ from dbutil import rows
 
 from click.testing import CliRunner
 
-from cloudexit import synthetic
+from cloudexit.testing import synthetic
 from cloudexit.cli import main
-from cloudexit.s3server import SeaweedServer
+from cloudexit.testing.s3server import SeaweedServer
 from cloudexit.stores.dicomfile import dataset_sha256
 from orthanc import OrthancServer
 

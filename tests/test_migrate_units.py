@@ -14,18 +14,18 @@ from botocore.auth import S3SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials as BotoCredentials
 
-from cloudexit import synthetic
-from cloudexit.checksums import (
+from cloudexit.testing import synthetic
+from cloudexit.core.checksums import (
     ObjectHasher,
     crc_implementation,
     expectations,
     part_bounds,
     worth_computing,
 )
-from cloudexit.dicom import classify
-from cloudexit.dicomscan import scan
+from cloudexit.dicom.header import classify
+from cloudexit.dicom.scan import scan
 from cloudexit.stores.filesystem import FilesystemStore, safe_key_path
-from cloudexit.transfer import Credentials, Endpoint, Response, Signer
+from cloudexit.transfer.worker import Credentials, Endpoint, Response, Signer
 
 KEYS = ["a/b.dcm", "影像/张三 study/1.dcm", "odd/a+b%20c&d=e;f.dcm", "scans/with space/image 1.dcm",
         "C:/PACS/export/img.dcm", "tilde~and(parens)!*'.dcm"]

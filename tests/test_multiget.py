@@ -15,10 +15,10 @@ import pytest
 from faultproxy import FaultProxy
 from conftest import server_context
 
-from cloudexit import synthetic
-from cloudexit.multiget import MAX_BYTES, MultiGet
-from cloudexit.s3server import SeaweedServer
-from cloudexit.transfer import Counters, Credentials, Endpoint, Fetcher, Result, SharedRate, Task
+from cloudexit.testing import synthetic
+from cloudexit.transfer.multiget import MAX_BYTES, MultiGet
+from cloudexit.testing.s3server import SeaweedServer
+from cloudexit.transfer.worker import Counters, Credentials, Endpoint, Fetcher, Result, SharedRate, Task
 
 
 @pytest.fixture(scope="module")

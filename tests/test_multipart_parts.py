@@ -19,7 +19,7 @@ import pytest
 from botocore.config import Config
 from dbutil import rows
 
-from cloudexit.s3server import ACCESS_KEY, REGION, SECRET_KEY
+from cloudexit.testing.s3server import ACCESS_KEY, REGION, SECRET_KEY
 
 MiB = 2**20
 SHAPES = {"a/8-10-6.bin": [8 * MiB, 10 * MiB, 6 * MiB], "a/5-7-3.bin": [5 * MiB, 7 * MiB, 3 * MiB],

@@ -14,8 +14,8 @@ from typing import Any
 from dbutil import rows
 from orthanc import OrthancServer
 
-from cloudexit import synthetic
-from cloudexit.s3server import SeaweedServer
+from cloudexit.testing import synthetic
+from cloudexit.testing.s3server import SeaweedServer
 
 
 def _stored(db: Path, dest: str) -> int:

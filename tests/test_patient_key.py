@@ -16,10 +16,10 @@ import pytest
 from dbutil import rows as _rows
 from test_inventory import tiny_pacs  # noqa: F401 - fixture
 
-from cloudexit import synthetic
-from cloudexit.dicom import patient_hash
-from cloudexit.s3server import SeaweedServer
-from cloudexit.state import State
+from cloudexit.testing import synthetic
+from cloudexit.dicom.header import patient_hash
+from cloudexit.testing.s3server import SeaweedServer
+from cloudexit.state.db import State
 
 _IDS: list[bytes] = []
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from cloudexit import synthetic
+from cloudexit.testing import synthetic
 
 
 @pytest.fixture
@@ -118,7 +118,7 @@ def test_plan_assume_size_is_labelled_everywhere_and_not_kept(cli, inventoried, 
     assert cli("plan", "--db", str(db), "--provider", "aliyun-oss", "--region", "cn-hangzhou", "--bandwidth", "1Gbit/s",
                "--assume-size", "40TB", "--lang", "zh", "--out", str(zh), "-q").exit_code == 0
     assert "假设：按 40.0 TB 估算" in zh.read_text()
-    from cloudexit.state import State
+    from cloudexit.state.db import State
 
     with State(db) as state:  # the plan the audit compares with is still the real bucket's
         assert json.loads(state.meta("plan"))["workload"]["bytes"] == sum(o.size for o in truth)

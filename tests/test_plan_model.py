@@ -9,8 +9,8 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from cloudexit.errors import UsageError
-from cloudexit.plan import (
+from cloudexit.core.errors import UsageError
+from cloudexit.plan.model import (
     ClassLoad,
     Link,
     Range,
@@ -20,8 +20,8 @@ from cloudexit.plan import (
     render_markdown,
     render_text,
 )
-from cloudexit.pricing import load_catalogue
-from cloudexit.schedule import Schedule, Slot, parse_schedule
+from cloudexit.plan.pricing import load_catalogue
+from cloudexit.engine.schedule import Schedule, Slot, parse_schedule
 
 GB = 10**9  # the shipped catalogues bill 1 GB = 1e9 bytes
 
@@ -371,8 +371,8 @@ def test_alibaba_plan_is_complete_and_says_there_is_no_free_allowance():
 def test_chart_axis_fits_the_data():
     """A 9 s scenario beside an 8 h one (night-only) was a sliver at the left edge of a linear
     axis: the axis turns logarithmic, and ends where the slowest scenario ends."""
-    from cloudexit.plan_render import render_svg
-    from cloudexit.schedule import parse_schedule
+    from cloudexit.plan.render import render_svg
+    from cloudexit.engine.schedule import parse_schedule
 
     night = parse_schedule("Mon-Sun 07:30,0 19:00,off")
     plan = make_plan(standard(0.1, objects=100), load_catalogue("aliyun-oss"), steady(1e7),
@@ -393,7 +393,7 @@ def test_chart_axis_fits_the_data():
 
 
 def test_chinese_plan_has_the_same_figures():
-    from cloudexit.plan_render import render_html as html_of
+    from cloudexit.plan.render import render_html as html_of
 
     plan = make_plan(standard(1_000), load_catalogue("aliyun-oss"), steady(1e7), datetime(2026, 3, 2))
     en, zh = html_of(plan, "en"), html_of(plan, "zh")
@@ -410,7 +410,7 @@ def test_chinese_plan_has_the_same_figures():
 def test_many_tiny_objects_are_bound_by_the_client_not_the_link():
     """20,000 objects of 500 bytes on 1 Gbit/s: the link would move them in 0.01 s; the client
     spends ~1.5 ms of CPU on each, over its worker processes (was: about 0 s)."""
-    from cloudexit.plan import CLIENT_CPU_PER_BYTE_S, CLIENT_CPU_PER_OBJECT_S
+    from cloudexit.plan.model import CLIENT_CPU_PER_BYTE_S, CLIENT_CPU_PER_OBJECT_S
 
     work = Workload({"STANDARD": ClassLoad(20_000, 20_000 * 500)})
     link = Link(Range(125e6, 125e6, 125e6), latency_s=0.0, concurrency=32, cores=2)
@@ -432,9 +432,9 @@ def test_a_link_measured_by_migrating_is_not_slowed_twice():
 def test_requests_use_migrates_range_size(tmp_path):
     """The plan counts the GETs migrate makes: one per 16 MiB range of a large object (was one
     per 64 MiB part: 4x too few)."""
-    from cloudexit.config import MigrateConfig
-    from cloudexit.planning import workload_from_state
-    from cloudexit.state import State
+    from cloudexit.core.config import MigrateConfig
+    from cloudexit.plan.build import workload_from_state
+    from cloudexit.state.db import State
 
     with State(tmp_path / "s.db", create=True) as state:
         with state.transaction() as tx:

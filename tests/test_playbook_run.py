@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 
-from cloudexit import synthetic
+from cloudexit.testing import synthetic
 from cloudexit.cli import main
-from cloudexit.s3server import SeaweedServer
-from cloudexit.state import State
-from cloudexit.status import delta_summary
+from cloudexit.testing.s3server import SeaweedServer
+from cloudexit.state.db import State
+from cloudexit.report.status import delta_summary
 from orthanc import OrthancServer
 
 PLAYBOOKS = Path(__file__).resolve().parent.parent / "playbooks"
@@ -212,7 +212,7 @@ def test_playbook_interrupted_mid_step_continues_there(s3_env, bucket, tmp_path:
 
     # The delta left, as `cloudexit status` shows it: what the next delta round would move.
     s3_env.client().put_object(Bucket=bucket, Key="late/readme.txt", Body=b"a new non-DICOM object")
-    from cloudexit.config import InventoryConfig
+    from cloudexit.core.config import InventoryConfig
     from cloudexit.inventory import Inventory
 
     runner = Runner(pb, book.db, say=lambda t: None)

@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 from cloudexit.cli import main
-from cloudexit.errors import PlaybookError
+from cloudexit.core.errors import PlaybookError
 from cloudexit.playbook import load
 
 PLAYBOOKS = Path(__file__).resolve().parent.parent / "playbooks"

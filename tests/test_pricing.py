@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from cloudexit.errors import UsageError
-from cloudexit.pricing import catalogue_text, known_providers, load_catalogue
+from cloudexit.core.errors import UsageError
+from cloudexit.plan.pricing import catalogue_text, known_providers, load_catalogue
 
 PROVIDERS = ["aliyun-oss", "aws-s3", "azure-blob", "gcs", "huawei-obs", "tencent-cos"]
 

@@ -7,7 +7,7 @@ import os
 import re
 from pathlib import Path
 
-from cloudexit import synthetic
+from cloudexit.testing import synthetic
 
 NAME = "DOE^JANE 19700101"
 

@@ -18,9 +18,9 @@ from typing import Any
 import pytest
 from click.testing import CliRunner, Result
 
-from cloudexit import synthetic
+from cloudexit.testing import synthetic
 from cloudexit.cli import main
-from cloudexit.s3server import SeaweedServer
+from cloudexit.testing.s3server import SeaweedServer
 
 SCHEDULE = "Mon-Sun 07:30,0 19:00,off"
 
@@ -35,10 +35,10 @@ def exited(s3: SeaweedServer, tmp_path_factory: pytest.TempPathFactory) -> dict[
     audited and planned in both languages."""
     from conftest import point_at
 
-    from cloudexit.config import MigrateConfig, SourceConfig
-    from cloudexit.migrate import Migration
-    from cloudexit.source import Source
-    from cloudexit.state import State
+    from cloudexit.core.config import MigrateConfig, SourceConfig
+    from cloudexit.engine.migrate import Migration
+    from cloudexit.s3.source import Source
+    from cloudexit.state.db import State
     from cloudexit.stores.filesystem import FilesystemStore
 
     mp = pytest.MonkeyPatch()
@@ -223,7 +223,7 @@ def test_page_one_is_the_directors_summary(printed, lang: str, phrases: list[str
 def test_chart_legend_leaves_room_for_chinese_labels() -> None:
     """A CJK character is a full em wide: the next swatch starts after the label's last one
     (it was placed 7 px per character, over the last character of 已完成)."""
-    from cloudexit import charts
+    from cloudexit.report import charts
 
     svg = charts.hbars([("2016", 1.0, 2.0, "1 B / 2 B")], "按检查年份的进度（字节）",
                        [(charts.DONE, "已完成"), (charts.TODO, "未完成"), (charts.BAR, "每 1 s")])

@@ -6,8 +6,8 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from cloudexit.errors import UsageError
-from cloudexit.schedule import UNLIMITED, Schedule, Slot, parse_schedule
+from cloudexit.core.errors import UsageError
+from cloudexit.engine.schedule import UNLIMITED, Schedule, Slot, parse_schedule
 
 MIB = 2**20
 KIB = 2**10

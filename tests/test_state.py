@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from cloudexit.errors import StateError
-from cloudexit.state import State
+from cloudexit.core.errors import StateError
+from cloudexit.state.db import State
 
 
 def test_event_chain_detects_edits_and_removals(tmp_path: Path) -> None:

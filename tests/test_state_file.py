@@ -21,8 +21,8 @@ from dbutil import rows as _rows
 from test_audit import migrated, run  # noqa: F401 - a migrated tiny PACS, shared with the audit tests
 from test_inventory import tiny_pacs  # noqa: F401 - fixture
 
-from cloudexit import synthetic
-from cloudexit.s3server import SeaweedServer
+from cloudexit.testing import synthetic
+from cloudexit.testing.s3server import SeaweedServer
 
 ROOT = pytest.mark.skipif(os.geteuid() != 0, reason="mounts a small filesystem (needs root)")
 NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]

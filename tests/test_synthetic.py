@@ -16,8 +16,8 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import generate_frames
 from pydicom.uid import UID
 
-from cloudexit import synthetic
-from cloudexit.synthetic import (
+from cloudexit.testing import synthetic
+from cloudexit.testing.synthetic import (
     HOSTILE_KEYS,
     Profile,
     SyntheticObject,

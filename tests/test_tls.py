@@ -19,8 +19,8 @@ from dbutil import rows
 from faultproxy import FaultProxy
 from test_migrate_faults import check_archive
 
-from cloudexit import synthetic
-from cloudexit.s3server import SeaweedServer
+from cloudexit.testing import synthetic
+from cloudexit.testing.s3server import SeaweedServer
 
 trustme = pytest.importorskip("trustme")
 
@@ -64,8 +64,8 @@ def test_our_client_trusts_what_boto3_trusts(s3_env, tmp_path: Path, ca, monkeyp
     `ca_bundle`, or botocore's default; never the OS store behind boto3's back."""
     from botocore.httpsession import get_cert_path
 
-    from cloudexit.config import SourceConfig
-    from cloudexit.source import Source
+    from cloudexit.core.config import SourceConfig
+    from cloudexit.s3.source import Source
 
     monkeypatch.delenv("AWS_CA_BUNDLE", raising=False)
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))

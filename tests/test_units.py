@@ -2,8 +2,8 @@
 
 import pytest
 
-from cloudexit.errors import UsageError
-from cloudexit.units import format_bytes, format_duration, format_rate, parse_rate, parse_size
+from cloudexit.core.errors import UsageError
+from cloudexit.core.units import format_bytes, format_duration, format_rate, parse_rate, parse_size
 
 
 @pytest.mark.parametrize(

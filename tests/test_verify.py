@@ -13,11 +13,11 @@ import pytest
 from click.testing import CliRunner, Result
 from pydicom import dcmread
 
-from cloudexit import synthetic
+from cloudexit.testing import synthetic
 from cloudexit import verify as verify_module
 from cloudexit.cli import main
-from cloudexit.s3server import SeaweedServer
-from cloudexit.state import State
+from cloudexit.testing.s3server import SeaweedServer
+from cloudexit.state.db import State
 from cloudexit.stores import Item
 from cloudexit.stores.cstore import open_store as open_cstore
 from cloudexit.stores.dicomweb import open_store as open_dicomweb

@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 from click.testing import CliRunner, Result
 
-from cloudexit import synthetic
+from cloudexit.testing import synthetic
 from cloudexit.cli import main
-from cloudexit.s3server import SeaweedServer
+from cloudexit.testing.s3server import SeaweedServer
 from orthanc import ORTHANC, OrthancServer
 
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
-from ..errors import CloudexitError, UsageError
+from cloudexit.core.errors import CloudexitError, UsageError
 
 
 class StoreError(CloudexitError):
@@ -111,7 +111,7 @@ def open_store(url: str) -> Store:
         raise UsageError(f"--to {text}: unknown destination",
                          hint="give a folder (/srv/pacs-archive or file:///srv/pacs-archive), "
                               "dicom://AET@HOST:PORT or dicomweb+https://HOST/PATH")
-    from .filesystem import FilesystemStore
+    from cloudexit.stores.filesystem import FilesystemStore
 
     path = text[len("file://"):] if text.startswith("file://") else text
     if not path:

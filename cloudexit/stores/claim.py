@@ -27,8 +27,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from ..files import private_writer
-from . import StoreError
+from cloudexit.core.files import private_writer
+from cloudexit.stores import StoreError
 
 MARKER = ".cloudexit-archive.json"
 LEDGER = ".cloudexit-archive-conflicts.jsonl"
@@ -120,7 +120,7 @@ def claim(root: str | os.PathLike[str], migration_id: str, source: str | None, d
 
 def _create(root: str, marker: dict[str, Any]) -> bool:
     """Write a new marker unless one exists (False), never over another host's claim."""
-    from .filesystem import move_noreplace
+    from cloudexit.stores.filesystem import move_noreplace
 
     tmp = os.path.join(root, f"{MARKER}.{secrets.token_hex(6)}.tmp")
     with private_writer(tmp) as fh:

@@ -47,9 +47,9 @@ from pynetdicom.sop_class import (
 )
 from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS
 
-from ..errors import UsageError
-from . import Delivery, Item, QueryRefused, StoreError, StoreUnavailable
-from .dicomfile import dataset_sha256, file_layout
+from cloudexit.core.errors import UsageError
+from cloudexit.stores import Delivery, Item, QueryRefused, StoreError, StoreUnavailable
+from cloudexit.stores.dicomfile import dataset_sha256, file_layout
 
 # Send files from disk as they are (no decode/re-encode): faster and byte-exact. pynetdicom only
 # offers this as a process-wide switch; cloudexit never relies on the other behaviour.

@@ -41,9 +41,9 @@ from urllib.parse import quote, urlsplit, urlunsplit
 
 import urllib3
 
-from ..errors import UsageError
-from . import Delivery, Item, StoreError, StoreUnavailable
-from .dicomfile import dataset_sha256, file_layout, meta_prefix, split_part10
+from cloudexit.core.errors import UsageError
+from cloudexit.stores import Delivery, Item, StoreError, StoreUnavailable
+from cloudexit.stores.dicomfile import dataset_sha256, file_layout, meta_prefix, split_part10
 
 ENV_TOKEN = "CLOUDEXIT_DICOMWEB_TOKEN"
 ENV_USER = "CLOUDEXIT_DICOMWEB_USER"

@@ -42,9 +42,9 @@ from collections.abc import Iterable
 from pathlib import Path, PurePosixPath
 from typing import Any, ClassVar
 
-from ..files import make_private_dirs
-from ..paths import safe_relative_path
-from . import Delivery, Item, StoreError
+from cloudexit.core.files import make_private_dirs
+from cloudexit.core.paths import safe_relative_path
+from cloudexit.stores import Delivery, Item, StoreError
 
 UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 TEMP_PREFIX = ".cloudexit-"

@@ -1,0 +1,5 @@
+"""`python -m cloudexit.cli`."""
+
+from cloudexit.cli import main
+
+main()

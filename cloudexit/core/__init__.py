@@ -1,0 +1,1 @@
+"""Shared ground: errors, units, settings, safe paths and files, words, checksums."""

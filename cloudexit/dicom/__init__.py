@@ -1,0 +1,1 @@
+"""DICOM bytes: header parsing, the structural scan, and PACS containers."""

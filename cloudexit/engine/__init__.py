@@ -1,0 +1,1 @@
+"""The migrate engine: dispatch, result policy, bandwidth timetable, restores, delivery."""

@@ -1,0 +1,1 @@
+"""What is shown to people: the audit, its pages and words, status, signatures."""

@@ -1,0 +1,363 @@
+"""The object store: listing, ranged GET and HEAD over any S3 API (boto3).
+
+All botocore exceptions are translated here into the errors of `cloudexit.errors`, with a
+message that names the endpoint and profile, so the rest of the code never sees botocore.
+"""
+
+from __future__ import annotations
+
+import ssl
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlparse
+
+from cloudexit.core.config import SourceConfig
+from cloudexit.core.errors import (
+    BucketNotFound,
+    CredentialsError,
+    EndpointUnreachable,
+    SourceError,
+    TLSError,
+    UsageError,
+)
+
+# Provider checksum headers worth keeping: they let migrate verify without trusting the ETag.
+CHECKSUM_HEADERS = (
+    "x-amz-checksum-crc32", "x-amz-checksum-crc32c", "x-amz-checksum-crc64nvme",
+    "x-amz-checksum-sha1", "x-amz-checksum-sha256", "x-amz-checksum-type",
+    "x-oss-hash-crc64ecma", "x-cos-hash-crc64ecma", "x-obs-hash-crc64ecma",
+)
+CREDENTIAL_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken",
+                    "InvalidToken", "TokenRefreshRequired", "AuthorizationHeaderMalformed"}
+
+
+def parse_s3_url(url: str) -> tuple[str, str]:
+    """`s3://bucket/prefix` -> (bucket, prefix)."""
+    parsed = urlparse(url)
+    if parsed.scheme != "s3" or not parsed.netloc:
+        raise UsageError(f"not an S3 URL: {url!r}", hint="write it as s3://BUCKET or s3://BUCKET/PREFIX")
+    return parsed.netloc, parsed.path.lstrip("/")
+
+
+@dataclass(frozen=True, slots=True)  # slots: a listing page holds a thousand of them
+class ListedObject:
+    key: str
+    size: int
+    etag: str
+    last_modified: str
+    storage_class: str
+
+
+@dataclass(frozen=True)
+class ListPage:
+    objects: list[ListedObject]
+    prefixes: list[str]
+    truncated: bool
+    next_token: str | None
+
+
+@dataclass(frozen=True)
+class RangeRead:
+    data: bytes
+    size: int  # the whole object's size, from Content-Range
+    etag: str
+    checksums: dict[str, str]
+
+
+class ObjectGone(SourceError):
+    """The object was deleted since it was listed."""
+
+
+class ObjectChanged(SourceError):
+    """The object's ETag no longer matches the one recorded (HTTP 412)."""
+
+
+class Source:
+    """One bucket (and prefix) on one endpoint."""
+
+    def __init__(self, url: str, config: SourceConfig | None = None) -> None:
+        self.url = url
+        self.bucket, self.prefix = parse_s3_url(url)
+        self.config = config or SourceConfig()
+        self._local = threading.local()
+        self._session: Any = None
+
+    # -- plumbing -------------------------------------------------------------------------
+    @property
+    def where(self) -> str:
+        """Endpoint and profile, for messages."""
+        endpoint = self.config.endpoint_url or "the default AWS endpoint"
+        profile = self.config.profile or "default credential chain"
+        return f"{endpoint} (profile: {profile})"
+
+    def client(self) -> Any:
+        """A boto3 client per thread: clients are thread-safe, but one each avoids pool contention."""
+        client = getattr(self._local, "client", None)
+        if client is None:
+            client = self._new_client()
+            self._local.client = client
+        return client
+
+    def _new_client(self) -> Any:
+        import boto3
+        from botocore.config import Config
+        from botocore.exceptions import ProfileNotFound
+
+        if self._session is None:
+            try:
+                self._session = boto3.Session(profile_name=self.config.profile,
+                                              region_name=self.config.region)
+            except ProfileNotFound as exc:
+                raise CredentialsError(f"AWS profile not found: {self.config.profile}",
+                                       hint="check ~/.aws/config or drop --profile") from exc
+            # Timestamps stay ISO text: botocore's dateutil parsing of every LastModified was
+            # the largest cost of a listing page, and we store the text anyway.
+            factory = self._session._session.get_component("response_parser_factory")
+            factory.set_parser_defaults(timestamp_parser=str)
+        cfg = Config(
+            retries={"total_max_attempts": self.config.max_attempts, "mode": "standard"},
+            connect_timeout=self.config.connect_timeout,
+            read_timeout=self.config.read_timeout,
+            max_pool_connections=self.config.max_pool_connections,
+            s3={"addressing_style": "path"} if self.config.endpoint_url else {},
+        )
+        return self._session.client("s3", endpoint_url=self.config.endpoint_url,
+                                    region_name=self.config.region or None, config=cfg)
+
+    def translate(self, exc: Exception, what: str) -> Exception:
+        """A botocore exception as a cloudexit error with an actionable message."""
+        from botocore.exceptions import (
+            ClientError,
+            HTTPClientError,
+            NoCredentialsError,
+            PartialCredentialsError,
+        )
+        from botocore.exceptions import ConnectionError as BotoConnectionError
+        from botocore.exceptions import SSLError
+
+        if isinstance(exc, SSLError):  # before ConnectionError, its base: waiting will not fix it
+            return self.untrusted(tls_detail(exc))
+        if isinstance(exc, (NoCredentialsError, PartialCredentialsError)):
+            return CredentialsError(f"no usable credentials for {self.where}",
+                                    hint="set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or pass --profile")
+        # Refused, reset, closed or timed out: the endpoint is not answering.
+        if isinstance(exc, (BotoConnectionError, HTTPClientError)):
+            return self.unreachable(str(exc))
+        if isinstance(exc, ClientError):
+            err = exc.response.get("Error", {})
+            code = str(err.get("Code", ""))
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if code in CREDENTIAL_CODES:
+                return self.refused(what, code)
+            if code in ("NoSuchBucket",) or (code == "404" and what.startswith("bucket")):
+                return self.missing_bucket()
+            if code in ("NoSuchKey", "404"):
+                return ObjectGone(f"{what}: not found")
+            if code in ("PreconditionFailed", "412") or status == 412:
+                return ObjectChanged(f"{what}: changed since it was listed")
+            if code in ("AccessDenied", "403", "AllAccessDisabled"):
+                return self.denied(what)
+            return SourceError(f"{what}: {code or status}: {err.get('Message', exc)}")
+        return exc
+
+    # The messages of the conditions every path to the store meets (boto3 and the lean one).
+    def unreachable(self, detail: str) -> EndpointUnreachable:
+        return EndpointUnreachable(
+            f"cannot reach {self.where} after {self.config.max_attempts} attempts: {detail}",
+            hint="check the network and --endpoint-url; the run can be resumed by running it again")
+
+    def untrusted(self, detail: str) -> TLSError:
+        return TLSError(
+            f"TLS with {self.where} failed: {detail}",
+            hint="if the endpoint uses a private CA, or the network inspects TLS, set AWS_CA_BUNDLE "
+                 "to that CA's PEM file (as for the aws CLI); if the port does not speak TLS, "
+                 "check http/https in --endpoint-url. Verification stays on: these are patient images")
+
+    def refused(self, what: str, code: str | None) -> CredentialsError:
+        return CredentialsError(f"{what}: the credentials were refused by {self.where} ({code})",
+                                hint="check the access key and secret (or --profile) for this endpoint")
+
+    def missing_bucket(self) -> BucketNotFound:
+        return BucketNotFound(f"bucket {self.bucket!r} does not exist at {self.where}",
+                              hint="check the bucket name, --endpoint-url and --region")
+
+    def denied(self, what: str) -> CredentialsError:
+        return CredentialsError(f"{what}: access denied by {self.where}",
+                                hint="these credentials lack s3:ListBucket/s3:GetObject on the bucket")
+
+    def frozen_credentials(self) -> Any:
+        """The boto3 chain's current credentials (refreshed when temporary), for lean requests."""
+        from cloudexit.transfer.worker import Credentials
+
+        self.client()
+        creds = self._session.get_credentials() if self._session is not None else None
+        if creds is None:
+            raise CredentialsError(f"no usable credentials for {self.where}",
+                                   hint="set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or pass --profile")
+        frozen = creds.get_frozen_credentials()
+        return Credentials(frozen.access_key, frozen.secret_key, frozen.token)
+
+    def lean_endpoint(self) -> tuple[Any, Any]:
+        """(Endpoint, Credentials) for `transfer.S3Reader`, resolved as the boto3 client does:
+        endpoint URL, region (with the bucket's real region on AWS), path style, proxies and TLS
+        verification (always on, with the CA bundle boto3 uses: `ca_bundle`)."""
+        import urllib.request
+
+        from cloudexit.transfer.worker import Endpoint
+
+        client = self.client()
+        url = client.meta.endpoint_url
+        region = client.meta.region_name or "us-east-1"
+        scheme, host = url.split("://", 1)[0], urlparse(url).hostname or ""
+        aws = host.endswith(".amazonaws.com") and not self.config.endpoint_url
+        if aws and self.config.region is None:
+            # The bucket's own region (boto3 follows S3's redirects; a signed request must not).
+            found = self.bucket_region()
+            if found and found != region:
+                region, url = found, f"https://s3.{found}.amazonaws.com"
+        proxies = urllib.request.getproxies()
+        proxy = proxies.get(scheme) if not urllib.request.proxy_bypass(host) else None
+        path_style = not aws or "." in self.bucket or self.bucket.lower() != self.bucket
+        endpoint = Endpoint.from_url(url, self.bucket, region, path_style,
+                                     verify=self.ca_bundle(), proxy=proxy,
+                                     connect_timeout=self.config.connect_timeout,
+                                     read_timeout=self.config.read_timeout)
+        return endpoint, self.frozen_credentials()
+
+    def ca_bundle(self) -> str:
+        """The CA bundle boto3 verifies this endpoint with, for our own TLS connections too:
+        AWS_CA_BUNDLE or the profile's `ca_bundle`, else botocore's default (certifi's), so
+        the lean path trusts exactly what boto3 trusts."""
+        from botocore.httpsession import get_cert_path
+
+        self.client()
+        session = self._session._session if self._session is not None else None
+        configured = session.get_config_variable("ca_bundle") if session is not None else None
+        return configured or get_cert_path(True)
+
+    def bucket_region(self) -> str | None:
+        """The region S3 says the bucket is in (None when it does not say)."""
+        try:
+            resp = self.client().head_bucket(Bucket=self.bucket)
+        except Exception as exc:  # noqa: BLE001 - the answer's headers say it even on 301/403
+            resp = getattr(exc, "response", {}) or {}
+        headers = resp.get("ResponseMetadata", {}).get("HTTPHeaders", {})
+        return headers.get("x-amz-bucket-region")
+
+    # -- operations -----------------------------------------------------------------------
+    def check(self) -> None:
+        """Fail early and clearly if the bucket cannot be listed with these credentials."""
+        try:
+            self.client().list_objects_v2(Bucket=self.bucket, Prefix=self.prefix, MaxKeys=1)
+        except Exception as exc:
+            raise self.translate(exc, f"bucket {self.bucket}") from exc
+
+    def list_page(self, prefix: str, start_after: str | None = None, token: str | None = None,
+                  delimiter: str | None = None, max_keys: int = 1000) -> ListPage:
+        """One ListObjectsV2 page."""
+        args: dict[str, Any] = {_BOTO_NAMES[k]: v for k, v in
+                                list_query(prefix, start_after, token, delimiter, max_keys).items()}
+        args.update(Bucket=self.bucket, MaxKeys=max_keys)
+        try:
+            resp = self.client().list_objects_v2(**args)
+        except Exception as exc:
+            raise self.translate(exc, f"bucket {self.bucket}: listing {prefix!r}") from exc
+        objects = [
+            ListedObject(o["Key"], int(o["Size"]), o.get("ETag", "").strip('"'),
+                         iso(o["LastModified"]), o.get("StorageClass") or "STANDARD")
+            for o in resp.get("Contents", ())
+        ]
+        prefixes = [p["Prefix"] for p in resp.get("CommonPrefixes", ())]
+        return ListPage(objects, prefixes, bool(resp.get("IsTruncated")),
+                        resp.get("NextContinuationToken"))
+
+    def read_range(self, key: str, start: int, end: int, etag: str | None = None) -> RangeRead:
+        """Bytes [start, end] of an object (inclusive, as HTTP Range), checked against `etag`."""
+        args: dict[str, Any] = {"Bucket": self.bucket, "Key": key, "Range": f"bytes={start}-{end}"}
+        if etag:
+            args["IfMatch"] = f'"{etag}"'
+        try:
+            resp = self.client().get_object(**args)
+            data = resp["Body"].read()
+        except Exception as exc:
+            raise self.translate(exc, f"object {key!r}") from exc
+        headers = resp["ResponseMetadata"]["HTTPHeaders"]
+        total = total_size(headers.get("content-range"), len(data))
+        checksums = {h: headers[h] for h in CHECKSUM_HEADERS if h in headers}
+        return RangeRead(data, total, resp.get("ETag", "").strip('"'), checksums)
+
+    def get_stream(self, key: str, etag: str | None = None) -> Any:
+        """The whole object as a readable stream (`.read(n)`), checked against `etag`."""
+        args: dict[str, Any] = {"Bucket": self.bucket, "Key": key}
+        if etag:
+            args["IfMatch"] = f'"{etag}"'
+        try:
+            return self.client().get_object(**args)["Body"]
+        except Exception as exc:
+            raise self.translate(exc, f"object {key!r}") from exc
+
+    def head(self, key: str) -> dict[str, Any]:
+        try:
+            return self.client().head_object(Bucket=self.bucket, Key=key)
+        except Exception as exc:
+            raise self.translate(exc, f"object {key!r}") from exc
+
+
+_BOTO_NAMES = {"max-keys": "MaxKeys", "prefix": "Prefix", "delimiter": "Delimiter",
+               "continuation-token": "ContinuationToken", "start-after": "StartAfter"}
+
+
+def tls_detail(exc: BaseException) -> str:
+    """The useful part of a TLS failure: the ssl error that botocore wraps (in urllib3's)."""
+    from cloudexit.transfer.worker import tls_failure
+
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, ssl.SSLError):
+            return tls_failure(cause)
+        cause = cause.__cause__ or cause.__context__
+    return "TLS failed"
+
+
+def list_query(prefix: str, start_after: str | None, token: str | None, delimiter: str | None,
+               max_keys: int) -> dict[str, str]:
+    """ListObjectsV2 parameters by their query names (a token wins over StartAfter)."""
+    query = {"max-keys": str(max_keys)}
+    if prefix:
+        query["prefix"] = prefix
+    if token:
+        query["continuation-token"] = token
+    elif start_after:
+        query["start-after"] = start_after
+    if delimiter:
+        query["delimiter"] = delimiter
+    return query
+
+
+def iso(value: Any) -> str:
+    """A timestamp from botocore (ISO text here, a datetime elsewhere) as ISO text."""
+    return value if isinstance(value, str) else value.isoformat()
+
+
+def total_size(content_range: str | None, fallback: int) -> int:
+    # "bytes 0-65535/1048576"
+    if content_range and "/" in content_range:
+        total = content_range.rsplit("/", 1)[1]
+        if total.isdigit():
+            return int(total)
+    return fallback
+
+
+def iter_pages(source: Source, prefix: str, start_after: str | None = None) -> Iterator[ListPage]:
+    """Every page of a flat listing from `start_after` on."""
+    token = None
+    while True:
+        page = source.list_page(prefix, start_after=start_after, token=token)
+        yield page
+        if not page.truncated or not page.next_token:
+            return
+        token = page.next_token

@@ -1,0 +1,1 @@
+"""The download path: worker processes, the lean GET client, small objects many at once."""
