@@ -61,8 +61,9 @@ def test_sign_then_verify(signed: Path, keys: dict[str, Path], migrated, tmp_pat
     html = (signed / "audit.html").read_text()
     assert f'data-signer-fingerprint="{fingerprint}"' in html and "alice@hospital" in html
     # ssh-keygen itself agrees the signature covers SHA256SUMS, under the cloudexit-audit namespace.
-    check = subprocess.run(["ssh-keygen", "-Y", "check-novalidate", "-n", "cloudexit-audit", "-s", str(sig)],
-                           stdin=open(signed / "SHA256SUMS", "rb"), capture_output=True, text=True)
+    with open(signed / "SHA256SUMS", "rb") as sums:
+        check = subprocess.run(["ssh-keygen", "-Y", "check-novalidate", "-n", "cloudexit-audit", "-s", str(sig)],
+                               stdin=sums, capture_output=True, text=True)
     assert check.returncode == 0 and fingerprint in check.stdout
 
     r = run("audit", "verify", signed, "--signer", f"{keys['alice']}.pub")

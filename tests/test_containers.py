@@ -373,7 +373,7 @@ def test_kill_9_mid_run_then_resume(s3_env: SeaweedServer, bucket: str, db: Path
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     total = len(rows(db, "SELECT key FROM transfers"))
-    assert 0 < done and len(rows(db, "SELECT key FROM transfers WHERE state = 'verified'")) < total
+    assert done > 0 and len(rows(db, "SELECT key FROM transfers WHERE state = 'verified'")) < total
     fault_proxy.reset_counters()
     result = subprocess.run(run + ["--resume"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr

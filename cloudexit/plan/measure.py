@@ -72,7 +72,7 @@ class Sample:
 def _class_case(large_object: int) -> tuple[str, list[Any]]:
     """An SQL CASE naming each object's size class, and its parameters."""
     parts, params = [], []
-    for name, low, high in SIZE_CLASSES:
+    for name, _low, high in SIZE_CLASSES:
         top = high if high is not None else large_object
         parts.append("WHEN size < ? THEN ?")
         params += [top, name]
