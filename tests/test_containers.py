@@ -249,6 +249,47 @@ def test_decode_file_checks_the_envelope(tmp_path: Path) -> None:
         assert not out.exists()
 
 
+def test_a_decoded_file_placed_before_a_kill_is_recognised_on_resume(tmp_path: Path) -> None:
+    """kill -9 after a decoded instance was renamed into place but before the DB recorded it:
+    the resumed run decodes it again and finds its own bytes at the final path. The worker's
+    file descriptor still holds the raw (compressed) temp file, which the plain file replaced
+    under its name; the placement compared that raw size with the file there and called the
+    run's own copy an archive conflict (the flaky exit 3 of test_kill_9_mid_run_then_resume)."""
+    from cloudexit.stores.filesystem import PlacementConflict, Placer
+
+    body = _noisy(_ct(256))
+    placer = Placer(str(tmp_path))
+    final = str(tmp_path / "study" / "instance.dcm")
+    placer.prepare(final)
+
+    def fetch_and_decode() -> tuple[int, str, str]:
+        """As Fetcher does for an encoded object: raw bytes into the temp file, decoded beside
+        it, the plain file renamed over the temp one (judge_decoded); the fd stays open."""
+        temp = str(tmp_path / "study" / ".cloudexit-1.part")
+        fd = placer.open_temp(temp, truncate=True)
+        os.write(fd, _orthanc(body))
+        decoded = decode_file("orthanc-zlib", temp, temp + ".plain")
+        os.replace(temp + ".plain", temp)
+        return fd, temp, decoded.sha256
+
+    fd, temp, sha256 = fetch_and_decode()
+    placer.place(fd, temp, final, sha256=sha256)  # the killed run: placed, never recorded
+    os.close(fd)
+    fd, temp, sha256 = fetch_and_decode()  # the resumed run, the same object again
+    try:
+        assert placer.place(fd, temp, final, sha256=sha256) is False
+    finally:
+        os.close(fd)
+    assert Path(final).read_bytes() == body and not Path(temp).exists()
+    # Other bytes at the path are still refused.
+    fd, temp, _ = fetch_and_decode()
+    try:
+        with pytest.raises(PlacementConflict):
+            placer.place(fd, temp, final, sha256="0" * 64)
+    finally:
+        os.close(fd)
+
+
 @pytest.fixture
 def broken_bucket(s3: SeaweedServer, bucket: str) -> Iterator[dict[str, bytes]]:
     noisy = _noisy(_ct(256, seed=1))
@@ -342,6 +383,7 @@ def test_a_delta_round_decodes_the_new_version(cli: Any, s3: SeaweedServer, buck
     assert after["sha256"] == hashlib.sha256(second).hexdigest()
 
 
+@pytest.mark.slow
 def test_kill_9_mid_run_then_resume(s3_env: SeaweedServer, bucket: str, db: Path, tmp_path: Path,
                                     orthanc_storage: OrthancStorage, fault_proxy: Any) -> None:
     """kill -9 of migrate (engine and workers) once some decoded instances are committed, then

@@ -137,6 +137,7 @@ def test_lean_listing_retries_throttling(cli, s3, bucket: str, db: Path, fault_p
     assert json.loads(result.stdout)["inventory"]["objects"] == 5
 
 
+@pytest.mark.slow
 def test_kill_9_while_listing_groups_resumes_exactly(s3_env, bucket: str, db: Path,
                                                       fault_proxy) -> None:
     """kill -9 between the pages of a listing plan kept in `list_tasks`: the resumed round lists

@@ -185,6 +185,7 @@ def test_changed_and_deleted_objects(cli, s3, inventoried, db: Path, tmp_path: P
     assert (dest / t[changed.key]["path"]).read_bytes() == newer
 
 
+@pytest.mark.slow
 def test_unfinished_run_blocks_a_new_one_and_resume_finishes(s3_env, inventoried, db: Path,
                                                              tmp_path: Path, cli) -> None:
     dest = tmp_path / "archive"

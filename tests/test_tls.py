@@ -113,6 +113,7 @@ def test_untrusted_certificate_stops_migrate_before_anything(cli, tls_bucket, tl
     assert not list(dest.rglob("*.dcm"))
 
 
+@pytest.mark.slow
 def test_certificate_untrusted_mid_run_waits_says_why_and_carries_on(
         s3_env, tls_bucket, tls_proxy: FaultProxy, db: Path, tmp_path: Path, ca, monkeypatch) -> None:
     """Mid-run, the network presents a certificate from another CA: a firewall blocking the

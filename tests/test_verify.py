@@ -42,6 +42,27 @@ def migrated(s3: SeaweedServer, tmp_path_factory: pytest.TempPathFactory) -> tup
     return db, archive
 
 
+def test_a_copy_landing_after_a_fast_verify_is_stamped_later(migrated: tuple[Path, Path], tmp_path: Path) -> None:
+    """The deletion rule vouches for a copy that landed at or before the destination's last
+    verify started (one-second stamps). A verify that starts and ends within one second would
+    let a copy landing right after it share its start second and pass for vouched (the
+    intermittent failure of test_delta_round_readiness_and_proof_of_deletion): verify reads only
+    once its start second is over, so anything recorded after it carries a later stamp."""
+    import shutil
+    import time
+
+    from cloudexit.state.db import now
+
+    db = tmp_path / "cloudexit.db"
+    shutil.copy(migrated[0], db)  # a copy: the module's other tests count the verify runs
+    while time.time() % 1 > 0.2:  # start early in a second: the tiny verify would end within it
+        time.sleep(0.01)
+    assert run("verify", "--db", str(db), "-q").exit_code in (0, 3)
+    after = now()  # what a copy landing now would be stamped
+    started = _rows(db, "SELECT started_at FROM verify_runs ORDER BY id DESC LIMIT 1")[0]["started_at"]
+    assert after > started, (after, started)
+
+
 def _archived_items(db: Path, archive: Path) -> list[tuple[Item, str]]:
     with State(db) as state:
         rows = state.query(
