@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from cloudexit import synthetic  # noqa: E402
+from cloudexit.testing import synthetic  # noqa: E402
 from cloudexit.dicom.containers import decode_file  # noqa: E402
 
 

@@ -35,7 +35,7 @@ from common import measure, versions
 from netlink import ShapedLink, can_shape
 from transfer import _fill_synthetic, command, inventory_db, prepare
 
-from cloudexit import synthetic
+from cloudexit.testing import synthetic
 from cloudexit.testing.s3server import SeaweedServer
 
 RATE_BYTES = {"mbit": 1e6 / 8, "gbit": 1e9 / 8}

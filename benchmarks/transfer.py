@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import REPO, bench_ca, bench_server, ensure_bucket, measure, tool, versions
 
-from cloudexit import synthetic
+from cloudexit.testing import synthetic
 
 TOOLS = ("s5cmd", "cloudexit", "rclone", "aws")
 

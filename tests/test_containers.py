@@ -106,6 +106,7 @@ def test_inventory_finds_the_instances_inside(cli: Any, s3: SeaweedServer, bucke
 
 
 @pytest.mark.parametrize("protocol", ["dicom", "dicomweb"])
+@pytest.mark.slow
 def test_migrate_orthanc_bucket_into_a_second_orthanc(cli: Any, s3: SeaweedServer, bucket: str,
                                                       db: Path, tmp_path: Path, pacs: OrthancServer,
                                                       orthanc_storage: OrthancStorage,
@@ -364,6 +365,7 @@ def test_a_schema_6_database_gets_the_envelope_columns(tmp_path: Path) -> None:
         state.query("SELECT encoding, raw_sha256, file_size FROM transfers")
 
 
+@pytest.mark.slow
 def test_a_delta_round_decodes_the_new_version(cli: Any, s3: SeaweedServer, bucket: str, db: Path,
                                                tmp_path: Path) -> None:
     first, second = _ct(seed=7).body(), _ct(seed=8).body()

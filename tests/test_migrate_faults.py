@@ -84,6 +84,7 @@ def ct_db(cli, ct_bucket, db: Path) -> Path:
     return db
 
 
+@pytest.mark.slow
 def test_faults_are_detected_and_retried(cli, ct_bucket, ct_db: Path, tmp_path: Path, fault_proxy) -> None:
     bucket, objects = ct_bucket
     keys = [o.key for o in objects if not o.multipart]
@@ -303,6 +304,7 @@ def test_link_down_and_back(s3_env, ct_bucket, ct_db: Path, tmp_path: Path, faul
     assert "migrate.link_down" in kinds and "migrate.link_up" in kinds
 
 
+@pytest.mark.slow
 def test_expired_credentials_stop_cleanly_and_resume(cli, ct_bucket, ct_db: Path, tmp_path: Path,
                                                      fault_proxy) -> None:
     bucket, objects = ct_bucket
@@ -342,6 +344,7 @@ def small_tmpfs(tmp_path: Path):
         subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
+@pytest.mark.slow
 def test_disk_full_stops_cleanly_then_resumes(cli, ct_bucket, ct_db: Path, small_tmpfs: Path) -> None:
     bucket, objects = ct_bucket
     dest = small_tmpfs / "archive"
@@ -390,6 +393,7 @@ def read_only():
     fix()
 
 
+@pytest.mark.slow
 def test_archive_not_writable_stops_clearly_and_loses_nothing(cli, ct_bucket, ct_db: Path, tmp_path: Path,
                                                                read_only) -> None:
     _bucket, objects = ct_bucket
@@ -424,6 +428,7 @@ def test_archive_not_writable_stops_clearly_and_loses_nothing(cli, ct_bucket, ct
     check_archive(ct_db, dest, objects)
 
 
+@pytest.mark.slow
 def test_archived_objects_are_restored_meanwhile(cli, ct_bucket, db: Path, tmp_path: Path,
                                                  fault_proxy) -> None:
     """The proxy emulates the GLACIER tier (SeaweedFS records a class but serves anyway)."""
@@ -453,6 +458,7 @@ def test_archived_objects_are_restored_meanwhile(cli, ct_bucket, db: Path, tmp_p
     assert first_archived > len(objects) - len(archived) - 5
 
 
+@pytest.mark.slow
 def test_bwlimit_holds_the_rate(cli, ct_bucket, ct_db: Path, tmp_path: Path) -> None:
     bucket, objects = ct_bucket
     total = sum(o.size for o in objects)
@@ -466,6 +472,7 @@ def test_bwlimit_holds_the_rate(cli, ct_bucket, ct_db: Path, tmp_path: Path) -> 
     assert rate >= limit * 0.6, (rate, limit)
 
 
+@pytest.mark.slow
 def test_a_412_or_short_length_from_a_middlebox_is_not_a_change(cli, ct_bucket, ct_db: Path, tmp_path: Path,
                                                                 fault_proxy) -> None:
     """Something on the way answers 412, or rewrites Content-Length shorter, while the source

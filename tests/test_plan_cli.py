@@ -127,6 +127,7 @@ def test_plan_assume_size_is_labelled_everywhere_and_not_kept(cli, inventoried, 
     assert bad.exit_code == 2 and "Traceback" not in bad.output
 
 
+@pytest.mark.slow
 def test_status_shows_the_plan_against_the_run(cli, inventoried, tmp_path: Path) -> None:
     """After a migration, status says how far the plan was from what happened."""
     db, truth = inventoried

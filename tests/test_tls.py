@@ -97,6 +97,7 @@ def test_untrusted_certificate_stops_inventory_clearly(cli, tls_bucket, tls_prox
     assert tls_proxy.count() == 0  # no request was sent over the untrusted connection
 
 
+@pytest.mark.slow
 def test_untrusted_certificate_stops_migrate_before_anything(cli, tls_bucket, tls_proxy: FaultProxy,
                                                               db: Path, tmp_path: Path, ca, monkeypatch) -> None:
     monkeypatch.setenv("AWS_CA_BUNDLE", str(ca[1]))

@@ -222,6 +222,7 @@ def test_pacs_by_qido(migrated: tuple[Path, Path], pacs: OrthancServer) -> None:
         assert name not in text.output
 
 
+@pytest.mark.slow
 def test_sample_reports_what_differs(migrated: tuple[Path, Path], pacs: OrthancServer, tmp_path: Path) -> None:
     """Without a recorded conflict, the rewritten copy is sampled and every change is named."""
     db, archive = migrated

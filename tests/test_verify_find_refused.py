@@ -72,6 +72,7 @@ def test_a_refused_c_find_falls_back_to_qido_rs(s3: SeaweedServer, store_only: O
     assert [d["dest"] for d in doc["destinations"]] == [store_only.dicomweb_url]
 
 
+@pytest.mark.slow
 def test_a_refused_c_get_of_a_sample_is_named_too(s3: SeaweedServer, tmp_path: Path) -> None:
     """Queries allowed, retrieval not (DicomAlwaysAllowGet false): --sample says so."""
     if not os.path.exists(ORTHANC):
