@@ -217,6 +217,7 @@ def test_unreachable_endpoint(cli, bucket: str, db: Path) -> None:
     assert time.monotonic() - started < 30
 
 
+@pytest.mark.slow
 def test_throttling_and_server_errors_are_retried(cli, tiny_pacs, fault_proxy, db: Path) -> None:
     bucket, truth = tiny_pacs
     fault_proxy.status(503, method="GET", query="list-type", times=3)  # SlowDown on listing

@@ -6,10 +6,12 @@ import json
 import sqlite3
 from pathlib import Path
 
+import pytest
 from cloudexit.testing import synthetic
 from cloudexit.state.db import SCHEMA_VERSION, State
 
 
+@pytest.mark.slow
 def test_round_counts_survive_later_rounds_and_old_dbs_are_filled(cli, s3, bucket: str, db: Path,
                                                                    tmp_path: Path) -> None:
     truth = synthetic.upload(s3.client(), bucket, synthetic.generate(synthetic.Profile.tiny()))

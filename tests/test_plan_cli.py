@@ -146,6 +146,7 @@ def test_status_shows_the_plan_against_the_run(cli, inventoried, tmp_path: Path)
     assert "Plan vs actual (fastest" in cli("status", "--db", str(db)).stdout
 
 
+@pytest.mark.slow
 def test_recalibrate_takes_the_rate_from_the_runs(cli, inventoried, tmp_path: Path) -> None:
     """The rate of the runs so far (here held at 2 MiB/s by a timetable) plans the rest."""
     db, _ = inventoried

@@ -82,6 +82,7 @@ def test_our_client_trusts_what_boto3_trusts(s3_env, tmp_path: Path, ca, monkeyp
     assert endpoint.verify == str(ca[1])
 
 
+@pytest.mark.slow
 def test_untrusted_certificate_stops_inventory_clearly(cli, tls_bucket, tls_proxy: FaultProxy,
                                                        db: Path, monkeypatch) -> None:
     monkeypatch.delenv("AWS_CA_BUNDLE", raising=False)

@@ -167,6 +167,7 @@ def test_deep_verify_records_the_times_quick_checks_compare(migrated: tuple[Path
     assert run("verify", "--db", str(db)).exit_code == 0
 
 
+@pytest.mark.slow
 def test_pacs_counts_by_c_find(migrated: tuple[Path, Path], pacs: OrthancServer) -> None:
     db, archive = migrated
     items = _archived_items(db, archive)
@@ -263,6 +264,7 @@ def test_usage_errors(migrated: tuple[Path, Path], tmp_path: Path) -> None:
     assert result.exit_code == 2 and "nothing to verify" in result.output
 
 
+@pytest.mark.slow
 def test_sample_with_the_archive_first_samples_the_pacs_only(migrated: tuple[Path, Path],
                                                              pacs: OrthancServer) -> None:
     db, archive = migrated
