@@ -166,12 +166,12 @@ def test_live_page_follows_a_migration_through_an_outage(cli, pacs, inventoried:
             assert migrate.returncode == 0, err[-2000:]
             total = len(rows(db, "SELECT key FROM transfers"))
             page.wait(f"+document.getElementById('objects').dataset.done == {total}", 20, "every object done")
-            page.wait("document.getElementById('status').textContent.length > 0", 5)
+            page.wait("document.getElementById('status').textContent == W['status.complete']", 20, "complete")
             assert all(u.startswith(base(url)) for u in page.requests()), page.requests()
             shots = ROOT / "docs" if os.environ.get("CLOUDEXIT_SCREENSHOTS") else tmp_path
             page.screenshot(shots / "live-page-en.png")
             page.goto(url.replace("lang=en", "lang=zh") + "&every=0.5")
-            page.wait("document.body.dataset.polls > 0", 20, "the Chinese page's data")
+            page.wait("document.getElementById('status').textContent == '已完成'", 20, "the Chinese page's data")
             assert page.evaluate("document.documentElement.lang") == "zh-CN"
             assert "中断" in page.evaluate("document.body.innerText")
             page.screenshot(shots / "live-page-zh.png")
@@ -191,6 +191,7 @@ def test_live_page_follows_a_migration_through_an_outage(cli, pacs, inventoried:
     assert r.exit_code == 0, r.output
     facts = json.loads((report / "link.json").read_text())
     assert [o["cause"] for o in facts["outages"]] == ["refused"]
+    print(f"outage: proxy refused for {down_for:.1f} s; link-report says {facts['outages'][0]['seconds']} s")
     assert abs(facts["outages"][0]["seconds"] - down_for) <= 4, (facts["outages"], down_for)
     assert facts["totals"]["errors"]["refused"] >= 1 and facts["totals"]["bytes"] > 0
     assert facts["summary"]["outages"] == 1
@@ -200,8 +201,15 @@ def test_live_page_follows_a_migration_through_an_outage(cli, pacs, inventoried:
     assert len(outages_csv) == 2 and ",refused," in outages_csv[1]
     r = cli("link-report", "--db", str(db), "--out", str(tmp_path / "link-zh"), "--lang", "zh", "-q")
     assert r.exit_code == 0 and "连接被拒绝" in (tmp_path / "link-zh" / "link.html").read_text()
+    # The audit carries the one-page digest.
+    r = cli("audit", "--db", str(db), "--out", str(tmp_path / "audit"), "-q")
+    assert r.exit_code == 0, r.output
+    audit_html = (tmp_path / "audit" / "audit.html").read_text()
+    digest = audit_html.split('id="link"', 1)[1]
+    assert "connection refused" in digest and "cloudexit link-report" in digest
     # Nothing served or written carries a patient's name or ID.
     texts = [b.decode() for b in served] + [p.read_text() for p in (*report.iterdir(), *(tmp_path / "link-zh").iterdir())]
+    texts.append(digest.split("</section>", 1)[0])
     for text in texts:
         assert not phi_in(text, truth)
 

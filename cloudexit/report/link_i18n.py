@@ -35,6 +35,7 @@ TEXT: dict[str, dict[str, str]] = {
         "cause.dns": "DNS lookup failed", "cause.tls": "TLS failure", "cause.5xx": "server errors (5xx, SlowDown)",
         "cause.other": "other",
         "no_phi": "No patient names, IDs, study identifiers or object keys appear here.",
+        "digest.more": "Every figure, by hour, with the worst hours and the data files:",
         # the live page
         "live.title": "Migration, live",
         "live.progress": "Progress", "live.objects": "Objects", "live.bytes": "Bytes",
@@ -48,6 +49,7 @@ TEXT: dict[str, dict[str, str]] = {
         "live.workers": "Workers", "live.state": "State", "live.count": "Objects",
         "status.running": "running", "status.complete": "complete", "status.partial": "finished with exceptions",
         "status.interrupted": "interrupted", "status.stopped": "stopped", "status.idle": "not running",
+        "ex.failed": "failed", "ex.missing": "missing at the source", "ex.quarantined": "quarantined for review",
     },
     "zh": {
         "title": "网络链路证据",
@@ -77,6 +79,7 @@ TEXT: dict[str, dict[str, str]] = {
         "cause.dns": "域名解析失败", "cause.tls": "TLS 失败", "cause.5xx": "服务端错误（5xx、SlowDown）",
         "cause.other": "其他",
         "no_phi": "本页不含患者姓名、ID、检查标识或对象键名。",
+        "digest.more": "逐小时的全部数据、最差时段和数据文件见：",
         "live.title": "迁移实时状态",
         "live.progress": "进度", "live.objects": "对象", "live.bytes": "数据量",
         "live.studies": "已完成检查", "live.rate": "速率（最近 5 分钟）", "live.eta": "剩余时间（按当前速率）",
@@ -89,6 +92,7 @@ TEXT: dict[str, dict[str, str]] = {
         "live.workers": "工作节点", "live.state": "状态", "live.count": "对象数",
         "status.running": "运行中", "status.complete": "已完成", "status.partial": "已结束，有例外",
         "status.interrupted": "已中断", "status.stopped": "已停止", "status.idle": "未运行",
+        "ex.failed": "失败", "ex.missing": "源端已不存在", "ex.quarantined": "已隔离待复核",
     },
 }
 

@@ -112,20 +112,22 @@ def link_facts(conn: sqlite3.Connection, since: float | None = None, until: floa
         clock_hours[clock].update(counts)
         clock_hours[clock]["seconds"] += row["span"]
     found = outages(conn, start, end, now)
-    for o in found:  # outage time per local hour of day
+    for o in found:  # outage time per local hour of day, and per hour of the window
         t = o["start"]
         while t < o["end"]:
             edge = min(o["end"], (int(t) // 3600 + 1) * 3600)
             hours[datetime.fromtimestamp(t).hour]["outage_seconds"] += edge - t
+            clock_hours[int(t) - int(t) % 3600]["outage_seconds"] += edge - t
             t = edge
     series = [_point(p) for _, p in sorted(points.items())]
     by_hour = [_hour(h, hours.get(h, Counter())) for h in range(24)]
-    worst = sorted(clock_hours.items(), key=lambda kv: (-kv[1]["down_seconds"], -_errors(kv[1]),
-                                                        _rate(kv[1])))[:5]
+    # The worst hours: the most time without a link, then the most errors, then the slowest.
+    worst = sorted(clock_hours.items(), key=lambda kv: (-kv[1]["outage_seconds"], -_errors(kv[1]),
+                                                        _rate(kv[1]) or 0.0))[:5]
     worst_hours = [{"hour": ts, "hour_local": local(ts), "rate": _rate(c), "errors": _errors(c),
-                    "down_seconds": round(c["down_seconds"], 1),
+                    "down_seconds": round(min(c["outage_seconds"], 3600.0), 1),
                     "errors_by_kind": {k: c[f"err_{k}"] for k in ERROR_KINDS if c[f"err_{k}"]}}
-                   for ts, c in worst if c["down_seconds"] or _errors(c)]
+                   for ts, c in worst if c["outage_seconds"] or _errors(c)]
     return {
         "format": FORMAT,
         "window": {"since": start, "until": end, "since_local": local(start), "until_local": local(end),

@@ -36,6 +36,10 @@ padding:.6em 1em}.muted{color:#666;font-size:.9em}svg.chart{max-width:100%;heigh
 @media print{body{margin:0;max-width:none}h2{break-after:avoid}}"""
 
 
+def _when(text: str | None) -> str:
+    return escape((text or "-").replace("T", " "))
+
+
 def _mbit(rate: float | None) -> str:
     return "-" if rate is None else format_rate(rate)
 
@@ -107,14 +111,13 @@ def rate_chart(facts: dict[str, Any], w: dict[str, str], width: int = 760, heigh
 
 def error_chart(facts: dict[str, Any], w: dict[str, str]) -> str:
     rows = [(f"{h['hour']:02d}:00", (h["error_rate"] or 0.0) * 100, (h["error_rate"] or 0.0) * 100,
-             f"{(h['error_rate'] or 0):.2%} ({h['errors']:,} / {h['requests'] + h['errors']:,})"
-             + (f", {w['col.down']} {format_duration(h['outage_seconds'])}" if h["outage_seconds"] else ""))
-            for h in facts["by_hour_of_day"] if h["requests"] or h["errors"] or h["outage_seconds"]]
+             f"{(h['error_rate'] or 0):.2%} ({h['errors']:,} / {h['requests'] + h['errors']:,})")
+            for h in facts["by_hour_of_day"] if h["requests"] or h["errors"]]
     return charts.hbars(rows, w["h.errors"]) if rows else f"<p>{escape(w['c.empty'])}</p>"
 
 
 def outage_table(facts: dict[str, Any], w: dict[str, str]) -> str:
-    rows = [[escape(o["start_local"] or ""), escape(o["end_local"] or "") + (f" {w['open']}" if o["open"] else ""),
+    rows = [[_when(o["start_local"]), _when(o["end_local"]) + (f" {escape(w['open'])}" if o["open"] else ""),
              f'<span class="n" data-v="{o["seconds"]}">{escape(format_duration(o["seconds"]))} '
              f'({o["seconds"]:.0f} s)</span>', escape(w["cause." + o["cause"]]), escape(o["seen"] or "-")]
             for o in facts["outages"]]
@@ -123,7 +126,7 @@ def outage_table(facts: dict[str, Any], w: dict[str, str]) -> str:
 
 
 def worst_table(facts: dict[str, Any], w: dict[str, str]) -> str:
-    rows = [[escape(h["hour_local"] or ""), escape(_mbit(h["rate"])), f"{h['errors']:,}",
+    rows = [[_when(h["hour_local"]), escape(_mbit(h["rate"])), f"{h['errors']:,}",
              escape(format_duration(h["down_seconds"])),
              escape(", ".join(f"{w['cause.' + k]} {n}" for k, n in h["errors_by_kind"].items()) or "-")]
             for h in facts["worst_hours"]]
@@ -140,7 +143,7 @@ def render_html(facts: dict[str, Any], lang: str) -> str:
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>{escape(w['title'])}</title><style>{CSS}</style></head><body>
 <h1>{escape(w['title'])}</h1>
-<p class="muted">{escape(w['window'].format(since=window['since_local'], until=window['until_local'],
+<p class="muted">{escape(w['window'].format(since=window['since_local'].replace('T', ' '), until=window['until_local'].replace('T', ' '),
                                             bucket=format_duration(window['bucket_s'])))} {escape(w['no_phi'])}</p>
 <h2>{escape(w['summary'])}</h2><div class="summary">{sentence}</div>
 <h2>{escape(w['h.throughput'])}</h2>{rate_chart(facts, w)}
@@ -197,8 +200,9 @@ def digest_html(conn: sqlite3.Connection, lang: str = "en", href: str | None = N
         return ""
     facts = link_facts(conn)
     w = words(lang)
-    link = f' <a href="{escape(href)}">{escape(href)}</a>' if href else ""
+    link = f'<a href="{escape(href)}">{escape(href)}</a>' if href else "<code>DIR/link.html</code>"
     sentence = "".join(f"<p>{escape(line)}</p>" for line in summary_lines(facts, w))
-    return (f'<section class="link-digest" style="break-before:page"><h2>{escape(w["title"])}</h2>'
-            f'<div class="summary">{sentence}</div>{rate_chart(facts, w)}{outage_table(facts, w)}'
-            f'<p class="muted">cloudexit link-report{link}</p></section>')
+    return (f'<section class="link-digest" id="link" style="break-before:page"><h2>{escape(w["title"])}</h2>'
+            f'<div class="link-summary">{sentence}</div>{rate_chart(facts, w)}{outage_table(facts, w)}'
+            f'<p class="small note">{escape(w["digest.more"])} <code>cloudexit link-report --out DIR</code>: '
+            f'{link}</p></section>')

@@ -144,6 +144,7 @@ function rate(r) { if (r == null) return "-"; const b = r * 8; const m = b >= 1e
 function dur(s) { if (s == null) return "-"; s = Math.max(0, s); if (s < 60) return Math.round(s) + " s";
   const m = s / 60; if (m < 60) return Math.round(m) + " min"; const h = Math.floor(m / 60);
   if (h < 24) return h + " h " + Math.round(m - h * 60) + " min"; const d = Math.floor(h / 24); return d + " d " + (h - d * 24) + " h"; }
+function when(t) { return t ? t.replace("T", " ") : "-"; }
 function cause(c) { return W["cause." + c] || c; }
 function row(cells, tag) { const tr = document.createElement("tr");
   for (const c of cells) { const td = document.createElement(tag || "td"); td.textContent = c; tr.appendChild(td); } return tr; }
@@ -183,11 +184,11 @@ function labels() {
   document.getElementById("other").href = "?" + other.toString();
 }
 function show(d) {
-  txt("updated", fmt(W["live.updated"], {at: d.now_local}));
+  txt("updated", fmt(W["live.updated"], {at: when(d.now_local)}));
   chart(document.getElementById("chart-hour"), d.chart_hour);
   chart(document.getElementById("chart-day"), d.chart_day);
   const ot = document.getElementById("outages"); ot.textContent = "";
-  for (const o of d.outages) { const tr = row([o.start_local, o.open ? W["open"] : o.end_local, dur(o.seconds), cause(o.cause)]);
+  for (const o of d.outages) { const tr = row([when(o.start_local), o.open ? W["open"] : when(o.end_local), dur(o.seconds), cause(o.cause)]);
     tr.className = "outage"; tr.dataset.cause = o.cause; tr.dataset.seconds = o.seconds; ot.appendChild(tr); }
   const r = d.run, norun = document.getElementById("norun");
   norun.hidden = !!r; norun.textContent = W["live.no_run"];
@@ -201,13 +202,13 @@ function show(d) {
   document.getElementById("bytes-bar").style.width = (r.bytes_total ? 100 * r.bytes_done / r.bytes_total : 0) + "%";
   txt("studies", r.studies_complete + " / " + r.studies_total);
   txt("rate", rate(r.rate)); txt("eta", dur(r.eta_s)); txt("plan-eta", dur(r.plan_eta_s));
-  txt("status", (W["status." + r.status] || r.status) + (r.live ? "" : " (" + W["status.idle"] + ")"));
+  txt("status", W["status." + r.status] || r.status);  // a run no longer alive is "interrupted" already
   for (const w of r.waiting) { const div = document.createElement("div"); div.className = "down"; div.id = "wait-" + w.what;
     div.dataset.cause = w.cause || "";
-    div.textContent = W["live.waiting"] + ": " + (w.what === "link_down" ? fmt(W["live.link_down"], {since: w.since, cause: cause(w.cause)})
+    div.textContent = W["live.waiting"] + ": " + (w.what === "link_down" ? fmt(W["live.link_down"], {since: when(w.since), cause: cause(w.cause)})
       : fmt(W["live.restores"], {n: w.n})); wait.appendChild(div); }
   const ex = document.getElementById("exceptions"); ex.textContent = "";
-  for (const k in r.exceptions) ex.appendChild(row([k, r.exceptions[k].toLocaleString()]));
+  for (const k in r.exceptions) ex.appendChild(row([W["ex." + k] || k, r.exceptions[k].toLocaleString()]));
   const dl = document.getElementById("deliveries"); dl.textContent = "";
   for (const x of r.deliveries) dl.appendChild(row([x.dest, x.done + " / " + x.objects,
     Object.entries(x.by_state).map(e => e[0] + " " + e[1]).join(", ")]));
