@@ -9,7 +9,14 @@ from types import SimpleNamespace
 
 from cloudexit.report.linkfacts import link_facts
 from cloudexit.state.db import SCHEMA_VERSION, State
-from cloudexit.state.linkseries import HOUR, KEEP_MINUTES_S, LinkRecorder, classify, roll_up, seen
+from cloudexit.state.linkseries import (
+    HOUR,
+    KEEP_MINUTES_S,
+    LinkRecorder,
+    classify,
+    roll_up,
+    seen,
+)
 
 
 class Clock:
@@ -28,6 +35,12 @@ def test_errors_are_classified_as_the_link_report_names_them() -> None:
     assert classify("tls", "the certificate of x is not trusted (self-signed)") == "tls"
     assert classify("transient", "GET 'P123456/DOE^JANE.dcm': HTTP 503 SlowDown: Please reduce") == "5xx"
     assert classify("gone", "GET 'a': no longer at the source (deleted)") is None  # not the link
+    # What the many-at-once loop met before it handed an object to the threads.
+    assert classify("multiget", "answer 'HTTP/1.1 503 Service Unavailable'") == "5xx"
+    assert classify("multiget", "answer 'HTTP/1.1 404 Not Found'") is None
+    assert classify("multiget", "connect: Connection refused") == "refused"
+    assert classify("multiget", "no answer in time (read)") == "timeout"
+    assert classify("multiget", "answer larger than expected") is None
     # What is kept never carries the key (keys can name patients).
     assert seen("GET 'P123456/DOE^JANE.dcm': HTTP 503 SlowDown: x") == "HTTP 503 SlowDown"
     assert "DOE" not in (seen("GET 'DOE^JANE': connection lost: ConnectionResetError: [Errno 104] reset") or "")

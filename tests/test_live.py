@@ -11,8 +11,8 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 from chromium_pipe import CHROMIUM, Page
@@ -140,7 +140,7 @@ def test_live_page_follows_a_migration_through_an_outage(cli, pacs, inventoried:
     served: list[bytes] = []
     try:
         with Page(url + "&every=0.5") as page:
-            done = lambda: int(page.evaluate("document.getElementById('objects').dataset.done || 0"))  # noqa: E731
+            done = lambda: int(page.evaluate("document.getElementById('objects').dataset.done || 0"))
             page.wait("document.getElementById('objects').dataset.done > 0", 60, "objects done")
             first = done()
             # The outage: once objects are verified in the DB (observed, not timed), the proxy
@@ -162,7 +162,7 @@ def test_live_page_follows_a_migration_through_an_outage(cli, pacs, inventoried:
                             " ? [r.dataset.cause, +r.dataset.seconds] : null })()", 20, "the closed outage")
             assert row[0] == "refused" and abs(row[1] - OUTAGE_S) <= 4, row
             page.wait(f"+document.getElementById('objects').dataset.done > {first}", 60, "more objects done")
-            out, err = migrate.communicate(timeout=180)
+            _out, err = migrate.communicate(timeout=180)
             assert migrate.returncode == 0, err[-2000:]
             total = len(rows(db, "SELECT key FROM transfers"))
             page.wait(f"+document.getElementById('objects').dataset.done == {total}", 20, "every object done")
@@ -243,3 +243,23 @@ def test_audit_digest(tmp_path: Path) -> None:
             rec.flush(tx)
         html = digest_html(state.conn, "zh", href="link/link.html")
     assert "超时" in html and "link/link.html" in html and "<svg" in html
+
+
+def test_throttling_the_workers_retried_past_is_evidence(cli, inventoried: Path, tmp_path: Path,
+                                                         fault_proxy) -> None:
+    """503 SlowDown answers a worker retried past (the objects then verified) are counted as
+    5xx in the minute they happened, with the time to first byte of every object."""
+    db = inventoried
+    fault_proxy.status(503, "SlowDown", method="GET", key=".", times=3)
+    r = cli("migrate", "--to", str(tmp_path / "archive"), "--db", str(db), "--endpoint-url",
+            fault_proxy.endpoint_url, "-q")
+    assert r.exit_code == 0, r.output
+    series = rows(db, "SELECT * FROM link_series WHERE source = 'migrate'")
+    total = lambda column: sum(row[column] for row in series)  # noqa: E731
+    assert total("err_5xx") == 3 and total("err_refused") == total("err_reset") == 0
+    verified = rows(db, "SELECT count(*) AS n FROM transfers WHERE state = 'verified'")[0]["n"]
+    assert total("objects") == verified
+    assert sum(total(f"ttfb_{i}") for i in range(10)) == verified  # one sample per object fetched
+    run = rows(db, "SELECT bytes_downloaded, get_requests FROM migration_runs")[0]
+    assert total("bytes") == run["bytes_downloaded"] and total("get_requests") == run["get_requests"]
+    assert not rows(db, "SELECT 1 FROM link_outages")

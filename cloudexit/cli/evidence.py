@@ -53,8 +53,8 @@ def link_report(db_path: str, out: str, since: str | None, until: str | None, la
     outage with its duration and cause, error rates by hour of day, the worst hours, and a
     plain-language summary. Self-contained HTML (no network needed to open it), JSON and CSV.
     """
-    from cloudexit.report.linkreport import FILES, summary_lines, write_link_report
     from cloudexit.report.link_i18n import words
+    from cloudexit.report.linkreport import FILES, summary_lines, write_link_report
     from cloudexit.state.db import open_readable
 
     start, end = parse_moment(since, "--since"), parse_moment(until, "--until")

@@ -118,8 +118,8 @@ def error_chart(facts: dict[str, Any], w: dict[str, str]) -> str:
 
 def outage_table(facts: dict[str, Any], w: dict[str, str]) -> str:
     rows = [[_when(o["start_local"]), _when(o["end_local"]) + (f" {escape(w['open'])}" if o["open"] else ""),
-             f'<span class="n" data-v="{o["seconds"]}">{escape(format_duration(o["seconds"]))} '
-             f'({o["seconds"]:.0f} s)</span>', escape(w["cause." + o["cause"]]), escape(o["seen"] or "-")]
+             (f'<span class="n" data-v="{o["seconds"]}">{escape(format_duration(o["seconds"]))} '
+              f'({o["seconds"]:.0f} s)</span>'), escape(w["cause." + o["cause"]]), escape(o["seen"] or "-")]
             for o in facts["outages"]]
     head = [w["col.start"], w["col.end"], w["col.duration"], w["col.cause"], w["col.seen"]]
     return _table(head, rows, "outages") if rows else f"<p>{escape(w['s.none'])}</p>"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from html import escape
 from typing import Any
 
@@ -36,7 +36,7 @@ def snapshot(state: State, now: float | None = None) -> dict[str, Any]:
     plan = plan_rate(conn)
     hour = link_facts(conn, now - 3600, now, now=now, bucket=60)
     day = link_facts(conn, now - 86400, now, now=now, bucket=900)
-    chart = lambda f: {"since": f["window"]["since"], "until": f["window"]["until"],  # noqa: E731
+    chart = lambda f: {"since": f["window"]["since"], "until": f["window"]["until"],
                        "bucket": f["window"]["bucket_s"], "plan": plan,
                        "points": [[p["ts"], p["rate"], p["bwlimit"], sum(p["errors"].values())] for p in f["series"]],
                        "outages": [[o["start"], o["end"], o["cause"]] for o in f["outages"]]}
@@ -81,7 +81,7 @@ def _iso_local(text: str | None) -> str | None:
         return None
     moment = datetime.fromisoformat(text)
     if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=timezone.utc)
+        moment = moment.replace(tzinfo=UTC)
     return local(moment.timestamp())
 
 

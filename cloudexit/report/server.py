@@ -58,8 +58,8 @@ class LiveServer(ThreadingHTTPServer):
         super().__init__((host, port), _Handler)
 
     def url(self, lang: str = "en") -> str:
-        host, port = self.server_address[:2]
-        shown = f"[{host}]" if ":" in str(host) else host
+        host, port = str(self.server_address[0]), int(self.server_address[1])
+        shown = f"[{host}]" if ":" in host else host
         return f"http://{shown}:{port}/?lang={lang}&token={self.token}"
 
     def snapshot_json(self) -> bytes:
@@ -76,7 +76,7 @@ class _Handler(BaseHTTPRequestHandler):
     server_version = "cloudexit"
     sys_version = ""
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the library never prints
+    def log_message(self, format: str, *args: Any) -> None:
         pass
 
     def _authorised(self, query: dict[str, list[str]]) -> bool:
@@ -96,7 +96,7 @@ class _Handler(BaseHTTPRequestHandler):
         if not head:
             self.wfile.write(body)
 
-    def do_GET(self, head: bool = False) -> None:  # noqa: N802 - http.server's naming
+    def do_GET(self, head: bool = False) -> None:
         parts = urlsplit(self.path)
         query = parse_qs(parts.query)
         if not self._authorised(query):
@@ -117,10 +117,10 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             self._send(HTTPStatus.NOT_FOUND, b"not found\n", "text/plain; charset=utf-8", head)
 
-    def do_HEAD(self) -> None:  # noqa: N802
+    def do_HEAD(self) -> None:
         self.do_GET(head=True)
 
     def _refuse(self) -> None:
         self._send(HTTPStatus.METHOD_NOT_ALLOWED, b"read-only\n", "text/plain; charset=utf-8")
 
-    do_POST = do_PUT = do_DELETE = do_PATCH = _refuse  # noqa: N815 - nothing here writes
+    do_POST = do_PUT = do_DELETE = do_PATCH = _refuse

@@ -19,9 +19,10 @@ from __future__ import annotations
 import re
 import sqlite3
 import time
-from collections import Counter
+from collections import Counter, defaultdict
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 MINUTE, HOUR = 60, 3600
 KEEP_MINUTES_S = 30 * 86400  # minute rows kept this long, then rolled up into hours
@@ -35,7 +36,7 @@ COUNTS = ("bytes", "objects", "get_requests", "head_requests", "list_requests",
 # gone or archived, the credentials or the disk).
 _NOT_THE_LINK = {"changed", "gone", "archived", "credentials", "denied", "sse-c", "permanent",
                  "disk", "cancelled"}
-_HTTP = re.compile(r"HTTP (\d{3})(?: (\w+))?")
+_HTTP = re.compile(r"HTTP(?:/\d\.\d)? (\d{3})(?: (\w+))?")
 _EXC = re.compile(r"\b([A-Za-z]*(?:Error|Exception|Disconnected|timeout|gaierror|Timeout))\b(.*)$")
 
 
@@ -44,7 +45,7 @@ def classify(kind: str | None, detail: str | None) -> str | None:
     text = detail or ""
     if kind in _NOT_THE_LINK:
         return None
-    if kind == "tls" or "SSL" in text or "certificate" in text:
+    if kind == "tls" or "SSL" in text or "TLS" in text or "certificate" in text:
         return "tls"
     match = _HTTP.search(text)
     if match:
@@ -57,7 +58,7 @@ def classify(kind: str | None, detail: str | None) -> str | None:
         return "refused"
     if "gaierror" in text or "name or service" in lowered or "name resolution" in lowered:
         return "dns"
-    if "timed out" in lowered or "timeout" in lowered:
+    if "timed out" in lowered or "timeout" in lowered or "no answer in time" in lowered:
         return "timeout"
     if any(w in text for w in ("Reset", "reset", "RemoteDisconnected", "BrokenPipe", "Aborted",
                                "connection lost", "closed", "body cut")):
@@ -101,7 +102,7 @@ def ttfb_bucket(seconds: float) -> int:
 
 @dataclass
 class _Minute:
-    counts: Counter[str] = field(default_factory=Counter)
+    counts: defaultdict[str, float] = field(default_factory=lambda: defaultdict(float))
     bwlimit: int | None = None
 
 
@@ -230,7 +231,7 @@ class LinkRecorder:
             self._next_roll_up = self.clock() + HOUR
 
 
-def add_row(tx: sqlite3.Connection, ts: int, span: int, source: str, counts: Counter[str] | dict[str, Any],
+def add_row(tx: sqlite3.Connection, ts: int, span: int, source: str, counts: Mapping[str, Any],
             bwlimit: int | None, keep_highest: bool = False) -> None:
     names = ", ".join(COUNTS)
     marks = ", ".join("?" * len(COUNTS))

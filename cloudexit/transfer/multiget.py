@@ -430,10 +430,12 @@ class MultiGet:
         task.fresh = True
         self.fallback(task, result.counters)
 
-    def _give_up(self, slot: _Slot, _why: str) -> None:
+    def _give_up(self, slot: _Slot, why: str) -> None:
         """Hand the task to the threads, with what this attempt cost (nothing if the request
         was not sent)."""
         task = slot.task
+        if task is not None and len(task.faults) < 8:
+            task.faults.append(("multiget", why))  # link evidence (state/linkseries.classify)
         spent = Counters(get=1, bytes=max(0, slot.got - max(slot.head_end, 0))) \
             if slot.phase == "read" else None
         if slot.phase == "read" and not slot.got:

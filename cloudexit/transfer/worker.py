@@ -594,6 +594,7 @@ class Task:
     fresh: bool = False  # discard any temp file (a resumed one failed verification)
     replaceable: int | None = None  # mtime_ns of this migration's own earlier file at `final`
     encoding: str | None = None  # envelope to decode after the raw checks (cloudexit.containers)
+    faults: list[tuple[str, str]] = field(default_factory=list)  # link evidence: what multiget met
 
 
 @dataclass
@@ -683,6 +684,7 @@ class Fetcher:
         `multiget`) cost, counted in this result."""
         started = time.monotonic()
         result = Result(task.id, task.key, "failed", etag=task.etag)
+        result.faults.extend(task.faults)  # link evidence: what the multiget loop met first
         if prior is not None:
             result.counters.add(prior)
             result.retries += 1
