@@ -263,3 +263,37 @@ def test_throttling_the_workers_retried_past_is_evidence(cli, inventoried: Path,
     run = rows(db, "SELECT bytes_downloaded, get_requests FROM migration_runs")[0]
     assert total("bytes") == run["bytes_downloaded"] and total("get_requests") == run["get_requests"]
     assert not rows(db, "SELECT 1 FROM link_outages")
+
+
+def test_the_page_says_which_pacs_is_paused_and_why_the_link_waits(tmp_path: Path) -> None:
+    """What a live run waits for, from the DB alone: the open outage with its cause, a PACS
+    whose last word was pacs_down (its answer not shown), and nothing once the run is gone."""
+    import json as json_
+    import socket as socket_
+
+    from cloudexit.report.live import snapshot
+    from cloudexit.state.db import State, now
+    from cloudexit.state.linkseries import LinkRecorder
+
+    with State(tmp_path / "w.db", create=True) as state:
+        options = json_.dumps({"deliver": ["dicom://PACS@10.0.0.5:104"]})
+        with state.transaction() as tx:
+            tx.execute("INSERT INTO migration_runs(started_at, status, dest, options, pid, host, heartbeat_at, "
+                       "waiting_since) VALUES (?, 'running', 'file:///a', ?, ?, ?, ?, ?)",
+                       (now(), options, os.getpid(), socket_.gethostname(), now(), now()))
+            state.log("migrate.pacs_down", tx, run=1, dest="dicom://PACS@10.0.0.5:104", detail="DOE^JANE refused")
+            state.log("migrate.pacs_down", tx, run=1, dest="dicom://OTHER@10.0.0.6:104", detail="x")
+            state.log("migrate.pacs_up", tx, run=1, dest="dicom://OTHER@10.0.0.6:104", down_seconds=3)
+            rec = LinkRecorder("migrate", run_id=1)
+            rec.error("unreachable", "cannot reach h: TimeoutError: timed out")
+            rec.down(tx)
+        snap = snapshot(state)
+        waits = snap["run"]["waiting"]
+        assert waits[0]["what"] == "link_down" and waits[0]["cause"] == "timeout"
+        assert [(w["what"], w["dest"]) for w in waits[1:]] == [("pacs", "dicom://PACS@10.0.0.5:104")]
+        assert "DOE" not in json_.dumps(snap)
+        with state.transaction() as tx:
+            tx.execute("UPDATE migration_runs SET heartbeat_at = '2000-01-01T00:00:00+00:00', host = 'elsewhere'")
+        snap = snapshot(state)
+        assert snap["run"]["waiting"] == [] and snap["run"]["status"] == "interrupted"
+        assert snap["outages"][0]["cause"] == "timeout"

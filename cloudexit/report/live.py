@@ -60,6 +60,8 @@ def snapshot(state: State, now: float | None = None) -> dict[str, Any]:
     restoring = run["by_state"].get("restoring", 0)
     if live and restoring:
         waiting.append({"what": "restores", "n": restoring})
+    if live:
+        waiting += [{"what": "pacs", "dest": dest, "since": since} for dest, since in _paused_pacs(state, run["run"])]
     out["run"] = {
         "id": run["run"], "status": run["status"] if live or run["status"] != "running" else "interrupted",
         "live": live, "host": None, "started_local": _iso_local(run["started_at"]),
@@ -74,6 +76,18 @@ def snapshot(state: State, now: float | None = None) -> dict[str, Any]:
         "requests": run["usage"]["requests"], "bytes_downloaded": run["usage"]["bytes_downloaded"],
     }
     return out
+
+
+def _paused_pacs(state: State, run_id: int) -> list[tuple[str, str | None]]:
+    """PACS destinations of this run whose last word was `migrate.pacs_down` (the engine probes
+    them and carries on once they answer): (destination, since). The PACS's answer is not shown."""
+    last: dict[str, tuple[str, str]] = {}
+    for r in state.query("SELECT kind, at, detail FROM events WHERE kind IN ('migrate.pacs_down', 'migrate.pacs_up') "
+                         "ORDER BY id DESC LIMIT 200"):
+        detail = json.loads(r["detail"] or "{}")
+        if detail.get("run") == run_id and detail.get("dest") and detail["dest"] not in last:
+            last[detail["dest"]] = (r["kind"], r["at"])
+    return [(dest, _iso_local(at)) for dest, (kind, at) in sorted(last.items()) if kind == "migrate.pacs_down"]
 
 
 def _iso_local(text: str | None) -> str | None:
@@ -206,7 +220,8 @@ function show(d) {
   for (const w of r.waiting) { const div = document.createElement("div"); div.className = "down"; div.id = "wait-" + w.what;
     div.dataset.cause = w.cause || "";
     div.textContent = W["live.waiting"] + ": " + (w.what === "link_down" ? fmt(W["live.link_down"], {since: when(w.since), cause: cause(w.cause)})
-      : fmt(W["live.restores"], {n: w.n})); wait.appendChild(div); }
+      : w.what === "pacs" ? fmt(W["live.pacs_paused"], {dest: w.dest, since: when(w.since)}) : fmt(W["live.restores"], {n: w.n}));
+    wait.appendChild(div); }
   const ex = document.getElementById("exceptions"); ex.textContent = "";
   for (const k in r.exceptions) ex.appendChild(row([W["ex." + k] || k, r.exceptions[k].toLocaleString()]));
   const dl = document.getElementById("deliveries"); dl.textContent = "";
