@@ -12,7 +12,7 @@ import click
 from cloudexit.cli import EXAMPLES, _examples, db_option, main, output_options
 from cloudexit.core.errors import UsageError
 
-EXAMPLES["link_report"] = ["cloudexit link-report --db pacs-exit.db --out link/ --lang zh",
+EXAMPLES["link-report"] = ["cloudexit link-report --db pacs-exit.db --out link/ --lang zh",
                            "cloudexit link-report --db pacs-exit.db --out link/ --since 7d",
                            "cloudexit link-report --db pacs-exit.db --out link/ --since 2026-03-01 --until 2026-03-08"]
 EXAMPLES["serve"] = ["cloudexit serve --db pacs-exit.db",
@@ -36,7 +36,7 @@ def parse_moment(text: str | None, option: str) -> float | None:
     return moment.timestamp()  # naive: the local time of this computer
 
 
-@main.command("link-report", epilog=_examples("link_report"))
+@main.command("link-report", epilog=_examples("link-report"))
 @db_option
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False),
               help="Folder for link.html, link.json, link-series.csv and link-outages.csv.")

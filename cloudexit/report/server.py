@@ -28,7 +28,9 @@ from cloudexit.state.db import State
 # No external asset can load, and the page can only talk to this server.
 CSP = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
        "connect-src 'self'; img-src data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
-CACHE_S = 1.0  # snapshots are shared between requests this long (the page polls every 2 s)
+# A snapshot is shared between requests for CACHE_S, or 5 x as long as it took to make (a DB of
+# millions of objects takes seconds to count: several browsers must not keep SQLite busy).
+CACHE_S = 1.0
 
 
 def is_loopback(host: str) -> bool:
@@ -54,7 +56,7 @@ class LiveServer(ThreadingHTTPServer):
         self.address_family = family
         self.state, self.token = state, token
         self.lock = threading.Lock()
-        self._cached: tuple[float, bytes] | None = None
+        self._cached: tuple[float, bytes] | None = None  # (good until, body)
         super().__init__((host, port), _Handler)
 
     def url(self, lang: str = "en") -> str:
@@ -65,9 +67,10 @@ class LiveServer(ThreadingHTTPServer):
     def snapshot_json(self) -> bytes:
         with self.lock:
             clock = time.monotonic()
-            if self._cached is None or clock - self._cached[0] > CACHE_S:
+            if self._cached is None or clock > self._cached[0]:
                 body = json.dumps(snapshot(self.state), ensure_ascii=False).encode()
-                self._cached = (clock, body)
+                took = time.monotonic() - clock
+                self._cached = (time.monotonic() + max(CACHE_S, 5 * took), body)
             return self._cached[1]
 
 
