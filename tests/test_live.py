@@ -133,22 +133,23 @@ def test_live_page_follows_a_migration_through_an_outage(cli, pacs, inventoried:
                                                           fault_proxy) -> None:
     db, truth = inventoried, pacs[1]
     serve, url = start_serve(db, "--token", TOKEN)
-    migrate = subprocess.Popen(
-        [sys.executable, "-m", "cloudexit.cli", "migrate", "--to", str(tmp_path / "archive"), "--db", str(db),
-         "--endpoint-url", fault_proxy.endpoint_url, "--bwlimit", "3M", "--processes", "1", "-q"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    migrate: subprocess.Popen[str] | None = None
     served: list[bytes] = []
     try:
         with Page(url + "&every=0.5") as page:
-            done = lambda: int(page.evaluate("document.getElementById('objects').dataset.done || 0"))
-            page.wait("document.getElementById('objects').dataset.done > 0", 60, "objects done")
-            first = done()
+            page.wait("document.body.dataset.polls > 0", 30, "the page's first data")
+            assert page.evaluate("document.getElementById('norun').hidden") is False  # no run yet
+            migrate = subprocess.Popen(
+                [sys.executable, "-m", "cloudexit.cli", "migrate", "--to", str(tmp_path / "archive"), "--db",
+                 str(db), "--endpoint-url", fault_proxy.endpoint_url, "--bwlimit", "2M", "--processes", "1", "-q"],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             # The outage: once objects are verified in the DB (observed, not timed), the proxy
             # refuses connections for OUTAGE_S seconds.
             wait_db(db, "SELECT 1 FROM transfers WHERE state = 'verified'", migrate)
             fault_proxy.refuse()
             refused_at = time.time()
             wait_db(db, "SELECT 1 FROM link_outages WHERE ended IS NULL", migrate, 30)
+            first = int(page.wait("+document.getElementById('objects').dataset.done", 20, "objects done"))
             shown = page.wait("(document.getElementById('wait-link_down') || {}).dataset?.cause", 20,
                               "the link-down banner")
             assert shown == "refused"
@@ -179,7 +180,7 @@ def test_live_page_follows_a_migration_through_an_outage(cli, pacs, inventoried:
                 served.append(get(url.replace("lang=en", f"lang={lang}"))[1])
             served.append(get(base(url) + "/api/live", {"Authorization": "Bearer " + TOKEN})[1])
     finally:
-        if migrate.poll() is None:
+        if migrate is not None and migrate.poll() is None:
             migrate.kill()
             migrate.wait()
         serve.terminate()

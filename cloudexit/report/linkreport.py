@@ -67,6 +67,8 @@ def summary_lines(facts: dict[str, Any], w: dict[str, str]) -> list[str]:
     kinds = ", ".join(f"{w['cause.' + k]} {errors[k]}" for k in ERROR_KINDS if errors[k]) or "-"
     lines.append(w["s.errors"].format(requests=f"{sum(t['requests'].values()):,}",
                                       errors=f"{sum(errors.values()):,}", kinds=kinds))
+    if t["rate_per_connection"]:
+        lines.append(w["s.per_conn"].format(rate=_mbit(t["rate_per_connection"])))
     if t["ttfb_p50_ms"] is not None:
         lines.append(w["s.ttfb"].format(p50=f"<{t['ttfb_p50_ms']:.0f}", p95=f"<{t['ttfb_p95_ms']:.0f}"))
     return lines
