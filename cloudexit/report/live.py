@@ -64,7 +64,9 @@ def snapshot(state: State, now: float | None = None) -> dict[str, Any]:
         waiting += [{"what": "pacs", "dest": dest, "since": since} for dest, since in _paused_pacs(state, run["run"])]
     out["run"] = {
         "id": run["run"], "status": run["status"] if live or run["status"] != "running" else "interrupted",
-        "live": live, "host": None, "started_local": _iso_local(run["started_at"]),
+        "live": live, "pid": run["pid"],
+        "host": state.scalar("SELECT host FROM migration_runs WHERE id = ?", (run["run"],)) if live else None,
+        "started_local": _iso_local(run["started_at"]),
         "objects": run["objects"], "done": run["done"], "bytes_total": run["bytes_total"], "bytes_done": run["bytes_done"],
         "studies_total": run["studies_total"], "studies_complete": run["studies_complete"],
         "rate": rate, "eta_s": left / rate if rate else None, "plan_eta_s": left / plan if plan and left else None,
@@ -216,7 +218,8 @@ function show(d) {
   document.getElementById("bytes-bar").style.width = (r.bytes_total ? 100 * r.bytes_done / r.bytes_total : 0) + "%";
   txt("studies", r.studies_complete + " / " + r.studies_total);
   txt("rate", rate(r.rate)); txt("eta", dur(r.eta_s)); txt("plan-eta", dur(r.plan_eta_s));
-  txt("status", W["status." + r.status] || r.status);  // a run no longer alive is "interrupted" already
+  // a run no longer alive is "interrupted" already; a live one says where it runs
+  txt("status", (W["status." + r.status] || r.status) + (r.live && r.pid ? " (pid " + r.pid + ", " + r.host + ")" : ""));
   for (const w of r.waiting) { const div = document.createElement("div"); div.className = "down"; div.id = "wait-" + w.what;
     div.dataset.cause = w.cause || "";
     div.textContent = W["live.waiting"] + ": " + (w.what === "link_down" ? fmt(W["live.link_down"], {since: when(w.since), cause: cause(w.cause)})
