@@ -1300,6 +1300,8 @@ def write_audit(state: State, out: str | os.PathLike[str], lang: str = "en",
     try:
         worker.start()
         facts = audit_facts(state, include_phi=include_phi, passes=passes)
+        from cloudexit.report.linkreport import digest_html  # link evidence: one page, same snapshot
+        link_digest = digest_html(state.conn, lang)
         if redact is not None:
             redact.exceptions(facts["exceptions"])
     finally:
@@ -1321,7 +1323,7 @@ def write_audit(state: State, out: str | os.PathLike[str], lang: str = "en",
     digests["audit.json"] = fh.close()
     fingerprint = fingerprint_of(digests)
     fh = _HashingFile(tmp["audit.html"])
-    fh.write(render_html(facts, lang, fingerprint))
+    fh.write(render_html(facts, lang, fingerprint, link_digest))
     digests["audit.html"] = fh.close()
     fh = _HashingFile(tmp["SHA256SUMS"])
     fh.write(sums_text(digests))
