@@ -463,8 +463,8 @@ def _confirm(state: State, source: Source, result: Execution, versioned: bool) -
     """List the bucket again: every deletion must show (gone, or hidden by a marker)."""
     table = listing_table(state, list_all(source, versioned))
     gone = ("CASE "
-            f"WHEN outcome = '{Outcome.DELETE_MARKER}' THEN EXISTS (SELECT 1 FROM {table} l WHERE l.key = deletions.key "
-            "AND l.delete_marker AND l.is_latest) "
+            f"WHEN outcome = '{Outcome.DELETE_MARKER}' THEN EXISTS (SELECT 1 FROM {table} l "
+            "WHERE l.key = deletions.key AND l.delete_marker AND l.is_latest) "
             f"WHEN version_id IS NOT NULL THEN NOT EXISTS (SELECT 1 FROM {table} l WHERE l.key = deletions.key "
             "AND l.version_id = deletions.version_id) "
             f"ELSE NOT EXISTS (SELECT 1 FROM {table} l WHERE l.key = deletions.key AND NOT l.delete_marker "

@@ -184,3 +184,14 @@ def test_both_forms_of_the_rule_agree_with_a_brute_force_oracle(tmp_path: Path, 
 def test_the_oracle_order_is_the_tables() -> None:
     # The oracle's order is written out above; the table must rank its conditions the same way.
     assert [c.name for c in deletion.COPY_CONDITIONS] + [deletion.SAFE.name] == WORST_FIRST
+
+
+def test_a_copy_of_another_version_is_named_by_its_state_and_says_so() -> None:
+    # Decommission judging a noncurrent version (e0) whose key's only row failed for e1.
+    o = {"key": "k", "status": "present", "kind": "dicom", "study_uid": "st", "sop_uid": "s"}
+    t = {"key": "k", "dest": A, "state": "failed", "etag": "e1", "reason": "timed out", "sha256": None}
+    decided = deletion.decide(o, {A: t}, [A], {}, "e0")
+    assert decided.label == "keep: failed"
+    assert decided.reason("e0", t) == ("failed: at file:///srv/archive (timed out); that is ETag e1, "
+                                      "this version (e0) was never migrated")
+    assert decided.reason("e1", t) == "failed: at file:///srv/archive (timed out)"

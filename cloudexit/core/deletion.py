@@ -138,7 +138,8 @@ def is_home(label: str) -> bool:
 CONDITIONS = (*OBJECT_CONDITIONS, *COPY_CONDITIONS, SAFE)
 
 # The decommission manifest's words for each reason ({dest}, {held}: the copy's ETag, {etag}:
-# the version's, {state}, {detail}: " (transfer reason)", {run}: "(verify run N)").
+# the version's, {state}, {detail}: " (transfer reason)", {other}: the note that the row is about
+# another version, {run}: "(verify run N)").
 REASONS = {
     "not_inventoried": "not inventoried: new since the last inventory (run inventory, migrate, verify)",
     "deleted": "deleted at the source: the last inventory found it gone, it is listed again now "
@@ -146,11 +147,11 @@ REASONS = {
     "not_migrated": "not migrated: not delivered to {dest}",
     "no_archive": "no archive: not DICOM, and no folder destination holds it",
     "stale": "other version: {dest} holds ETag {held}, this version ({etag}) was never migrated",
-    "failed": "{state}: at {dest}{detail}",
-    "missing": "{state}: at {dest}{detail}",
-    "skipped": "{state}: at {dest}{detail}",
-    "unfinished": "{state}: at {dest}{detail}",
-    "quarantined": "{state}: at {dest}{detail}",
+    "failed": "{state}: at {dest}{detail}{other}",
+    "missing": "{state}: at {dest}{detail}{other}",
+    "skipped": "{state}: at {dest}{detail}{other}",
+    "unfinished": "{state}: at {dest}{detail}{other}",
+    "quarantined": "{state}: at {dest}{detail}{other}",
     "duplicate_unverified": "duplicate: the copy it duplicates is not verified at {dest}",
     "no_verify": "not re-verified: no `cloudexit verify` of {dest} yet",
     "landed_after_verify": "not re-verified: landed at {dest} after its last verify {run}",
@@ -186,6 +187,8 @@ class Decision:
         return REASONS[name].format(
             dest=self.dest, etag=etag, held=(t or {}).get("etag"), state=(t or {}).get("state"),
             detail=f" ({t['reason']})" if t and t.get("reason") else "",
+            other=f"; that is ETag {t['etag']}, this version ({etag}) was never migrated"
+            if t and t.get("etag") != etag else "",
             run=f"(verify run {run['id']})" if run else "")
 
 

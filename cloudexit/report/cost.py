@@ -9,7 +9,7 @@ from typing import Any
 
 from cloudexit.core.deletion import is_home
 from cloudexit.core.errors import CloudexitError
-from cloudexit.core.states import COPIED, sql_in
+from cloudexit.core.states import COPIED, ObjectKind, ObjectStatus, sql_in
 from cloudexit.state.db import State
 
 
@@ -125,7 +125,7 @@ def charts(throughput: dict[str, Any], groups: list[dict[str, Any]]) -> dict[str
     years: dict[str, dict[str, Any]] = {}
     modalities: dict[str, dict[str, Any]] = {}
     for g in groups:
-        if g["status"] != "present" or g["kind"] != "dicom":
+        if g["status"] != ObjectStatus.PRESENT or g["kind"] != ObjectKind.DICOM:
             continue
         y = years.setdefault(g["year"], {"name": g["year"], "objects": 0, "bytes": 0, "done_bytes": 0})
         m = modalities.setdefault(g["modality"], {"name": g["modality"], "objects": 0, "bytes": 0})

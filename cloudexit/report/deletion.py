@@ -8,7 +8,8 @@ import json
 from typing import Any
 
 from cloudexit.core.deletion import is_home
-from cloudexit.core.states import HELD, DeletionOutcome, sql_in
+from cloudexit.core.states import HELD, ObjectStatus, sql_in
+from cloudexit.core.states import DeletionOutcome as Outcome
 from cloudexit.report.groups import Rule
 from cloudexit.state.db import State
 from cloudexit.state.destinations import has_table
@@ -44,7 +45,7 @@ def delta_rounds(state: State, rule: Rule) -> dict[str, Any]:
     home: dict[int, dict[str, int]] = {}
     for r in state.query(
             f"SELECT o.change_round AS r, {decision} AS decision, count(*) AS n FROM {source} "
-            "WHERE o.change_round > :first AND o.change IN ('new', 'changed') AND o.status = 'present' "
+            f"WHERE o.change_round > :first AND o.change IN ('new', 'changed') AND o.status = '{ObjectStatus.PRESENT}' "
             "GROUP BY 1, 2", {**params, "first": rounds[0]["id"]}):
         at = home.setdefault(r["r"], {"objects": 0, "left": 0})
         at["objects"] += r["n"]
@@ -99,14 +100,14 @@ def deletion_proof(state: State, limit: int) -> dict[str, Any]:
             "SELECT outcome, count(*) AS n, coalesce(sum(size), 0) AS b, count(confirmed_at) AS c "
             "FROM deletions WHERE run_id = ? GROUP BY outcome", (r["id"],))}
         zero = {"n": 0, "b": 0, "c": 0}
-        gone, markers, failed = (outcome.get(k, zero) for k in DeletionOutcome)
+        gone, markers, failed = (outcome.get(k, zero) for k in Outcome)
         batches = [dict(x) for x in state.query(
-            "SELECT batch, request_id, count(*) AS objects, sum(outcome != 'failed') AS deleted, "
-            "sum(outcome = 'failed') AS failed, min(deleted_at) AS at FROM deletions WHERE run_id = ? "
+            f"SELECT batch, request_id, count(*) AS objects, sum(outcome != '{Outcome.FAILED}') AS deleted, "
+            f"sum(outcome = '{Outcome.FAILED}') AS failed, min(deleted_at) AS at FROM deletions WHERE run_id = ? "
             "GROUP BY batch ORDER BY batch LIMIT ?", (r["id"], limit))]
         errors = [dict(x) for x in state.query(
             "SELECT coalesce(error_code, '?') AS code, count(*) AS objects FROM deletions "
-            "WHERE run_id = ? AND outcome = 'failed' GROUP BY 1 ORDER BY 2 DESC", (r["id"],))]
+            f"WHERE run_id = ? AND outcome = '{Outcome.FAILED}' GROUP BY 1 ORDER BY 2 DESC", (r["id"],))]
         started = events["decommission.started"].get(r["id"], {})
         runs.append({
             "id": r["id"], "token": r["token"], "started_at": r["started_at"], "finished_at": r["finished_at"],

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from cloudexit.core import deletion
-from cloudexit.core.states import COPIED, WAITING, sql_in
+from cloudexit.core.states import COPIED, WAITING, ObjectStatus, sql_in
 from cloudexit.core.states import TransferState as T
 from cloudexit.report.verification import pacs_mismatches
 from cloudexit.state.db import State
@@ -30,7 +30,8 @@ EXCEPTIONS: dict[str, tuple[str, str]] = {
     "conflicts": (f"(t.state = '{T.CONFLICT}' OR (t.state = '{T.QUARANTINED}' AND t.conflict_with IS NOT NULL))",
                   "conflict"),
     "duplicates": (f"t.state = '{T.DUPLICATE}'", "duplicate"),
-    "changed": (f"(t.changes > 0 OR (t.state IN {sql_in(COPIED)} AND o.status = 'present' AND t.etag IS NOT o.etag))",
+    "changed": (f"(t.changes > 0 OR (t.state IN {sql_in(COPIED)} AND o.status = '{ObjectStatus.PRESENT}' "
+                "AND t.etag IS NOT o.etag))",
                 "changed"),
     "missing": (f"t.state = '{T.MISSING}'", "missing"),
     "skipped": (f"t.state = '{T.SKIPPED}'", "skipped"),
@@ -75,7 +76,7 @@ def exceptions(state: State, dests: list[str], groups: list[dict[str, Any]],
     def by_decision(label: str, field: str) -> int:
         return sum(g[field] for g in groups if g["decision"] == label)
 
-    deleted = "FROM objects o WHERE o.status = 'deleted'"
+    deleted = f"FROM objects o WHERE o.status = '{ObjectStatus.DELETED}'"
     out["deleted"] = {
         "count": by_decision("gone: deleted", "objects"), "bytes": by_decision("gone: deleted", "bytes"),
         "remedy": "deleted",
@@ -89,7 +90,7 @@ def exceptions(state: State, dests: list[str], groups: list[dict[str, Any]],
         "items": [{"key": r["key"], "dest": None, "reason": "not queued for every destination",
                    "remedy": "unfinished", "patient_hash": r["patient_hash"]}
                   for r in state.query(
-                      "SELECT key, patient_hash FROM objects o WHERE o.status = 'present' AND "
+                      f"SELECT key, patient_hash FROM objects o WHERE o.status = '{ObjectStatus.PRESENT}' AND "
                       f"(SELECT count(*) FROM transfers t WHERE t.key = o.key) < {deletion.expected_sql()} "
                       "ORDER BY key LIMIT :limit", {**deletion.params(dests, {}), "limit": limit})] if count else []}
     out["pacs"] = pacs_mismatches(state, limit)
@@ -106,7 +107,7 @@ def distinct(state: State, where: str) -> tuple[int, int]:
 def _item(r: Any, remedy: str) -> dict[str, Any]:
     reason = r["reason"]
     if remedy == "changed":
-        if r["status"] == "present" and r["t_etag"] != r["o_etag"] and r["state"] in COPIED:
+        if r["status"] == ObjectStatus.PRESENT and r["t_etag"] != r["o_etag"] and r["state"] in COPIED:
             remedy = "stale"
             reason = f"the cloud copy changed after it was copied (ETag {r['t_etag']} -> {r['o_etag']})"
         else:

@@ -25,6 +25,8 @@ from cloudexit.state.destinations import destinations, last_verify_runs
 
 FORMAT = "cloudexit.audit/1"
 _SESSION_END = {"migrate.finished", "migrate.interrupted", "migrate.stopped"}
+_PRESENT = f"o.status = '{ObjectStatus.PRESENT}'"
+_DICOM = f"o.kind = '{ObjectKind.DICOM}'"
 
 
 def audit_facts(state: State, include_phi: bool = False, limit: int = LIST_LIMIT,
@@ -90,17 +92,17 @@ def _source_uids(state: State) -> dict[str, int]:
 
 
 def _source(state: State, groups: list[dict[str, Any]], uids: dict[str, int]) -> dict[str, Any]:
-    present = [g for g in groups if g["status"] == "present"]
+    present = [g for g in groups if g["status"] == ObjectStatus.PRESENT]
 
     def total(rows: list[dict[str, Any]], field: str = "objects") -> int:
         return sum(g[field] for g in rows)
 
     row = {"objects": total(present), "bytes": total(present, "bytes"),
-           "dicom_objects": total([g for g in present if g["kind"] == "dicom"]),
-           "dicom_bytes": total([g for g in present if g["kind"] == "dicom"], "bytes"),
-           "non_dicom": total([g for g in present if g["kind"] == "other"]),
-           "unreadable": total([g for g in present if g["kind"] == "unreadable"]),
-           "pending": total([g for g in present if g["kind"] == "pending"]),
+           "dicom_objects": total([g for g in present if g["kind"] == ObjectKind.DICOM]),
+           "dicom_bytes": total([g for g in present if g["kind"] == ObjectKind.DICOM], "bytes"),
+           "non_dicom": total([g for g in present if g["kind"] == ObjectKind.OTHER]),
+           "unreadable": total([g for g in present if g["kind"] == ObjectKind.UNREADABLE]),
+           "pending": total([g for g in present if g["kind"] == ObjectKind.PENDING]),
            "hostile_keys": total([g for g in present if g["hostile"]])}
     classes: dict[str, dict[str, Any]] = {}
     for g in present:
@@ -119,7 +121,7 @@ def _source(state: State, groups: list[dict[str, Any]], uids: dict[str, int]) ->
         "studies": uids["studies"], "series": uids["series"], "patients": uids["patients"],
         "non_dicom": row["non_dicom"] or 0, "unreadable": row["unreadable"] or 0,
         "pending": row["pending"] or 0, "hostile_keys": row["hostile_keys"] or 0,
-        "deleted_at_source": total([g for g in groups if g["status"] == "deleted"]),
+        "deleted_at_source": total([g for g in groups if g["status"] == ObjectStatus.DELETED]),
         "duplicate_sop_uids": uids["duplicates"],
         "duplicate_copies": uids["copies"],  # dicom_objects - instances: second copies of a UID
         "storage_classes": sorted(classes.values(), key=lambda c: -c["bytes"]),
@@ -142,12 +144,12 @@ def arrivals(conn: sqlite3.Connection, dests: Iterable[str]) -> dict[str, dict[s
         arrived = conn.execute(
             "SELECT count(DISTINCT o.sop_uid), count(DISTINCT o.study_uid), count(DISTINCT o.series_uid), "
             "count(DISTINCT o.patient_hash), count(*) FROM transfers t JOIN objects o ON o.key = t.key "
-            f"WHERE t.dest = ? AND t.state IN {sql_in(GOOD)} AND o.kind = 'dicom'", (dest,)).fetchone()
+            f"WHERE t.dest = ? AND t.state IN {sql_in(GOOD)} AND {_DICOM}", (dest,)).fetchone()
         complete = conn.execute(
             "SELECT sum(good = n) FROM (SELECT o.study_uid, count(DISTINCT o.sop_uid) AS n, "
             f"count(DISTINCT CASE WHEN t.state IN {sql_in(GOOD)} THEN o.sop_uid END) AS good "
             "FROM objects o LEFT JOIN transfers t ON t.key = o.key AND t.dest = ? "
-            "WHERE o.status = 'present' AND o.kind = 'dicom' AND o.study_uid IS NOT NULL "
+            f"WHERE {_PRESENT} AND {_DICOM} AND o.study_uid IS NOT NULL "
             "GROUP BY o.study_uid)", (dest,)).fetchone()[0]
         out[dest] = {**dict(zip(("instances", "studies", "series", "patients", "dicom_objects"), arrived)),
                      "studies_complete": complete or 0}
@@ -218,12 +220,12 @@ def _runs(state: State) -> list[dict[str, Any]]:
                                          "how": r["status"] if r["finished_at"] else None,
                                          "kind": "started"}]
         if own[-1]["end"] is None:
-            own[-1]["how"] = "running" if live else "killed"
+            own[-1]["how"] = RunStatus.RUNNING if live else "killed"
             if not live:
                 own[-1]["end"] = r["heartbeat_at"]
         out.append({
-            "id": r["id"], "dest": r["dest"], "status": r["status"] if live or r["status"] != "running"
-            else "interrupted", "live": live, "started_at": r["started_at"],
+            "id": r["id"], "dest": r["dest"], "status": r["status"] if live or r["status"] != RunStatus.RUNNING
+            else RunStatus.INTERRUPTED, "live": live, "started_at": r["started_at"],
             "finished_at": r["finished_at"], "resumed": r["resumed"], "host": r["host"],
             "user": users.get(r["id"]), "stop_reason": r["stop_reason"],
             "sessions": own, "outages": outages.get(r["id"], []),
@@ -243,7 +245,7 @@ def _timeline(state: State, runs: list[dict[str, Any]]) -> dict[str, Any]:
     for r in runs:
         for s in r["sessions"]:
             a = ts(s["start"])
-            b = ts(s["end"]) if s["end"] else (clock if s["how"] == "running" else a)
+            b = ts(s["end"]) if s["end"] else (clock if s["how"] == RunStatus.RUNNING else a)
             if a is not None and b is not None:
                 active += max(0.0, b - a)
                 last_seen = max(last_seen or b, b)

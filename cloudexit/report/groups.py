@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cloudexit.core import deletion
-from cloudexit.core.states import HELD, sql_in
+from cloudexit.core.states import HELD, ObjectStatus, sql_in
 from cloudexit.state.db import State
 from cloudexit.state.destinations import destinations, last_verify_runs
 
@@ -38,7 +38,7 @@ class Rule:
 
 
 # A copy of the object is at the destination, but not of its current version.
-STALE = f"(t.state IN {sql_in(HELD)} AND o.status = 'present' AND t.etag IS NOT o.etag)"
+STALE = f"(t.state IN {sql_in(HELD)} AND o.status = '{ObjectStatus.PRESENT}' AND t.etag IS NOT o.etag)"
 _TRANSFER_GROUPS = (
     f"t.dest, t.state, t.conflict_with IS NOT NULL AS conflict, t.changes > 0 AS changed, {STALE} AS stale, "
     "coalesce(o.storage_class, 'STANDARD') AS sc, t.checks, t.not_checked")

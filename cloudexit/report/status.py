@@ -44,14 +44,14 @@ def inventory_summary(state: State) -> dict[str, Any]:
         "studies": one(f"SELECT count(DISTINCT study_uid) {dicom}"),
         "series": one(f"SELECT count(DISTINCT series_uid) {dicom}"),
         "patients": one(f"SELECT count(DISTINCT patient_hash) {dicom}"),
-        "non_dicom": one(f"SELECT count(*) {present} AND kind = 'other' AND pacs_metadata IS NULL"),
+        "non_dicom": one(f"SELECT count(*) {present} AND kind = '{ObjectKind.OTHER}' AND pacs_metadata IS NULL"),
         # Orthanc's header-only and DICOM-as-JSON copies: neither instances nor conflicts
         "pacs_metadata": one(f"SELECT count(*) {present} AND pacs_metadata IS NOT NULL"),
         "by_encoding": _breakdown(state, f"SELECT encoding, count(*), sum(size) {present} "
                                   "AND encoding IS NOT NULL GROUP BY 1 ORDER BY 2 DESC"),
-        "unreadable": one(f"SELECT count(*) {present} AND kind = 'unreadable'"),
-        "pending": one(f"SELECT count(*) {present} AND kind = 'pending'"),
-        "deleted_at_source": one("SELECT count(*) FROM objects WHERE status = 'deleted'"),
+        "unreadable": one(f"SELECT count(*) {present} AND kind = '{ObjectKind.UNREADABLE}'"),
+        "pending": one(f"SELECT count(*) {present} AND kind = '{ObjectKind.PENDING}'"),
+        "deleted_at_source": one(f"SELECT count(*) FROM objects WHERE status = '{ObjectStatus.DELETED}'"),
         "hostile_keys": one(f"SELECT count(*) {present} AND key_flags IS NOT NULL"),
         "duplicate_sop_uids": one(
             f"SELECT count(*) FROM (SELECT sop_uid {dicom} GROUP BY sop_uid HAVING count(*) > 1)"),
