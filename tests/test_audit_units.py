@@ -86,11 +86,9 @@ def make_db(path: Path, cases: dict, dests: list[str], verified: bool = True) ->
 def decisions(state: State, multi: bool = False) -> dict[str, str]:
     """Each object's decision by the audit's SQL (`multi`: the several-destination form)."""
     rule = Rule.of(state)
-    if multi:  # the several-destination SQL over the same destination(s), repeated: same decisions
-        dests = (*rule.dests, *rule.dests) if len(rule.dests) == 1 else rule.dests
-        decision, source = deletion.decision_sql(dests)
-        params = {**deletion.params(dests, rule.runs), "n": len(rule.dests), "na": 1}
-        return {r[0]: r[1] for r in state.query(f"SELECT o.key, {decision} FROM {source}", params)}
+    if multi:
+        return {r[0]: r[1] for r in state.query(f"SELECT o.key, {deletion.subquery_sql(rule.dests)} FROM objects o",
+                                                deletion.params(rule.dests, rule.runs))}
     decision, source, params = rule.sql()
     return {r[0]: r[1] for r in state.query(f"SELECT o.key, {decision} FROM {source}", params)}
 

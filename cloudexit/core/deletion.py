@@ -51,8 +51,8 @@ class Copy:
 
 @dataclass(frozen=True)
 class Condition:
-    """One reason to keep an object. `sql` is a predicate over `o` (objects) and `{t}` (its
-    transfer row), where `{v}` is the judged ETag, `{vr}`/`{vs}` the verify run's id and start,
+    """One reason to keep an object. `sql` is a predicate over `{o}` (its objects row) and `{t}`
+    (its transfer row at one destination), where `{v}` is the judged ETag, `{vr}`/`{vs}` the verify run's id and start,
     and `{landed}`, `{canonical}`, `{found}`, `{study}` the FACTS; `py` says the same of a
     `Copy`. Conditions are tried in order; a condition may rely on the ones before it not
     holding (`stale` comes before the per-state ones, so they need not test the ETag)."""
@@ -77,7 +77,7 @@ def _state(*states: T) -> Callable[[Copy], bool]:
     return lambda c: _t(c)["state"] in states
 
 
-# Facts about a copy the conditions read, as SQL over `o` and `{t}` ({vr}: the verify run's id).
+# Facts about a copy the conditions read, as SQL over `{o}` and `{t}` ({vr}: the verify run's id).
 # Decommission selects them as columns (copy_columns); the audit's SQL inlines them, where
 # SQLite evaluates each only when its WHEN is reached. The finding sets are uncorrelated
 # subqueries: SQLite builds each once per statement, then looks objects up in it.
@@ -86,17 +86,18 @@ FACTS = {
     "landed": "coalesce({t}.verified_at, {t}.updated_at, '')",
     "canonical": "coalesce((SELECT c.state FROM transfers c WHERE c.key = {t}.conflict_with "
                  "AND c.dest = {t}.dest), '')",
-    "found": (f"(o.key IN ({_FINDING.format('key')}) OR {{t}}.path IN ({_FINDING.format('path')}) "
-              f"OR o.sop_uid IN ({_FINDING.format('sop_uid')}) OR o.study_uid IN ({_FINDING.format('study_uid')} "
+    "found": (f"({{o}}.key IN ({_FINDING.format('key')}) OR {{t}}.path IN ({_FINDING.format('path')}) "
+              f"OR {{o}}.sop_uid IN ({_FINDING.format('sop_uid')}) "
+              f"OR {{o}}.study_uid IN ({_FINDING.format('study_uid')} "
               "AND f.level IN ('study', 'series')))"),
     "study": "coalesce((SELECT s.status FROM verify_studies s WHERE s.run_id = {vr} "
-             "AND s.study_uid = o.study_uid), '')",
+             "AND s.study_uid = {o}.study_uid), '')",
 }
 
 # About the object, before any copy is looked at.
 OBJECT_CONDITIONS: tuple[Condition, ...] = (
-    Condition("not_inventoried", "keep", "o.key IS NULL", lambda c: c.o is None),
-    Condition("deleted", "gone", f"o.status = '{ObjectStatus.DELETED}'",
+    Condition("not_inventoried", "keep", "{o}.key IS NULL", lambda c: c.o is None),
+    Condition("deleted", "gone", f"{{o}}.status = '{ObjectStatus.DELETED}'",
               lambda c: c.o is not None and c.o["status"] == ObjectStatus.DELETED),
 )
 # About one copy, in order. The first (no row at a destination that applies) is checked over
@@ -172,7 +173,7 @@ class Decision:
 
     @property
     def safe(self) -> bool:
-        return self.condition is SAFE
+        return self.condition.verdict == SAFE.verdict
 
     @property
     def label(self) -> str:
@@ -233,14 +234,15 @@ def decide(o: Mapping[str, Any] | None, copies: Mapping[str, Mapping[str, Any] |
 
 
 # -- the SQL form --------------------------------------------------------------------------------
-def _fill(cond: Condition, t: str, i: int | None) -> str:
-    """`cond.sql` for alias `t` and the verify run parameters of destination `i` (None: none)."""
+def _fill(cond: Condition, o: str, t: str, i: int | None) -> str:
+    """`cond.sql` for the object alias `o`, the transfer alias `t` and the verify run parameters
+    of destination `i` (None: no run)."""
     run = {"vr": f":vr{i}", "vs": f":vs{i}"} if i is not None else {"vr": "NULL", "vs": "NULL"}
-    facts = {k: v.format(t=t, **run) for k, v in FACTS.items()}
-    return cond.sql.format(t=t, v="o.etag", **run, **facts)
+    facts = {k: v.format(o=o, t=t, **run) for k, v in FACTS.items()}
+    return cond.sql.format(o=o, t=t, v=f"{o}.etag", **run, **facts)
 
 
-def _copy_case(t: str, i: int | None, pacs: bool, ranked: bool) -> str:
+def _copy_case(o: str, t: str, i: int | None, pacs: bool, ranked: bool) -> str:
     """CASE over one copy: its condition's label (`ranked`: prefixed by its rank, two digits, so
     that min() over several copies picks the first in table order)."""
     whens = []
@@ -249,15 +251,15 @@ def _copy_case(t: str, i: int | None, pacs: bool, ranked: bool) -> str:
         if cond is SAFE:
             whens.append(f"ELSE '{label}'")
         elif pacs or not cond.pacs_only:
-            whens.append(f"WHEN {_fill(cond, t, i)} THEN '{label}'")
+            whens.append(f"WHEN {_fill(cond, o, t, i)} THEN '{label}'")
     return "CASE " + " ".join(whens) + " END"
 
 
-def _by_dest(dests: Sequence[str], t: str, ranked: bool) -> str:
+def _by_dest(dests: Sequence[str], o: str, t: str, ranked: bool) -> str:
     if len(dests) == 1:  # `t` is that destination's row or NULL (no row): no switch needed
-        return _copy_case(t, 0, is_pacs(dests[0]), ranked)
-    cases = " ".join(f"WHEN :vd{i} THEN {_copy_case(t, i, is_pacs(d), ranked)}" for i, d in enumerate(dests))
-    return f"CASE {t}.dest {cases} ELSE {_copy_case(t, None, False, ranked)} END"
+        return _copy_case(o, t, 0, is_pacs(dests[0]), ranked)
+    cases = " ".join(f"WHEN :vd{i} THEN {_copy_case(o, t, i, is_pacs(d), ranked)}" for i, d in enumerate(dests))
+    return f"CASE {t}.dest {cases} ELSE {_copy_case(o, t, None, False, ranked)} END"
 
 
 def params(dests: Sequence[str], runs: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
@@ -269,9 +271,23 @@ def params(dests: Sequence[str], runs: Mapping[str, Mapping[str, Any]]) -> dict[
     return out
 
 
-def expected_sql() -> str:
+def expected_sql(o: str = "o") -> str:
     """How many destinations apply to object `o` (:n all, :na the archive folders, at least 1)."""
-    return f"(CASE WHEN o.kind = '{ObjectKind.DICOM}' THEN :n ELSE :na END)"
+    return f"(CASE WHEN {o}.kind = '{ObjectKind.DICOM}' THEN :n ELSE :na END)"
+
+
+def _objects(o: str) -> str:
+    return " ".join(f"WHEN {_fill(c, o, 'NULL', None)} THEN '{c.label}'" for c in OBJECT_CONDITIONS)
+
+
+def subquery_sql(dests: Sequence[str], o: str = "o", x: str = "x") -> str:
+    """The decision of object `o` as one scalar subquery over its transfer rows `x`: the first
+    condition any copy met (its label ranked by a two-digit prefix, for min()). Any number of
+    destinations; usable inside another query (a condition about other objects, such as the
+    members of a container, can ask for theirs)."""
+    missing = COPY_CONDITIONS[0]
+    return (f"(SELECT CASE {_objects(o)} WHEN count(*) < {expected_sql(o)} THEN '{missing.label}' "
+            f"ELSE substr(min({_by_dest(dests, o, x, True)}), 3) END FROM transfers {x} WHERE {x}.key = {o}.key)")
 
 
 def decision_sql(dests: Sequence[str]) -> tuple[str, str]:
@@ -280,20 +296,16 @@ def decision_sql(dests: Sequence[str]) -> tuple[str, str]:
     One destination: over `objects o LEFT JOIN transfers t`, one CASE per row, no subquery (the
     manifest and the facts of the usual migration stay fast). Several: over `objects o`, a
     subquery over its transfers `x`, the first condition any copy met."""
-    objects = " ".join(f"WHEN {_fill(c, 'x', None)} THEN '{c.label}'" for c in OBJECT_CONDITIONS)
     if len(dests) == 1:
-        return (f"(CASE {objects} ELSE {_by_dest(dests, 't', False)} END)",
+        return (f"(CASE {_objects('o')} ELSE {_by_dest(dests, 'o', 't', False)} END)",
                 "objects o LEFT JOIN transfers t ON t.key = o.key")
-    missing = COPY_CONDITIONS[0]
-    return (f"(SELECT CASE {objects} WHEN count(*) < {expected_sql()} THEN '{missing.label}' "
-            f"ELSE substr(min({_by_dest(dests, 'x', True)}), 3) END FROM transfers x WHERE x.key = o.key)",
-            "objects o")
+    return subquery_sql(dests), "objects o"
 
 
 def copy_columns(dests: Sequence[str], t: str = "t") -> str:
     """The FACTS of a transfer row `t` joined with its object `o`, as columns (for `decide`)."""
     cols = []
     for name, sql in FACTS.items():
-        cases = " ".join(f"WHEN :vd{i} THEN {sql.format(t=t, vr=f':vr{i}')}" for i in range(len(dests)))
+        cases = " ".join(f"WHEN :vd{i} THEN {sql.format(o='o', t=t, vr=f':vr{i}')}" for i in range(len(dests)))
         cols.append(f"CASE {t}.dest {cases} END AS {name}")
     return ", ".join(cols)
