@@ -49,11 +49,12 @@ from cloudexit.core import deletion
 from cloudexit.core.config import SourceConfig
 from cloudexit.core.errors import ConfirmationMismatch, NothingMigrated, StateError, UsageError
 from cloudexit.core.files import private_writer
+from cloudexit.core.states import DecommissionMode, DecommissionStatus, is_pacs
 from cloudexit.core.states import DeletionOutcome as Outcome
-from cloudexit.core.states import is_pacs
 from cloudexit.report.facts import current_user
 from cloudexit.s3.cleanup import MAX_BATCH, Version, delete_batch, list_all, object_lock_enabled, read_locks, versioning
 from cloudexit.s3.source import Source
+from cloudexit.state import decommission_tables as tables
 from cloudexit.state.db import State, now
 from cloudexit.state.decommission_tables import ROW_COLUMNS, ManifestRow, Rows, key_batches, listing_table
 from cloudexit.state.destinations import destinations as known_destinations
@@ -270,16 +271,8 @@ def plan(state: State, source: Source, destinations: Iterable[str] | None = None
     if record:
         summary = result.summary()
         with state.transaction() as tx:
-            cur = tx.execute(
-                "INSERT INTO decommission_runs(started_at, finished_at, mode, status, source, endpoint, "
-                "versioning, all_versions, destinations, manifest, manifest_sha256, token, to_delete, "
-                "to_delete_bytes, kept, kept_bytes, summary) VALUES (?, ?, 'dry-run', 'planned', ?, ?, ?, "
-                "?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (now(), now(), source.url, source.config.endpoint_url, status, int(all_versions),
-                 json.dumps(dests), result.manifest, result.manifest_sha256, token, summary["to_delete"],
-                 summary["to_delete_bytes"], summary["kept"], summary["kept_bytes"],
-                 json.dumps(summary["kept_by_reason"])))
-            result.run_id = int(cur.lastrowid or 0)
+            result.run_id = tables.insert_run(tx, DecommissionMode.DRY_RUN, DecommissionStatus.PLANNED, summary,
+                                              now(), now())
             state.log("decommission.planned", tx, run=result.run_id, token=token, versioning=status,
                       all_versions=all_versions, to_delete=summary["to_delete"], kept=summary["kept"],
                       manifest_sha256=result.manifest_sha256)
@@ -362,15 +355,7 @@ def execute(state: State, source: Source, token: str, destinations: Iterable[str
     summary = p.summary()
     stamp = now()
     with state.transaction() as tx:
-        cur = tx.execute(
-            "INSERT INTO decommission_runs(started_at, mode, status, source, endpoint, versioning, all_versions, "
-            "destinations, manifest, manifest_sha256, token, to_delete, to_delete_bytes, kept, kept_bytes, summary) "
-            "VALUES (?, 'execute', 'running', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (stamp, source.url, source.config.endpoint_url, p.versioning, int(all_versions),
-             json.dumps(p.destinations), p.manifest, p.manifest_sha256, p.token, summary["to_delete"],
-             summary["to_delete_bytes"], summary["kept"], summary["kept_bytes"],
-             json.dumps(summary["kept_by_reason"])))
-        run_id = int(cur.lastrowid or 0)
+        run_id = tables.insert_run(tx, DecommissionMode.EXECUTE, DecommissionStatus.RUNNING, summary, stamp)
         state.log("decommission.started", tx, run=run_id, token=p.token, source=source.url,
                   user=current_user(), host=socket.gethostname(),
                   versioning=p.versioning, all_versions=all_versions, destinations=p.destinations,
@@ -396,11 +381,9 @@ def execute(state: State, source: Source, token: str, destinations: Iterable[str
                 progress(sent, total)
         _confirm(state, source, result, p.versioning != "off")
     finally:
-        status = "complete" if not result.failed and sent >= total else "partial"
+        status = DecommissionStatus.COMPLETE if not result.failed and sent >= total else DecommissionStatus.PARTIAL
         with state.transaction() as tx:
-            tx.execute("UPDATE decommission_runs SET finished_at = ?, status = ?, deleted = ?, failed = ?, "
-                       "batches = ? WHERE id = ?", (now(), status, result.deleted, len(result.failed),
-                                                    result.batches, run_id))
+            tables.finish_run(tx, run_id, now(), status, result.deleted, len(result.failed), result.batches)
             state.log("decommission.finished", tx, run=run_id, status=status, deleted=result.deleted,
                       delete_markers=result.markers, failed=len(result.failed), confirmed=result.confirmed,
                       kept=summary["kept"], kept_bytes=summary["kept_bytes"])
@@ -450,10 +433,7 @@ def _one_batch(state: State, source: Source, result: Execution, rows: list[Manif
                         json.dumps(response, sort_keys=True, default=str), answer.request_id, stamp))
     digest = hashlib.sha256(json.dumps(records, default=str).encode()).hexdigest()
     with state.transaction() as tx:
-        tx.executemany(
-            "INSERT INTO deletions(run_id, batch, key, version_id, etag, size, sha256, kept_at, outcome, "
-            "marker_version_id, error_code, response, request_id, deleted_at) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", records)
+        tables.insert_deletions(tx, records)
         state.log("decommission.batch", tx, run=result.run_id, batch=batch, request_id=answer.request_id,
                   objects=len(rows), deleted=sum(1 for x in records if x[8] != Outcome.FAILED),
                   failed=sum(1 for x in records if x[8] == Outcome.FAILED), rows_sha256=digest)
@@ -462,21 +442,8 @@ def _one_batch(state: State, source: Source, result: Execution, rows: list[Manif
 def _confirm(state: State, source: Source, result: Execution, versioned: bool) -> None:
     """List the bucket again: every deletion must show (gone, or hidden by a marker)."""
     table = listing_table(state, list_all(source, versioned))
-    gone = ("CASE "
-            f"WHEN outcome = '{Outcome.DELETE_MARKER}' THEN EXISTS (SELECT 1 FROM {table} l "
-            "WHERE l.key = deletions.key AND l.delete_marker AND l.is_latest) "
-            f"WHEN version_id IS NOT NULL THEN NOT EXISTS (SELECT 1 FROM {table} l WHERE l.key = deletions.key "
-            "AND l.version_id = deletions.version_id) "
-            f"ELSE NOT EXISTS (SELECT 1 FROM {table} l WHERE l.key = deletions.key AND NOT l.delete_marker "
-            "AND l.etag IS deletions.etag) END")
     with state.transaction() as tx:
-        result.confirmed = tx.execute(f"UPDATE deletions SET confirmed_at = ? WHERE run_id = ? AND "
-                                      f"outcome != '{Outcome.FAILED}' AND {gone}", (now(), result.run_id)).rowcount
-        unconfirmed = tx.execute(f"SELECT count(*) FROM deletions WHERE run_id = ? AND outcome != '{Outcome.FAILED}' "
-                                 "AND confirmed_at IS NULL", (result.run_id,)).fetchone()[0]
-        result.unconfirmed = [r[0] for r in tx.execute(
-            f"SELECT key FROM deletions WHERE run_id = ? AND outcome != '{Outcome.FAILED}' AND confirmed_at IS NULL "
-            "ORDER BY id LIMIT 1000", (result.run_id,))]
+        result.confirmed, unconfirmed, result.unconfirmed = tables.confirm_deletions(tx, result.run_id, table, now())
         state.log("decommission.confirmed", tx, run=result.run_id, confirmed=result.confirmed,
                   unconfirmed=unconfirmed)
     state.conn.execute(f"DROP TABLE {table}")

@@ -525,11 +525,9 @@ def _compare_pixels(da: Any, db: Any, transcoded: bool) -> str:
 # -- recording --------------------------------------------------------------------------------------
 def _record(state: State, report: VerifyReport) -> None:
     run = report.run_id
-    summary = {"status": VerifyStatus.PASSED if report.passed else VerifyStatus.FAILED, **report.counts,
-               "studies": len(report.studies),
-               "studies_ok": sum(1 for s in report.studies if s.status == StudyStatus.OK)}
-    report.counts["studies"] = summary["studies"]
-    report.counts["studies_ok"] = summary["studies_ok"]
+    report.counts["studies"] = len(report.studies)
+    report.counts["studies_ok"] = sum(1 for s in report.studies if s.status == StudyStatus.OK)
+    summary = {"status": VerifyStatus.PASSED if report.passed else VerifyStatus.FAILED, **report.counts}
     with state.transaction() as tx:
         tx.executemany(
             "INSERT INTO verify_studies(run_id, study_uid, expected_instances, found_instances, "

@@ -71,6 +71,23 @@ class StudyStatus(StrEnum):
     MISMATCH = "mismatch"
 
 
+class DecommissionMode(StrEnum):
+    """`decommission_runs.mode`."""
+
+    DRY_RUN = "dry-run"
+    EXECUTE = "execute"
+
+
+class DecommissionStatus(StrEnum):
+    """`decommission_runs.status`."""
+
+    RUNNING = "running"
+    PLANNED = "planned"  # a dry run
+    COMPLETE = "complete"
+    PARTIAL = "partial"
+    REFUSED = "refused"
+
+
 class DeletionOutcome(StrEnum):
     """`deletions.outcome`: the store's answer for one object of a DeleteObjects batch."""
 

@@ -8,7 +8,7 @@ import json
 from typing import Any
 
 from cloudexit.core.deletion import is_home
-from cloudexit.core.states import HELD, ObjectStatus, sql_in
+from cloudexit.core.states import HELD, DecommissionMode, ObjectStatus, sql_in
 from cloudexit.core.states import DeletionOutcome as Outcome
 from cloudexit.report.groups import Rule
 from cloudexit.state.db import State
@@ -43,14 +43,14 @@ def delta_rounds(state: State, rule: Rule) -> dict[str, Any]:
         "SELECT at, detail FROM events WHERE kind = 'delta.round' AND json_valid(detail) ORDER BY id")}
     decision, source, params = rule.sql()
     home: dict[int, dict[str, int]] = {}
-    for r in state.query(
+    for g in state.query(
             f"SELECT o.change_round AS r, {decision} AS decision, count(*) AS n FROM {source} "
             f"WHERE o.change_round > :first AND o.change IN ('new', 'changed') AND o.status = '{ObjectStatus.PRESENT}' "
             "GROUP BY 1, 2", {**params, "first": rounds[0]["id"]}):
-        at = home.setdefault(r["r"], {"objects": 0, "left": 0})
-        at["objects"] += r["n"]
-        if not is_home(r["decision"]):
-            at["left"] += r["n"]
+        at = home.setdefault(g["r"], {"objects": 0, "left": 0})
+        at["objects"] += g["n"]
+        if not is_home(g["decision"]):
+            at["left"] += g["n"]
     out = []
     for i, r in enumerate(rounds[1:], 1):
         until = rounds[i + 1]["started_at"] if i + 1 < len(rounds) else "9999"
@@ -95,7 +95,7 @@ def deletion_proof(state: State, limit: int) -> dict[str, Any]:
         elif e["kind"] in events:
             events[e["kind"]][detail.get("run")] = {**detail, "at": e["at"]}
     runs = []
-    for r in state.query("SELECT * FROM decommission_runs WHERE mode = 'execute' ORDER BY id"):
+    for r in state.query(f"SELECT * FROM decommission_runs WHERE mode = '{DecommissionMode.EXECUTE}' ORDER BY id"):
         outcome = {x["outcome"]: dict(x) for x in state.query(
             "SELECT outcome, count(*) AS n, coalesce(sum(size), 0) AS b, count(confirmed_at) AS c "
             "FROM deletions WHERE run_id = ? GROUP BY outcome", (r["id"],))}
@@ -133,7 +133,8 @@ def deletion_proof(state: State, limit: int) -> dict[str, Any]:
         "unconfirmed": last["unconfirmed"],
     } if last else None
     return {"executed": bool(runs), "runs": runs,
-            "dry_runs": int(state.scalar("SELECT count(*) FROM decommission_runs WHERE mode = 'dry-run'") or 0),
+            "dry_runs": int(state.scalar("SELECT count(*) FROM decommission_runs WHERE mode = ?",
+                                         (DecommissionMode.DRY_RUN,)) or 0),
             "refused": refused[:limit], "totals": totals, "still_present": still}
 
 

@@ -45,7 +45,7 @@ def exceptions(state: State, dests: list[str], groups: list[dict[str, Any]],
     """`changed`: the "changed" rows to list, found by the manifest walk (see Groups); without
     it their query joins every transfer with its object."""
     out: dict[str, Any] = {}
-    counts: dict[str, int] = {}
+    counts: dict[str, Any] = {}
     for name, belongs in _CATEGORY_OF.items():
         counts[f"{name}_n"] = sum(g["n"] for g in tgroups if belongs(g))
         counts[f"{name}_b"] = sum(g["b"] for g in tgroups if belongs(g))

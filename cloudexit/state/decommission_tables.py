@@ -1,15 +1,21 @@
-"""The decommission's temp tables in the state DB connection: the bucket listing (streamed in,
+"""The decommission's tables: its runs (`decommission_runs`), the store's answer for each object
+(`deletions`), and its temp tables in the state DB connection: the bucket listing (streamed in,
 read back key by key) and a plan's manifest rows (read back in pages). SQLite keeps temp tables
-on disk past its page cache, so a bucket of millions of versions is never held in memory."""
+on disk past its page cache, so a bucket of millions of versions is never held in memory. (The
+audit reads the first two in report/deletion.py.)"""
 
 from __future__ import annotations
 
 import itertools
+import json
+import sqlite3
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, overload
 
+from cloudexit.core.states import DecommissionMode, DecommissionStatus
+from cloudexit.core.states import DeletionOutcome as Outcome
 from cloudexit.s3.cleanup import Version
 from cloudexit.state.db import State
 
@@ -140,3 +146,52 @@ def key_batches(state: State, table: str, size: int) -> Iterator[tuple[list[str]
         last = keys[-1]
 
 
+
+
+# -- decommission_runs and deletions --------------------------------------------------------------
+def insert_run(tx: sqlite3.Connection, mode: DecommissionMode, status: DecommissionStatus, plan: dict[str, Any],
+               started_at: str, finished_at: str | None = None) -> int:
+    """A dry run or an execution, with the plan it carries out (`Plan.summary()`). Its id."""
+    cur = tx.execute(
+        "INSERT INTO decommission_runs(started_at, finished_at, mode, status, source, endpoint, versioning, "
+        "all_versions, destinations, manifest, manifest_sha256, token, to_delete, to_delete_bytes, kept, "
+        "kept_bytes, summary) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (started_at, finished_at, mode, status, plan["source"], plan["endpoint"], plan["versioning"],
+         int(plan["all_versions"]), json.dumps(plan["destinations"]), plan["manifest"], plan["manifest_sha256"],
+         plan["token"], plan["to_delete"], plan["to_delete_bytes"], plan["kept"], plan["kept_bytes"],
+         json.dumps(plan["kept_by_reason"])))
+    return int(cur.lastrowid or 0)
+
+
+def finish_run(tx: sqlite3.Connection, run_id: int, finished_at: str, status: DecommissionStatus, deleted: int,
+               failed: int, batches: int) -> None:
+    tx.execute("UPDATE decommission_runs SET finished_at = ?, status = ?, deleted = ?, failed = ?, batches = ? "
+               "WHERE id = ?", (finished_at, status, deleted, failed, batches, run_id))
+
+
+DELETION_COLUMNS = ("run_id", "batch", "key", "version_id", "etag", "size", "sha256", "kept_at", "outcome",
+                    "marker_version_id", "error_code", "response", "request_id", "deleted_at")
+
+
+def insert_deletions(tx: sqlite3.Connection, records: list[tuple[Any, ...]]) -> None:
+    """One batch's answers, each a tuple of DELETION_COLUMNS."""
+    tx.executemany(f"INSERT INTO deletions({', '.join(DELETION_COLUMNS)}) "
+                   f"VALUES ({', '.join('?' * len(DELETION_COLUMNS))})", records)
+
+
+def confirm_deletions(tx: sqlite3.Connection, run_id: int, listing: str, stamp: str) -> tuple[int, int, list[str]]:
+    """Mark confirmed each deletion of `run_id` the new `listing` (a listing_table) shows: gone,
+    or hidden by a delete marker. (confirmed now, still unconfirmed, the first 1000 of those)."""
+    gone = ("CASE "
+            f"WHEN outcome = '{Outcome.DELETE_MARKER}' THEN EXISTS (SELECT 1 FROM {listing} l "
+            "WHERE l.key = deletions.key AND l.delete_marker AND l.is_latest) "
+            f"WHEN version_id IS NOT NULL THEN NOT EXISTS (SELECT 1 FROM {listing} l WHERE l.key = deletions.key "
+            "AND l.version_id = deletions.version_id) "
+            f"ELSE NOT EXISTS (SELECT 1 FROM {listing} l WHERE l.key = deletions.key AND NOT l.delete_marker "
+            "AND l.etag IS deletions.etag) END")
+    done = f"run_id = ? AND outcome != '{Outcome.FAILED}'"
+    confirmed = tx.execute(f"UPDATE deletions SET confirmed_at = ? WHERE {done} AND {gone}", (stamp, run_id)).rowcount
+    left = tx.execute(f"SELECT count(*) FROM deletions WHERE {done} AND confirmed_at IS NULL", (run_id,)).fetchone()[0]
+    keys = [r[0] for r in tx.execute(
+        f"SELECT key FROM deletions WHERE {done} AND confirmed_at IS NULL ORDER BY id LIMIT 1000", (run_id,))]
+    return confirmed, int(left), keys
