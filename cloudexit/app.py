@@ -3,6 +3,8 @@
 The command line (`cloudexit.cli`), playbooks (`cloudexit.playbook`) and the demo call these
 functions and hold no orchestration of their own:
 
+* `first_state`, `inventory`: a state DB that a failed first command does not leave behind,
+  and an inventory round;
 * `open_source`: the bucket a state DB inventoried, on its recorded endpoint and region unless
   told otherwise (the "endpoint fallback");
 * `open_archive`, `open_targets`: the archive folder (the first `--to`) and the PACS (the others);
@@ -26,13 +28,15 @@ The library never prints: notes reach the caller through `notice`.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+import os
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from cloudexit.core.config import MigrateConfig, PacsConfig, SourceConfig
+from cloudexit.core.config import InventoryConfig, MigrateConfig, PacsConfig, SourceConfig
 from cloudexit.core.errors import StateError, UsageError
 from cloudexit.s3.source import Source
 from cloudexit.state.db import State
@@ -41,6 +45,34 @@ from cloudexit.stores.filesystem import FilesystemStore
 
 UNFINISHED = ("running", "interrupted", "stopped")  # a run in one of these can be continued
 PLAN_FORMATS = ("md", "html", "json")
+
+
+# -- inventory -----------------------------------------------------------------------------------
+@contextmanager
+def first_state(db_path: str | os.PathLike[str]) -> Iterator[State]:
+    """The state DB, created if need be; when the command fails before anything is recorded (a
+    wrong bucket, no credentials), no empty DB is left behind, nor the patient key made for it."""
+    from cloudexit.state import patientkey
+    from cloudexit.state.db import discard_if_empty
+
+    first = not os.path.exists(db_path)
+    new_key = not patientkey.key_path(db_path).exists()
+    try:
+        with State(db_path, create=True) as state:
+            yield state
+    except BaseException:
+        if first and discard_if_empty(db_path) and new_key:
+            patientkey.key_path(db_path).unlink(missing_ok=True)
+        raise
+
+
+def inventory(state: State, source: Source, config: InventoryConfig | None = None,
+              since: str | None = None, progress: Callable[[Any], None] | None = None) -> Any:
+    """One inventory round (`--since`: YYYY-MM-DD or "last"); its summary."""
+    from cloudexit.inventory import Inventory, resolve_since
+
+    return Inventory(state, source, config or InventoryConfig(), progress=progress,
+                     since=resolve_since(state, since)).run()
 
 
 # -- sources and targets -----------------------------------------------------------------------

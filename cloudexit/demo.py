@@ -9,9 +9,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
-from cloudexit.core.config import InventoryConfig, SourceConfig
+from cloudexit import app
+from cloudexit.core.config import SourceConfig
 from cloudexit.core.files import make_private_dirs
-from cloudexit.inventory import Inventory
 from cloudexit.testing.s3server import SeaweedServer
 from cloudexit.s3.source import Source
 from cloudexit.state.db import State
@@ -55,7 +55,7 @@ def run_demo(workdir: str | None = None, size: str = "demo",
             source = Source(url, SourceConfig(endpoint_url=server.endpoint_url))
             with State(db_path, create=True) as state:
                 say(f"$ cloudexit inventory {url} --endpoint-url {server.endpoint_url} --db {db_path}")
-                summary = Inventory(state, source, InventoryConfig()).run()
+                summary = app.inventory(state, source)
                 totals = inventory_summary(state)
                 show("inventory", totals)
                 plan = _plan(state, root, say)
@@ -76,7 +76,6 @@ def _plan(state: State, root: Path, say: Callable[[str], None]) -> Any:
     moving only at night so clinical hours keep their bandwidth?"""
     from datetime import timedelta
 
-    from cloudexit import app
     from cloudexit.engine.schedule import parse_schedule
 
     request = app.PlanRequest(provider="aliyun-oss", bandwidth=100e6 / 8,
@@ -99,7 +98,6 @@ def _plan(state: State, root: Path, say: Callable[[str], None]) -> Any:
 
 def _migrate(state: State, source: Source, root: Path, say: Callable[[str], None]) -> dict[str, Any]:
     """Bring everything home into <workdir>/archive, verified, and say what happened."""
-    from cloudexit import app
     from cloudexit.core.units import format_bytes, format_duration
 
     archive = root / "archive"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 
 import click
@@ -46,29 +45,18 @@ def inventory(url: str, db_path: str, endpoint_url: str | None, profile: str | N
     objects in the folders it lists and reports deletions only there. It trusts the dates in
     folder names: an object written later into an old-dated folder is not seen.
     """
-    from cloudexit.inventory import Inventory, resolve_since
-    from cloudexit.s3.source import Source
-    from cloudexit.state import patientkey
-    from cloudexit.state.db import State, discard_if_empty
+    from cloudexit import app
     from cloudexit.report.status import inventory_summary
+    from cloudexit.s3.source import Source
 
     source = Source(url, SourceConfig(endpoint_url=endpoint_url, profile=profile, region=region,
                                       max_attempts=retries))
     config = InventoryConfig(workers=workers, list_workers=list_workers, header_bytes=header_bytes,
                              key_pattern=key_pattern)
-    first = not os.path.exists(db_path)
-    new_key = not patientkey.key_path(db_path).exists()
-    try:
-        with State(db_path, create=True) as state, InventoryBar(quiet or as_json) as bar:
-            warn_patient_key(state)
-            day = resolve_since(state, since)
-            summary = Inventory(state, source, config, progress=bar.update, since=day).run()
-            totals = inventory_summary(state)
-    except BaseException:
-        # A wrong bucket or no credentials: leave no empty state DB (nor the key made for it).
-        if first and discard_if_empty(db_path) and new_key:
-            patientkey.key_path(db_path).unlink(missing_ok=True)
-        raise
+    with app.first_state(db_path) as state, InventoryBar(quiet or as_json) as bar:
+        warn_patient_key(state)
+        summary = app.inventory(state, source, config, since, bar.update)
+        totals = inventory_summary(state)
     if as_json:
         click.echo(json.dumps({"round": summary.__dict__, "inventory": totals}, indent=2, default=str))
     elif not quiet:

@@ -234,14 +234,14 @@ class Runner:
 
     # -- steps --------------------------------------------------------------------------------------
     def _step_inventory(self, state: State, step: Step) -> dict[str, Any]:
+        from cloudexit import app
         from cloudexit.core.config import InventoryConfig
-        from cloudexit.inventory import Inventory
 
         o = step.options
         values = {"workers": o["workers"], "header_bytes": o["header_bytes"],
                   "key_pattern": self.pb.source["key_pattern"]}
-        summary = Inventory(state, self._source(),
-                            InventoryConfig(**{k: v for k, v in values.items() if v is not None})).run()
+        summary = app.inventory(state, self._source(),
+                                InventoryConfig(**{k: v for k, v in values.items() if v is not None}))
         result = dict(summary.__dict__)
         result["failed"] = len(summary.failed)
         result["_message"] = (f"inventory round {summary.round}: {summary.new} new, {summary.changed} changed, "
@@ -347,10 +347,10 @@ class Runner:
                         "objects (see `cloudexit status`); run the playbook again to retry them", result)
 
     def _step_delta(self, state: State, step: Step) -> dict[str, Any]:
+        from cloudexit import app
         from cloudexit.core.config import InventoryConfig
-        from cloudexit.inventory import Inventory
 
-        summary = Inventory(state, self._source(), InventoryConfig(key_pattern=self.pb.source["key_pattern"])).run()
+        summary = app.inventory(state, self._source(), InventoryConfig(key_pattern=self.pb.source["key_pattern"]))
         moved = self._migrate(state, step, self._archive())
         changes = summary.new + summary.changed
         result = {"round": summary.round, "new": summary.new, "changed": summary.changed,
