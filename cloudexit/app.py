@@ -11,7 +11,9 @@ functions and hold no orchestration of their own:
 * `choose_run` and `migrate`: new run or resume, by one rule (below), then the run;
 * `plan_config`, `make_plan`, `write_plan`: a plan at migrate's own settings, and its documents.
 
-The resume rule (the safer of the two the command line and playbooks had):
+The resume rule, one for every caller (the command line and playbooks each had their own:
+`migrate --to` refused to continue an unfinished run, a playbook continued it with its own
+settings and started a second archive without asking):
 
 1. `--resume` continues the last run: into its own archive, to its own PACS, with its recorded
    settings (settings given again override them). No run yet: refused.
@@ -22,7 +24,7 @@ The resume rule (the safer of the two the command line and playbooks had):
 3. Otherwise a new run. Into a folder other than the archive earlier runs filled (everything
    would be downloaded again) only when confirmed (`--yes`); playbooks are held to it too.
 
-The library never prints: notes reach the caller through `notice`.
+The library never prints: a note for the user is returned (`restore_note`) for the caller to show.
 """
 
 from __future__ import annotations
