@@ -8,10 +8,16 @@ place (`CloudexitGroup.invoke`).
 from __future__ import annotations
 
 from cloudexit.cli.group import (EXAMPLES, EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_PARTIAL,
-                                EXIT_USAGE, main)
-from cloudexit.cli import audit, decommission, inventory, migrate, plan, run, status, verify  # noqa: F401,E402 - commands
+                                EXIT_USAGE, db_option, examples, main, output_options, source_options)
 
-__all__ = ["EXAMPLES", "EXIT_ERROR", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_PARTIAL", "EXIT_USAGE", "main"]
+_examples = examples  # the name command modules written before the split import
+
+# The commands, registered on `main` when imported.
+from cloudexit.cli import audit, decommission, inventory, migrate, plan, run, status, verify  # noqa: F401,E402
+from cloudexit.cli import evidence as _evidence  # noqa: E402,F401 - link-report, serve
+
+__all__ = ["EXAMPLES", "EXIT_ERROR", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_PARTIAL", "EXIT_USAGE", "db_option",
+           "examples", "main", "output_options", "source_options"]
 
 if __name__ == "__main__":  # pragma: no cover
     main()
