@@ -56,6 +56,7 @@ from cloudexit.core.config import SourceConfig
 from cloudexit.core.errors import ConfirmationMismatch, NothingMigrated, StateError, UsageError
 from cloudexit.core.files import private_writer
 from cloudexit.s3.source import Source
+from cloudexit.state import members
 from cloudexit.state.db import State, now
 
 GOOD_STATES = ("verified", "duplicate", "stored", "warning")
@@ -280,7 +281,8 @@ class _Judge:
         marks = ",".join("?" * len(keys))
         self.loaded = set(keys)
         self.objects = {r["key"]: r for r in self.state.query(
-            f"SELECT key, etag, kind, status, study_uid, sop_uid FROM objects WHERE key IN ({marks})", keys)}
+            f"SELECT key, etag, kind, status, study_uid, sop_uid, encoding, container FROM objects "
+            f"WHERE key IN ({marks})", keys)}
         named = {**self.params, **{f"k{i}": k for i, k in enumerate(keys)}}
         in_keys = ",".join(f":k{i}" for i in range(len(keys)))
         for d in self.dests:
@@ -296,6 +298,10 @@ class _Judge:
         o = self.objects.get(key)
         if o is None:
             return False, [], None, "not inventoried: new since the last inventory (run inventory, migrate, verify)"
+        if members.is_zip(o):  # zipped study: deleted only when every member is safe (state/members.py)
+            verdict = members.judge_zip(self, key, etag)
+            if verdict is not None:
+                return verdict
         held: list[str] = []
         sha = None
         for d in self.dests:

@@ -150,23 +150,11 @@ def classify_object(key: str, data: bytes, size: int) -> Header:
 
 
 def _zip_reason(data: bytes, size: int) -> str:
-    """Zipped studies are not unpacked yet: say so, and what the archive holds when its
-    directory is in the bytes read (a small zip); never a silent non-DICOM."""
-    what = "zip archive"
-    if len(data) >= size:
-        import io
-        import zipfile
-
-        try:
-            with zipfile.ZipFile(io.BytesIO(data)) as archive:
-                names = [i.filename for i in archive.infolist() if not i.is_dir()]
-            dicom = sum(1 for n in names if n.lower().endswith((".dcm", ".dicom"))
-                        or "." not in n.rsplit("/", 1)[-1])  # DICOMDIR-style names have no suffix
-            what = f"zip archive of {len(names)} files ({dicom} DICOM by name)"
-        except (zipfile.BadZipFile, OSError, ValueError) as exc:
-            what = f"zip archive that cannot be read ({exc})"
-    return (f"{what}: zipped studies are not unpacked by this version; the archive is kept as "
-            "stored in _quarantine/ (unzip it and upload its DICOM files to migrate them as instances)")
+    """A zip whose files were not read here: the inventory reads them (`cloudexit.dicom.zipped`);
+    migrate meets an unread one only when it was in an archive storage class at inventory time."""
+    return ("zip archive whose files were not read (it was not readable at inventory time, e.g. "
+            "in an archive storage class): the archive is kept as stored in _quarantine/ "
+            "(run `cloudexit inventory` again once it is restored, then `migrate --resume`)")
 
 
 def scan_rows(plain: bytes, size: int) -> bool:

@@ -593,6 +593,7 @@ class Task:
     fresh: bool = False  # discard any temp file (a resumed one failed verification)
     replaceable: int | None = None  # mtime_ns of this migration's own earlier file at `final`
     encoding: str | None = None  # envelope to decode after the raw checks (cloudexit.containers)
+    member: dict[str, Any] | None = None  # zipped study: this member (transfer/zipmember.py)
 
 
 @dataclass
@@ -687,12 +688,16 @@ class Fetcher:
                 result.outcome = "cancelled"
                 return result
             self.placer.prepare(task.final)
-            if os.path.exists(task.final) and self._verify_local(task, result):
+            if task.member is None and os.path.exists(task.final) and self._verify_local(task, result):
                 return result
             attempt = connection_failures = 0
             while True:
                 try:
-                    if task.large:
+                    if task.member is not None:  # a file inside a zip (transfer/zipmember.py)
+                        from cloudexit.transfer.zipmember import fetch_member
+
+                        fetch_member(self, task, result)
+                    elif task.large:
                         self._fetch_large(task, result)
                     else:
                         self._fetch(task, result)
