@@ -7,6 +7,7 @@ nothing."""
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import io
 import json
@@ -261,11 +262,18 @@ def test_inventory_records_members_and_migrate_unpacks_them(cli: Any, s3: Seawee
     assert "IM0" in manifest["zips/c-bad-crc.zip"]["reason"]
     assert manifest["zips/hostile.zip"]["action"] == "keep"
     assert not any("!/" in k for k in manifest)  # members are never sent to the bucket
+    # The audit applies the same rule to the zips (one rule for both reports).
+    out = tmp_path / "audit"
+    assert cli("audit", "--db", str(db), "--out", str(out), "-q").exit_code in (0, 3)
+    with open(out / "manifest.csv", newline="") as fh:
+        audited = {r["key"]: r for r in csv.DictReader(fh)}
+    assert audited["zips/a-deflated.zip"]["decommission"].startswith("safe")
+    assert audited["zips/c-bad-crc.zip"]["decommission"] == "keep: zip_members"
+    facts = json.loads((out / "audit.json").read_text())["containers"]
+    assert facts["decoded"]["zip"] == len(placed) + 1  # the instances and the README
 
 
 def _manifest(dry: dict[str, Any]) -> list[dict[str, str]]:
-    import csv
-
     with open(dry["manifest"], newline="") as fh:
         return list(csv.DictReader(fh))
 

@@ -43,6 +43,7 @@ from cloudexit.dicom.containers import audit_facts as envelope_facts
 from cloudexit.core.errors import CloudexitError
 from cloudexit.core.files import make_private_dirs, open_private
 from cloudexit.report.redact import Redactor
+from cloudexit.state.members import zip_decision_sql
 from cloudexit.state.db import GENESIS_HASH, State, event_hash, now, open_readable
 
 FORMAT = "cloudexit.audit/1"
@@ -862,6 +863,7 @@ _GOOD_HERE = f"x.state IN {GOOD_SQL} AND x.etag IS o.etag"
 _REVIEW_HERE = "x.state IN ('quarantined', 'conflict') AND x.etag IS o.etag"
 DECISION_SQL = f"""(SELECT CASE
     WHEN o.status = 'deleted' THEN 'gone: deleted'
+    {{zip}}
     WHEN count(*) < (CASE WHEN o.kind = 'dicom' THEN :n ELSE 1 END) THEN 'keep: not_migrated'
     WHEN sum({_GOOD_HERE}) = count(*) THEN coalesce('keep: ' || max({{recheck}}), 'safe: verified')
     WHEN sum({_GOOD_HERE}) + sum({_REVIEW_HERE}) = count(*) THEN 'review: quarantined'
@@ -877,6 +879,7 @@ DECISION_SQL = f"""(SELECT CASE
 # so the manifest and the facts of the usual single-destination migration stay fast.
 DECISION_ONE_SQL = f"""(CASE
     WHEN o.status = 'deleted' THEN 'gone: deleted'
+    {{zip}}
     WHEN t.key IS NULL THEN 'keep: not_migrated'
     WHEN t.state IN {GOOD_SQL} AND t.etag IS o.etag THEN coalesce('keep: ' || {{recheck}}, 'safe: verified')
     WHEN t.state IN ('quarantined', 'conflict') AND t.etag IS o.etag THEN 'review: quarantined'
@@ -905,10 +908,12 @@ class Rule:
         n = len(self.dests)
         recheck, params = recheck_sql(list(self.dests), self.runs, "t" if n == 1 else "x")
         params["n"] = n
+        # A zipped study: safe when every member is (cloudexit/state/members.py).
+        zipped = zip_decision_sql(recheck_sql(list(self.dests), self.runs, "mt")[0])
         if n == 1:
-            return DECISION_ONE_SQL.format(recheck=recheck), \
+            return DECISION_ONE_SQL.format(recheck=recheck, zip=zipped), \
                 "objects o LEFT JOIN transfers t ON t.key = o.key", params
-        return DECISION_SQL.format(recheck=recheck), "objects o", params
+        return DECISION_SQL.format(recheck=recheck, zip=zipped), "objects o", params
 
 
 def _decommission(groups: list[dict[str, Any]]) -> dict[str, Any]:

@@ -11,6 +11,7 @@ the members of a deleted or changed zip deleted like any object no longer listed
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 from typing import Any
 
@@ -142,3 +143,17 @@ def judge_zip(judge: Any, key: str, etag: str | None) -> tuple[bool, list[str], 
             held = set(at) if held is None else held & set(at)
         last = keys[-1]
     return True, sorted(held or []), None, f"zipped study: all {count} members verified at every destination"
+
+
+def zip_decision_sql(member_recheck: str) -> str:
+    """The audit's form of `judge_zip`: a `WHEN ... THEN ...` branch of its decision expression
+    over `objects o` (`:n`: destinations a DICOM object must reach). `member_recheck`: the
+    audit's recheck SQL over a transfer row `mt`, its object columns (`o.`) are the member's."""
+    recheck = re.sub(r"\bo\.", "m.", member_recheck)
+    members = "FROM objects m WHERE m.container = o.key AND m.status = 'present'"
+    return (f"WHEN o.encoding = 'zip' AND o.kind = 'other' AND o.container IS NULL AND EXISTS (SELECT 1 {members}) "
+            f"THEN CASE WHEN EXISTS (SELECT 1 {members} AND (m.etag IS NOT o.etag OR (SELECT count(*) "
+            "FROM transfers mt WHERE mt.key = m.key AND mt.state IN ('verified', 'duplicate', 'stored', "
+            f"'warning') AND mt.etag IS o.etag AND {recheck} IS NULL) < "
+            "(CASE WHEN m.kind = 'dicom' THEN :n ELSE 1 END))) THEN 'keep: zip_members' "
+            "ELSE 'safe: verified' END")
