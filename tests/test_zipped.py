@@ -140,6 +140,28 @@ def test_hostile_zips_each_get_one_clear_reason() -> None:
         zipped.MAX_MEMBER = saved
 
 
+def test_damaged_zips_never_raise() -> None:
+    """Cut or flipped anywhere, a zip is either read or refused with a reason: never an
+    exception out of the inventory's header thread."""
+    import random
+
+    rng = random.Random(5)
+    data = _zip({f"IM{i}": o.body() for i, o in enumerate(_instances(2))}, zip64=True)
+    for _ in range(400):
+        bad = bytearray(data)
+        if rng.random() < 0.3:
+            bad = bad[:rng.randrange(len(bad))]
+        for _flip in range(rng.randint(1, 4)):
+            at = rng.randrange(max(0, len(bad) - 200), len(bad)) if bad and rng.random() < 0.7 \
+                else rng.randrange(len(bad) or 1)
+            if at < len(bad):
+                bad[at] ^= 1 << rng.randrange(8)
+        found = zipped.inspect_zip(_reader(bytes(bad)), len(bad), bytes(bad[:4096]), 65536, 2**20)
+        assert found.header.kind in ("other", "unreadable") and found.header.encoding == "zip"
+        if found.header.kind == "unreadable":
+            assert found.header.reason and not found.members
+
+
 def test_extract_member_checks_crc_size_and_caps_the_output(tmp_path: Path) -> None:
     body = _instances(1)[0].body()
     data = _zip({"a.dcm": body})

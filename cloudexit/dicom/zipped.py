@@ -466,6 +466,9 @@ def inspect_zip(read: Read, size: int, first: bytes, header_bytes: int, max_head
         members, directory_start = read_directory(counting, size)
     except ZipProblem as exc:
         return Inspected(Header("unreadable", encoding="zip", reason=str(exc)), [], *counted)
+    except (struct.error, ValueError, IndexError) as exc:  # records cut or garbled past our checks
+        return Inspected(Header("unreadable", encoding="zip", reason=(
+            f"zip archive whose end records or directory are damaged ({exc}); {_KEPT}")), [], *counted)
     window = Window(counting, directory_start, first)
     first_bytes = min(header_bytes, MEMBER_FIRST)
     headers = [(m, member_header(window, m, first_bytes, max_header_bytes)) for m in members]
