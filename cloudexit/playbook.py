@@ -68,6 +68,7 @@ _MIGRATE_OPTS: Spec = {
     "layout": (("uid", "keys"), False, None), "non_dicom": (("copy", "skip"), False, None),
     "order": (("newest", "oldest", "key"), False, None), "processes": (int, False, None),
     "threads": (int, False, None), "bwlimit": ("str?", False, None),
+    "keep_containers": (bool, False, None),
 }
 STEPS: dict[str, Spec] = {
     "inventory": {"workers": (int, False, None), "header_bytes": (int, False, None)},
@@ -544,7 +545,8 @@ class Runner:
         from cloudexit.core.config import MigrateConfig
 
         o = step.options
-        values = {k: o.get(k) for k in ("layout", "non_dicom", "order", "processes", "threads")}
+        values = {k: o.get(k) for k in ("layout", "non_dicom", "order", "processes", "threads",
+                                        "keep_containers")}
         values["bwlimit"] = o.get("bwlimit") or self.pb.schedule["bwlimit"]
         return MigrateConfig(**{k: v for k, v in values.items() if v is not None})
 
