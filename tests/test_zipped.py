@@ -64,6 +64,21 @@ def _zip(files: dict[str, bytes], method: int = zipfile.ZIP_DEFLATED, zip64: boo
     return buf.getvalue()
 
 
+def _dicomdir(objects: list[synthetic.SyntheticObject]) -> bytes:
+    """A DICOMDIR indexing `objects`, as a CD/DVD export (and its zip) carries it."""
+    import tempfile
+
+    import pydicom
+    from pydicom.fileset import FileSet
+
+    fileset = FileSet()
+    for o in objects:
+        fileset.add(pydicom.dcmread(io.BytesIO(o.body())))
+    with tempfile.TemporaryDirectory() as folder:
+        fileset.write(folder)
+        return (Path(folder) / "DICOMDIR").read_bytes()
+
+
 def _reader(data: bytes) -> Any:
     return lambda start, end: data[start:end]
 
@@ -140,6 +155,40 @@ def test_hostile_zips_each_get_one_clear_reason() -> None:
         zipped.MAX_MEMBER = saved
 
 
+class _Unseekable(io.RawIOBase):
+    """A pipe-like output: zipfile then writes a data descriptor after each member (flag bit 3,
+    sizes and CRC zero in the local header), as streaming zip writers do."""
+
+    def __init__(self) -> None:
+        self.buf = bytearray()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        self.buf += data
+        return len(data)
+
+
+def test_streamed_zip_with_data_descriptors(tmp_path: Path) -> None:
+    bodies = {f"IM{i}": o.body() for i, o in enumerate(_instances(2, seed=3))}
+    out = _Unseekable()
+    with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        for name, body in bodies.items():
+            with archive.open(name, "w") as member:
+                member.write(body)
+    data = bytes(out.buf)
+    members, _ = read_directory(_reader(data), len(data))
+    assert all(struct.unpack_from("<H", data, m.offset + 6)[0] & 0x8 for m in members)
+    window = zipped.Window(_reader(data), len(data))
+    for m in members:
+        assert zipped.member_header(window, m, 8192, 2**20).kind == "dicom"
+        raw = tmp_path / "raw"
+        raw.write_bytes(data[m.offset:m.end])
+        extract_member(str(raw), m, str(tmp_path / m.name))
+        assert (tmp_path / m.name).read_bytes() == bodies[m.name]
+
+
 def test_damaged_zips_never_raise() -> None:
     """Cut or flipped anywhere, a zip is either read or refused with a reason: never an
     exception out of the inventory's header thread."""
@@ -198,7 +247,8 @@ def zip_bucket(s3: SeaweedServer, bucket: str) -> Iterator[dict[str, Any]]:
     bad_crc[bad_crc.find(b"PK\x03\x04") + 30 + 3 + len(study_c[0].body()) - 10] ^= 0xFF
     objects = {
         "zips/a-deflated.zip": _zip({f"A/IM{i:04d}.dcm": o.body() for i, o in enumerate(study_a)}
-                                    | {"A/README.txt": b"exported by a viewer\n"}),
+                                    | {"A/README.txt": b"exported by a viewer\n",
+                                       "A/DICOMDIR": _dicomdir(study_a)}),
         "zips/b-stored-zip64.zip": _zip({f"B/{i}": o.body() for i, o in enumerate(study_b)},
                                         zipfile.ZIP_STORED, zip64=True),
         "zips/c-bad-crc.zip": bytes(bad_crc),
@@ -231,6 +281,8 @@ def test_inventory_records_members_and_migrate_unpacks_them(cli: Any, s3: Seawee
     assert {r["sop_uid"] for r in members if r["kind"] == "dicom"} == expected_sops
     readme = by_key["zips/a-deflated.zip!/A/README.txt"]
     assert readme["kind"] == "other" and readme["container"] == "zips/a-deflated.zip"
+    dicomdir = by_key["zips/a-deflated.zip!/A/DICOMDIR"]  # the index: not an instance, not damage
+    assert dicomdir["kind"] == "other" and "a DICOMDIR" in dicomdir["reason"], dict(dicomdir)
     for key in ("zips/a-deflated.zip", "zips/b-stored-zip64.zip"):
         assert by_key[key]["kind"] == "other" and by_key[key]["encoding"] == "zip"
         assert "recorded as members" in by_key[key]["reason"]
@@ -245,7 +297,7 @@ def test_inventory_records_members_and_migrate_unpacks_them(cli: Any, s3: Seawee
     assert status["dicom_instances"] == len(expected_sops) + 1
     assert status["studies"] == 4
     assert status["objects"] == len(objects) and status["zip_archives"] == 5
-    assert status["zip_members"] == len(members) and status["non_dicom"] == 1  # the README
+    assert status["zip_members"] == len(members) and status["non_dicom"] == 2  # README, DICOMDIR
     text = cli("status", "--db", str(db)).output
     assert f"files in zips    {len(members):>10}   inside 5 zip archive(s)" in text, text
 
@@ -300,7 +352,7 @@ def test_inventory_records_members_and_migrate_unpacks_them(cli: Any, s3: Seawee
     assert audited["zips/a-deflated.zip"]["decommission"].startswith("safe")
     assert audited["zips/c-bad-crc.zip"]["decommission"] == "keep: zip_members"
     facts = json.loads((out / "audit.json").read_text())["containers"]
-    assert facts["decoded"]["zip"] == len(placed) + 1  # the instances and the README
+    assert facts["decoded"]["zip"] == len(placed) + 2  # the instances, README and DICOMDIR
 
 
 def _manifest(dry: dict[str, Any]) -> list[dict[str, str]]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import struct
 import zlib
 from collections.abc import Callable
@@ -38,6 +39,7 @@ MAX_INFLATE = 8 * 2**20  # decoded bytes inflated at most to read one member's h
 CHUNK = 2**20
 _EOCD, _EOCD64, _LOCATOR = b"PK\x05\x06", b"PK\x06\x06", b"PK\x06\x07"
 _CENTRAL, _LOCAL = b"PK\x01\x02", b"PK\x03\x04"
+_MEDIA_DIRECTORY = re.compile(rb"1\.2\.840\.10008\.1\.3\.10(?![0-9.])")  # SOP Class of a DICOMDIR
 _TAIL = 22 + 65535 + 20  # end record with the longest comment, and the zip64 locator before it
 _SHORT_TAIL = 64 * 1024  # the first read from the end: the end records and most directories
 _KEPT = ("nothing is unpacked; the archive is kept as stored in _quarantine/unreadable/ "
@@ -306,6 +308,10 @@ def member_header(window: Window, m: Member, first: int, most: int) -> Header:
             break
         want = min(want * 4, m.csize, most)
     header.encoding, header.plain_size = "zip", m.usize
+    if header.kind != "dicom" and _MEDIA_DIRECTORY.search(plain[:1024]):
+        # The media's index (a zipped CD/DVD export keeps it): not an instance, nor damage.
+        return Header("other", encoding="zip", plain_size=m.usize, reason=(
+            f"zip member {m.name!r}: a DICOMDIR (the index of the files beside it), not an instance"))
     if header.need_more:
         header.kind, header.need_more = "unreadable", False
         header.reason = f"zip member {m.name!r}: {header.reason} (gave up after {want} bytes)"
