@@ -223,6 +223,8 @@ class Inventory:
             with state.transaction() as tx:
                 tx.execute("UPDATE objects SET kind = 'pending' "
                            "WHERE header_source = 'key-pattern' AND status = 'present'")
+        with state.transaction() as tx:
+            members.read_again(tx)  # zips found after a restore (cloudexit/state/members.py)
         preload_pydicom()  # before the header threads: they would race importing it
         lister = ThreadPoolExecutor(self.config.list_workers, thread_name_prefix="list")
         reader = ThreadPoolExecutor(self.config.workers, thread_name_prefix="header")

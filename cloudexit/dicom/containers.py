@@ -36,6 +36,7 @@ UNTIL_PIXEL_DATA = "orthanc-dicom-until-pixel-data"
 DICOM_AS_JSON = "orthanc-dicom-as-json"
 METADATA = {UNTIL_PIXEL_DATA: "Orthanc's header-only copy of an instance (\"DICOM until pixel data\")",
             DICOM_AS_JSON: "Orthanc's DICOM-as-JSON summary of an instance"}
+ZIP_NOT_READ = "zip archive whose files were not read"  # the next inventory round reads them
 MAX_INFLATE = 8 * 2**20  # decoded bytes the inventory inflates at most to read a header
 CHUNK = 2**20  # streaming decode: raw bytes read and decoded bytes produced per step
 _HEAD = 64 * 1024  # decoded bytes kept for the DICOM check
@@ -152,7 +153,7 @@ def classify_object(key: str, data: bytes, size: int) -> Header:
 def _zip_reason(data: bytes, size: int) -> str:
     """A zip whose files were not read here: the inventory reads them (`cloudexit.dicom.zipped`);
     migrate meets an unread one only when it was in an archive storage class at inventory time."""
-    return ("zip archive whose files were not read (it was not readable at inventory time, e.g. "
+    return (f"{ZIP_NOT_READ} (it was not readable at inventory time, e.g. "
             "in an archive storage class): the archive is kept as stored in _quarantine/ "
             "(run `cloudexit inventory` again once it is restored, then `migrate --resume`)")
 

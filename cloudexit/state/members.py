@@ -16,6 +16,7 @@ import sqlite3
 from typing import Any
 
 from cloudexit.core.paths import key_flags
+from cloudexit.dicom.containers import ZIP_NOT_READ
 from cloudexit.dicom.header import Header
 from cloudexit.dicom.zipped import Member, member_key
 
@@ -80,6 +81,14 @@ def carry(tx: sqlite3.Connection, round_id: int) -> None:
 def is_zip(row: Any) -> bool:
     """The row of a zip archive whose files are recorded as members."""
     return row["encoding"] == "zip" and row["kind"] == "other" and row["container"] is None
+
+
+def read_again(tx: sqlite3.Connection) -> int:
+    """Zips whose files were never read (in an archive storage class at inventory time; migrate
+    found them zips once restored): this round reads them. Returns how many."""
+    return tx.execute("UPDATE objects SET kind = 'pending' WHERE status = 'present' AND encoding = 'zip' "
+                      "AND kind = 'unreadable' AND container IS NULL AND reason LIKE ?",
+                      (ZIP_NOT_READ + "%",)).rowcount
 
 
 # -- migrate --------------------------------------------------------------------------------------
