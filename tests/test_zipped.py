@@ -482,3 +482,27 @@ def test_a_zip_found_after_a_restore_is_read_by_the_next_round(cli: Any, s3: Sea
     assert {r["sop_uid"] for r in found} == {o.sop_uid for o in study}
     (row,) = rows(db, "SELECT kind FROM objects WHERE key = 'cold.zip'")
     assert row["kind"] == "other"
+
+
+def test_a_member_already_in_place_is_accepted_without_a_get(cli: Any, s3: SeaweedServer, bucket: str,
+                                                              db: Path, tmp_path: Path) -> None:
+    """Placed, then the run was killed before its commit: --resume accepts the file by its CRC-32,
+    size and DICOM check (no GET), and leaves no temp file."""
+    import sqlite3
+
+    study = _instances(2, seed=61)
+    s3.client().put_object(Bucket=bucket, Key="s.zip", Body=_zip({f"IM{i}": o.body() for i, o in enumerate(study)}))
+    archive = tmp_path / "archive"
+    assert cli("inventory", f"s3://{bucket}", "--db", str(db), "-q").exit_code == 0
+    assert cli("migrate", "--to", str(archive), "--db", str(db), "-q").exit_code == 0
+    conn = sqlite3.connect(db)
+    conn.execute("UPDATE transfers SET state = 'fetching', raw_sha256 = NULL WHERE key = 's.zip!/IM0'")
+    conn.execute("UPDATE migration_runs SET status = 'interrupted'")
+    conn.commit()
+    conn.close()
+    gets = rows(db, "SELECT sum(get_requests) AS n FROM migration_runs")[0]["n"]
+    assert cli("migrate", "--resume", "--db", str(db), "-q").exit_code == 0
+    (row,) = rows(db, "SELECT * FROM transfers WHERE key = 's.zip!/IM0'")
+    assert row["state"] == "verified" and row["raw_sha256"] is None and "zip-crc32" in row["checks"]
+    assert rows(db, "SELECT sum(get_requests) AS n FROM migration_runs")[0]["n"] == gets
+    assert not list(archive.rglob(".cloudexit-*.part*"))

@@ -126,6 +126,7 @@ def _already_placed(fetcher: Fetcher, task: Task, result: Result, m: Member) -> 
     result.path, result.local = task.final, True
     result.mtime_ns = os.stat(task.final, follow_symlinks=False).st_mtime_ns
     fetcher.placer.discard(task.temp)
+    fetcher.placer.discard(task.temp + ".plain")  # a kill during extraction may have left it
     if fetcher.group_folder_sync:
         result.folder = os.path.dirname(task.final)
     else:
