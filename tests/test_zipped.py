@@ -110,6 +110,11 @@ def test_read_directory_stored_deflated_zip64() -> None:
             for m in members:
                 assert m.method == method and m.usize == len(files[m.name])
                 assert m.crc == zlib.crc32(files[m.name])
+    # a name in the old DOS code page (no UTF-8 flag), as Windows tools write them
+    data = _patch_directory(_zip({"Ä/ÖÜ.dcm": files["study/IM0000"]}),
+                            lambda e: struct.pack_into("<H", e, 8, struct.unpack_from("<H", e, 8)[0] & ~0x800))
+    (m,), _ = read_directory(_reader(data), len(data))
+    assert m.nlen == len("Ä/ÖÜ.dcm".encode()) and m.name != "Ä/ÖÜ.dcm"  # read as cp437, kept whole
     # bytes before the archive (a self-extracting stub): offsets count from the archive
     data = b"#!stub\n" * 100 + _zip(files)
     members, _ = read_directory(_reader(data), len(data))

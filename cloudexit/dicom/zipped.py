@@ -67,6 +67,7 @@ class Member:
     crc: int  # CRC-32 of the uncompressed bytes
     method: int
     data: int | None = None  # offset of its data (after the local header), once read
+    nlen: int = 0  # bytes of its name as stored (the least its local header takes after 30)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -191,7 +192,7 @@ def _parse_directory(data: bytes, entries: int, shift: int) -> list[Member]:
             label = _METHODS.get(method, f"method {method}")
             raise ZipProblem(f"zip archive with members compressed by {label} ({name!r}), which "
                              f"this version does not decode; {_KEPT}")
-        members.append(Member(name, offset + shift, csize, usize, crc, method))
+        members.append(Member(name, offset + shift, csize, usize, crc, method, nlen=nlen))
     if count != entries:
         raise ZipProblem(f"zip archive whose central directory holds {count} entries, its end "
                          f"record declares {entries} (truncated or damaged); {_KEPT}")
@@ -248,7 +249,7 @@ def _check(members: list[Member], directory_start: int) -> None:
     ordered = sorted(members, key=lambda m: m.offset)
     for m, after in zip(ordered, ordered[1:] + [None]):
         limit = after.offset if after is not None else directory_start
-        if m.offset < 0 or m.offset + 30 + len(m.name.encode()) + m.csize > limit:
+        if m.offset < 0 or m.offset + 30 + m.nlen + m.csize > limit:
             what = (f"overlaps {after.name!r}" if after is not None
                     else "runs into the central directory")
             raise ZipProblem(f"zip archive whose member {m.name!r} {what} (a zip bomb's trick, "
