@@ -274,14 +274,16 @@ def judge_decoded(fetcher: Any, task: Any, result: Any) -> str:
 def audit_facts(conn: Any) -> dict[str, Any]:
     """For the audit: objects by envelope (and how many were decoded into verified files), and
     Orthanc's metadata attachments by kind. Grouped in SQL: a few rows, whatever the bucket."""
-    stored = {r[0]: r[1] for r in conn.execute(
+    stored = {r[0]: r[1] for r in conn.execute(  # objects of the bucket: not the files inside zips
         "SELECT encoding, count(*) FROM objects WHERE status = 'present' AND encoding IS NOT NULL "
-        "GROUP BY 1").fetchall()}
+        "AND container IS NULL GROUP BY 1").fetchall()}
     decoded = {r[0]: r[1] for r in conn.execute(
         "SELECT encoding, count(DISTINCT key) FROM transfers WHERE encoding IS NOT NULL "
         "AND state = 'verified' GROUP BY 1").fetchall()}
     metadata = {r[0]: r[1] for r in conn.execute(
         "SELECT pacs_metadata, count(*) FROM objects WHERE status = 'present' "
         "AND pacs_metadata IS NOT NULL GROUP BY 1").fetchall()}
-    return {"stored_in": stored, "decoded": decoded, "decoded_total": sum(decoded.values()),
+    zip_members = conn.execute("SELECT count(*) FROM objects WHERE status = 'present' "
+                               "AND container IS NOT NULL").fetchone()[0]
+    return {"stored_in": stored, "decoded": decoded, "zip_members": zip_members, "decoded_total": sum(decoded.values()),
             "pacs_metadata": metadata, "pacs_metadata_total": sum(metadata.values())}

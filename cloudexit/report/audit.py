@@ -43,7 +43,7 @@ from cloudexit.dicom.containers import audit_facts as envelope_facts
 from cloudexit.core.errors import CloudexitError
 from cloudexit.core.files import make_private_dirs, open_private
 from cloudexit.report.redact import Redactor
-from cloudexit.state.members import zip_decision_sql
+from cloudexit.state.members import ZIP_SKIPPED, zip_decision_sql
 from cloudexit.state.db import GENESIS_HASH, State, event_hash, now, open_readable
 
 FORMAT = "cloudexit.audit/1"
@@ -316,7 +316,7 @@ _CATEGORY_OF: dict[str, Any] = {
     "duplicates": lambda g: g["state"] == "duplicate",
     "changed": lambda g: bool(g["changed"] or g["stale"]),
     "missing": lambda g: g["state"] == "missing",
-    "skipped": lambda g: g["state"] == "skipped",
+    "skipped": lambda g: g["state"] == "skipped" and g["not_checked"] != ZIP_SKIPPED,  # state/members.py
     "unfinished": lambda g: g["state"] in WAITING,
 }
 
@@ -595,7 +595,9 @@ _EXCEPTIONS: dict[str, tuple[str, str]] = {
     "changed": (("(t.changes > 0 OR (t.state IN ('verified', 'duplicate', 'quarantined') "
                  "AND o.status = 'present' AND t.etag IS NOT o.etag))"), "changed"),
     "missing": ("t.state = 'missing'", "missing"),
-    "skipped": ("t.state = 'skipped'", "skipped"),
+    # (a zipped study's own row is skipped when its files were migrated as members: not an exception)
+    "skipped": ("t.state = 'skipped' AND NOT (o.encoding IS 'zip' AND o.kind = 'other' AND o.container IS NULL)",
+                "skipped"),
     "unfinished": ("t.state IN ('queued', 'fetching', 'inspect', 'restoring')", "unfinished"),
 }
 

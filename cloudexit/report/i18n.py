@@ -67,8 +67,8 @@ TEXT: dict[str, dict[str, str]] = {
         "row.unreadable": "Unreadable DICOM",
         "row.pacs_metadata": "of the non-DICOM: PACS metadata attachments (Orthanc's header-only and "
                              "JSON copies of instances, kept in the side area; not instances)",
-        "row.decoded": "Instances decoded from the PACS's storage format (Orthanc zlib, gzip): "
-                       "checked as stored, then decoded and checked again",
+        "row.decoded": "Instances decoded from the PACS's storage format (Orthanc zlib, gzip, files "
+                       "inside zipped studies): checked as stored, then decoded and checked again",
         "row.studies_complete": "Studies complete",
         "times": "When",
         "t.start": "Migration started",

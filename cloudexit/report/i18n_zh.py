@@ -52,7 +52,7 @@ ZH: dict[str, str] = {
     "row.bytes": "数据量（字节）",
     "row.pacs_metadata": "其中 PACS 元数据附件（Orthanc 保存的实例头部副本与 JSON 副本，"
                          "存放在旁路目录；不是影像实例）",
-    "row.decoded": "从 PACS 存储格式解码的实例（Orthanc zlib、gzip）：先按原样校验，解码后再校验",
+    "row.decoded": "从 PACS 存储格式解码的实例（Orthanc zlib、gzip、ZIP 打包检查中的文件）：先按原样校验，解码后再校验",
     "row.non_dicom": "非 DICOM 对象",
     "row.unreadable": "无法读取的 DICOM",
     "row.studies_complete": "完整到达的检查",

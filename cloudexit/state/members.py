@@ -101,11 +101,13 @@ def sync_containers(tx: sqlite3.Connection, dest: str, keep: bool) -> None:
     """The zips' own rows: queued with --keep-containers (copied as stored, like any non-DICOM
     object), otherwise skipped (their members carry them)."""
     if keep:
-        tx.execute(f"UPDATE transfers SET state = 'queued', reason = NULL WHERE dest = ? "
+        tx.execute(f"UPDATE transfers SET state = 'queued', reason = NULL, not_checked = NULL WHERE dest = ? "
                    f"AND state = 'skipped' AND key IN ({_ZIPS})", (dest,))
     else:
-        tx.execute(f"UPDATE transfers SET state = 'skipped', reason = ? WHERE dest = ? "
-                   f"AND state IN ('queued', 'skipped') AND key IN ({_ZIPS})", (ZIP_SKIPPED, dest))
+        # not_checked says it too: the audit groups transfers by it, and a zip whose files were
+        # migrated is no skipped object
+        tx.execute(f"UPDATE transfers SET state = 'skipped', reason = ?, not_checked = ? WHERE dest = ? "
+                   f"AND state IN ('queued', 'skipped') AND key IN ({_ZIPS})", (ZIP_SKIPPED, ZIP_SKIPPED, dest))
 
 
 def task_member(row: Any) -> dict[str, Any] | None:

@@ -90,6 +90,8 @@ def _quarantine(fetcher: Fetcher, task: Task, result: Result, why: str) -> None:
             digest.update(chunk)
     result.sha256, result.md5, result.outcome, result.detail = digest.hexdigest(), None, "quarantined", why
     result.checks = ["if-match-etag"]
+    size = os.path.getsize(task.temp)  # the file kept is the member as stored (verify checks it)
+    result.decoded = {"encoding": "zip", "raw_sha256": result.sha256, "raw_size": size, "size": size}
     _place(fetcher, task, result, task.quarantine or fetcher._mismatch_path(task.key))
 
 
