@@ -1229,5 +1229,8 @@ def demo(workdir: str | None, size: str, as_json: bool, quiet: bool) -> None:
         click.echo(json.dumps(result, indent=2, default=str))
 
 
+# Commands in modules of their own, registered on `main` when imported.
+from cloudexit.cli import evidence as _evidence  # noqa: E402,F401 - link-report, serve
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -493,7 +493,8 @@ def _actual_cost(state: State, plan: dict[str, Any], facts: dict[str, Any],
                  tgroups: list[dict[str, Any]]) -> tuple[float | None, str | None]:
     """The recorded bytes and requests, priced with the catalogue the plan used, by the plan model
     (billing months, tiers, free allowance) at the run's own average rate."""
-    from cloudexit.plan.model import ClassLoad, Link, Range, Workload, make_plan
+    from cloudexit.plan.inputs import ClassLoad, Link, Range, Workload
+    from cloudexit.plan.model import make_plan
     from cloudexit.plan.pricing import load_catalogue
 
     usage = facts["usage"]
@@ -1306,6 +1307,8 @@ def write_audit(state: State, out: str | os.PathLike[str], lang: str = "en",
     try:
         worker.start()
         facts = audit_facts(state, include_phi=include_phi, passes=passes)
+        from cloudexit.report.linkreport import digest_html  # link evidence: one page, same snapshot
+        link_digest = digest_html(state.conn, lang)
         if redact is not None:
             redact.exceptions(facts["exceptions"])
     finally:
@@ -1327,7 +1330,7 @@ def write_audit(state: State, out: str | os.PathLike[str], lang: str = "en",
     digests["audit.json"] = fh.close()
     fingerprint = fingerprint_of(digests)
     fh = _HashingFile(tmp["audit.html"])
-    fh.write(render_html(facts, lang, fingerprint))
+    fh.write(render_html(facts, lang, fingerprint, link_digest))
     digests["audit.html"] = fh.close()
     fh = _HashingFile(tmp["SHA256SUMS"])
     fh.write(sums_text(digests))
