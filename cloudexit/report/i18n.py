@@ -229,6 +229,7 @@ TEXT: dict[str, dict[str, str]] = {
         "dr.skipped": "skipped (not copied)",
         "dr.unfinished": "not finished",
         "dr.zip_members": "zipped study: not every file inside is verified in every destination",
+        "dr.zip_verified": "zipped study: every file inside verified in every destination",
         "dr.deleted": "deleted at the source",
         "dr.no_verify": "copied, but no `cloudexit verify` of the destination yet",
         "dr.landed_after_verify": "copied after the destination's last `cloudexit verify`",

@@ -209,6 +209,7 @@ ZH: dict[str, str] = {
     "dr.skipped": "已跳过（未复制）",
     "dr.unfinished": "未完成",
     "dr.zip_members": "ZIP 打包的检查：包内文件尚未在每个目标位置全部验证",
+    "dr.zip_verified": "ZIP 打包的检查：包内文件已在每个目标位置全部验证",
     "dr.deleted": "源端已删除",
     "dr.no_verify": "已复制，但该目标位置尚未执行 `cloudexit verify`",
     "dr.landed_after_verify": "在该目标位置最近一次 `cloudexit verify` 之后才复制",

@@ -11,7 +11,6 @@ the members of a deleted or changed zip deleted like any object no longer listed
 from __future__ import annotations
 
 import json
-import re
 import sqlite3
 from typing import Any
 
@@ -115,56 +114,3 @@ def task_member(row: Any) -> dict[str, Any] | None:
     if not row["member"]:
         return None
     return {**json.loads(row["member"]), "container": row["container"]}
-
-
-# -- decommission ---------------------------------------------------------------------------------
-_BATCH = 500
-
-
-def judge_zip(judge: Any, key: str, etag: str | None) -> tuple[bool, list[str], str | None, str] | None:
-    """The deletion rule for a zip whose files are recorded as members: it may be deleted only
-    when every member of this version is safe by the rule for objects (verified at every
-    destination: the archive folders and, for DICOM members, every PACS). `judge`: the caller's
-    `decommission._Judge` (its class judges the members). None: no members, the zip is judged
-    as an object of its own."""
-    state = judge.state
-    count = state.scalar("SELECT count(*) FROM objects WHERE container = ? AND status = 'present'", (key,))
-    if not count:
-        return None
-    stale = state.scalar("SELECT count(*) FROM objects WHERE container = ? AND status = 'present' "
-                         "AND etag IS NOT ?", (key, etag))
-    if stale:
-        return False, [], None, (f"zipped study: {stale} of its {count} members were recorded for "
-                                 "another version of the zip (run inventory, migrate, verify)")
-    members = type(judge)(state, judge.dests)
-    held: set[str] | None = None
-    last = ""
-    while True:
-        keys = [r[0] for r in state.query(
-            "SELECT key FROM objects WHERE container = ? AND status = 'present' AND key > ? "
-            "ORDER BY key LIMIT ?", (key, last, _BATCH))]
-        if not keys:
-            break
-        members.load(keys)
-        for k in keys:
-            safe, at, _sha, reason = members.judge(k, etag)
-            if not safe:
-                name = k[len(key) + 2:]
-                return False, [], None, f"zipped study: member {name!r} is not safe to lose: {reason}"
-            held = set(at) if held is None else held & set(at)
-        last = keys[-1]
-    return True, sorted(held or []), None, f"zipped study: all {count} members verified at every destination"
-
-
-def zip_decision_sql(member_recheck: str) -> str:
-    """The audit's form of `judge_zip`: a `WHEN ... THEN ...` branch of its decision expression
-    over `objects o` (`:n`: destinations a DICOM object must reach). `member_recheck`: the
-    audit's recheck SQL over a transfer row `mt`, its object columns (`o.`) are the member's."""
-    recheck = re.sub(r"\bo\.", "m.", member_recheck)
-    members = "FROM objects m WHERE m.container = o.key AND m.status = 'present'"
-    return (f"WHEN o.encoding = 'zip' AND o.kind = 'other' AND o.container IS NULL AND EXISTS (SELECT 1 {members}) "
-            f"THEN CASE WHEN EXISTS (SELECT 1 {members} AND (m.etag IS NOT o.etag OR (SELECT count(*) "
-            "FROM transfers mt WHERE mt.key = m.key AND mt.state IN ('verified', 'duplicate', 'stored', "
-            f"'warning') AND mt.etag IS o.etag AND {recheck} IS NULL) < "
-            "(CASE WHEN m.kind = 'dicom' THEN :n ELSE 1 END))) THEN 'keep: zip_members' "
-            "ELSE 'safe: verified' END")
