@@ -438,8 +438,9 @@ def _print_migration(m: dict[str, Any]) -> None:
 @click.option("--measure-bytes", default="256MB", show_default=True,
               help="The --measure sample's size at most (egress you pay for).")
 @click.option("--recalibrate", is_flag=True,
-              help="Take the link's rate from this migration's own runs so far (downloaded bytes "
-                   "over active time, outages left out) and plan the rest with it.")
+              help="Take the link's rate from this migration's own runs so far (the steady "
+                   "minutes of the link series: no start-up, outage or bandwidth-limited minute) "
+                   "and plan the rest with it.")
 @click.option("--latency", "latency_text",
               help="Round trip to the endpoint for a --bandwidth plan, e.g. 30ms (default 50ms).")
 @click.option("--schedule", "schedule_text",
@@ -516,9 +517,8 @@ def plan(db_path: str, provider: str | None, region: str | None, price_file: str
         elif recalibrate:
             measurement = recalibrated(state)
             if not quiet and not as_json:
-                click.echo(f"Recalibrated from {measurement.classes['runs']['count']} migration run(s): "
-                           f"{format_rate(measurement.throughput_expected)} over "
-                           f"{measurement.steady_seconds:.0f} s of transfer.")
+                click.echo(f"Recalibrated: {format_rate(measurement.throughput_expected)} over "
+                           f"{measurement.steady_seconds:.0f} s of transfer, from {measurement.basis}.")
         elif rate is None:
             measurement = stored_measurement(state)
         latency = parse_duration(latency_text).total_seconds() if latency_text else None
