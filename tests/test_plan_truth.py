@@ -97,8 +97,9 @@ def test_the_plan_per_window_and_recalibration_on_a_shaped_link(cli, s3, bucket:
     plan = cli("plan", "--db", str(db), "--provider", "aws-s3", "--bandwidth", "16Mbit/s", "--json")
     assert plan.exit_code == 0, plan.output
     fault_proxy.shape(SHAPED)
-    # The first window must be long enough to measure: start in the first 40 s of a minute.
-    while datetime.now().second > 40:
+    # The first window must be long enough for the limiter's slack (about a read per stream in
+    # flight, ~1 MB here) to be a few percent: start in the first 20 s of a minute.
+    while datetime.now().second > 20:
         time.sleep(0.2)
     now = datetime.now()
     edge = now.replace(second=0, microsecond=0) + timedelta(minutes=1)
@@ -110,11 +111,18 @@ def test_the_plan_per_window_and_recalibration_on_a_shaped_link(cli, s3, bucket:
                              "--processes", "1", "-q"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=env)
     try:
-        # Stop once the minute after the whole 4M minute has data (observed in the DB).
-        after = int((edge + timedelta(minutes=1)).timestamp())
+        # Stop once the run has recorded a few seconds of the minute after the whole 4M minute
+        # (observed in the DB: its heartbeat and that minute's bytes).
+        after = (edge + timedelta(minutes=1)).timestamp()
+
+        def into_third_minute() -> bool:
+            beat = rows(db, "SELECT heartbeat_at FROM migration_runs ORDER BY id DESC LIMIT 1")
+            return bool(beat and beat[0][0] and datetime.fromisoformat(beat[0][0]).timestamp() >= after + 2
+                        and rows(db, "SELECT 1 FROM link_series WHERE source = 'migrate' AND ts >= ? "
+                                     "AND bytes > 0", (int(after),)))
+
         deadline = time.monotonic() + 200
-        while not rows(db, "SELECT 1 FROM link_series WHERE source = 'migrate' AND ts >= ? AND bytes > 0",
-                       (after,)):
+        while not (db.exists() and into_third_minute()):
             assert proc.poll() is None, proc.communicate()[1][-2000:]
             assert time.monotonic() < deadline, "the run never reached its third minute"
             time.sleep(0.2)

@@ -75,9 +75,11 @@ def _unix(text: str | None) -> float | None:
 
 
 def _runs(conn: sqlite3.Connection) -> list[tuple[int, float, float]]:
+    """(id, start, end) of every run, Unix seconds. The times are kept to the second, cut: a
+    run went on for up to a second after its last heartbeat says."""
     rows = conn.execute("SELECT id, started_at, coalesce(finished_at, heartbeat_at, started_at) "
                         "FROM migration_runs ORDER BY id").fetchall()
-    return [(r[0], _unix(r[1]) or 0.0, _unix(r[2]) or 0.0) for r in rows]
+    return [(r[0], _unix(r[1]) or 0.0, (_unix(r[2]) or 0.0) + 1.0) for r in rows]
 
 
 def _events(conn: sqlite3.Connection, kind: str) -> list[tuple[float, dict[str, Any]]]:
