@@ -149,14 +149,10 @@ class Execution:
 def source_from_state(state: State, endpoint_url: str | None = None, profile: str | None = None,
                       region: str | None = None, retries: int = SourceConfig.max_attempts) -> Source:
     """The bucket this state DB migrated, on its recorded endpoint unless told otherwise."""
-    url = state.meta("source_url")
-    if url is None:
-        raise StateError("this state DB has no inventory yet",
-                         hint="run `cloudexit inventory s3://BUCKET` first")
-    bound = state.meta("endpoint_url")
-    return Source(url, SourceConfig(
-        endpoint_url=endpoint_url or (None if bound in (None, "aws") else bound),
-        profile=profile, region=region or state.meta("region"), max_attempts=retries))
+    from cloudexit.app import open_source
+
+    return open_source(state, SourceConfig(endpoint_url=endpoint_url, profile=profile, region=region,
+                                           max_attempts=retries))
 
 
 def default_destinations(state: State) -> list[str]:

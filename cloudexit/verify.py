@@ -560,10 +560,6 @@ def check_sample(targets: list[str], sample: int) -> None:
 
 def open_destination(dest: str, calling_aet: str | None = None) -> Store:
     """The store for a recorded destination id (or a `--to` value)."""
-    if dest.startswith("dicom://"):
-        from cloudexit.stores.cstore import open_store as open_cstore
-
-        return open_cstore(dest, calling_aet=calling_aet)
     from cloudexit.stores import open_store
 
-    return open_store(dest)
+    return open_store(dest, calling_aet=calling_aet)
