@@ -24,7 +24,6 @@ from typing import TYPE_CHECKING
 from cloudexit.core.config import InventoryConfig
 from cloudexit.dicom.containers import classify_object
 from cloudexit.dicom.header import Header, patient_hash
-from cloudexit.dicom.header import preload as preload_pydicom
 from cloudexit.core.errors import CloudexitError, CustomerKeyRequired, ObjectArchived, UsageError
 from cloudexit.core.paths import key_flags
 from cloudexit.s3.listing import Listing, ListingPage, ListingTask
@@ -187,15 +186,20 @@ class Inventory(Listing):
 
         state, source = self.state, self.source
         state.bind_source(source.url, source.config.endpoint_url, source.config.region)
-        source.check()
         self._lean = LeanS3(source)
+        try:
+            self._lean.check()  # as source.check(), without creating a boto3 client (start-up)
+        except BaseException:
+            self._lean.close()
+            raise
         resumed = self._open_round()
         self._note_missing_key()
         if self.pattern is None:
             with state.transaction() as tx:
                 tx.execute("UPDATE objects SET kind = 'pending' "
                            "WHERE header_source = 'key-pattern' AND status = 'present'")
-        preload_pydicom()  # before the header threads: they would race importing it
+        # pydicom is not imported here: the struct walk reads clean headers, and the threads
+        # that fall back to pydicom import it under `dicom.header.preload`'s lock (start-up).
         lister = ThreadPoolExecutor(self.config.list_workers, thread_name_prefix="list")
         reader = ThreadPoolExecutor(self.config.workers, thread_name_prefix="header")
         try:

@@ -63,6 +63,13 @@ class LeanS3:
         what = f"bucket {self.source.bucket}: listing {prefix!r}"
         return self._retried(lambda: self._list(query, what), what)
 
+    def check(self) -> None:
+        """`Source.check` on this path (a one-key page): fail early, with the same messages."""
+        query = {"list-type": "2", "encoding-type": "url",
+                 **list_query(self.source.prefix, None, None, None, 1)}
+        what = f"bucket {self.source.bucket}"
+        self._retried(lambda: self._list(query, what), what)
+
     def read_range(self, key: str, start: int, end: int, etag: str | None = None) -> RangeRead:
         """Bytes [start, end] of an object, checked against `etag` (If-Match), as
         `Source.read_range`."""
