@@ -386,7 +386,7 @@ def startup_table(rows: list[dict[str, Any]]) -> str:
     lines = ["| command | runs | median wall | median CPU | first request | first object GET |",
              "|---|---:|---:|---:|---:|---:|"]
     for what, rs in _by(rows, lambda r: r["what"]).items():
-        def med(field: str) -> str:
+        def med(field: str, rs: list[dict[str, Any]] = rs) -> str:
             values = [r[field] for r in rs if r.get(field) is not None]
             return _secs(statistics.median(values)) if values else "-"
         lines.append(f"| {what} | {len(rs)} | {med('wall_s')} | {med('cpu_s')} | "
