@@ -412,6 +412,8 @@ def main() -> None:
                     help=f"comma-separated subset of {','.join(TOOLS)}")
     ap.add_argument("--header-keys", type=int, default=10_000,
                     help="bucket size for cloudexit-headers, per layout (0: skip)")
+    ap.add_argument("--header-layout", choices=LAYOUTS, action="append",
+                    help="layouts of the header-read buckets (default: every --layout)")
     ap.add_argument("--workdir", default=None,
                     help="keep SeaweedFS data (and filled buckets) here for the next run")
     ap.add_argument("--populate", choices=("filer", "s5cmd", "boto3"), default="filer")
@@ -464,10 +466,11 @@ def main() -> None:
                 result["populate"].append(info)
                 target = Target(server, bucket, keys, layout, scratch, args.cloudexit_args.split(),
                                 client)
-                tools = [t for t in wanted if t != "cloudexit-headers"]
+                tools = [t for t in wanted if t not in ("cloudexit-headers", "s5cmd-cp")]
                 if layout == "flat":  # no UIDs in flat keys
                     tools = [t for t in tools if t != "cloudexit-list"]
                 plan.append((target, tools))
+        for layout in args.header_layout or layouts:
             if args.header_keys and "cloudexit-headers" in wanted:
                 bucket = f"inv-{layout}-{args.header_keys}"
                 info = ensure_bucket(server, bucket, args.header_keys, layout,
@@ -475,8 +478,7 @@ def main() -> None:
                 result["populate"].append(info)
                 plan.append((Target(server, bucket, args.header_keys, layout, scratch,
                                     args.cloudexit_args.split(), client),
-                             [t for t in ("cloudexit-headers", "s5cmd", "s5cmd-cp") if t in wanted],
-                             ))
+                             [t for t in ("cloudexit-headers", "s5cmd", "s5cmd-cp") if t in wanted]))
         if args.populate_only:
             return
         for target, tools in plan:
