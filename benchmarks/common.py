@@ -34,7 +34,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 from urllib.parse import quote
 
 import psutil
@@ -400,7 +400,8 @@ def _cpu(proc: psutil.Process | None) -> float:
 
 def measure(cmd: Sequence[str], env: dict[str, str] | None = None, stdout: str | None = None,
             server_pid: int | None = None, timeout: float = 3600, count_lines: bool = True,
-            cwd: str | None = None, tree_sample_s: float = 0.1) -> Measurement:
+            cwd: str | None = None, tree_sample_s: float = 0.1,
+            on_start: Callable[[psutil.Process], None] | None = None) -> Measurement:
     """Run `cmd` (under /usr/bin/time), wait for it with wait4, report time, CPU and memory.
 
     Stdout goes to the file `stdout` (or /dev/null); with `count_lines`, its lines are counted
@@ -419,6 +420,8 @@ def measure(cmd: Sequence[str], env: dict[str, str] | None = None, stdout: str |
     started = time.perf_counter()
     proc = subprocess.Popen(full, stdout=out, stderr=err, env=env, cwd=cwd)
     ps = psutil.Process(proc.pid)
+    if on_start is not None:
+        on_start(ps)
     peak_tree = 0
     deadline = started + timeout
     next_sample = 0.0
@@ -513,13 +516,15 @@ class FirstRequest:
         self.target, self.bucket = port, bucket
         self.first: float | None = None
         self.first_get: float | None = None
+        self.watch: psutil.Process | None = None  # the command: its CPU is read at the first GET
+        self.cpu_at_get: float | None = None
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self._stop = False
         threading.Thread(target=self._accept, daemon=True).start()
 
     def reset(self) -> None:
-        self.first = self.first_get = None
+        self.first = self.first_get = self.cpu_at_get = self.watch = None
 
     def close(self) -> None:
         self._stop = True
@@ -551,6 +556,7 @@ class FirstRequest:
                     line = data.split(b"\r\n", 1)[0]
                     if self.first_get is None and line.startswith(get) and b"?" not in line:
                         self.first_get = now
+                        self.cpu_at_get = _cpu(self.watch) if self.watch else None
                 dst.sendall(data)
         except OSError:
             pass
