@@ -257,11 +257,17 @@ class Source:
 
     # -- operations -----------------------------------------------------------------------
     def check(self) -> None:
-        """Fail early and clearly if the bucket cannot be listed with these credentials."""
+        """Fail early and clearly if the bucket cannot be listed with these credentials.
+
+        One one-key page on the lean path (`LeanS3.check`): on a given endpoint no boto3 client
+        is created for it (~0.15 s of CPU at every start of a command)."""
+        from cloudexit.s3.lean import LeanS3
+
+        lean = LeanS3(self)
         try:
-            self.client().list_objects_v2(Bucket=self.bucket, Prefix=self.prefix, MaxKeys=1)
-        except Exception as exc:
-            raise self.translate(exc, f"bucket {self.bucket}") from exc
+            lean.check()
+        finally:
+            lean.close()
 
     def list_page(self, prefix: str, start_after: str | None = None, token: str | None = None,
                   delimiter: str | None = None, max_keys: int = 1000) -> ListPage:
