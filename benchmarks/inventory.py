@@ -17,6 +17,8 @@ then runs, alternating, with the order rotated every repeat:
                      layout it is the only mode cloudexit has (the keys hold no UIDs), so the
                      flat main bucket has no cloudexit row
   s5cmd              `s5cmd ls 's3://BUCKET/*'`
+  s5cmd-cp           `s5cmd cp 's3://BUCKET/*' DIR/` on the header-read buckets only: one GET per
+                     object, the anchor of cloudexit-headers (ratios in the last two columns)
   rclone             `rclone lsf -R --files-only bench:BUCKET` (directory walk, 8 checkers)
   rclone-fast-list   the same with `--fast-list` (one recursive listing)
   aws                `aws s3 ls --recursive s3://BUCKET/`
@@ -28,6 +30,12 @@ same bucket. Every run is checked: the listing tools must print one line per key
 record every key; a cloudexit run that exits 0 but misses keys is reported as INCOMPLETE. Each
 cloudexit run records the fingerprint of the inventory modules it ran (`code_version`).
 
+    --pin               the S3 server on core 1, every tool on core 0 (taskset): CPU figures
+                        without the server's CPU taken from the client
+    --startup N         start-up of inventory and migrate on a one-object bucket, N times:
+                        wall, CPU, and launch to the first request / object GET (a relay)
+    --header-layout L   layouts of the header-read buckets (flat: Orthanc-style uuid keys)
+    --keys 0            no listing bucket (header reads and start-up only)
     --py-spy            also profile one cloudexit run per bucket (py-spy --gil; top frames)
     --report FILE...    print the tables of saved results again (merged)
     --populate-only     fill the buckets and stop (500k keys: ~20 min on a busy 2-core machine)
