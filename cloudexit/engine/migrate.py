@@ -48,6 +48,7 @@ from cloudexit.state.meter import MeterBook
 from cloudexit.s3.parts import record_sizes, recorded_sizes
 from cloudexit.s3.source import Source
 from cloudexit.state.db import State, now
+from cloudexit.state.linkseries import LinkRecorder
 from cloudexit.stores import Delivery, Item, StoreError, StoreUnavailable
 from cloudexit.stores.filesystem import CASE_COLLISIONS, COLLISIONS, FilesystemStore, key_hash
 from cloudexit.transfer.worker import Counters, Credentials, Endpoint, FetchError, Result, S3Reader, SharedRate, Task
@@ -282,6 +283,7 @@ class Migration:
         self.ids = iter(range(1, 2**62))
         self.stop_error: BaseException | None = None
         self.link_down_since: float | None = None
+        self.link = LinkRecorder("migrate")  # link evidence (state/linkseries.py)
         self.last_ok = time.monotonic()
         self.streak = 0
         self.next_probe = 0.0
@@ -326,6 +328,7 @@ class Migration:
                     raise StateError(f"worker process {worker.name} ended before it started ({exc})",
                                      hint="check memory and the system log; then run the command again") from exc
             self._open_run()
+            self.link.run_id = self.run_id  # link evidence
             self.meters.settle(self.state, self.run_id)  # what runs killed before counted
             self._sync()
             self._sync_pacs()
@@ -906,6 +909,10 @@ class Migration:
                 self._commit_deliveries(tx, stamp)
             grew = self.meters.collect(tx, self.run_id)
             c = self.counters
+            # link evidence (state/linkseries.py): this commit's traffic, connections, limit
+            self.link.traffic(c.bytes + grew[0], c.get + grew[1], c.head + grew[2], c.list + grew[3])
+            self.link.busy(min(len(self.flights), self.capacity), self.progress.rate_limit)
+            self.link.flush(tx)
             tx.execute(
                 "UPDATE migration_runs SET get_requests = get_requests + ?, head_requests = head_requests + ?, "
                 "list_requests = list_requests + ?, restore_requests = restore_requests + ?, "
@@ -921,6 +928,7 @@ class Migration:
 
     def _apply(self, tx: sqlite3.Connection, r: Result, stamp: str) -> None:
         flight = self.flights.pop(r.id, None)  # its requests and bytes came by the meters
+        self.link.result(r)  # link evidence: TTFB, errors by kind
         self.retries += r.retries
         if flight is None:
             return
@@ -1098,6 +1106,7 @@ class Migration:
         self.progress.waiting_since, self.progress.waiting_why = since, why
         tx.execute("UPDATE migration_runs SET waiting_since = ? WHERE id = ?", (since, self.run_id))
         self.state.log("migrate.link_down", tx, run=self.run_id, detail=detail, why=why)
+        self.link.down(tx, None, detail)  # link evidence: an outage opens
 
     def _probe(self) -> None:
         if self.reader.probe(self.counters):
@@ -1110,6 +1119,7 @@ class Migration:
                 tx.execute("UPDATE migration_runs SET waiting_since = NULL, link_outages = link_outages + 1 "
                            "WHERE id = ?", (self.run_id,))
                 self.state.log("migrate.link_up", tx, run=self.run_id, down_seconds=round(down_for, 1))
+                self.link.up(tx)  # link evidence: the outage closes
             now_ = time.monotonic()
             self.retry_heap = [(now_, i, f) for _, i, f in self.retry_heap]
             heapq.heapify(self.retry_heap)

@@ -464,8 +464,9 @@ class S3Reader:
                 for name, value in signed.items():
                     conn.putheader(name, value)
                 conn.endheaders()
-                sent = True
+                sent, asked = True, time.monotonic()
                 resp = conn.getresponse()
+                self._local.ttfb = time.monotonic() - asked  # link evidence: time to first byte
                 self.count_request(method, key, counters)
                 return resp
             except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError,
@@ -593,6 +594,7 @@ class Task:
     fresh: bool = False  # discard any temp file (a resumed one failed verification)
     replaceable: int | None = None  # mtime_ns of this migration's own earlier file at `final`
     encoding: str | None = None  # envelope to decode after the raw checks (cloudexit.containers)
+    faults: list[tuple[str, str]] = field(default_factory=list)  # link evidence: what multiget met
 
 
 @dataclass
@@ -622,6 +624,10 @@ class Result:
     conflict: str | None = None  # the path that held other bytes: this copy went to quarantine
     part_sizes: list[int] | None = None  # learned from the source, for the engine to record
     decoded: dict[str, Any] | None = None  # encoding, raw_sha256, raw_size, size (plain file)
+    # Link evidence (cloudexit/state/linkseries.py): time to the first byte of the last answer,
+    # and every error met on the way (kind, detail), those retried past included.
+    ttfb: float | None = None
+    faults: list[tuple[str, str]] = field(default_factory=list)
 
 
 # -- the worker side ---------------------------------------------------------------------------------
@@ -678,10 +684,12 @@ class Fetcher:
         `multiget`) cost, counted in this result."""
         started = time.monotonic()
         result = Result(task.id, task.key, "failed", etag=task.etag)
+        result.faults.extend(task.faults)  # link evidence: what the multiget loop met first
         if prior is not None:
             result.counters.add(prior)
             result.retries += 1
         self.reader.set_credentials(task.credentials)
+        self.reader._local.ttfb = None  # this task's own answers only
         try:
             if self.stop.is_set():
                 result.outcome = "cancelled"
@@ -701,6 +709,8 @@ class Fetcher:
                     if exc.kind == "cancelled":
                         result.outcome = "cancelled"
                         return result
+                    if len(result.faults) < 32:  # link evidence, retried errors included
+                        result.faults.append((exc.kind, exc.detail))
                     changed_to = None
                     if exc.kind == "changed":
                         changed_to = self._new_version(task, result)
@@ -738,6 +748,7 @@ class Fetcher:
             return result
         finally:
             result.elapsed = time.monotonic() - started
+            result.ttfb = None if result.local else getattr(self.reader._local, "ttfb", None)
 
     def _new_version(self, task: Task, result: Result) -> dict[str, Any] | None:
         try:
