@@ -77,6 +77,13 @@ LABELS = {
 }
 
 
+def label(name: str) -> str:
+    """A tool's label; `cloudexit-headers-wN` is cloudexit-headers with `--workers N`."""
+    if name.startswith("cloudexit-headers-w"):
+        return f"{LABELS['cloudexit-headers']} --workers {name.rsplit('-w', 1)[1]}"
+    return LABELS[name]
+
+
 class Target:
     """One bucket and everything needed to run the tools against it."""
 
@@ -104,6 +111,8 @@ class Target:
                    "--db", str(db), "--json", *self.cloudexit_args]
             if name == "cloudexit-list":
                 cmd += ["--key-pattern", KEY_PATTERN[self.layout]]
+            if name.startswith("cloudexit-headers-w"):
+                cmd += ["--workers", name.rsplit("-w", 1)[1]]
             return cmd
         if name == "s5cmd":
             return [tool("s5cmd"), "--endpoint-url", url, "ls", f"s3://{self.bucket}/*"]
@@ -202,14 +211,14 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         good = [r for r in rs if r["ok"]] or [r for r in rs if r["returncode"] == 0]
         if not good:
             rows.append({"layout": layout, "keys": keys, "bucket": bucket, "tool": name,
-                         "code": code, "label": LABELS[name], "runs": len(rs), "ok_runs": 0,
+                         "code": code, "label": label(name), "runs": len(rs), "ok_runs": 0,
                          "complete": False,
                          "check": rs[-1]["check"]})
             continue
         wall = statistics.median(r["wall_s"] for r in good)
         rows.append({
             "layout": layout, "keys": keys, "bucket": bucket, "tool": name, "code": code,
-            "label": LABELS[name], "runs": len(rs), "ok_runs": sum(1 for r in rs if r["ok"]),
+            "label": label(name), "runs": len(rs), "ok_runs": sum(1 for r in rs if r["ok"]),
             "complete": all(r["ok"] for r in good), "check": good[-1]["check"],
             "median_wall_s": wall, "min_wall_s": min(r["wall_s"] for r in good),
             "max_wall_s": max(r["wall_s"] for r in good),
@@ -423,6 +432,8 @@ def main() -> None:
                     help=f"comma-separated subset of {','.join(TOOLS)}")
     ap.add_argument("--header-keys", type=int, default=10_000,
                     help="bucket size for cloudexit-headers, per layout (0: skip)")
+    ap.add_argument("--header-workers", type=int, action="append", default=[],
+                    help="also run cloudexit-headers with --workers N, alternating (repeatable)")
     ap.add_argument("--header-layout", choices=LAYOUTS, action="append",
                     help="layouts of the header-read buckets (default: every --layout)")
     ap.add_argument("--workdir", default=None,
@@ -482,14 +493,15 @@ def main() -> None:
                     tools = [t for t in tools if t != "cloudexit-list"]
                 plan.append((target, tools))
         for layout in args.header_layout or layouts:
-            if args.header_keys and "cloudexit-headers" in wanted:
+            if args.header_keys and ("cloudexit-headers" in wanted or args.header_workers):
                 bucket = f"inv-{layout}-{args.header_keys}"
                 info = ensure_bucket(server, bucket, args.header_keys, layout,
                                      method=args.populate, log=_log)
                 result["populate"].append(info)
                 plan.append((Target(server, bucket, args.header_keys, layout, scratch,
                                     args.cloudexit_args.split(), client),
-                             [t for t in ("cloudexit-headers", "s5cmd", "s5cmd-cp") if t in wanted]))
+                             [f"cloudexit-headers-w{n}" for n in args.header_workers]
+                             + [t for t in ("cloudexit-headers", "s5cmd", "s5cmd-cp") if t in wanted]))
         if args.populate_only:
             return
         for target, tools in plan:
