@@ -47,6 +47,7 @@ from cloudexit.core.errors import CloudexitError, CredentialsError, Interrupted,
 from cloudexit.state.meter import MeterBook
 from cloudexit.s3.parts import record_sizes, recorded_sizes
 from cloudexit.s3.source import Source
+from cloudexit.state import members
 from cloudexit.state.db import State, now
 from cloudexit.state.linkseries import LinkRecorder
 from cloudexit.stores import Delivery, Item, StoreError, StoreUnavailable
@@ -579,6 +580,8 @@ class Migration:
             return "inspect"
         if o["kind"] == "other" and self.config.non_dicom == "skip":
             return "skipped"
+        if members.is_zip(o) and not self.config.keep_containers:  # zipped study (state/members.py)
+            return "skipped"
         return "queued"
 
     def _sync(self) -> None:
@@ -641,6 +644,7 @@ class Migration:
             finally:
                 self._known_folders = None
             tx.execute("DROP TABLE temp.cx_new")
+            members.sync_containers(tx, dest, self.config.keep_containers)  # zipped studies
             if deleted or changed:
                 self.state.log("migrate.sync", tx, run=self.run_id, deleted=deleted, changed=len(changed))
 
@@ -824,7 +828,7 @@ class Migration:
         if len(picked) < room:
             fresh = self.state.query(
                 "SELECT t.key, t.seq, t.etag, t.size, t.kind, t.path, t.attempts, t.range_size, t.mtime_ns, t.part_sizes, "
-                "o.sop_uid, o.study_uid, o.series_uid, o.checksums, o.encoding FROM transfers t "
+                "o.sop_uid, o.study_uid, o.series_uid, o.checksums, o.encoding, o.member, o.container FROM transfers t "
                 "JOIN objects o ON o.key = t.key WHERE t.dest = ? AND t.state = 'queued' AND t.seq > ? "
                 "ORDER BY t.seq LIMIT ?", (self.dest, self.cursor, min(room - len(picked), 512)))
             if len(fresh) < room - len(picked):
@@ -884,7 +888,8 @@ class Migration:
             credentials=self.credentials, large=large, range_size=range_size or self.config.range_size,
             done_ranges=done_ranges, replaceable=r["mtime_ns"],
             part_sizes=recorded_sizes(r["part_sizes"], r["etag"], r["size"]),
-            encoding=r["encoding"] if r["kind"] == "dicom" else None)
+            encoding=r["encoding"] if r["kind"] == "dicom" and not r["member"] else None,
+            member=members.task_member(r))  # a file inside a zip (transfer/zipmember.py)
         return _Flight(r["seq"], r["key"], r["etag"], r["size"], r["kind"], r["path"], task,
                        attempts=r["attempts"] + 1)
 

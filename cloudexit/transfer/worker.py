@@ -595,6 +595,7 @@ class Task:
     replaceable: int | None = None  # mtime_ns of this migration's own earlier file at `final`
     encoding: str | None = None  # envelope to decode after the raw checks (cloudexit.containers)
     faults: list[tuple[str, str]] = field(default_factory=list)  # link evidence: what multiget met
+    member: dict[str, Any] | None = None  # zipped study: this member (transfer/zipmember.py)
 
 
 @dataclass
@@ -695,12 +696,16 @@ class Fetcher:
                 result.outcome = "cancelled"
                 return result
             self.placer.prepare(task.final)
-            if os.path.exists(task.final) and self._verify_local(task, result):
+            if task.member is None and os.path.exists(task.final) and self._verify_local(task, result):
                 return result
             attempt = connection_failures = 0
             while True:
                 try:
-                    if task.large:
+                    if task.member is not None:  # a file inside a zip (transfer/zipmember.py)
+                        from cloudexit.transfer.zipmember import fetch_member
+
+                        fetch_member(self, task, result)
+                    elif task.large:
                         self._fetch_large(task, result)
                     else:
                         self._fetch(task, result)
