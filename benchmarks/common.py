@@ -34,7 +34,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 from urllib.parse import quote
 
 import psutil
@@ -400,7 +400,8 @@ def _cpu(proc: psutil.Process | None) -> float:
 
 def measure(cmd: Sequence[str], env: dict[str, str] | None = None, stdout: str | None = None,
             server_pid: int | None = None, timeout: float = 3600, count_lines: bool = True,
-            cwd: str | None = None, tree_sample_s: float = 0.1) -> Measurement:
+            cwd: str | None = None, tree_sample_s: float = 0.1,
+            on_start: Callable[[psutil.Process], None] | None = None) -> Measurement:
     """Run `cmd` (under /usr/bin/time), wait for it with wait4, report time, CPU and memory.
 
     Stdout goes to the file `stdout` (or /dev/null); with `count_lines`, its lines are counted
@@ -420,6 +421,8 @@ def measure(cmd: Sequence[str], env: dict[str, str] | None = None, stdout: str |
     started = time.perf_counter()
     proc = subprocess.Popen(full, stdout=out, stderr=err, env=env, cwd=cwd)
     ps = psutil.Process(proc.pid)
+    if on_start is not None:
+        on_start(ps)
     peak_tree = 0
     deadline = started + timeout
     next_sample = 0.0
@@ -496,3 +499,71 @@ def versions() -> dict[str, str]:
         "memory_gb": f"{psutil.virtual_memory().total / 2**30:.0f}",
         "kernel": platform.release(),
     }
+
+
+# -- start-up: when the first request reaches the store -------------------------------------------
+class FirstRequest:
+    """A loopback TCP relay in front of the S3 server that notes when requests arrive.
+
+    `first` is the `time.perf_counter()` of the first bytes of the first request (any kind),
+    `first_get` that of the first object GET (a request line `GET /bucket/key` without a
+    query): the fixed start-up of a command is `first_get - launched`. The relay is only used
+    for the start-up runs (one object), so its own cost does not matter.
+    """
+
+    def __init__(self, port: int, bucket: str) -> None:
+        import socket
+
+        self.target, self.bucket = port, bucket
+        self.first: float | None = None
+        self.first_get: float | None = None
+        self.watch: psutil.Process | None = None  # the command: its CPU is read at the first GET
+        self.cpu_at_get: float | None = None
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self._stop = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def reset(self) -> None:
+        self.first = self.first_get = self.cpu_at_get = self.watch = None
+
+    def close(self) -> None:
+        self._stop = True
+        self.listener.close()
+
+    def _accept(self) -> None:
+        import socket
+
+        while not self._stop:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target))
+            threading.Thread(target=self._pipe, args=(client, upstream, True), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(upstream, client, False), daemon=True).start()
+
+    def _pipe(self, src, dst, requests: bool) -> None:
+        get = f"GET /{self.bucket}/".encode()
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                if requests:
+                    now = time.perf_counter()
+                    if self.first is None:
+                        self.first = now
+                    line = data.split(b"\r\n", 1)[0]
+                    if self.first_get is None and line.startswith(get) and b"?" not in line:
+                        self.first_get = now
+                        self.cpu_at_get = _cpu(self.watch) if self.watch else None
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.close()
+                except OSError:
+                    pass

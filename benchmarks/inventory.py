@@ -17,6 +17,8 @@ then runs, alternating, with the order rotated every repeat:
                      layout it is the only mode cloudexit has (the keys hold no UIDs), so the
                      flat main bucket has no cloudexit row
   s5cmd              `s5cmd ls 's3://BUCKET/*'`
+  s5cmd-cp           `s5cmd cp 's3://BUCKET/*' DIR/` on the header-read buckets only: one GET per
+                     object, the anchor of cloudexit-headers (ratios in the last two columns)
   rclone             `rclone lsf -R --files-only bench:BUCKET` (directory walk, 8 checkers)
   rclone-fast-list   the same with `--fast-list` (one recursive listing)
   aws                `aws s3 ls --recursive s3://BUCKET/`
@@ -28,6 +30,12 @@ same bucket. Every run is checked: the listing tools must print one line per key
 record every key; a cloudexit run that exits 0 but misses keys is reported as INCOMPLETE. Each
 cloudexit run records the fingerprint of the inventory modules it ran (`code_version`).
 
+    --pin               the S3 server on core 1, every tool on core 0 (taskset): CPU figures
+                        without the server's CPU taken from the client
+    --startup N         start-up of inventory and migrate on a one-object bucket, N times:
+                        wall, CPU, and launch to the first request / object GET (a relay)
+    --header-layout L   layouts of the header-read buckets (flat: Orthanc-style uuid keys)
+    --keys 0            no listing bucket (header reads and start-up only)
     --py-spy            also profile one cloudexit run per bucket (py-spy --gil; top frames)
     --report FILE...    print the tables of saved results again (merged)
     --populate-only     fill the buckets and stop (500k keys: ~20 min on a busy 2-core machine)
@@ -53,27 +61,37 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import (KEY_PATTERN, LAYOUTS, REPO, Measurement, bench_server,
+from common import (KEY_PATTERN, LAYOUTS, REPO, FirstRequest, Measurement, bench_server,
                     ensure_bucket, measure, tool, versions)
 
-TOOLS = ("cloudexit-list", "cloudexit-headers", "s5cmd", "rclone", "rclone-fast-list", "aws")
+TOOLS = ("cloudexit-list", "cloudexit-headers", "s5cmd", "s5cmd-cp", "rclone", "rclone-fast-list",
+         "aws")
 LABELS = {
     "cloudexit-list": "cloudexit inventory --key-pattern (listing)",
     "cloudexit-headers": "cloudexit inventory (reads every header)",
     "s5cmd": "s5cmd ls",
+    "s5cmd-cp": "s5cmd cp (GETs every object)",
     "rclone": "rclone lsf -R",
     "rclone-fast-list": "rclone lsf -R --fast-list",
     "aws": "aws s3 ls --recursive",
 }
 
 
+def label(name: str) -> str:
+    """A tool's label; `cloudexit-headers-wN` is cloudexit-headers with `--workers N`."""
+    if name.startswith("cloudexit-headers-w"):
+        return f"{LABELS['cloudexit-headers']} --workers {name.rsplit('-w', 1)[1]}"
+    return LABELS[name]
+
+
 class Target:
     """One bucket and everything needed to run the tools against it."""
 
     def __init__(self, server: Any, bucket: str, keys: int, layout: str, scratch: Path,
-                 cloudexit_args: list[str]) -> None:
+                 cloudexit_args: list[str], client: list[str] | None = None) -> None:
         self.server, self.bucket, self.keys, self.layout = server, bucket, keys, layout
         self.scratch = scratch
+        self.client = client or []  # e.g. `taskset -c 0` (--pin)
         self.cloudexit_args = cloudexit_args
         self.env = {**os.environ, **server.env()}
         self.env.pop("AWS_PROFILE", None)
@@ -93,9 +111,14 @@ class Target:
                    "--db", str(db), "--json", *self.cloudexit_args]
             if name == "cloudexit-list":
                 cmd += ["--key-pattern", KEY_PATTERN[self.layout]]
+            if name.startswith("cloudexit-headers-w"):
+                cmd += ["--workers", name.rsplit("-w", 1)[1]]
             return cmd
         if name == "s5cmd":
             return [tool("s5cmd"), "--endpoint-url", url, "ls", f"s3://{self.bucket}/*"]
+        if name == "s5cmd-cp":
+            return [tool("s5cmd"), "--endpoint-url", url, "cp", f"s3://{self.bucket}/*",
+                    str(db.parent / "copy") + "/"]
         if name == "rclone":
             return [tool("rclone"), "lsf", "-R", "--files-only", f"bench:{self.bucket}"]
         if name == "rclone-fast-list":
@@ -111,7 +134,7 @@ class Target:
             code = code_version()  # the package may be edited between runs: record what ran
             load = os.getloadavg()[0]
             busy0 = _busy()
-            m = measure(self.command(name, db), env=self.env, stdout=str(out),
+            m = measure(self.client + self.command(name, db), env=self.env, stdout=str(out),
                         server_pid=self.server.proc.pid, count_lines=not name.startswith("cloudexit"),
                         tree_sample_s=0.25)
             busy = _busy() - busy0
@@ -127,6 +150,9 @@ class Target:
     def _check(self, name: str, m: Measurement, out: Path) -> tuple[bool, str]:
         if m.returncode != 0:
             return False, f"exit code {m.returncode}"
+        if name == "s5cmd-cp":
+            copied = sum(1 for p in (out.parent / "copy").rglob("*") if p.is_file())
+            return copied == self.keys, f"{copied} files for {self.keys} keys"
         if not name.startswith("cloudexit"):
             ok = m.stdout_lines == self.keys
             return ok, f"{m.stdout_lines} lines for {self.keys} keys"
@@ -142,8 +168,9 @@ class Target:
                     f"get_requests={inv['inventory']['get_requests']}")
 
 
-INVENTORY_SOURCES = ("inventory.py", "lean.py", "source.py", "state.py", "dicom.py", "dicomscan.py",
-                     "paths.py", "config.py", "transfer.py")
+INVENTORY_SOURCES = ("inventory.py", "s3/lean.py", "s3/listing.py", "s3/headers.py", "s3/source.py",
+                     "state/db.py", "dicom/header.py", "dicom/scan.py", "core/paths.py",
+                     "core/config.py", "transfer/worker.py", "cli/__init__.py")
 
 
 def code_version() -> str:
@@ -162,7 +189,8 @@ def code_version() -> str:
     head = git("rev-parse", "--short", "HEAD") or "?"
     digest = hashlib.sha1()
     for path in paths:
-        digest.update(path.name.encode() + b"\0" + (path.read_bytes() if path.exists() else b""))
+        digest.update(str(path.relative_to(REPO)).encode() + b"\0"
+                      + (path.read_bytes() if path.exists() else b""))
     dirty = "+dirty" if git("status", "--porcelain", "--", *map(str, paths)) else ""
     return f"{head}{dirty}:{digest.hexdigest()[:8]}"
 
@@ -184,14 +212,14 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         good = [r for r in rs if r["ok"]] or [r for r in rs if r["returncode"] == 0]
         if not good:
             rows.append({"layout": layout, "keys": keys, "bucket": bucket, "tool": name,
-                         "code": code, "label": LABELS[name], "runs": len(rs), "ok_runs": 0,
+                         "code": code, "label": label(name), "runs": len(rs), "ok_runs": 0,
                          "complete": False,
                          "check": rs[-1]["check"]})
             continue
         wall = statistics.median(r["wall_s"] for r in good)
         rows.append({
             "layout": layout, "keys": keys, "bucket": bucket, "tool": name, "code": code,
-            "label": LABELS[name], "runs": len(rs), "ok_runs": sum(1 for r in rs if r["ok"]),
+            "label": label(name), "runs": len(rs), "ok_runs": sum(1 for r in rs if r["ok"]),
             "complete": all(r["ok"] for r in good), "check": good[-1]["check"],
             "median_wall_s": wall, "min_wall_s": min(r["wall_s"] for r in good),
             "max_wall_s": max(r["wall_s"] for r in good),
@@ -208,14 +236,19 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if ref and row.get("median_wall_s"):
             row["wall_vs_s5cmd"] = row["median_wall_s"] / ref["median_wall_s"]
             row["cpu_vs_s5cmd"] = row["median_cpu_s"] / ref["median_cpu_s"]
+        cp = next((r for r in rows if r["bucket"] == row["bucket"] and r["tool"] == "s5cmd-cp"
+                   and r.get("median_wall_s")), None)
+        if cp and row.get("median_wall_s"):  # header reads: both make one GET per object
+            row["wall_vs_s5cmd_cp"] = row["median_wall_s"] / cp["median_wall_s"]
+            row["cpu_vs_s5cmd_cp"] = row["median_cpu_s"] / cp["median_cpu_s"]
     return rows
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
     head = ("| layout | keys | tool | runs | median wall (s) | best wall (s) | keys/s (median) | "
             "CPU user+sys (s) | server CPU (s) | others' CPU (s) | peak RSS (MB) | "
-            "wall vs s5cmd | CPU vs s5cmd |\n"
-            "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+            "wall vs s5cmd | CPU vs s5cmd | wall vs s5cmd cp | CPU vs s5cmd cp |\n"
+            "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     lines = [head]
     for r in rows:
         label = r["label"] + (f" [code {r['code']}]" if r.get("code") else "")
@@ -223,16 +256,19 @@ def markdown(rows: list[dict[str, Any]]) -> str:
             label += f" **INCOMPLETE** ({r['check']})"
         if not r.get("median_wall_s"):
             lines.append(f"| {r['layout']} | {r['keys']:,} | {label} | 0/{r['runs']} | "
-                         "failed | | | | | | | | |")
+                         "failed | | | | | | | | | | |")
             continue
         ratio = f"{r['wall_vs_s5cmd']:.2f}x" if "wall_vs_s5cmd" in r else ""
         cpu_ratio = f"{r['cpu_vs_s5cmd']:.2f}x" if "cpu_vs_s5cmd" in r else ""
+        cp_ratio = (f"{r['wall_vs_s5cmd_cp']:.2f}x | {r['cpu_vs_s5cmd_cp']:.2f}x"
+                    if "wall_vs_s5cmd_cp" in r else " | ")
         runs = f"{r['ok_runs']}" if r.get("complete", True) else f"0/{r['runs']}"
         lines.append(
             f"| {r['layout']} | {r['keys']:,} | {label} | {runs} | "
             f"{r['median_wall_s']:.2f} | {r['min_wall_s']:.2f} | {r['keys_per_s']:,.0f} | "
             f"{r['median_cpu_s']:.2f} | {r['median_server_cpu_s']:.2f} | "
-            f"{r['median_other_cpu_s']:.1f} | {r['peak_rss_mb']:.0f} | {ratio} | {cpu_ratio} |")
+            f"{r['median_other_cpu_s']:.1f} | {r['peak_rss_mb']:.0f} | {ratio} | {cpu_ratio} | "
+            f"{cp_ratio} |")
     return "\n".join(lines)
 
 
@@ -314,15 +350,93 @@ def _frame(text: str) -> str:
     return f"{match['func']} ({short})"
 
 
+def startup(server: Any, client: list[str], scratch: Path, repeat: int) -> list[dict[str, Any]]:
+    """The fixed start-up of `cloudexit inventory` and `cloudexit migrate` on a one-object
+    bucket: wall time, and the time from launch to the first request and the first object GET
+    reaching the store (through `FirstRequest`), next to `python -c pass` and `s5cmd cp`."""
+    bucket = "inv-flat-1"
+    ensure_bucket(server, bucket, 1, "flat", log=_log)
+    relay = FirstRequest(int(server.endpoint_url.rsplit(":", 1)[1]), bucket)
+    url = f"http://127.0.0.1:{relay.port}"
+    env = {**os.environ, **server.env(), "AWS_ENDPOINT_URL": url}
+    env.pop("AWS_PROFILE", None)
+    rows = []
+    try:
+        for rep in range(repeat):
+            work = Path(tempfile.mkdtemp(prefix="startup-", dir=scratch))
+            db = work / "state.db"
+            cli = [tool("cloudexit")]
+            commands = {
+                "python -c pass": [sys.executable, "-c", "pass"],
+                "s5cmd cp (1 object)": [tool("s5cmd"), "--endpoint-url", url, "cp",
+                                        f"s3://{bucket}/*", str(work / "s5") + "/"],
+                "cloudexit --version": [*cli, "--version"],
+                "cloudexit inventory (1 object)": [*cli, "inventory", f"s3://{bucket}", "--endpoint-url",
+                                                   url, "--db", str(db), "-q"],
+                "cloudexit migrate (1 object)": [*cli, "migrate", "--to", str(work / "dest"), "--db",
+                                                 str(db), "-q"],
+            }
+            for name, cmd in commands.items():
+                relay.reset()
+                launched = time.perf_counter()
+                m = measure(client + cmd, env=env, stdout=str(work / "stdout"), count_lines=False,
+                            on_start=lambda proc: setattr(relay, "watch", proc))
+                row = {"repeat": rep, "what": name, "wall_s": m.wall_s, "cpu_s": m.cpu_s,
+                       "peak_rss_mb": m.peak_rss_mb, "returncode": m.returncode,
+                       "first_request_s": relay.first - launched if relay.first else None,
+                       "first_get_s": relay.first_get - launched if relay.first_get else None,
+                       "cpu_to_first_get_s": relay.cpu_at_get,
+                       "code": code_version() if name.startswith("cloudexit") else None}
+                rows.append(row)
+                _log(f"  startup [{rep + 1}/{repeat}] {name:<32} {m.wall_s:6.3f} s wall "
+                     f"{m.cpu_s:6.3f} s CPU  first request "
+                     f"{_secs(row['first_request_s'])}  first GET {_secs(row['first_get_s'])} "
+                     f"(CPU by then {_secs(row['cpu_to_first_get_s'])})"
+                     f"{'' if m.returncode == 0 else f'  EXIT {m.returncode}'}")
+            shutil.rmtree(work, ignore_errors=True)
+    finally:
+        relay.close()
+    return rows
+
+
+def _secs(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f} s"
+
+
+def startup_table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| command | runs | median wall | median CPU | first request | first object GET | "
+             "CPU by the first GET |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for what, rs in _by(rows, lambda r: r["what"]).items():
+        def med(field: str, rs: list[dict[str, Any]] = rs) -> str:
+            values = [r[field] for r in rs if r.get(field) is not None]
+            return _secs(statistics.median(values)) if values else "-"
+        lines.append(f"| {what} | {len(rs)} | {med('wall_s')} | {med('cpu_s')} | "
+                     f"{med('first_request_s')} | {med('first_get_s')} | {med('cpu_to_first_get_s')} |")
+    return "\n".join(lines)
+
+
+def pin_server(server: Any) -> None:
+    """Every thread of the S3 server on core 1 (the tools run on core 0: `--pin`)."""
+    import subprocess
+
+    subprocess.run(["taskset", "-a", "-p", "-c", "1", str(server.proc.pid)], check=True,
+                   capture_output=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--keys", type=int, action="append", help="keys in the bucket (repeatable)")
+    ap.add_argument("--keys", type=int, action="append",
+                    help="keys in the bucket (repeatable; 0: no listing bucket)")
     ap.add_argument("--layout", choices=LAYOUTS, action="append", help="key layout (repeatable)")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--tools", default=",".join(TOOLS),
                     help=f"comma-separated subset of {','.join(TOOLS)}")
     ap.add_argument("--header-keys", type=int, default=10_000,
                     help="bucket size for cloudexit-headers, per layout (0: skip)")
+    ap.add_argument("--header-workers", type=int, action="append", default=[],
+                    help="also run cloudexit-headers with --workers N, alternating (repeatable)")
+    ap.add_argument("--header-layout", choices=LAYOUTS, action="append",
+                    help="layouts of the header-read buckets (default: every --layout)")
     ap.add_argument("--workdir", default=None,
                     help="keep SeaweedFS data (and filled buckets) here for the next run")
     ap.add_argument("--populate", choices=("filer", "s5cmd", "boto3"), default="filer")
@@ -330,6 +444,10 @@ def main() -> None:
     ap.add_argument("--cloudexit-args", default="", help="extra arguments for cloudexit inventory")
     ap.add_argument("--py-spy", action="store_true",
                     help="also profile one cloudexit run per bucket with py-spy")
+    ap.add_argument("--pin", action="store_true",
+                    help="the S3 server on core 1, every tool on core 0 (taskset)")
+    ap.add_argument("--startup", type=int, default=0, metavar="N",
+                    help="also measure the start-up of inventory and migrate, N times")
     ap.add_argument("--out", default=None, help="JSON results file")
     ap.add_argument("--report", nargs="+", metavar="JSON",
                     help="print the tables of saved results (merged) and stop")
@@ -350,29 +468,41 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
 
     server = bench_server(args.workdir)
+    client = ["taskset", "-c", "0"] if args.pin else []
+    if args.pin:
+        pin_server(server)
     scratch = Path(tempfile.mkdtemp(prefix="cloudexit-bench-runs-"))
-    result: dict[str, Any] = {"started": started.isoformat(), "argv": sys.argv,
+    result: dict[str, Any] = {"started": started.isoformat(), "argv": sys.argv, "pinned": args.pin,
                               "versions": versions(), "runs": [], "populate": [], "profiles": []}
     try:
+        if args.startup:
+            result["startup"] = startup(server, client, scratch, args.startup)
+            _save(out, result)
+            print("\n" + startup_table(result["startup"]) + "\n")
         plan: list[tuple[Target, list[str]]] = []
         for layout in layouts:
             for keys in keys_list:
+                if keys == 0:  # --keys 0: only the header reads (and --startup)
+                    continue
                 bucket = f"inv-{layout}-{keys}"
                 info = ensure_bucket(server, bucket, keys, layout, method=args.populate, log=_log)
                 result["populate"].append(info)
-                target = Target(server, bucket, keys, layout, scratch, args.cloudexit_args.split())
-                tools = [t for t in wanted if t != "cloudexit-headers"]
+                target = Target(server, bucket, keys, layout, scratch, args.cloudexit_args.split(),
+                                client)
+                tools = [t for t in wanted if t not in ("cloudexit-headers", "s5cmd-cp")]
                 if layout == "flat":  # no UIDs in flat keys
                     tools = [t for t in tools if t != "cloudexit-list"]
                 plan.append((target, tools))
-            if args.header_keys and "cloudexit-headers" in wanted:
+        for layout in args.header_layout or layouts:
+            if args.header_keys and ("cloudexit-headers" in wanted or args.header_workers):
                 bucket = f"inv-{layout}-{args.header_keys}"
                 info = ensure_bucket(server, bucket, args.header_keys, layout,
                                      method=args.populate, log=_log)
                 result["populate"].append(info)
                 plan.append((Target(server, bucket, args.header_keys, layout, scratch,
-                                    args.cloudexit_args.split()),
-                             [t for t in ("cloudexit-headers", "s5cmd") if t in wanted]))
+                                    args.cloudexit_args.split(), client),
+                             [f"cloudexit-headers-w{n}" for n in args.header_workers]
+                             + [t for t in ("cloudexit-headers", "s5cmd", "s5cmd-cp") if t in wanted]))
         if args.populate_only:
             return
         for target, tools in plan:
@@ -401,6 +531,8 @@ def main() -> None:
     finally:
         server.stop()
         shutil.rmtree(scratch, ignore_errors=True)
+        if result.get("startup"):
+            print("\n" + startup_table(result["startup"]))
         if result["runs"]:
             result["summary"] = summarize(result["runs"])
             result["memory"] = memory_check(result["summary"])
@@ -416,6 +548,8 @@ def report(paths: list[str]) -> None:
         data = json.loads(Path(path).read_text())
         print(f"{path}: started {data['started']}, versions {data['versions']}")
         runs += data["runs"]
+        if data.get("startup"):
+            print(startup_table(data["startup"]))
     rows = summarize(runs)
     report_rows(rows, memory_check(rows))
 

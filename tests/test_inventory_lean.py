@@ -44,3 +44,34 @@ def test_regex_and_tree_parsers_agree() -> None:
 def test_irregular_xml_goes_to_elementtree() -> None:
     body = _page(True).replace(b"<Key>a/b.dcm</Key>", b"<Key><![CDATA[a/b.dcm]]></Key>")
     assert parse_page(body).objects[0].key == "a/b.dcm"
+
+
+def test_field_orders_and_quote_spellings() -> None:
+    """SeaweedFS writes Key, ETag, Size, StorageClass, LastModified and quotes as `&#34;`; S3
+    writes Key, LastModified, ETag, ChecksumAlgorithm, Size and `&quot;`. A block that does not
+    start with its Key, or lacks one, goes to ElementTree; every shape reads alike."""
+    weed = ("<Contents><Key>{k}</Key><ETag>&#34;{e}&#34;</ETag><Size>{s}</Size>"
+            "<StorageClass>STANDARD</StorageClass><LastModified>2026-12-03T13:57:43Z</LastModified>"
+            "</Contents>")
+    aws = ("<Contents><Key>{k}</Key><LastModified>2026-12-03T13:57:43.000Z</LastModified>"
+           "<ETag>&quot;{e}&quot;</ETag><ChecksumAlgorithm>CRC64NVME</ChecksumAlgorithm>"
+           "<Size>{s}</Size><StorageClass>GLACIER</StorageClass></Contents>")
+    key_last = "<Contents><ETag>&quot;{e}&quot;</ETag><Size>{s}</Size><Key>{k}</Key></Contents>"
+    odd_etag = "<Contents><Key>{k}</Key><ETag>&quot;a&amp;b&quot;</ETag><Size>{s}</Size></Contents>"
+    no_key = "<Contents><ETag>&quot;{e}&quot;</ETag><Size>{s}</Size></Contents>"
+    for block in (weed, aws, key_last, odd_etag):
+        blocks = "".join(block.format(k=f"d/{i}.dcm", e=f"{i:032x}", s=i * 7) for i in range(5))
+        body = ('<?xml version="1.0" encoding="UTF-8"?><ListBucketResult><Name>b</Name>'
+                f"<IsTruncated>false</IsTruncated>{blocks}</ListBucketResult>").encode()
+        page = parse_page(body)
+        assert page == parse_page_tree(body)
+        assert [o.key for o in page.objects] == [f"d/{i}.dcm" for i in range(5)]
+        assert [o.size for o in page.objects] == [i * 7 for i in range(5)]
+        if block is odd_etag:
+            assert page.objects[0].etag == "a&b"
+        else:
+            assert [o.etag for o in page.objects] == [f"{i:032x}" for i in range(5)]
+    body = (f"<ListBucketResult>{weed.format(k='a', e='1', s=1)}{no_key.format(e='2', s=2)}"
+            "</ListBucketResult>").encode()
+    assert parse_page(body) == parse_page_tree(body)
+    assert [o.key for o in parse_page(body).objects] == ["a", ""]

@@ -61,12 +61,15 @@ def test_https_endpoint_with_a_private_ca(cli, tls_bucket, tls_proxy: FaultProxy
 
 def test_our_client_trusts_what_boto3_trusts(s3_env, tmp_path: Path, ca, monkeypatch) -> None:
     """The lean GET path verifies with the bundle boto3 uses: AWS_CA_BUNDLE, a profile's
-    `ca_bundle`, or botocore's default; never the OS store behind boto3's back."""
+    `ca_bundle`, or botocore's default; never the OS store behind boto3's back. (Plain HTTP
+    has no certificate: botocore's CA lookup is skipped there.)"""
     from botocore.httpsession import get_cert_path
 
     from cloudexit.core.config import SourceConfig
     from cloudexit.s3.source import Source
 
+    assert Source("s3://b").lean_endpoint()[0].verify is True  # s3_env: http://
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_env.endpoint_url.replace("http://", "https://"))
     monkeypatch.delenv("AWS_CA_BUNDLE", raising=False)
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
     assert Source("s3://b").lean_endpoint()[0].verify == get_cert_path(True)
@@ -90,7 +93,8 @@ def test_untrusted_certificate_stops_inventory_clearly(cli, tls_bucket, tls_prox
     result = cli("inventory", f"s3://{tls_bucket[0]}", "--endpoint-url", tls_proxy.endpoint_url,
                  "--db", str(db), "-q")
     assert result.exit_code == 1
-    assert "the certificate is not trusted" in result.output
+    # The early check goes through the lean path, which names the host.
+    assert "the certificate of 127.0.0.1 is not trusted" in result.output
     assert "AWS_CA_BUNDLE" in result.output
     assert "cannot reach" not in result.output  # not mistaken for an outage
     assert time.monotonic() - started < 30  # and not retried as one
@@ -110,7 +114,8 @@ def test_untrusted_certificate_stops_migrate_before_anything(cli, tls_bucket, tl
     dest = tmp_path / "archive"
     result = cli("migrate", "--to", str(dest), "--db", str(db), "--endpoint-url", url, "-q")
     assert result.exit_code == 1
-    assert "the certificate is not trusted" in result.output and "AWS_CA_BUNDLE" in result.output
+    assert "the certificate of 127.0.0.1 is not trusted" in result.output
+    assert "AWS_CA_BUNDLE" in result.output
     assert tls_proxy.count("GET") == 0
     assert not list(dest.rglob("*.dcm"))
 

@@ -63,6 +63,13 @@ class LeanS3:
         what = f"bucket {self.source.bucket}: listing {prefix!r}"
         return self._retried(lambda: self._list(query, what), what)
 
+    def check(self) -> None:
+        """`Source.check` on this path (a one-key page): fail early, with the same messages."""
+        query = {"list-type": "2", "encoding-type": "url",
+                 **list_query(self.source.prefix, None, None, None, 1)}
+        what = f"bucket {self.source.bucket}"
+        self._retried(lambda: self._list(query, what), what)
+
     def read_range(self, key: str, start: int, end: int, etag: str | None = None) -> RangeRead:
         """Bytes [start, end] of an object, checked against `etag` (If-Match), as
         `Source.read_range`."""
@@ -128,35 +135,41 @@ class LeanS3:
         return self.source.error(Failure(ErrorKind(exc.kind), exc.detail, exc.status, exc.code), what)
 
 
-_CONTENTS = re.compile(r"<Contents>(.*?)</Contents>", re.DOTALL)
 _FIELD = re.compile(r"<(Key|Size|ETag|LastModified|StorageClass)>([^<]*)</")
+_SLOT = {"Size": 1, "ETag": 2, "LastModified": 3, "StorageClass": 4}
 _TOKEN = re.compile(r"<NextContinuationToken>([^<]*)</NextContinuationToken>")
 _PREFIX = re.compile(r"<CommonPrefixes>\s*<Prefix>([^<]*)</Prefix>\s*</CommonPrefixes>")
+_QUOTES = ("&#34;", "&quot;")  # an ETag's quotes as Go's XML encoder and S3 write them
 
 
 def parse_page(body: bytes) -> ListPage:
     """A ListObjectsV2 answer (XML) as a `ListPage`, keys URL-decoded when the answer says so.
 
-    S3's answers are flat and regular, so fields are read with two regexes (2-3x less CPU than
-    building an ElementTree); anything irregular (CDATA, namespace prefixes, attributes, a
-    block without a Key) is parsed by ElementTree instead.
+    S3's answers are flat and regular, so the fields of all objects are read by one regex pass
+    over the page, each object starting at its Key (2-3x less CPU than building an ElementTree,
+    and half that of a pass per object); anything irregular (CDATA, namespace prefixes,
+    attributes, a block without a Key or not starting with it) is parsed by ElementTree instead.
     """
     text = body.decode("utf-8")
     if "<![CDATA[" in text or text.count("<CommonPrefixes") != text.count("<CommonPrefixes>"):
         return parse_page_tree(body)
     encoded = "<EncodingType>url</EncodingType>" in text
     objects = []
-    for match in _CONTENTS.finditer(text):
-        fields = dict(_FIELD.findall(match.group(1)))
-        key = fields.get("Key")
-        if key is None:
-            return parse_page_tree(body)
-        etag = fields.get("ETag", "")
-        storage = fields.get("StorageClass") or "STANDARD"
-        objects.append(ListedObject(_text(key, encoded), int(fields.get("Size") or 0),
-                                    _text(etag, False).strip('"'), fields.get("LastModified", ""),
-                                    "STANDARD" if storage == "STANDARD" else storage))
-    if text.count("<Contents") != len(objects):
+    row: list[str] | None = None
+    for tag, value in _FIELD.findall(text):
+        if tag == "Key":
+            if row is not None:
+                objects.append(_listed(row, encoded))
+            row = [value, "0", "", "", "STANDARD"]
+        elif row is None:
+            return parse_page_tree(body)  # a field before the first Key: not the usual order
+        else:
+            row[_SLOT[tag]] = value
+    if row is not None:
+        objects.append(_listed(row, encoded))
+    # Every block must have given exactly one object (a block without a Key would have lent
+    # its fields to the one before it).
+    if text.count("<Contents") != len(objects) or text.count("<Contents>") != len(objects):
         return parse_page_tree(body)
     # Markup cannot hide in keys or other text ('<' is always escaped there), so the top-level
     # elements can be looked for anywhere.
@@ -166,6 +179,20 @@ def parse_page(body: bytes) -> ListPage:
     truncated = "<IsTruncated>true</IsTruncated>" in text
     token = _TOKEN.search(text)
     return ListPage(objects, prefixes, truncated, _text(token.group(1), False) if token else None)
+
+
+def _listed(row: list[str], encoded: bool) -> ListedObject:
+    key, size, etag, modified, storage = row
+    if "&" in etag:
+        for quote in _QUOTES:
+            n = len(quote)
+            if etag.startswith(quote) and etag.endswith(quote) and "&" not in etag[n:-n]:
+                etag = etag[n:-n]  # the common case, without html.unescape
+                break
+        else:
+            etag = _text(etag, False)
+    return ListedObject(_text(key, encoded), int(size or 0), etag.strip('"'), modified,
+                        "STANDARD" if storage in ("STANDARD", "") else storage)
 
 
 def _text(value: str, url_encoded: bool) -> str:

@@ -58,6 +58,7 @@ class Listing:
     _lean: LeanS3 | None
     _pages: queue.Queue[ListingPage | BaseException]
     _stop: threading.Event
+    _wake: threading.Event  # set when a page is queued: the writer waits on it
 
     # -- listing (worker threads) ---------------------------------------------------------
     def _list_task(self, task: ListingTask) -> None:
@@ -68,11 +69,13 @@ class Listing:
                 self._list_group(task)
         except BaseException as exc:  # noqa: BLE001 - handed to the writer thread to raise
             self._pages.put(exc)
+            self._wake.set()
 
     def _put(self, page: ListingPage) -> None:
         while not self._stop.is_set():
             try:
                 self._pages.put(page, timeout=0.2)
+                self._wake.set()
                 return
             except queue.Full:
                 continue
