@@ -329,12 +329,12 @@ class CStoreStore:
         """For a shared SOP Instance UID, check the PACS holds *our* content."""
         sop = item.sop_uid
         assert sop is not None
+        # Look and claim in one step: two deliveries of one SOP Instance UID that finish at the
+        # same moment must not both find it unseen (the PACS kept one; the other is a conflict).
         with self._lock:
-            seen = self._seen.get(sop)
-        suspect = sop in self.duplicates or (seen is not None and seen[0] != item.key)
+            seen = self._seen.setdefault(sop, (item.key, ""))
+        suspect = sop in self.duplicates or seen[0] != item.key
         if not suspect:
-            with self._lock:
-                self._seen.setdefault(sop, (item.key, ""))
             return delivery
         ours = dataset_sha256(staged)
         try:
