@@ -18,6 +18,7 @@ from dbutil import rows
 from cloudexit.testing import synthetic
 from cloudexit.testing.s3server import SeaweedServer
 from cloudexit.stores.claim import RESERVED
+from cloudexit.transfer.worker import PROCESS_NAME
 
 
 
@@ -175,7 +176,8 @@ def test_a_worker_killed_alone_stops_the_run_cleanly(s3_env, ct_bucket, ct_db: P
     deadline = time.monotonic() + 60  # until objects are being fetched
     while time.monotonic() < deadline and not any(s.method == "GET" and s.key for s in fault_proxy.requests):
         time.sleep(0.05)
-    children = subprocess.run(["pgrep", "-P", str(proc.pid), "-f", "spawn_main"], capture_output=True,
+    # Worker processes name themselves (transfer/worker.py PROCESS_NAME): no multiprocessing internals.
+    children = subprocess.run(["pgrep", "-P", str(proc.pid), "-x", PROCESS_NAME], capture_output=True,
                               text=True).stdout.split()
     assert children
     os.kill(int(children[0]), signal.SIGKILL)

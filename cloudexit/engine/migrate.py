@@ -25,22 +25,19 @@ from __future__ import annotations
 import fcntl
 import heapq
 import json
-import multiprocessing
 import os
 import queue
 import random
 import signal
 import socket
 import sqlite3
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import PurePosixPath
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 from cloudexit.core.config import MigrateConfig
 from cloudexit.core.errors import CloudexitError, CredentialsError, Interrupted, StateError, UsageError
@@ -50,12 +47,14 @@ from cloudexit.s3.source import Source
 from cloudexit.state.db import State, now
 from cloudexit.stores import Delivery, Item, StoreError, StoreUnavailable
 from cloudexit.stores.filesystem import CASE_COLLISIONS, COLLISIONS, FilesystemStore, key_hash
-from cloudexit.transfer.worker import Counters, Credentials, Endpoint, FetchError, Result, S3Reader, SharedRate, Task
+from cloudexit.engine.executor import Executor
+from cloudexit.engine.messages import Message, RangeDone, WorkerLost, results_of
+from cloudexit.transfer.client import Counters, Credentials, Endpoint, FetchError, S3Reader
+from cloudexit.transfer.tasks import Result, Task
 
 # Storage classes whose objects must be restored before a GET (S3, OSS, COS, OBS names).
 ARCHIVE_CLASSES = {"GLACIER", "DEEP_ARCHIVE", "ARCHIVE", "COLDARCHIVE", "DEEPCOLDARCHIVE",
                    "COLD", "DEEP_COLD"}
-TASKS_PER_MESSAGE = 4  # small objects per message to the workers
 DONE_STATES = ("verified", "duplicate", "quarantined", "skipped")
 # A PACS refusal worth another try on the next run (0xA7xx: out of resources; HTTP 5xx/429).
 TRANSIENT_REASONS = ("0xA7%", "HTTP 5%", "HTTP 429%")
@@ -256,9 +255,13 @@ class Migration:
     def __init__(self, state: State, source: Source, store: FilesystemStore,
                  config: MigrateConfig | None = None,
                  progress: Callable[[MigrateProgress], None] | None = None,
-                 resume: bool = False, deliver_to: list[Any] | None = None) -> None:
+                 resume: bool = False, deliver_to: list[Any] | None = None,
+                 executor: Executor | None = None) -> None:
         """`deliver_to`: PACS stores (C-STORE, STOW-RS) that get every verified DICOM object
-        from the archive once it is committed (table `transfers`, one row per key and PACS)."""
+        from the archive once it is committed (table `transfers`, one row per key and PACS).
+        `executor`: where the fetch tasks run (default: worker processes on this machine)."""
+        from cloudexit.engine.local import LocalProcessExecutor
+
         self.state = state
         self.source = source
         self.store = store
@@ -303,9 +306,8 @@ class Migration:
         self.next_pacs = 0.0
         self.pacs_rows_final = False
         self._known_folders: set[str] | None = None  # see `_sync`
-        self.workers: list[Any] = []
-        self.setup_pipes: list[Any] = []  # each worker's endpoint and credentials go there
-        self.workers_joined = False
+        self.executor: Executor = executor or LocalProcessExecutor()
+        self.executor_started = self.workers_joined = False
         self.next_backup = time.monotonic() + self.config.backup_minutes * 60
         self.backup_error: str | None = None
 
@@ -317,14 +319,11 @@ class Migration:
             self.store.check()
             self._claim_archive()
             self._open_outlets()
-            self._start_workers()  # they start up (a second or so) while we resolve and plan
+            # The workers start up (a second or so) while we resolve and plan.
+            self.executor.start(self.config, str(self.store.root), self.meters.new_path)
+            self.executor_started = True
             self.endpoint, self.credentials = self._endpoint()
-            for worker, conn in zip(self.workers, self.setup_pipes):  # what they need to start
-                try:
-                    conn.send((self.endpoint, self.credentials))
-                except OSError as exc:
-                    raise StateError(f"worker process {worker.name} ended before it started ({exc})",
-                                     hint="check memory and the system log; then run the command again") from exc
+            self.executor.connect(self.endpoint, self.credentials)
             self._open_run()
             self.meters.settle(self.state, self.run_id)  # what runs killed before counted
             self._sync()
@@ -334,7 +333,7 @@ class Migration:
             self._settle_pacs()
             return self._finish()
         finally:
-            if self.workers and not self.workers_joined:  # failed before the work began
+            if self.executor_started and not self.workers_joined:  # failed before the work began
                 self._stop_workers()
                 self.meters.drop_unused()
             for outlet in self.outlets:
@@ -642,32 +641,6 @@ class Migration:
                 self.state.log("migrate.sync", tx, run=self.run_id, deleted=deleted, changed=len(changed))
 
     # -- workers -----------------------------------------------------------------------------------
-    def _start_workers(self) -> None:
-        cfg = self.config
-        ctx = multiprocessing.get_context("spawn")
-        self.stop_event = ctx.Event()
-        self.rate = SharedRate(ctx)
-        self.inbox: Any = ctx.Queue()
-        self.outbox: Any = ctx.Queue()
-        processes = cfg.worker_processes()
-        self.capacity = processes * cfg.threads
-        options = {"root": str(self.store.root), "attempts": cfg.attempts,
-                   "backoff_base": cfg.backoff_base, "backoff_max": cfg.backoff_max,
-                   "buffer_size": cfg.buffer_size, "range_streams": cfg.range_streams,
-                   "fsync": cfg.fsync}
-        from cloudexit.transfer.worker import worker_main
-
-        pipes = [ctx.Pipe(duplex=False) for _ in range(processes)]
-        self.setup_pipes = [send for _recv, send in pipes]
-        self.workers = [ctx.Process(target=worker_main, name=f"cloudexit-worker-{i}", daemon=True,
-                                    args=(recv, self.inbox, self.outbox, self.rate, self.stop_event,
-                                          cfg.threads, {**options, "meter": self.meters.new_path()},
-                                          os.getpid()))
-                        for i, (recv, _send) in enumerate(pipes)]
-        with _main_module_hidden():
-            for w in self.workers:
-                w.start()
-
     def _run_workers(self) -> None:
         from cloudexit.dicom.header import preload
 
@@ -713,21 +686,8 @@ class Migration:
             # 1. What the workers finished.
             block = 0.05 if (self.flights or self.link_down_since
                              or any(o.busy for o in self.outlets)) else 0.0
-            try:
-                message = self.outbox.get(timeout=block) if block else self.outbox.get_nowait()
-            except queue.Empty:
-                message = None
-            while message is not None:
-                if message[0] == "results":  # a group whose folders were fsynced together
-                    pending.extend(message[1])
-                elif message[0] == "result":
-                    pending.append(message[1])
-                elif message[0] == "range":
-                    self._range(message, ranges)
-                try:
-                    message = self.outbox.get_nowait()
-                except queue.Empty:
-                    message = None
+            for message in self.executor.poll(block):
+                self._receive(message, pending, ranges)
             self._drain_background()
             self._drain_deliveries()
             clock = time.monotonic()
@@ -780,24 +740,37 @@ class Migration:
                     continue
                 return
 
-    def _range(self, message: tuple[Any, ...], ranges: list[tuple[str, str, int, int]]) -> None:
+    def _receive(self, message: Message, pending: list[Result], ranges: list[tuple[str, str, int, int]]) -> None:
+        if isinstance(message, RangeDone):
+            self._range(message, ranges)
+        elif isinstance(message, WorkerLost):
+            self._lost(message)
+        else:
+            pending.extend(results_of(message))
+
+    def _range(self, message: RangeDone, ranges: list[tuple[str, str, int, int]]) -> None:
         """A large object's range got this far, on disk: record it (next commit), and keep it in
         the task for a retry in this run."""
-        flight = self.flights.get(message[1])
+        flight = self.flights.get(message.task_id)
         if flight is not None:
-            _, _, index, done = message
             task = flight.task
-            task.done_ranges[index] = max(done, task.done_ranges.get(index, 0))
-            ranges.append((flight.key, flight.etag, index, done))
+            task.done_ranges[message.index] = max(message.done, task.done_ranges.get(message.index, 0))
+            ranges.append((flight.key, flight.etag, message.index, message.done))
+
+    def _lost(self, message: WorkerLost) -> None:
+        """A worker ended holding these tasks: run them again (a lost worker is no fault of theirs)."""
+        for task_id in message.task_ids:
+            flight = self.flights.pop(task_id, None)
+            if flight is not None:
+                self._retry(flight, delay=0.0)
 
     def _check_workers(self) -> None:
-        """A worker process that died (killed, out of memory) would leave its tasks in flight
-        for ever: stop cleanly instead; --resume queues them again."""
-        dead = [w for w in self.workers if w.exitcode is not None]
-        if dead and self.stop_error is None:
+        """An executor that cannot go on (a worker process killed, out of memory, with tasks
+        in flight that nobody will finish): stop cleanly instead; --resume queues them again."""
+        problem = self.executor.health()
+        if problem and self.stop_error is None:
             self.stop_error = StateError(
-                f"worker process {dead[0].name} ended unexpectedly (exit code {dead[0].exitcode})",
-                hint="check memory and the system log; then: cloudexit migrate --resume")
+                problem, hint="check memory and the system log; then: cloudexit migrate --resume")
 
     def _has_work(self, state_name: str) -> bool:
         return bool(self.state.scalar("SELECT 1 FROM transfers WHERE dest = ? AND state = ? LIMIT 1",
@@ -808,10 +781,11 @@ class Migration:
         # out in batches of at least two per thread (one DB transaction each batch). Results that
         # came back and wait for the next commit no longer hold a place: counting them throttled
         # small objects to (tasks per thread) / (the commit cadence).
-        room = self.capacity * 8 - (len(self.flights) - len(self.reported))
+        capacity = self.executor.capacity
+        room = capacity * 8 - (len(self.flights) - len(self.reported))
         if room <= 0 or self.stop_error is not None:
             return 0
-        if room < 2 * self.capacity and self.flights and not self.retry_heap:
+        if room < 2 * capacity and self.flights and not self.retry_heap:
             return 0
         picked: list[_Flight] = []
         clock = time.monotonic()
@@ -845,21 +819,11 @@ class Migration:
                         large_rows.append(r["key"])
             for r in fresh:
                 picked.append(self._flight(r, self.config.range_size if r["key"] in large_rows else r["range_size"]))
-        # Small objects go to the workers a few per message (fewer queue locks and pickles);
-        # large ones one each, so no thread holds several while others have nothing.
-        batch: list[Task] = []
         for flight in picked:
             flight.task.credentials = self.credentials
             self.flights[flight.task.id] = flight
-            if flight.task.large:
-                self.inbox.put([flight.task])
-                continue
-            batch.append(flight.task)
-            if len(batch) == TASKS_PER_MESSAGE:
-                self.inbox.put(batch)
-                batch = []
-        if batch:
-            self.inbox.put(batch)
+        if picked:
+            self.executor.submit([flight.task for flight in picked])
         self.progress.in_flight = len(self.flights)
         return len(picked)
 
@@ -980,7 +944,7 @@ class Migration:
             if flight.strikes >= self.config.attempts:
                 self._fail(tx, flight, "failed", r.detail or "connection lost", stamp)
                 return
-            if self.streak >= max(3, min(self.capacity, 6)) and not link_up:
+            if self.streak >= max(3, min(self.executor.capacity, 6)) and not link_up:
                 self._link_down(tx, r.detail)
             self.retries += 1
             self._retry(flight, delay=1.0)
@@ -1130,7 +1094,7 @@ class Migration:
                 pass  # checked before it was written; keep the old timetable
         rate = self.schedule.rate_at(datetime.now()) if self.schedule is not None else None
         if force or rate != self.progress.rate_limit:
-            self.rate.set(rate)
+            self.executor.set_rate(rate)
             self.progress.rate_limit = rate
 
     # -- restores and header reads (background threads; the DB is written here only) -------------
@@ -1364,7 +1328,8 @@ class Migration:
 
     # -- closing -----------------------------------------------------------------------------------
     def _shutdown(self, interrupted: bool) -> None:
-        self.stop_event.set() if (interrupted or self.stop_error is not None) else None
+        if interrupted or self.stop_error is not None:
+            self.executor.cancel()
         pending: list[Result] = []
         ranges: list[tuple[str, str, int, int]] = []
         stop_now = False
@@ -1374,17 +1339,12 @@ class Migration:
                 self.on_progress(self.progress)
             deadline = time.monotonic() + (15.0 if not interrupted else 10.0)
             while self.flights and time.monotonic() < deadline:
-                try:
-                    message = self.outbox.get(timeout=0.1)
-                except queue.Empty:
-                    continue
-                if message[0] == "range":  # how far the large objects got as they stopped
-                    self._range(message, ranges)
-                elif message[0] in ("result", "results"):
-                    pending.extend(message[1] if message[0] == "results" else [message[1]])
-                    if len(pending) >= 64:
-                        self._commit(pending, ranges)
-                        pending, ranges = [], []
+                for message in self.executor.poll(0.1):
+                    # RangeDone: how far the large objects got as they stopped
+                    self._receive(message, pending, ranges)
+                if len(pending) >= 64:
+                    self._commit(pending, ranges)
+                    pending, ranges = [], []
         except KeyboardInterrupt:  # Ctrl-C again: stop now; the workers' temp files stay temp
             stop_now = True        # files, nothing unverified reaches a final path
         # What is left is bookkeeping: a further Ctrl-C must not cut a transaction in half.
@@ -1418,16 +1378,7 @@ class Migration:
         self.reader.close()
 
     def _stop_workers(self) -> None:
-        self.stop_event.set()
-        self.inbox.put(None)
-        for w in self.workers:
-            w.join(timeout=5)
-        for w in self.workers:
-            if w.is_alive():
-                w.terminate()
-                w.join(timeout=2)
-        self.inbox.cancel_join_thread()
-        self.outbox.cancel_join_thread()
+        self.executor.stop()
         self.workers_joined = True
 
     def _resolve_conflicts(self) -> None:
@@ -1752,30 +1703,6 @@ def _q(tx: sqlite3.Connection, sql: str, params: Any = ()) -> sqlite3.Cursor:
     cur = tx.cursor()
     cur.row_factory = sqlite3.Row  # type: ignore[assignment]
     return cur.execute(sql, params)
-
-
-@contextmanager
-def _main_module_hidden() -> Iterator[None]:
-    """Start worker processes without re-running the caller's main script in them.
-
-    The spawn start method re-imports `__main__` in each child unless it cannot find it; our
-    workers' code lives in `cloudexit.transfer`, so they never need it: hiding it keeps them
-    lean (no click, no pytest) and makes the library safe to call from a script without an
-    `if __name__ == "__main__"` guard.
-    """
-    main = sys.modules.get("__main__")
-    saved = {name: main.__dict__[name] for name in ("__file__", "__spec__")
-             if main is not None and name in main.__dict__}
-    try:
-        for name in saved:
-            if name == "__spec__":
-                main.__dict__[name] = None  # type: ignore[union-attr]
-            else:
-                del main.__dict__[name]  # type: ignore[union-attr]
-        yield
-    finally:
-        if main is not None:
-            main.__dict__.update(saved)
 
 
 def _raise_interrupt(signum: int, frame: Any) -> None:

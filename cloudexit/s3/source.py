@@ -189,7 +189,7 @@ class Source:
 
     def frozen_credentials(self) -> Any:
         """The boto3 chain's current credentials (refreshed when temporary), for lean requests."""
-        from cloudexit.transfer.worker import Credentials
+        from cloudexit.transfer.client import Credentials
 
         self.client()
         creds = self._session.get_credentials() if self._session is not None else None
@@ -205,7 +205,7 @@ class Source:
         verification (always on, with the CA bundle boto3 uses: `ca_bundle`)."""
         import urllib.request
 
-        from cloudexit.transfer.worker import Endpoint
+        from cloudexit.transfer.client import Endpoint
 
         client = self.client()
         url = client.meta.endpoint_url
@@ -311,7 +311,7 @@ _BOTO_NAMES = {"max-keys": "MaxKeys", "prefix": "Prefix", "delimiter": "Delimite
 
 def tls_detail(exc: BaseException) -> str:
     """The useful part of a TLS failure: the ssl error that botocore wraps (in urllib3's)."""
-    from cloudexit.transfer.worker import tls_failure
+    from cloudexit.transfer.client import tls_failure
 
     seen: set[int] = set()
     cause: BaseException | None = exc
