@@ -7,7 +7,7 @@ the steps a DB lacks when it opens it.
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 10
+SCHEMA_VERSION = 11
 
 _SCHEMA_V1 = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT);
@@ -319,6 +319,41 @@ ALTER TABLE transfers ADD COLUMN raw_sha256 TEXT;
 ALTER TABLE transfers ADD COLUMN file_size INTEGER
 """
 
+# Version 11: link evidence (cloudexit/state/linkseries.py): what migrate and inventory saw of
+# the link, per minute (rolled up to hours after 30 days), and every outage with its cause.
+_SCHEMA_V11 = """
+CREATE TABLE link_series (
+    ts INTEGER NOT NULL,                 -- start of the interval, Unix seconds (UTC)
+    span INTEGER NOT NULL,               -- 60: a minute, 3600: an hour (minutes older than 30 days)
+    source TEXT NOT NULL,                -- migrate | inventory
+    bytes INTEGER NOT NULL DEFAULT 0, objects INTEGER NOT NULL DEFAULT 0,
+    get_requests INTEGER NOT NULL DEFAULT 0, head_requests INTEGER NOT NULL DEFAULT 0,
+    list_requests INTEGER NOT NULL DEFAULT 0,
+    err_timeout INTEGER NOT NULL DEFAULT 0, err_reset INTEGER NOT NULL DEFAULT 0,
+    err_5xx INTEGER NOT NULL DEFAULT 0, err_tls INTEGER NOT NULL DEFAULT 0,
+    err_dns INTEGER NOT NULL DEFAULT 0, err_refused INTEGER NOT NULL DEFAULT 0,
+    err_other INTEGER NOT NULL DEFAULT 0,
+    ttfb_0 INTEGER NOT NULL DEFAULT 0, ttfb_1 INTEGER NOT NULL DEFAULT 0, ttfb_2 INTEGER NOT NULL DEFAULT 0,
+    ttfb_3 INTEGER NOT NULL DEFAULT 0, ttfb_4 INTEGER NOT NULL DEFAULT 0, ttfb_5 INTEGER NOT NULL DEFAULT 0,
+    ttfb_6 INTEGER NOT NULL DEFAULT 0, ttfb_7 INTEGER NOT NULL DEFAULT 0, ttfb_8 INTEGER NOT NULL DEFAULT 0,
+    ttfb_9 INTEGER NOT NULL DEFAULT 0,
+    conn_seconds REAL NOT NULL DEFAULT 0, -- connections busy x seconds (bytes / this: per connection)
+    down_seconds REAL NOT NULL DEFAULT 0, -- of this interval spent in an outage
+    bwlimit INTEGER,                     -- bytes/s in force (an hour: the highest), NULL: none
+    PRIMARY KEY (ts, span, source)
+);
+CREATE TABLE link_outages (
+    id INTEGER PRIMARY KEY,
+    source TEXT NOT NULL,                -- migrate | inventory
+    run_id INTEGER,                      -- migration_runs.id (migrate)
+    started REAL NOT NULL,               -- Unix seconds: the first failed request of the outage
+    ended REAL,                          -- Unix seconds: the first answer after it, NULL: not yet
+    cause TEXT NOT NULL,                 -- refused | timeout | reset | dns | tls | 5xx | other
+    detail TEXT                          -- the error as seen (exception and errno, never a key)
+);
+CREATE INDEX link_outages_started ON link_outages(started)
+"""
+
 MIGRATIONS: dict[int, str] = {1: _SCHEMA_V1, 2: _SCHEMA_V2, 3: _SCHEMA_V3, 4: _SCHEMA_V4,
                                 5: _SCHEMA_V5, 6: _SCHEMA_V6, 7: _SCHEMA_V7,
-                                8: _SCHEMA_V8, 9: _SCHEMA_V9, 10: _SCHEMA_V10}
+                                8: _SCHEMA_V8, 9: _SCHEMA_V9, 10: _SCHEMA_V10, 11: _SCHEMA_V11}
