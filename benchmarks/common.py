@@ -407,12 +407,13 @@ def measure(cmd: Sequence[str], env: dict[str, str] | None = None, stdout: str |
     afterwards (a listing tool prints one key per line: that checks it listed everything).
     """
     server = psutil.Process(server_pid) if server_pid else None
-    out = open(stdout, "wb") if stdout else open(os.devnull, "wb")
-    err = tempfile.TemporaryFile()
+    # Handles the child writes to while it runs; closed after it is reaped.
+    out = open(stdout, "wb") if stdout else open(os.devnull, "wb")  # noqa: SIM115
+    err = tempfile.TemporaryFile()  # noqa: SIM115
     # The command runs under GNU time for its peak RSS: a child of this (big) Python process
     # starts life as a copy of it, and the kernel's high-water mark keeps that pre-exec size,
     # so wait4's ru_maxrss would report max(our RSS, the tool's). `time` is ~2 MB.
-    timefile = tempfile.NamedTemporaryFile(prefix="time-", delete=False)
+    timefile = tempfile.NamedTemporaryFile(prefix="time-", delete=False)  # noqa: SIM115 - only its name
     timefile.close()
     full = ([GNU_TIME, "-f", "%M", "-o", timefile.name, *cmd] if GNU_TIME else list(cmd))
     server_before = _cpu(server)

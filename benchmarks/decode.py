@@ -10,6 +10,13 @@ worker thread does after the raw object's checksums passed: inflate, Adler-32, d
 SHA-256 of the plain file, write), without fsync, so the figure is CPU only. Prints MB/s of
 compressed input and of decoded output, and the link each core keeps up with.
 
+    PYTHONPATH=. /work/main/.venv/bin/python benchmarks/decode.py --instances 200 --zip
+
+also zips the same instances (deflate, as `zipfile` writes it) and times
+`cloudexit.dicom.zipped.extract_member` over each member's bytes as a worker fetched them (local
+header check, inflate capped at the declared size, CRC-32, SHA-256 of the plain file and of the
+bytes as stored, write), on one thread, without fsync.
+
     PYTHONPATH=. /work/main/.venv/bin/python benchmarks/decode.py --instances 1000 --migrate
 
 also puts the same N instances into two buckets of a local SeaweedFS, as plain `.dcm` objects
@@ -33,7 +40,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from cloudexit import synthetic  # noqa: E402
+from cloudexit.testing import synthetic  # noqa: E402
 from cloudexit.dicom.containers import decode_file  # noqa: E402
 
 
@@ -87,12 +94,45 @@ def end_to_end(profile: synthetic.Profile, phantom: bytes) -> None:
                   f"S3 server CPU {run.server_cpu_s:.2f} s")
 
 
+def unzip(profile: synthetic.Profile, phantom: bytes, folder: str | None) -> None:
+    """Time `extract_member` over every member of one zip of the instances (one core)."""
+    import zipfile
+
+    from cloudexit.dicom.zipped import Window, extract_member, member_header, read_directory
+
+    with tempfile.TemporaryDirectory(dir=folder) as tmp:
+        archive = Path(tmp) / "study.zip"
+        with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_DEFLATED) as out:
+            for n, obj in enumerate(synthetic.generate(profile)):
+                out.writestr(f"IM{n:05d}", obj.body()[:-len(phantom)] + phantom)
+        data = archive.read_bytes()
+        members, _ = read_directory(lambda a, b: data[a:b], len(data))
+        window = Window(lambda a, b: data[a:b], len(data))
+        raws = []
+        for m in members:
+            member_header(window, m, 8192, 2**20)
+            raw = Path(tmp) / f"{m.name}.raw"
+            raw.write_bytes(data[m.offset:m.end])
+            raws.append((m, str(raw)))
+        stored = sum(m.end - m.offset for m in members)
+        plain = sum(m.usize for m in members)
+        out_path = str(Path(tmp) / "out.dcm")
+        cpu0 = time.process_time()
+        for m, raw in raws:
+            extract_member(raw, m, out_path, fsync=False)
+        cpu = time.process_time() - cpu0
+    print(f"zip: {len(members)} members, {stored / 1e6:.1f} MB as stored -> {plain / 1e6:.1f} MB; "
+          f"extract_member CPU {cpu:.2f} s: {stored / cpu / 1e6:.0f} MB/s in, {plain / cpu / 1e6:.0f} "
+          f"MB/s out per core ({stored * 8 / cpu / 1e9:.2f} Gbit/s of link per core)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--instances", type=int, default=200)
     parser.add_argument("--matrix", type=int, default=512)
     parser.add_argument("--dir", default="/dev/shm" if os.path.isdir("/dev/shm") else None)
     parser.add_argument("--migrate", action="store_true", help="also time migrate, plain vs compressed")
+    parser.add_argument("--zip", action="store_true", help="also time unpacking the instances from a zip")
     args = parser.parse_args()
     profile = synthetic.Profile.ct_bench(args.instances, matrix=args.matrix)
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
@@ -125,6 +165,8 @@ def main() -> None:
     print(f"wall {wall:.2f} s, CPU {cpu:.2f} s: {raw_bytes / cpu / 1e6:.0f} MB/s compressed in, "
           f"{plain_bytes / cpu / 1e6:.0f} MB/s decoded out per core "
           f"({raw_bytes * 8 / cpu / 1e9:.2f} Gbit/s of link per core)")
+    if args.zip:
+        unzip(profile, phantom, args.dir)
     if args.migrate:
         end_to_end(profile, _phantom(args.matrix))
     print(f"of which zlib inflate alone: {plain_bytes / inflate / 1e6:.0f} MB/s decoded; inflate + "

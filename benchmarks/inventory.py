@@ -53,7 +53,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import (KEY_PATTERN, LAYOUTS, REPO, Measurement, bench_server,  # noqa: E402
+from common import (KEY_PATTERN, LAYOUTS, REPO, Measurement, bench_server,
                     ensure_bucket, measure, tool, versions)
 
 TOOLS = ("cloudexit-list", "cloudexit-headers", "s5cmd", "rclone", "rclone-fast-list", "aws")
@@ -116,7 +116,8 @@ class Target:
                         tree_sample_s=0.25)
             busy = _busy() - busy0
             row: dict[str, Any] = {"tool": name, "bucket": self.bucket, "keys": self.keys,
-                                   "layout": self.layout, "code": code if name.startswith("cloudexit") else None, **m.as_dict(), "loadavg_1m": load,
+                                   "layout": self.layout, "code": code if name.startswith("cloudexit") else None,
+                                   **m.as_dict(), "loadavg_1m": load,
                                    "other_cpu_s": max(0.0, busy - m.cpu_s - m.server_cpu_s)}
             row["ok"], row["check"] = self._check(name, m, out)
             return row

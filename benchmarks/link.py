@@ -31,12 +31,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import measure, versions  # noqa: E402
-from netlink import ShapedLink, can_shape  # noqa: E402
-from transfer import _fill_synthetic, command, inventory_db, prepare  # noqa: E402
+from common import measure, versions
+from netlink import ShapedLink, can_shape
+from transfer import _fill_synthetic, command, inventory_db, prepare
 
-from cloudexit import synthetic  # noqa: E402
-from cloudexit.testing.s3server import SeaweedServer  # noqa: E402
+from cloudexit.testing import synthetic
+from cloudexit.testing.s3server import SeaweedServer
 
 RATE_BYTES = {"mbit": 1e6 / 8, "gbit": 1e9 / 8}
 

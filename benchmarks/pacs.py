@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
-from cloudexit import synthetic  # noqa: E402
+from cloudexit.testing import synthetic  # noqa: E402
 from cloudexit.stores import Item  # noqa: E402
 from cloudexit.stores.cstore import open_store as open_cstore  # noqa: E402
 from cloudexit.stores.dicomweb import DicomwebStore  # noqa: E402

@@ -31,11 +31,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import measure, tool  # noqa: E402
-from netlink import ShapedLink, can_shape  # noqa: E402
-from transfer import prepare  # noqa: E402
+from common import measure, tool
+from netlink import ShapedLink, can_shape
+from transfer import prepare
 
-from cloudexit.testing.s3server import SeaweedServer  # noqa: E402
+from cloudexit.testing.s3server import SeaweedServer
 
 TC_TO_PLAN = {"mbit": "Mbit/s", "gbit": "Gbit/s"}
 

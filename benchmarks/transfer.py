@@ -39,9 +39,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import REPO, bench_ca, bench_server, ensure_bucket, measure, tool, versions  # noqa: E402
+from common import REPO, bench_ca, bench_server, ensure_bucket, measure, tool, versions
 
-from cloudexit import synthetic  # noqa: E402
+from cloudexit.testing import synthetic
 
 TOOLS = ("s5cmd", "cloudexit", "rclone", "aws")
 
@@ -219,7 +219,8 @@ TRANSFER_SECTION = """## Transfer (`cloudexit migrate`)
 
 Measured with `{command}` on {date}, {rounds} alternating
 rounds per tool, median shown; {versions}. `cloudexit-base` (when shown) is the same command run
-from another checkout (`--compare-tree`), the code before the change measured in the same rounds. The S3 server (SeaweedFS) runs on the same two
+from another checkout (`--compare-tree`), the code before the change measured in the same rounds.
+The S3 server (SeaweedFS) runs on the same two
 cores, and other work shared the machine during the runs, so compare within a table (same
 moment, alternating order), not across documents.
 
@@ -239,7 +240,8 @@ compares MD5 with single-part ETags only, aws cli checks `x-amz-checksum-*` when
 * Small objects (up to 1 MiB, whole, single-part, HTTP or HTTPS without a proxy, no
   `--bwlimit`) run many at once on each worker process's main thread (`cloudexit/multiget.py`):
   16 non-blocking keep-alive connections (connect and TLS handshake on the same selector), one
-  selector, the request written in one `send`, the answer parsed from one buffer. With 8 download threads per process instead, the GIL changed hands at every system
+  selector, the request written in one `send`, the answer parsed from one buffer. With 8 download
+  threads per process instead, the GIL changed hands at every system
   call: strace counted ~100 futex calls per object (now ~15) and the workers spent ~2.1 ms of
   CPU per tiny object (now ~1.2 ms). Anything unusual (a status other than 200, a short or
   dropped answer, a failed check, a disk error, a file already at its final path, a temp file to

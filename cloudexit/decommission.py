@@ -178,18 +178,19 @@ class _Judge:
         self.verify = last_verify_runs(state)
         self.params = deletion.params(dests, self.verify)
         self.columns = deletion.copy_columns(dests)
+        self.zipped = deletion.zip_members_sql(dests)  # zipped studies: their members' verdict
         self.loaded: set[str] = set()
         self.objects: dict[str, Any] = {}
         self.transfers: dict[str, dict[str, Any]] = {d: {} for d in dests}
 
     def load(self, keys: list[str]) -> None:
         """Read the state of `keys` (a batch of at most 500), replacing the previous batch."""
-        marks = ",".join("?" * len(keys))
         self.loaded = set(keys)
-        self.objects = {r["key"]: dict(r) for r in self.state.query(
-            f"SELECT key, etag, kind, status, study_uid, sop_uid FROM objects WHERE key IN ({marks})", keys)}
         named = {**self.params, **{f"k{i}": k for i, k in enumerate(keys)}}
         in_keys = ",".join(f":k{i}" for i in range(len(keys)))
+        self.objects = {r["key"]: dict(r) for r in self.state.query(
+            f"SELECT key, etag, kind, status, study_uid, sop_uid, {self.zipped} AS zip_members "
+            f"FROM objects o WHERE key IN ({in_keys})", named)}
         for d in self.dests:
             self.transfers[d] = {r["key"]: dict(r) for r in self.state.query(
                 f"SELECT t.key, t.state, t.etag, t.sha256, t.path, t.reason, {self.columns} "

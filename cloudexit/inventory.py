@@ -23,13 +23,15 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from cloudexit.core.config import InventoryConfig
-from cloudexit.dicom.containers import classify_object
+from cloudexit.dicom.containers import ZIP, classify_object
+from cloudexit.dicom.zipped import inspect_zip
 from cloudexit.dicom.header import Header, patient_hash
 from cloudexit.dicom.header import preload as preload_pydicom
 from cloudexit.core.errors import CloudexitError, CustomerKeyRequired, ObjectArchived, UsageError
 from cloudexit.core.paths import key_flags
 from cloudexit.s3.listing import Listing, ListingPage, ListingTask
 from cloudexit.s3.source import ObjectChanged, ObjectGone, Source, iso
+from cloudexit.state import members
 from cloudexit.state.db import State, now
 from cloudexit.state.linkseries import LinkRecorder
 
@@ -119,6 +121,7 @@ class _HeaderResult:
     error: str | None = None
     unreadable: str | None = None  # why no retry reads it: archived | customer-key
     ttfb: float | None = None  # link evidence: seconds to the (small) ranged GET's answer
+    members: list | None = None  # zipped study: [(Member, Header)] (cloudexit/dicom/zipped.py)
 
 
 def compile_key_pattern(pattern: str) -> re.Pattern[str]:
@@ -199,6 +202,8 @@ class Inventory(Listing):
             with state.transaction() as tx:
                 tx.execute("UPDATE objects SET kind = 'pending' "
                            "WHERE header_source = 'key-pattern' AND status = 'present'")
+        with state.transaction() as tx:
+            members.read_again(tx)  # zips found after a restore (cloudexit/state/members.py)
         preload_pydicom()  # before the header threads: they would race importing it
         lister = ThreadPoolExecutor(self.config.list_workers, thread_name_prefix="list")
         reader = ThreadPoolExecutor(self.config.workers, thread_name_prefix="header")
@@ -379,6 +384,8 @@ class Inventory(Listing):
                 result.bytes_read += len(read.data)
                 result.checksums = read.checksums
                 header = classify_object(key, read.data, read.size)
+                if header.encoding == ZIP:  # zipped study: its directory, then its members
+                    return self._read_zip(result, key, etag, read.size, read.data)
                 if not header.need_more or length >= size or length >= self.config.max_header_bytes:
                     if header.need_more:
                         header.reason = (header.reason or "") + f" (gave up after {length} bytes)"
@@ -403,6 +410,16 @@ class Inventory(Listing):
             if type(exc).__name__ in ("CredentialsError", "EndpointUnreachable"):
                 raise
             result.error = str(exc)
+        return result
+
+    def _read_zip(self, result: _HeaderResult, key: str, etag: str, size: int, first: bytes) -> _HeaderResult:
+        assert self._lean is not None
+        lean = self._lean
+        found = inspect_zip(lambda a, b: lean.read_range(key, a, b - 1, etag).data, size, first,
+                            self.config.header_bytes, self.config.max_header_bytes)
+        result.header, result.members = found.header, found.members
+        result.requests += found.requests
+        result.bytes_read += found.bytes
         return result
 
     def _commit_headers(self, results: list[_HeaderResult]) -> None:
@@ -439,6 +456,9 @@ class Inventory(Listing):
                                 json.dumps(r.checksums) if r.checksums else None,
                                 r.bytes_read, stamp, h.encoding, h.plain_size, h.pacs_metadata,
                                 r.key, r.etag))
+                if r.members is not None:  # a zipped study's files (cloudexit/state/members.py)
+                    members.record(tx, r.key, r.etag, self.round, stamp, [
+                        (m, mh, patient_hash(self.patient_key, mh.patient_id)) for m, mh in r.members])
             tx.executemany(_HEADER_UPDATE, updates)
             for r in results:  # link evidence (state/linkseries.py)
                 self.link.traffic(r.bytes_read, get=r.requests)
@@ -476,6 +496,7 @@ class Inventory(Listing):
     def _finish(self, resumed: bool) -> RoundSummary:
         r = self.round
         with self.state.transaction() as tx:
+            members.carry(tx, r)  # the files of zips listed unchanged are still there
             # Listing is complete: whatever this round did not see is gone from the bucket, except
             # in the folders --since skipped (the greatest skipped prefix at or below a key is the
             # only one that can hold it: skipped folders never nest).

@@ -22,6 +22,7 @@ import os
 import random
 import sqlite3
 import stat
+import time
 from collections import defaultdict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -151,6 +152,18 @@ def dicomweb_twin(state: State, dest: str, given: list[str] | tuple[str, ...] = 
     return None
 
 
+def _wait_past(stamp: str) -> None:
+    """Wait (at most a second) until `now()` is later than `stamp`, before reading anything.
+
+    Timestamps have one-second resolution, and the deletion rule counts a copy as vouched for
+    when it landed at or before its destination's last verify started (`landed > started_at`
+    keeps it). A copy landing in the same second as a fast verify, but after it, would share
+    that second and pass for vouched; a verify that reads only once its start second is over
+    has seen every copy stamped with that second or earlier."""
+    while now() <= stamp:
+        time.sleep(0.02)
+
+
 def verify(state: State, store: Store, deep: bool = False, sample: int = 0, seed: int | None = None,
            progress: Progress | None = None) -> VerifyReport:
     """Reconcile one destination, record the result in the state DB, return the report."""
@@ -165,6 +178,7 @@ def verify(state: State, store: Store, deep: bool = False, sample: int = 0, seed
             "INSERT INTO verify_runs(started_at, dest, kind, options, status) VALUES (?, ?, ?, ?, ?)",
             (report.started_at, report.dest, report.kind, json.dumps(report.options), VerifyStatus.RUNNING)).lastrowid
         state.log("verify.started", tx, run=report.run_id, dest=report.dest, options=report.options)
+    _wait_past(report.started_at)
     try:
         if store.kind == "filesystem":
             _verify_filesystem(state, store, deep, report, tick)

@@ -116,7 +116,7 @@ class OrthancServer:
 
     # -- life cycle -------------------------------------------------------------------------------
     def start(self, timeout: float = 30.0) -> None:
-        log = open(self.workdir / "orthanc.log", "ab")
+        log = open(self.workdir / "orthanc.log", "ab")  # noqa: SIM115 - Orthanc writes it for its lifetime
         self.proc = subprocess.Popen([ORTHANC, str(self.config)], stdout=log, stderr=subprocess.STDOUT,
                                      cwd=self.workdir)
         log.close()

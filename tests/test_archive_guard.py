@@ -11,6 +11,7 @@ import stat
 import threading
 from pathlib import Path
 
+import pytest
 from dbutil import rows
 
 from cloudexit.testing import synthetic
@@ -54,6 +55,7 @@ def _files(dest: Path) -> dict[str, bytes]:
             if p.is_file() and not p.name.startswith(".cloudexit-")}
 
 
+@pytest.mark.slow
 def test_a_second_migration_never_replaces_the_first_ones_files(cli, s3, tmp_path: Path) -> None:
     """Two state DBs, two buckets with the same UIDs and other bytes, one archive folder: the
     second is refused (naming the owner); joined on purpose, its copies go to quarantine and the
@@ -163,6 +165,7 @@ def test_placement_never_replaces_other_bytes_even_in_a_race(tmp_path: Path) -> 
     assert Path(final).read_bytes() == b"newer"
 
 
+@pytest.mark.slow
 def test_a_planted_symlink_makes_no_folder_outside_dest(cli, s3, tmp_path: Path) -> None:
     """DEST/<study> is a symlink to a folder outside: nothing is created there, the objects
     fail with a clear reason, the run ends normally."""

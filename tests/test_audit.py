@@ -347,6 +347,7 @@ def test_unfinished_migration_is_reported_as_not_complete(migrated, tmp_path: Pa
 
 
 @pytest.mark.needs("chromium")
+@pytest.mark.slow
 def test_chromium_renders_it_with_no_errors_and_no_requests(migrated, tmp_path: Path) -> None:
     from chromium_pipe import render
 

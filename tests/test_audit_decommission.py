@@ -40,6 +40,7 @@ def manifest_decisions(out: Path) -> dict[str, str]:
         return {r["key"]: r["decommission"] for r in csv.DictReader(fh)}
 
 
+@pytest.mark.slow
 def test_delta_round_readiness_and_proof_of_deletion(cli, s3, bucket, db: Path, tmp_path: Path) -> None:
     client = s3.client()
     objects = synthetic.upload(client, bucket, synthetic.generate(SMALL))

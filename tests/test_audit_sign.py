@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+import socket
 import stat
 import subprocess
 import time
@@ -61,8 +62,9 @@ def test_sign_then_verify(signed: Path, keys: dict[str, Path], migrated, tmp_pat
     html = (signed / "audit.html").read_text()
     assert f'data-signer-fingerprint="{fingerprint}"' in html and "alice@hospital" in html
     # ssh-keygen itself agrees the signature covers SHA256SUMS, under the cloudexit-audit namespace.
-    check = subprocess.run(["ssh-keygen", "-Y", "check-novalidate", "-n", "cloudexit-audit", "-s", str(sig)],
-                           stdin=open(signed / "SHA256SUMS", "rb"), capture_output=True, text=True)
+    with open(signed / "SHA256SUMS", "rb") as sums:
+        check = subprocess.run(["ssh-keygen", "-Y", "check-novalidate", "-n", "cloudexit-audit", "-s", str(sig)],
+                               stdin=sums, capture_output=True, text=True)
     assert check.returncode == 0 and fingerprint in check.stdout
 
     r = run("audit", "verify", signed, "--signer", f"{keys['alice']}.pub")
@@ -133,6 +135,15 @@ def test_passphrase_key_and_missing_ssh_keygen_give_one_line(migrated, signed: P
     assert r.exit_code == 1 and "ssh-keygen is not installed" in r.output and "Traceback" not in r.output
 
 
+def _accepts(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX) as probe:
+        try:
+            probe.connect(str(path))
+        except OSError:
+            return False
+    return True
+
+
 @pytest.mark.skipif(shutil.which("ssh-agent") is None, reason="ssh-agent is not installed")
 def test_public_key_signs_through_ssh_agent(migrated, keys: dict[str, Path], tmp_path: Path,  # noqa: F811
                                             monkeypatch: pytest.MonkeyPatch) -> None:
@@ -146,8 +157,11 @@ def test_public_key_signs_through_ssh_agent(migrated, keys: dict[str, Path], tmp
     sock = tmp_path / "agent.sock"
     agent = subprocess.Popen(["ssh-agent", "-D", "-a", str(sock)], stdout=subprocess.DEVNULL)
     try:
-        while not sock.exists():
-            assert agent.poll() is None
+        # Ready when it accepts a connection: the socket file appears at bind(), before the
+        # agent listens, and an ssh-add in between is refused (exit 2, seen under load).
+        deadline = time.monotonic() + 30
+        while not _accepts(sock):
+            assert agent.poll() is None and time.monotonic() < deadline
             time.sleep(0.05)
         monkeypatch.setenv("SSH_AUTH_SOCK", str(sock))
         subprocess.run(["ssh-add", "-q", str(keys["alice"])], check=True, capture_output=True)

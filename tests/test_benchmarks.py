@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
+@pytest.mark.slow
 def test_link_benchmark_quick(tmp_path: Path) -> None:
     from netlink import can_shape
 

@@ -77,6 +77,7 @@ def _migrate_and_check(cli, db: Path, dest: Path, objects: dict[str, bytes], buc
     return quarantined
 
 
+@pytest.mark.slow
 def test_exfat_folds_case_and_nothing_is_overwritten(cli, s3, exfat: Path, tmp_path: Path) -> None:
     assert probe_folding(str(exfat)) == (True, False)
     assert probe_folding(str(tmp_path)) == (False, False)
@@ -90,6 +91,7 @@ def test_exfat_folds_case_and_nothing_is_overwritten(cli, s3, exfat: Path, tmp_p
     assert check.exit_code == 0, check.output
 
 
+@pytest.mark.slow
 def test_unicode_normalising_destination_double(cli, s3, tmp_path: Path, monkeypatch) -> None:
     """No filesystem here normalises names (macOS and some SMB servers do): a store double whose
     probe says it does stands in, named as such. NFC and NFD spellings of one name collide."""

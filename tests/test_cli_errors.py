@@ -152,6 +152,7 @@ def test_every_error_is_json_with_json(tmp_path: Path) -> None:
         assert "Traceback" not in result.output
 
 
+@pytest.mark.slow
 def test_migrate_into_a_second_folder_says_so_and_asks_for_yes(migrated: tuple[dict[str, Any], Path, str],
                                                                tmp_path: Path) -> None:
     env, shared_db, _bucket = migrated

@@ -62,7 +62,7 @@ def test_tiny_pacs_into_orthanc(pacs: OrthancServer, tiny: list[tuple[Item, str]
     finally:
         store.close()
     by_case = {}
-    for (item, path), d in zip(tiny, results):
+    for (item, _path), d in zip(tiny, results):
         by_case.setdefault(item.kind, []).append(d)
         if item.kind != "dicom":
             assert d.status == "failed" and d.code == "not-dicom"

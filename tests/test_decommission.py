@@ -45,6 +45,7 @@ def migrate_and_verify(cli: Any, bucket: str, db: Path, archive: Path, verify: b
         assert result.exit_code == 0, result.output
 
 
+@pytest.mark.slow
 def test_dry_run_then_execute_deletes_only_what_is_verified(cli, s3, bucket, db: Path, tmp_path: Path) -> None:
     objects = synthetic.upload(s3.client(), bucket, synthetic.generate(synthetic.Profile(
         patients=1, studies_per_patient=2, ct_slices_per_series=3, ct_matrix=32, cr_per_study=1,
@@ -100,6 +101,7 @@ def test_dry_run_then_execute_deletes_only_what_is_verified(cli, s3, bucket, db:
     assert again.exit_code == 3 and json.loads(again.output)["to_delete"] == 0
 
 
+@pytest.mark.slow
 def test_an_object_overwritten_mid_run_is_not_deleted(cli, s3, bucket, db: Path, tmp_path: Path) -> None:
     synthetic.upload(s3.client(), bucket, synthetic.generate(SMALL))
     migrate_and_verify(cli, bucket, db, tmp_path / "archive")
@@ -123,6 +125,7 @@ def test_an_object_overwritten_mid_run_is_not_deleted(cli, s3, bucket, db: Path,
     assert rows(db, "SELECT status FROM decommission_runs WHERE mode = 'execute'")[0]["status"] == "partial"
 
 
+@pytest.mark.slow
 def test_nothing_goes_without_a_verify_after_it_landed(cli, s3, bucket, db: Path, tmp_path: Path) -> None:
     synthetic.upload(s3.client(), bucket, synthetic.generate(SMALL))
     migrate_and_verify(cli, bucket, db, tmp_path / "archive", verify=False)
@@ -134,6 +137,7 @@ def test_nothing_goes_without_a_verify_after_it_landed(cli, s3, bucket, db: Path
 
 
 @pytest.mark.parametrize("page", [None, 2])
+@pytest.mark.slow
 def test_versioned_bucket_markers_then_all_versions(cli, s3, bucket, db: Path, tmp_path: Path, page: int | None,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """Also with the listing decided two keys at a time and the plan read back two rows at a time
@@ -194,6 +198,7 @@ def test_usage_errors(cli, s3, bucket, db: Path, tmp_path: Path) -> None:
     assert result.exit_code == 2 and "nothing to decommission" in result.output
 
 
+@pytest.mark.slow
 def test_object_lock_is_read_in_the_dry_run(cli, s3, db: Path, tmp_path: Path) -> None:
     """A bucket with Object Lock (SeaweedFS supports it): a COMPLIANCE and a GOVERNANCE retention
     that has not ended and a legal hold keep three verified objects; the dry run promises only the
@@ -236,6 +241,7 @@ def test_object_lock_is_read_in_the_dry_run(cli, s3, db: Path, tmp_path: Path) -
     assert set(keys_in(s3, bucket)) == {"compliance.bin", "governance.bin", "hold.bin"}
 
 
+@pytest.mark.slow
 def test_a_key_hidden_by_a_delete_marker_is_named_so(cli, s3, bucket, db: Path, tmp_path: Path) -> None:
     """Deleted (a delete marker) before the inventory: no inventory lists it, so the manifest must
     not call it new since the last inventory."""

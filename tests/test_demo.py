@@ -10,12 +10,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 
 def _cloudexit(*args: str, cwd: Path) -> subprocess.Popen[str]:
     return subprocess.Popen([sys.executable, "-m", "cloudexit.cli", *args], cwd=cwd, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=dict(os.environ))
 
 
+@pytest.mark.slow
 def test_the_commands_it_echoes_can_be_pasted(tmp_path: Path) -> None:
     proc = _cloudexit("demo", "--size", "tiny", cwd=tmp_path)
     out, _ = proc.communicate(timeout=300)
@@ -34,6 +37,7 @@ def test_the_commands_it_echoes_can_be_pasted(tmp_path: Path) -> None:
         assert "Traceback" not in text and "no state database" not in text
 
 
+@pytest.mark.slow
 def test_ctrl_c_says_the_demo_starts_afresh(tmp_path: Path) -> None:
     proc = _cloudexit("demo", "--size", "tiny", cwd=tmp_path)
     assert proc.stdout is not None

@@ -159,6 +159,7 @@ print(errors[0] if errors else "ok")
 """
 
 
+@pytest.mark.slow
 def test_threads_importing_pydicom_from_cold_do_not_race(tmp_path: Path) -> None:
     """Probabilistic: 5 cold interpreters; each failed 8 times in 10 without the fix."""
     import subprocess

@@ -102,6 +102,7 @@ def test_unacknowledged_instance_fails(pacs: OrthancServer, tmp_path: Path, tiny
 
 
 @pytest.mark.needs("orthanc")
+@pytest.mark.slow
 def test_auth_from_env_or_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny) -> None:
     for name in ("CLOUDEXIT_DICOMWEB_TOKEN", "CLOUDEXIT_DICOMWEB_USER", "CLOUDEXIT_DICOMWEB_PASSWORD",
                  "CLOUDEXIT_DICOMWEB_AUTH_FILE"):

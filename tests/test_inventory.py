@@ -125,6 +125,7 @@ def test_rerun_records_new_changed_and_deleted(cli, s3, tiny_pacs, db: Path) -> 
     assert again["inventory"]["objects"] == len(truth)
 
 
+@pytest.mark.slow
 def test_every_key_of_many_folders_is_listed(cli, s3, bucket: str, db: Path) -> None:
     """Regression: range bounds made up between folders skipped whole studies on SeaweedFS."""
     profile = synthetic.Profile(patients=70, studies_per_patient=2, ct_slices_per_series=2,
@@ -216,6 +217,7 @@ def test_unreachable_endpoint(cli, bucket: str, db: Path) -> None:
     assert time.monotonic() - started < 30
 
 
+@pytest.mark.slow
 def test_throttling_and_server_errors_are_retried(cli, tiny_pacs, fault_proxy, db: Path) -> None:
     bucket, truth = tiny_pacs
     fault_proxy.status(503, method="GET", query="list-type", times=3)  # SlowDown on listing
@@ -312,6 +314,7 @@ def many_keys(s3: SeaweedServer) -> tuple[str, list[synthetic.SyntheticObject]]:
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
+@pytest.mark.slow
 def test_interrupted_inventory_resumes_without_double_counting(s3_env, many_keys, db: Path,
                                                                sig) -> None:
     s3 = s3_env

@@ -33,6 +33,7 @@ def _listed_prefixes(proxy, since: int = 0) -> list[str]:
             and "max-keys=1&" not in r.query + "&"]
 
 
+@pytest.mark.slow
 def test_since_skips_old_folders_and_claims_deletions_only_where_it_listed(
         cli, s3, bucket: str, db: Path, fault_proxy) -> None:
     client = s3.client()
@@ -92,6 +93,7 @@ def test_since_last_and_bad_dates(cli, s3, bucket: str, db: Path) -> None:
     assert bad.exit_code == 2 and "--since 'yesterday' is not a date" in bad.stderr
 
 
+@pytest.mark.slow
 def test_groups_of_folders_list_every_key_once(cli, s3, bucket: str, db: Path, fault_proxy) -> None:
     """Folders are listed in groups bounded by folders the server returned: every key, few LISTs,
     including folder names where S3's key order and a folder walk disagree."""
@@ -137,6 +139,7 @@ def test_lean_listing_retries_throttling(cli, s3, bucket: str, db: Path, fault_p
     assert json.loads(result.stdout)["inventory"]["objects"] == 5
 
 
+@pytest.mark.slow
 def test_kill_9_while_listing_groups_resumes_exactly(s3_env, bucket: str, db: Path,
                                                       fault_proxy) -> None:
     """kill -9 between the pages of a listing plan kept in `list_tasks`: the resumed round lists

@@ -8,6 +8,7 @@ import json
 import os
 from pathlib import Path
 
+import pytest
 from dbutil import rows
 
 from cloudexit.testing import synthetic
@@ -48,6 +49,7 @@ def test_customer_key_objects_are_named_with_what_to_do(cli, s3, bucket: str, db
     assert doc["round"]["customer_key"] == 1 and doc["round"]["failed"] == []
 
 
+@pytest.mark.slow
 def test_expedited_restores_fall_back_to_standard_for_deep_archive(cli, s3, bucket: str, db: Path,
                                                                    tmp_path: Path, fault_proxy) -> None:
     objects = [o for o in synthetic.upload(s3.client(), bucket, synthetic.generate(_profile()))

@@ -256,7 +256,7 @@ def test_throttling_the_workers_retried_past_is_evidence(cli, inventoried: Path,
             fault_proxy.endpoint_url, "-q")
     assert r.exit_code == 0, r.output
     series = rows(db, "SELECT * FROM link_series WHERE source = 'migrate'")
-    total = lambda column: sum(row[column] for row in series)
+    total = lambda column: sum(row[column] for row in series)  # noqa: E731
     assert total("err_5xx") == 3 and total("err_refused") == total("err_reset") == 0
     verified = rows(db, "SELECT count(*) AS n FROM transfers WHERE state = 'verified'")[0]["n"]
     assert total("objects") == verified

@@ -31,6 +31,7 @@ def _measured(cli: Any, db: Path, proxy: Any, *extra: str) -> dict[str, Any]:
     return json.loads(result.stdout)
 
 
+@pytest.mark.slow
 def test_uniform_ct_slices_measure_the_paced_rate(cli, s3, bucket: str, db: Path, fault_proxy) -> None:
     """Equal-sized slices: the old sample had no 'large' object and divided bytes by the sum of
     times to first byte, about 3x too fast."""
@@ -49,6 +50,7 @@ def test_uniform_ct_slices_measure_the_paced_rate(cli, s3, bucket: str, db: Path
     assert stored["bytes"] <= fault_proxy.bytes_sent
 
 
+@pytest.mark.slow
 def test_burst_then_throttle_measures_the_throttled_rate(cli, s3, bucket: str, db: Path,
                                                          fault_proxy) -> None:
     """A link that lets the first 8 MB through at full speed, then holds 4 MB/s (a provider's

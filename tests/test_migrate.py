@@ -113,6 +113,7 @@ def test_second_pass_fetches_nothing(cli, inventoried, db: Path, tmp_path: Path,
     assert all(s.key == "" for s in fault_proxy.requests)
 
 
+@pytest.mark.slow
 def test_files_already_in_place_are_verified_without_a_get(cli, inventoried, db: Path, tmp_path: Path,
                                                            fault_proxy) -> None:
     """A crash between rename and commit leaves the file at its final path: verified locally."""
@@ -152,6 +153,7 @@ def test_layout_keys_and_skip_non_dicom(cli, inventoried, db: Path, tmp_path: Pa
     assert not (dest / "_non-dicom").exists()
 
 
+@pytest.mark.slow
 def test_changed_and_deleted_objects(cli, s3, inventoried, db: Path, tmp_path: Path) -> None:
     bucket, objects = inventoried
     client = s3.client()
@@ -185,6 +187,7 @@ def test_changed_and_deleted_objects(cli, s3, inventoried, db: Path, tmp_path: P
     assert (dest / t[changed.key]["path"]).read_bytes() == newer
 
 
+@pytest.mark.slow
 def test_unfinished_run_blocks_a_new_one_and_resume_finishes(s3_env, inventoried, db: Path,
                                                              tmp_path: Path, cli) -> None:
     dest = tmp_path / "archive"

@@ -13,6 +13,7 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 from dbutil import rows
 
 from cloudexit.testing import synthetic
@@ -43,6 +44,7 @@ def _wait_line(lines: queue.Queue[tuple[float, str]], text: str, timeout: float)
     raise AssertionError(f"no line with {text!r} within {timeout} s")
 
 
+@pytest.mark.slow
 def test_ctrl_c_says_at_once_and_a_second_one_stops_now(cli, s3, bucket: str, db: Path, tmp_path: Path) -> None:
     profile = synthetic.Profile(patients=1, studies_per_patient=1, ct_slices_per_series=6, ct_matrix=32,
                                 cr_per_study=0, multiframe_objects=2, multiframe_bytes=6 * 2**20,

@@ -53,6 +53,7 @@ def _check_delivered(db: Path, dest: str, objects: list[synthetic.SyntheticObjec
         assert pacs.find_instance(sop or ""), sop
 
 
+@pytest.mark.slow
 def test_migrate_into_archive_and_cstore(cli: Any, inventoried: list[synthetic.SyntheticObject],
                                          db: Path, tmp_path: Path, pacs: OrthancServer) -> None:
     archive = tmp_path / "archive"
@@ -86,6 +87,7 @@ def test_migrate_into_archive_and_cstore(cli: Any, inventoried: list[synthetic.S
     assert pacs.instance_count() == before and _new_instances(pacs, last) == 0
 
 
+@pytest.mark.slow
 def test_pacs_added_later_by_stowrs(cli: Any, inventoried: list[synthetic.SyntheticObject],
                                     db: Path, tmp_path: Path, pacs: OrthancServer) -> None:
     archive = tmp_path / "archive"
@@ -112,6 +114,7 @@ def test_first_to_must_be_a_folder(cli: Any, inventoried: list[synthetic.Synthet
     assert out.exit_code != 0 and "one folder only" in out.output
 
 
+@pytest.mark.slow
 def test_pacs_down_then_back(cli: Any, inventoried: list[synthetic.SyntheticObject], db: Path,
                              tmp_path: Path, pacs: OrthancServer) -> None:
     """The PACS does not answer when the run starts: the archive fills, deliveries wait, probe,
@@ -130,6 +133,7 @@ def test_pacs_down_then_back(cli: Any, inventoried: list[synthetic.SyntheticObje
     assert kinds[:1] == ["migrate.pacs_down"] and "migrate.pacs_up" in kinds
 
 
+@pytest.mark.slow
 def test_audit_counts_non_dicom_as_migrated_with_a_pacs_destination(cli, s3, bucket: str, db: Path,
                                                                     tmp_path: Path, pacs) -> None:
     """Non-DICOM objects go to the archive only; the audit must not call them unfinished."""
@@ -144,6 +148,7 @@ def test_audit_counts_non_dicom_as_migrated_with_a_pacs_destination(cli, s3, buc
 
 
 @pytest.mark.parametrize("via", ["dicom", "dicomweb"])
+@pytest.mark.slow
 def test_quarantined_copy_never_reaches_a_pacs_that_overwrites(
         cli: Any, inventoried: list[synthetic.SyntheticObject], db: Path, tmp_path: Path,
         overwriting_pacs: OrthancServer, via: str) -> None:

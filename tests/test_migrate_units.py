@@ -15,6 +15,7 @@ from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials as BotoCredentials
 
 from cloudexit.testing import synthetic
+from cloudexit.stores import StoreError
 from cloudexit.core.checksums import (
     ObjectHasher,
     crc_implementation,
@@ -134,7 +135,7 @@ def test_paths_stay_inside_and_avoid_our_names(tmp_path) -> None:
     assert safe_key_path("_quarantine/x.dcm") == "%5Fquarantine/x.dcm"
     assert safe_key_path("a/.cloudexit-123.part") == "a/%2Ecloudexit-123.part"
     assert store.path_for("k", "dicom", "1.2", "../x", "1.3") .startswith("1.2/x-")
-    with pytest.raises(Exception):
+    with pytest.raises(StoreError, match="refusing to write outside"):
         store.absolute("../outside")
 
 

@@ -86,6 +86,7 @@ def upload_parts(client: Any, bucket: str, key: str, sizes: list[int]) -> bytes:
 
 
 @pytest.mark.parametrize("ranged", [False, True], ids=["one-get", "ranges"])
+@pytest.mark.slow
 def test_unequal_parts_verify_and_migrate(cli, server: Any, db: Path, tmp_path: Path, ranged: bool) -> None:
     client = server.client()
     bucket = f"parts-{os.getpid()}-{int(ranged)}-{time.monotonic_ns() % 10**6}"

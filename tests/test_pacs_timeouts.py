@@ -67,6 +67,7 @@ def test_default_is_seconds_for_small_objects_and_grows_with_size() -> None:
     assert pacs.answer_timeout(pacs.dimse_timeout, 2**40) == pacs.max_timeout
 
 
+@pytest.mark.slow
 def test_cstore_to_a_hung_pacs_frees_its_thread(pacs: OrthancServer, tmp_path: Path) -> None:
     (first, first_path), (second, second_path) = _small_dicom(tmp_path, 2)
     store = open_cstore(pacs.dicom_url, timeouts=SHORT, parallel=1)
@@ -89,6 +90,7 @@ def test_cstore_to_a_hung_pacs_frees_its_thread(pacs: OrthancServer, tmp_path: P
     assert pacs.find_instance(second.sop_uid)
 
 
+@pytest.mark.slow
 def test_stowrs_to_a_hung_pacs_frees_its_thread(pacs: OrthancServer, tmp_path: Path) -> None:
     ((item, path),) = _small_dicom(tmp_path, 1)
     store = open_dicomweb(pacs.dicomweb_url, timeouts=SHORT, parallel=1)

@@ -127,6 +127,7 @@ def test_plan_assume_size_is_labelled_everywhere_and_not_kept(cli, inventoried, 
     assert bad.exit_code == 2 and "Traceback" not in bad.output
 
 
+@pytest.mark.slow
 def test_status_shows_the_plan_against_the_run(cli, inventoried, tmp_path: Path) -> None:
     """After a migration, status says how far the plan was from what happened."""
     db, truth = inventoried
@@ -145,6 +146,7 @@ def test_status_shows_the_plan_against_the_run(cli, inventoried, tmp_path: Path)
     assert "Plan vs actual (fastest" in cli("status", "--db", str(db)).stdout
 
 
+@pytest.mark.slow
 def test_recalibrate_takes_the_rate_from_the_runs(cli, inventoried, tmp_path: Path) -> None:
     """The rate of the runs so far (here held at 2 MiB/s by a timetable) plans the rest."""
     db, _ = inventoried

@@ -64,6 +64,7 @@ def keys_in(s3: SeaweedServer, bucket: str) -> set[str]:
     return out
 
 
+@pytest.mark.slow
 def test_branch_hospital_pacs(s3, bucket, tmp_path: Path, pacs: OrthancServer) -> None:
     first = synthetic.upload(s3.client(), bucket, synthetic.generate(small("uid")))
     book = Book("branch-hospital-pacs", s3, bucket, tmp_path, pacs=pacs.dicom_url)
@@ -104,6 +105,7 @@ def test_branch_hospital_pacs(s3, bucket, tmp_path: Path, pacs: OrthancServer) -
     assert book.steps()["decommission"]["attempts"] == 2
 
 
+@pytest.mark.slow
 def test_aws_s3_exit_with_checkpoints_and_every_version_deleted(s3, bucket, tmp_path: Path) -> None:
     client = s3.client()
     client.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
@@ -141,6 +143,7 @@ def test_aws_s3_exit_with_checkpoints_and_every_version_deleted(s3, bucket, tmp_
         assert state.meta("exit_window_ends")
 
 
+@pytest.mark.slow
 def test_dcm4chee_s3_pilot_gate_then_the_whole_exit(s3, bucket, tmp_path: Path) -> None:
     objects = synthetic.upload(s3.client(), bucket, synthetic.generate(small("dcm4chee", awkward=True)))
     book = Book("dcm4chee-s3", s3, bucket, tmp_path, sets=("steps.2.pilot.studies=10",))
@@ -167,6 +170,7 @@ def test_dcm4chee_s3_pilot_gate_then_the_whole_exit(s3, bucket, tmp_path: Path) 
     assert kept_states <= {"quarantined", "skipped", "failed"} and "quarantined" in kept_states
 
 
+@pytest.mark.slow
 def test_orthanc_object_storage(s3, bucket, tmp_path: Path, pacs: OrthancServer) -> None:
     objects = synthetic.upload(s3.client(), bucket, synthetic.generate(small("orthanc")))
     sidecars = {o.key for o in objects if o.kind == "other"}
@@ -188,6 +192,7 @@ def test_orthanc_object_storage(s3, bucket, tmp_path: Path, pacs: OrthancServer)
     assert {k for k, a in rows.items() if a == "delete"} == set(kinds)
 
 
+@pytest.mark.slow
 def test_playbook_interrupted_mid_step_continues_there(s3_env, bucket, tmp_path: Path) -> None:
     from cloudexit.playbook import Runner, load
 

@@ -7,11 +7,13 @@ import os
 import re
 from pathlib import Path
 
+import pytest
 from cloudexit.testing import synthetic
 
 NAME = "DOE^JANE 19700101"
 
 
+@pytest.mark.slow
 def test_redacted_manifest_hides_names_in_keys(cli, s3, tmp_path: Path) -> None:
     bucket = f"redact-{os.getpid()}"
     client = s3.client()

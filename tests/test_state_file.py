@@ -153,6 +153,7 @@ def test_foreign_or_empty_file_is_refused_untouched(cli, tmp_path: Path, bucket:
 
 # -- item: a full disk under the state DB ---------------------------------------------------------
 @ROOT
+@pytest.mark.slow
 def test_full_disk_under_the_db_stops_cleanly_and_resumes(cli, tiny_pacs, s3: SeaweedServer,  # noqa: F811
                                                           tmp_path: Path) -> None:
     bucket, _ = tiny_pacs

@@ -82,6 +82,7 @@ def test_our_client_trusts_what_boto3_trusts(s3_env, tmp_path: Path, ca, monkeyp
     assert endpoint.verify == str(ca[1])
 
 
+@pytest.mark.slow
 def test_untrusted_certificate_stops_inventory_clearly(cli, tls_bucket, tls_proxy: FaultProxy,
                                                        db: Path, monkeypatch) -> None:
     monkeypatch.delenv("AWS_CA_BUNDLE", raising=False)
@@ -97,6 +98,7 @@ def test_untrusted_certificate_stops_inventory_clearly(cli, tls_bucket, tls_prox
     assert tls_proxy.count() == 0  # no request was sent over the untrusted connection
 
 
+@pytest.mark.slow
 def test_untrusted_certificate_stops_migrate_before_anything(cli, tls_bucket, tls_proxy: FaultProxy,
                                                               db: Path, tmp_path: Path, ca, monkeypatch) -> None:
     monkeypatch.setenv("AWS_CA_BUNDLE", str(ca[1]))
@@ -113,6 +115,7 @@ def test_untrusted_certificate_stops_migrate_before_anything(cli, tls_bucket, tl
     assert not list(dest.rglob("*.dcm"))
 
 
+@pytest.mark.slow
 def test_certificate_untrusted_mid_run_waits_says_why_and_carries_on(
         s3_env, tls_bucket, tls_proxy: FaultProxy, db: Path, tmp_path: Path, ca, monkeypatch) -> None:
     """Mid-run, the network presents a certificate from another CA: a firewall blocking the

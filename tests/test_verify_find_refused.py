@@ -48,6 +48,7 @@ def _migrated(s3: SeaweedServer, tmp: Path, *pacs: str) -> tuple[dict[str, Any],
     return env, db
 
 
+@pytest.mark.slow
 def test_a_refused_c_find_is_named_with_what_to_do(s3: SeaweedServer, store_only: OrthancServer,
                                                   tmp_path: Path) -> None:
     env, db = _migrated(s3, tmp_path, store_only.dicom_url)
@@ -60,6 +61,7 @@ def test_a_refused_c_find_is_named_with_what_to_do(s3: SeaweedServer, store_only
     assert "Traceback" not in result.output
 
 
+@pytest.mark.slow
 def test_a_refused_c_find_falls_back_to_qido_rs(s3: SeaweedServer, store_only: OrthancServer,
                                                tmp_path: Path) -> None:
     store_only.clear()
@@ -72,6 +74,7 @@ def test_a_refused_c_find_falls_back_to_qido_rs(s3: SeaweedServer, store_only: O
     assert [d["dest"] for d in doc["destinations"]] == [store_only.dicomweb_url]
 
 
+@pytest.mark.slow
 def test_a_refused_c_get_of_a_sample_is_named_too(s3: SeaweedServer, tmp_path: Path) -> None:
     """Queries allowed, retrieval not (DicomAlwaysAllowGet false): --sample says so."""
     if not os.path.exists(ORTHANC):

@@ -39,7 +39,7 @@ def parse_moment(text: str | None, option: str) -> float | None:
 @main.command("link-report", epilog=_examples("link-report"))
 @db_option
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False),
-              help="Folder for link.html, link.json, link-series.csv and link-outages.csv.")
+              help="Folder for link.html, link.json, link-series.csv, link-outages.csv and link-plan-windows.csv.")
 @click.option("--since", default=None, metavar="WHEN", help="Start of the window: a date, a time, or 7d (ago).")
 @click.option("--until", default=None, metavar="WHEN", help="End of the window (default: the last record).")
 @click.option("--lang", type=click.Choice(["en", "zh"]), default="en", show_default=True,

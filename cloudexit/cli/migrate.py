@@ -34,6 +34,9 @@ from cloudexit.cli.progress import MigrateBar
               help="uid: STUDY/SERIES/SOP.dcm (default); keys: the source keys, sanitised.")
 @click.option("--non-dicom", type=click.Choice(["copy", "skip"]), default=None,
               help="Objects that are not DICOM: copy into DEST/_non-dicom/ (default) or skip (recorded).")
+@click.option("--keep-containers", is_flag=True, default=None,
+              help="Zipped studies: also keep each zip as stored, in DEST/_non-dicom/ (its members "
+                   "are unpacked as instances either way; the zip is then downloaded a second time).")
 @click.option("--order", type=click.Choice(["newest", "oldest", "key"]), default=None,
               help="Which studies first (default newest); a study's objects go together.")
 @click.option("--restore-tier", type=click.Choice(["bulk", "standard", "expedited"]), default=None,
@@ -66,7 +69,8 @@ from cloudexit.cli.progress import MigrateBar
 def migrate(dests: tuple[str, ...], resume: bool, yes: bool, calling_aet: str | None, db_path: str,
             endpoint_url: str | None,
             profile: str | None, region: str | None, retries: int, layout: str | None,
-            non_dicom: str | None, order: str | None, restore_tier: str | None,
+            non_dicom: str | None, keep_containers: bool | None, order: str | None,
+            restore_tier: str | None,
             restore_days: int | None, restore_poll: float | None, bwlimit: str | None,
             processes: int | None, threads: int | None, large_object: int | None,
             range_size: int | None, backup_minutes: float | None, join_archive: bool | None,
@@ -96,7 +100,8 @@ def migrate(dests: tuple[str, ...], resume: bool, yes: bool, calling_aet: str | 
 
     if dests and resume:
         raise UsageError("give either --to DEST (a new run) or --resume (the last run), not both")
-    settings = {"layout": layout, "non_dicom": non_dicom, "order": order,
+    settings = {"layout": layout, "non_dicom": non_dicom, "keep_containers": keep_containers,
+                "order": order,
                 "restore_tier": {"bulk": "Bulk", "standard": "Standard",
                                  "expedited": "Expedited"}.get(restore_tier or ""),
                 "restore_days": restore_days, "restore_poll": restore_poll, "bwlimit": bwlimit,

@@ -26,8 +26,9 @@ from cloudexit.core.errors import UsageError
 @click.option("--measure-bytes", default="256MB", show_default=True,
               help="The --measure sample's size at most (egress you pay for).")
 @click.option("--recalibrate", is_flag=True,
-              help="Take the link's rate from this migration's own runs so far (downloaded bytes "
-                   "over active time, outages left out) and plan the rest with it.")
+              help="Take the link's rate from this migration's own runs so far (the steady "
+                   "minutes of the link series: no start-up, outage or bandwidth-limited minute) "
+                   "and plan the rest with it.")
 @click.option("--latency", "latency_text",
               help="Round trip to the endpoint for a --bandwidth plan, e.g. 30ms (default 50ms).")
 @click.option("--schedule", "schedule_text",
@@ -98,9 +99,8 @@ def plan(db_path: str, provider: str | None, region: str | None, price_file: str
                        f"The sample cost {format_bytes(m.bytes)} of egress and "
                        f"{m.get_requests:,} GET requests.")
         elif recalibrate and not quiet and not as_json:
-            click.echo(f"Recalibrated from {measurement.classes['runs']['count']} migration run(s): "
-                       f"{format_rate(measurement.throughput_expected)} over "
-                       f"{measurement.steady_seconds:.0f} s of transfer.")
+            click.echo(f"Recalibrated: {format_rate(measurement.throughput_expected)} over "
+                       f"{measurement.steady_seconds:.0f} s of transfer, from {measurement.basis}.")
         result = app.make_plan(state, request, measurement)
     for out in outs:
         app.write_plan(result, out, lang)

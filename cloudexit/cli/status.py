@@ -88,6 +88,9 @@ def print_summary(t: dict[str, Any]) -> None:
     if t.get("pacs_metadata"):
         lines.append(f"  PACS metadata    {t['pacs_metadata']:>10}   (Orthanc's header-only and JSON "
                      "copies of instances: not instances, copied to the side area)")
+    if t.get("zip_members"):
+        lines.append(f"  files in zips    {t['zip_members']:>10}   inside {t['zip_archives']} zip archive(s): "
+                     "each DICOM file counted above as an instance, unpacked by migrate")
     for row in t.get("by_encoding") or []:
         lines.append(f"  {row['name']:<16} {row['objects']:>10}   objects in this envelope "
                      f"({format_bytes(row['bytes'])} as stored)")

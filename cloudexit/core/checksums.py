@@ -34,10 +34,10 @@ def _table_crc(poly_reflected: int, width: int) -> Callable[[bytes, int], int]:
     mask = (1 << width) - 1
     table = []
     for byte in range(256):
-        crc = byte
+        entry = byte
         for _ in range(8):
-            crc = (crc >> 1) ^ poly_reflected if crc & 1 else crc >> 1
-        table.append(crc)
+            entry = (entry >> 1) ^ poly_reflected if entry & 1 else entry >> 1
+        table.append(entry)
 
     def crc(data: Any, value: int = 0) -> int:
         value ^= mask
@@ -63,7 +63,7 @@ def _crc_function(name: str) -> tuple[Callable[[Any, int], int], str]:
         except ImportError:
             pass
     try:
-        import crcmod  # type: ignore[import-not-found]
+        import crcmod  # crcmod-plus, a dependency; typed (py.typed)
 
         fn = crcmod.mkCrcFun(spec[0], initCrc=0, rev=True, xorOut=(1 << spec[2]) - 1)
         return (lambda data, value=0: fn(bytes(data) if isinstance(data, memoryview) else data,
@@ -92,7 +92,7 @@ def _new(algorithm: str) -> Any:
     if algorithm in ("sha1", "sha256", "md5"):
         return hashlib.new(algorithm)
     if algorithm == "crc32":
-        return _Crc(lambda data, value=0: zlib.crc32(data, value), 32)
+        return _Crc(zlib.crc32, 32)
     if algorithm not in _CRC_CACHE:
         _CRC_CACHE[algorithm] = _crc_function(algorithm)
     return _Crc(_CRC_CACHE[algorithm][0], 32 if algorithm == "crc32c" else 64)

@@ -37,6 +37,7 @@ class MigrateConfig:
 
     layout: str = "uid"  # "uid": STUDY/SERIES/SOP.dcm; "keys": the source keys, sanitised
     non_dicom: str = "copy"  # "copy": into DEST/_non-dicom/ (by key); "skip": recorded, not copied
+    keep_containers: bool = False  # zipped studies: also keep the zip as stored (in _non-dicom/)
     order: str = "newest"  # newest | oldest | key: newest studies first, whole studies together
     # ("mixed", sizes interleaved, is for `plan --measure`'s sample)
     processes: int = 0  # worker processes; 0: one per CPU (at most 8)

@@ -99,6 +99,14 @@ OBJECT_CONDITIONS: tuple[Condition, ...] = (
     Condition("not_inventoried", "keep", "{o}.key IS NULL", lambda c: c.o is None),
     Condition("deleted", "gone", f"{{o}}.status = '{ObjectStatus.DELETED}'",
               lambda c: c.o is not None and c.o["status"] == ObjectStatus.DELETED),
+    # A zipped study (its files recorded as members, cloudexit/state/members.py) is judged by its
+    # files, not by a copy of the zip: safe only when every member of this ETag is. {zipm}:
+    # zip_members_sql; decommission selects it as the object's `zip_members` column.
+    Condition("zip_members", "keep", "{zipm} = 'keep'",
+              lambda c: c.o is not None and (c.o.get("zip_members") == "keep" or (
+                  c.o.get("zip_members") == "safe" and c.etag != c.o["etag"]))),
+    Condition("zip_verified", "safe", "{zipm} = 'safe'",
+              lambda c: c.o is not None and c.o.get("zip_members") == "safe" and c.etag == c.o["etag"]),
 )
 # About one copy, in order. The first (no row at a destination that applies) is checked over
 # all destinations by counting rows in the several-destination SQL.
@@ -160,6 +168,9 @@ REASONS = {
                       "at {dest} {run}",
     "study_not_ok": "not re-verified: study not counted ok at {dest} {run}",
     "verified": "verified at every destination",
+    "zip_members": "zipped study: not every file inside is verified at every destination (its files "
+                   "are the objects KEY!/NAME in the state DB and the audit's manifest)",
+    "zip_verified": "zipped study: every file inside verified at every destination",
 }
 
 
@@ -212,7 +223,8 @@ def decide(o: Mapping[str, Any] | None, copies: Mapping[str, Mapping[str, Any] |
     FACTS as columns, see copy_columns) or None; `runs`: last_verify_runs."""
     for cond in OBJECT_CONDITIONS:
         if cond.py(Copy(o, etag=etag)):
-            return Decision(cond)
+            # a safe zip: its files are in the archive folders
+            return Decision(cond, held=[d for d in dests if not is_pacs(d)] if cond.verdict == SAFE.verdict else [])
     assert o is not None
     rank = {c.name: i for i, c in enumerate(CONDITIONS)}
     worst: Decision | None = None
@@ -234,12 +246,12 @@ def decide(o: Mapping[str, Any] | None, copies: Mapping[str, Mapping[str, Any] |
 
 
 # -- the SQL form --------------------------------------------------------------------------------
-def _fill(cond: Condition, o: str, t: str, i: int | None) -> str:
+def _fill(cond: Condition, o: str, t: str, i: int | None, zipm: str = "NULL") -> str:
     """`cond.sql` for the object alias `o`, the transfer alias `t` and the verify run parameters
-    of destination `i` (None: no run)."""
+    of destination `i` (None: no run); `zipm`: zip_members_sql for `o`."""
     run = {"vr": f":vr{i}", "vs": f":vs{i}"} if i is not None else {"vr": "NULL", "vs": "NULL"}
     facts = {k: v.format(o=o, t=t, **run) for k, v in FACTS.items()}
-    return cond.sql.format(o=o, t=t, v=f"{o}.etag", **run, **facts)
+    return cond.sql.format(o=o, t=t, v=f"{o}.etag", zipm=zipm, **run, **facts)
 
 
 def _copy_case(o: str, t: str, i: int | None, pacs: bool, ranked: bool) -> str:
@@ -276,17 +288,29 @@ def expected_sql(o: str = "o") -> str:
     return f"(CASE WHEN {o}.kind = '{ObjectKind.DICOM}' THEN :n ELSE :na END)"
 
 
-def _objects(o: str) -> str:
-    return " ".join(f"WHEN {_fill(c, o, 'NULL', None)} THEN '{c.label}'" for c in OBJECT_CONDITIONS)
+def _objects(o: str, dests: Sequence[str] | None = None) -> str:
+    """The object conditions over `o` (`dests`: to judge a zip's members; None: `o` is a member)."""
+    zipm = zip_members_sql(dests, o) if dests is not None else "NULL"
+    return " ".join(f"WHEN {_fill(c, o, 'NULL', None, zipm)} THEN '{c.label}'" for c in OBJECT_CONDITIONS)
 
 
-def subquery_sql(dests: Sequence[str], o: str = "o", x: str = "x") -> str:
+def zip_members_sql(dests: Sequence[str], o: str = "o") -> str:
+    """For a zip whose files are recorded as members (cloudexit/state/members.py): 'safe' when
+    every member is safe by this rule for the zip's ETag, else 'keep'; NULL for any other object."""
+    members = f"FROM objects zm WHERE zm.container = {o}.key AND zm.status = '{ObjectStatus.PRESENT}'"
+    verdict = subquery_sql(dests, "zm", "zx", members=False)
+    return (f"(CASE WHEN {o}.encoding IS 'zip' AND {o}.kind = '{ObjectKind.OTHER}' AND {o}.container IS NULL "
+            f"AND EXISTS (SELECT 1 {members}) THEN CASE WHEN EXISTS (SELECT 1 {members} AND "
+            f"(zm.etag IS NOT {o}.etag OR {verdict} NOT LIKE 'safe:%')) THEN 'keep' ELSE 'safe' END END)")
+
+
+def subquery_sql(dests: Sequence[str], o: str = "o", x: str = "x", members: bool = True) -> str:
     """The decision of object `o` as one scalar subquery over its transfer rows `x`: the first
     condition any copy met (its label ranked by a two-digit prefix, for min()). Any number of
     destinations; usable inside another query (a condition about other objects, such as the
     members of a container, can ask for theirs)."""
     missing = COPY_CONDITIONS[0]
-    return (f"(SELECT CASE {_objects(o)} WHEN count(*) < {expected_sql(o)} THEN '{missing.label}' "
+    return (f"(SELECT CASE {_objects(o, dests if members else None)} WHEN count(*) < {expected_sql(o)} THEN '{missing.label}' "
             f"ELSE substr(min({_by_dest(dests, o, x, True)}), 3) END FROM transfers {x} WHERE {x}.key = {o}.key)")
 
 
@@ -297,7 +321,7 @@ def decision_sql(dests: Sequence[str]) -> tuple[str, str]:
     manifest and the facts of the usual migration stay fast). Several: over `objects o`, a
     subquery over its transfers `x`, the first condition any copy met."""
     if len(dests) == 1:
-        return (f"(CASE {_objects('o')} ELSE {_by_dest(dests, 'o', 't', False)} END)",
+        return (f"(CASE {_objects('o', dests)} ELSE {_by_dest(dests, 'o', 't', False)} END)",
                 "objects o LEFT JOIN transfers t ON t.key = o.key")
     return subquery_sql(dests), "objects o"
 

@@ -91,7 +91,7 @@ def parse_rate(text: str, bare_unit: str | None = None, *, limit: bool = True) -
 
 def _is_zero(raw: str) -> bool:
     match = _RATE.match(raw)
-    return bool(match) and float(match["num"]) == 0
+    return match is not None and float(match["num"]) == 0
 
 
 def parse_size(text: str) -> int:

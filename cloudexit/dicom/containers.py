@@ -36,6 +36,7 @@ UNTIL_PIXEL_DATA = "orthanc-dicom-until-pixel-data"
 DICOM_AS_JSON = "orthanc-dicom-as-json"
 METADATA = {UNTIL_PIXEL_DATA: "Orthanc's header-only copy of an instance (\"DICOM until pixel data\")",
             DICOM_AS_JSON: "Orthanc's DICOM-as-JSON summary of an instance"}
+ZIP_NOT_READ = "zip archive whose files were not read"  # the next inventory round reads them
 MAX_INFLATE = 8 * 2**20  # decoded bytes the inventory inflates at most to read a header
 CHUNK = 2**20  # streaming decode: raw bytes read and decoded bytes produced per step
 _HEAD = 64 * 1024  # decoded bytes kept for the DICOM check
@@ -150,23 +151,11 @@ def classify_object(key: str, data: bytes, size: int) -> Header:
 
 
 def _zip_reason(data: bytes, size: int) -> str:
-    """Zipped studies are not unpacked yet: say so, and what the archive holds when its
-    directory is in the bytes read (a small zip); never a silent non-DICOM."""
-    what = "zip archive"
-    if len(data) >= size:
-        import io
-        import zipfile
-
-        try:
-            with zipfile.ZipFile(io.BytesIO(data)) as archive:
-                names = [i.filename for i in archive.infolist() if not i.is_dir()]
-            dicom = sum(1 for n in names if n.lower().endswith((".dcm", ".dicom"))
-                        or "." not in n.rsplit("/", 1)[-1])  # DICOMDIR-style names have no suffix
-            what = f"zip archive of {len(names)} files ({dicom} DICOM by name)"
-        except (zipfile.BadZipFile, OSError, ValueError) as exc:
-            what = f"zip archive that cannot be read ({exc})"
-    return (f"{what}: zipped studies are not unpacked by this version; the archive is kept as "
-            "stored in _quarantine/ (unzip it and upload its DICOM files to migrate them as instances)")
+    """A zip whose files were not read here: the inventory reads them (`cloudexit.dicom.zipped`);
+    migrate meets an unread one only when it was in an archive storage class at inventory time."""
+    return (f"{ZIP_NOT_READ} (it was not readable at inventory time, e.g. "
+            "in an archive storage class): the archive is kept as stored in _quarantine/ "
+            "(run `cloudexit inventory` again once it is restored, then `migrate --resume`)")
 
 
 def scan_rows(plain: bytes, size: int) -> bool:
@@ -285,14 +274,16 @@ def judge_decoded(fetcher: Any, task: Any, result: Any) -> str:
 def audit_facts(conn: Any) -> dict[str, Any]:
     """For the audit: objects by envelope (and how many were decoded into verified files), and
     Orthanc's metadata attachments by kind. Grouped in SQL: a few rows, whatever the bucket."""
-    stored = {r[0]: r[1] for r in conn.execute(
+    stored = {r[0]: r[1] for r in conn.execute(  # objects of the bucket: not the files inside zips
         "SELECT encoding, count(*) FROM objects WHERE status = 'present' AND encoding IS NOT NULL "
-        "GROUP BY 1").fetchall()}
+        "AND container IS NULL GROUP BY 1").fetchall()}
     decoded = {r[0]: r[1] for r in conn.execute(
         "SELECT encoding, count(DISTINCT key) FROM transfers WHERE encoding IS NOT NULL "
         "AND state = 'verified' GROUP BY 1").fetchall()}
     metadata = {r[0]: r[1] for r in conn.execute(
         "SELECT pacs_metadata, count(*) FROM objects WHERE status = 'present' "
         "AND pacs_metadata IS NOT NULL GROUP BY 1").fetchall()}
-    return {"stored_in": stored, "decoded": decoded, "decoded_total": sum(decoded.values()),
+    zip_members = conn.execute("SELECT count(*) FROM objects WHERE status = 'present' "
+                               "AND container IS NOT NULL").fetchone()[0]
+    return {"stored_in": stored, "decoded": decoded, "zip_members": zip_members, "decoded_total": sum(decoded.values()),
             "pacs_metadata": metadata, "pacs_metadata_total": sum(metadata.values())}

@@ -181,7 +181,7 @@ def _scan(data: bytes, object_size: int) -> Header | None:
 
 
 def _fields(ds: object) -> Header:
-    get = lambda name: _text(getattr(ds, name, None))
+    get = lambda name: _text(getattr(ds, name, None))  # noqa: E731
     meta = getattr(ds, "file_meta", None)
     ts = _text(getattr(meta, "TransferSyntaxUID", None)) if meta is not None else None
     if ts is None:

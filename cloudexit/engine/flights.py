@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from cloudexit.core.config import MigrateConfig
 from cloudexit.s3.parts import recorded_sizes
+from cloudexit.state import members
 from cloudexit.stores.filesystem import FilesystemStore
 from cloudexit.transfer.client import Credentials
 from cloudexit.transfer.tasks import Task
@@ -89,5 +90,6 @@ def flight_for(r: sqlite3.Row, task_id: int, store: FilesystemStore, config: Mig
         credentials=credentials, large=r["size"] >= config.large_object,
         range_size=range_size or config.range_size, done_ranges=done_ranges, replaceable=r["mtime_ns"],
         part_sizes=recorded_sizes(r["part_sizes"], r["etag"], r["size"]),
-        encoding=r["encoding"] if r["kind"] == "dicom" else None)
+        encoding=r["encoding"] if r["kind"] == "dicom" and not r["member"] else None,
+        member=members.task_member(r))  # a file inside a zip (transfer/zipmember.py)
     return Flight(r["seq"], r["key"], r["etag"], r["size"], r["kind"], r["path"], task, attempts=r["attempts"] + 1)

@@ -14,6 +14,7 @@ from pathlib import PurePosixPath
 
 from cloudexit.core.config import MigrateConfig
 from cloudexit.engine.restores import ARCHIVE_CLASSES
+from cloudexit.state import members
 from cloudexit.state import transfers as sql
 from cloudexit.state.db import State, now
 from cloudexit.stores.filesystem import CASE_COLLISIONS, COLLISIONS, FilesystemStore, key_hash
@@ -108,6 +109,8 @@ class Worklist:
             return "inspect"
         if o["kind"] == "other" and self.config.non_dicom == "skip":
             return "skipped"
+        if members.is_zip(o) and not self.config.keep_containers:  # zipped study (state/members.py)
+            return "skipped"
         return "queued"
 
     # -- the start and the end of a run -------------------------------------------------------------
@@ -138,6 +141,7 @@ class Worklist:
             finally:
                 self._known_folders = None
             sql.end_new_objects(tx)
+            members.sync_containers(tx, dest, self.config.keep_containers)  # zipped studies
             if deleted or changed:
                 self.state.log("migrate.sync", tx, run=run_id, deleted=deleted, changed=len(changed))
 

@@ -73,7 +73,7 @@ def link_from(bandwidth: float | None, measurement: Measurement | None,
                     concurrency=concurrency,
                     source=f"measured {measurement.measured_at} {how} "
                            + (f"{measurement.objects} objects" if measurement.objects
-                              else f"{measurement.steady_seconds:.0f} s of transfer"),
+                              else measurement.basis or f"{measurement.steady_seconds:.0f} s of transfer"),
                     overheads_included=by_engine, cores=config.worker_processes(),
                     startup_s=measurement.startup_s or START_UP_S)
     if bandwidth is None:
@@ -140,5 +140,6 @@ def build_plan(state: State, provider: str | None, region: str | None, price_fil
     plan = make_plan(workload, catalogue, link, start, schedule, offline_threshold)
     state.set_meta(plan=json.dumps(plan.to_dict(), default=str))
     state.log("plan.made", provider=catalogue.provider, region=catalogue.region,
-              link=link.source, schedule=schedule.text if schedule else None)
+              link=link.source, schedule=schedule.text if schedule else None,
+              rate_model=plan.rate_model)  # the plan in force from now: plan/actual.py reads it
     return plan

@@ -57,6 +57,7 @@ class Measurement:
     method: str = "engine"  # engine: migrate timed on a sample; runs: recalibrated from the
     # migration's own runs; boto3: older DBs
     classes: dict[str, dict[str, int]] = field(default_factory=dict)  # sample per size class
+    basis: str = ""  # what the figures were taken from, in words (recalibration: which minutes)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -72,7 +73,7 @@ class Sample:
 def _class_case(large_object: int) -> tuple[str, list[Any]]:
     """An SQL CASE naming each object's size class, and its parameters."""
     parts, params = [], []
-    for name, low, high in SIZE_CLASSES:
+    for name, _low, high in SIZE_CLASSES:
         top = high if high is not None else large_object
         parts.append("WHEN size < ? THEN ?")
         params += [top, name]
@@ -204,10 +205,7 @@ def measure_link(state: State, source: Source, config: MigrateConfig | None = No
     if rate <= 0:
         raise UsageError("the link measurement moved no data",
                          hint="check `cloudexit migrate` on this bucket, or give --bandwidth")
-    spread = sorted(windows)
-    low = min(_percentile(spread, 0.10), rate * (1 - MIN_SPREAD)) if len(spread) >= 4 else rate * (1 - 2 * MIN_SPREAD)
-    low = max(low, rate / 4)  # a window that caught a stall is not the link's rate for weeks
-    high = max(_percentile(spread, 0.90), rate * (1 + MIN_SPREAD)) if len(spread) >= 4 else rate * (1 + MIN_SPREAD)
+    low, high = _spread(windows, rate)
     result = Measurement(
         measured_at=now(), objects=len(sample.keys), bytes=moved,
         get_requests=requests + len(latencies), seconds=time.monotonic() - started,
@@ -220,6 +218,16 @@ def measure_link(state: State, source: Source, config: MigrateConfig | None = No
     state.set_meta(link_measurement=json.dumps(result.to_dict()))
     state.log("plan.measured", **result.to_dict())
     return result
+
+
+def _spread(rates: list[float], rate: float) -> tuple[float, float]:
+    """The low and high ends around `rate`: the 10th and 90th percentile of `rates` (windows or
+    minutes), at least +-10% (+-20% from fewer than four)."""
+    spread = sorted(rates)
+    few = len(spread) < 4
+    low = rate * (1 - 2 * MIN_SPREAD) if few else min(_percentile(spread, 0.10), rate * (1 - MIN_SPREAD))
+    high = rate * (1 + MIN_SPREAD) if few else max(_percentile(spread, 0.90), rate * (1 + MIN_SPREAD))
+    return max(low, rate / 4), high  # a window that caught a stall is not the link's rate for weeks
 
 
 def _run_sample(state: State, source: Source, sample: Sample, config: MigrateConfig,
@@ -297,10 +305,33 @@ def _latencies(source: Source, state: State, keys: list[str]) -> list[float]:
 
 
 def recalibrated(state: State) -> Measurement:
-    """The link as the migration's own runs saw it: bytes downloaded over their active time,
-    less the time the link was down; runs under a bandwidth timetable are used only when there
-    is no other (their rate is the limiter's). Recorded like a measurement, and used by the
-    next plans."""
+    """The link as the migration's own runs saw it, recorded like a measurement and used by the
+    next plans: the steady-state rate of the per-minute link series (`plan.actual.
+    steady_minutes`: whole minutes, not a run's first or last, not in an outage, not held by
+    the bandwidth limit); without such minutes (runs too short, a DB from before the series),
+    bytes downloaded over the runs' active time."""
+    from cloudexit.plan.actual import steady_minutes  # noqa: PLC0415
+
+    steady = steady_minutes(state.conn)
+    if steady is not None:
+        moved, seconds = sum(m.bytes for m in steady.used), sum(m.seconds for m in steady.used)
+        rate = moved / seconds
+        low, high = _spread([m.rate for m in steady.used], rate)
+        result = Measurement(
+            measured_at=now(), objects=0, bytes=moved, get_requests=0, seconds=seconds, latency_s=0.05,
+            throughput_low=low, throughput_expected=rate, throughput_high=high,
+            concurrency=0, steady_seconds=seconds, method="runs", basis=steady.describe(),
+            classes={"runs": {"count": len({m.run for m in steady.used}), "minutes": len(steady.used),
+                              "limited": int(steady.limited_only)}})
+        state.set_meta(link_measurement=json.dumps(result.to_dict()))
+        state.log("plan.recalibrated", **result.to_dict())
+        return result
+    return _recalibrated_from_runs(state)
+
+
+def _recalibrated_from_runs(state: State) -> Measurement:
+    """Bytes downloaded over the runs' active time, less the time the link was down; runs under
+    a bandwidth timetable only when there is no other (their rate is the limiter's)."""
     from datetime import datetime  # noqa: PLC0415
 
     runs = state.query("SELECT id, started_at, finished_at, heartbeat_at, bwlimit, bytes_downloaded, "
@@ -333,6 +364,7 @@ def recalibrated(state: State) -> Measurement:
         latency_s=0.05, throughput_low=min(min(rates), rate * (1 - MIN_SPREAD)),
         throughput_expected=rate, throughput_high=max(max(rates), rate * (1 + MIN_SPREAD)),
         concurrency=0, steady_seconds=seconds, method="runs",
+        basis=f"{len(rates)} run(s) as a whole: the link series holds no steady minute",
         classes={"runs": {"count": len(rates), "limited": int(free is runs and bool(runs[0]["bwlimit"]))}})
     state.set_meta(link_measurement=json.dumps(result.to_dict()))
     state.log("plan.recalibrated", **result.to_dict())

@@ -140,6 +140,7 @@ def make_plan(
         unverified=[f for f in catalogue.unverified() if f.name in used],
         unknown=unknown_facts,
         catalogue_file=catalogue.source_file,
+        rate_model=model.time.rate_model("expected"),
     )
 
 

@@ -153,6 +153,9 @@ class Plan:
     # Set by `plan --assume-size`: {"size": "40 TB", "bytes": ..., "objects": ...} of the real
     # inventory; every output says the figures are for the assumed size.
     assumed_size: dict | None = None
+    # The expected case's rate model (Timeline.rate_model): the rate the plan expects under any
+    # bandwidth limit, so a run's windows can be compared with it (plan/actual.py).
+    rate_model: dict | None = None
 
     def scenario(self, key: str) -> Scenario:
         for scenario in self.scenarios:
@@ -175,6 +178,7 @@ class Plan:
                 "latency_s": self.link.latency_s,
                 "concurrency": self.link.concurrency,
                 "source": self.link.source,
+                "rate_model": self.rate_model,
             },
             "schedule": self.schedule,
             "offline_threshold_s": self.offline_threshold.total_seconds(),

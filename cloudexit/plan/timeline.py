@@ -136,17 +136,26 @@ class Timeline:
             )
         return sorted(batches, key=lambda b: b[0])
 
-    def walk(self, setup: Setup, case: str) -> Run:
-        """Move every byte through the link and timetable, split at every billing boundary."""
+    def rate_model(self, case: str) -> dict[str, float]:
+        """What sets the rate of a case, as plain numbers: the link's cap (bytes/s), seconds per
+        byte beyond the bandwidth, and the share of a bandwidth limit the run is expected to
+        reach. Kept with the plan so the rate it expected under any limit can be compared with
+        what a run did (`planned_rate`)."""
         cap = self.link.rate(_THROUGHPUT[case])
         if self.client_rate is not None:
             cap = min(cap, self.client_rate * _CLIENT_SHARE[case])
+        return {"cap_bytes_per_s": cap, "per_byte_overhead_s": self.per_byte_overhead * _LATENCY_SHARE[case],
+                "limit_share": _TIMETABLE_SHARE[case], "startup_s": self.link.startup_s * _START_UP_SHARE[case]}
+
+    def walk(self, setup: Setup, case: str) -> Run:
+        """Move every byte through the link and timetable, split at every billing boundary."""
+        rates = self.rate_model(case)
+        cap, overhead = rates["cap_bytes_per_s"], rates["per_byte_overhead_s"]
         schedule = setup.schedule
-        overhead = self.per_byte_overhead * _LATENCY_SHARE[case]
         pending = self.ready_times(setup, case)
         total = sum(b for _, b in pending)
         # Nothing moves while the run starts: a constant that matters only for small exits.
-        startup = timedelta(seconds=self.link.startup_s * _START_UP_SHARE[case])
+        startup = timedelta(seconds=rates["startup_s"])
         moment, moved, released, chunks = self.start + startup, 0.0, 0.0, []
         last_progress = moment
         while total - moved > _BYTE_SLACK:
@@ -205,6 +214,12 @@ class Timeline:
             candidates.append(candidate if candidate > local else candidate + timedelta(days=1))
         nearest = min(candidates)
         return nearest.astimezone(moment.tzinfo) if self.zone is not None else nearest
+
+
+def planned_rate(model: dict[str, float], limit: float | None) -> float:
+    """Bytes/s a plan's `rate_model` expects under a bandwidth limit (None: no limit)."""
+    allowed = None if limit is None else limit * model.get("limit_share", 1.0)
+    return effective_rate(allowed, model["cap_bytes_per_s"], model.get("per_byte_overhead_s", 0.0))
 
 
 def pick(span: Span, case: str, default: float) -> float:

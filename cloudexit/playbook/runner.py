@@ -206,7 +206,8 @@ class Runner:
     def _settings(self, step: Step) -> dict[str, Any]:
         """The MigrateConfig fields a migrating step gives (None: not given)."""
         o = step.options
-        values = {k: o.get(k) for k in ("layout", "non_dicom", "order", "processes", "threads")}
+        values = {k: o.get(k) for k in ("layout", "non_dicom", "order", "processes", "threads",
+                                        "keep_containers")}
         values["bwlimit"] = o.get("bwlimit") or self.pb.schedule["bwlimit"]
         return values
 

@@ -52,6 +52,7 @@ _MIGRATE_OPTS: Spec = {
     "layout": (("uid", "keys"), False, None), "non_dicom": (("copy", "skip"), False, None),
     "order": (("newest", "oldest", "key"), False, None), "processes": (int, False, None),
     "threads": (int, False, None), "bwlimit": ("str?", False, None),
+    "keep_containers": (bool, False, None),
 }
 STEPS: dict[str, Spec] = {
     "inventory": {"workers": (int, False, None), "header_bytes": (int, False, None)},

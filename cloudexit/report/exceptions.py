@@ -10,6 +10,7 @@ from cloudexit.core.states import COPIED, WAITING, ObjectStatus, sql_in
 from cloudexit.core.states import TransferState as T
 from cloudexit.report.verification import pacs_mismatches
 from cloudexit.state.db import State
+from cloudexit.state.members import ZIP_SKIPPED
 
 # Exception categories: which transfer groups (see groups.grouped) each one counts,
 _CATEGORY_OF: dict[str, Any] = {
@@ -19,7 +20,8 @@ _CATEGORY_OF: dict[str, Any] = {
     "duplicates": lambda g: g["state"] == T.DUPLICATE,
     "changed": lambda g: bool(g["changed"] or g["stale"]),
     "missing": lambda g: g["state"] == T.MISSING,
-    "skipped": lambda g: g["state"] == T.SKIPPED,
+    # a zipped study's own row, skipped because its files were migrated, is no exception
+    "skipped": lambda g: g["state"] == T.SKIPPED and g["not_checked"] != ZIP_SKIPPED,  # state/members.py
     "unfinished": lambda g: g["state"] in WAITING,
 }
 # and the same as SQL, with the remedy the report gives.
@@ -34,7 +36,8 @@ EXCEPTIONS: dict[str, tuple[str, str]] = {
                 "AND t.etag IS NOT o.etag))",
                 "changed"),
     "missing": (f"t.state = '{T.MISSING}'", "missing"),
-    "skipped": (f"t.state = '{T.SKIPPED}'", "skipped"),
+    "skipped": ((f"t.state = '{T.SKIPPED}' AND NOT (o.encoding IS 'zip' AND o.kind = 'other' "
+                 "AND o.container IS NULL)"), "skipped"),
     "unfinished": (f"t.state IN {sql_in(WAITING)}", "unfinished"),
 }
 

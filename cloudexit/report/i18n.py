@@ -67,8 +67,8 @@ TEXT: dict[str, dict[str, str]] = {
         "row.unreadable": "Unreadable DICOM",
         "row.pacs_metadata": "of the non-DICOM: PACS metadata attachments (Orthanc's header-only and "
                              "JSON copies of instances, kept in the side area; not instances)",
-        "row.decoded": "Instances decoded from the PACS's storage format (Orthanc zlib, gzip): "
-                       "checked as stored, then decoded and checked again",
+        "row.decoded": "Instances decoded from the PACS's storage format (Orthanc zlib, gzip, files "
+                       "inside zipped studies): checked as stored, then decoded and checked again",
         "row.studies_complete": "Studies complete",
         "times": "When",
         "t.start": "Migration started",
@@ -228,6 +228,8 @@ TEXT: dict[str, dict[str, str]] = {
         "dr.missing": "missing at the source when fetched",
         "dr.skipped": "skipped (not copied)",
         "dr.unfinished": "not finished",
+        "dr.zip_members": "zipped study: not every file inside is verified in every destination",
+        "dr.zip_verified": "zipped study: every file inside verified in every destination",
         "dr.deleted": "deleted at the source",
         "dr.no_verify": "copied, but no `cloudexit verify` of the destination yet",
         "dr.landed_after_verify": "copied after the destination's last `cloudexit verify`",

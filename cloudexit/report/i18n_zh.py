@@ -52,7 +52,7 @@ ZH: dict[str, str] = {
     "row.bytes": "数据量（字节）",
     "row.pacs_metadata": "其中 PACS 元数据附件（Orthanc 保存的实例头部副本与 JSON 副本，"
                          "存放在旁路目录；不是影像实例）",
-    "row.decoded": "从 PACS 存储格式解码的实例（Orthanc zlib、gzip）：先按原样校验，解码后再校验",
+    "row.decoded": "从 PACS 存储格式解码的实例（Orthanc zlib、gzip、ZIP 打包检查中的文件）：先按原样校验，解码后再校验",
     "row.non_dicom": "非 DICOM 对象",
     "row.unreadable": "无法读取的 DICOM",
     "row.studies_complete": "完整到达的检查",
@@ -208,6 +208,8 @@ ZH: dict[str, str] = {
     "dr.missing": "读取时源端缺失",
     "dr.skipped": "已跳过（未复制）",
     "dr.unfinished": "未完成",
+    "dr.zip_members": "ZIP 打包的检查：包内文件尚未在每个目标位置全部验证",
+    "dr.zip_verified": "ZIP 打包的检查：包内文件已在每个目标位置全部验证",
     "dr.deleted": "源端已删除",
     "dr.no_verify": "已复制，但该目标位置尚未执行 `cloudexit verify`",
     "dr.landed_after_verify": "在该目标位置最近一次 `cloudexit verify` 之后才复制",

@@ -25,7 +25,8 @@ TEXT: dict[str, dict[str, str]] = {
         "h.outages": "Every outage",
         "h.worst": "The worst hours",
         "h.data": "Data files",
-        "data": "link.json (every figure), link-series.csv (one row per interval), link-outages.csv.",
+        "data": ("link.json (every figure), link-series.csv (one row per interval), link-outages.csv, "
+                 "link-plan-windows.csv (the plan per window)."),
         "c.rate": "received", "c.plan": "plan (expected)", "c.limit": "bandwidth limit",
         "c.outage": "outage", "c.empty": "nothing recorded in this window",
         "col.start": "Start", "col.end": "End", "col.duration": "Duration", "col.cause": "Cause",
@@ -37,6 +38,15 @@ TEXT: dict[str, dict[str, str]] = {
         "cause.other": "other",
         "no_phi": "No patient names, IDs, study identifiers or object keys appear here.",
         "digest.more": "Every figure, by hour, with the worst hours and the data files:",
+        "h.plan": "The plan against the link, per run and per bandwidth-limit window",
+        "plan.intro": ("Error: how much longer (+) or shorter (-) the plan in force at the time expected "
+                       "the window's bytes to take than they took. Outage time is left out, and so is a "
+                       "minute in which the limit was changed by hand; a run's start-up is counted as "
+                       "the plan counts it."),
+        "plan.none": "No migration run to compare with a plan yet.",
+        "col.run": "Run", "col.window": "Window", "col.limit": "Limit", "col.bytes": "Bytes",
+        "col.planned": "Planned", "col.achieved": "Achieved", "col.error": "Error",
+        "limit.none": "none", "limit.paused": "paused", "plan.run": "run {run} in all",
         # the live page
         "live.title": "Migration, live",
         "live.progress": "Progress", "live.objects": "Objects", "live.bytes": "Bytes",
@@ -70,7 +80,7 @@ TEXT: dict[str, dict[str, str]] = {
         "h.outages": "全部中断记录",
         "h.worst": "最差时段",
         "h.data": "数据文件",
-        "data": "link.json（全部数据）、link-series.csv（每个时间段一行）、link-outages.csv。",
+        "data": "link.json（全部数据）、link-series.csv（每个时间段一行）、link-outages.csv、link-plan-windows.csv（按时段的计划误差）。",
         "c.rate": "实际接收", "c.plan": "计划值（预期）", "c.limit": "带宽限制",
         "c.outage": "中断", "c.empty": "该时间范围内没有记录",
         "col.start": "开始", "col.end": "结束", "col.duration": "时长", "col.cause": "原因",
@@ -82,6 +92,13 @@ TEXT: dict[str, dict[str, str]] = {
         "cause.other": "其他",
         "no_phi": "本页不含患者姓名、ID、检查标识或对象键名。",
         "digest.more": "逐小时的全部数据、最差时段和数据文件见：",
+        "h.plan": "计划与链路实际对比：按迁移任务和带宽限制时段",
+        "plan.intro": ("误差：当时有效的计划对该时段数据量所预计的用时比实际用时长（+）或短（-）多少。"
+                       "链路中断的时间不计入，手动更改限速的那一分钟也不计入；任务启动时间按计划的方式计算。"),
+        "plan.none": "尚无可与计划对比的迁移任务。",
+        "col.run": "任务", "col.window": "时段", "col.limit": "限速", "col.bytes": "数据量",
+        "col.planned": "计划速率", "col.achieved": "实际速率", "col.error": "误差",
+        "limit.none": "不限速", "limit.paused": "暂停", "plan.run": "任务 {run} 合计",
         "live.title": "迁移实时状态",
         "live.progress": "进度", "live.objects": "对象", "live.bytes": "数据量",
         "live.studies": "已完成检查", "live.rate": "速率（最近 5 分钟）", "live.eta": "剩余时间（按当前速率）",

@@ -3,7 +3,9 @@
 `write_link_report(conn, out)` writes, from one read of the DB (`linkfacts.link_facts`):
 `link.html` (self-contained: inline CSS and SVG, no scripts, no network), `link.json` (every
 figure, format `cloudexit.link-report/1`), `link-series.csv` (one row per interval) and
-`link-outages.csv`. `digest_html(conn, lang)` is the one-page digest the audit includes.
+`link-outages.csv`, and the plan against what each run did per bandwidth-limit window
+(`plan.actual.plan_windows`: in the JSON as `plan_windows`, `link-plan-windows.csv`, a table).
+`digest_html(conn, lang)` is the one-page digest the audit includes.
 """
 
 from __future__ import annotations
@@ -19,14 +21,15 @@ from pathlib import Path
 from typing import Any
 
 from cloudexit.core.files import make_private_dirs, write_private
-from cloudexit.core.units import format_duration, format_rate
+from cloudexit.core.units import format_bytes, format_duration, format_rate
+from cloudexit.plan.actual import plan_windows
 from cloudexit.report import charts
 from cloudexit.report.html_bits import _table
 from cloudexit.report.link_i18n import words
 from cloudexit.report.linkfacts import link_facts
 from cloudexit.state.linkseries import ERROR_KINDS
 
-FILES = ("link.html", "link.json", "link-series.csv", "link-outages.csv")
+FILES = ("link.html", "link.json", "link-series.csv", "link-outages.csv", "link-plan-windows.csv")
 _PLAN, _LIMIT = "#e08a00", "#7b1fa2"
 CSS = """body{font:14px/1.45 sans-serif;margin:2em auto;max-width:60em;color:#222;padding:0 1em}
 h1{font-size:1.6em;margin:0 0 .2em}h2{font-size:1.2em;margin:1.6em 0 .5em;border-bottom:1px solid #ddd}
@@ -136,6 +139,41 @@ def worst_table(facts: dict[str, Any], w: dict[str, str]) -> str:
     return _table(head, rows) if rows else "<p>-</p>"
 
 
+def _facts(conn: sqlite3.Connection, since: float | None = None, until: float | None = None) -> dict[str, Any]:
+    facts = link_facts(conn, since, until)
+    facts["plan_windows"] = plan_windows(conn, since, until)
+    return facts
+
+
+def _limit(bwlimit: int | None, w: dict[str, str]) -> str:
+    return w["limit.none"] if bwlimit is None else w["limit.paused"] if bwlimit == 0 else format_rate(bwlimit)
+
+
+def _error(error: float | None) -> str:
+    return "-" if error is None else f'<span class="n" data-v="{error:.4f}">{error:+.1%}</span>'
+
+
+def plan_table(facts: dict[str, Any], w: dict[str, str]) -> str:
+    """Per run and per window of constant bandwidth limit: planned and achieved rate, error."""
+    found = facts.get("plan_windows") or {"runs": [], "windows": []}
+    if not found["windows"]:
+        return f"<p>{escape(w['plan.none'])}</p>"
+    rows = []
+    for run in found["runs"]:
+        for x in (x for x in found["windows"] if x["run"] == run["run"]):
+            rows.append([str(run["run"]), _when(x["start_local"]) + " - " + _when(x["end_local"][11:19]),
+                         escape(_limit(x["bwlimit"], w)), escape(format_bytes(x["bytes"])),
+                         escape(format_duration(x["seconds"])), escape(_mbit(x["planned_rate"])),
+                         escape(_mbit(x["rate"])), _error(x["error"])])
+        if run["windows"] > 1:
+            rows.append([f"<b>{escape(w['plan.run'].format(run=run['run']))}</b>", "", "",
+                         escape(format_bytes(run["bytes"])), escape(format_duration(run["seconds"])), "",
+                         escape(_mbit(run["rate"])), _error(run["error"])])
+    head = [w["col.run"], w["col.window"], w["col.limit"], w["col.bytes"], w["col.duration"],
+            w["col.planned"], w["col.achieved"], w["col.error"]]
+    return f'<p class="muted">{escape(w["plan.intro"])}</p>' + _table(head, rows, "plan-windows")
+
+
 def render_html(facts: dict[str, Any], lang: str) -> str:
     w = words(lang)
     window = facts["window"]
@@ -149,6 +187,7 @@ def render_html(facts: dict[str, Any], lang: str) -> str:
                                             bucket=format_duration(window['bucket_s'])))} {escape(w['no_phi'])}</p>
 <h2>{escape(w['summary'])}</h2><div class="summary">{sentence}</div>
 <h2>{escape(w['h.throughput'])}</h2>{rate_chart(facts, w)}
+<h2>{escape(w['h.plan'])}</h2>{plan_table(facts, w)}
 <h2>{escape(w['h.errors'])}</h2>{error_chart(facts, w)}
 <h2>{escape(w['h.outages'])}</h2>{outage_table(facts, w)}
 <h2>{escape(w['h.worst'])}</h2>{worst_table(facts, w)}
@@ -168,7 +207,7 @@ def write_link_report(conn: sqlite3.Connection, out: str | os.PathLike[str], sin
     """Write the four files into `out` (0700 folder, 0600 files); returns the facts."""
     folder = Path(out)
     make_private_dirs(folder)
-    facts = link_facts(conn, since, until)
+    facts = _facts(conn, since, until)
     write_private(folder / "link.json", json.dumps(facts, indent=1, ensure_ascii=False) + "\n")
     head = ["start_unix", "start_local", "seconds", "bytes", "bytes_per_s", "bytes_per_s_per_connection",
             "objects", "get", "head", "list", *(f"err_{k}" for k in ERROR_KINDS), "ttfb_p50_ms",
@@ -187,6 +226,15 @@ def write_link_report(conn: sqlite3.Connection, out: str | os.PathLike[str], sin
         [["start_unix", "end_unix", "start_local", "end_local", "seconds", "cause", "seen", "still_down", "source", "run"]]
         + [[o["start"], o["end"], o["start_local"], o["end_local"], o["seconds"], o["cause"], o["seen"],
             int(o["open"]), o["source"], o["run"]] for o in facts["outages"]]))
+    write_private(folder / "link-plan-windows.csv", _csv(
+        [["run", "start_unix", "end_unix", "start_local", "end_local", "bwlimit_bytes_per_s", "bytes", "seconds",
+          "planned_bytes_per_s", "achieved_bytes_per_s", "planned_seconds", "error", "plan_made_at",
+          "mixed_minutes"]]
+        + [[x["run"], x["start"], x["end"], x["start_local"], x["end_local"], x["bwlimit"], x["bytes"], x["seconds"],
+            None if x["planned_rate"] is None else round(x["planned_rate"], 1), round(x["rate"], 1),
+            None if x["planned_seconds"] is None else round(x["planned_seconds"], 1),
+            None if x["error"] is None else round(x["error"], 4), x["plan_made_at"], x["mixed_minutes"]]
+           for x in facts["plan_windows"]["windows"]]))
     write_private(folder / "link.html", render_html(facts, lang))
     return facts
 
@@ -200,11 +248,12 @@ def digest_html(conn: sqlite3.Connection, lang: str = "en", href: str | None = N
             return ""
     except sqlite3.OperationalError:
         return ""
-    facts = link_facts(conn)
+    facts = _facts(conn)
     w = words(lang)
     link = f'<a href="{escape(href)}">{escape(href)}</a>' if href else "<code>DIR/link.html</code>"
     sentence = "".join(f"<p>{escape(line)}</p>" for line in summary_lines(facts, w))
     return (f'<section class="link-digest" id="link" style="break-before:page"><h2>{escape(w["title"])}</h2>'
             f'<div class="link-summary">{sentence}</div>{rate_chart(facts, w)}{outage_table(facts, w)}'
+            f'<h3>{escape(w["h.plan"])}</h3>{plan_table(facts, w)}'
             f'<p class="small note">{escape(w["digest.more"])} <code>cloudexit link-report --out DIR</code>: '
             f'{link}</p></section>')

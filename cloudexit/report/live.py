@@ -36,7 +36,7 @@ def snapshot(state: State, now: float | None = None) -> dict[str, Any]:
     plan = plan_rate(conn)
     hour = link_facts(conn, now - 3600, now, now=now, bucket=60)
     day = link_facts(conn, now - 86400, now, now=now, bucket=900)
-    chart = lambda f: {"since": f["window"]["since"], "until": f["window"]["until"],
+    chart = lambda f: {"since": f["window"]["since"], "until": f["window"]["until"],  # noqa: E731
                        "bucket": f["window"]["bucket_s"], "plan": plan,
                        "points": [[p["ts"], p["rate"], p["bwlimit"], sum(p["errors"].values())] for p in f["series"]],
                        "outages": [[o["start"], o["end"], o["cause"]] for o in f["outages"]]}

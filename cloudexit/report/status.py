@@ -37,18 +37,22 @@ def inventory_summary(state: State) -> dict[str, Any]:
     summary: dict[str, Any] = {
         "source": state.meta("source_url"),
         "endpoint": state.meta("endpoint_url"),
-        "objects": one(f"SELECT count(*) {present}"),
+        "objects": one(f"SELECT count(*) {present} AND container IS NULL"),  # in the bucket: not zip members
         "bytes": one(f"SELECT sum(size) {present}"),
         "dicom_instances": one(f"SELECT count(DISTINCT sop_uid) {dicom}"),
         "dicom_objects": one(f"SELECT count(*) {dicom}"),
         "studies": one(f"SELECT count(DISTINCT study_uid) {dicom}"),
         "series": one(f"SELECT count(DISTINCT series_uid) {dicom}"),
         "patients": one(f"SELECT count(DISTINCT patient_hash) {dicom}"),
-        "non_dicom": one(f"SELECT count(*) {present} AND kind = '{ObjectKind.OTHER}' AND pacs_metadata IS NULL"),
+        "non_dicom": one(f"SELECT count(*) {present} AND kind = '{ObjectKind.OTHER}' AND pacs_metadata IS NULL "
+                         "AND NOT (encoding IS 'zip' AND container IS NULL)"),
+        # zipped studies (cloudexit/state/members.py): the zips, and the files inside them
+        "zip_archives": one(f"SELECT count(*) {present} AND encoding IS 'zip' AND container IS NULL"),
+        "zip_members": one(f"SELECT count(*) {present} AND container IS NOT NULL"),
         # Orthanc's header-only and DICOM-as-JSON copies: neither instances nor conflicts
         "pacs_metadata": one(f"SELECT count(*) {present} AND pacs_metadata IS NOT NULL"),
         "by_encoding": _breakdown(state, f"SELECT encoding, count(*), sum(size) {present} "
-                                  "AND encoding IS NOT NULL GROUP BY 1 ORDER BY 2 DESC"),
+                                  "AND encoding IS NOT NULL AND container IS NULL GROUP BY 1 ORDER BY 2 DESC"),
         "unreadable": one(f"SELECT count(*) {present} AND kind = '{ObjectKind.UNREADABLE}'"),
         "pending": one(f"SELECT count(*) {present} AND kind = '{ObjectKind.PENDING}'"),
         "deleted_at_source": one(f"SELECT count(*) FROM objects WHERE status = '{ObjectStatus.DELETED}'"),

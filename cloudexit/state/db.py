@@ -238,7 +238,7 @@ class State:
         with self.lock:
             try:
                 cur = self.conn.execute(sql, params)
-                cur.row_factory = sqlite3.Row  # type: ignore[assignment]
+                cur.row_factory = sqlite3.Row
                 return cur.fetchall()
             except sqlite3.Error as exc:
                 self._reraise(exc)
@@ -268,7 +268,8 @@ class State:
         return reason
 
     def meta(self, key: str) -> str | None:
-        return self.scalar("SELECT value FROM meta WHERE key = ?", (key,))
+        value: str | None = self.scalar("SELECT value FROM meta WHERE key = ?", (key,))
+        return value
 
     def set_meta(self, **values: str | None) -> None:
         with self.transaction() as conn:

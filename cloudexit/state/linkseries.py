@@ -208,7 +208,7 @@ class LinkRecorder:
         ended = self.clock()
         tx.execute("UPDATE link_outages SET ended = ?, cause = ?, detail = ? WHERE id = ?",
                    (ended, cause, example, self.outage))
-        started = tx.execute("SELECT started FROM link_outages WHERE id = ?", (self.outage,)).fetchone()[0]
+        started: float = tx.execute("SELECT started FROM link_outages WHERE id = ?", (self.outage,)).fetchone()[0]
         self.outage = None
         self.answered()
         return ended - started

@@ -7,7 +7,7 @@ the steps a DB lacks when it opens it.
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 11
+SCHEMA_VERSION = 12
 
 _SCHEMA_V1 = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT);
@@ -354,6 +354,17 @@ CREATE TABLE link_outages (
 CREATE INDEX link_outages_started ON link_outages(started)
 """
 
+# Version 12: zipped studies. Each file inside a zip archive is a row of `objects` of its own,
+# keyed `<zip key>!/<member name>` (`container`: the zip's key; `member`: JSON of where its
+# bytes lie in the zip, its sizes and CRC-32), so instances, verify, the audit and decommission
+# count and check members like any object; the zip's own row keeps the bucket's view of it.
+_SCHEMA_V12 = """
+ALTER TABLE objects ADD COLUMN container TEXT;
+ALTER TABLE objects ADD COLUMN member TEXT;
+CREATE INDEX objects_container ON objects(container) WHERE container IS NOT NULL
+"""
+
 MIGRATIONS: dict[int, str] = {1: _SCHEMA_V1, 2: _SCHEMA_V2, 3: _SCHEMA_V3, 4: _SCHEMA_V4,
                                 5: _SCHEMA_V5, 6: _SCHEMA_V6, 7: _SCHEMA_V7,
-                                8: _SCHEMA_V8, 9: _SCHEMA_V9, 10: _SCHEMA_V10, 11: _SCHEMA_V11}
+                                8: _SCHEMA_V8, 9: _SCHEMA_V9, 10: _SCHEMA_V10, 11: _SCHEMA_V11,
+                                12: _SCHEMA_V12}

@@ -127,7 +127,8 @@ def queued_after(state: Any, dest: str, cursor: int, limit: int) -> list[sqlite3
     """Queued rows to dispatch, in the order of work, with what a task needs from `objects`."""
     return list(state.query(
         "SELECT t.key, t.seq, t.etag, t.size, t.kind, t.path, t.attempts, t.range_size, t.mtime_ns, "
-        "t.part_sizes, o.sop_uid, o.study_uid, o.series_uid, o.checksums, o.encoding FROM transfers t "
+        "t.part_sizes, o.sop_uid, o.study_uid, o.series_uid, o.checksums, o.encoding, o.member, o.container "
+        "FROM transfers t "
         "JOIN objects o ON o.key = t.key WHERE t.dest = ? AND t.state = 'queued' AND t.seq > ? "
         "ORDER BY t.seq LIMIT ?", (dest, cursor, limit)))
 

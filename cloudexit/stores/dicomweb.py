@@ -197,7 +197,7 @@ class DicomwebStore:
             if resp.status in (401, 403):
                 raise StoreError(f"{self.url} refused our credentials (HTTP {resp.status})",
                                  hint=f"set {ENV_USER}/{ENV_PASSWORD}, {ENV_TOKEN} or {ENV_AUTH_FILE}")
-            if resp.status in (429, 502, 503, 504) or resp.status >= 500 and resp.status != 501:
+            if resp.status in (429, 502, 503, 504) or (resp.status >= 500 and resp.status != 501):
                 last = f"HTTP {resp.status}"
                 time.sleep(min(2.0, 0.5 * attempt))
                 continue
@@ -247,7 +247,7 @@ class DicomwebStore:
             results = self.deliver_many([(p.item, p.staged) for p in batch])
             for p, r in zip(batch, results):
                 p.result = r
-        except BaseException as exc:  # every waiting caller sees the outage, not only the sender
+        except BaseException as exc:  # noqa: BLE001 - every waiting caller sees the outage, not only the sender
             for p in batch:
                 p.error = exc
         finally:
@@ -258,7 +258,7 @@ class DicomwebStore:
         """Deliver objects in as few STOW-RS requests as the batch limits allow."""
         results: dict[int, Delivery] = {}
         todo = []
-        for i, (item, staged) in enumerate(pairs):
+        for i, (item, _staged) in enumerate(pairs):
             if item.kind != "dicom" or not item.sop_uid:
                 results[i] = Delivery("failed", code="not-dicom",
                                       detail=f"object is {item.kind}, not DICOM a PACS can take")

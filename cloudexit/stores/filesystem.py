@@ -362,7 +362,9 @@ class Placer:
             if st is not None:
                 if not stat.S_ISREG(st.st_mode):
                     raise PlacementConflict(final, "not a regular file") from None
-                if sha256 is not None and st.st_size == os.fstat(fd).st_size \
+                # The temp file's size by its name: a decoded instance's `fd` may be the raw
+                # object's, which the plain file replaced under the temp name.
+                if sha256 is not None and st.st_size == os.stat(temp, follow_symlinks=False).st_size \
                         and file_sha256(final) == sha256:
                     self.discard(temp)  # the same bytes are there already
                 elif replaceable is not None and st.st_mtime_ns == replaceable:

@@ -141,7 +141,7 @@ class SeaweedServer:
             self.https_port = ports["s3https"]
             args += [f"-s3.port.https={self.https_port}", f"-s3.cert.file={self.tls[0]}",
                      f"-s3.key.file={self.tls[1]}"]
-        log = open(self.workdir / "weed.log", "wb")
+        log = open(self.workdir / "weed.log", "wb")  # noqa: SIM115 - the server writes it for its lifetime
         # Own process group, so stopping it also stops what weed starts.
         self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT,
                                      start_new_session=True, cwd=self.workdir)

@@ -103,12 +103,16 @@ class Fetcher:
                 result.outcome = "cancelled"
                 return result
             self.placer.prepare(task.final)
-            if os.path.exists(task.final) and self._verify_local(task, result):
+            if task.member is None and os.path.exists(task.final) and self._verify_local(task, result):
                 return result
             attempt = connection_failures = 0
             while True:
                 try:
-                    if task.large:
+                    if task.member is not None:  # a file inside a zip (transfer/zipmember.py)
+                        from cloudexit.transfer.zipmember import fetch_member
+
+                        fetch_member(self, task, result)
+                    elif task.large:
                         self._fetch_large(task, result)
                     else:
                         self._fetch(task, result)

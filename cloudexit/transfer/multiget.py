@@ -115,7 +115,8 @@ class MultiGet:
 
     # -- what the loop takes -----------------------------------------------------------------------
     def takes(self, task: Task) -> bool:
-        if not self.enabled or task.large or task.fresh or task.done_ranges or task.size > MAX_BYTES:
+        if not self.enabled or task.large or task.fresh or task.done_ranges or task.size > MAX_BYTES \
+                or task.member is not None:  # zip members: ranged GETs (transfer/zipmember.py)
             return False
         if "-" in task.etag or time.monotonic() < self.cool_until:
             return False

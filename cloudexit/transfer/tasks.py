@@ -32,6 +32,7 @@ class Task:
     replaceable: int | None = None  # mtime_ns of this migration's own earlier file at `final`
     encoding: str | None = None  # envelope to decode after the raw checks (cloudexit.containers)
     faults: list[tuple[str, str]] = field(default_factory=list)  # link evidence: what multiget met
+    member: dict[str, Any] | None = None  # zipped study: this member (transfer/zipmember.py)
 
 
 @dataclass
