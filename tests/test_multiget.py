@@ -18,7 +18,11 @@ from conftest import server_context
 from cloudexit.testing import synthetic
 from cloudexit.transfer.multiget import MAX_BYTES, MultiGet
 from cloudexit.testing.s3server import SeaweedServer
-from cloudexit.transfer.worker import Counters, Credentials, Endpoint, Fetcher, Result, SharedRate, Task
+from cloudexit.engine.messages import Message, results_of
+from cloudexit.transfer.client import Counters, Credentials, Endpoint
+from cloudexit.transfer.fetch import Fetcher
+from cloudexit.transfer.rate import SharedRate
+from cloudexit.transfer.tasks import Result, Task
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +43,7 @@ class Harness:
         self.root = root
         self.fetcher = Fetcher(endpoint, self.creds, rate, threading.Event(), root=str(root),
                                group_folder_sync=True)
-        self.messages: list[tuple[Any, ...]] = []
+        self.messages: list[Message] = []
         self.fallbacks: list[tuple[Task, Counters | None]] = []
         self.loop = MultiGet(self.fetcher, slots, self.messages.append,
                              lambda task, spent: self.fallbacks.append((task, spent)))
@@ -61,7 +65,7 @@ class Harness:
         self.loop.flush(force=True)
         if close:
             self.loop.close()
-        results = [r for m in self.messages for r in m[1]]
+        results = [r for m in self.messages for r in results_of(m)]
         self.messages.clear()
         return results
 

@@ -30,7 +30,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
-from cloudexit.transfer.worker import Counters, FetchError, Fetcher, Result, Task, commit_folders
+from cloudexit.engine.messages import Message, ResultGroup
+from cloudexit.transfer.client import Counters, FetchError
+from cloudexit.transfer.fetch import Fetcher
+from cloudexit.transfer.tasks import Result, Task
+from cloudexit.transfer.worker import commit_folders
 
 MAX_BYTES = 1 << 20  # larger objects go to the threads (one buffer per connection)
 _HEADROOM = 64 * 1024  # response headers
@@ -83,7 +87,7 @@ class _Slot:
 class MultiGet:
     """Runs small-object tasks on `slots` connections; hands the rest to `fallback`."""
 
-    def __init__(self, fetcher: Fetcher, slots: int, send: Callable[[tuple[Any, ...]], None],
+    def __init__(self, fetcher: Fetcher, slots: int, send: Callable[[Message], None],
                  fallback: Callable[[Task, Counters | None], None]) -> None:
         self.fetcher = fetcher
         self.endpoint = fetcher.reader.endpoint
@@ -162,7 +166,7 @@ class MultiGet:
                                        or time.monotonic() - self.landed_since >= _LINGER):
                 return
             batch, self.landed = self.landed, []
-        self.send(("results", commit_folders(self.fetcher.placer, batch)))
+        self.send(ResultGroup(commit_folders(self.fetcher.placer, batch)))
 
     def done(self, result: Result) -> None:
         with self.lock:
@@ -456,7 +460,7 @@ class MultiGet:
 
 
 def run_worker(fetcher: Fetcher, inbox: Any, slots: int, parent: int,
-               send: Callable[[tuple[Any, ...]], None], fallback: Callable[[Task, Counters | None], None],
+               send: Callable[[Message], None], fallback: Callable[[Task, Counters | None], None],
                finish: Callable[[], None]) -> None:
     """The worker process's main thread: take task lists from the engine, run the small ones here
     and pass the rest to the download threads; `finish` when the engine says the work is over."""

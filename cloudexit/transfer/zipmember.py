@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING
 from cloudexit.dicom.zipped import ExtractError, Member, extract_member, file_crc
 
 if TYPE_CHECKING:
-    from cloudexit.transfer.worker import Fetcher, Result, Task
+    from cloudexit.transfer.fetch import Fetcher
+    from cloudexit.transfer.tasks import Result, Task
 
 CHECKS = ["if-match-etag", "zip-local-header", "zip-crc32", "zip-size"]
 NOT_CHECKED = ("object MD5/ETag: a member of a zip is read by range, so the zip's whole-object "
@@ -27,7 +28,7 @@ NOT_CHECKED = ("object MD5/ETag: a member of a zip is read by range, so the zip'
 
 def fetch_member(fetcher: Fetcher, task: Task, result: Result) -> None:
     """Fetch, check and place one member (`task.member`). Raises FetchError like `_fetch`."""
-    from cloudexit.transfer.worker import FetchError
+    from cloudexit.transfer.client import FetchError
 
     assert task.member is not None
     m = Member.from_json({k: v for k, v in task.member.items() if k != "container"})
@@ -56,7 +57,7 @@ def fetch_member(fetcher: Fetcher, task: Task, result: Result) -> None:
     fd = fetcher.placer.open_temp(task.temp, truncate=True)
     try:
         # no object hasher: a range has no whole-object checksum (`_stream` skips a None one)
-        fetcher._stream(resp, fd, None, bytearray(), expected, result.counters, task)  # type: ignore[arg-type]
+        fetcher._stream(resp, fd, None, bytearray(), expected, result.counters, task)
     finally:
         os.close(fd)
     plain = task.temp + ".plain"
