@@ -16,6 +16,7 @@ from typing import Any, Callable
 import click
 
 from cloudexit import __version__
+from cloudexit.cli.cluster import cluster_executor, cluster_options  # migrate --cluster
 from cloudexit.core.config import InventoryConfig, SourceConfig
 from cloudexit.core.errors import CloudexitError, FileSystemError, UsageError
 
@@ -611,6 +612,7 @@ class _ByteBar:
 @click.option("--join-archive", is_flag=True, default=None,
               help="Write into an archive folder another migration (another state DB) claimed, to "
                    "consolidate several buckets into one archive; its files are never replaced.")
+@cluster_options  # --cluster (cloudexit/cli/cluster.py)
 @output_options
 def migrate(dests: tuple[str, ...], resume: bool, yes: bool, calling_aet: str | None, db_path: str,
             endpoint_url: str | None,
@@ -701,9 +703,10 @@ def migrate(dests: tuple[str, ...], resume: bool, yes: bool, calling_aet: str | 
         note = restore_tier_note(state, config.restore_tier)
         if note and not quiet:
             click.echo(note, err=True)
+        executor = cluster_executor(profile, quiet or as_json)  # None: worker processes here
         with _MigrateBar(quiet or as_json) as bar:
             summary = Migration(state, source, store, config, progress=bar.update,
-                                resume=resume, deliver_to=deliver_to).run()
+                                resume=resume, deliver_to=deliver_to, executor=executor).run()
     if as_json:
         click.echo(json.dumps(summary.__dict__, indent=2, default=str))
     elif not quiet:

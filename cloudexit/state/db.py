@@ -34,7 +34,7 @@ from cloudexit.state.file import (
     writable,
 )
 
-SCHEMA_VERSION = 10
+SCHEMA_VERSION = 13
 
 _SCHEMA_V1 = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT);
@@ -346,9 +346,20 @@ ALTER TABLE transfers ADD COLUMN raw_sha256 TEXT;
 ALTER TABLE transfers ADD COLUMN file_size INTEGER
 """
 
+# Versions 11 and 12: reserved for the link evidence and zipped studies (merged from their own
+# changes).
+_SCHEMA_V11 = ""
+_SCHEMA_V12 = ""
+# Version 13: `migrate --cluster` records which dask worker fetched each object (NULL: this
+# machine's worker processes), for `status --json` (workers) and the manifest.
+_SCHEMA_V13 = """
+ALTER TABLE transfers ADD COLUMN worker TEXT
+"""
+
 _MIGRATIONS: dict[int, str] = {1: _SCHEMA_V1, 2: _SCHEMA_V2, 3: _SCHEMA_V3, 4: _SCHEMA_V4,
                                  5: _SCHEMA_V5, 6: _SCHEMA_V6, 7: _SCHEMA_V7,
-                                 8: _SCHEMA_V8, 9: _SCHEMA_V9, 10: _SCHEMA_V10}
+                                 8: _SCHEMA_V8, 9: _SCHEMA_V9, 10: _SCHEMA_V10,
+                                 11: _SCHEMA_V11, 12: _SCHEMA_V12, 13: _SCHEMA_V13}
 
 
 GENESIS_HASH = "0" * 64

@@ -60,3 +60,4 @@ class Result:
     conflict: str | None = None  # the path that held other bytes: this copy went to quarantine
     part_sizes: list[int] | None = None  # learned from the source, for the engine to record
     decoded: dict[str, Any] | None = None  # encoding, raw_sha256, raw_size, size (plain file)
+    worker: str | None = None  # the cluster worker that ran it (cloudexit/cluster); None: this machine

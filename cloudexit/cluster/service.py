@@ -1,0 +1,300 @@
+"""The cluster's worker side: one migration's fetch + verify + place on one dask worker.
+
+The coordinator (executor.py) calls these functions on the dask workers (`Client.run` for
+set-up, `Client.submit` for batches). Each worker keeps one `Service` per migration run: the
+same `Fetcher`, `multiget` loop, download threads and folder-sync thread as a local worker
+process (`transfer.worker.serve`), fed batch by batch. A batch returns its messages (results,
+large objects' ranges) when all its objects are done; nothing here opens the state DB.
+
+Names passed to dask (task keys, function names) carry a run token and a number, never a key,
+a path or a secret: the dask dashboard shows them.
+"""
+
+from __future__ import annotations
+
+import glob
+import multiprocessing
+import os
+import queue
+import secrets
+import threading
+import time
+from dataclasses import replace
+from typing import Any
+
+from cloudexit.core.config import MigrateConfig
+from cloudexit.engine.messages import Message, RangeDone, ResultGroup
+from cloudexit.transfer.client import Credentials, Endpoint
+from cloudexit.transfer.rate import SharedRate
+from cloudexit.transfer.tasks import Result, Task
+
+TOKEN_PREFIX = ".cloudexit-cluster-"  # the DEST token file's name (+ run token)
+IDLE_END = 120.0  # seconds: a run's service idle this long is ended when another run starts
+# Stands in for the credentials in tasks sent to the cluster: each worker fills in its own.
+NO_CREDENTIALS = Credentials("-", "")
+TASKS_PER_MESSAGE = 4  # small objects per message to the multiget loop, as engine/local.py
+
+_services: dict[str, Service] = {}
+_lock = threading.Lock()
+
+
+class Tally:
+    """Egress counted on this worker (the `Meter` interface), taken by each batch that returns:
+    the coordinator adds it to the run's meter file (state/meter.py)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.values = [0, 0, 0, 0]  # bytes, GET, HEAD, LIST
+
+    def add(self, nbytes: int = 0, get: int = 0, head: int = 0, list_: int = 0) -> None:
+        with self._lock:
+            v = self.values
+            v[0] += nbytes
+            v[1] += get
+            v[2] += head
+            v[3] += list_
+
+    def take(self) -> tuple[int, int, int, int]:
+        with self._lock:
+            out = tuple(self.values)
+            self.values = [0, 0, 0, 0]
+        return out  # type: ignore[return-value]
+
+
+class _Batch:
+    def __init__(self, ids: set[int]) -> None:
+        self.left = set(ids)
+        self.messages: list[Message] = []
+        self.done = threading.Event()
+        if not ids:
+            self.done.set()
+
+
+def worker_label(dask_worker: Any) -> str:
+    """How a worker is named in the state DB, status and errors: its `--name` if it has one
+    of words, else its address without the scheme."""
+    name = str(getattr(dask_worker, "name", "") or "")
+    address = str(dask_worker.address).split("://", 1)[-1]
+    return name if name and not name.isdigit() and name != dask_worker.address else address
+
+
+class Service:
+    """One migration run's work on this worker."""
+
+    def __init__(self, token: str, name: str, config: MigrateConfig, root: str, endpoint: Endpoint,
+                 rate: float | None, profile: str | None, credentials: Credentials | None) -> None:
+        from cloudexit.transfer.fetch import Fetcher
+        from cloudexit.transfer.worker import serve
+
+        self.token, self.name, self.profile = token, name, profile
+        self.nonce = secrets.token_hex(4)  # this service's attempts' temp names
+        self.forwarded = credentials
+        self.stop = threading.Event()
+        self.rate = SharedRate(multiprocessing.get_context("spawn"))
+        self.rate.set(rate)
+        self.tally = Tally()
+        self.inbox: queue.Queue[list[Task] | None] = queue.Queue()
+        self.batches: dict[int, _Batch] = {}
+        self.block = threading.Lock()
+        self.last_active = time.monotonic()
+        self.fetcher = Fetcher.from_config(config, endpoint, self.credentials(), self.rate, self.stop, root,
+                                           report=self._send, group_folder_sync=True)
+        self.fetcher.reader.meter = self.tally  # type: ignore[assignment]  # same interface as Meter
+        self.thread = threading.Thread(target=serve, name=f"cloudexit-{token}",
+                                       args=(self.fetcher, config.threads, self.inbox, self._send, os.getppid()),
+                                       daemon=True)
+        self.thread.start()
+
+    def credentials(self) -> Credentials:
+        """The coordinator's (forwarded), else this machine's own (instance role, profile, env),
+        refreshed by botocore when temporary."""
+        if self.forwarded is not None:
+            return self.forwarded
+        return own_credentials(self.profile)
+
+    # -- messages from the fetch threads ---------------------------------------------------------
+    def _send(self, message: Message) -> None:
+        if isinstance(message, ResultGroup):
+            for r in message.results:
+                self._send(r)
+            return
+        task_id = message.task_id if isinstance(message, RangeDone) else getattr(message, "id", None)
+        with self.block:
+            batch = self.batches.get(task_id) if task_id is not None else None
+            if batch is None:
+                return  # a batch given up (cancelled at the coordinator): nobody waits for it
+            if isinstance(message, Result):
+                message.worker = self.name
+                batch.left.discard(message.id)
+                del self.batches[message.id]
+            batch.messages.append(message)
+            if not batch.left:
+                batch.done.set()
+
+    # -- one batch --------------------------------------------------------------------------------
+    def run(self, tasks: list[Task]) -> list[Message]:
+        credentials = self.credentials()
+        batch = _Batch({t.id for t in tasks})
+        with self.block:
+            for t in tasks:
+                self.batches[t.id] = batch
+        small: list[Task] = []
+        for task in tasks:
+            task.credentials = credentials
+            own_temp(task, f"{self.nonce}{task.id}")
+            if task.large:
+                self.inbox.put([task])
+                continue
+            small.append(task)
+            if len(small) == TASKS_PER_MESSAGE:
+                self.inbox.put(small)
+                small = []
+        if small:
+            self.inbox.put(small)
+        while not batch.done.wait(1.0):
+            if not self.thread.is_alive():  # a bug ended the loop: say so for each object left
+                with self.block:
+                    for task_id in list(batch.left):
+                        batch.messages.append(Result(task_id, "", "failed", error_kind="permanent",
+                                                     detail="internal error: the worker's fetch loop ended",
+                                                     worker=self.name))
+                        self.batches.pop(task_id, None)
+                    batch.left.clear()
+                break
+        self.last_active = time.monotonic()
+        return batch.messages
+
+    def end(self) -> None:
+        self.inbox.put(None)
+        self.thread.join(timeout=30)
+
+
+def own_credentials(profile: str | None) -> Credentials:
+    import botocore.session
+
+    from cloudexit.core.errors import CredentialsError
+
+    session = botocore.session.Session(profile=profile)
+    found = session.get_credentials()
+    if found is None:
+        raise CredentialsError("no S3 credentials on this worker",
+                               hint="give the worker an instance role, a profile or AWS_* variables, "
+                                    "or use --cluster-credentials forward over tls://")
+    frozen = found.get_frozen_credentials()
+    return Credentials(frozen.access_key, frozen.secret_key, frozen.token)
+
+
+def own_temp(task: Task, attempt: str) -> None:
+    """Give `task` a temp name of its own attempt, so that two attempts at one object (a worker
+    cut off but still writing, a coordinator killed while its batches ran) never write one file.
+    The newest leftover of earlier attempts is taken over (a resume), the others removed."""
+    base = task.temp.removesuffix(".part")
+    mine = f"{base}.{attempt}.part"
+    found: list[tuple[float, str]] = []
+    for path in [task.temp, *glob.glob(glob.escape(base) + ".*.part")]:
+        try:
+            found.append((os.stat(path, follow_symlinks=False).st_mtime, path))
+        except OSError:
+            pass
+    found.sort(reverse=True)
+    if found and not task.fresh:
+        try:
+            os.rename(found.pop(0)[1], mine)
+        except OSError:
+            pass
+    for _mtime, path in found:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+    task.temp = mine
+
+
+# -- what the coordinator calls on the workers ------------------------------------------------------
+def check(root: str, token: str, secret: str, profile: str | None, forwarded: bool,
+          dask_worker: Any = None) -> dict[str, str | None]:
+    """Can this worker take work: it reads the coordinator's token under DEST (the same
+    archive, mounted at the same path), can write there, and has S3 credentials."""
+    name = worker_label(dask_worker) if dask_worker is not None else "?"
+    problem = None
+    path = os.path.join(root, TOKEN_PREFIX + token)
+    try:
+        with open(path, encoding="ascii") as f:
+            got = f.read()
+        if got != secret:
+            problem = f"{path} holds another token: this worker's {root} is another folder"
+    except FileNotFoundError:
+        problem = f"{path} is not there: this worker does not see the same archive at {root}"
+    except OSError as exc:
+        problem = f"cannot read {path}: {exc.strerror or exc}"
+    if problem is None:
+        probe = os.path.join(root, f"{TOKEN_PREFIX}{token}-{secrets.token_hex(4)}.probe")
+        try:
+            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as exc:
+            problem = f"cannot write in {root}: {exc.strerror or exc}"
+    if problem is None and not forwarded:
+        try:
+            own_credentials(profile)
+        except Exception as exc:  # noqa: BLE001 - botocore's config errors, CredentialsError
+            problem = f"no S3 credentials on this worker ({exc})"
+    return {"worker": name, "problem": problem}
+
+
+def start(token: str, config: MigrateConfig, root: str, endpoint: Endpoint, rate: float | None,
+          profile: str | None, credentials: Credentials | None, dask_worker: Any = None) -> str:
+    """This run's service on this worker (idempotent); ends services of other runs left idle
+    (a coordinator killed, or gone without a word)."""
+    clock = time.monotonic()
+    with _lock:
+        for other, service in list(_services.items()):
+            if other != token and not service.batches and clock - service.last_active > IDLE_END:
+                service.end()
+                del _services[other]
+        if token not in _services:
+            _services[token] = Service(token, worker_label(dask_worker), config, root, endpoint, rate,
+                                       profile, credentials)
+        return _services[token].name
+
+
+def run_batch(token: str, tasks: list[Task]) -> tuple[str, list[Message] | None, tuple[int, int, int, int]]:
+    """One batch: (worker name, its messages, egress counted here since the last batch).
+    Messages None: this worker has no service for the run (never raised: dask would log the
+    arguments, keys and all)."""
+    service = _services.get(token)
+    if service is None:
+        return "?", None, (0, 0, 0, 0)
+    messages = service.run(tasks)
+    return service.name, messages, service.tally.take()
+
+
+def set_rate(token: str, rate: float | None) -> None:
+    service = _services.get(token)
+    if service is not None:
+        service.rate.set(rate)
+
+
+def set_credentials(token: str, credentials: Credentials) -> None:
+    service = _services.get(token)
+    if service is not None:
+        service.forwarded = credentials
+
+
+def cancel(token: str) -> None:
+    service = _services.get(token)
+    if service is not None:
+        service.stop.set()
+
+
+def end(token: str) -> None:
+    with _lock:
+        service = _services.pop(token, None)
+    if service is not None:
+        service.end()
+
+
+def strip_credentials(task: Task) -> Task:
+    """A copy of `task` without the coordinator's credentials (the worker fills in its own)."""
+    return replace(task, credentials=NO_CREDENTIALS)
