@@ -4,8 +4,10 @@ SeaweedFS; the result compared object for object with the single-machine run."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
+import time
 import sys
 from pathlib import Path
 from typing import Any
@@ -96,6 +98,11 @@ def test_two_workers_give_the_single_machine_result(cli, s3, awkward: str, tmp_p
     fetched = rows(cluster_db, "SELECT worker, count(*) AS n FROM transfers WHERE state IN "
                                "('verified', 'quarantined') GROUP BY worker")
     assert {r["worker"] for r in fetched} <= {"w1", "w2"} and sum(r["n"] for r in fetched)
+    status = json.loads(cli("status", "--db", str(cluster_db), "--json").output)
+    seen = status["migration"]["workers"]
+    assert {w["worker"] for w in seen} == {r["worker"] for r in fetched}
+    assert sum(w["objects"] for w in seen) == sum(r["n"] for r in fetched)
+    assert all(w["last_seen"] and w["bytes"] > 0 and w["errors"] == 0 for w in seen)
     assert not list((tmp_path / "b").glob(".cloudexit-cluster-*"))  # the DEST token is removed
 
 
@@ -138,3 +145,120 @@ def test_worker_with_another_folder_at_dest_is_refused(cli, s3, awkward: str, db
     assert {r["worker"] for r in rows(db, "SELECT DISTINCT worker FROM transfers WHERE worker IS NOT NULL")} \
         == {"good"}
     assert not list(other.rglob("*"))
+
+
+# -- faults and the shared limit (real processes, killed with SIGKILL on observed progress) --------
+def _ct(s3: Any, bucket: str, slices: int) -> dict[str, str]:
+    """`slices` CT objects of 128 KB in 4 studies; key -> SHA-256."""
+    profile = synthetic.Profile(patients=2, studies_per_patient=2, ct_slices_per_series=slices // 4,
+                                ct_matrix=256, cr_per_study=0, multiframe_objects=0, awkward=False, seed=5)
+    return {o.key: hashlib.sha256(o.body()).hexdigest()
+            for o in synthetic.upload(s3.client(), bucket, synthetic.generate(profile))}
+
+
+def _count(db: Path, where: str) -> int:
+    if not db.exists() or not rows(db, "SELECT count(*) AS n FROM sqlite_master WHERE name = 'transfers'")[0]["n"]:
+        return 0
+    return int(rows(db, f"SELECT count(*) AS n FROM transfers WHERE {where}")[0]["n"])
+
+
+def _until(condition: Any, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("the migration did not get that far")
+        time.sleep(0.1)
+
+
+def _all_verified(db: Path, dest: Path, truth: dict[str, str]) -> None:
+    got = {r["key"]: (r["state"], r["sha256"], r["path"]) for r in rows(db, "SELECT * FROM transfers")}
+    assert {k: (s, h) for k, (s, h, _p) in got.items()} == {k: ("verified", h) for k, h in truth.items()}
+    files = _tree(dest)
+    assert files == {p: h for _s, h, p in got.values()}  # nothing more, nothing less, no duplicate
+    assert not _temps(dest)
+
+
+@pytest.mark.slow
+def test_a_worker_killed_mid_run_loses_nothing(cli, s3, bucket: str, db: Path, tmp_path: Path, dask_nodes) -> None:
+    truth = _ct(s3, bucket, 40)
+    _inventory(cli, bucket, db)
+    dask_nodes.worker("w1")
+    dask_nodes.worker("w2")
+    dask_nodes.wait_for(2)
+    dest = tmp_path / "archive"
+    proc = _migrate(db, "--to", str(dest), "--cluster", dask_nodes.address, "--bwlimit", "1M", "-q",
+                    env=node_env(s3))
+    try:  # w2 has placed objects and more are in flight: kill it
+        _until(lambda: _count(db, "worker = 'w2' AND state = 'verified'") >= 2
+               and _count(db, "state = 'fetching'") >= 4)
+        dask_nodes.kill("w2")
+        _out, err = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    _all_verified(db, dest, truth)
+    assert _count(db, "worker = 'w1'") > 0
+
+
+@pytest.mark.slow
+def test_coordinator_killed_then_resumed(cli, s3, bucket: str, db: Path, tmp_path: Path, dask_nodes) -> None:
+    truth = _ct(s3, bucket, 40)
+    _inventory(cli, bucket, db)
+    dask_nodes.worker("w1")
+    dask_nodes.worker("w2")
+    dask_nodes.wait_for(2)
+    dest = tmp_path / "archive"
+    proc = _migrate(db, "--to", str(dest), "--cluster", dask_nodes.address, "--bwlimit", "1M", "-q",
+                    env=node_env(s3))
+    try:
+        _until(lambda: _count(db, "state = 'verified'") >= 5 and _count(db, "state = 'fetching'") >= 4)
+    finally:
+        proc.kill()  # SIGKILL: the coordinator dies with batches running on the workers
+        proc.wait()
+    assert _count(db, "state = 'fetching'") >= 4
+    again = _migrate(db, "--resume", "--cluster", dask_nodes.address, "-q", env=node_env(s3))
+    _out, err = again.communicate(timeout=180)
+    assert again.returncode == 0, err
+    _all_verified(db, dest, truth)
+
+
+def _rates(address: str) -> dict[str, float | None]:
+    """The limit each worker's service of the running migration holds (bytes/s), by worker."""
+    from distributed import Client
+
+    def rates() -> list[float | None]:
+        from cloudexit.cluster import service
+
+        return [s.rate.rate for s in service._services.values() if not s.stop.is_set()]
+
+    with Client(address, timeout=30) as client:
+        return {addr: got[0] for addr, got in client.run(rates).items() if got}
+
+
+@pytest.mark.slow
+def test_bwlimit_holds_for_the_whole_cluster(cli, s3, bucket: str, db: Path, tmp_path: Path, dask_nodes) -> None:
+    _ct(s3, bucket, 80)  # 10 MB
+    _inventory(cli, bucket, db)
+    dask_nodes.worker("w1")
+    dask_nodes.worker("w2")
+    dask_nodes.wait_for(2)
+    limit = 2**20
+    proc = _migrate(db, "--to", str(tmp_path / "archive"), "--cluster", dask_nodes.address, "--bwlimit", "1M",
+                    "--json", env=node_env(s3))
+    try:
+        _until(lambda: _count(db, "state = 'fetching'") >= 4)
+        # The budget is split between the workers, and again when a third joins.
+        assert sorted(_rates(dask_nodes.address).values()) == [limit / 2] * 2
+        dask_nodes.worker("w3")
+        _until(lambda: len(_rates(dask_nodes.address)) == 3, timeout=60)
+        _until(lambda: sorted(_rates(dask_nodes.address).values()) == [limit / 3] * 3, timeout=10)
+        out, err = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    summary = json.loads(out)
+    assert summary["bytes_downloaded"] / summary["elapsed"] <= limit * 1.05
+    assert "dask worker w3 joined the run" not in err  # --json: notices only for warnings
+    assert {r["worker"] for r in rows(db, "SELECT DISTINCT worker FROM transfers")} <= {"w1", "w2", "w3"}

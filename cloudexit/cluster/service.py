@@ -20,7 +20,7 @@ import secrets
 import threading
 import time
 from dataclasses import replace
-from typing import Any
+from typing import Any, Callable
 
 from cloudexit.core.config import MigrateConfig
 from cloudexit.engine.messages import Message, RangeDone, ResultGroup
@@ -66,6 +66,7 @@ class _Batch:
         self.left = set(ids)
         self.messages: list[Message] = []
         self.done = threading.Event()
+        self.given_up = False
         if not ids:
             self.done.set()
 
@@ -132,7 +133,10 @@ class Service:
                 batch.done.set()
 
     # -- one batch --------------------------------------------------------------------------------
-    def run(self, tasks: list[Task]) -> list[Message]:
+    def run(self, tasks: list[Task], given_up: Callable[[], bool] = lambda: False) -> list[Message]:
+        """Run a batch; its messages once all its objects are done. `given_up()`: the
+        coordinator no longer wants it (it was killed or cancelled the run): when every batch
+        here is given up, the service stops (what is in flight ends as cancelled)."""
         credentials = self.credentials()
         batch = _Batch({t.id for t in tasks})
         with self.block:
@@ -152,6 +156,14 @@ class Service:
         if small:
             self.inbox.put(small)
         while not batch.done.wait(1.0):
+            if given_up():
+                batch.given_up = True
+                with self.block:
+                    if all(b.given_up for b in self.batches.values()):
+                        self.stop.set()  # nobody waits for any of this run's work
+                    for task_id in batch.left:
+                        self.batches.pop(task_id, None)
+                return []
             if not self.thread.is_alive():  # a bug ended the loop: say so for each object left
                 with self.block:
                     for task_id in list(batch.left):
@@ -266,8 +278,26 @@ def run_batch(token: str, tasks: list[Task]) -> tuple[str, list[Message] | None,
     service = _services.get(token)
     if service is None:
         return "?", None, (0, 0, 0, 0)
-    messages = service.run(tasks)
+    messages = service.run(tasks, _given_up_check())
     return service.name, messages, service.tally.take()
+
+
+def _given_up_check() -> Callable[[], bool]:
+    """Whether the dask task running this batch was released by its client (the coordinator
+    was killed, or cancelled it): the worker marks such a task cancelled."""
+    try:
+        from distributed import get_worker
+
+        worker = get_worker()
+        key = worker.get_current_task()
+    except Exception:  # noqa: BLE001 - not in a dask task (tests), or another dask
+        return lambda: False
+
+    def given_up() -> bool:
+        task = worker.state.tasks.get(key)
+        return task is None or task.state in ("cancelled", "released", "forgotten")
+
+    return given_up
 
 
 def set_rate(token: str, rate: float | None) -> None:
