@@ -198,7 +198,14 @@ class DaskExecutor:
         from distributed import wait
 
         if time.monotonic() >= self.next_look:
-            self._look()
+            try:
+                self._look()
+            except Exception as exc:  # noqa: BLE001 - the scheduler restarting: wait, say so once
+                if self.alone_since is None:
+                    self.notice(f"warning: the dask scheduler does not answer ({type(exc).__name__}); waiting")
+                self.admitted.clear()
+                self.alone_since = self.alone_since or time.monotonic()
+                self.next_look = time.monotonic() + MEMBERSHIP_EVERY
         out: list[Message] = []
         if not self.futures:
             if timeout > 0:
