@@ -56,6 +56,7 @@ def prepare(server, workload: str, quick: bool, log) -> str:
 def _env(server) -> dict[str, str]:
     env = {**os.environ, **server.env(), "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
     env.pop("AWS_PROFILE", None)
+    env["DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED"] = "False"  # as docs/scale-out.md advises
     return env
 
 
@@ -80,9 +81,9 @@ class CliWorkers:
         with Client(self.address, timeout=60) as client:
             client.wait_for_workers(n, timeout=60)
 
-    def cpu(self) -> float:
+    def cpu(self, scheduler: bool = True) -> float:
         total = 0.0
-        for p in self.procs:
+        for p in self.procs if scheduler else self.procs[1:]:
             try:
                 t = psutil.Process(p.pid).cpu_times()
                 total += t.user + t.system
@@ -122,9 +123,10 @@ def run(server, bucket: str, mode: str, work: Path, env: dict[str, str], log) ->
         workers = CliWorkers(int(mode.split(":")[1]), env, work)
         cmd += ["--cluster", workers.address]
     try:
-        before = workers.cpu() if workers else 0.0
+        before = (workers.cpu(), workers.cpu(scheduler=False)) if workers else (0.0, 0.0)
         m = measure(cmd, env=env, stdout=str(work / "out.json"), server_pid=server.proc.pid, count_lines=False)
-        extra = (workers.cpu() - before) if workers else 0.0
+        extra = (workers.cpu() - before[0]) if workers else 0.0
+        on_workers = (workers.cpu(scheduler=False) - before[1]) if workers else 0.0
     finally:
         if workers:
             workers.close()
@@ -137,9 +139,12 @@ def run(server, bucket: str, mode: str, work: Path, env: dict[str, str], log) ->
            "cpu_ms_per_object": 1000 * cpu / max(1, summary["verified"]),
            "mb_per_s": summary["bytes_verified"] / 1e6 / m.wall_s,
            "mb_per_s_per_worker": summary["bytes_verified"] / 1e6 / m.wall_s / (n_workers or 1),
-           "server_cpu_s": m.server_cpu_s}
+           "server_cpu_s": m.server_cpu_s,
+           "coordinator_cpu_s": m.cpu_s if workers else None,  # cli:N: the command alone
+           "workers_cpu_s": on_workers if workers else None}
     log(f"  {mode:8} {row['wall_s']:7.1f} s  cpu {cpu:6.1f} s  {row['cpu_s_per_gb'] or 0:6.1f} s/GB  "
-        f"{row['cpu_ms_per_object']:6.2f} ms/obj  {row['mb_per_s']:6.1f} MB/s")
+        f"{row['cpu_ms_per_object']:6.2f} ms/obj  {row['mb_per_s']:6.1f} MB/s"
+        + (f"  (coordinator {m.cpu_s:.1f} s, workers {on_workers:.1f} s)" if workers else ""))
     return row
 
 

@@ -21,6 +21,7 @@ def node_env(s3: SeaweedServer) -> dict[str, str]:
     """What a worker machine would have: our code, and S3 credentials of its own."""
     env = {**os.environ, **s3.env(), "PYTHONPATH": os.pathsep.join(sys.path)}
     env.pop("AWS_PROFILE", None)
+    env["DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED"] = "False"  # as docs/scale-out.md advises
     return env
 
 

@@ -64,6 +64,7 @@ class DaskExecutor:
         self.forwarded: Credentials | None = None
         self.next_look = 0.0
         self.alone_since: float | None = None
+        self.orphans = False  # a worker left: look for batches that can run nowhere
         self.stopped = False
         self.dashboard: str | None = None
 
@@ -85,9 +86,14 @@ class DaskExecutor:
         self.meter = Meter(new_meter())
         try:
             if self.address.scheme == "local":
-                self.cluster = distributed.LocalCluster(
-                    n_workers=self.address.workers, threads_per_worker=LOCAL_THREADS, processes=True,
-                    host="127.0.0.1", dashboard_address="127.0.0.1:0", silence_logs=40)
+                import dask
+
+                # dask's statistical profiler samples every thread's stack 100 times a second:
+                # with cloudexit's download threads that is CPU taken from verification.
+                with dask.config.set({"distributed.worker.profile.enabled": False}):
+                    self.cluster = distributed.LocalCluster(
+                        n_workers=self.address.workers, threads_per_worker=LOCAL_THREADS, processes=True,
+                        host="127.0.0.1", dashboard_address="127.0.0.1:0", silence_logs=40)
                 self.client = distributed.Client(self.cluster, timeout=30)
             else:
                 self.client = distributed.Client(self.address.url, timeout=30)
@@ -96,6 +102,7 @@ class DaskExecutor:
             raise StateError(f"cannot reach the dask scheduler at {self.address.url}: {exc}",
                              hint="start it with `dask scheduler` (see docs/scale-out.md), check the "
                                   "address, port 8786 and any firewall") from None
+        self.done = distributed.as_completed()  # futures as they finish, without polling each
         self.dashboard = self.client.dashboard_link
         if self.dashboard:
             self.notice(f"dask dashboard: {self.dashboard}")
@@ -125,6 +132,7 @@ class DaskExecutor:
         present = {addr: int(w.get("nthreads", 1)) for addr, w in info.items()}
         for addr in [a for a in self.admitted if a not in present]:
             self.notice(f"dask worker {self.admitted.pop(addr)} left the run")
+            self.orphans = True
         new = [a for a in present if a not in self.admitted and a not in self.refused]
         if new:
             found = self.client.run(service.check, self.root, self.token, self.secret, self.profile,
@@ -193,10 +201,9 @@ class DaskExecutor:
                                         key=f"cloudexit-batch-{self.token}-{self.batches}",
                                         workers=list(where), allow_other_workers=False, pure=False)
             self.futures[future] = ([t.id for t in batch], where)
+            self.done.add(future)
 
     def poll(self, timeout: float) -> list[Message]:
-        from distributed import wait
-
         if time.monotonic() >= self.next_look:
             try:
                 self._look()
@@ -204,25 +211,24 @@ class DaskExecutor:
                 if self.alone_since is None:
                     self.notice(f"warning: the dask scheduler does not answer ({type(exc).__name__}); waiting")
                 self.admitted.clear()
+                self.orphans = True
                 self.alone_since = self.alone_since or time.monotonic()
                 self.next_look = time.monotonic() + MEMBERSHIP_EVERY
         out: list[Message] = []
-        if not self.futures:
-            if timeout > 0:
-                time.sleep(min(timeout, 0.05))
-            return out
-        if timeout > 0:
-            try:
-                wait(list(self.futures), timeout=timeout, return_when="FIRST_COMPLETED")
-            except TimeoutError:
-                pass
-        live = set(self.admitted)
-        for future in [f for f in self.futures if f.done() or not (self.futures[f][1] & live)]:
-            ids, where = self.futures.pop(future)
-            if not future.done():  # every worker it could run on is gone: the engine requeues
+        if self.orphans:  # batches every worker they could run on left: the engine requeues them
+            self.orphans = False
+            live = set(self.admitted)
+            for future in [f for f, (_ids, where) in self.futures.items() if not where & live and not f.done()]:
+                ids, where = self.futures.pop(future)
                 future.cancel()
                 out.append(WorkerLost(",".join(sorted(where)), ids, "no admitted worker left for it"))
-                continue
+        deadline = time.monotonic() + timeout
+        while not self.done.has_ready() and time.monotonic() < deadline:
+            time.sleep(min(0.01, timeout))
+        for future in self.done.next_batch(block=False) if self.done.has_ready() else []:
+            if future not in self.futures:
+                continue  # reported lost already
+            ids, where = self.futures.pop(future)
             try:
                 name, messages, counted = future.result()
             except Exception as exc:  # noqa: BLE001 - KilledWorker, CancelledError, a worker error

@@ -12,7 +12,6 @@ a path or a secret: the dask dashboard shows them.
 
 from __future__ import annotations
 
-import glob
 import multiprocessing
 import os
 import queue
@@ -24,11 +23,13 @@ from typing import Any, Callable
 
 from cloudexit.core.config import MigrateConfig
 from cloudexit.engine.messages import Message, RangeDone, ResultGroup
+from cloudexit.stores.filesystem import TEMP_PREFIX
 from cloudexit.transfer.client import Credentials, Endpoint
 from cloudexit.transfer.rate import SharedRate
 from cloudexit.transfer.tasks import Result, Task
 
-TOKEN_PREFIX = ".cloudexit-cluster-"  # the DEST token file's name (+ run token)
+TOKEN_PREFIX = ".cloudexit-cluster-"
+TEMP_NAME_START = ".cloudexit-"  # stores/filesystem.py TEMP_PREFIX  # the DEST token file's name (+ run token)
 IDLE_END = 120.0  # seconds: a run's service idle this long is ended when another run starts
 # Stands in for the credentials in tasks sent to the cluster: each worker fills in its own.
 NO_CREDENTIALS = Credentials("-", "")
@@ -90,6 +91,8 @@ class Service:
         self.token, self.name, self.profile = token, name, profile
         self.nonce = secrets.token_hex(4)  # this service's attempts' temp names
         self.forwarded = credentials
+        self.leftovers = Leftovers()
+        self.chain: Any = None  # botocore's credentials of this machine, resolved once
         self.stop = threading.Event()
         self.rate = SharedRate(multiprocessing.get_context("spawn"))
         self.rate.set(rate)
@@ -111,7 +114,10 @@ class Service:
         refreshed by botocore when temporary."""
         if self.forwarded is not None:
             return self.forwarded
-        return own_credentials(self.profile)
+        if self.chain is None:
+            self.chain = credential_chain(self.profile)
+        frozen = self.chain.get_frozen_credentials()  # refreshed by botocore when temporary
+        return Credentials(frozen.access_key, frozen.secret_key, frozen.token)
 
     # -- messages from the fetch threads ---------------------------------------------------------
     def _send(self, message: Message) -> None:
@@ -145,7 +151,7 @@ class Service:
         small: list[Task] = []
         for task in tasks:
             task.credentials = credentials
-            own_temp(task, f"{self.nonce}{task.id}")
+            own_temp(task, f"{self.nonce}{task.id}", self.leftovers)
             if task.large:
                 self.inbox.put([task])
                 continue
@@ -181,29 +187,55 @@ class Service:
         self.thread.join(timeout=30)
 
 
-def own_credentials(profile: str | None) -> Credentials:
+def credential_chain(profile: str | None) -> Any:
+    """This machine's credentials as boto3 finds them (instance role, profile, env)."""
     import botocore.session
 
     from cloudexit.core.errors import CredentialsError
 
-    session = botocore.session.Session(profile=profile)
-    found = session.get_credentials()
+    found = botocore.session.Session(profile=profile).get_credentials()
     if found is None:
         raise CredentialsError("no S3 credentials on this worker",
                                hint="give the worker an instance role, a profile or AWS_* variables, "
                                     "or use --cluster-credentials forward over tls://")
-    frozen = found.get_frozen_credentials()
-    return Credentials(frozen.access_key, frozen.secret_key, frozen.token)
+    return found
 
 
-def own_temp(task: Task, attempt: str) -> None:
+class Leftovers:
+    """Temp files of earlier attempts, by folder: each folder listed once per service (a
+    listing per object would cost a series folder's size for each of its objects)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.folders: dict[str, set[str]] = {}
+
+    def of(self, base: str) -> list[str]:
+        """Paths of earlier attempts' temp files of the object whose temp names start `base`."""
+        folder, stem = os.path.split(base)
+        with self.lock:
+            names = self.folders.get(folder)
+            if names is None:
+                if len(self.folders) > 50_000:
+                    self.folders.clear()
+                try:
+                    names = {e.name for e in os.scandir(folder)
+                             if e.name.startswith(TEMP_PREFIX) and e.name.endswith(".part")}
+                except OSError:
+                    names = set()
+                self.folders[folder] = names
+            mine = [n for n in names if n.startswith(stem + ".")]
+            names.difference_update(mine)
+        return [os.path.join(folder, n) for n in mine]
+
+
+def own_temp(task: Task, attempt: str, leftovers: Leftovers) -> None:
     """Give `task` a temp name of its own attempt, so that two attempts at one object (a worker
     cut off but still writing, a coordinator killed while its batches ran) never write one file.
     The newest leftover of earlier attempts is taken over (a resume), the others removed."""
     base = task.temp.removesuffix(".part")
     mine = f"{base}.{attempt}.part"
     found: list[tuple[float, str]] = []
-    for path in [task.temp, *glob.glob(glob.escape(base) + ".*.part")]:
+    for path in [task.temp, *leftovers.of(base)]:
         try:
             found.append((os.stat(path, follow_symlinks=False).st_mtime, path))
         except OSError:
@@ -249,7 +281,7 @@ def check(root: str, token: str, secret: str, profile: str | None, forwarded: bo
             problem = f"cannot write in {root}: {exc.strerror or exc}"
     if problem is None and not forwarded:
         try:
-            own_credentials(profile)
+            credential_chain(profile)
         except Exception as exc:  # noqa: BLE001 - botocore's config errors, CredentialsError
             problem = f"no S3 credentials on this worker ({exc})"
     return {"worker": name, "problem": problem}
