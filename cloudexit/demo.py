@@ -75,7 +75,8 @@ def _plan(state: State, root: Path, say: Callable[[str], None]) -> Any:
     moving only at night so clinical hours keep their bandwidth?"""
     from datetime import datetime, timedelta
 
-    from cloudexit.plan.model import Link, render_html
+    from cloudexit.plan.inputs import Link
+    from cloudexit.plan.model import render_html
     from cloudexit.plan.build import build_plan
     from cloudexit.engine.schedule import parse_schedule
 

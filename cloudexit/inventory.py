@@ -1,8 +1,8 @@
 """Inventory: stream a bucket listing into the state DB and classify every object.
 
-Listing runs in parallel over groups of folders planned from the bucket's own common prefixes,
-and header reads start while listing goes on. One thread (the caller's) owns all DB writes; the
-worker threads only talk to S3 and parse. Every page and every batch of headers is committed
+Listing runs in parallel over groups of folders planned from the bucket's own common prefixes
+(cloudexit/s3/listing.py), and header reads start while listing goes on. One thread (the
+caller's) owns all DB writes; the worker threads only talk to S3 and parse. Every page and every batch of headers is committed
 with its resume point in one transaction, so an interrupted run (Ctrl-C, kill -9) continues
 where it stopped and never counts a key twice (keys are the primary key). The listing plan lives
 in the `list_tasks` table and is fed to the workers a few tasks at a time, so memory does not
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import math
 import queue
 import re
 import threading
@@ -27,17 +26,13 @@ from cloudexit.dicom.containers import classify_object
 from cloudexit.dicom.header import Header, patient_hash
 from cloudexit.dicom.header import preload as preload_pydicom
 from cloudexit.core.errors import CloudexitError, CustomerKeyRequired, ObjectArchived, UsageError
-from cloudexit.core.paths import folder_dates, key_flags
-from cloudexit.s3.source import ListedObject, ObjectChanged, ObjectGone, Source, iso
+from cloudexit.core.paths import key_flags
+from cloudexit.s3.listing import Listing, ListingPage, ListingTask
+from cloudexit.s3.source import ObjectChanged, ObjectGone, Source, iso
 from cloudexit.state.db import State, now
 
 if TYPE_CHECKING:
     from cloudexit.s3.lean import LeanS3
-
-MAX_CHAR = "\U0010ffff"
-EXPLORE_DEPTH = 4  # levels of common prefixes explored before grouping folders
-CPS_PER_TASK = 64  # with fewer folders than this at a level, explore each of them further
-GROUPS_PER_WORKER = 4  # an explore page's folders are split into list_workers * this groups
 
 _UPSERT = """
 INSERT INTO objects (key, size, etag, last_modified, storage_class, status, change, change_round,
@@ -110,26 +105,6 @@ class RoundSummary:
 
 
 @dataclass
-class _Task:
-    id: int
-    prefix: str
-    explore: bool
-    start_after: str | None = None  # group: just past the folder before its first one
-    last_folder: str | None = None  # group: its last folder (stored in `end_before`)
-    last_key: str | None = None  # resume point
-
-
-@dataclass
-class _Page:
-    task: _Task
-    objects: list[ListedObject]
-    prefixes: list[str]
-    last_key: str | None
-    done: bool
-    before: str | None = None  # explore: a StartAfter just before this page's first folder
-
-
-@dataclass
 class _HeaderResult:
     key: str
     etag: str
@@ -182,7 +157,7 @@ def resolve_since(state: State, text: str | None) -> dt.date | None:
                          hint="write --since YYYY-MM-DD, or --since last") from None
 
 
-class Inventory:
+class Inventory(Listing):
     """One inventory round over a source, resumable."""
 
     def __init__(self, state: State, source: Source, config: InventoryConfig | None = None,
@@ -199,7 +174,7 @@ class Inventory:
         self.round = 0
         # Pages waiting for the writer: each holds up to 1000 keys (~0.5 MB), and the writer is
         # usually the slower side, so a short queue keeps memory down without idling it.
-        self._pages: queue.Queue[_Page | BaseException] = queue.Queue(maxsize=4)
+        self._pages: queue.Queue[ListingPage | BaseException] = queue.Queue(maxsize=4)
         self._stop = threading.Event()
         self._failed: dict[str, str] = {}  # key: why its header could not be read this round
         self._unreadable: dict[str, str] = {}  # of those, the ones no retry reads, and why
@@ -288,7 +263,7 @@ class Inventory:
                     "SELECT * FROM list_tasks WHERE round = ? AND done = 0 AND id > ? "
                     "ORDER BY id LIMIT ?", (self.round, dispatched_id, max_running - running))
                 for row in rows:
-                    task = _Task(row["id"], row["prefix"], bool(row["explore"]), row["start_after"],
+                    task = ListingTask(row["id"], row["prefix"], bool(row["explore"]), row["start_after"],
                                  row["end_before"], row["last_key"])
                     lister.submit(self._list_task, task)
                     dispatched_id = row["id"]
@@ -337,72 +312,8 @@ class Inventory:
                     self.on_progress(self.progress)
                     return
 
-    # -- listing (worker threads) ---------------------------------------------------------
-    def _list_task(self, task: _Task) -> None:
-        try:
-            if task.explore:
-                self._explore(task)
-            else:
-                self._list_group(task)
-        except BaseException as exc:  # noqa: BLE001 - handed to the writer thread to raise
-            self._pages.put(exc)
-
-    def _put(self, page: _Page) -> None:
-        while not self._stop.is_set():
-            try:
-                self._pages.put(page, timeout=0.2)
-                return
-            except queue.Full:
-                continue
-
-    def _list_group(self, task: _Task) -> None:
-        """A flat listing of consecutive folders of one parent, from just past the folder before
-        the first one to the end of the last one.
-
-        Both bounds are folders the server returned, so this holds in S3's key order and in the
-        folder-walk order of filer-backed stores alike (a folder's keys are contiguous in both).
-        Keys directly in the parent are skipped: the parent's explore page recorded them.
-        """
-        assert self._lean is not None and task.last_folder is not None
-        cut, last_folder, last_key = len(task.prefix), task.last_folder, task.last_key
-        in_last = last_key is not None and last_key.startswith(last_folder)
-        start, token = last_key or task.start_after, None
-        while not self._stop.is_set():
-            page = self._lean.page(task.prefix, start_after=start, token=token)
-            keep, done = [], not page.truncated
-            for o in page.objects:
-                if "/" not in o.key[cut:]:
-                    continue
-                if o.key.startswith(last_folder):
-                    in_last = True
-                elif in_last:
-                    done = True  # past the group's last folder
-                    break
-                keep.append(o)
-            if keep:
-                last_key = keep[-1].key
-            self._put(_Page(task, keep, [], last_key, done))
-            if done:
-                return
-            token = page.next_token
-
-    def _explore(self, task: _Task) -> None:
-        assert self._lean is not None
-        last_key, token = task.last_key, None
-        before = last_key  # every folder of the next page lies past it, in any listing order
-        while not self._stop.is_set():
-            page = self._lean.page(task.prefix, start_after=last_key, token=token, delimiter="/")
-            # Resume point: past the last key, and past everything under the last folder.
-            marks = [o.key for o in page.objects] + [p + MAX_CHAR for p in page.prefixes]
-            last = max(marks) if marks else last_key
-            self._put(_Page(task, page.objects, page.prefixes, last, not page.truncated, before))
-            if not page.truncated:
-                return
-            before = page.prefixes[-1] + MAX_CHAR if page.prefixes else last
-            last_key, token = last, page.next_token
-
     # -- the writer thread ------------------------------------------------------------------
-    def _commit_page(self, page: _Page) -> int:
+    def _commit_page(self, page: ListingPage) -> int:
         """Write one page, its resume point and the tasks it planned; returns how many."""
         task, stamp, rnd, pending = page.task, now(), self.round, 0
         rows = []
@@ -432,44 +343,6 @@ class Inventory:
         self.progress.listed += len(rows)
         self.progress.pending += pending  # an upper bound on a re-run: unchanged keys keep their kind
         return sum(1 for p in planned if not p[5])
-
-    def _plan_tasks(self, page: _Page) -> list[tuple[int, str, str | None, str | None, int, int, int]]:
-        """Turn the folders an explore page found into listing tasks (rows of `list_tasks`).
-
-        Few folders at a shallow level: each is explored further. Otherwise runs of consecutive
-        folders become groups, each listed flat by one worker. With --since, a folder whose date
-        lies wholly before that day is recorded as skipped (done, never listed), and splits
-        the run around it.
-        """
-        task, rnd = page.task, self.round
-        depth = task.prefix.count("/")
-        skip = [self._skipped(cp) for cp in page.prefixes]
-        if depth + 1 < EXPLORE_DEPTH and page.done and len(page.prefixes) < CPS_PER_TASK:
-            return [(rnd, cp, None, None, 1, int(s), int(s)) for cp, s in zip(page.prefixes, skip)]
-        size = max(1, math.ceil(len(page.prefixes) / (self.config.list_workers * GROUPS_PER_WORKER)))
-        planned, before = [], page.before
-        run: list[str] = []
-
-        def close_run() -> None:
-            for i in range(0, len(run), size):
-                start = before if i == 0 else run[i - 1] + MAX_CHAR
-                planned.append((rnd, task.prefix, start, run[i:i + size][-1], 0, 0, 0))
-
-        for cp, skipped in zip(page.prefixes, skip):
-            if skipped:
-                close_run()
-                planned.append((rnd, cp, None, None, 0, 1, 1))
-                before, run = cp + MAX_CHAR, []
-            else:
-                run.append(cp)
-        close_run()
-        return planned
-
-    def _skipped(self, folder: str) -> bool:
-        if self.since is None:
-            return False
-        dates = folder_dates(folder)
-        return dates is not None and dates[1] <= self.since
 
     def _uids_from_key(self, key: str) -> tuple[str | None, str | None, str] | None:
         if self.pattern is None:

@@ -304,12 +304,13 @@ def test_broken_envelopes_are_clear_per_object_failures(cli: Any, bucket: str, d
 def test_a_schema_6_database_gets_the_envelope_columns(tmp_path: Path) -> None:
     import sqlite3
 
-    from cloudexit.state.db import _MIGRATIONS, APP_ID, SCHEMA_VERSION, State
+    from cloudexit.state.db import APP_ID, SCHEMA_VERSION, State
+    from cloudexit.state.schema import MIGRATIONS
 
     path = tmp_path / "old.db"
     conn = sqlite3.connect(path)
     for version in range(1, 7):
-        conn.executescript(_MIGRATIONS[version])
+        conn.executescript(MIGRATIONS[version])
     conn.execute("INSERT INTO objects(key, size, first_seen_round, last_seen_round, kind) "
                  "VALUES ('a.dcm', 1, 1, 1, 'dicom')")
     conn.execute(f"PRAGMA application_id={APP_ID}")

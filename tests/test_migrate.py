@@ -265,11 +265,12 @@ def test_wrong_credentials_stop_before_anything(cli, inventoried, db: Path, tmp_
 
 
 def test_v1_database_migrates_forward(tmp_path: Path) -> None:
-    from cloudexit.state.db import _SCHEMA_V1, APP_ID, SCHEMA_VERSION, State
+    from cloudexit.state.db import APP_ID, SCHEMA_VERSION, State
+    from cloudexit.state.schema import MIGRATIONS
 
     path = tmp_path / "old.db"
     conn = sqlite3.connect(path)
-    for statement in _SCHEMA_V1.split(";"):
+    for statement in MIGRATIONS[1].split(";"):
         if statement.strip():
             conn.execute(statement)
     conn.execute("INSERT INTO objects(key, size, first_seen_round, last_seen_round) VALUES ('a', 1, 1, 1)")

@@ -79,7 +79,7 @@ def test_plan_bad_input(cli, inventoried, tmp_path: Path) -> None:
     no_link = cli("plan", "--db", str(db), "--provider", "aws-s3")
     assert no_link.exit_code == 2 and "give --bandwidth" in no_link.stderr
     price = tmp_path / "contract.json"
-    text = json.loads((Path(__file__).parents[1] / "cloudexit/pricing/data/aws-s3.json").read_text())
+    text = json.loads((Path(__file__).parents[1] / "cloudexit/plan/pricing/data/aws-s3.json").read_text())
     del text["egress"]["tiers"][0]["price_per_gb"]["source"]
     price.write_text(json.dumps(text, indent=2))
     bad = cli("plan", "--db", str(db), "--price-file", str(price), "--bandwidth", "1Gbit/s")

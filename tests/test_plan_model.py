@@ -10,16 +10,8 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from cloudexit.core.errors import UsageError
-from cloudexit.plan.model import (
-    ClassLoad,
-    Link,
-    Range,
-    Workload,
-    make_plan,
-    render_html,
-    render_markdown,
-    render_text,
-)
+from cloudexit.plan.inputs import ClassLoad, Link, Range, Workload
+from cloudexit.plan.model import make_plan, render_html, render_markdown, render_text
 from cloudexit.plan.pricing import load_catalogue
 from cloudexit.engine.schedule import Schedule, Slot, parse_schedule
 
@@ -410,7 +402,7 @@ def test_chinese_plan_has_the_same_figures():
 def test_many_tiny_objects_are_bound_by_the_client_not_the_link():
     """20,000 objects of 500 bytes on 1 Gbit/s: the link would move them in 0.01 s; the client
     spends ~1.5 ms of CPU on each, over its worker processes (was: about 0 s)."""
-    from cloudexit.plan.model import CLIENT_CPU_PER_BYTE_S, CLIENT_CPU_PER_OBJECT_S
+    from cloudexit.plan.timeline import CLIENT_CPU_PER_BYTE_S, CLIENT_CPU_PER_OBJECT_S
 
     work = Workload({"STANDARD": ClassLoad(20_000, 20_000 * 500)})
     link = Link(Range(125e6, 125e6, 125e6), latency_s=0.0, concurrency=32, cores=2)

@@ -16,7 +16,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import generate_frames
 from pydicom.uid import UID
 
-from cloudexit.testing import synthetic
+from cloudexit.testing import dicom_bytes, synthetic
 from cloudexit.testing.synthetic import (
     HOSTILE_KEYS,
     Profile,
@@ -145,14 +145,14 @@ def test_dicom_bodies_parse_and_match_ground_truth(tiny: list[SyntheticObject]) 
 
 
 def test_cached_header_encoding_equals_dcmwrite(tiny: list[SyntheticObject]) -> None:
-    """synthetic encodes headers element by element for speed; it must match dcmwrite."""
+    """dicom_bytes encodes headers element by element for speed; it must match dcmwrite."""
     for obj in tiny:
         if obj.kind == "other":
             continue
-        img = obj._make.args[0]  # the _Image behind the partial
+        img = obj._make.args[0]  # the Image behind the partial
         ds = Dataset()
-        for tag, vr, value in synthetic._elements(img):
-            ds.add_new(tag, vr, synthetic._to_pydicom(vr, value))
+        for tag, vr, value in dicom_bytes.elements(img):
+            ds.add_new(tag, vr, dicom_bytes.to_pydicom(vr, value))
         buf = io.BytesIO()
         if img.preamble:
             ds.file_meta = FileMetaDataset()
@@ -164,7 +164,7 @@ def test_cached_header_encoding_equals_dcmwrite(tiny: list[SyntheticObject]) -> 
             pydicom.dcmwrite(buf, ds, enforce_file_format=True)
         else:
             pydicom.dcmwrite(buf, ds, implicit_vr=True, little_endian=True)
-        assert synthetic._header(img) == buf.getvalue(), obj.key
+        assert dicom_bytes.header(img) == buf.getvalue(), obj.key
 
 
 def test_transfer_syntaxes_mixed_and_encapsulation_valid(tiny: list[SyntheticObject]) -> None:

@@ -51,7 +51,7 @@ def resolve_endpoint(source: Source, config: MigrateConfig, counters: Counters) 
                                    hint="check the credentials and --region for this bucket")
     except CloudexitError:
         raise
-    except Exception as exc:  # noqa: BLE001 - the FetchError of an unreachable endpoint
+    except Exception as exc:  # the FetchError of an unreachable endpoint (re-raised, translated)
         from cloudexit.core.errors import EndpointUnreachable
 
         if isinstance(exc, FetchError) and exc.kind == "tls":

@@ -133,15 +133,17 @@ def _main_module_hidden() -> Iterator[None]:
     `if __name__ == "__main__"` guard.
     """
     main = sys.modules.get("__main__")
-    saved = {name: main.__dict__[name] for name in ("__file__", "__spec__")
-             if main is not None and name in main.__dict__}
+    if main is None:
+        yield
+        return
+    saved: dict[str, Any] = {name: main.__dict__[name] for name in ("__file__", "__spec__")
+                             if name in main.__dict__}
     try:
         for name in saved:
             if name == "__spec__":
-                main.__dict__[name] = None  # type: ignore[union-attr]
+                main.__dict__[name] = None
             else:
-                del main.__dict__[name]  # type: ignore[union-attr]
+                del main.__dict__[name]
         yield
     finally:
-        if main is not None:
-            main.__dict__.update(saved)
+        main.__dict__.update(saved)

@@ -8,7 +8,6 @@ it, so a message that is lost (a worker killed) loses no data: the object is fet
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Union
 
 from cloudexit.transfer.tasks import Result
 
@@ -44,7 +43,7 @@ class WorkerLost:
     reason: str
 
 
-Message = Union[Result, ResultGroup, RangeDone, WorkerLost]
+Message = Result | ResultGroup | RangeDone | WorkerLost
 
 
 def results_of(message: Message) -> list[Result]:

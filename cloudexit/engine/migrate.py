@@ -2,7 +2,8 @@
 
 The engine (this module, in the caller's process) owns the state DB and plans the work; an
 executor (engine/executor.py; by default worker processes, engine/local.py and transfer/) does
-the I/O: GET with If-Match, hash while streaming, verify, fsync, rename. The engine never lets an object count as done before its file is durable:
+the I/O: GET with If-Match, hash while streaming, verify, fsync, rename. The engine never lets
+an object count as done before its file is durable:
 
 1. *intent*: before an object is handed to a worker, its row becomes `fetching` (committed);
 2. the worker writes a temp file beside the final path, verifies size, MD5/ETag (multipart
@@ -27,30 +28,28 @@ state/transfers.py. See docs/architecture.md.
 
 from __future__ import annotations
 
-import heapq
-import json
 import os
-import random
 import signal
 import sqlite3
 import threading
 import time
-from dataclasses import dataclass
 from typing import Any, Callable
 
 from cloudexit.core.config import MigrateConfig
-from cloudexit.core.errors import CloudexitError, CredentialsError, Interrupted, StateError, UsageError
+from cloudexit.core.errors import CloudexitError, CredentialsError, Interrupted, StateError
 from cloudexit.engine.delivery import Outlets
 from cloudexit.engine.executor import Executor
+from cloudexit.engine.flights import Flight, Flights, flight_for
 from cloudexit.engine.linkmonitor import LinkMonitor, resolve_endpoint
 from cloudexit.engine.messages import Message, RangeDone, WorkerLost, results_of
 from cloudexit.engine.policy import Action, Context, Do, decide
 from cloudexit.engine.progress import MigrateProgress, MigrationSummary
 from cloudexit.engine.restores import Restores, back_to_restore, restore_tier, restore_tier_note
-from cloudexit.engine.runs import (DONE_STATES, RunLock, check_new_archive, config_from_run, counts, end_run, is_live,
-                                   last_run, open_run, runs, set_live_bwlimit)
+from cloudexit.engine.runs import (DONE_STATES, RunLock, check_new_archive, check_preconditions, claim_archive,
+                                   config_from_run, counts, end_run, is_live, last_run, open_run, runs,
+                                   set_live_bwlimit)
 from cloudexit.engine.worklist import Worklist
-from cloudexit.s3.parts import record_sizes, recorded_sizes
+from cloudexit.s3.parts import record_sizes
 from cloudexit.s3.source import Source
 from cloudexit.state import transfers as sql
 from cloudexit.state.db import State, now
@@ -58,27 +57,12 @@ from cloudexit.state.meter import MeterBook
 from cloudexit.stores import StoreError
 from cloudexit.stores.filesystem import FilesystemStore
 from cloudexit.transfer.client import Counters
-from cloudexit.transfer.tasks import Result, Task
+from cloudexit.transfer.tasks import Result
 
 # What callers import from here (the CLI, playbook, status, audit).
 __all__ = ["DONE_STATES", "MigrateProgress", "Migration", "MigrationSummary", "check_new_archive",
            "config_from_run", "counts", "is_live", "last_run", "restore_tier", "restore_tier_note", "runs",
            "set_live_bwlimit"]
-
-
-@dataclass
-class _Flight:
-    """A task handed to the executor, until its result is committed."""
-
-    seq: int
-    key: str
-    etag: str
-    size: int
-    kind: str
-    path: str
-    task: Task
-    attempts: int = 0
-    strikes: int = 0  # unreachable answers while the link was judged up
 
 
 class Migration:
@@ -107,13 +91,11 @@ class Migration:
         self.meters = MeterBook(state.path)  # the workers' requests and bytes (meter.py)
         self.retries = 0
         self.fetched = 0
-        self.flights: dict[int, _Flight] = {}
+        self.flights = Flights()
         self.reported: list[Result] = []  # results back from the workers, not committed yet
         self.done_rows: list[tuple[Any, ...]] = []  # finished objects, written at the next commit
         self.verified_delta = [0, 0, 0]  # bytes, objects, bytes resumed since the last commit
-        self.retry_heap: list[tuple[float, int, _Flight]] = []
         self.cursor = 0
-        self.ids = iter(range(1, 2**62))
         self.stop_error: BaseException | None = None
         self.started = time.monotonic()
         self.deliver_to = list(deliver_to or [])
@@ -130,11 +112,12 @@ class Migration:
 
     # -- public ------------------------------------------------------------------------------------
     def run(self) -> MigrationSummary:
-        self._check_inventory()
+        check_preconditions(self.state, self.config)
+        self.link.use_timetable(self.config.bwlimit)  # a bad timetable is refused before anything starts
         self.lock.take()
         try:
             self.store.check()
-            self._claim_archive()
+            claim_archive(self.state, self.store, self.config.join_archive)
             self.outlets.open(self.deliver_to)
             # The workers start up (a second or so) while we resolve and plan.
             self.executor.start(self.config, str(self.store.root), self.meters.new_path)
@@ -176,40 +159,12 @@ class Migration:
     def _set_rate(self, rate: float | None) -> None:
         self.executor.set_rate(rate)
 
-    # -- preconditions -----------------------------------------------------------------------------
-    def _check_inventory(self) -> None:
-        state = self.state
-        if state.meta("source_url") is None:
-            raise StateError("this state DB has no inventory yet",
-                             hint="run `cloudexit inventory s3://BUCKET` first")
-        running = state.scalar("SELECT count(*) FROM inventory_rounds WHERE status = 'running'")
-        if running:
-            raise StateError("the inventory is not finished (its listing was interrupted)",
-                             hint="run `cloudexit inventory` again to finish it, then migrate")
-        if self.config.layout not in ("uid", "keys"):
-            raise UsageError(f"--layout {self.config.layout!r}: use uid or keys")
-        if self.config.non_dicom not in ("copy", "skip"):
-            raise UsageError(f"--non-dicom {self.config.non_dicom!r}: use copy or skip")
-        if self.config.order not in ("newest", "oldest", "key", "mixed"):
-            raise UsageError(f"--order {self.config.order!r}: use newest, oldest or key")
-        self.link.use_timetable(self.config.bwlimit)  # a bad timetable is refused before anything starts
-
-    def _claim_archive(self) -> None:
-        """Claim the archive folder for this migration (or join it, `--join-archive`), and take
-        note of conflicts other members recorded about our files (see stores/claim.py)."""
-        from cloudexit.stores.claim import claim, note_conflicts
-
-        state = self.state
-        claim(self.store.root, state.meta("migration_id") or "", state.meta("source_url"),
-              str(state.path.resolve()), join=self.config.join_archive, at=now())
-        note_conflicts(state, self.dest, self.store.root)
-
     # -- the work ----------------------------------------------------------------------------------
     def _run_workers(self) -> None:
         self.restores.start()
         self.link.open(self.endpoint, self.credentials)
         self.link.apply_rate(force=True)
-        self._load_progress()
+        self.progress.load(counts(self.state, self.dest))
         previous = signal.getsignal(signal.SIGTERM)
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, _raise_interrupt)
@@ -225,17 +180,6 @@ class Migration:
             finally:
                 if threading.current_thread() is threading.main_thread():
                     signal.signal(signal.SIGTERM, previous)
-
-    def _load_progress(self) -> None:
-        c = counts(self.state, self.dest)
-        p = self.progress
-        p.total = sum(v for k, v in c.items() if not k.startswith("_"))
-        p.done = sum(c.get(s, 0) for s in DONE_STATES)
-        p.quarantined = c.get("quarantined", 0)
-        p.failed = c.get("failed", 0) + c.get("missing", 0)
-        p.restoring = c.get("restoring", 0)
-        p.bytes_total = c["_bytes_total"]
-        p.bytes_done = c["_bytes_done"]
 
     def _loop(self) -> None:
         pending = self.reported
@@ -273,18 +217,16 @@ class Migration:
             # 3. The link.
             if self.link.is_down:
                 if clock >= self.link.next_probe:
-                    if self.link.probe(self.counters):  # back: what waits to be retried goes now
-                        now_ = time.monotonic()
-                        self.retry_heap = [(now_, i, f) for _, i, f in self.retry_heap]
-                        heapq.heapify(self.retry_heap)
+                    if self.link.probe(self.counters):
+                        self.flights.retry_all_now()
                 else:
                     time.sleep(min(0.2, max(0.0, self.link.next_probe - clock)))
                 continue
             # 4. More work for the workers.
             dispatched = self._dispatch()
             if not self.flights and not dispatched and not pending:
-                if self.retry_heap:
-                    time.sleep(min(0.2, max(0.0, self.retry_heap[0][0] - time.monotonic())))
+                if self.flights.retries:
+                    time.sleep(min(0.2, self.flights.seconds_to_next()))
                     continue
                 if self._has_work("queued"):
                     continue
@@ -323,7 +265,7 @@ class Migration:
         for task_id in message.task_ids:
             flight = self.flights.pop(task_id, None)
             if flight is not None:
-                self._retry(flight, delay=0.0)
+                self.flights.retry(flight, delay=0.0)
 
     def _check_workers(self) -> None:
         """An executor that cannot go on (a worker process killed, out of memory, with tasks
@@ -345,12 +287,9 @@ class Migration:
         room = capacity * 8 - (len(self.flights) - len(self.reported))
         if room <= 0 or self.stop_error is not None:
             return 0
-        if room < 2 * capacity and self.flights and not self.retry_heap:
+        if room < 2 * capacity and self.flights and not self.flights.retries:
             return 0
-        picked: list[_Flight] = []
-        clock = time.monotonic()
-        while self.retry_heap and self.retry_heap[0][0] <= clock and len(picked) < room:
-            picked.append(heapq.heappop(self.retry_heap)[2])
+        picked = self.flights.due(room)
         fresh: list[sqlite3.Row] = []
         if len(picked) < room:
             fresh = sql.queued_after(self.state, self.dest, self.cursor, min(room - len(picked), 512))
@@ -370,7 +309,10 @@ class Migration:
                         sql.set_range_size(tx, r["key"], self.dest, self.config.range_size)
                         large_rows.append(r["key"])
             for r in fresh:
-                picked.append(self._flight(r, self.config.range_size if r["key"] in large_rows else r["range_size"]))
+                done = sql.done_ranges(self.state, r["key"], self.dest, r["etag"]) \
+                    if r["size"] >= self.config.large_object else {}
+                picked.append(flight_for(r, self.flights.new_id(), self.store, self.config, self.credentials,
+                                         self.config.range_size if r["key"] in large_rows else r["range_size"], done))
         for flight in picked:
             flight.task.credentials = self.credentials
             self.flights[flight.task.id] = flight
@@ -378,26 +320,6 @@ class Migration:
             self.executor.submit([flight.task for flight in picked])
         self.progress.in_flight = len(self.flights)
         return len(picked)
-
-    def _flight(self, r: sqlite3.Row, range_size: int | None) -> _Flight:
-        store = self.store
-        final = store.absolute(r["path"])
-        large = r["size"] >= self.config.large_object
-        done_ranges: dict[int, int] = {}
-        if large:
-            done_ranges = sql.done_ranges(self.state, r["key"], self.dest, r["etag"])
-        task = Task(
-            id=next(self.ids), key=r["key"], etag=r["etag"], size=r["size"], kind=r["kind"],
-            final=final, temp=store.temp_beside(final, r["key"], r["etag"]),
-            quarantine=None,  # the worker derives it (store.mismatch_path) only when needed
-            expect={"sop_uid": r["sop_uid"], "study_uid": r["study_uid"], "series_uid": r["series_uid"]},
-            provider=json.loads(r["checksums"]) if r["checksums"] else {},
-            credentials=self.credentials, large=large, range_size=range_size or self.config.range_size,
-            done_ranges=done_ranges, replaceable=r["mtime_ns"],
-            part_sizes=recorded_sizes(r["part_sizes"], r["etag"], r["size"]),
-            encoding=r["encoding"] if r["kind"] == "dicom" else None)
-        return _Flight(r["seq"], r["key"], r["etag"], r["size"], r["kind"], r["path"], task,
-                       attempts=r["attempts"] + 1)
 
     # -- results -----------------------------------------------------------------------------------
     def _commit(self, results: list[Result], ranges: list[tuple[str, str, int, int]]) -> None:
@@ -423,7 +345,7 @@ class Migration:
             self.counters = Counters()
             self.retries = 0
 
-    def _context(self, tx: sqlite3.Connection, r: Result, flight: _Flight) -> Context:
+    def _context(self, tx: sqlite3.Connection, r: Result, flight: Flight) -> Context:
         """What the policy needs to know about `r` (asking the source or the DB only where the
         fault kind needs it)."""
         renewed = changes = 0
@@ -473,7 +395,7 @@ class Migration:
             if action.renew:
                 self.credentials = self.renewed
             self.retries += action.retry_counted
-            self._retry(flight, delay=action.delay)
+            self.flights.retry(flight, delay=action.delay)
         elif do is Do.STOP:
             sql.set_state(tx, key, dest, "queued", stamp)
             self._stopped(tx, action)
@@ -490,7 +412,7 @@ class Migration:
             self.state.log("migrate.changed", tx, key=key, old_etag=flight.etag, new_etag=new["etag"],
                            detail="changed at the source during the migration (HTTP 412)")
 
-    def _landed(self, tx: sqlite3.Connection, r: Result, flight: _Flight, action: Action, stamp: str) -> None:
+    def _landed(self, tx: sqlite3.Connection, r: Result, flight: Flight, action: Action, stamp: str) -> None:
         """A verified (or quarantined) file in place: recorded at this commit."""
         key = flight.key
         landed = r.path or flight.task.final
@@ -563,17 +485,11 @@ class Migration:
         return (f"archive conflict: {taken} already holds another file with other bytes (kept: "
                 f"never replaced); this verified copy is at {relative}")
 
-    def _fail(self, tx: sqlite3.Connection, flight: _Flight, state_name: str, reason: str, stamp: str) -> None:
+    def _fail(self, tx: sqlite3.Connection, flight: Flight, state_name: str, reason: str, stamp: str) -> None:
         sql.set_state(tx, flight.key, self.dest, state_name, stamp, reason)
         self.progress.failed += 1
         self.state.log(f"migrate.{state_name}", tx, key=flight.key, reason=reason)
 
-    def _retry(self, flight: _Flight, delay: float) -> None:
-        due = time.monotonic() + delay * random.uniform(0.5, 1.5)
-        flight.task.id = next(self.ids)
-        heapq.heappush(self.retry_heap, (due, flight.task.id, flight))
-
-    # -- the link ----------------------------------------------------------------------------------
     def _shutdown(self, interrupted: bool) -> None:
         if interrupted or self.stop_error is not None:
             self.executor.cancel()
@@ -609,11 +525,8 @@ class Migration:
         self._commit(pending, ranges)
         stamp = now()
         with self.state.transaction() as tx:
-            if self.flights or self.retry_heap:
-                keys = [f.key for f in self.flights.values()] + [f.key for _, _, f in self.retry_heap]
-                sql.requeue_fetching(tx, self.dest, keys, stamp)
+            sql.requeue_fetching(tx, self.dest, self.flights.keys_unfinished(), stamp)
             self.flights.clear()
-            self.retry_heap.clear()
         self._stop_workers()
         self.meters.close(self.state, self.run_id)
         self.restores.shutdown()

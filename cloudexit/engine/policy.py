@@ -13,7 +13,7 @@ the worker already; here they fail the object).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 from cloudexit.transfer.tasks import Result
@@ -23,7 +23,7 @@ CHANGES_MAX = 3  # an object that changed this often during the migration fails
 READ_ONLY_CODES = ("EROFS", "EACCES", "EPERM")  # a disk error that free space will not fix
 
 
-class Do(str, Enum):
+class Do(StrEnum):
     DONE = "done"  # landed: verified or quarantined (`state`); `conflict`: kept beside another file
     REQUEUE = "requeue"  # cancelled by a stop: queued again, no attempt counted
     RETRY = "retry"  # run again in this run after `delay` seconds

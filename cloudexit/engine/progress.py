@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from cloudexit.state.transfers import DONE_STATES
+
 
 @dataclass
 class MigrateProgress:
@@ -23,6 +25,16 @@ class MigrateProgress:
     rate_limit: float | None = None  # bytes/s in force (None: unlimited, 0: paused)
     study: str | None = None  # study being worked on
     stopping: int | None = None  # after Ctrl-C: objects in flight being finished (None: running)
+
+    def load(self, counts: dict[str, int]) -> None:
+        """Start from the archive's counts (state/transfers.py `counts`)."""
+        self.total = sum(v for k, v in counts.items() if not k.startswith("_"))
+        self.done = sum(counts.get(s, 0) for s in DONE_STATES)
+        self.quarantined = counts.get("quarantined", 0)
+        self.failed = counts.get("failed", 0) + counts.get("missing", 0)
+        self.restoring = counts.get("restoring", 0)
+        self.bytes_total = counts["_bytes_total"]
+        self.bytes_done = counts["_bytes_done"]
 
 
 @dataclass

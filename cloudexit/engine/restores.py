@@ -65,7 +65,7 @@ class Restores:
     """Restores and header reads of one run: background threads, results applied on `drain`."""
 
     def __init__(self, state: State, source: Source, config: MigrateConfig, dest: str,
-                 progress: MigrateProgress, worklist: Worklist, stop: Callable[[BaseException], None]) -> None:
+                 progress: MigrateProgress, worklist: Worklist, stop: Callable[[BaseException], object]) -> None:
         self.state, self.source, self.config, self.dest = state, source, config, dest
         self.progress, self.worklist, self.stop = progress, worklist, stop
         self.pool: ThreadPoolExecutor | None = None

@@ -27,6 +27,33 @@ __all__ = ["DONE_STATES", "LIVE_AFTER", "RunLock", "check_new_archive",
 LIVE_AFTER = 15.0  # seconds: a run whose heartbeat is older is not live
 
 
+def check_preconditions(state: State, config: MigrateConfig) -> None:
+    """An inventory to migrate from, finished; options that make sense."""
+    if state.meta("source_url") is None:
+        raise StateError("this state DB has no inventory yet",
+                         hint="run `cloudexit inventory s3://BUCKET` first")
+    running = state.scalar("SELECT count(*) FROM inventory_rounds WHERE status = 'running'")
+    if running:
+        raise StateError("the inventory is not finished (its listing was interrupted)",
+                         hint="run `cloudexit inventory` again to finish it, then migrate")
+    if config.layout not in ("uid", "keys"):
+        raise UsageError(f"--layout {config.layout!r}: use uid or keys")
+    if config.non_dicom not in ("copy", "skip"):
+        raise UsageError(f"--non-dicom {config.non_dicom!r}: use copy or skip")
+    if config.order not in ("newest", "oldest", "key", "mixed"):
+        raise UsageError(f"--order {config.order!r}: use newest, oldest or key")
+
+
+def claim_archive(state: State, store: Any, join: bool) -> None:
+    """Claim the archive folder for this migration (or join it, `--join-archive`), and take
+    note of conflicts other members recorded about our files (see stores/claim.py)."""
+    from cloudexit.stores.claim import claim, note_conflicts
+
+    claim(store.root, state.meta("migration_id") or "", state.meta("source_url"),
+          str(state.path.resolve()), join=join, at=now())
+    note_conflicts(state, store.id, store.root)
+
+
 class Busy(StateError):
     """Another process holds the migration lock of this state DB."""
 

@@ -90,8 +90,8 @@ class Worklist:
             prefix = "/".join(parts[:i])
             if folders is not None and prefix in folders:
                 continue  # a folder of a path given out in this pass: no file can be there
-            holder = sql.key_at(tx, self.dest, prefix)
-            if holder and holder != key:
+            owner = sql.key_at(tx, self.dest, prefix)
+            if owner and owner != key:
                 return False
         if folders is not None:  # the caller takes this path
             folders.update("/".join(parts[:i]) for i in range(1, len(parts)))

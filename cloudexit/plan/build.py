@@ -9,7 +9,9 @@ from datetime import datetime, timedelta
 from cloudexit.core.config import MigrateConfig
 from cloudexit.core.errors import UsageError
 from cloudexit.plan.measure import Measurement
-from cloudexit.plan.model import START_UP_S, ClassLoad, Link, Plan, Range, Workload, make_plan
+from cloudexit.plan.inputs import START_UP_S, ClassLoad, Link, Range, Workload
+from cloudexit.plan.model import make_plan
+from cloudexit.plan.result import Plan
 from cloudexit.plan.pricing import load_catalogue
 from cloudexit.engine.schedule import Schedule
 from cloudexit.state.db import State

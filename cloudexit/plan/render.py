@@ -13,7 +13,7 @@ from datetime import datetime, timedelta
 
 from cloudexit.report.charts import text_width
 from cloudexit.core.i18n import phrase, plan_texts, say
-from cloudexit.plan.model import Breakdown, CostLine, Plan, Scenario
+from cloudexit.plan.result import Breakdown, CostLine, Plan, Scenario
 from cloudexit.plan.pricing.catalogue import Fact, Span
 from cloudexit.core.units import format_bytes, format_duration
 

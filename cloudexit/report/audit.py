@@ -494,7 +494,8 @@ def _actual_cost(state: State, plan: dict[str, Any], facts: dict[str, Any],
                  tgroups: list[dict[str, Any]]) -> tuple[float | None, str | None]:
     """The recorded bytes and requests, priced with the catalogue the plan used, by the plan model
     (billing months, tiers, free allowance) at the run's own average rate."""
-    from cloudexit.plan.model import ClassLoad, Link, Range, Workload, make_plan
+    from cloudexit.plan.inputs import ClassLoad, Link, Range, Workload
+    from cloudexit.plan.model import make_plan
     from cloudexit.plan.pricing import load_catalogue
 
     usage = facts["usage"]

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Iterator
 
+from cloudexit.s3.errors import classify
 from cloudexit.s3.source import Source, iso, iter_pages
 
 MAX_BATCH = 1000  # DeleteObjects takes at most 1,000 keys per request (S3, OSS, COS, OBS)
@@ -115,16 +116,14 @@ LOCK_READERS = 16  # HEADs in flight: one per version that would be deleted, onl
 def object_lock_enabled(source: Source) -> bool:
     """Whether the bucket has Object Lock on (then each version may be under retention or a
     legal hold). Without it no version can be locked, and no per-object call is needed."""
-    from botocore.exceptions import ClientError
-
+    what = f"bucket {source.bucket}: GetObjectLockConfiguration"
     try:
         resp = source.client().get_object_lock_configuration(Bucket=source.bucket)
-    except ClientError as exc:
-        if exc.response.get("Error", {}).get("Code") in _NO_LOCK_CODES:
-            return False
-        raise source.translate(exc, f"bucket {source.bucket}: GetObjectLockConfiguration") from exc
     except Exception as exc:  # noqa: BLE001
-        raise source.translate(exc, f"bucket {source.bucket}: GetObjectLockConfiguration") from exc
+        failure = classify(exc, what)
+        if failure is not None and failure.code in _NO_LOCK_CODES:
+            return False
+        raise source.translate(exc, what) from exc
     return (resp.get("ObjectLockConfiguration") or {}).get("ObjectLockEnabled") == "Enabled"
 
 

@@ -6,7 +6,8 @@ parse of every 200 answer to look for an `<Error>` root, signing and event hooks
 ranged GET, which made the inventory 3x slower than s5cmd (docs/performance.md). Pages are parsed
 once with ElementTree; keys are requested URL-encoded (`encoding-type=url`) and decoded here, so
 keys with control characters survive XML. boto3 still resolves credentials, region and endpoint
-(`Source.lean_endpoint`), and errors become the same `cloudexit.errors` as in `source.py`.
+(`Source.lean_endpoint`), and errors become the same `cloudexit.core.errors` as in `source.py`
+(`Source.error`).
 """
 
 from __future__ import annotations
@@ -22,13 +23,11 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import unquote_plus
 
-from cloudexit.core.errors import CustomerKeyRequired, ObjectArchived, SourceError
+from cloudexit.s3.errors import ErrorKind, Failure
 from cloudexit.s3.source import (
     CHECKSUM_HEADERS,
     ListedObject,
     ListPage,
-    ObjectChanged,
-    ObjectGone,
     RangeRead,
     list_query,
     total_size,
@@ -126,26 +125,7 @@ class LeanS3:
                 self._refreshed = time.monotonic()
 
     def _translate(self, exc: FetchError, what: str) -> Exception:
-        source = self.source
-        if exc.kind == "changed":
-            return ObjectChanged(f"{what}: changed since it was listed")
-        if exc.kind == "gone" and exc.code != "NoSuchBucket":
-            return ObjectGone(f"{what}: not found")
-        if exc.kind == "unreachable":
-            return source.unreachable(exc.detail)
-        if exc.code == "NoSuchBucket":
-            return source.missing_bucket()
-        if exc.kind == "credentials":
-            return source.refused(what, exc.code)
-        if exc.kind == "tls":
-            return source.untrusted(exc.detail)
-        if exc.kind == "denied":
-            return source.denied(what)
-        if exc.kind == "archived":
-            return ObjectArchived(exc.detail)
-        if exc.kind == "sse-c":
-            return CustomerKeyRequired(exc.detail)
-        return SourceError(exc.detail)
+        return self.source.error(Failure(ErrorKind(exc.kind), exc.detail, exc.status, exc.code), what)
 
 
 _CONTENTS = re.compile(r"<Contents>(.*?)</Contents>", re.DOTALL)

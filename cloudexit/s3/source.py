@@ -1,12 +1,12 @@
 """The object store: listing, ranged GET and HEAD over any S3 API (boto3).
 
-All botocore exceptions are translated here into the errors of `cloudexit.errors`, with a
-message that names the endpoint and profile, so the rest of the code never sees botocore.
+All botocore exceptions are translated here into the errors of `cloudexit.core.errors`
+(classified by `cloudexit.s3.errors`), with a message that names the endpoint and profile, so
+the rest of the code never sees botocore.
 """
 
 from __future__ import annotations
 
-import ssl
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,11 +17,14 @@ from cloudexit.core.config import SourceConfig
 from cloudexit.core.errors import (
     BucketNotFound,
     CredentialsError,
+    CustomerKeyRequired,
     EndpointUnreachable,
+    ObjectArchived,
     SourceError,
     TLSError,
     UsageError,
 )
+from cloudexit.s3.errors import ErrorKind, Failure, classify
 
 # Provider checksum headers worth keeping: they let migrate verify without trusting the ETag.
 CHECKSUM_HEADERS = (
@@ -29,8 +32,6 @@ CHECKSUM_HEADERS = (
     "x-amz-checksum-sha1", "x-amz-checksum-sha256", "x-amz-checksum-type",
     "x-oss-hash-crc64ecma", "x-cos-hash-crc64ecma", "x-obs-hash-crc64ecma",
 )
-CREDENTIAL_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken",
-                    "InvalidToken", "TokenRefreshRequired", "AuthorizationHeaderMalformed"}
 
 
 def parse_s3_url(url: str) -> tuple[str, str]:
@@ -128,39 +129,35 @@ class Source:
 
     def translate(self, exc: Exception, what: str) -> Exception:
         """A botocore exception as a cloudexit error with an actionable message."""
-        from botocore.exceptions import (
-            ClientError,
-            HTTPClientError,
-            NoCredentialsError,
-            PartialCredentialsError,
-        )
-        from botocore.exceptions import ConnectionError as BotoConnectionError
-        from botocore.exceptions import SSLError
+        failure = classify(exc, what)
+        return exc if failure is None else self.error(failure, what)
 
-        if isinstance(exc, SSLError):  # before ConnectionError, its base: waiting will not fix it
-            return self.untrusted(tls_detail(exc))
-        if isinstance(exc, (NoCredentialsError, PartialCredentialsError)):
-            return CredentialsError(f"no usable credentials for {self.where}",
-                                    hint="set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or pass --profile")
-        # Refused, reset, closed or timed out: the endpoint is not answering.
-        if isinstance(exc, (BotoConnectionError, HTTPClientError)):
-            return self.unreachable(str(exc))
-        if isinstance(exc, ClientError):
-            err = exc.response.get("Error", {})
-            code = str(err.get("Code", ""))
-            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-            if code in CREDENTIAL_CODES:
-                return self.refused(what, code)
-            if code in ("NoSuchBucket",) or (code == "404" and what.startswith("bucket")):
+    def error(self, failure: Failure, what: str) -> Exception:
+        """The cloudexit error for a failure of a call about `what`, on any path to the store
+        (boto3 or lean): one message per kind."""
+        kind = failure.kind
+        if kind == ErrorKind.GONE:
+            if failure.code == "NoSuchBucket" or (failure.code == "404" and what.startswith("bucket")):
                 return self.missing_bucket()
-            if code in ("NoSuchKey", "404"):
-                return ObjectGone(f"{what}: not found")
-            if code in ("PreconditionFailed", "412") or status == 412:
-                return ObjectChanged(f"{what}: changed since it was listed")
-            if code in ("AccessDenied", "403", "AllAccessDisabled"):
-                return self.denied(what)
-            return SourceError(f"{what}: {code or status}: {err.get('Message', exc)}")
-        return exc
+            return ObjectGone(f"{what}: not found")
+        if kind == ErrorKind.CHANGED:
+            return ObjectChanged(f"{what}: changed since it was listed")
+        if kind == ErrorKind.UNREACHABLE:
+            return self.unreachable(failure.detail)
+        if kind == ErrorKind.TLS:
+            return self.untrusted(failure.detail)
+        if kind == ErrorKind.NO_CREDENTIALS:
+            return self.no_credentials()
+        if kind == ErrorKind.CREDENTIALS:
+            return self.refused(what, failure.code)
+        if kind == ErrorKind.DENIED:
+            return self.denied(what)
+        if kind == ErrorKind.ARCHIVED:
+            return ObjectArchived(f"{what}: in an archive storage class, needs a restore")
+        if kind == ErrorKind.SSE_C:
+            return CustomerKeyRequired(f"{what}: encrypted with a customer-provided key (SSE-C); "
+                                       "the store serves it only with that key")
+        return SourceError(failure.detail)
 
     # The messages of the conditions every path to the store meets (boto3 and the lean one).
     def unreachable(self, detail: str) -> EndpointUnreachable:
@@ -179,6 +176,10 @@ class Source:
         return CredentialsError(f"{what}: the credentials were refused by {self.where} ({code})",
                                 hint="check the access key and secret (or --profile) for this endpoint")
 
+    def no_credentials(self) -> CredentialsError:
+        return CredentialsError(f"no usable credentials for {self.where}",
+                                hint="set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or pass --profile")
+
     def missing_bucket(self) -> BucketNotFound:
         return BucketNotFound(f"bucket {self.bucket!r} does not exist at {self.where}",
                               hint="check the bucket name, --endpoint-url and --region")
@@ -194,8 +195,7 @@ class Source:
         self.client()
         creds = self._session.get_credentials() if self._session is not None else None
         if creds is None:
-            raise CredentialsError(f"no usable credentials for {self.where}",
-                                   hint="set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or pass --profile")
+            raise self.no_credentials()
         frozen = creds.get_frozen_credentials()
         return Credentials(frozen.access_key, frozen.secret_key, frozen.token)
 
@@ -307,20 +307,6 @@ class Source:
 
 _BOTO_NAMES = {"max-keys": "MaxKeys", "prefix": "Prefix", "delimiter": "Delimiter",
                "continuation-token": "ContinuationToken", "start-after": "StartAfter"}
-
-
-def tls_detail(exc: BaseException) -> str:
-    """The useful part of a TLS failure: the ssl error that botocore wraps (in urllib3's)."""
-    from cloudexit.transfer.client import tls_failure
-
-    seen: set[int] = set()
-    cause: BaseException | None = exc
-    while cause is not None and id(cause) not in seen:
-        seen.add(id(cause))
-        if isinstance(cause, ssl.SSLError):
-            return tls_failure(cause)
-        cause = cause.__cause__ or cause.__context__
-    return "TLS failed"
 
 
 def list_query(prefix: str, start_after: str | None, token: str | None, delimiter: str | None,

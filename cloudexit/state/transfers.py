@@ -20,7 +20,7 @@ Tx = sqlite3.Connection
 def rows(tx: Tx, sql: str, params: Any = ()) -> sqlite3.Cursor:
     """`tx.execute` with rows by name."""
     cur = tx.cursor()
-    cur.row_factory = sqlite3.Row  # type: ignore[assignment]
+    cur.row_factory = sqlite3.Row
     return cur.execute(sql, params)
 
 
@@ -30,12 +30,13 @@ def runs(state: Any) -> list[sqlite3.Row]:
 
 
 def last_run(state: Any) -> sqlite3.Row | None:
-    found = state.query("SELECT * FROM migration_runs ORDER BY id DESC LIMIT 1")
+    found: list[sqlite3.Row] = state.query("SELECT * FROM migration_runs ORDER BY id DESC LIMIT 1")
     return found[0] if found else None
 
 
 def run_row(state: Any, run_id: int) -> sqlite3.Row:
-    return state.query("SELECT * FROM migration_runs WHERE id = ?", (run_id,))[0]
+    found: list[sqlite3.Row] = state.query("SELECT * FROM migration_runs WHERE id = ?", (run_id,))
+    return found[0]
 
 
 def other_dests(state: Any, dest: str) -> list[str]:

@@ -297,19 +297,24 @@ class Fetcher:
         return place
 
     def _rehash(self, fd: int, upto: int, hasher: ObjectHasher, head: bytearray) -> None:
-        buf = self._buffer()
         pos = 0
         while pos < upto:
-            n = os.preadv(fd, [buf[:min(len(buf), upto - pos)]], pos)
-            if n <= 0:
-                raise FetchError("transient", "temp file shorter than recorded", restart=True)
-            chunk = buf[:n]
-            hasher.update(chunk)
-            if len(head) < HEADER_BYTES:
-                head += chunk[:HEADER_BYTES - len(head)]
-            pos += n
+            pos += self.hash_back(fd, pos, upto, hasher, head, "recorded")
 
-    def _stream(self, resp: http.client.HTTPResponse, fd: int, hasher: ObjectHasher,
+    def hash_back(self, fd: int, pos: int, end: int, hasher: ObjectHasher, head: bytearray, what: str) -> int:
+        """Read the file from `pos` (up to `end`, one buffer at most) into `hasher` and the
+        first HEADER_BYTES into `head`; how many bytes were read."""
+        buf = self._buffer()
+        n = os.preadv(fd, [buf[:min(len(buf), end - pos)]], pos)
+        if n <= 0:
+            raise FetchError("transient", f"temp file shorter than {what}", restart=True)
+        chunk = buf[:n]
+        hasher.update(chunk)
+        if len(head) < HEADER_BYTES:
+            head += chunk[:HEADER_BYTES - len(head)]
+        return n
+
+    def _stream(self, resp: http.client.HTTPResponse, fd: int, hasher: ObjectHasher | None,
                 head: bytearray, expected: int, counters: Counters, task: Task,
                 offset: int | None = None, progress: Callable[[int], None] | None = None) -> None:
         """Body -> hasher + file (at `offset` with pwrite when given)."""

@@ -128,7 +128,6 @@ def fetch_large(f: Fetcher, task: Task, result: Result) -> None:
     # Meanwhile: hash the bytes in order as they land (read back from the page cache).
     hasher = ObjectHasher(task.size, checks, bounds)
     head = bytearray()
-    buf = f._buffer()
     pos = 0
     next_checkpoint = time.monotonic() + CHECKPOINT_SECONDS
     try:
@@ -147,14 +146,7 @@ def fetch_large(f: Fetcher, task: Task, result: Result) -> None:
                 raise failure[0]
             if f.stop.is_set():
                 raise FetchError("cancelled", "stopped")
-            n = os.preadv(fd, [buf[:min(len(buf), available - pos)]], pos)
-            if n <= 0:
-                raise FetchError("transient", "temp file shorter than written", restart=True)
-            chunk = buf[:n]
-            hasher.update(chunk)
-            if len(head) < HEADER_BYTES:
-                head += chunk[:HEADER_BYTES - len(head)]
-            pos += n
+            pos += f.hash_back(fd, pos, available, hasher, head, "written")
     except FetchError as exc:
         with cond:
             failure.append(exc)

@@ -1,6 +1,6 @@
 """Price catalogues: one data file per provider, every number with its source and date.
 
-The shipped files live in ``cloudexit/pricing/data/<provider>.json``; a hospital's contract
+The shipped files live in ``cloudexit/plan/pricing/data/<provider>.json``; a hospital's contract
 prices come in a price file of the same format (JSON, or YAML if preferred), described in
 docs/pricing.md. Files are read with PyYAML's composer (JSON is YAML) so that every mapping
 keeps its line number, and a missing field is reported with the field's path and the line of
