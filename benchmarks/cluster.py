@@ -23,8 +23,10 @@ import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -101,6 +103,71 @@ class CliWorkers:
                 p.kill()
 
 
+def _tree_cpu(root: psutil.Process) -> float:
+    """CPU (user+sys) of `root` and its descendants so far, reaped ones included (each counted
+    in its parent's children_* times)."""
+    total = 0.0
+    try:
+        procs = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return 0.0
+    for p in procs:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system + t.children_user + t.children_system
+        except psutil.Error:
+            pass
+    return total
+
+
+def _verified(db: Path) -> tuple[int, int]:
+    import sqlite3
+
+    try:
+        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
+        try:
+            row = conn.execute("SELECT coalesce(sum(size), 0), count(*) FROM transfers WHERE state = 'verified'"
+                               ).fetchone()
+            return int(row[0]), int(row[1])
+        finally:
+            conn.close()
+    except sqlite3.Error:
+        return 0, 0
+
+
+class Steady:
+    """CPU per GB in the steady state: from 10% to 90% of the bytes verified, so the start-up
+    (process starts, imports, dask's scheduler and workers joining) and the tail are left out.
+    Samples the command's process tree, the CLI workers and the scheduler every 0.25 s."""
+
+    def __init__(self, db: Path, total: int, extra: Any) -> None:
+        self.db, self.total, self.extra = db, total, extra
+        self.samples: list[tuple[int, int, float]] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        root = None
+        while not self.stop.wait(0.25):
+            if root is None:
+                root = next((p for p in psutil.Process().children() if "migrate" in " ".join(p.cmdline())), None)
+                continue
+            cpu = _tree_cpu(root) + (self.extra.cpu() if self.extra else 0.0)
+            self.samples.append((*_verified(self.db), cpu))
+
+    def _inside(self) -> list[tuple[int, int, float]]:
+        inside = [s for s in self.samples if 0.1 * self.total <= s[0] <= 0.9 * self.total]
+        return inside if len(inside) >= 2 and inside[-1][0] > inside[0][0] else []
+
+    def per_gb(self) -> float | None:
+        inside = self._inside()
+        return (inside[-1][2] - inside[0][2]) / ((inside[-1][0] - inside[0][0]) / 1e9) if inside else None
+
+    def ms_per_object(self) -> float | None:
+        inside = self._inside()
+        return 1000 * (inside[-1][2] - inside[0][2]) / (inside[-1][1] - inside[0][1]) if inside else None
+
+
 def run(server, bucket: str, mode: str, work: Path, env: dict[str, str], log) -> dict:
     db = work / f"{bucket}.db"
     if not db.exists():
@@ -124,7 +191,10 @@ def run(server, bucket: str, mode: str, work: Path, env: dict[str, str], log) ->
         cmd += ["--cluster", workers.address]
     try:
         before = (workers.cpu(), workers.cpu(scheduler=False)) if workers else (0.0, 0.0)
+        steady = Steady(copy, _total_bytes(copy), workers)
+        steady.thread.start()
         m = measure(cmd, env=env, stdout=str(work / "out.json"), server_pid=server.proc.pid, count_lines=False)
+        steady.stop.set()
         extra = (workers.cpu() - before[0]) if workers else 0.0
         on_workers = (workers.cpu(scheduler=False) - before[1]) if workers else 0.0
     finally:
@@ -139,13 +209,25 @@ def run(server, bucket: str, mode: str, work: Path, env: dict[str, str], log) ->
            "cpu_ms_per_object": 1000 * cpu / max(1, summary["verified"]),
            "mb_per_s": summary["bytes_verified"] / 1e6 / m.wall_s,
            "mb_per_s_per_worker": summary["bytes_verified"] / 1e6 / m.wall_s / (n_workers or 1),
+           "steady_cpu_s_per_gb": steady.per_gb(), "steady_cpu_ms_per_object": steady.ms_per_object(),
            "server_cpu_s": m.server_cpu_s,
            "coordinator_cpu_s": m.cpu_s if workers else None,  # cli:N: the command alone
            "workers_cpu_s": on_workers if workers else None}
     log(f"  {mode:8} {row['wall_s']:7.1f} s  cpu {cpu:6.1f} s  {row['cpu_s_per_gb'] or 0:6.1f} s/GB  "
+        f"steady {row['steady_cpu_s_per_gb'] or 0:6.1f} s/GB {row['steady_cpu_ms_per_object'] or 0:5.2f} ms/obj  "
         f"{row['cpu_ms_per_object']:6.2f} ms/obj  {row['mb_per_s']:6.1f} MB/s"
         + (f"  (coordinator {m.cpu_s:.1f} s, workers {on_workers:.1f} s)" if workers else ""))
     return row
+
+
+def _total_bytes(db: Path) -> int:
+    import sqlite3
+
+    conn = sqlite3.connect(db)
+    try:
+        return int(conn.execute("SELECT coalesce(sum(size), 0) FROM objects WHERE status = 'present'").fetchone()[0])
+    finally:
+        conn.close()
 
 
 def main() -> None:
@@ -173,8 +255,8 @@ def main() -> None:
                     results.append({"workload": workload, **run(server, bucket, mode, work / workload, env, log)})
     finally:
         server.stop()
-    table = ["| workload | mode | objects | GB | wall s | CPU s | CPU s/GB | CPU ms/object | MB/s | MB/s per worker |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    table = ["| workload | mode | objects | GB | wall s | CPU s | CPU s/GB | steady CPU s/GB | CPU ms/object | "
+             "steady CPU ms/object | MB/s | MB/s per worker |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for workload in args.workloads.split(","):
         for mode in args.modes.split(","):
             rows = [r for r in results if r["workload"] == workload and r["mode"] == mode]
@@ -183,8 +265,12 @@ def main() -> None:
             med = {k: statistics.median(r[k] for r in rows) for k in
                    ("gb", "wall_s", "cpu_s", "cpu_ms_per_object", "mb_per_s", "mb_per_s_per_worker")}
             per_gb = med["cpu_s"] / med["gb"] if med["gb"] else 0
+            steady = [r["steady_cpu_s_per_gb"] for r in rows if r["steady_cpu_s_per_gb"]]
+            steady_text = f"{statistics.median(steady):.1f}" if steady else "-"
+            per_obj = [r["steady_cpu_ms_per_object"] for r in rows if r["steady_cpu_ms_per_object"]]
+            per_obj_text = f"{statistics.median(per_obj):.2f}" if per_obj else "-"
             table.append(f"| {workload} | {mode} | {rows[0]['objects']} | {med['gb']:.2f} | {med['wall_s']:.1f} | "
-                         f"{med['cpu_s']:.1f} | {per_gb:.1f} | {med['cpu_ms_per_object']:.2f} | "
+                         f"{med['cpu_s']:.1f} | {per_gb:.1f} | {steady_text} | {med['cpu_ms_per_object']:.2f} | {per_obj_text} | "
                          f"{med['mb_per_s']:.1f} | {med['mb_per_s_per_worker']:.1f} |")
     print("\n".join(table))
     if args.json_out:

@@ -15,6 +15,7 @@ to this run's meter file (bytes a killed worker received since its last batch ar
 from __future__ import annotations
 
 import os
+import queue
 import secrets
 import time
 from typing import Any, Callable, Sequence
@@ -102,7 +103,7 @@ class DaskExecutor:
             raise StateError(f"cannot reach the dask scheduler at {self.address.url}: {exc}",
                              hint="start it with `dask scheduler` (see docs/scale-out.md), check the "
                                   "address, port 8786 and any firewall") from None
-        self.done = distributed.as_completed()  # futures as they finish, without polling each
+        self.done: queue.Queue[Any] = queue.Queue()  # futures as they finish (a callback puts them)
         self.dashboard = self.client.dashboard_link
         if self.dashboard:
             self.notice(f"dask dashboard: {self.dashboard}")
@@ -201,7 +202,7 @@ class DaskExecutor:
                                         key=f"cloudexit-batch-{self.token}-{self.batches}",
                                         workers=list(where), allow_other_workers=False, pure=False)
             self.futures[future] = ([t.id for t in batch], where)
-            self.done.add(future)
+            future.add_done_callback(self.done.put)  # on the client's thread: a queue put only
 
     def poll(self, timeout: float) -> list[Message]:
         if time.monotonic() >= self.next_look:
@@ -222,10 +223,14 @@ class DaskExecutor:
                 ids, where = self.futures.pop(future)
                 future.cancel()
                 out.append(WorkerLost(",".join(sorted(where)), ids, "no admitted worker left for it"))
-        deadline = time.monotonic() + timeout
-        while not self.done.has_ready() and time.monotonic() < deadline:
-            time.sleep(min(0.01, timeout))
-        for future in self.done.next_batch(block=False) if self.done.has_ready() else []:
+        finished = []
+        try:  # block on the queue as the local executor does: no polling loop
+            finished.append(self.done.get(timeout=timeout) if timeout > 0 else self.done.get_nowait())
+            while True:
+                finished.append(self.done.get_nowait())
+        except queue.Empty:
+            pass
+        for future in finished:
             if future not in self.futures:
                 continue  # reported lost already
             ids, where = self.futures.pop(future)
