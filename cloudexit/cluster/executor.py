@@ -18,6 +18,7 @@ import os
 import queue
 import secrets
 import time
+from dataclasses import replace
 from typing import Any, Callable, Sequence
 
 from cloudexit.cluster import service
@@ -57,7 +58,7 @@ class DaskExecutor:
         self.meter: Any = None
         self.admitted: dict[str, str] = {}  # address -> label
         self.refused: dict[str, str] = {}  # address -> why
-        self.threads: dict[str, int] = {}  # address -> dask threads
+        self.processes: dict[str, int] = {}  # address -> cloudexit worker processes there
         self.futures: dict[Any, tuple[list[int], frozenset[str]]] = {}  # -> task ids, where it may run
         self.batches = 0
         self.rate: float | None = None
@@ -72,8 +73,8 @@ class DaskExecutor:
     # -- set-up ------------------------------------------------------------------------------------
     @property
     def capacity(self) -> int:
-        threads = sum(self.threads.get(a, 1) for a in self.admitted) or 1
-        return threads * self.config.threads
+        processes = sum(self.processes.get(a, 1) for a in self.admitted) or 1
+        return processes * self.config.threads
 
     def start(self, config: MigrateConfig, root: str, new_meter: Callable[[], str]) -> None:
         from cloudexit.state.meter import Meter
@@ -83,7 +84,9 @@ class DaskExecutor:
         except ImportError:
             raise UsageError("--cluster needs dask.distributed, which is not installed",
                              hint="pip install 'cloudexit[cluster]'") from None
-        self.config, self.root = config, root
+        # local:N: N dask workers of one cloudexit worker process each (N processes in all).
+        self.config = replace(config, processes=1) if self.address.scheme == "local" else config
+        self.root = root
         self.meter = Meter(new_meter())
         try:
             if self.address.scheme == "local":
@@ -91,7 +94,9 @@ class DaskExecutor:
 
                 # dask's statistical profiler samples every thread's stack 100 times a second:
                 # with cloudexit's download threads that is CPU taken from verification.
-                with dask.config.set({"distributed.worker.profile.enabled": False}):
+                # Not daemonic: cloudexit's worker processes are its children.
+                with dask.config.set({"distributed.worker.profile.enabled": False,
+                                      "distributed.worker.daemon": False}):
                     self.cluster = distributed.LocalCluster(
                         n_workers=self.address.workers, threads_per_worker=LOCAL_THREADS, processes=True,
                         host="127.0.0.1", dashboard_address="127.0.0.1:0", silence_logs=40)
@@ -163,11 +168,10 @@ class DaskExecutor:
                                         self._share(len(self.admitted) + len(ok)), self.profile,
                                         self.forwarded, workers=ok, on_error="return")
                 for addr in ok:
-                    if isinstance(names.get(addr), str):
-                        self.admitted[addr] = names[addr]
-                        self.threads[addr] = present[addr]
+                    if isinstance(names.get(addr), tuple):
+                        self.admitted[addr], self.processes[addr] = names[addr]
                         if not first:
-                            self.notice(f"dask worker {names[addr]} joined the run")
+                            self.notice(f"dask worker {self.admitted[addr]} joined the run")
         self._rebalance()
         self.alone_since = None if self.admitted else (self.alone_since or time.monotonic())
         self.next_look = time.monotonic() + MEMBERSHIP_EVERY

@@ -101,6 +101,8 @@ def worker_main(setup: Any, inbox: Any, outbox: Any, rate: SharedRate, stop: Any
     (large objects, resumes, retries, anything unusual). `meter`: its egress meter file."""
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the engine handles Ctrl-C and tells us
+    from cloudexit.transfer.multiget import run_worker
+
     while not setup.poll(0.2):
         if stop.is_set() or os.getppid() != parent:
             return  # the run failed before the work began
@@ -111,23 +113,15 @@ def worker_main(setup: Any, inbox: Any, outbox: Any, rate: SharedRate, stop: Any
 
     fetcher = Fetcher.from_config(config, endpoint, credentials, rate, stop, root, meter=meter,
                                   report=outbox.put, group_folder_sync=True)
-    serve(fetcher, config.threads, inbox, outbox.put, parent)
-
-
-def serve(fetcher: Fetcher, threads: int, inbox: Any, send: Callable[[Message], None], parent: int) -> None:
-    """Run task lists from `inbox` (None: the end) until the end, with `threads` download
-    threads and a folder-sync thread; every message goes to `send`. Shared by the local worker
-    processes and the cluster's workers (cloudexit/cluster/service.py)."""
-    from cloudexit.transfer.multiget import run_worker
-
-    folders = FolderSync(fetcher.placer, send)
+    threads = config.threads
+    folders = FolderSync(fetcher.placer, outbox.put)
     local: queue.Queue[tuple[Task, Counters | None] | None] = queue.Queue()
 
     def done(result: Result) -> None:
         if result.folder:
             folders.add(result)
         else:
-            send(result)
+            outbox.put(result)
 
     def loop() -> None:
         while True:
@@ -153,5 +147,5 @@ def serve(fetcher: Fetcher, threads: int, inbox: Any, send: Callable[[Message], 
             t.join()
         folders.close()
 
-    run_worker(fetcher, inbox, max(1, threads) * 2, parent, send,
+    run_worker(fetcher, inbox, max(1, threads) * 2, parent, outbox.put,
                lambda task, prior: local.put((task, prior)), finish)
