@@ -84,14 +84,9 @@ class CliWorkers:
             client.wait_for_workers(n, timeout=60)
 
     def cpu(self, scheduler: bool = True) -> float:
-        total = 0.0
-        for p in self.procs if scheduler else self.procs[1:]:
-            try:
-                t = psutil.Process(p.pid).cpu_times()
-                total += t.user + t.system
-            except psutil.Error:
-                pass
-        return total
+        # With their children: each dask worker runs cloudexit's worker processes.
+        return sum(_tree_cpu(psutil.Process(p.pid)) for p in (self.procs if scheduler else self.procs[1:])
+                   if p.poll() is None)
 
     def close(self) -> None:
         for p in self.procs:

@@ -30,6 +30,7 @@ from cloudexit.transfer.client import Credentials, Endpoint
 from cloudexit.transfer.tasks import Task
 
 BATCH_BYTES = 256 * 2**20  # a batch of small objects holds at most this much
+BATCH_OBJECTS = 32  # and at most this many (dask costs ~ms of CPU a task: fewer, bigger batches)
 LOCAL_THREADS = 4  # dask threads per LocalCluster worker: batches it works on at once
 MEMBERSHIP_EVERY = 2.0  # seconds between looks at which workers are there
 NO_WORKER_GRACE = 300.0  # seconds without any admitted worker before the run stops
@@ -73,8 +74,10 @@ class DaskExecutor:
     # -- set-up ------------------------------------------------------------------------------------
     @property
     def capacity(self) -> int:
+        # As the local executor's requests in flight for small objects: 2 x threads a process
+        # (multiget), so the engine keeps several batches going per process.
         processes = sum(self.processes.get(a, 1) for a in self.admitted) or 1
-        return processes * self.config.threads
+        return processes * self.config.threads * 2
 
     def start(self, config: MigrateConfig, root: str, new_meter: Callable[[], str]) -> None:
         from cloudexit.state.meter import Meter
@@ -198,7 +201,7 @@ class DaskExecutor:
                 self.forwarded = renewed
                 self.client.run(service.set_credentials, self.token, renewed,
                                 workers=list(self.admitted), on_error="ignore")
-        for batch in _batches([service.strip_credentials(t) for t in tasks], self.config.threads * 2):
+        for batch in _batches([service.strip_credentials(t) for t in tasks], BATCH_OBJECTS):
             self.batches += 1
             where = frozenset(self.admitted)
             # The key names the run and the batch number only: the dashboard shows it.
