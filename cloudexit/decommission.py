@@ -13,13 +13,10 @@ DB, keys are decided 500 at a time (their state read in one query per destinatio
 manifest and the token are written as the rows are decided, and the plan's rows are read back
 from SQLite in pages.
 
-A version may go when, at every destination:
-* its transfer row is good (`verified`, `duplicate` of a verified copy, `stored`, `warning`)
-  for exactly this ETag, and
-* the latest `cloudexit verify` of that destination ran after the copy landed and found nothing
-  wrong with the object, its study (a PACS) or its SOP Instance UID.
-A PACS destination only applies to DICOM objects; an object must be kept at one destination
-at least. Anything else stays, with the reason in the manifest.
+A version may go under the deletion rule (cloudexit/core/deletion.py, the audit's too): at
+every destination that applies (a PACS takes DICOM only) its copy is good for exactly this ETag
+and the latest `cloudexit verify` of that destination ran after the copy landed and found
+nothing wrong with it. Anything else stays, with the rule's reason in the manifest.
 
 Versioned buckets (docs/decommission.md): without `all_versions`, a verified key gets a delete
 marker (DeleteObjects without VersionId): its data still exists as a noncurrent version and is
@@ -41,113 +38,32 @@ import contextlib
 import csv
 import hashlib
 import io
-import itertools
 import json
 import os
 import socket
-from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, overload
+from typing import Any
 
-from cloudexit.report.audit import PACS_PREFIXES, current_user, last_verify_runs, recheck_sql
-from cloudexit.s3.cleanup import MAX_BATCH, Version, delete_batch, list_all, object_lock_enabled, read_locks, versioning
+from cloudexit.core import deletion
 from cloudexit.core.config import SourceConfig
 from cloudexit.core.errors import ConfirmationMismatch, NothingMigrated, StateError, UsageError
 from cloudexit.core.files import private_writer
+from cloudexit.core.states import DecommissionMode, DecommissionStatus, is_pacs
+from cloudexit.core.states import DeletionOutcome as Outcome
+from cloudexit.report.facts import current_user
+from cloudexit.s3.cleanup import MAX_BATCH, Version, delete_batch, list_all, object_lock_enabled, read_locks, versioning
 from cloudexit.s3.source import Source
+from cloudexit.state import decommission_tables as tables
 from cloudexit.state.db import State, now
+from cloudexit.state.decommission_tables import ROW_COLUMNS, ManifestRow, Rows, key_batches, listing_table
+from cloudexit.state.destinations import destinations as known_destinations
+from cloudexit.state.destinations import last_verify_runs
 
-GOOD_STATES = ("verified", "duplicate", "stored", "warning")
 MANIFEST_FIELDS = ("action", "key", "version_id", "is_latest", "delete_marker", "etag", "size",
                    "last_modified", "sha256", "kept_at", "how", "reason")
 EXIT_LEFT = 3  # something stays in the bucket (or failed): report written
-_TABLES = itertools.count()  # temp table names, one per listing
 _KEY_BATCH = 500  # keys decided at a time (their state read in one query per destination)
-
-
-@dataclass
-class ManifestRow:
-    action: str  # delete | keep
-    key: str
-    version_id: str | None
-    is_latest: bool
-    delete_marker: bool
-    etag: str | None
-    size: int
-    last_modified: str
-    sha256: str | None = None
-    kept_at: list[str] = field(default_factory=list)
-    how: str = ""  # delete: version (by VersionId) | if-match (by key, ETag condition) | marker | key
-    reason: str = ""
-
-    def db_row(self) -> tuple[Any, ...]:
-        """The values of `_ROW_COLUMNS` (read back by `_row`)."""
-        return (self.action, self.key, self.version_id, int(self.is_latest), int(self.delete_marker), self.etag,
-                self.size, self.last_modified, self.sha256, ";".join(self.kept_at), self.how, self.reason)
-
-    def csv_row(self) -> list[Any]:
-        return [self.action, self.key, self.version_id or "", int(self.is_latest),
-                int(self.delete_marker), self.etag or "", self.size, self.last_modified,
-                self.sha256 or "", ";".join(self.kept_at), self.how, self.reason]
-
-
-_ROW_COLUMNS = ("action", "key", "version_id", "is_latest", "delete_marker", "etag", "size",
-                "last_modified", "sha256", "kept_at", "how", "reason")
-
-
-class Rows(Sequence[ManifestRow]):
-    """The manifest rows of a plan that match `where`, read from the state DB's temp table in
-    pages: a bucket of millions of versions is never held in memory."""
-
-    _PAGE = 1000
-
-    def __init__(self, state: State, table: str, where: str = "1") -> None:
-        self.state, self.table, self.where = state, table, where
-        self._len: int | None = None
-
-    def __len__(self) -> int:
-        if self._len is None:
-            self._len = int(self.state.scalar(f"SELECT count(*) FROM {self.table} WHERE {self.where}"))
-        return self._len
-
-    @overload
-    def __getitem__(self, index: int) -> ManifestRow: ...
-
-    @overload
-    def __getitem__(self, index: slice) -> list[ManifestRow]: ...
-
-    def __getitem__(self, index: int | slice) -> ManifestRow | list[ManifestRow]:
-        if isinstance(index, slice):
-            start, stop, step = index.indices(len(self))
-            if step != 1:
-                return [self[i] for i in range(start, stop, step)]
-            return self._select(max(0, stop - start), start)
-        i = index + len(self) if index < 0 else index
-        if not 0 <= i < len(self):
-            raise IndexError(index)
-        return self._select(1, i)[0]
-
-    def __iter__(self) -> Iterator[ManifestRow]:
-        last = 0
-        while True:
-            page = self.state.query(f"SELECT seq, {', '.join(_ROW_COLUMNS)} FROM {self.table} "
-                                    f"WHERE {self.where} AND seq > ? ORDER BY seq LIMIT ?", (last, self._PAGE))
-            if not page:
-                return
-            last = page[-1]["seq"]
-            yield from (_row(r) for r in page)
-
-    def _select(self, limit: int, offset: int) -> list[ManifestRow]:
-        return [_row(r) for r in self.state.query(
-            f"SELECT {', '.join(_ROW_COLUMNS)} FROM {self.table} WHERE {self.where} ORDER BY seq "
-            "LIMIT ? OFFSET ?", (limit, offset))]
-
-
-def _row(r: Any) -> ManifestRow:
-    return ManifestRow(r["action"], r["key"], r["version_id"], bool(r["is_latest"]), bool(r["delete_marker"]),
-                       r["etag"], r["size"], r["last_modified"], r["sha256"],
-                       r["kept_at"].split(";") if r["kept_at"] else [], r["how"], r["reason"])
 
 
 @dataclass
@@ -233,44 +149,35 @@ class Execution:
 def source_from_state(state: State, endpoint_url: str | None = None, profile: str | None = None,
                       region: str | None = None, retries: int = SourceConfig.max_attempts) -> Source:
     """The bucket this state DB migrated, on its recorded endpoint unless told otherwise."""
-    url = state.meta("source_url")
-    if url is None:
-        raise StateError("this state DB has no inventory yet",
-                         hint="run `cloudexit inventory s3://BUCKET` first")
-    bound = state.meta("endpoint_url")
-    return Source(url, SourceConfig(
-        endpoint_url=endpoint_url or (None if bound in (None, "aws") else bound),
-        profile=profile, region=region or state.meta("region"), max_attempts=retries))
+    from cloudexit.app import open_source
+
+    return open_source(state, SourceConfig(endpoint_url=endpoint_url, profile=profile, region=region,
+                                           max_attempts=retries))
 
 
 def default_destinations(state: State) -> list[str]:
     """Every destination a migration delivered to or a verify checked, in first-use order."""
-    from cloudexit.verify import destinations
-
-    seen = destinations(state)
-    for r in state.query("SELECT dest FROM verify_runs GROUP BY dest ORDER BY min(id)"):
-        if r["dest"] not in seen:
-            seen.append(r["dest"])
-    return seen
+    return known_destinations(state, verified=True)
 
 
 def _dest_id(dest: str) -> str:
     """A `--to` value as the id recorded in the DB (folders become file:///abs/path)."""
-    if dest.startswith(PACS_PREFIXES) or dest.startswith("file://"):
+    if is_pacs(dest) or dest.startswith("file://"):
         return dest
     return "file://" + os.path.abspath(os.path.expanduser(dest))  # as FilesystemStore.id
 
 
 # -- the decision ------------------------------------------------------------------------------------
 class _Judge:
-    """Decides, per (key, ETag), whether every destination holds a verified copy."""
+    """The deletion rule (cloudexit.core.deletion, the audit's too) per (key, ETag), over the
+    state of a batch of keys read in one query per destination."""
 
     def __init__(self, state: State, dests: list[str]) -> None:
         self.state = state
         self.dests = dests
-        # The verification half of the rule is the audit's SQL (one rule for both reports).
         self.verify = last_verify_runs(state)
-        self.recheck, self.params = recheck_sql(dests, self.verify)
+        self.params = deletion.params(dests, self.verify)
+        self.columns = deletion.copy_columns(dests)
         self.loaded: set[str] = set()
         self.objects: dict[str, Any] = {}
         self.transfers: dict[str, dict[str, Any]] = {d: {} for d in dests}
@@ -279,57 +186,27 @@ class _Judge:
         """Read the state of `keys` (a batch of at most 500), replacing the previous batch."""
         marks = ",".join("?" * len(keys))
         self.loaded = set(keys)
-        self.objects = {r["key"]: r for r in self.state.query(
+        self.objects = {r["key"]: dict(r) for r in self.state.query(
             f"SELECT key, etag, kind, status, study_uid, sop_uid FROM objects WHERE key IN ({marks})", keys)}
         named = {**self.params, **{f"k{i}": k for i, k in enumerate(keys)}}
         in_keys = ",".join(f":k{i}" for i in range(len(keys)))
         for d in self.dests:
-            self.transfers[d] = {r["key"]: r for r in self.state.query(
-                f"SELECT t.key, t.state, t.etag, t.sha256, t.path, t.reason, {self.recheck} AS recheck "
+            self.transfers[d] = {r["key"]: dict(r) for r in self.state.query(
+                f"SELECT t.key, t.state, t.etag, t.sha256, t.path, t.reason, {self.columns} "
                 f"FROM transfers t JOIN objects o ON o.key = t.key WHERE t.dest = :dest AND t.key IN ({in_keys})",
                 {**named, "dest": d})}
 
-    def judge(self, key: str, etag: str | None) -> tuple[bool, list[str], str | None, str]:
-        """(safe, destinations holding it, sha256 of the kept copy, reason)."""
+    def decide(self, key: str, etag: str | None) -> deletion.Decision:
         if key not in self.loaded:
             self.load([key])
-        o = self.objects.get(key)
-        if o is None:
-            return False, [], None, "not inventoried: new since the last inventory (run inventory, migrate, verify)"
-        held: list[str] = []
-        sha = None
-        for d in self.dests:
-            pacs = d.startswith(PACS_PREFIXES)
-            if pacs and o["kind"] != "dicom":
-                continue  # a PACS keeps DICOM only; the archive destinations must hold the rest
-            t = self.transfers[d].get(key)
-            if t is None:
-                return False, held, sha, f"not migrated: not delivered to {d}"
-            if t["etag"] != etag:
-                return False, held, sha, (f"other version: {d} holds ETag {t['etag']}, "
-                                          f"this version ({etag}) was never migrated")
-            if t["state"] not in GOOD_STATES:
-                return False, held, sha, f"{t['state']}: at {d}" + (f" ({t['reason']})" if t["reason"] else "")
-            if t["recheck"]:
-                return False, held, sha, _recheck_text(t["recheck"], d, self.verify.get(d))
-            held.append(d)
-            sha = sha or t["sha256"]
-        if not held:
-            return False, held, sha, "no archive: not DICOM, and no folder destination holds it"
-        return True, held, sha, "verified at every destination"
+        return deletion.decide(self.objects.get(key), {d: self.transfers[d].get(key) for d in self.dests},
+                               self.dests, self.verify, etag)
 
-
-def _recheck_text(why: str, dest: str, run: dict[str, Any] | None) -> str:
-    """The manifest's words for a `recheck_sql` answer."""
-    ident = f"(verify run {run['id']})" if run else ""
-    return {
-        "duplicate_unverified": f"duplicate: the copy it duplicates is not verified at {dest}",
-        "no_verify": f"not re-verified: no `cloudexit verify` of {dest} yet",
-        "landed_after_verify": f"not re-verified: landed at {dest} after its last verify {ident}",
-        "verify_problem": f"verify found a problem: with the object, its file, SOP Instance UID or study "
-                          f"at {dest} {ident}",
-        "study_not_ok": f"not re-verified: study not counted ok at {dest} {ident}",
-    }[why]
+    def judge(self, key: str, etag: str | None) -> tuple[bool, list[str], str | None, str]:
+        """(safe, destinations holding a safe copy, its sha256, the manifest's reason)."""
+        d = self.decide(key, etag)
+        t = self.transfers[d.dest].get(key) if d.dest else None
+        return d.safe, d.held, d.sha256, d.reason(etag, t, self.verify.get(d.dest or ""))
 
 
 def plan(state: State, source: Source, destinations: Iterable[str] | None = None,
@@ -348,10 +225,10 @@ def plan(state: State, source: Source, destinations: Iterable[str] | None = None
     status = versioning(source)
     versioned = status != "off"
     locked = versioned and object_lock_enabled(source)  # no lock on the bucket: no per-object reads
-    table = _listing_table(state, list_all(source, versioned))
+    table = listing_table(state, list_all(source, versioned))
     rows_table = f"{table}_rows"
     state.conn.execute(f"CREATE TABLE {rows_table} (seq INTEGER PRIMARY KEY, "
-                       f"{', '.join(_ROW_COLUMNS)})")
+                       f"{', '.join(ROW_COLUMNS)})")
     judge = _Judge(state, dests)
     hasher = hashlib.sha256(json.dumps([source.url, status, all_versions]).encode())
     digest = hashlib.sha256()
@@ -364,7 +241,7 @@ def plan(state: State, source: Source, destinations: Iterable[str] | None = None
                 out.write(data)
 
         emit(",".join(MANIFEST_FIELDS) + "\n")
-        for keys, versions in _key_batches(state, table):
+        for keys, versions in key_batches(state, table, _KEY_BATCH):
             judge.load(keys)
             locks = read_locks(source, [(k, v.version_id) for k in keys for v in versions[k]
                                         if not v.delete_marker and judge.judge(k, v.etag)[0]]) if locked else {}
@@ -377,8 +254,8 @@ def plan(state: State, source: Source, destinations: Iterable[str] | None = None
                 if r.action == "delete":
                     hasher.update(json.dumps([r.key, r.version_id, r.etag, r.how], ensure_ascii=False).encode())
             with state.transaction() as tx:
-                tx.executemany(f"INSERT INTO {rows_table} ({', '.join(_ROW_COLUMNS)}) VALUES "
-                               f"({', '.join('?' * len(_ROW_COLUMNS))})", [r.db_row() for r in decided])
+                tx.executemany(f"INSERT INTO {rows_table} ({', '.join(ROW_COLUMNS)}) VALUES "
+                               f"({', '.join('?' * len(ROW_COLUMNS))})", [r.db_row() for r in decided])
     state.conn.execute(f"DROP TABLE {table}")
     # The token: a hash of exactly what would be deleted (and how), shown for the person to confirm.
     hexed = hasher.hexdigest()[:16]
@@ -390,58 +267,12 @@ def plan(state: State, source: Source, destinations: Iterable[str] | None = None
     if record:
         summary = result.summary()
         with state.transaction() as tx:
-            cur = tx.execute(
-                "INSERT INTO decommission_runs(started_at, finished_at, mode, status, source, endpoint, "
-                "versioning, all_versions, destinations, manifest, manifest_sha256, token, to_delete, "
-                "to_delete_bytes, kept, kept_bytes, summary) VALUES (?, ?, 'dry-run', 'planned', ?, ?, ?, "
-                "?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (now(), now(), source.url, source.config.endpoint_url, status, int(all_versions),
-                 json.dumps(dests), result.manifest, result.manifest_sha256, token, summary["to_delete"],
-                 summary["to_delete_bytes"], summary["kept"], summary["kept_bytes"],
-                 json.dumps(summary["kept_by_reason"])))
-            result.run_id = int(cur.lastrowid or 0)
+            result.run_id = tables.insert_run(tx, DecommissionMode.DRY_RUN, DecommissionStatus.PLANNED, summary,
+                                              now(), now())
             state.log("decommission.planned", tx, run=result.run_id, token=token, versioning=status,
                       all_versions=all_versions, to_delete=summary["to_delete"], kept=summary["kept"],
                       manifest_sha256=result.manifest_sha256)
     return result
-
-
-def _listing_table(state: State, listed: Iterable[Version]) -> str:
-    """The bucket's listing, streamed into a temp table of the state DB connection (SQLite keeps
-    temp tables on disk past its page cache), indexed by key. Returns its name."""
-    table = f"temp.decommission_{next(_TABLES)}"
-    state.conn.execute(f"CREATE TABLE {table} (key TEXT NOT NULL, version_id TEXT, etag TEXT, size INTEGER, "
-                       "last_modified TEXT, is_latest INTEGER, delete_marker INTEGER)")
-    insert = f"INSERT INTO {table} VALUES (?, ?, ?, ?, ?, ?, ?)"
-    batch: list[tuple[Any, ...]] = []
-    for v in listed:
-        batch.append((v.key, v.version_id, v.etag, v.size, v.last_modified, int(v.is_latest), int(v.delete_marker)))
-        if len(batch) >= 1000:
-            with state.transaction() as tx:
-                tx.executemany(insert, batch)
-            batch.clear()
-    with state.transaction() as tx:
-        tx.executemany(insert, batch)
-        tx.execute(f"CREATE INDEX {table}_key ON {table.split('.', 1)[1]} (key)")
-    return table
-
-
-def _key_batches(state: State, table: str) -> Iterator[tuple[list[str], dict[str, list[Version]]]]:
-    """The listing, key by key in key order, `_KEY_BATCH` keys at a time, each key with its
-    versions (and delete markers) in listing order."""
-    last, size = "", _KEY_BATCH
-    while True:
-        keys = [r[0] for r in state.query(f"SELECT DISTINCT key FROM {table} WHERE key > ? ORDER BY key LIMIT ?",
-                                          (last, size))]
-        if not keys:
-            return
-        versions: dict[str, list[Version]] = defaultdict(list)
-        for r in state.query(f"SELECT * FROM {table} WHERE key >= ? AND key <= ? ORDER BY key, rowid",
-                             (keys[0], keys[-1])):
-            versions[r["key"]].append(Version(r["key"], r["version_id"], r["etag"], r["size"], r["last_modified"],
-                                              bool(r["is_latest"]), bool(r["delete_marker"])))
-        yield keys, versions
-        last = keys[-1]
 
 
 def _decide(key: str, versions: list[Version], judge: _Judge, versioned: bool,
@@ -520,15 +351,7 @@ def execute(state: State, source: Source, token: str, destinations: Iterable[str
     summary = p.summary()
     stamp = now()
     with state.transaction() as tx:
-        cur = tx.execute(
-            "INSERT INTO decommission_runs(started_at, mode, status, source, endpoint, versioning, all_versions, "
-            "destinations, manifest, manifest_sha256, token, to_delete, to_delete_bytes, kept, kept_bytes, summary) "
-            "VALUES (?, 'execute', 'running', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (stamp, source.url, source.config.endpoint_url, p.versioning, int(all_versions),
-             json.dumps(p.destinations), p.manifest, p.manifest_sha256, p.token, summary["to_delete"],
-             summary["to_delete_bytes"], summary["kept"], summary["kept_bytes"],
-             json.dumps(summary["kept_by_reason"])))
-        run_id = int(cur.lastrowid or 0)
+        run_id = tables.insert_run(tx, DecommissionMode.EXECUTE, DecommissionStatus.RUNNING, summary, stamp)
         state.log("decommission.started", tx, run=run_id, token=p.token, source=source.url,
                   user=current_user(), host=socket.gethostname(),
                   versioning=p.versioning, all_versions=all_versions, destinations=p.destinations,
@@ -554,11 +377,9 @@ def execute(state: State, source: Source, token: str, destinations: Iterable[str
                 progress(sent, total)
         _confirm(state, source, result, p.versioning != "off")
     finally:
-        status = "complete" if not result.failed and sent >= total else "partial"
+        status = DecommissionStatus.COMPLETE if not result.failed and sent >= total else DecommissionStatus.PARTIAL
         with state.transaction() as tx:
-            tx.execute("UPDATE decommission_runs SET finished_at = ?, status = ?, deleted = ?, failed = ?, "
-                       "batches = ? WHERE id = ?", (now(), status, result.deleted, len(result.failed),
-                                                    result.batches, run_id))
+            tables.finish_run(tx, run_id, now(), status, result.deleted, len(result.failed), result.batches)
             state.log("decommission.finished", tx, run=run_id, status=status, deleted=result.deleted,
                       delete_markers=result.markers, failed=len(result.failed), confirmed=result.confirmed,
                       kept=summary["kept"], kept_bytes=summary["kept_bytes"])
@@ -591,14 +412,15 @@ def _one_batch(state: State, source: Source, result: Execution, rows: list[Manif
         ident = (r.key, (r.version_id or "null") if r.how == "version" else None)
         ok, err = done.get(ident), errors.get(ident)
         if ok is not None:
-            outcome = "delete-marker" if (r.how == "marker" or (ok.get("DeleteMarker") and r.how != "version")) else "deleted"
-            marker = ok.get("DeleteMarkerVersionId") if outcome == "delete-marker" else None
+            outcome = (Outcome.DELETE_MARKER if (r.how == "marker" or (ok.get("DeleteMarker") and r.how != "version"))
+                       else Outcome.DELETED)
+            marker = ok.get("DeleteMarkerVersionId") if outcome == Outcome.DELETE_MARKER else None
             response, code = ok, None
             result.deleted += 1
-            result.deleted_bytes += r.size if outcome == "deleted" else 0
-            result.markers += outcome == "delete-marker"
+            result.deleted_bytes += r.size if outcome == Outcome.DELETED else 0
+            result.markers += outcome == Outcome.DELETE_MARKER
         else:
-            outcome, marker = "failed", None
+            outcome, marker = Outcome.FAILED, None
             response = err or {"Key": r.key, "Code": "NoAnswer", "Message": "not in the DeleteObjects response"}
             code = str(response.get("Code"))
             result.failed.append((r.key, r.version_id, f"{code}: {response.get('Message', '')}"))
@@ -607,33 +429,17 @@ def _one_batch(state: State, source: Source, result: Execution, rows: list[Manif
                         json.dumps(response, sort_keys=True, default=str), answer.request_id, stamp))
     digest = hashlib.sha256(json.dumps(records, default=str).encode()).hexdigest()
     with state.transaction() as tx:
-        tx.executemany(
-            "INSERT INTO deletions(run_id, batch, key, version_id, etag, size, sha256, kept_at, outcome, "
-            "marker_version_id, error_code, response, request_id, deleted_at) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", records)
+        tables.insert_deletions(tx, records)
         state.log("decommission.batch", tx, run=result.run_id, batch=batch, request_id=answer.request_id,
-                  objects=len(rows), deleted=sum(1 for x in records if x[8] != "failed"),
-                  failed=sum(1 for x in records if x[8] == "failed"), rows_sha256=digest)
+                  objects=len(rows), deleted=sum(1 for x in records if x[8] != Outcome.FAILED),
+                  failed=sum(1 for x in records if x[8] == Outcome.FAILED), rows_sha256=digest)
 
 
 def _confirm(state: State, source: Source, result: Execution, versioned: bool) -> None:
     """List the bucket again: every deletion must show (gone, or hidden by a marker)."""
-    table = _listing_table(state, list_all(source, versioned))
-    gone = ("CASE "
-            f"WHEN outcome = 'delete-marker' THEN EXISTS (SELECT 1 FROM {table} l WHERE l.key = deletions.key "
-            "AND l.delete_marker AND l.is_latest) "
-            f"WHEN version_id IS NOT NULL THEN NOT EXISTS (SELECT 1 FROM {table} l WHERE l.key = deletions.key "
-            "AND l.version_id = deletions.version_id) "
-            f"ELSE NOT EXISTS (SELECT 1 FROM {table} l WHERE l.key = deletions.key AND NOT l.delete_marker "
-            "AND l.etag IS deletions.etag) END")
+    table = listing_table(state, list_all(source, versioned))
     with state.transaction() as tx:
-        result.confirmed = tx.execute(f"UPDATE deletions SET confirmed_at = ? WHERE run_id = ? AND "
-                                      f"outcome != 'failed' AND {gone}", (now(), result.run_id)).rowcount
-        unconfirmed = tx.execute("SELECT count(*) FROM deletions WHERE run_id = ? AND outcome != 'failed' "
-                                 "AND confirmed_at IS NULL", (result.run_id,)).fetchone()[0]
-        result.unconfirmed = [r[0] for r in tx.execute(
-            "SELECT key FROM deletions WHERE run_id = ? AND outcome != 'failed' AND confirmed_at IS NULL "
-            "ORDER BY id LIMIT 1000", (result.run_id,))]
+        result.confirmed, unconfirmed, result.unconfirmed = tables.confirm_deletions(tx, result.run_id, table, now())
         state.log("decommission.confirmed", tx, run=result.run_id, confirmed=result.confirmed,
                   unconfirmed=unconfirmed)
     state.conn.execute(f"DROP TABLE {table}")

@@ -5,12 +5,13 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
-from cloudexit.core.config import InventoryConfig, SourceConfig
-from cloudexit.core.files import make_private_dirs, write_private
-from cloudexit.inventory import Inventory
+from cloudexit import app
+from cloudexit.core.config import SourceConfig
+from cloudexit.core.files import make_private_dirs
 from cloudexit.testing.s3server import SeaweedServer
 from cloudexit.s3.source import Source
 from cloudexit.state.db import State
@@ -54,7 +55,7 @@ def run_demo(workdir: str | None = None, size: str = "demo",
             source = Source(url, SourceConfig(endpoint_url=server.endpoint_url))
             with State(db_path, create=True) as state:
                 say(f"$ cloudexit inventory {url} --endpoint-url {server.endpoint_url} --db {db_path}")
-                summary = Inventory(state, source, InventoryConfig()).run()
+                summary = app.inventory(state, source)
                 totals = inventory_summary(state)
                 show("inventory", totals)
                 plan = _plan(state, root, say)
@@ -73,42 +74,35 @@ def run_demo(workdir: str | None = None, size: str = "demo",
 def _plan(state: State, root: Path, say: Callable[[str], None]) -> Any:
     """The branch hospital's question: what does leaving Alibaba OSS cost on a 100 Mbit/s link,
     moving only at night so clinical hours keep their bandwidth?"""
-    from datetime import datetime, timedelta
+    from datetime import timedelta
 
-    from cloudexit.plan.inputs import Link
-    from cloudexit.plan.model import render_html
-    from cloudexit.plan.build import build_plan
     from cloudexit.engine.schedule import parse_schedule
 
-    schedule = parse_schedule("Mon-Sun 07:30,0 19:00,off")
+    request = app.PlanRequest(provider="aliyun-oss", bandwidth=100e6 / 8,
+                              schedule=parse_schedule("Mon-Sun 07:30,0 19:00,off"),
+                              offline_threshold=timedelta(days=7))
     out = root / "plan.html"
     say(f'$ cloudexit plan --db {root / "cloudexit.db"} --provider aliyun-oss --bandwidth 100Mbit/s '
         f'--schedule "Mon-Sun 07:30,0 19:00,off" --out {out}')
-    plan = build_plan(state, "aliyun-oss", None, None, Link.from_bandwidth(100e6 / 8), schedule,
-                      datetime.now().astimezone(), timedelta(days=7))
-    write_private(out, render_html(plan))
+    plan = app.make_plan(state, request)
+    app.write_plan(plan, out)
     say(f"Plan written to {out}")
     # The demo bucket is tiny; what the same exit costs at a hospital's size, labelled as such.
     out = root / "plan-40TB.html"
     say(f'$ cloudexit plan --db {root / "cloudexit.db"} --provider aliyun-oss --bandwidth 100Mbit/s '
         f'--schedule "Mon-Sun 07:30,0 19:00,off" --assume-size 40TB --out {out}')
-    big = build_plan(state, "aliyun-oss", None, None, Link.from_bandwidth(100e6 / 8), schedule,
-                     datetime.now().astimezone(), timedelta(days=7), assume_bytes=40 * 10**12)
-    write_private(out, render_html(big))
+    app.write_plan(app.make_plan(state, replace(request, assume_bytes=40 * 10**12)), out)
     say(f"Plan at an assumed 40 TB written to {out}")
     return plan
 
 
 def _migrate(state: State, source: Source, root: Path, say: Callable[[str], None]) -> dict[str, Any]:
     """Bring everything home into <workdir>/archive, verified, and say what happened."""
-    from cloudexit.core.config import MigrateConfig
-    from cloudexit.engine.migrate import Migration
-    from cloudexit.stores.filesystem import FilesystemStore
     from cloudexit.core.units import format_bytes, format_duration
 
     archive = root / "archive"
     say(f"$ cloudexit migrate --db {state.path} --to {archive}")
-    summary = Migration(state, source, FilesystemStore(archive), MigrateConfig()).run()
+    summary = app.migrate(state, source, app.choose_run(state, [str(archive)]))
     say(f"Migrated in {format_duration(summary.elapsed)}: {summary.verified} objects verified "
         f"({format_bytes(summary.bytes_verified)}), {summary.quarantined} quarantined, "
         f"{summary.duplicates} duplicates, {summary.failed} failed; "
@@ -123,12 +117,13 @@ def _migrate(state: State, source: Source, root: Path, say: Callable[[str], None
 
 def _verify_and_audit(state: State, root: Path, say: Callable[[str], None]) -> None:
     """Re-check the archive against the inventory (SHA-256 too), then write the audit."""
+    from cloudexit.app import open_target
     from cloudexit.report.audit import write_audit
-    from cloudexit.verify import open_destination, verify
+    from cloudexit.verify import verify
 
     archive = root / "archive"
     say(f"$ cloudexit verify --db {state.path} --deep")
-    store = open_destination(str(archive.resolve()))
+    store = open_target(str(archive.resolve()))
     try:
         report = verify(state, store, deep=True)
     finally:

@@ -16,6 +16,7 @@ import json
 import queue
 import re
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from cloudexit.core.paths import key_flags
 from cloudexit.s3.listing import Listing, ListingPage, ListingTask
 from cloudexit.s3.source import ObjectChanged, ObjectGone, Source, iso
 from cloudexit.state.db import State, now
+from cloudexit.state.linkseries import LinkRecorder
 
 if TYPE_CHECKING:
     from cloudexit.s3.lean import LeanS3
@@ -116,6 +118,7 @@ class _HeaderResult:
     changed_to: tuple[str, int, str] | None = None  # new (etag, size, last_modified)
     error: str | None = None
     unreadable: str | None = None  # why no retry reads it: archived | customer-key
+    ttfb: float | None = None  # link evidence: seconds to the (small) ranged GET's answer
 
 
 def compile_key_pattern(pattern: str) -> re.Pattern[str]:
@@ -180,6 +183,7 @@ class Inventory(Listing):
         self._unreadable: dict[str, str] = {}  # of those, the ones no retry reads, and why
         self._changes: dict[str, int] = {}
         self._lean: LeanS3 | None = None
+        self.link = LinkRecorder("inventory")  # link evidence (state/linkseries.py)
 
     # -- the round ------------------------------------------------------------------------
     def run(self) -> RoundSummary:
@@ -340,6 +344,8 @@ class Inventory(Listing):
                        (page.last_key, int(page.done), len(rows), task.id))
             tx.execute("UPDATE inventory_rounds SET list_requests = list_requests + 1 WHERE id = ?",
                        (rnd,))
+            self.link.traffic(list_=1)  # link evidence
+            self.link.flush(tx)
         self.progress.listed += len(rows)
         self.progress.pending += pending  # an upper bound on a re-run: unchanged keys keep their kind
         return sum(1 for p in planned if not p[5])
@@ -366,7 +372,9 @@ class Inventory(Listing):
         length = min(self.config.header_bytes, size)
         try:
             while True:
+                asked = time.monotonic()
                 read = self._lean.read_range(key, 0, length - 1, etag)
+                result.ttfb = time.monotonic() - asked  # link evidence
                 result.requests += 1
                 result.bytes_read += len(read.data)
                 result.checksums = read.checksums
@@ -432,6 +440,12 @@ class Inventory(Listing):
                                 r.bytes_read, stamp, h.encoding, h.plain_size, h.pacs_metadata,
                                 r.key, r.etag))
             tx.executemany(_HEADER_UPDATE, updates)
+            for r in results:  # link evidence (state/linkseries.py)
+                self.link.traffic(r.bytes_read, get=r.requests)
+                self.link.ttfb(r.ttfb)
+                if r.error and not r.unreadable and r.error != "stopped":
+                    self.link.error("transient", r.error)
+            self.link.flush(tx)
             tx.execute("UPDATE inventory_rounds SET get_requests = get_requests + ?, "
                        "header_bytes = header_bytes + ? WHERE id = ?", (requests, nbytes, self.round))
         self.progress.classified += len(updates)

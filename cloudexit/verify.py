@@ -31,7 +31,10 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from cloudexit.core.errors import UsageError
+from cloudexit.core.states import DONE, GOOD, ObjectKind, ObjectStatus, StudyStatus, VerifyStatus, sql_in
+from cloudexit.core.states import TransferState as T
 from cloudexit.state.db import State, now
+from cloudexit.state.destinations import destinations  # also the CLI's list of targets
 from cloudexit.stores import Store, StoreError
 from cloudexit.stores.claim import RESERVED, members, note_conflicts, read_marker
 
@@ -84,11 +87,11 @@ class StudyCount:
     @property
     def status(self) -> str:
         if self.found_instances is None:
-            return "missing"
+            return StudyStatus.MISSING
         if self.found_instances != self.expected_instances or (
                 self.found_series is not None and self.found_series != self.expected_series):
-            return "mismatch"
-        return "ok"
+            return StudyStatus.MISMATCH
+        return StudyStatus.OK
 
 
 @dataclass
@@ -126,7 +129,7 @@ class VerifyReport:
     def to_dict(self) -> dict[str, Any]:
         return {
             "run": self.run_id, "dest": self.dest, "kind": self.kind,
-            "status": "passed" if self.passed else "failed",
+            "status": VerifyStatus.PASSED if self.passed else VerifyStatus.FAILED,
             "started_at": self.started_at, "finished_at": self.finished_at, "options": self.options,
             "counts": dict(self.counts),
             "studies": [{**asdict(s), "status": s.status} for s in self.studies],
@@ -136,16 +139,6 @@ class VerifyReport:
 
 
 Progress = Callable[[str, int, int], None]  # (phase, done, total)
-
-
-def destinations(state: State) -> list[str]:
-    """Every destination the migration delivered to, in first-use order."""
-    rows = state.query("SELECT dest FROM migration_runs GROUP BY dest ORDER BY min(id)")
-    seen = [r["dest"] for r in rows]
-    for r in state.query("SELECT DISTINCT dest FROM transfers"):
-        if r["dest"] not in seen:
-            seen.append(r["dest"])
-    return seen
 
 
 def dicomweb_twin(state: State, dest: str, given: list[str] | tuple[str, ...] = ()) -> str | None:
@@ -169,8 +162,8 @@ def verify(state: State, store: Store, deep: bool = False, sample: int = 0, seed
     tick = progress or (lambda phase, done, total: None)
     with state.transaction() as tx:
         report.run_id = tx.execute(
-            "INSERT INTO verify_runs(started_at, dest, kind, options, status) VALUES (?, ?, ?, ?, 'running')",
-            (report.started_at, report.dest, report.kind, json.dumps(report.options))).lastrowid
+            "INSERT INTO verify_runs(started_at, dest, kind, options, status) VALUES (?, ?, ?, ?, ?)",
+            (report.started_at, report.dest, report.kind, json.dumps(report.options), VerifyStatus.RUNNING)).lastrowid
         state.log("verify.started", tx, run=report.run_id, dest=report.dest, options=report.options)
     try:
         if store.kind == "filesystem":
@@ -190,8 +183,8 @@ def verify(state: State, store: Store, deep: bool = False, sample: int = 0, seed
 
 
 # -- inventory expectations -------------------------------------------------------------------------
-_EXPECTED = ("FROM objects WHERE kind = 'dicom' AND status = 'present' AND study_uid IS NOT NULL "
-             "AND sop_uid IS NOT NULL")
+_PRESENT_DICOM = f"kind = '{ObjectKind.DICOM}' AND status = '{ObjectStatus.PRESENT}'"
+_EXPECTED = f"FROM objects WHERE {_PRESENT_DICOM} AND study_uid IS NOT NULL AND sop_uid IS NOT NULL"
 
 
 def _expected(state: State, studies: list[str]) -> dict[str, dict[str, set[str]]]:
@@ -208,7 +201,7 @@ def _delivery_notes(state: State, dest: str) -> dict[str, str]:
     """SOP Instance UID -> what the migration recorded for it at `dest`, when not a success."""
     notes: dict[str, str] = {}
     for r in state.query("SELECT o.sop_uid, t.state, t.reason FROM transfers t JOIN objects o ON o.key = t.key "
-                         "WHERE t.dest = ? AND o.sop_uid IS NOT NULL AND t.state NOT IN ('verified', 'duplicate', 'stored', 'warning')",
+                         f"WHERE t.dest = ? AND o.sop_uid IS NOT NULL AND t.state NOT IN {sql_in(GOOD)}",
                          (dest,)):
         notes[r["sop_uid"]] = f"recorded as {r['state']}" + (f": {r['reason']}" if r["reason"] else "")
     return notes
@@ -216,7 +209,7 @@ def _delivery_notes(state: State, dest: str) -> dict[str, str]:
 
 # -- filesystem -------------------------------------------------------------------------------------
 _PAGE = 2000  # transfer rows read (and files checked) at a time: memory does not grow with the archive
-_ARCHIVED = "t.state IN ('verified', 'quarantined') AND t.path IS NOT NULL"
+_ARCHIVED = f"t.state IN {sql_in({T.VERIFIED, T.QUARANTINED})} AND t.path IS NOT NULL"  # a file is there
 
 
 def _verify_filesystem(state: State, store: Any, deep: bool, report: VerifyReport, tick: Progress) -> None:
@@ -269,8 +262,8 @@ def _verify_filesystem(state: State, store: Any, deep: bool, report: VerifyRepor
     # Every object of the inventory must have been accounted for at this destination.
     for r in state.query(
             "SELECT o.key, o.kind, o.study_uid, o.sop_uid, t.state, t.reason FROM objects o "
-            "LEFT JOIN transfers t ON t.key = o.key AND t.dest = ? WHERE o.status = 'present' "
-            "AND (t.state IS NULL OR t.state NOT IN ('verified', 'duplicate', 'quarantined', 'skipped'))",
+            f"LEFT JOIN transfers t ON t.key = o.key AND t.dest = ? WHERE o.status = '{ObjectStatus.PRESENT}' "
+            f"AND (t.state IS NULL OR t.state NOT IN {sql_in(DONE)})",
             (report.dest,)):
         report.add(Finding("object", "not-delivered", key=r["key"], study_uid=r["study_uid"],
                            sop_uid=r["sop_uid"], found=r["state"] or "not migrated",
@@ -280,17 +273,16 @@ def _verify_filesystem(state: State, store: Any, deep: bool, report: VerifyRepor
     for r in state.query(
             "SELECT study_uid AS study, sum(w) AS want, sum(w AND g) AS have FROM ("
             "SELECT study_uid, sop_uid, min(src) = 1 AS w, max(src) = 2 AS g FROM ("
-            "SELECT study_uid, sop_uid, 1 AS src FROM objects WHERE kind = 'dicom' AND status = 'present' "
-            "AND study_uid IS NOT NULL AND sop_uid IS NOT NULL "
+            f"SELECT study_uid, sop_uid, 1 AS src {_EXPECTED} "
             "UNION ALL SELECT o.study_uid, o.sop_uid, 2 FROM transfers t JOIN objects o ON o.key = t.key "
-            "WHERE t.dest = ? AND t.state = 'verified' AND t.path IS NOT NULL AND o.kind = 'dicom' "
+            f"WHERE t.dest = ? AND t.state = '{T.VERIFIED}' AND t.path IS NOT NULL AND o.kind = '{ObjectKind.DICOM}' "
             "AND t.key NOT IN (SELECT key FROM temp.verify_bad)"
             ") GROUP BY study_uid, sop_uid) GROUP BY study_uid HAVING want > 0 ORDER BY study_uid",
             (report.dest,)):
         count = StudyCount(r["study"], r["want"], r["have"] or None)
         report.studies.append(count)
-        if count.status != "ok":
-            report.add(Finding("study", count.status if count.status == "missing" else "count",
+        if count.status != StudyStatus.OK:
+            report.add(Finding("study", count.status if count.status == StudyStatus.MISSING else "count",
                                study_uid=r["study"], expected=str(r["want"]), found=str(r["have"] or 0)))
     report.counts["expected_instances"] = sum(s.expected_instances for s in report.studies)
     report.counts["found_instances"] = sum(s.found_instances or 0 for s in report.studies)
@@ -428,13 +420,14 @@ def _sample(state: State, store: Any, n: int, seed: int, report: VerifyReport, t
     missing_studies = {s.study_uid for s in report.studies if s.found_instances is None}
     rows = state.query(
         "SELECT o.key, o.study_uid, o.series_uid, o.sop_uid, o.sop_class_uid, o.transfer_syntax, "
-        "t.dest, t.path FROM objects o JOIN transfers t ON t.key = o.key AND t.state = 'verified' "
-        "AND t.path IS NOT NULL AND (t.dest LIKE 'file://%') WHERE o.kind = 'dicom' AND o.status = 'present' "
+        f"t.dest, t.path FROM objects o JOIN transfers t ON t.key = o.key AND t.state = '{T.VERIFIED}' "
+        f"AND t.path IS NOT NULL AND (t.dest LIKE 'file://%') WHERE o.kind = '{ObjectKind.DICOM}' "
+        f"AND o.status = '{ObjectStatus.PRESENT}' "
         "ORDER BY o.key")
     pool = [r for r in rows if r["sop_uid"] not in missing and r["study_uid"] not in missing_studies]
     # Only the copy that was delivered: for a conflicting SOP UID, the PACS kept one of two.
     conflicted = {r["key"] for r in state.query(
-        "SELECT key FROM transfers WHERE dest = ? AND state IN ('failed', 'conflict', 'quarantined')",
+        f"SELECT key FROM transfers WHERE dest = ? AND state IN {sql_in({T.FAILED, T.CONFLICT, T.QUARANTINED})}",
         (report.dest,))}
     pool = [r for r in pool if r["key"] not in conflicted]
     if not pool:
@@ -443,7 +436,7 @@ def _sample(state: State, store: Any, n: int, seed: int, report: VerifyReport, t
     # A SOP Instance UID the source holds more than once is where a PACS may keep the wrong copy
     # (one that overwrites instances keeps the last sent): its kept copy is always compared.
     shared = {r[0] for r in state.query(
-        "SELECT sop_uid FROM objects WHERE kind = 'dicom' AND status = 'present' AND sop_uid IS NOT NULL "
+        f"SELECT sop_uid FROM objects WHERE {_PRESENT_DICOM} AND sop_uid IS NOT NULL "
         "GROUP BY sop_uid HAVING count(*) > 1")}
     always = [r for r in pool if r["sop_uid"] in shared]
     rest = [r for r in pool if r["sop_uid"] not in shared]
@@ -532,11 +525,9 @@ def _compare_pixels(da: Any, db: Any, transcoded: bool) -> str:
 # -- recording --------------------------------------------------------------------------------------
 def _record(state: State, report: VerifyReport) -> None:
     run = report.run_id
-    summary = {"status": "passed" if report.passed else "failed", **report.counts,
-               "studies": len(report.studies),
-               "studies_ok": sum(1 for s in report.studies if s.status == "ok")}
-    report.counts["studies"] = summary["studies"]
-    report.counts["studies_ok"] = summary["studies_ok"]
+    report.counts["studies"] = len(report.studies)
+    report.counts["studies_ok"] = sum(1 for s in report.studies if s.status == StudyStatus.OK)
+    summary = {"status": VerifyStatus.PASSED if report.passed else VerifyStatus.FAILED, **report.counts}
     with state.transaction() as tx:
         tx.executemany(
             "INSERT INTO verify_studies(run_id, study_uid, expected_instances, found_instances, "
@@ -569,10 +560,6 @@ def check_sample(targets: list[str], sample: int) -> None:
 
 def open_destination(dest: str, calling_aet: str | None = None) -> Store:
     """The store for a recorded destination id (or a `--to` value)."""
-    if dest.startswith("dicom://"):
-        from cloudexit.stores.cstore import open_store as open_cstore
-
-        return open_cstore(dest, calling_aet=calling_aet)
     from cloudexit.stores import open_store
 
-    return open_store(dest)
+    return open_store(dest, calling_aet=calling_aet)

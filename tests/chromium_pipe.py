@@ -153,3 +153,66 @@ def render(url: str, screenshot: str | Path | None = None, width: int = 1200,
     return {"console": console, "errors": errors, "requests": requests, "height": height, "value": value,
             "pdf_pages": data.count(b"/Type /Page") - data.count(b"/Type /Pages"),
             "pdf_bytes": len(data)}
+
+
+class Page:
+    """A page kept open for a test to watch: `evaluate` as often as needed while the page
+    updates itself, `goto` another address, `screenshot`. A context manager."""
+
+    def __init__(self, url: str, width: int = 1200) -> None:
+        self.profile = tempfile.mkdtemp(prefix="cx-chromium-")
+        self.pipe = _Pipe(self.profile)
+        self.width = width
+        target = self.pipe.send("Target.createTarget", {"url": "about:blank"})["targetId"]
+        self.session = self.pipe.send("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
+        for domain in ("Page", "Runtime", "Network"):
+            self.pipe.send(f"{domain}.enable", session=self.session)
+        self.pipe.send("Emulation.setDeviceMetricsOverride",
+                       {"width": width, "height": 900, "deviceScaleFactor": 1, "mobile": False}, session=self.session)
+        self.goto(url)
+
+    def goto(self, url: str) -> None:
+        self.pipe.events.clear()
+        self.pipe.send("Page.navigate", {"url": url}, session=self.session)
+        self.pipe.wait_for("Page.loadEventFired")
+
+    def evaluate(self, expression: str) -> Any:
+        answer = self.pipe.send("Runtime.evaluate", {"expression": expression, "returnByValue": True,
+                                                     "awaitPromise": True}, session=self.session)
+        if "exceptionDetails" in answer:
+            raise RuntimeError(f"{expression}: {answer['exceptionDetails']}")
+        return answer.get("result", {}).get("value")
+
+    def wait(self, expression: str, timeout: float = 30, what: str = "") -> Any:
+        """Evaluate until the value is truthy (the page polls on its own); return it."""
+        deadline = time.monotonic() + timeout
+        while True:
+            value = self.evaluate(expression)
+            if value:
+                return value
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the page never showed {what or expression}")
+            time.sleep(0.2)
+
+    def requests(self) -> list[str]:
+        return [e["params"]["request"]["url"] for e in self.pipe.events
+                if e.get("method") == "Network.requestWillBeSent"]
+
+    def screenshot(self, path: str | Path) -> None:
+        height = int(self.pipe.send("Page.getLayoutMetrics", session=self.session)["cssContentSize"]["height"])
+        self.pipe.send("Emulation.setDeviceMetricsOverride",
+                       {"width": self.width, "height": height, "deviceScaleFactor": 1, "mobile": False},
+                       session=self.session)
+        shot = self.pipe.send("Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True},
+                              session=self.session)
+        Path(path).write_bytes(base64.b64decode(shot["data"]))
+
+    def close(self) -> None:
+        self.pipe.close()
+        shutil.rmtree(self.profile, ignore_errors=True)
+
+    def __enter__(self) -> "Page":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

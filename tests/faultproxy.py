@@ -200,10 +200,8 @@ class FaultProxy:
         return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
 
     def start(self) -> "FaultProxy":
-        self._server = _Server(self)
-        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,),
-                                        name="faultproxy", daemon=True)
-        self._thread.start()
+        self._refused_port = 0
+        self.accept()
         return self
 
     def stop(self) -> None:
@@ -366,6 +364,20 @@ class FaultProxy:
                 sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+
+    def refuse(self) -> None:
+        """Close the port: new connections are refused (ECONNREFUSED), open ones reset, as
+        when the host or its firewall drops out. `accept()` opens the same port again."""
+        assert self._server is not None, "the proxy is not started"
+        self._refused_port = self.port
+        self.stop()
+
+    def accept(self) -> None:
+        """Listen again on the port `refuse()` closed."""
+        self._server = _Server(self, self._refused_port)
+        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,),
+                                        name="faultproxy", daemon=True)
+        self._thread.start()
 
     @property
     def is_down(self) -> bool:
@@ -540,9 +552,9 @@ class _Server(socketserver.ThreadingTCPServer):
     allow_reuse_address = True
     request_queue_size = 128
 
-    def __init__(self, proxy: FaultProxy) -> None:
+    def __init__(self, proxy: FaultProxy, port: int = 0) -> None:
         self.proxy = proxy
-        super().__init__(("127.0.0.1", 0), _Handler)
+        super().__init__(("127.0.0.1", port), _Handler)
 
 
 class _Handler(socketserver.StreamRequestHandler):

@@ -12,20 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from cloudexit.report.audit import (
-    DECISION_SQL,
-    Rule,
-    _bucket_size,
-    _exceptions,
-    _passes,
-    audit_facts,
-    groups_of_walk,
-    manifest_lines,
-    recheck_sql,
-    verify_audit,
-    write_audit,
-)
+from cloudexit.core import deletion
 from cloudexit.decommission import _Judge
+from cloudexit.report.audit import audit_facts, verify_audit, write_audit
+from cloudexit.report.cost import bucket_size
+from cloudexit.report.exceptions import exceptions
+from cloudexit.report.groups import Rule, grouped, groups_of_walk
+from cloudexit.report.manifest import manifest_lines
 from cloudexit.state.db import State
 
 ARCHIVE, PACS = "file:///srv/archive", "dicom://ORTHANC@pacs:4242"
@@ -94,9 +87,8 @@ def decisions(state: State, multi: bool = False) -> dict[str, str]:
     """Each object's decision by the audit's SQL (`multi`: the several-destination form)."""
     rule = Rule.of(state)
     if multi:
-        recheck, params = recheck_sql(list(rule.dests), rule.runs, "x")
-        return {r[0]: r[1] for r in state.query(
-            f"SELECT o.key, {DECISION_SQL.format(recheck=recheck)} FROM objects o", {**params, "n": len(rule.dests)})}
+        return {r[0]: r[1] for r in state.query(f"SELECT o.key, {deletion.subquery_sql(rule.dests)} FROM objects o",
+                                                deletion.params(rule.dests, rule.runs))}
     decision, source, params = rule.sql()
     return {r[0]: r[1] for r in state.query(f"SELECT o.key, {decision} FROM {source}", params)}
 
@@ -158,9 +150,9 @@ def test_groups_added_up_by_the_manifest_walk_are_the_grouped_queries(tmp_path: 
         changed: dict = {}
         lines = sum(n for _, n in manifest_lines(state, rule, walked=walked, changed=changed))
         groups = groups_of_walk(walked, len(dests) == 1)
-        assert groups == _passes(state, rule)
+        assert groups == grouped(state, rule)
         # The "changed" exceptions the walk found are the ones their query lists.
-        assert changed and _exceptions(state, dests, *groups, 200, changed) == _exceptions(state, dests, *groups, 200)
+        assert changed and exceptions(state, dests, *groups, 200, changed) == exceptions(state, dests, *groups, 200)
         assert lines == sum(len(rows) or 1 for _, _, rows, _ in cases.values())
 
 
@@ -280,4 +272,4 @@ def test_a_playbook_delta_round_is_shown_with_its_round(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("span,bucket", [(1, 1), (100, 1), (121, 2), (3600, 30), (86400 * 30, 21600)])
 def test_throughput_buckets(span: int, bucket: int) -> None:
-    assert _bucket_size(span) == bucket
+    assert bucket_size(span) == bucket

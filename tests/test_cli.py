@@ -47,7 +47,7 @@ def test_every_command_help_shows_examples_that_parse() -> None:
 
     commands = {name: cmd for name, cmd in cli_main.commands.items()}
     assert set(commands) == {"inventory", "status", "plan", "migrate", "verify", "audit", "run",
-                             "decommission", "demo"}
+                             "decommission", "demo", "link-report", "serve"}
     for name in [*commands, "audit verify"]:
         shown = CliRunner().invoke(cli_main, [*name.split(), "--help"]).output
         assert "Examples:\n    cloudexit " in shown, name

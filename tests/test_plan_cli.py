@@ -157,3 +157,23 @@ def test_recalibrate_takes_the_rate_from_the_runs(cli, inventoried, tmp_path: Pa
     link = json.loads(result.stdout)["link"]
     assert "from the migration's runs" in link["source"]
     assert abs(link["throughput_bytes_per_s"]["expected"] - 2 * 2**20) < 0.35 * 2 * 2**20
+
+
+def test_plan_counts_the_gets_migrate_makes(cli, s3, bucket: str, db: Path, tmp_path: Path) -> None:
+    """The plan's GET count is migrate's for the same objects: one per small object, one per
+    range of a large one, at the migration's own threshold and range size (the plan used to
+    assume its own, and counted 4x fewer ranges than migrate made at the defaults)."""
+    import os
+
+    sizes = {"small.bin": 100_000, "large.bin": 3 * 2**20 + 1, "larger.bin": 5 * 2**20}
+    for key, size in sizes.items():
+        s3.client().put_object(Bucket=bucket, Key=key, Body=os.urandom(size))
+    assert cli("inventory", f"s3://{bucket}", "--db", str(db), "-q").exit_code == 0
+    moved = cli("migrate", "--db", str(db), "--to", str(tmp_path / "archive"), "--json",
+                "--large-object", str(2**20), "--range-size", str(256 * 1024))
+    assert moved.exit_code == 0, moved.output
+    made = json.loads(moved.output)["requests"]["GET"]
+    assert made == 1 + 13 + 20  # 100 kB whole; 3 MiB + 1 and 5 MiB in 256 KiB ranges
+    planned = cli("plan", "--db", str(db), "--provider", "aws-s3", "--bandwidth", "1Gbit/s", "--json")
+    assert planned.exit_code == 0, planned.output
+    assert json.loads(planned.output)["workload"]["get_requests"] == made

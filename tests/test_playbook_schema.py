@@ -129,3 +129,17 @@ def test_dry_run_prints_every_step_and_changes_nothing(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["run", str(PLAYBOOKS / "aws-s3-exit.yaml"), "--db", str(db), "--dry-run",
                                        "--from", "nope"])
     assert result.exit_code == 2 and "no step named 'nope'" in result.output
+
+
+def test_pacs_timeouts(tmp_path: Path) -> None:
+    """`pacs:` sets how long a PACS target is waited for (the CLI's --dimse-timeout and friends)."""
+    from cloudexit.core.config import PacsConfig
+    from cloudexit.playbook import Runner
+
+    pb = load(write(tmp_path, GOOD + "pacs:\n  dimse_timeout: 4\n  http_timeout: 2.5\n"), env={})
+    timeouts = Runner(pb, tmp_path / "t.db")._timeouts()
+    assert timeouts == PacsConfig(dimse_timeout=4.0, http_timeout=2.5)
+    assert "line 15: field 'pacs.acse_timeout' must be a number of seconds > 0, not 'soon'" in error(
+        tmp_path, GOOD + "pacs:\n  acse_timeout: soon\n")
+    assert "unknown key 'pacs.dimse'" in error(tmp_path, GOOD + "pacs:\n  dimse: 3\n")
+    assert load(write(tmp_path, GOOD), ["pacs.dimse_timeout=7"], env={}).timeouts["dimse_timeout"] == 7.0

@@ -72,3 +72,24 @@ class MigrateConfig:
         """GETs a run keeps in flight: small objects 2 x threads per worker (`multiget`),
         large ones one per download thread."""
         return self.worker_processes() * self.threads * (2 if small else 1)
+
+
+@dataclass(frozen=True)
+class PacsConfig:
+    """How long to wait for a PACS (C-STORE and STOW-RS) before counting it as not answering.
+
+    A dead PACS (host up, process hung: the TCP connection is accepted, nothing answers) must
+    free a delivery thread in seconds: the object stays queued and is sent again once a probe
+    finds the PACS back. A large object gets more time for its answer (`answer_timeout`)."""
+
+    connect_timeout: float = 10.0  # TCP connect (C-STORE and STOW-RS)
+    acse_timeout: float = 10.0  # C-STORE: the answer to an association request or release
+    network_timeout: float = 30.0  # C-STORE: no PDU from the PACS this long aborts the association
+    dimse_timeout: float = 10.0  # C-STORE/C-ECHO: the answer to a small object's request
+    http_timeout: float = 30.0  # STOW-RS: the answer to a small request (read timeout)
+    min_rate: float = 2 * 2**20  # bytes/s a PACS takes at least: a larger object waits size/min_rate more
+    max_timeout: float = 300.0  # the longest any answer is waited for (and C-FIND, C-GET's)
+
+    def answer_timeout(self, base: float, size: int) -> float:
+        """Seconds to wait for the answer to a request that sent `size` bytes."""
+        return min(self.max_timeout, base + max(size, 0) / self.min_rate)

@@ -21,6 +21,7 @@ from cloudexit.engine.progress import MigrateProgress
 from cloudexit.s3.source import Source
 from cloudexit.state import transfers as sql
 from cloudexit.state.db import State, now
+from cloudexit.state.linkseries import LinkRecorder
 from cloudexit.transfer.client import Counters, Credentials, Endpoint, FetchError, S3Reader
 
 
@@ -68,9 +69,11 @@ class LinkMonitor:
     and the bandwidth limit in force. Used on the engine's thread only."""
 
     def __init__(self, state: State, config: MigrateConfig, progress: MigrateProgress,
-                 set_rate: Callable[[float | None], None]) -> None:
+                 set_rate: Callable[[float | None], None], evidence: LinkRecorder | None = None) -> None:
+        """`evidence`: the per-minute link series (state/linkseries.py) that outages go into."""
         self.state, self.config, self.progress = state, config, progress
         self.set_rate = set_rate
+        self.evidence = evidence
         self.run_id = 0
         self.down_since: float | None = None  # time.time() the link was judged down
         self.last_ok = time.monotonic()
@@ -121,6 +124,8 @@ class LinkMonitor:
         self.progress.waiting_since, self.progress.waiting_why = since, why
         sql.set_waiting(tx, self.run_id, since)
         self.state.log("migrate.link_down", tx, run=self.run_id, detail=detail, why=why)
+        if self.evidence is not None:
+            self.evidence.down(tx, None, detail)  # link evidence: an outage opens
 
     def probe(self, counters: Counters) -> bool:
         """Whether the endpoint answers again (then the run goes on); else the next probe waits
@@ -134,6 +139,8 @@ class LinkMonitor:
             with self.state.transaction() as tx:
                 sql.set_waiting(tx, self.run_id, None, outage_over=True)
                 self.state.log("migrate.link_up", tx, run=self.run_id, down_seconds=round(down_for, 1))
+                if self.evidence is not None:
+                    self.evidence.up(tx)  # link evidence: the outage closes
             return True
         self.probe_interval = min(self.probe_interval * 2, self.config.link_probe_max)
         self.next_probe = time.monotonic() + self.probe_interval * random.uniform(0.8, 1.2)

@@ -53,6 +53,7 @@ from cloudexit.s3.parts import record_sizes
 from cloudexit.s3.source import Source
 from cloudexit.state import transfers as sql
 from cloudexit.state.db import State, now
+from cloudexit.state.linkseries import LinkRecorder
 from cloudexit.state.meter import MeterBook
 from cloudexit.stores import StoreError
 from cloudexit.stores.filesystem import FilesystemStore
@@ -104,8 +105,9 @@ class Migration:
         self.next_backup = time.monotonic() + self.config.backup_minutes * 60
         self.backup_error: str | None = None
         self.lock = RunLock(state)
+        self.evidence = LinkRecorder("migrate")  # link evidence (state/linkseries.py)
         self.worklist = Worklist(state, store, self.config)
-        self.link = LinkMonitor(state, self.config, self.progress, self._set_rate)
+        self.link = LinkMonitor(state, self.config, self.progress, self._set_rate, self.evidence)
         self.restores = Restores(state, source, self.config, self.dest, self.progress, self.worklist,
                                  self._stop)
         self.outlets = Outlets(state, store, self.config, self._stop, lambda: self.stop_error is not None)
@@ -126,7 +128,7 @@ class Migration:
             self.executor.connect(self.endpoint, self.credentials)
             self.run_id, timetable = open_run(self.state, self.config, self.dest, self.resume, self.outlets.ids,
                                               self.link.schedule_text)
-            self.link.run_id = self.outlets.run_id = self.run_id
+            self.link.run_id = self.outlets.run_id = self.evidence.run_id = self.run_id
             self.link.use_timetable(timetable)
             self.meters.settle(self.state, self.run_id)  # what runs killed before counted
             self.worklist.sync(self.run_id)
@@ -338,6 +340,11 @@ class Migration:
             c = self.counters
             background, restore_requests = self.restores.take_counts()
             c.add(background)
+            # link evidence (state/linkseries.py): this commit's traffic, connections, limit
+            self.evidence.traffic(c.bytes + grew[0], c.get + grew[1], c.head + grew[2], c.list + grew[3])
+            rate = self.progress.rate_limit
+            self.evidence.busy(min(len(self.flights), self.executor.capacity), int(rate) if rate else None)
+            self.evidence.flush(tx)
             sql.add_run_figures(tx, self.run_id, stamp, c.get, c.head, c.list, restore_requests, c.bytes,
                                 self.retries, *self.verified_delta)
             self.verified_delta = [0, 0, 0]
@@ -367,6 +374,7 @@ class Migration:
     def _apply(self, tx: sqlite3.Connection, r: Result, stamp: str) -> None:
         """Carry out what the policy decides for result `r` (policy.py)."""
         flight = self.flights.pop(r.id, None)  # its requests and bytes came by the meters
+        self.evidence.result(r)  # link evidence: TTFB, errors by kind
         self.retries += r.retries
         if flight is None:
             return

@@ -108,9 +108,12 @@ def scale_workload(workload: Workload, target_bytes: int) -> Workload:
 
 def build_plan(state: State, provider: str | None, region: str | None, price_file: str | None,
                link: Link, schedule: Schedule | None, start: datetime,
-               offline_threshold: timedelta, assume_bytes: int | None = None) -> Plan:
+               offline_threshold: timedelta, assume_bytes: int | None = None,
+               config: MigrateConfig | None = None) -> Plan:
     """The plan of the inventoried bucket, kept in the state DB for the audit to compare with;
-    with `assume_bytes`, of the same mix at that size (labelled as such, and not kept)."""
+    with `assume_bytes`, of the same mix at that size (labelled as such, and not kept).
+    `config`: the migration's settings (range size, large-object threshold) the GETs are
+    counted at; migrate's defaults when not given."""
     provider = provider or (None if price_file else guess_provider(state.meta("endpoint_url")))
     if provider is None and price_file is None:
         from cloudexit.plan.pricing import known_providers
@@ -120,7 +123,7 @@ def build_plan(state: State, provider: str | None, region: str | None, price_fil
         raise UsageError("the inventory is empty: nothing to plan",
                          hint="run `cloudexit inventory s3://BUCKET` first")
     catalogue = load_catalogue(provider, region or state.meta("region") or None, price_file)
-    workload = workload_from_state(state)
+    workload = workload_from_state(state, config)
     if assume_bytes is not None:
         from cloudexit.core.units import format_bytes
 

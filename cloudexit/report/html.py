@@ -78,7 +78,7 @@ table.xfront{width:auto;min-width:50%}
 """
 
 
-def render_html(facts: dict[str, Any], lang: str, fingerprint: str) -> str:
+def render_html(facts: dict[str, Any], lang: str, fingerprint: str, link_digest: str = "") -> str:
     T = {**texts(lang), "lang": lang}  # "lang": for the glossary (cloudexit.i18n) in the sections
 
     def tr(key: str, **fields: Any) -> str:
@@ -106,6 +106,7 @@ def render_html(facts: dict[str, Any], lang: str, fingerprint: str) -> str:
     sections.append(_residency(facts, T, tr))
     sections.append(_decommission(facts, T, tr))
     sections.append(_deletion(facts, T, tr))
+    sections.append(link_digest)  # the link evidence's one page (linkreport.digest_html), if any
     sections.append(_signoff(facts, T, tr, fingerprint))
     toc = "".join(f'<li><a href="#{k}">{escape(T["s." + k])}</a></li>' for k in
                   ("summary", "charts", "exceptions", "verification", "custody", "delta", "residency",

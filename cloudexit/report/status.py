@@ -5,7 +5,19 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from cloudexit.core.states import (
+    DELIVERED,
+    DONE,
+    HANDLED,
+    PROBLEMS,
+    ObjectKind,
+    ObjectStatus,
+    is_pacs,
+    sql_in,
+)
+from cloudexit.core.states import TransferState as T
 from cloudexit.state.db import State
+from cloudexit.state.destinations import destinations
 
 
 def _patient_key(state: State) -> dict[str, Any]:
@@ -17,8 +29,8 @@ def _patient_key(state: State) -> dict[str, Any]:
 def inventory_summary(state: State) -> dict[str, Any]:
     """The inventory's totals and breakdowns (only objects present at the source)."""
     one = lambda sql: state.scalar(sql) or 0  # noqa: E731
-    present = "FROM objects WHERE status = 'present'"
-    dicom = present + " AND kind = 'dicom'"
+    present = f"FROM objects WHERE status = '{ObjectStatus.PRESENT}'"
+    dicom = present + f" AND kind = '{ObjectKind.DICOM}'"
     latest = state.query("SELECT * FROM inventory_rounds ORDER BY id DESC LIMIT 1")
     rounds = state.query("SELECT sum(list_requests) AS l, sum(get_requests) AS g, "
                          "sum(header_bytes) AS b FROM inventory_rounds")[0]
@@ -32,14 +44,14 @@ def inventory_summary(state: State) -> dict[str, Any]:
         "studies": one(f"SELECT count(DISTINCT study_uid) {dicom}"),
         "series": one(f"SELECT count(DISTINCT series_uid) {dicom}"),
         "patients": one(f"SELECT count(DISTINCT patient_hash) {dicom}"),
-        "non_dicom": one(f"SELECT count(*) {present} AND kind = 'other' AND pacs_metadata IS NULL"),
+        "non_dicom": one(f"SELECT count(*) {present} AND kind = '{ObjectKind.OTHER}' AND pacs_metadata IS NULL"),
         # Orthanc's header-only and DICOM-as-JSON copies: neither instances nor conflicts
         "pacs_metadata": one(f"SELECT count(*) {present} AND pacs_metadata IS NOT NULL"),
         "by_encoding": _breakdown(state, f"SELECT encoding, count(*), sum(size) {present} "
                                   "AND encoding IS NOT NULL GROUP BY 1 ORDER BY 2 DESC"),
-        "unreadable": one(f"SELECT count(*) {present} AND kind = 'unreadable'"),
-        "pending": one(f"SELECT count(*) {present} AND kind = 'pending'"),
-        "deleted_at_source": one("SELECT count(*) FROM objects WHERE status = 'deleted'"),
+        "unreadable": one(f"SELECT count(*) {present} AND kind = '{ObjectKind.UNREADABLE}'"),
+        "pending": one(f"SELECT count(*) {present} AND kind = '{ObjectKind.PENDING}'"),
+        "deleted_at_source": one(f"SELECT count(*) FROM objects WHERE status = '{ObjectStatus.DELETED}'"),
         "hostile_keys": one(f"SELECT count(*) {present} AND key_flags IS NOT NULL"),
         "duplicate_sop_uids": one(
             f"SELECT count(*) FROM (SELECT sop_uid {dicom} GROUP BY sop_uid HAVING count(*) > 1)"),
@@ -81,7 +93,7 @@ def migration_summary(state: State, studies: int = 10) -> dict[str, Any] | None:
     None when no migration has started in this state DB. Cheap enough to poll from another
     terminal while the run goes on (SQLite WAL lets readers in beside the writer).
     """
-    from cloudexit.engine.migrate import DONE_STATES, counts, is_live, last_run
+    from cloudexit.engine.migrate import counts, is_live, last_run
     from cloudexit.state.transfers import workers
 
     run = last_run(state)
@@ -93,21 +105,21 @@ def migration_summary(state: State, studies: int = 10) -> dict[str, Any] | None:
     study_rows = state.query(
         "SELECT o.study_uid AS study, max(o.study_date) AS date, max(o.modality) AS modality, "
         "count(*) AS total, "
-        f"sum(t.state IN ({','.join('?' * len(DONE_STATES))})) AS done, "
-        "sum(t.state = 'fetching') AS active, "
-        "sum(t.state IN ('failed', 'missing', 'quarantined')) AS problems, "
+        f"sum(t.state IN {sql_in(DONE)}) AS done, "
+        f"sum(t.state = '{T.FETCHING}') AS active, "
+        f"sum(t.state IN {sql_in(PROBLEMS)}) AS problems, "
         "sum(t.size) AS bytes FROM transfers t JOIN objects o ON o.key = t.key "
         "WHERE t.dest = ? AND o.study_uid IS NOT NULL GROUP BY o.study_uid "
         "HAVING done < total OR problems > 0 "
-        "ORDER BY active DESC, min(t.seq) LIMIT ?", (*DONE_STATES, dest, studies))
+        "ORDER BY active DESC, min(t.seq) LIMIT ?", (dest, studies))
     # Every study is in exactly one of three groups, so the three add up to studies_total:
     # complete (every object verified, a duplicate of one, or skipped by choice), with exceptions
     # (nothing left to move, but an object failed, is missing or was quarantined), in progress.
     by_study = state.query(
-        "SELECT sum(t.state IN ('failed', 'missing', 'quarantined')) AS problems, "
-        f"sum(t.state IN ({','.join('?' * len(DONE_STATES))}, 'failed', 'missing')) = count(*) AS finished "
+        f"SELECT sum(t.state IN {sql_in(PROBLEMS)}) AS problems, "
+        f"sum(t.state IN {sql_in(DONE | {T.FAILED, T.MISSING})}) = count(*) AS finished "
         "FROM transfers t JOIN objects o ON o.key = t.key "
-        "WHERE t.dest = ? AND o.study_uid IS NOT NULL GROUP BY o.study_uid", (*DONE_STATES, dest))
+        "WHERE t.dest = ? AND o.study_uid IS NOT NULL GROUP BY o.study_uid", (dest,))
     groups = {"complete": 0, "exceptions": 0, "in_progress": 0}
     for r in by_study:
         groups["in_progress" if not r["finished"] else "exceptions" if r["problems"] else "complete"] += 1
@@ -115,15 +127,15 @@ def migration_summary(state: State, studies: int = 10) -> dict[str, Any] | None:
     restores = {r["status"]: r["n"] for r in state.query(
         "SELECT status, count(*) AS n FROM restores GROUP BY status")}
     problems = [dict(r) for r in state.query(
-        "SELECT key, state, reason FROM transfers WHERE dest = ? AND state IN "
-        "('failed', 'missing', 'quarantined') ORDER BY seq LIMIT 20", (dest,))]
+        f"SELECT key, state, reason FROM transfers WHERE dest = ? AND state IN {sql_in(PROBLEMS)} "
+        "ORDER BY seq LIMIT 20", (dest,))]
     live = is_live(run)
     deliveries = {}
     for pacs in json.loads(run["options"] or "{}").get("deliver") or []:
         pc = counts(state, pacs)
         deliveries[pacs] = {
             "objects": sum(v for k, v in pc.items() if not k.startswith("_")),
-            "done": sum(pc.get(s, 0) for s in DELIVERED_STATES),
+            "done": sum(pc.get(s, 0) for s in DELIVERED),
             "by_state": {k: v for k, v in pc.items() if not k.startswith("_")},
         }
     return {
@@ -142,7 +154,7 @@ def migration_summary(state: State, studies: int = 10) -> dict[str, Any] | None:
         "bwlimit": run["bwlimit"],
         "objects": total,
         "by_state": {k: v for k, v in c.items() if not k.startswith("_")},
-        "done": sum(c.get(s, 0) for s in DONE_STATES),
+        "done": sum(c.get(s, 0) for s in DONE),
         "bytes_total": c["_bytes_total"],
         "bytes_done": c["_bytes_done"],
         "studies_total": all_studies or 0,
@@ -164,15 +176,6 @@ def migration_summary(state: State, studies: int = 10) -> dict[str, Any] | None:
     }
 
 
-# A PACS delivery that is done: the PACS holds the instance (or an identical copy delivered
-# under another key).
-DELIVERED_STATES = ("stored", "warning", "duplicate")
-
-# States of a transfer row that need no more work for the delta (the object is at the destination,
-# or the engine decided about it: a duplicate, quarantined, skipped).
-_HANDLED = ("verified", "duplicate", "quarantined", "skipped", "stored", "warning", "conflict")
-
-
 def delta_summary(state: State) -> dict[str, Any] | None:
     """What the next delta round would move, per destination, and what the last rounds found.
 
@@ -181,19 +184,16 @@ def delta_summary(state: State) -> dict[str, Any] | None:
     the new/changed/deleted counts of the last inventory rounds. A PACS destination only counts
     DICOM objects. None before any migration.
     """
-    from cloudexit.decommission import PACS_PREFIXES, default_destinations
-
-    dests = default_destinations(state)
+    dests = destinations(state, verified=True)
     if not dests:
         return None
-    handled = ",".join("?" * len(_HANDLED))
     per_dest = []
     for dest in dests:
-        only_dicom = " AND o.kind = 'dicom'" if dest.startswith(PACS_PREFIXES) else ""
+        only_dicom = f" AND o.kind = '{ObjectKind.DICOM}'" if is_pacs(dest) else ""
         row = state.query(
             "SELECT count(*) AS n, coalesce(sum(o.size), 0) AS b FROM objects o LEFT JOIN transfers t "
-            f"ON t.key = o.key AND t.dest = ? WHERE o.status = 'present'{only_dicom} AND "
-            f"(t.key IS NULL OR t.etag IS NOT o.etag OR t.state NOT IN ({handled}))", (dest, *_HANDLED))[0]
+            f"ON t.key = o.key AND t.dest = ? WHERE o.status = '{ObjectStatus.PRESENT}'{only_dicom} AND "
+            f"(t.key IS NULL OR t.etag IS NOT o.etag OR t.state NOT IN {sql_in(HANDLED)})", (dest,))[0]
         per_dest.append({"dest": dest, "objects": row["n"], "bytes": row["b"]})
     # The counts each round recorded when it completed (schema 7), not objects.change: that
     # holds only an object's latest change, so an older round would lose what a later one saw.

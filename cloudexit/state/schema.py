@@ -319,9 +319,41 @@ ALTER TABLE transfers ADD COLUMN raw_sha256 TEXT;
 ALTER TABLE transfers ADD COLUMN file_size INTEGER
 """
 
-# Versions 11 and 12: reserved for the link evidence and zipped studies (merged from their own
-# changes).
-_SCHEMA_V11 = ""
+# Version 11: link evidence (cloudexit/state/linkseries.py): what migrate and inventory saw of
+# the link, per minute (rolled up to hours after 30 days), and every outage with its cause.
+_SCHEMA_V11 = """
+CREATE TABLE link_series (
+    ts INTEGER NOT NULL,                 -- start of the interval, Unix seconds (UTC)
+    span INTEGER NOT NULL,               -- 60: a minute, 3600: an hour (minutes older than 30 days)
+    source TEXT NOT NULL,                -- migrate | inventory
+    bytes INTEGER NOT NULL DEFAULT 0, objects INTEGER NOT NULL DEFAULT 0,
+    get_requests INTEGER NOT NULL DEFAULT 0, head_requests INTEGER NOT NULL DEFAULT 0,
+    list_requests INTEGER NOT NULL DEFAULT 0,
+    err_timeout INTEGER NOT NULL DEFAULT 0, err_reset INTEGER NOT NULL DEFAULT 0,
+    err_5xx INTEGER NOT NULL DEFAULT 0, err_tls INTEGER NOT NULL DEFAULT 0,
+    err_dns INTEGER NOT NULL DEFAULT 0, err_refused INTEGER NOT NULL DEFAULT 0,
+    err_other INTEGER NOT NULL DEFAULT 0,
+    ttfb_0 INTEGER NOT NULL DEFAULT 0, ttfb_1 INTEGER NOT NULL DEFAULT 0, ttfb_2 INTEGER NOT NULL DEFAULT 0,
+    ttfb_3 INTEGER NOT NULL DEFAULT 0, ttfb_4 INTEGER NOT NULL DEFAULT 0, ttfb_5 INTEGER NOT NULL DEFAULT 0,
+    ttfb_6 INTEGER NOT NULL DEFAULT 0, ttfb_7 INTEGER NOT NULL DEFAULT 0, ttfb_8 INTEGER NOT NULL DEFAULT 0,
+    ttfb_9 INTEGER NOT NULL DEFAULT 0,
+    conn_seconds REAL NOT NULL DEFAULT 0, -- connections busy x seconds (bytes / this: per connection)
+    down_seconds REAL NOT NULL DEFAULT 0, -- of this interval spent in an outage
+    bwlimit INTEGER,                     -- bytes/s in force (an hour: the highest), NULL: none
+    PRIMARY KEY (ts, span, source)
+);
+CREATE TABLE link_outages (
+    id INTEGER PRIMARY KEY,
+    source TEXT NOT NULL,                -- migrate | inventory
+    run_id INTEGER,                      -- migration_runs.id (migrate)
+    started REAL NOT NULL,               -- Unix seconds: the first failed request of the outage
+    ended REAL,                          -- Unix seconds: the first answer after it, NULL: not yet
+    cause TEXT NOT NULL,                 -- refused | timeout | reset | dns | tls | 5xx | other
+    detail TEXT                          -- the error as seen (exception and errno, never a key)
+);
+CREATE INDEX link_outages_started ON link_outages(started)
+"""
+# Version 12: reserved for zipped studies (merged from its own change).
 _SCHEMA_V12 = ""
 # Version 13: `migrate --cluster` records which dask worker fetched each object (NULL: this
 # machine's worker processes), for `status --json` (workers) and the manifest.

@@ -27,9 +27,12 @@ How a delivery store plugs in (the contract the engine relies on):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 from cloudexit.core.errors import CloudexitError, UsageError
+
+if TYPE_CHECKING:
+    from cloudexit.core.config import PacsConfig
 
 
 class StoreError(CloudexitError):
@@ -94,8 +97,8 @@ class Store(Protocol):
         """Release connections."""
 
 
-def open_store(url: str) -> Store:
-    """The store for a `--to` value."""
+def open_store(url: str, calling_aet: str | None = None, timeouts: PacsConfig | None = None) -> Store:
+    """The store for a `--to` value; `calling_aet` (our AE title) and `timeouts` go to a PACS."""
     from pathlib import Path
 
     text = url.strip()
@@ -106,7 +109,9 @@ def open_store(url: str) -> Store:
         except ImportError as exc:
             raise UsageError(f"--to {text}: this destination type is not available in this version",
                              hint="migrate into a folder (--to /srv/pacs-archive) for now") from exc
-        return mod.open_store(text)  # type: ignore[no-any-return]
+        if module == "cstore":
+            return mod.open_store(text, calling_aet=calling_aet, timeouts=timeouts)  # type: ignore[no-any-return]
+        return mod.open_store(text, timeouts=timeouts)  # type: ignore[no-any-return]
     if "://" in text and not text.startswith("file://"):
         raise UsageError(f"--to {text}: unknown destination",
                          hint="give a folder (/srv/pacs-archive or file:///srv/pacs-archive), "

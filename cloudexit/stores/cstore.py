@@ -47,6 +47,7 @@ from pynetdicom.sop_class import (
 )
 from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS
 
+from cloudexit.core.config import PacsConfig
 from cloudexit.core.errors import UsageError
 from cloudexit.stores import Delivery, Item, QueryRefused, StoreError, StoreUnavailable
 from cloudexit.stores.dicomfile import dataset_sha256, file_layout
@@ -64,7 +65,8 @@ MAX_CONTEXTS = 128  # the DICOM limit per association (odd context IDs 1..255)
 
 def open_store(url: str, calling_aet: str | None = None,
                contexts: Iterable[tuple[str, str]] | None = None,
-               duplicates: Collection[str] | None = None, parallel: int | None = None) -> "CStoreStore":
+               duplicates: Collection[str] | None = None, parallel: int | None = None,
+               timeouts: PacsConfig | None = None) -> "CStoreStore":
     """The store for `dicom://AET@HOST:PORT[?calling=AET&parallel=N]`."""
     parts = urlsplit(url)
     query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
@@ -79,7 +81,7 @@ def open_store(url: str, calling_aet: str | None = None,
         or DEFAULT_CALLING_AET
     workers = parallel or int(query.get("parallel", "4"))
     return CStoreStore(parts.username, parts.hostname, port, calling_aet=calling, parallel=workers,
-                       contexts=contexts, duplicates=duplicates)
+                       contexts=contexts, duplicates=duplicates, timeouts=timeouts)
 
 
 def _check_aet(aet: str, what: str) -> str:
@@ -132,7 +134,7 @@ class CStoreStore:
 
     def __init__(self, called_aet: str, host: str, port: int, calling_aet: str = DEFAULT_CALLING_AET,
                  parallel: int = 4, contexts: Iterable[tuple[str, str]] | None = None,
-                 duplicates: Collection[str] | None = None, timeout: float = 30.0,
+                 duplicates: Collection[str] | None = None, timeouts: PacsConfig | None = None,
                  attempts: int = 3) -> None:
         self.called_aet = _check_aet(called_aet, "called")
         self.calling_aet = _check_aet(calling_aet, "calling")
@@ -140,14 +142,16 @@ class CStoreStore:
         self.url = f"dicom://{called_aet}@{host}:{port}"
         self.id = self.url
         self.parallel = max(1, parallel)
-        self.timeout = timeout
+        self.timeouts = timeouts = timeouts or PacsConfig()
         self.attempts = attempts
         self.duplicates = set(duplicates or ())
         self.ae = AE(ae_title=self.calling_aet)
-        self.ae.acse_timeout = timeout
-        self.ae.network_timeout = timeout
-        self.ae.connection_timeout = min(timeout, 10.0)
-        self.ae.dimse_timeout = max(timeout, 300.0)  # a PACS may take long to write a 1 GB object
+        self.ae.acse_timeout = timeouts.acse_timeout
+        self.ae.network_timeout = timeouts.network_timeout
+        self.ae.connection_timeout = timeouts.connect_timeout
+        # C-FIND and C-GET (verify) may take long on a big study; each C-STORE and C-ECHO sets
+        # its own, shorter, on its association (`_send`, `check`).
+        self.ae.dimse_timeout = timeouts.max_timeout
         self.ae.maximum_associations = self.parallel + 2
         self._lock = threading.Lock()
         self._pairs: dict[tuple[str, str], None] = dict.fromkeys(
@@ -245,6 +249,7 @@ class CStoreStore:
     def check(self) -> None:
         """C-ECHO: fails early on a wrong address, wrong AE titles or a PACS that is down."""
         assoc = self._associate([build_context(Verification)], watch_reject=True)
+        assoc.dimse_timeout = self.timeouts.dimse_timeout
         try:
             status = assoc.send_c_echo()
             if "Status" not in status or int(status.Status) != 0:
@@ -301,6 +306,10 @@ class CStoreStore:
                         self._refused.add(need)
                     self._return(link)
                     return self._refused_delivery(item, need)
+                # A hung PACS holds this thread only this long (not the 300 s a 1 GB object
+                # may need): then the association is dropped and the object sent again.
+                link.assoc.dimse_timeout = self.timeouts.answer_timeout(self.timeouts.dimse_timeout,
+                                                                        item.size or 0)
                 try:
                     status = link.assoc.send_c_store(payload)
                 except (RuntimeError, OSError, ValueError) as exc:

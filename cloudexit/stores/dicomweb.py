@@ -41,6 +41,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 
 import urllib3
 
+from cloudexit.core.config import PacsConfig
 from cloudexit.core.errors import UsageError
 from cloudexit.stores import Delivery, Item, StoreError, StoreUnavailable
 from cloudexit.stores.dicomfile import dataset_sha256, file_layout, meta_prefix, split_part10
@@ -59,7 +60,7 @@ FAILURE_REASON, WARNING_REASON = "00081197", "00081196"
 
 
 def open_store(url: str, duplicates: Collection[str] | None = None, parallel: int | None = None,
-               batch_size: int | None = None) -> "DicomwebStore":
+               batch_size: int | None = None, timeouts: PacsConfig | None = None) -> "DicomwebStore":
     """The store for `dicomweb+http(s)://HOST[:PORT]/PATH`."""
     parts = urlsplit(url)
     if parts.scheme not in ("dicomweb+http", "dicomweb+https") or not parts.hostname:
@@ -70,7 +71,8 @@ def open_store(url: str, duplicates: Collection[str] | None = None, parallel: in
                               f"or {ENV_AUTH_FILE}")
     base = urlunsplit((parts.scheme[len("dicomweb+"):], parts.netloc, parts.path.rstrip("/"), "", ""))
     return DicomwebStore(base, auth_headers(), parallel=parallel or 16, batch_size=batch_size or 8,
-                         duplicates=duplicates, ca_certs=os.environ.get(ENV_CA_BUNDLE) or None)
+                         duplicates=duplicates, ca_certs=os.environ.get(ENV_CA_BUNDLE) or None,
+                         timeouts=timeouts)
 
 
 def _safe(url: str) -> str:
@@ -143,8 +145,8 @@ class DicomwebStore:
 
     def __init__(self, base: str, headers: dict[str, str] | None = None, parallel: int = 16,
                  batch_size: int = 8, batch_bytes: int = 64 * 2**20, linger: float = 0.05,
-                 timeout: float = 300.0, attempts: int = 3, duplicates: Collection[str] | None = None,
-                 ca_certs: str | None = None) -> None:
+                 timeouts: PacsConfig | None = None, attempts: int = 3,
+                 duplicates: Collection[str] | None = None, ca_certs: str | None = None) -> None:
         self.base = base
         self.url = "dicomweb+" + base
         self.id = self.url
@@ -153,11 +155,14 @@ class DicomwebStore:
         self.batch_bytes = batch_bytes
         self.linger = linger
         self.attempts = attempts
+        self.timeouts = timeouts = timeouts or PacsConfig()
         self.duplicates = set(duplicates or ())
         self._headers = dict(headers or {})
+        # Queries (QIDO-RS, WADO-RS for verify) may take long; each STOW-RS request sets a read
+        # timeout by its size (`_request`), so a hung server frees its thread in seconds.
         self.http = urllib3.PoolManager(
             maxsize=self.parallel, block=False, retries=False, ca_certs=ca_certs,
-            timeout=urllib3.Timeout(connect=10.0, read=timeout))
+            timeout=urllib3.Timeout(connect=timeouts.connect_timeout, read=timeouts.max_timeout))
         self._cond = threading.Condition()
         self._queue: list[_Pending] = []
         self._lock = threading.Lock()
@@ -175,12 +180,16 @@ class DicomwebStore:
         for attempt in range(1, self.attempts + 1):
             hdrs = {**self._headers, **(headers or {})}
             data: Any = None
+            extra: dict[str, Any] = {}  # no timeout given: the pool's
             if body is not None:
                 hdrs["Content-Length"] = str(body.length)
                 data = body.chunks()
+                t = self.timeouts
+                extra["timeout"] = urllib3.Timeout(connect=t.connect_timeout,
+                                                   read=t.answer_timeout(t.http_timeout, body.length))
             try:
                 resp = self.http.request(method, url, headers=hdrs, body=data, preload_content=True,
-                                         redirect=False)
+                                         redirect=False, **extra)
             except urllib3.exceptions.HTTPError as exc:
                 last = type(exc).__name__
                 time.sleep(min(2.0, 0.5 * attempt))

@@ -27,6 +27,7 @@ import re
 import socket
 import ssl
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote, urlsplit
@@ -388,8 +389,9 @@ class S3Reader:
                 for name, value in signed.items():
                     conn.putheader(name, value)
                 conn.endheaders()
-                sent = True
+                sent, asked = True, time.monotonic()
                 resp = conn.getresponse()
+                self._local.ttfb = time.monotonic() - asked  # link evidence: time to first byte
                 self.count_request(method, key, counters)
                 return resp
             except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError,

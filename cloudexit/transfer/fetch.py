@@ -92,10 +92,12 @@ class Fetcher:
         `multiget`) cost, counted in this result."""
         started = time.monotonic()
         result = Result(task.id, task.key, "failed", etag=task.etag)
+        result.faults.extend(task.faults)  # link evidence: what the multiget loop met first
         if prior is not None:
             result.counters.add(prior)
             result.retries += 1
         self.reader.set_credentials(task.credentials)
+        self.reader._local.ttfb = None  # this task's own answers only
         try:
             if self.stop.is_set():
                 result.outcome = "cancelled"
@@ -115,6 +117,8 @@ class Fetcher:
                     if exc.kind == "cancelled":
                         result.outcome = "cancelled"
                         return result
+                    if len(result.faults) < 32:  # link evidence, retried errors included
+                        result.faults.append((exc.kind, exc.detail))
                     changed_to = None
                     if exc.kind == "changed":
                         changed_to = self._new_version(task, result)
@@ -152,6 +156,7 @@ class Fetcher:
             return result
         finally:
             result.elapsed = time.monotonic() - started
+            result.ttfb = None if result.local else getattr(self.reader._local, "ttfb", None)
 
     def _new_version(self, task: Task, result: Result) -> dict[str, Any] | None:
         try:

@@ -51,7 +51,7 @@ class _Slot:
     coming) while it has a task; the selector watches it for `events` (0: not registered)."""
 
     __slots__ = ("sock", "buf", "view", "got", "head_end", "total", "task", "started", "close_after",
-                 "headers", "phase", "events", "request", "reused", "address", "metered")
+                 "headers", "phase", "events", "request", "reused", "address", "metered", "first")
 
     def __init__(self) -> None:
         self.sock: socket.socket | None = None
@@ -62,6 +62,7 @@ class _Slot:
         self.events = 0
         self.request = b""
         self.reused = False  # the connection served an earlier request (the server may have closed it)
+        self.first: float | None = None  # seconds from the request to its first byte
         self.address: tuple[int, Any] | None = None  # the address it connected to
         self.reset()
 
@@ -353,6 +354,7 @@ class MultiGet:
                 return
             if not slot.got:
                 self.reader.count_request("GET", "", None)  # an answer: the request reached the server
+                slot.first = time.monotonic() - slot.started  # link evidence: time to first byte
             slot.got += n
             if slot.head_end < 0 and not self._head(slot):
                 return
@@ -398,7 +400,7 @@ class MultiGet:
             self._give_up(slot, "more bytes than announced")
             return
         body = slot.view[slot.head_end:slot.total]
-        result = Result(task.id, task.key, "failed", etag=task.etag)
+        result = Result(task.id, task.key, "failed", etag=task.etag, ttfb=slot.first)
         result.counters.get += 1
         result.counters.bytes += len(body)
         headers = slot.headers
@@ -432,10 +434,12 @@ class MultiGet:
         task.fresh = True
         self.fallback(task, result.counters)
 
-    def _give_up(self, slot: _Slot, _why: str) -> None:
+    def _give_up(self, slot: _Slot, why: str) -> None:
         """Hand the task to the threads, with what this attempt cost (nothing if the request
         was not sent)."""
         task = slot.task
+        if task is not None and len(task.faults) < 8:
+            task.faults.append(("multiget", why))  # link evidence (state/linkseries.classify)
         spent = Counters(get=1, bytes=max(0, slot.got - max(slot.head_end, 0))) \
             if slot.phase == "read" else None
         if slot.phase == "read" and not slot.got:

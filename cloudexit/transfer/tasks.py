@@ -31,6 +31,7 @@ class Task:
     fresh: bool = False  # discard any temp file (a resumed one failed verification)
     replaceable: int | None = None  # mtime_ns of this migration's own earlier file at `final`
     encoding: str | None = None  # envelope to decode after the raw checks (cloudexit.containers)
+    faults: list[tuple[str, str]] = field(default_factory=list)  # link evidence: what multiget met
 
 
 @dataclass
@@ -60,4 +61,8 @@ class Result:
     conflict: str | None = None  # the path that held other bytes: this copy went to quarantine
     part_sizes: list[int] | None = None  # learned from the source, for the engine to record
     decoded: dict[str, Any] | None = None  # encoding, raw_sha256, raw_size, size (plain file)
+    # Link evidence (cloudexit/state/linkseries.py): time to the first byte of the last answer,
+    # and every error met on the way (kind, detail), those retried past included.
+    ttfb: float | None = None
+    faults: list[tuple[str, str]] = field(default_factory=list)
     worker: str | None = None  # the cluster worker that ran it (cloudexit/cluster); None: this machine

@@ -1,359 +1,22 @@
-"""Playbooks: the whole exit as a YAML file, run step by step, resumably (`cloudexit run`).
-
-A playbook names the source bucket, the targets, prices and schedule, the verification policy
-and the ordered steps (docs/playbooks.md). `load()` checks it against the schema and names the
-unknown key, wrong type or missing field *and its line*; `${VAR}` / `${VAR:-default}` in any
-string come from the environment, and `--set path=value` overrides a field (so a test, or a
-rehearsal against a local S3 server, can point the same playbook elsewhere).
-
-`Runner` executes the steps in order through the library (never the CLI) and records each
-step's state in the `playbook_steps` table: run the playbook again and it continues at the
-step in progress. Gates stop the run with a clear message (`GateNotMet`, exit 3): a pilot with
-mismatches, a delta still larger than the cutover threshold, a verify with differences, a
-checkpoint awaiting `--ack`, a decommission awaiting `--confirm TOKEN`.
-"""
+"""Playbooks: the steps run in order, each through `cloudexit.app` and the library, with each
+step's state in the `playbook_steps` table (see cloudexit.playbook)."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
-import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-import yaml
-
-from cloudexit.state import patientkey
 from cloudexit.core.errors import CloudexitError, GateNotMet, PlaybookError, StateError
-from cloudexit.core.files import write_private
-from cloudexit.plan.pricing.catalogue import _LOADER, _List, _Map, _scalar
+from cloudexit.playbook.schema import PACS_PREFIXES, Playbook, Step
+from cloudexit.state import patientkey
 from cloudexit.state.db import State, now
 
-FORMAT = 1
-STEP_KINDS = ("inventory", "plan", "pilot", "migrate", "delta", "verify", "audit", "checkpoint",
-              "decommission")
-PACS_PREFIXES = ("dicom://", "dicomweb+http://", "dicomweb+https://")
-_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
-# -- schema -------------------------------------------------------------------------------------------
-# field: (type, required, default). Types: str, int, bool, "strs" (a string or a list of strings),
-# "str?" (a string or null), a tuple of allowed strings.
-Spec = dict[str, tuple[Any, bool, Any]]
-TOP: Spec = {
-    "playbook": (int, True, None), "name": (str, True, None), "description": (str, False, ""),
-    "db": (str, False, None), "source": (dict, True, None), "targets": ("strs", True, None),
-    "pricing": (dict, False, None), "schedule": (dict, False, None),
-    "verification": (dict, False, None), "steps": (list, True, None),
-}
-SOURCE: Spec = {
-    "url": (str, True, None), "endpoint": ("str?", False, None), "provider": ("str?", False, None),
-    "region": ("str?", False, None), "profile": ("str?", False, None),
-    "key_pattern": ("str?", False, None), "retries": (int, False, 5),
-}
-PRICING: Spec = {
-    "provider": ("str?", False, None), "region": ("str?", False, None),
-    "price_file": ("str?", False, None), "bandwidth": ("str?", False, None),
-    "concurrency": (int, False, 0), "offline_threshold": (str, False, "7d"),
-}
-SCHEDULE: Spec = {"bwlimit": ("str?", False, None), "note": (str, False, "")}
-VERIFICATION: Spec = {
-    "deep": (bool, False, False), "sample": (int, False, 0), "seed": (int, False, 0),
-    "calling_aet": (str, False, "CLOUDEXIT"),
-}
-_MIGRATE_OPTS: Spec = {
-    "layout": (("uid", "keys"), False, None), "non_dicom": (("copy", "skip"), False, None),
-    "order": (("newest", "oldest", "key"), False, None), "processes": (int, False, None),
-    "threads": (int, False, None), "bwlimit": ("str?", False, None),
-}
-STEPS: dict[str, Spec] = {
-    "inventory": {"workers": (int, False, None), "header_bytes": (int, False, None)},
-    "plan": {"out": ("strs", False, []), "bandwidth": ("str?", False, None)},
-    "pilot": {"studies": (int, False, 3), "seed": (int, False, 0), "to": ("str?", False, None),
-              "allow_quarantined": (bool, False, False), **_MIGRATE_OPTS},
-    "migrate": dict(_MIGRATE_OPTS),
-    "delta": {"cutover_below": (int, False, None), **_MIGRATE_OPTS},
-    "verify": {"deep": (bool, False, None), "sample": (int, False, None), "seed": (int, False, None)},
-    "audit": {"out": (str, True, None), "lang": (("en", "zh"), False, "en"),
-              "include_phi": (bool, False, False)},
-    "checkpoint": {"message": (str, True, None), "window_days": (int, False, None)},
-    "decommission": {"all_versions": (bool, False, False), "manifest": ("str?", False, None),
-                     "batch_size": (int, False, 1000)},
-}
-
-
-@dataclass
-class Step:
-    name: str
-    kind: str
-    options: dict[str, Any]
-    line: int
-
-    def opt(self, name: str) -> Any:
-        return self.options.get(name)
-
-
-@dataclass
-class Playbook:
-    name: str
-    path: Path
-    sha256: str
-    description: str
-    db: Path | None
-    source: dict[str, Any]
-    targets: list[str]
-    pricing: dict[str, Any]
-    schedule: dict[str, Any]
-    verification: dict[str, Any]
-    steps: list[Step]
-
-    def step(self, name: str) -> Step:
-        for s in self.steps:
-            if s.name == name:
-                return s
-        raise PlaybookError(f"{self.path}: no step named {name!r}",
-                            hint=f"the steps are: {', '.join(s.name for s in self.steps)}")
-
-    @property
-    def folders(self) -> list[str]:
-        return [t for t in self.targets if not t.startswith(PACS_PREFIXES)]
-
-    @property
-    def pacs(self) -> list[str]:
-        return [t for t in self.targets if t.startswith(PACS_PREFIXES)]
-
-
-class _Doc(_Map):
-    """A mapping that remembers its line and the line of each of its keys."""
-
-    lines: dict[str, int]
-
-
-def _walk(node: yaml.Node, where: str, env: dict[str, str]) -> Any:
-    line = node.start_mark.line + 1
-    if isinstance(node, yaml.MappingNode):
-        result = _Doc()
-        result.line, result.lines = line, {}
-        for key_node, value_node in node.value:
-            key = str(_scalar(key_node))
-            if key in result:
-                raise PlaybookError(f"{where}, line {key_node.start_mark.line + 1}: key {key!r} given twice")
-            result[key] = _walk(value_node, where, env)
-            result.lines[key] = key_node.start_mark.line + 1
-        return result
-    if isinstance(node, yaml.SequenceNode):
-        items = _List(_walk(item, where, env) for item in node.value)
-        items.line = line
-        return items
-    value = _scalar(node)
-    if isinstance(value, str) and "${" in value:
-        value = _interpolate(value, env, f"{where}, line {line}")
-        if node.style not in ("'", '"'):
-            value = _scalar(yaml.ScalarNode("tag:yaml.org,2002:str", value))
-    return value
-
-
-def _interpolate(text: str, env: dict[str, str], where: str) -> str:
-    def one(m: re.Match[str]) -> str:
-        name, default = m.group(1), m.group(2)
-        if env.get(name):
-            return env[name]
-        if default is not None:
-            return default
-        raise PlaybookError(f"{where}: environment variable {name} is not set",
-                            hint=f"set it, or write ${{{name}:-default}} in the playbook")
-    return _VAR.sub(one, text)
-
-
-def _lines(doc: Any) -> dict[str, int]:
-    return getattr(doc, "lines", {})
-
-
-class _Checker:
-    def __init__(self, where: str) -> None:
-        self.where = where
-
-    def fail(self, line: int | str, message: str) -> PlaybookError:
-        at = f"line {line}" if isinstance(line, int) else line
-        return PlaybookError(f"{self.where}, {at}: {message}", hint="see docs/playbooks.md for the format")
-
-    def fields(self, doc: Any, spec: Spec, path: str, line: int | str) -> dict[str, Any]:
-        if not isinstance(doc, dict):
-            raise self.fail(line, f"{path or 'the playbook'} must be a mapping of fields, not {_kind(doc)}")
-        lines = _lines(doc)
-        for key in doc:
-            if key not in spec:
-                raise self.fail(lines.get(key, line), f"unknown key {_join(path, key)!r}; "
-                                f"known here: {', '.join(spec)}")
-        out: dict[str, Any] = {}
-        for key, (kind, required, default) in spec.items():
-            full = _join(path, key)
-            if key not in doc or (doc[key] is None and kind != "str?"):
-                if required:
-                    raise self.fail(getattr(doc, "line", line), f"missing field {full!r}")
-                out[key] = list(default) if isinstance(default, list) else default
-                continue
-            out[key] = self.typed(doc[key], kind, full, lines.get(key, line))
-        return out
-
-    def typed(self, value: Any, kind: Any, path: str, line: int | str) -> Any:
-        if kind is dict:
-            if not isinstance(value, dict):
-                raise self.fail(line, f"field {path!r} must be a mapping, not {_kind(value)}")
-            return value
-        if kind is list:
-            if not isinstance(value, list):
-                raise self.fail(line, f"field {path!r} must be a list, not {_kind(value)}")
-            return value
-        if kind is bool:
-            if not isinstance(value, bool):
-                raise self.fail(line, f"field {path!r} must be true or false, not {value!r}")
-            return value
-        if kind is int:
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise self.fail(line, f"field {path!r} must be a whole number >= 0, not {value!r}")
-            return value
-        if kind in (str, "str?"):
-            if value is None and kind == "str?":
-                return None
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                value = str(value)
-            if not isinstance(value, str) or not value:
-                raise self.fail(line, f"field {path!r} must be a non-empty string, not {_kind(value)}")
-            return value
-        if kind == "strs":
-            items = [value] if isinstance(value, str) else value
-            if not isinstance(items, list) or not all(isinstance(i, str) and i for i in items):
-                raise self.fail(line, f"field {path!r} must be a string or a list of strings")
-            return list(items)
-        if isinstance(kind, tuple):
-            if value not in kind:
-                raise self.fail(line, f"field {path!r} must be one of {', '.join(kind)}, not {value!r}")
-            return value
-        raise AssertionError(kind)
-
-
-def _kind(value: Any) -> str:
-    return {dict: "a mapping", _Doc: "a mapping", list: "a list", _List: "a list", str: "a string",
-            bool: "true/false", int: "a number", float: "a number", type(None): "nothing"}.get(
-        type(value), type(value).__name__)
-
-
-def _join(path: str, key: str) -> str:
-    return f"{path}.{key}" if path else key
-
-
-def load(path: str | os.PathLike[str], overrides: Iterable[str] = (),
-         env: dict[str, str] | None = None) -> Playbook:
-    """Read and check a playbook; `overrides` are `dotted.path=value` (the CLI's --set)."""
-    file = Path(path)
-    try:
-        text = file.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise PlaybookError(f"cannot read playbook {file}: {exc.strerror}") from exc
-    where = str(file)
-    environ = dict(os.environ if env is None else env)
-    try:
-        node = yaml.compose(text, Loader=_LOADER)
-    except yaml.YAMLError as exc:
-        raise PlaybookError(f"{where}: not valid YAML: {exc}") from None
-    if node is None:
-        raise PlaybookError(f"{where}: the file is empty")
-    doc = _walk(node, where, environ)
-    for item in overrides:
-        _override(doc, item, where)
-    return _check(doc, file, hashlib.sha256(text.encode()).hexdigest())
-
-
-def _override(doc: Any, item: str, where: str) -> None:
-    path, sep, raw = item.partition("=")
-    if not sep or not path:
-        raise PlaybookError(f"--set {item!r}: write it as path=value, e.g. source.endpoint=http://127.0.0.1:8333")
-    value = _scalar(yaml.ScalarNode("tag:yaml.org,2002:str", raw))
-    parts = path.split(".")
-    target = doc
-    for i, part in enumerate(parts[:-1]):
-        if isinstance(target, list) and part.isdigit() and int(part) < len(target):
-            if isinstance(target[int(part)], str):  # `- pilot` becomes `- pilot: {}` to take options
-                step = _Doc()
-                step.line, step.lines = getattr(target, "line", 0), {}
-                step[target[int(part)]] = None
-                target[int(part)] = step
-            target = target[int(part)]
-        elif isinstance(target, dict):
-            if part not in target or target[part] is None:
-                target[part] = _Doc()
-                target[part].line, target[part].lines = 0, {}
-            target = target[part]
-        else:
-            raise PlaybookError(f"--set {item!r}: {'.'.join(parts[:i + 1])!r} is not a mapping in {where}")
-    last = parts[-1]
-    if isinstance(target, list) and last.isdigit() and int(last) < len(target):
-        target[int(last)] = value
-    elif isinstance(target, dict):
-        target[last] = value
-        if hasattr(target, "lines"):
-            target.lines[last] = f"--set {path}"  # type: ignore[assignment]
-    else:
-        raise PlaybookError(f"--set {item!r}: cannot set {path!r}")
-
-
-def _check(doc: Any, file: Path, sha: str) -> Playbook:
-    c = _Checker(str(file))
-    top = c.fields(doc, TOP, "", 1)
-    lines = _lines(doc)
-    if top["playbook"] != FORMAT:
-        raise c.fail(lines.get("playbook", 1), f"field 'playbook' must be {FORMAT} (the format version), "
-                     f"not {top['playbook']!r}")
-    source = c.fields(doc["source"], SOURCE, "source", lines.get("source", 1))
-    if not source["url"].startswith("s3://") or len(source["url"]) <= 5:
-        raise c.fail(_lines(doc["source"]).get("url", 1), f"field 'source.url' must be s3://BUCKET[/PREFIX], "
-                     f"not {source['url']!r}")
-    sections = {name: c.fields(doc.get(name) or _Doc(), spec, name, lines.get(name, 1))
-                for name, spec in (("pricing", PRICING), ("schedule", SCHEDULE), ("verification", VERIFICATION))}
-    base = file.parent
-    targets = [t if t.startswith(PACS_PREFIXES) or t.startswith("file://") else os.path.abspath(base / os.path.expanduser(t))
-               for t in top["targets"]]
-    if not targets:
-        raise c.fail(lines.get("targets", 1), "field 'targets' must name at least one destination")
-    steps: list[Step] = []
-    raw_steps = doc["steps"]
-    for i, item in enumerate(raw_steps):
-        line = _item_line(raw_steps, i, item)
-        if isinstance(item, str):
-            kind, options, opt_line = item, _Doc(), line
-            options.line, options.lines = line, {}
-        elif isinstance(item, dict) and len(item) == 1:
-            kind = next(iter(item))
-            options = item[kind] if item[kind] is not None else _Doc()
-            opt_line = _lines(item).get(kind, line)
-            if not isinstance(options, dict):
-                raise c.fail(opt_line, f"step {kind!r}: its options must be a mapping, not {_kind(options)}")
-        else:
-            raise c.fail(line, f"steps[{i}] must be a step name or `kind: {{options}}`, not {_kind(item)}")
-        if kind not in STEPS:
-            raise c.fail(opt_line, f"unknown step {kind!r}; known steps: {', '.join(STEP_KINDS)}")
-        name = options.get("name", kind)
-        spec = {"name": (str, False, kind), **STEPS[kind]}
-        opts = c.fields(options, spec, f"steps.{kind}", opt_line)
-        if any(s.name == name for s in steps):
-            raise c.fail(opt_line, f"two steps named {name!r}: give one a `name:`")
-        steps.append(Step(str(name), kind, opts, opt_line if isinstance(opt_line, int) else 0))
-    if not steps:
-        raise c.fail(lines.get("steps", 1), "field 'steps' must list at least one step")
-    db = Path(top["db"]) if top["db"] else None
-    return Playbook(top["name"], file, sha, top["description"], (base / db) if db and not db.is_absolute() else db,
-                    source, targets, sections["pricing"], sections["schedule"], sections["verification"], steps)
-
-
-def _item_line(seq: Any, i: int, item: Any) -> int:
-    return getattr(item, "line", 0) or getattr(seq, "line", 0) + i + 1
-
-
-# -- running ------------------------------------------------------------------------------------------
 class _Gate(Exception):
     """Raised by a step: the step ran but its condition is not met; the run stops here."""
 
@@ -540,28 +203,26 @@ class Runner:
                                 "(downloads land in the archive before any PACS gets them)")
         return self.pb.folders[0]
 
-    def _migrate_config(self, step: Step) -> Any:
-        from cloudexit.core.config import MigrateConfig
-
+    def _settings(self, step: Step) -> dict[str, Any]:
+        """The MigrateConfig fields a migrating step gives (None: not given)."""
         o = step.options
         values = {k: o.get(k) for k in ("layout", "non_dicom", "order", "processes", "threads")}
         values["bwlimit"] = o.get("bwlimit") or self.pb.schedule["bwlimit"]
-        return MigrateConfig(**{k: v for k, v in values.items() if v is not None})
+        return values
+
+    def _timeouts(self) -> Any:
+        from cloudexit.core.config import PacsConfig
+
+        return PacsConfig(**{k: v for k, v in self.pb.timeouts.items() if v is not None})
 
     def _migrate(self, state: State, step: Step, folder: str) -> dict[str, Any]:
-        """One migrate pass into the archive (resuming an unfinished run); the engine delivers
-        every verified DICOM object to the playbook's PACS targets in the same pass."""
-        from cloudexit.engine.migrate import Migration, last_run
-        from cloudexit.stores.filesystem import FilesystemStore
-        from cloudexit.verify import open_destination
+        """One migrate pass into the archive (new run or resume: `app.choose_run`'s rule); the
+        engine delivers every verified DICOM object to the playbook's PACS targets in the same pass."""
+        from cloudexit import app
 
-        config = self._migrate_config(step)
-        store = FilesystemStore(Path(folder), layout=config.layout)
-        run = last_run(state)
-        resume = bool(run and run["dest"] == store.id and run["status"] in ("running", "interrupted", "stopped"))
-        calling = self.pb.verification["calling_aet"]
-        deliver_to = [open_destination(dest, calling_aet=calling) for dest in self.pb.pacs]
-        summary = Migration(state, self._source(), store, config, resume=resume, deliver_to=deliver_to).run()
+        choice = app.choose_run(state, [folder, *self.pb.pacs], settings=self._settings(step))
+        summary = app.migrate(state, self._source(), choice, self.pb.verification["calling_aet"],
+                              self._timeouts())
         out = {k: getattr(summary, k) for k in ("run", "verified", "quarantined", "duplicates", "failed",
                                                  "missing", "skipped", "unfinished", "bytes_verified",
                                                  "fetched_this_run")}
@@ -573,14 +234,14 @@ class Runner:
 
     # -- steps --------------------------------------------------------------------------------------
     def _step_inventory(self, state: State, step: Step) -> dict[str, Any]:
+        from cloudexit import app
         from cloudexit.core.config import InventoryConfig
-        from cloudexit.inventory import Inventory
 
         o = step.options
         values = {"workers": o["workers"], "header_bytes": o["header_bytes"],
                   "key_pattern": self.pb.source["key_pattern"]}
-        summary = Inventory(state, self._source(),
-                            InventoryConfig(**{k: v for k, v in values.items() if v is not None})).run()
+        summary = app.inventory(state, self._source(),
+                                InventoryConfig(**{k: v for k, v in values.items() if v is not None}))
         result = dict(summary.__dict__)
         result["failed"] = len(summary.failed)
         result["_message"] = (f"inventory round {summary.round}: {summary.new} new, {summary.changed} changed, "
@@ -589,33 +250,29 @@ class Runner:
         return result
 
     def _step_plan(self, state: State, step: Step) -> dict[str, Any]:
-        from datetime import datetime
-
-        from cloudexit.plan import model as plan_model
-        from cloudexit.plan.build import build_plan, link_from
-        from cloudexit.engine.schedule import parse_schedule
+        from cloudexit import app
         from cloudexit.core.units import parse_duration, parse_rate
+        from cloudexit.engine.schedule import parse_schedule
 
         p = self.pb.pricing
         bandwidth = step.opt("bandwidth") or p["bandwidth"]
         if not bandwidth:
             raise PlaybookError(f"{self.pb.path}, line {step.line}: the plan step needs pricing.bandwidth "
                                 "(e.g. 100Mbit/s)")
-        schedule = parse_schedule(self.pb.schedule["bwlimit"]) if self.pb.schedule["bwlimit"] else None
-        link = link_from(parse_rate(bandwidth), None, p["concurrency"] or None)
-        price_file = str(self.pb.path.parent / p["price_file"]) if p["price_file"] else None
-        result = build_plan(state, p["provider"] or self.pb.source["provider"], p["region"] or self.pb.source["region"],
-                            price_file, link, schedule, datetime.now().astimezone(),
-                            parse_duration(p["offline_threshold"]))
-        written = []
-        for out in step.opt("out"):
-            target = self._path(out)
-            render = {"md": plan_model.render_markdown, "html": plan_model.render_html,
-                      "json": lambda x: json.dumps(x.to_dict(), indent=2, default=str)}.get(target.suffix[1:].lower())
-            if render is None:
+        targets = [self._path(out) for out in step.opt("out")]
+        for out, target in zip(step.opt("out"), targets):
+            if app.plan_format(target) is None:
                 raise PlaybookError(f"{self.pb.path}, line {step.line}: plan out {out!r}: end the name in .md, .html or .json")
-            write_private(target, render(result))
-            written.append(str(target))
+        request = app.PlanRequest(
+            provider=p["provider"] or self.pb.source["provider"], region=p["region"] or self.pb.source["region"],
+            price_file=str(self.pb.path.parent / p["price_file"]) if p["price_file"] else None,
+            bandwidth=parse_rate(bandwidth), concurrency=p["concurrency"] or None,
+            schedule=parse_schedule(self.pb.schedule["bwlimit"]) if self.pb.schedule["bwlimit"] else None,
+            offline_threshold=parse_duration(p["offline_threshold"]))
+        result = app.make_plan(state, request)
+        for target in targets:
+            app.write_plan(result, target)
+        written = [str(t) for t in targets]
         return {"written": written, "_message": "plan made" + (f": {', '.join(written)}" if written else "")}
 
     def _pilot_dir(self, step: Step) -> Path:
@@ -623,8 +280,7 @@ class Runner:
 
     def _step_pilot(self, state: State, step: Step) -> dict[str, Any]:
         """The real engine and verify on a sample of studies, in a pilot state DB and folder of their own."""
-        from cloudexit.engine.migrate import Migration
-        from cloudexit.stores.filesystem import FilesystemStore
+        from cloudexit import app
         from cloudexit.verify import verify
 
         o = step.options
@@ -656,9 +312,9 @@ class Runner:
                     cols = rows[0].keys()
                     tx.executemany(f"INSERT INTO objects({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
                                    [tuple(r) for r in rows])
-            store = FilesystemStore(folder, layout=self._migrate_config(step).layout)
-            summary = Migration(pilot, self._source(), store, self._migrate_config(step)).run()
-            report = verify(pilot, store)
+            choice = app.choose_run(pilot, [str(folder)], settings=self._settings(step))
+            summary = app.migrate(pilot, self._source(), choice)
+            report = verify(pilot, choice.archive)
         result = {"studies": picked, "objects": len(rows), "verified": summary.verified,
                   "quarantined": summary.quarantined, "failed": summary.failed, "missing": summary.missing,
                   "unfinished": summary.unfinished, "verify_passed": report.passed,
@@ -691,10 +347,10 @@ class Runner:
                         "objects (see `cloudexit status`); run the playbook again to retry them", result)
 
     def _step_delta(self, state: State, step: Step) -> dict[str, Any]:
+        from cloudexit import app
         from cloudexit.core.config import InventoryConfig
-        from cloudexit.inventory import Inventory
 
-        summary = Inventory(state, self._source(), InventoryConfig(key_pattern=self.pb.source["key_pattern"])).run()
+        summary = app.inventory(state, self._source(), InventoryConfig(key_pattern=self.pb.source["key_pattern"]))
         moved = self._migrate(state, step, self._archive())
         changes = summary.new + summary.changed
         result = {"round": summary.round, "new": summary.new, "changed": summary.changed,
@@ -712,7 +368,8 @@ class Runner:
         return result
 
     def _step_verify(self, state: State, step: Step) -> dict[str, Any]:
-        from cloudexit.verify import open_destination, verify
+        from cloudexit.app import open_target
+        from cloudexit.verify import verify
 
         v = self.pb.verification
         deep = v["deep"] if step.opt("deep") is None else step.opt("deep")
@@ -721,7 +378,7 @@ class Runner:
         out: dict[str, Any] = {}
         failed = []
         for dest in self.pb.targets:
-            store = open_destination(dest, calling_aet=v["calling_aet"])
+            store = open_target(dest, v["calling_aet"], self._timeouts())
             try:
                 pacs = dest.startswith(PACS_PREFIXES)
                 report = verify(state, store, deep=deep and not pacs, sample=sample if pacs else 0, seed=seed)
