@@ -175,13 +175,15 @@ def restore_note(state: State, config: MigrateConfig) -> str | None:
 
 
 def migrate(state: State, source: Source, choice: RunChoice, calling_aet: str | None = None,
-            timeouts: PacsConfig | None = None, progress: Callable[[Any], None] | None = None) -> Any:
-    """Run (or continue) the migration `choice` describes; its MigrationSummary."""
+            timeouts: PacsConfig | None = None, progress: Callable[[Any], None] | None = None,
+            executor: Any = None) -> Any:
+    """Run (or continue) the migration `choice` describes; its MigrationSummary. `executor`:
+    where the fetch tasks run (None: worker processes here; cloudexit/cluster: a dask cluster)."""
     from cloudexit.engine.migrate import Migration
 
     deliver_to = open_targets(choice.pacs, calling_aet, timeouts)
     return Migration(state, source, choice.archive, choice.config, progress=progress,
-                     resume=choice.resume, deliver_to=deliver_to).run()
+                     resume=choice.resume, deliver_to=deliver_to, executor=executor).run()
 
 
 # -- plan ------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from click.testing import CliRunner, Result
 
 from cloudexit.cli import main
 from cloudexit.testing.s3server import SeaweedServer
+from dasknodes import dask_nodes  # noqa: F401 - real dask scheduler and workers (test_cluster.py)
 from faultproxy import fault_proxy  # noqa: F401 - fixtures, registered for every test
 from orthanc import needs, orthanc, overwriting_orthanc, overwriting_pacs, pacs, status_scp  # noqa: F401
 

@@ -8,6 +8,7 @@ from typing import Any
 
 import click
 
+from cloudexit.cli.cluster import cluster_executor, cluster_options  # migrate --cluster
 from cloudexit.cli.group import (db_option, examples, main, output_options, pacs_options, source_options,
                                  warn_patient_key)
 from cloudexit.core.config import PacsConfig
@@ -65,6 +66,7 @@ from cloudexit.cli.progress import MigrateBar
 @click.option("--join-archive", is_flag=True, default=None,
               help="Write into an archive folder another migration (another state DB) claimed, to "
                    "consolidate several buckets into one archive; its files are never replaced.")
+@cluster_options  # --cluster (cloudexit/cli/cluster.py)
 @output_options
 def migrate(dests: tuple[str, ...], resume: bool, yes: bool, calling_aet: str | None, db_path: str,
             endpoint_url: str | None,
@@ -122,8 +124,10 @@ def migrate(dests: tuple[str, ...], resume: bool, yes: bool, calling_aet: str | 
         note = app.restore_note(state, choice.config)
         if note and not quiet:
             click.echo(note, err=True)
+        executor = cluster_executor(profile, quiet or as_json)  # None: worker processes here
         with MigrateBar(quiet or as_json) as bar:
-            summary = app.migrate(state, source, choice, calling_aet, pacs_timeouts, progress=bar.update)
+            summary = app.migrate(state, source, choice, calling_aet, pacs_timeouts, progress=bar.update,
+                                  executor=executor)
     if as_json:
         click.echo(json.dumps(summary.__dict__, indent=2, default=str))
     elif not quiet:

@@ -379,6 +379,8 @@ class Migration:
         if flight is None:
             return
         key, dest = flight.key, self.dest
+        if r.worker:  # a cluster executor names the machine that ran it (cloudexit/cluster)
+            sql.record_worker(tx, key, dest, r.worker)
         if r.part_sizes:
             flight.task.part_sizes = r.part_sizes  # for a retry in this run, and the next runs
             sql.record_part_sizes(tx, key, dest, record_sizes(flight.etag, r.part_sizes))

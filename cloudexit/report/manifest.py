@@ -23,7 +23,9 @@ MANIFEST_COLUMNS = (
     "conflict_with", "attempts", "started_at", "verified_at",
     # an object in an envelope (containers.py): how it was stored, and the raw object's SHA-256
     # when the file is its decoded instance; Orthanc's metadata attachments say what they are
-    "encoding", "raw_sha256", "pacs_metadata", "decommission",
+    "encoding", "raw_sha256", "pacs_metadata",
+    "worker",  # migrate --cluster: the dask worker that fetched it (empty: the coordinator's machine)
+    "decommission",
 )
 PHI_COLUMNS = ("patient_id", "patient_name")
 
@@ -68,7 +70,7 @@ def manifest_sql(rule: Rule, include_phi: bool = False, redact_keys: bool = Fals
         _csv_ours("coalesce(t.state, 'not migrated')"), _csv_text(path), "t.sha256",
         "t.md5", _csv_ours("t.checks"), _csv_text("t.not_checked"), _csv_text(reason),
         _csv_text(conflict), "t.attempts", "t.started_at", "t.verified_at",
-        "coalesce(t.encoding, o.encoding)", "t.raw_sha256", "o.pacs_metadata",
+        "coalesce(t.encoding, o.encoding)", "t.raw_sha256", "o.pacs_metadata", _csv_text("t.worker"),
     )
     template = ",".join(["%s"] * len(fields)) + ","
     return (f"SELECT printf('{template}', " + ", ".join(fields) + f") AS line, {_csv_ours(decision)}, "

@@ -98,6 +98,7 @@ def migration_summary(state: State, studies: int = 10) -> dict[str, Any] | None:
     terminal while the run goes on (SQLite WAL lets readers in beside the writer).
     """
     from cloudexit.engine.migrate import counts, is_live, last_run
+    from cloudexit.state.transfers import workers
 
     run = last_run(state)
     if run is None:
@@ -168,6 +169,7 @@ def migration_summary(state: State, studies: int = 10) -> dict[str, Any] | None:
         "restores": restores,
         "problems": problems,
         "deliveries": deliveries,
+        "workers": workers(state.conn, dest),  # migrate --cluster: per dask worker
         "usage": {
             "bytes_downloaded": run["bytes_downloaded"],
             "requests": {"GET": run["get_requests"], "HEAD": run["head_requests"],

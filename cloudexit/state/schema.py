@@ -7,7 +7,7 @@ the steps a DB lacks when it opens it.
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 12
+SCHEMA_VERSION = 13
 
 _SCHEMA_V1 = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT);
@@ -353,7 +353,6 @@ CREATE TABLE link_outages (
 );
 CREATE INDEX link_outages_started ON link_outages(started)
 """
-
 # Version 12: zipped studies. Each file inside a zip archive is a row of `objects` of its own,
 # keyed `<zip key>!/<member name>` (`container`: the zip's key; `member`: JSON of where its
 # bytes lie in the zip, its sizes and CRC-32), so instances, verify, the audit and decommission
@@ -364,7 +363,13 @@ ALTER TABLE objects ADD COLUMN member TEXT;
 CREATE INDEX objects_container ON objects(container) WHERE container IS NOT NULL
 """
 
+# Version 13: `migrate --cluster` records which dask worker fetched each object (NULL: this
+# machine's worker processes), for `status --json` (workers) and the manifest.
+_SCHEMA_V13 = """
+ALTER TABLE transfers ADD COLUMN worker TEXT
+"""
+
 MIGRATIONS: dict[int, str] = {1: _SCHEMA_V1, 2: _SCHEMA_V2, 3: _SCHEMA_V3, 4: _SCHEMA_V4,
                                 5: _SCHEMA_V5, 6: _SCHEMA_V6, 7: _SCHEMA_V7,
-                                8: _SCHEMA_V8, 9: _SCHEMA_V9, 10: _SCHEMA_V10, 11: _SCHEMA_V11,
-                                12: _SCHEMA_V12}
+                                8: _SCHEMA_V8, 9: _SCHEMA_V9, 10: _SCHEMA_V10,
+                                11: _SCHEMA_V11, 12: _SCHEMA_V12, 13: _SCHEMA_V13}

@@ -177,6 +177,24 @@ def record_done(tx: Tx, done: Sequence[tuple[Any, ...]]) -> None:
     tx.executemany(DONE_ROW, done)
 
 
+def record_worker(tx: Tx, key: str, dest: str, worker: str) -> None:
+    """The cluster worker (cloudexit/cluster) whose attempt this row's state came from."""
+    tx.execute("UPDATE transfers SET worker = ? WHERE key = ? AND dest = ?", (worker, key, dest))
+
+
+def workers(db: Any, dest: str | None = None) -> list[dict[str, Any]]:
+    """Per cluster worker: objects it placed, their bytes, objects whose last attempt failed on
+    it, and when it last reported (`status --json`)."""
+    where, params = ("WHERE worker IS NOT NULL", []) if dest is None else (
+        "WHERE worker IS NOT NULL AND dest = ?", [dest])
+    return [{"worker": r[0], "objects": r[1], "bytes": r[2] or 0, "errors": r[3], "last_seen": r[4]}
+            for r in db.execute(
+                "SELECT worker, sum(state IN ('verified', 'quarantined')), "
+                "sum(CASE WHEN state IN ('verified', 'quarantined') THEN size ELSE 0 END), "
+                f"sum(state = 'failed'), max(updated_at) FROM transfers {where} GROUP BY worker ORDER BY worker",
+                params).fetchall()]
+
+
 def record_part_sizes(tx: Tx, key: str, dest: str, recorded: str | None) -> None:
     tx.execute("UPDATE transfers SET part_sizes = ? WHERE key = ? AND dest = ?", (recorded, key, dest))
 

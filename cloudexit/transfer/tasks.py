@@ -66,3 +66,4 @@ class Result:
     # and every error met on the way (kind, detail), those retried past included.
     ttfb: float | None = None
     faults: list[tuple[str, str]] = field(default_factory=list)
+    worker: str | None = None  # the cluster worker that ran it (cloudexit/cluster); None: this machine

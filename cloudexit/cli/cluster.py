@@ -1,0 +1,55 @@
+"""`--cluster` and its options, for `migrate` (cloudexit/cluster/, docs/scale-out.md).
+
+The options keep their values in the click context (no parameters added to the command's
+function); `cluster_executor()` turns them into a `DaskExecutor`, or None (this machine's
+worker processes).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import click
+
+_KEY = "cloudexit.cluster"
+
+
+def _keep(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+    ctx.meta.setdefault(_KEY, {})[param.name] = value
+    return value
+
+
+def cluster_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    f = click.option("--cluster", envvar="CLOUDEXIT_CLUSTER", default=None, expose_value=False,
+                     callback=_keep, metavar="ADDRESS",
+                     help="Run the downloads on a dask.distributed cluster: tcp://HOST:8786 or "
+                          "tls://HOST:8786 (a `dask scheduler`), or local:N (N worker processes "
+                          "here). Workers must mount the archive at the same path. Env "
+                          "CLOUDEXIT_CLUSTER. See docs/scale-out.md.")(f)
+    f = click.option("--cluster-credentials", type=click.Choice(["worker", "forward"]), default="worker",
+                     show_default=True, expose_value=False, callback=_keep,
+                     help="worker: each worker uses its own S3 credentials (role, profile, env); "
+                          "forward: send this machine's, only over tls:// or to a scheduler on "
+                          "this machine.")(f)
+    f = click.option("--cluster-min-workers", type=click.IntRange(1, 10_000), default=None,
+                     expose_value=False, callback=_keep,
+                     help="Leave out (with a warning) workers that cannot read the archive, as "
+                          "long as this many can; without it any such worker stops the run.")(f)
+    return f
+
+
+def cluster_executor(profile: str | None, quiet: bool) -> Any:
+    """A DaskExecutor for the options given, or None when no --cluster was given."""
+    from cloudexit.cluster.address import parse
+    from cloudexit.cluster.executor import DaskExecutor
+
+    options = click.get_current_context().meta.get(_KEY, {})
+    if not options.get("cluster"):
+        return None
+
+    def notice(text: str) -> None:
+        if not quiet or text.startswith("warning"):
+            click.echo(text, err=True)
+
+    return DaskExecutor(parse(options["cluster"]), credentials=options.get("cluster_credentials") or "worker",
+                        min_workers=options.get("cluster_min_workers"), profile=profile, notice=notice)

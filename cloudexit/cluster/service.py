@@ -1,0 +1,382 @@
+"""The cluster's worker side: one migration's fetch + verify + place on one dask worker.
+
+The coordinator (executor.py) calls these functions on the dask workers (`Client.run` for
+set-up, `Client.submit` for batches). Each worker keeps one `Service` per migration run: the
+local executor's worker processes on that machine (engine/local.py: the same fetch, verify and
+place code), fed batch by batch. A batch returns its messages (results,
+large objects' ranges) when all its objects are done; nothing here opens the state DB.
+
+Names passed to dask (task keys, function names) carry a run token and a number, never a key,
+a path or a secret: the dask dashboard shows them.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import tempfile
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Callable
+
+from cloudexit.core.config import MigrateConfig
+from cloudexit.engine.messages import Message, RangeDone, ResultGroup
+from cloudexit.stores.filesystem import TEMP_PREFIX
+from cloudexit.transfer.client import Credentials, Endpoint
+from cloudexit.transfer.tasks import Result, Task
+
+TOKEN_PREFIX = ".cloudexit-cluster-"
+TEMP_NAME_START = ".cloudexit-"  # stores/filesystem.py TEMP_PREFIX  # the DEST token file's name (+ run token)
+IDLE_END = 120.0  # seconds: a run's service idle this long is ended when another run starts
+# Stands in for the credentials in tasks sent to the cluster: each worker fills in its own.
+NO_CREDENTIALS = Credentials("-", "")
+
+_services: dict[str, Service] = {}
+_lock = threading.Lock()
+
+
+class Tally:
+    """Egress counted by this worker's processes in their meter files (state/meter.py), taken
+    by each batch that returns: the coordinator adds it to the run's own meter file."""
+
+    def __init__(self) -> None:
+        self.folder = tempfile.mkdtemp(prefix="cloudexit-meters-")
+        self.paths: list[Path] = []
+        self.lock = threading.Lock()
+        self.seen = [0, 0, 0, 0]  # bytes, GET, HEAD, LIST
+
+    def new_path(self) -> str:
+        path = Path(self.folder) / f"{len(self.paths)}.meter"
+        self.paths.append(path)
+        return str(path)
+
+    def take(self) -> tuple[int, int, int, int]:
+        from cloudexit.state.meter import read
+
+        with self.lock:
+            now = [0, 0, 0, 0]
+            for path in self.paths:
+                for i, value in enumerate(read(path) or (0, 0, 0, 0)):
+                    now[i] += value
+            delta = tuple(max(0, a - b) for a, b in zip(now, self.seen))
+            self.seen = now
+        return delta  # type: ignore[return-value]
+
+    def close(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+class _Batch:
+    def __init__(self, ids: set[int]) -> None:
+        self.left = set(ids)
+        self.messages: list[Message] = []
+        self.done = threading.Event()
+        self.given_up = False
+        if not ids:
+            self.done.set()
+
+
+def worker_label(dask_worker: Any) -> str:
+    """How a worker is named in the state DB, status and errors: its `--name` if it has one
+    of words, else its address without the scheme."""
+    name = str(getattr(dask_worker, "name", "") or "")
+    address = str(dask_worker.address).split("://", 1)[-1]
+    return name if name and not name.isdigit() and name != dask_worker.address else address
+
+
+class Service:
+    """One migration run's work on this worker: this machine's worker processes, as the local
+    executor runs them (engine/local.py), fed batch by batch."""
+
+    def __init__(self, token: str, name: str, config: MigrateConfig, root: str, endpoint: Endpoint,
+                 rate: float | None, profile: str | None, credentials: Credentials | None) -> None:
+        from cloudexit.engine.local import LocalProcessExecutor
+
+        self.token, self.name, self.profile = token, name, profile
+        self.nonce = secrets.token_hex(4)  # this service's attempts' temp names
+        self.forwarded = credentials
+        self.leftovers = Leftovers()
+        self.chain: Any = None  # botocore's credentials of this machine, resolved once
+        self.stop = threading.Event()
+        self.tally = Tally()
+        self.batches: dict[int, _Batch] = {}
+        self.block = threading.Lock()
+        self.last_active = time.monotonic()
+        self.broken: str | None = None
+        # Own processes, not threads of the dask worker: dask's event loop and its timers then
+        # take no GIL from the hashing and writing (measured: 50% more CPU per GB in-process).
+        self.pool = LocalProcessExecutor()
+        self.pool.start(config, root, self.tally.new_path)
+        self.pool.connect(endpoint, self.credentials())
+        self.pool.set_rate(rate)
+        self.processes = len(self.pool.workers)
+        self.router = threading.Thread(target=self._route, name=f"cloudexit-{token}", daemon=True)
+        self.router.start()
+
+    @property
+    def rate(self) -> Any:
+        return self.pool.rate
+
+    def credentials(self) -> Credentials:
+        """The coordinator's (forwarded), else this machine's own (instance role, profile, env),
+        refreshed by botocore when temporary."""
+        if self.forwarded is not None:
+            return self.forwarded
+        if self.chain is None:
+            self.chain = credential_chain(self.profile)
+        frozen = self.chain.get_frozen_credentials()  # refreshed by botocore when temporary
+        return Credentials(frozen.access_key, frozen.secret_key, frozen.token)
+
+    # -- messages from the worker processes -------------------------------------------------------
+    def _route(self) -> None:
+        while self.broken is None:
+            for message in self.pool.poll(0.5):
+                self._send(message)
+            if self.pool.stopped:
+                return
+            problem = self.pool.health()
+            if problem:
+                self.broken = problem
+                with self.block:
+                    for batch in set(self.batches.values()):
+                        batch.done.set()
+
+    def _send(self, message: Message) -> None:
+        if isinstance(message, ResultGroup):
+            for r in message.results:
+                self._send(r)
+            return
+        task_id = message.task_id if isinstance(message, RangeDone) else getattr(message, "id", None)
+        with self.block:
+            batch = self.batches.get(task_id) if task_id is not None else None
+            if batch is None:
+                return  # a batch given up (cancelled at the coordinator): nobody waits for it
+            if isinstance(message, Result):
+                message.worker = self.name
+                batch.left.discard(message.id)
+                del self.batches[message.id]
+            batch.messages.append(message)
+            if not batch.left:
+                batch.done.set()
+
+    # -- one batch --------------------------------------------------------------------------------
+    def run(self, tasks: list[Task], given_up: Callable[[], bool] = lambda: False) -> list[Message] | None:
+        """Run a batch; its messages once all its objects are done (None: this worker's
+        processes failed, the batch must run elsewhere). `given_up()`: the coordinator no
+        longer wants it (it was killed or cancelled the run): when every batch here is given
+        up, the service stops (what is in flight ends as cancelled)."""
+        if self.broken:
+            return None
+        credentials = self.credentials()
+        batch = _Batch({t.id for t in tasks})
+        with self.block:
+            for t in tasks:
+                self.batches[t.id] = batch
+        for task in tasks:
+            task.credentials = credentials
+            own_temp(task, f"{self.nonce}{task.id}", self.leftovers)
+        self.pool.submit(tasks)
+        while not batch.done.wait(1.0):
+            if given_up():
+                batch.given_up = True
+                with self.block:
+                    if all(b.given_up for b in self.batches.values()):
+                        self.cancel()  # nobody waits for any of this run's work
+                    for task_id in batch.left:
+                        self.batches.pop(task_id, None)
+                return []
+        self.last_active = time.monotonic()
+        return None if self.broken and batch.left else batch.messages
+
+    def cancel(self) -> None:
+        self.stop.set()
+        self.pool.cancel()
+
+    def end(self) -> None:
+        self.pool.stop()
+        self.router.join(timeout=5)
+        self.tally.close()
+
+
+def credential_chain(profile: str | None) -> Any:
+    """This machine's credentials as boto3 finds them (instance role, profile, env)."""
+    import botocore.session  # type: ignore[import-untyped]
+
+    from cloudexit.core.errors import CredentialsError
+
+    found = botocore.session.Session(profile=profile).get_credentials()
+    if found is None:
+        raise CredentialsError("no S3 credentials on this worker",
+                               hint="give the worker an instance role, a profile or AWS_* variables, "
+                                    "or use --cluster-credentials forward over tls://")
+    return found
+
+
+class Leftovers:
+    """Temp files of earlier attempts, by folder: each folder listed once per service (a
+    listing per object would cost a series folder's size for each of its objects)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.folders: dict[str, set[str]] = {}
+
+    def of(self, base: str) -> list[str]:
+        """Paths of earlier attempts' temp files of the object whose temp names start `base`."""
+        folder, stem = os.path.split(base)
+        with self.lock:
+            names = self.folders.get(folder)
+            if names is None:
+                if len(self.folders) > 50_000:
+                    self.folders.clear()
+                try:
+                    names = {e.name for e in os.scandir(folder)
+                             if e.name.startswith(TEMP_PREFIX) and e.name.endswith(".part")}
+                except OSError:
+                    names = set()
+                self.folders[folder] = names
+            mine = [n for n in names if n.startswith(stem + ".")]
+            names.difference_update(mine)
+        return [os.path.join(folder, n) for n in mine]
+
+
+def own_temp(task: Task, attempt: str, leftovers: Leftovers) -> None:
+    """Give `task` a temp name of its own attempt, so that two attempts at one object (a worker
+    cut off but still writing, a coordinator killed while its batches ran) never write one file.
+    The newest leftover of earlier attempts is taken over (a resume), the others removed."""
+    base = task.temp.removesuffix(".part")
+    mine = f"{base}.{attempt}.part"
+    found: list[tuple[float, str]] = []
+    for path in [task.temp, *leftovers.of(base)]:
+        try:
+            found.append((os.stat(path, follow_symlinks=False).st_mtime, path))
+        except OSError:
+            pass
+    found.sort(reverse=True)
+    if found and not task.fresh:
+        try:
+            os.rename(found.pop(0)[1], mine)
+        except OSError:
+            pass
+    for _mtime, path in found:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+    task.temp = mine
+
+
+# -- what the coordinator calls on the workers ------------------------------------------------------
+def check(root: str, token: str, secret: str, profile: str | None, forwarded: bool,
+          dask_worker: Any = None) -> dict[str, str | None]:
+    """Can this worker take work: it reads the coordinator's token under DEST (the same
+    archive, mounted at the same path), can write there, and has S3 credentials."""
+    import multiprocessing
+
+    name = worker_label(dask_worker) if dask_worker is not None else "?"
+    problem = None
+    if multiprocessing.current_process().daemon:
+        return {"worker": name, "problem": "it runs as a daemonic process (under dask's nanny), which cannot "
+                "start cloudexit's worker processes: start it with DASK_DISTRIBUTED__WORKER__DAEMON=False "
+                "in its environment, or with --no-nanny"}
+    path = os.path.join(root, TOKEN_PREFIX + token)
+    try:
+        with open(path, encoding="ascii") as f:
+            got = f.read()
+        if got != secret:
+            problem = f"{path} holds another token: this worker's {root} is another folder"
+    except FileNotFoundError:
+        problem = f"{path} is not there: this worker does not see the same archive at {root}"
+    except OSError as exc:
+        problem = f"cannot read {path}: {exc.strerror or exc}"
+    if problem is None:
+        probe = os.path.join(root, f"{TOKEN_PREFIX}{token}-{secrets.token_hex(4)}.probe")
+        try:
+            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as exc:
+            problem = f"cannot write in {root}: {exc.strerror or exc}"
+    if problem is None and not forwarded:
+        try:
+            credential_chain(profile)
+        except Exception as exc:  # noqa: BLE001 - botocore's config errors, CredentialsError
+            problem = f"no S3 credentials on this worker ({exc})"
+    return {"worker": name, "problem": problem}
+
+
+def start(token: str, config: MigrateConfig, root: str, endpoint: Endpoint, rate: float | None,
+          profile: str | None, credentials: Credentials | None, dask_worker: Any = None) -> tuple[str, int]:
+    """This run's service on this worker (idempotent): (its name, its worker processes). Ends
+    services of other runs left idle (a coordinator killed, or gone without a word)."""
+    clock = time.monotonic()
+    with _lock:
+        for other, service in list(_services.items()):
+            if other != token and not service.batches and clock - service.last_active > IDLE_END:
+                service.end()
+                del _services[other]
+        if token not in _services:
+            _services[token] = Service(token, worker_label(dask_worker), config, root, endpoint, rate,
+                                       profile, credentials)
+        return _services[token].name, _services[token].processes
+
+
+def run_batch(token: str, tasks: list[Task]) -> tuple[str, list[Message] | None, tuple[int, int, int, int]]:
+    """One batch: (worker name, its messages, egress counted here since the last batch).
+    Messages None: this worker has no service for the run (never raised: dask would log the
+    arguments, keys and all)."""
+    service = _services.get(token)
+    if service is None:
+        return "?", None, (0, 0, 0, 0)
+    messages = service.run(tasks, _given_up_check())
+    return service.name, messages, service.tally.take()
+
+
+def _given_up_check() -> Callable[[], bool]:
+    """Whether the dask task running this batch was released by its client (the coordinator
+    was killed, or cancelled it): the worker marks such a task cancelled."""
+    try:
+        from distributed import get_worker
+
+        worker = get_worker()
+        key = worker.get_current_task()
+    except Exception:  # noqa: BLE001 - not in a dask task (tests), or another dask
+        return lambda: False
+
+    def given_up() -> bool:
+        task = worker.state.tasks.get(key)
+        return task is None or task.state in ("cancelled", "released", "forgotten")
+
+    return given_up
+
+
+def set_rate(token: str, rate: float | None) -> None:
+    service = _services.get(token)
+    if service is not None:
+        service.pool.set_rate(rate)
+
+
+def set_credentials(token: str, credentials: Credentials) -> None:
+    service = _services.get(token)
+    if service is not None:
+        service.forwarded = credentials
+
+
+def cancel(token: str) -> None:
+    service = _services.get(token)
+    if service is not None:
+        service.cancel()
+
+
+def end(token: str) -> None:
+    with _lock:
+        service = _services.pop(token, None)
+    if service is not None:
+        service.end()
+
+
+def strip_credentials(task: Task) -> Task:
+    """A copy of `task` without the coordinator's credentials (the worker fills in its own)."""
+    return replace(task, credentials=NO_CREDENTIALS)

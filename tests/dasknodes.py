@@ -1,0 +1,86 @@
+"""Real `dask scheduler` and `dask worker` processes on loopback for the cluster tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import pytest
+
+from cloudexit.testing.s3server import SeaweedServer, free_port
+
+DASK = Path(sys.executable).with_name("dask")
+
+
+def node_env(s3: SeaweedServer) -> dict[str, str]:
+    """What a worker machine would have: our code, and S3 credentials of its own."""
+    env = {**os.environ, **s3.env(), "PYTHONPATH": os.pathsep.join(sys.path)}
+    env.pop("AWS_PROFILE", None)
+    env["DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED"] = "False"  # as docs/scale-out.md advises
+    return env
+
+
+class DaskNodes:
+    """A scheduler on 127.0.0.1 and workers started on demand (each its own process, no nanny,
+    so kill -9 of one is the loss of that worker)."""
+
+    def __init__(self, s3: SeaweedServer, log: Path) -> None:
+        if not DASK.exists():
+            pytest.skip("the dask CLI is not installed (pip install 'cloudexit[cluster]')")
+        self.env = node_env(s3)
+        self.log = log
+        self.port = free_port()
+        self.address = f"tcp://127.0.0.1:{self.port}"
+        self.scheduler = self._spawn([str(DASK), "scheduler", "--host", "127.0.0.1", "--port", str(self.port),
+                                      "--dashboard-address", f"127.0.0.1:{free_port()}", "--no-show"], "scheduler")
+        self.workers: dict[str, subprocess.Popen[bytes]] = {}
+
+    def _spawn(self, argv: Sequence[str], name: str) -> subprocess.Popen[bytes]:
+        out = open(self.log / f"{name}.log", "ab")  # noqa: SIM115 - the log stays open while the process runs
+        return subprocess.Popen(list(argv), stdout=out, stderr=subprocess.STDOUT, env=self.env,
+                                start_new_session=True)
+
+    def worker(self, name: str, wrap: Sequence[str] = (), nthreads: int = 2) -> subprocess.Popen[bytes]:
+        proc = self._spawn([*wrap, str(DASK), "worker", self.address, "--name", name, "--nthreads",
+                            str(nthreads), "--no-nanny", "--no-dashboard", "--host", "127.0.0.1"], name)
+        self.workers[name] = proc
+        return proc
+
+    def wait_for(self, count: int, timeout: float = 60) -> None:
+        from distributed import Client
+
+        with Client(self.address, timeout=timeout) as client:
+            client.wait_for_workers(count, timeout=timeout)
+
+    def kill(self, name: str) -> None:
+        proc = self.workers.pop(name)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+
+    def close(self) -> None:
+        for proc in [*self.workers.values(), self.scheduler]:
+            if proc.poll() is None:
+                proc.terminate()
+        deadline = time.monotonic() + 10
+        for proc in [*self.workers.values(), self.scheduler]:
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+@pytest.fixture
+def dask_nodes(s3: SeaweedServer, tmp_path: Path) -> Any:
+    """A fresh scheduler per test (tests kill workers); start workers with `.worker(name)`."""
+    log = tmp_path / "dask-logs"
+    log.mkdir()
+    nodes = DaskNodes(s3, log)
+    try:
+        yield nodes
+    finally:
+        nodes.close()

@@ -1,0 +1,264 @@
+"""`migrate --cluster`: real `dask scheduler` and `dask worker` processes on loopback, with
+SeaweedFS; the result compared object for object with the single-machine run."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import time
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from dasknodes import node_env
+from dbutil import rows
+
+from cloudexit.cluster.address import parse
+from cloudexit.stores.filesystem import TEMP_PREFIX
+from cloudexit.testing import synthetic
+
+pytest.importorskip("distributed")
+
+
+def _tree(root: Path) -> dict[str, str]:
+    """Every file under `root` (relative path -> SHA-256), the cluster's token files aside."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in root.rglob("*") if p.is_file() and not p.name.startswith(".cloudexit-")}
+
+
+def _outcome(db: Path) -> dict[str, tuple[str, str, str]]:
+    return {r["key"]: (r["state"], r["path"], r["sha256"])
+            for r in rows(db, "SELECT key, state, path, sha256 FROM transfers")}
+
+
+def _temps(root: Path) -> list[Path]:
+    return [p for p in root.rglob(f"{TEMP_PREFIX}*") if p.name.endswith(".part")]
+
+
+@pytest.fixture
+def awkward(s3: Any, bucket: str) -> str:
+    """The tiny synthetic PACS with its awkward cases (odd keys, non-DICOM, unreadable, a
+    multipart multi-frame object)."""
+    synthetic.upload(s3.client(), bucket, synthetic.generate(synthetic.Profile.tiny()), part_size=5 * 2**20)
+    return bucket
+
+
+def _inventory(cli: Any, bucket: str, db: Path) -> None:
+    result = cli("inventory", f"s3://{bucket}", "--db", str(db), "-q")
+    assert result.exit_code == 0, result.output
+
+
+def _migrate(db: Path, *args: str, env: dict[str, str]) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "cloudexit.cli", "migrate", "--db", str(db), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+# -- fast: what --cluster accepts and refuses --------------------------------------------------------
+def test_cluster_addresses() -> None:
+    assert parse("tcp://10.0.0.5:8786").url == "tcp://10.0.0.5:8786"
+    assert parse("tls://scheduler.example.org").port == 8786
+    assert parse("local:3").workers == 3
+    assert parse("tcp://127.0.0.1:8786").loopback and parse("local:1").loopback
+    assert not parse("tcp://10.0.0.5:8786").loopback
+
+
+def test_credentials_forwarding_refused_over_plain_tcp_to_another_machine(cli, awkward: str, db: Path,
+                                                                          tmp_path: Path) -> None:
+    _inventory(cli, awkward, db)
+    result = cli("migrate", "--to", str(tmp_path / "archive"), "--db", str(db), "--cluster",
+                 "tcp://10.11.12.13:8786", "--cluster-credentials", "forward")
+    assert result.exit_code == 2, result.output
+    assert ("--cluster-credentials forward refused: tcp://10.11.12.13:8786 is plain tcp:// to another "
+            "machine, so the S3 secret key would cross the network unencrypted") in result.output
+    assert "tls://" in result.output and "Traceback" not in result.output
+    bad = cli("migrate", "--to", str(tmp_path / "archive"), "--db", str(db), "--cluster", "http://x:1")
+    assert bad.exit_code == 2 and "give tcp://HOST:PORT, tls://HOST:PORT or local:N" in bad.output
+
+
+# -- real scheduler and workers ----------------------------------------------------------------------
+def test_two_workers_give_the_single_machine_result(cli, s3, awkward: str, tmp_path: Path, dask_nodes) -> None:
+    alone_db, cluster_db = tmp_path / "alone" / "c.db", tmp_path / "cluster" / "c.db"
+    _inventory(cli, awkward, alone_db)
+    _inventory(cli, awkward, cluster_db)
+    alone = cli("migrate", "--to", str(tmp_path / "a"), "--db", str(alone_db), "-q")
+    dask_nodes.worker("w1")
+    dask_nodes.worker("w2")
+    dask_nodes.wait_for(2)
+    proc = _migrate(cluster_db, "--to", str(tmp_path / "b"), "--cluster", dask_nodes.address,
+                    env=node_env(s3))
+    _out, err = proc.communicate(timeout=120)
+    assert proc.returncode == alone.exit_code, err
+    assert "dask dashboard: http://127.0.0.1:" in err
+    assert _outcome(cluster_db) == _outcome(alone_db)
+    assert _tree(tmp_path / "b") == _tree(tmp_path / "a")
+    assert not _temps(tmp_path / "b")
+    fetched = rows(cluster_db, "SELECT worker, count(*) AS n FROM transfers WHERE state IN "
+                               "('verified', 'quarantined') GROUP BY worker")
+    assert {r["worker"] for r in fetched} <= {"w1", "w2"} and sum(r["n"] for r in fetched)
+    status = json.loads(cli("status", "--db", str(cluster_db), "--json").output)
+    seen = status["migration"]["workers"]
+    assert {w["worker"] for w in seen} == {r["worker"] for r in fetched}
+    assert sum(w["objects"] for w in seen) == sum(r["n"] for r in fetched)
+    assert all(w["last_seen"] and w["bytes"] > 0 and w["errors"] == 0 for w in seen)
+    assert not list((tmp_path / "b").glob(".cloudexit-cluster-*"))  # the DEST token is removed
+
+
+def test_local_cluster(cli, awkward: str, db: Path, tmp_path: Path) -> None:
+    _inventory(cli, awkward, db)
+    result = cli("migrate", "--to", str(tmp_path / "archive"), "--db", str(db), "--cluster", "local:2", "-q")
+    assert result.exit_code in (0, 3), result.output
+    left = rows(db, "SELECT count(*) AS n FROM transfers WHERE state IN ('queued', 'fetching')")[0]["n"]
+    assert left == 0
+    assert rows(db, "SELECT count(DISTINCT worker) AS n FROM transfers WHERE worker IS NOT NULL")[0]["n"] >= 1
+
+
+def test_worker_with_another_folder_at_dest_is_refused(cli, s3, awkward: str, db: Path, tmp_path: Path,
+                                                       dask_nodes) -> None:
+    if os.geteuid() != 0 or subprocess.run(["unshare", "-m", "true"], check=False, capture_output=True).returncode:
+        pytest.skip("needs a mount namespace (root and unshare) to give one worker another folder at DEST")
+    _inventory(cli, awkward, db)
+    dest, other = tmp_path / "archive", tmp_path / "elsewhere"
+    dest.mkdir()
+    other.mkdir()
+    dask_nodes.worker("good")
+    # The other worker sees another folder at the archive's path, as a machine that mounted
+    # the wrong share would.
+    dask_nodes.worker("wrong-mount", wrap=["unshare", "-m", "--propagation", "private", "sh", "-c",
+                                           f'mount --bind "{other}" "{dest}" && exec "$0" "$@"'])
+    dask_nodes.wait_for(2)
+    proc = _migrate(db, "--to", str(dest), "--cluster", dask_nodes.address, env=node_env(s3))
+    _out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1, err
+    assert "dask worker(s) cannot take part in this migration: wrong-mount:" in err
+    assert f"this worker does not see the same archive at {dest}" in err
+    assert "good" not in err.split("cannot take part")[1].split("\n")[0]
+    assert "--cluster-min-workers" in err and "Traceback" not in err
+    # With --cluster-min-workers 1 the run goes on without it, saying so.
+    proc = _migrate(db, "--to", str(dest), "--cluster", dask_nodes.address, "--cluster-min-workers", "1",
+                    env=node_env(s3))
+    _out, err = proc.communicate(timeout=120)
+    assert proc.returncode in (0, 3), err
+    assert "warning: dask worker left out: wrong-mount:" in err
+    assert {r["worker"] for r in rows(db, "SELECT DISTINCT worker FROM transfers WHERE worker IS NOT NULL")} \
+        == {"good"}
+    assert not list(other.rglob("*"))
+
+
+# -- faults and the shared limit (real processes, killed with SIGKILL on observed progress) --------
+def _ct(s3: Any, bucket: str, slices: int) -> dict[str, str]:
+    """`slices` CT objects of 128 KB in 4 studies; key -> SHA-256."""
+    profile = synthetic.Profile(patients=2, studies_per_patient=2, ct_slices_per_series=slices // 4,
+                                ct_matrix=256, cr_per_study=0, multiframe_objects=0, awkward=False, seed=5)
+    return {o.key: hashlib.sha256(o.body()).hexdigest()
+            for o in synthetic.upload(s3.client(), bucket, synthetic.generate(profile))}
+
+
+def _count(db: Path, where: str) -> int:
+    if not db.exists() or not rows(db, "SELECT count(*) AS n FROM sqlite_master WHERE name = 'transfers'")[0]["n"]:
+        return 0
+    return int(rows(db, f"SELECT count(*) AS n FROM transfers WHERE {where}")[0]["n"])
+
+
+def _until(condition: Any, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("the migration did not get that far")
+        time.sleep(0.1)
+
+
+def _all_verified(db: Path, dest: Path, truth: dict[str, str]) -> None:
+    got = {r["key"]: (r["state"], r["sha256"], r["path"]) for r in rows(db, "SELECT * FROM transfers")}
+    assert {k: (s, h) for k, (s, h, _p) in got.items()} == {k: ("verified", h) for k, h in truth.items()}
+    files = _tree(dest)
+    assert files == {p: h for _s, h, p in got.values()}  # nothing more, nothing less, no duplicate
+    assert not _temps(dest)
+
+
+@pytest.mark.slow
+def test_a_worker_killed_mid_run_loses_nothing(cli, s3, bucket: str, db: Path, tmp_path: Path, dask_nodes) -> None:
+    truth = _ct(s3, bucket, 40)
+    _inventory(cli, bucket, db)
+    dask_nodes.worker("w1")
+    dask_nodes.worker("w2")
+    dask_nodes.wait_for(2)
+    dest = tmp_path / "archive"
+    proc = _migrate(db, "--to", str(dest), "--cluster", dask_nodes.address, "--bwlimit", "1M", "-q",
+                    env=node_env(s3))
+    try:  # w2 has placed objects and more are in flight: kill it
+        _until(lambda: _count(db, "worker = 'w2' AND state = 'verified'") >= 2
+               and _count(db, "state = 'fetching'") >= 4)
+        dask_nodes.kill("w2")
+        _out, err = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    _all_verified(db, dest, truth)
+    assert _count(db, "worker = 'w1'") > 0
+
+
+@pytest.mark.slow
+def test_coordinator_killed_then_resumed(cli, s3, bucket: str, db: Path, tmp_path: Path, dask_nodes) -> None:
+    truth = _ct(s3, bucket, 40)
+    _inventory(cli, bucket, db)
+    dask_nodes.worker("w1")
+    dask_nodes.worker("w2")
+    dask_nodes.wait_for(2)
+    dest = tmp_path / "archive"
+    proc = _migrate(db, "--to", str(dest), "--cluster", dask_nodes.address, "--bwlimit", "1M", "-q",
+                    env=node_env(s3))
+    try:
+        _until(lambda: _count(db, "state = 'verified'") >= 5 and _count(db, "state = 'fetching'") >= 4)
+    finally:
+        proc.kill()  # SIGKILL: the coordinator dies with batches running on the workers
+        proc.wait()
+    assert _count(db, "state = 'fetching'") >= 4
+    again = _migrate(db, "--resume", "--cluster", dask_nodes.address, "-q", env=node_env(s3))
+    _out, err = again.communicate(timeout=180)
+    assert again.returncode == 0, err
+    _all_verified(db, dest, truth)
+
+
+def _rates(address: str) -> dict[str, float | None]:
+    """The limit each worker's service of the running migration holds (bytes/s), by worker."""
+    from distributed import Client
+
+    def rates() -> list[float | None]:
+        from cloudexit.cluster import service
+
+        return [s.rate.rate for s in service._services.values() if not s.stop.is_set()]
+
+    with Client(address, timeout=30) as client:
+        return {addr: got[0] for addr, got in client.run(rates).items() if got}
+
+
+@pytest.mark.slow
+def test_bwlimit_holds_for_the_whole_cluster(cli, s3, bucket: str, db: Path, tmp_path: Path, dask_nodes) -> None:
+    _ct(s3, bucket, 80)  # 10 MB
+    _inventory(cli, bucket, db)
+    dask_nodes.worker("w1")
+    dask_nodes.worker("w2")
+    dask_nodes.wait_for(2)
+    limit = 2**20
+    proc = _migrate(db, "--to", str(tmp_path / "archive"), "--cluster", dask_nodes.address, "--bwlimit", "1M",
+                    "--json", env=node_env(s3))
+    try:
+        _until(lambda: _count(db, "state = 'fetching'") >= 4)
+        # The budget is split between the workers, and again when a third joins.
+        assert sorted(_rates(dask_nodes.address).values()) == [limit / 2] * 2
+        dask_nodes.worker("w3")
+        _until(lambda: len(_rates(dask_nodes.address)) == 3, timeout=60)
+        _until(lambda: sorted(_rates(dask_nodes.address).values()) == [limit / 3] * 3, timeout=10)
+        out, err = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    summary = json.loads(out)
+    assert summary["bytes_downloaded"] / summary["elapsed"] <= limit * 1.05
+    assert "dask worker w3 joined the run" not in err  # --json: notices only for warnings
+    assert {r["worker"] for r in rows(db, "SELECT DISTINCT worker FROM transfers")} <= {"w1", "w2", "w3"}
