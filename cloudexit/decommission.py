@@ -46,7 +46,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cloudexit.core import deletion
-from cloudexit.core.config import SourceConfig
 from cloudexit.core.errors import ConfirmationMismatch, NothingMigrated, StateError, UsageError
 from cloudexit.core.files import private_writer
 from cloudexit.core.states import DecommissionMode, DecommissionStatus, is_pacs
@@ -146,15 +145,6 @@ class Execution:
 
 
 # -- inputs -----------------------------------------------------------------------------------------
-def source_from_state(state: State, endpoint_url: str | None = None, profile: str | None = None,
-                      region: str | None = None, retries: int = SourceConfig.max_attempts) -> Source:
-    """The bucket this state DB migrated, on its recorded endpoint unless told otherwise."""
-    from cloudexit.app import open_source
-
-    return open_source(state, SourceConfig(endpoint_url=endpoint_url, profile=profile, region=region,
-                                           max_attempts=retries))
-
-
 def default_destinations(state: State) -> list[str]:
     """Every destination a migration delivered to or a verify checked, in first-use order."""
     return known_destinations(state, verified=True)

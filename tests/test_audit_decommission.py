@@ -13,7 +13,8 @@ import pytest
 from dbutil import rows
 
 from cloudexit.testing import synthetic
-from cloudexit.decommission import execute, plan, source_from_state
+from cloudexit.app import source_from_state
+from cloudexit.decommission import execute, plan
 from cloudexit.core.errors import ConfirmationMismatch
 from cloudexit.testing.s3server import SeaweedServer
 from cloudexit.state.db import State

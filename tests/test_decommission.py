@@ -18,7 +18,8 @@ from dbutil import rows
 
 from cloudexit import decommission
 from cloudexit.testing import synthetic
-from cloudexit.decommission import execute, manifest_rows, plan, source_from_state
+from cloudexit.app import source_from_state
+from cloudexit.decommission import execute, manifest_rows, plan
 from cloudexit.testing.s3server import SeaweedServer
 from cloudexit.state.db import State
 

@@ -17,7 +17,7 @@ from dbutil import rows
 from cloudexit.core.config import MigrateConfig, SourceConfig
 from cloudexit.engine.executor import Executor
 from cloudexit.engine.local import LocalProcessExecutor
-from cloudexit.engine.messages import Message, WorkerLost
+from cloudexit.transfer.messages import Message, WorkerLost
 from cloudexit.engine.migrate import Migration
 from cloudexit.s3.source import Source
 from cloudexit.state.db import State

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from dbutil import rows
 
-from cloudexit.transfer.client import Counters, Credentials, Endpoint, FetchError, S3Reader
+from cloudexit.s3.client import Counters, Credentials, Endpoint, FetchError, S3Reader
 
 MiB = 2**20
 

@@ -26,7 +26,7 @@ from cloudexit.core.checksums import (
 from cloudexit.dicom.header import classify
 from cloudexit.dicom.scan import scan
 from cloudexit.stores.filesystem import FilesystemStore, safe_key_path
-from cloudexit.transfer.client import Credentials, Endpoint, Response, Signer
+from cloudexit.s3.client import Credentials, Endpoint, Response, Signer
 
 KEYS = ["a/b.dcm", "影像/张三 study/1.dcm", "odd/a+b%20c&d=e;f.dcm", "scans/with space/image 1.dcm",
         "C:/PACS/export/img.dcm", "tilde~and(parens)!*'.dcm"]

@@ -18,8 +18,8 @@ from conftest import server_context
 from cloudexit.testing import synthetic
 from cloudexit.transfer.multiget import MAX_BYTES, MultiGet
 from cloudexit.testing.s3server import SeaweedServer
-from cloudexit.engine.messages import Message, results_of
-from cloudexit.transfer.client import Counters, Credentials, Endpoint
+from cloudexit.transfer.messages import Message, results_of
+from cloudexit.s3.client import Counters, Credentials, Endpoint
 from cloudexit.transfer.fetch import Fetcher
 from cloudexit.transfer.rate import SharedRate
 from cloudexit.transfer.tasks import Result, Task

@@ -90,11 +90,12 @@ def test_decide(name: str, r: Result, ctx: Context, expected: dict[str, Any]) ->
 
 
 def test_every_fault_kind_the_worker_reports_has_a_case() -> None:
-    """A kind the client can classify (transfer/client.py, transfer/fetch.py) and no case here
+    """A kind the client can classify (s3/client.py, transfer/fetch.py) and no case here
     would be an untested branch of the policy."""
     import inspect
 
-    from cloudexit.transfer import client, fetch, ranges
+    from cloudexit.s3 import client
+    from cloudexit.transfer import fetch, ranges
 
     source = "".join(inspect.getsource(m) for m in (client, fetch, ranges))
     import re

@@ -223,7 +223,7 @@ def test_page_one_is_the_directors_summary(printed, lang: str, phrases: list[str
 def test_chart_legend_leaves_room_for_chinese_labels() -> None:
     """A CJK character is a full em wide: the next swatch starts after the label's last one
     (it was placed 7 px per character, over the last character of 已完成)."""
-    from cloudexit.report import charts
+    from cloudexit.core import charts
 
     svg = charts.hbars([("2016", 1.0, 2.0, "1 B / 2 B")], "按检查年份的进度（字节）",
                        [(charts.DONE, "已完成"), (charts.TODO, "未完成"), (charts.BAR, "每 1 s")])

@@ -46,7 +46,7 @@ def decommission(db_path: str, endpoint_url: str | None, profile: str | None, re
     """
     from pathlib import Path
 
-    from cloudexit.decommission import execute as run_execute, plan as run_plan, source_from_state, summary_text
+    from cloudexit.decommission import execute as run_execute, plan as run_plan, summary_text
     from cloudexit.state.db import State
 
     if token and not execute:
@@ -57,6 +57,8 @@ def decommission(db_path: str, endpoint_url: str | None, profile: str | None, re
     default_manifest = str(Path(db_path).resolve().parent / "decommission-manifest.csv")
     manifest = manifest or default_manifest
     with State(db_path) as state:
+        from cloudexit.app import source_from_state
+
         source = source_from_state(state, endpoint_url, profile, region, retries)
         if not execute:
             p = run_plan(state, source, dests or None, all_versions, manifest)

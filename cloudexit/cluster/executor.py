@@ -25,8 +25,8 @@ from cloudexit.cluster import service
 from cloudexit.cluster.address import ClusterAddress, check_credentials_mode
 from cloudexit.core.config import MigrateConfig
 from cloudexit.core.errors import StateError, UsageError
-from cloudexit.engine.messages import Message, WorkerLost
-from cloudexit.transfer.client import Credentials, Endpoint
+from cloudexit.transfer.messages import Message, WorkerLost
+from cloudexit.s3.client import Credentials, Endpoint
 from cloudexit.transfer.tasks import Task
 
 BATCH_BYTES = 256 * 2**20  # a batch of small objects holds at most this much
@@ -80,7 +80,7 @@ class DaskExecutor:
         return processes * self.config.threads * 2
 
     def start(self, config: MigrateConfig, root: str, new_meter: Callable[[], str]) -> None:
-        from cloudexit.state.meter import Meter
+        from cloudexit.s3.meter import Meter
 
         try:
             import distributed

@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from cloudexit.core.config import MigrateConfig
-from cloudexit.engine.messages import Message, RangeDone, ResultGroup
+from cloudexit.transfer.messages import Message, RangeDone, ResultGroup
 from cloudexit.stores.filesystem import TEMP_PREFIX
-from cloudexit.transfer.client import Credentials, Endpoint
+from cloudexit.s3.client import Credentials, Endpoint
 from cloudexit.transfer.tasks import Result, Task
 
 TOKEN_PREFIX = ".cloudexit-cluster-"
@@ -39,7 +39,7 @@ _lock = threading.Lock()
 
 
 class Tally:
-    """Egress counted by this worker's processes in their meter files (state/meter.py), taken
+    """Egress counted by this worker's processes in their meter files (s3/meter.py), taken
     by each batch that returns: the coordinator adds it to the run's own meter file."""
 
     def __init__(self) -> None:
@@ -54,7 +54,7 @@ class Tally:
         return str(path)
 
     def take(self) -> tuple[int, int, int, int]:
-        from cloudexit.state.meter import read
+        from cloudexit.s3.meter import read
 
         with self.lock:
             now = [0, 0, 0, 0]

@@ -19,8 +19,8 @@ from __future__ import annotations
 from typing import Callable, Protocol, Sequence, runtime_checkable
 
 from cloudexit.core.config import MigrateConfig
-from cloudexit.engine.messages import Message
-from cloudexit.transfer.client import Credentials, Endpoint
+from cloudexit.transfer.messages import Message
+from cloudexit.s3.client import Credentials, Endpoint
 from cloudexit.transfer.tasks import Task
 
 
@@ -38,7 +38,7 @@ class Executor(Protocol):
     def start(self, config: MigrateConfig, root: str, new_meter: Callable[[], str]) -> None:
         """Start the workers (may return before they are ready: the engine resolves the endpoint
         meanwhile). `root`: the archive folder. `new_meter()`: a fresh path for one worker's
-        egress meter file (state/meter.py), which the engine reads at every commit."""
+        egress meter file (s3/meter.py), which the engine reads at every commit."""
         ...
 
     def connect(self, endpoint: Endpoint, credentials: Credentials) -> None:

@@ -15,7 +15,7 @@ from cloudexit.core.config import MigrateConfig
 from cloudexit.s3.parts import recorded_sizes
 from cloudexit.state import members
 from cloudexit.stores.filesystem import FilesystemStore
-from cloudexit.transfer.client import Credentials
+from cloudexit.s3.client import Credentials
 from cloudexit.transfer.tasks import Task
 
 

@@ -22,7 +22,7 @@ from cloudexit.s3.source import Source
 from cloudexit.state import transfers as sql
 from cloudexit.state.db import State, now
 from cloudexit.state.linkseries import LinkRecorder
-from cloudexit.transfer.client import Counters, Credentials, Endpoint, FetchError, S3Reader
+from cloudexit.s3.client import Counters, Credentials, Endpoint, FetchError, S3Reader
 
 
 def resolve_endpoint(source: Source, config: MigrateConfig, counters: Counters) -> tuple[Endpoint, Credentials]:

@@ -17,8 +17,8 @@ from typing import Any, Callable, Iterator, Sequence
 
 from cloudexit.core.config import MigrateConfig
 from cloudexit.core.errors import StateError
-from cloudexit.engine.messages import Message
-from cloudexit.transfer.client import Credentials, Endpoint
+from cloudexit.transfer.messages import Message
+from cloudexit.s3.client import Credentials, Endpoint
 from cloudexit.transfer.rate import SharedRate
 from cloudexit.transfer.tasks import Task
 

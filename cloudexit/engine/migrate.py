@@ -41,7 +41,7 @@ from cloudexit.engine.delivery import Outlets
 from cloudexit.engine.executor import Executor
 from cloudexit.engine.flights import Flight, Flights, flight_for
 from cloudexit.engine.linkmonitor import LinkMonitor, resolve_endpoint
-from cloudexit.engine.messages import Message, RangeDone, WorkerLost, results_of
+from cloudexit.transfer.messages import Message, RangeDone, WorkerLost, results_of
 from cloudexit.engine.policy import Action, Context, Do, decide
 from cloudexit.engine.progress import MigrateProgress, MigrationSummary
 from cloudexit.engine.restores import Restores, back_to_restore, restore_tier, restore_tier_note
@@ -54,10 +54,10 @@ from cloudexit.s3.source import Source
 from cloudexit.state import transfers as sql
 from cloudexit.state.db import State, now
 from cloudexit.state.linkseries import LinkRecorder
-from cloudexit.state.meter import MeterBook
+from cloudexit.s3.meter import MeterBook
 from cloudexit.stores import StoreError
 from cloudexit.stores.filesystem import FilesystemStore
-from cloudexit.transfer.client import Counters
+from cloudexit.s3.client import Counters
 from cloudexit.transfer.tasks import Result
 
 # What callers import from here (the CLI, playbook, status, audit).

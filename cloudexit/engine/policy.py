@@ -5,7 +5,7 @@ object's strikes, the streak of unanswered tasks, how long since the endpoint la
 into an `Action`; the engine (migrate.py) carries it out: rows, counters, log, retries. Keeping
 the rules here lets every fault kind be tested in microseconds (tests/test_policy.py).
 
-Fault kinds come from the worker (`FetchError.kind`, transfer/client.py): unreachable, tls,
+Fault kinds come from the worker (`FetchError.kind`, s3/client.py): unreachable, tls,
 credentials, disk, gone, archived, changed, transient/corrupt/denied/permanent/sse-c (retried in
 the worker already; here they fail the object).
 """

@@ -23,7 +23,7 @@ from cloudexit.engine.progress import MigrateProgress
 from cloudexit.s3.source import Source
 from cloudexit.state import transfers as sql
 from cloudexit.state.db import State, now
-from cloudexit.transfer.client import Counters
+from cloudexit.s3.client import Counters
 
 if TYPE_CHECKING:
     from cloudexit.engine.worklist import Worklist

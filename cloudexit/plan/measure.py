@@ -282,7 +282,7 @@ def _run_sample(state: State, source: Source, sample: Sample, config: MigrateCon
 def _latencies(source: Source, state: State, keys: list[str]) -> list[float]:
     """Seconds to the first byte of one-byte ranged GETs over a kept-alive connection (the
     first request, which also opens the connection, is not counted)."""
-    from cloudexit.transfer.client import Counters, S3Reader  # noqa: PLC0415
+    from cloudexit.s3.client import Counters, S3Reader  # noqa: PLC0415
 
     probe = keys[: LATENCY_PROBES + 1]
     if not probe:

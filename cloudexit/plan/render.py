@@ -11,7 +11,7 @@ import html
 import math
 from datetime import datetime, timedelta
 
-from cloudexit.report.charts import text_width
+from cloudexit.core.charts import text_width
 from cloudexit.core.i18n import phrase, plan_texts, say
 from cloudexit.plan.result import Breakdown, CostLine, Plan, Scenario
 from cloudexit.plan.pricing.catalogue import Fact, Span

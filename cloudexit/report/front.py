@@ -11,7 +11,7 @@ from collections.abc import Callable
 from html import escape
 from typing import Any
 
-from cloudexit.report.html_bits import _b, _d, _Html, _money, _n
+from cloudexit.core.html_bits import _b, _d, _Html, _money, _n
 from cloudexit.core.i18n import say
 
 _X_FRONT = ("failed", "unfinished", "not_migrated", "quarantined", "conflicts", "changed", "missing",

@@ -13,10 +13,10 @@ from html import escape
 from itertools import pairwise
 from typing import Any
 
-from cloudexit.report import charts
+from cloudexit.core import charts
 from cloudexit.report.front import count_note, front_page
 from cloudexit.report.i18n import texts
-from cloudexit.report.html_bits import (
+from cloudexit.core.html_bits import (
     _b,
     _code,
     _css_string,

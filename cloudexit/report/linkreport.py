@@ -23,8 +23,8 @@ from typing import Any
 from cloudexit.core.files import make_private_dirs, write_private
 from cloudexit.core.units import format_bytes, format_duration, format_rate
 from cloudexit.plan.actual import plan_windows
-from cloudexit.report import charts
-from cloudexit.report.html_bits import _table
+from cloudexit.core import charts
+from cloudexit.core.html_bits import _table
 from cloudexit.report.link_i18n import words
 from cloudexit.report.linkfacts import link_facts
 from cloudexit.state.linkseries import ERROR_KINDS

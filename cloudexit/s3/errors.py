@@ -112,7 +112,7 @@ def classify(exc: BaseException, what: str) -> Failure | None:
 
 def tls_detail(exc: BaseException) -> str:
     """The useful part of a TLS failure: the ssl error that botocore wraps (in urllib3's)."""
-    from cloudexit.transfer.client import tls_failure
+    from cloudexit.s3.client import tls_failure
 
     seen: set[int] = set()
     cause: BaseException | None = exc

@@ -32,7 +32,7 @@ from cloudexit.s3.source import (
     list_query,
     total_size,
 )
-from cloudexit.transfer.client import Counters, FetchError, S3Reader
+from cloudexit.s3.client import Counters, FetchError, S3Reader
 
 if TYPE_CHECKING:
     from cloudexit.s3.source import Source

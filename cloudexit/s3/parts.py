@@ -21,7 +21,7 @@ RAISE_KINDS = ("unreachable", "transient", "credentials", "tls", "changed", "gon
 def learn_part_sizes(reader: Any, key: str, size: int, parts: int, counters: Any) -> list[int] | None:
     """Each part's size from `HEAD ?partNumber=N` (N = 1..parts), or None if the endpoint does
     not tell them (no partNumber support: sizes that do not add up to the object)."""
-    from cloudexit.transfer.client import FetchError
+    from cloudexit.s3.client import FetchError
 
     sizes: list[int] = []
     try:

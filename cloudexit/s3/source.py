@@ -197,7 +197,7 @@ class Source:
 
     def frozen_credentials(self) -> Any:
         """The boto3 chain's current credentials (refreshed when temporary), for lean requests."""
-        from cloudexit.transfer.client import Credentials
+        from cloudexit.s3.client import Credentials
 
         creds = self.session().get_credentials()
         if creds is None:
@@ -211,7 +211,7 @@ class Source:
         verification (always on, with the CA bundle boto3 uses: `ca_bundle`)."""
         import urllib.request
 
-        from cloudexit.transfer.client import Endpoint
+        from cloudexit.s3.client import Endpoint
 
         given = self.config.endpoint_url
         if given and "://" in given:

@@ -1,6 +1,6 @@
 """Where migrated objects go: one Protocol, several sinks.
 
-The migrate engine (`cloudexit.migrate`) downloads each object once, verifies it, and hands the
+The migrate engine (`cloudexit.engine`) downloads each object once, verifies it, and hands the
 verified file to every destination of the run. A destination is a `Store`:
 
 * `FilesystemStore` (`--to /srv/pacs-archive` or `file:///srv/pacs-archive`): the archive on

@@ -20,10 +20,10 @@ from typing import Any, Callable
 from cloudexit.core.config import MigrateConfig
 from cloudexit.core.checksums import CheckResult, Expectation, ObjectHasher, expectations, part_bounds, worth_computing
 from cloudexit.dicom.scan import scan
-from cloudexit.engine.messages import Message
+from cloudexit.transfer.messages import Message
 from cloudexit.s3.parts import RAISE_KINDS, learn_part_sizes
-from cloudexit.state.meter import Meter
-from cloudexit.transfer.client import DISK_ERRNOS, Counters, Credentials, Endpoint, FetchError, S3Reader, _short, disk_error
+from cloudexit.s3.meter import Meter
+from cloudexit.s3.client import DISK_ERRNOS, Counters, Credentials, Endpoint, FetchError, S3Reader, _short, disk_error
 from cloudexit.transfer.rate import SharedRate
 from cloudexit.transfer.tasks import Result, Task
 

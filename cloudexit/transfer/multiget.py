@@ -30,8 +30,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
-from cloudexit.engine.messages import Message, ResultGroup
-from cloudexit.transfer.client import Counters, FetchError
+from cloudexit.transfer.messages import Message, ResultGroup
+from cloudexit.s3.client import Counters, FetchError
 from cloudexit.transfer.fetch import Fetcher
 from cloudexit.transfer.tasks import Result, Task
 from cloudexit.transfer.worker import commit_folders

@@ -1,6 +1,6 @@
 """Large objects: parallel ranged GETs into one temp file, hashed in order as they land.
 
-How far each range got is fsynced and reported (`RangeDone`, engine/messages.py) every
+How far each range got is fsynced and reported (`RangeDone`, transfer/messages.py) every
 `CHECKPOINT_SECONDS`, so a resume after a kill continues mid-range.
 """
 
@@ -12,8 +12,8 @@ import time
 from typing import TYPE_CHECKING
 
 from cloudexit.core.checksums import ObjectHasher
-from cloudexit.engine.messages import RangeDone
-from cloudexit.transfer.client import FetchError, disk_error
+from cloudexit.transfer.messages import RangeDone
+from cloudexit.s3.client import FetchError, disk_error
 from cloudexit.transfer.fetch import HEADER_BYTES
 from cloudexit.transfer.tasks import Result, Task
 

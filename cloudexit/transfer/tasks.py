@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from cloudexit.transfer.client import Counters, Credentials
+from cloudexit.s3.client import Counters, Credentials
 
 
 @dataclass

@@ -16,8 +16,8 @@ import threading
 from typing import Any, Callable
 
 from cloudexit.core.config import MigrateConfig
-from cloudexit.engine.messages import Message, ResultGroup
-from cloudexit.transfer.client import Counters, _short, disk_error
+from cloudexit.transfer.messages import Message, ResultGroup
+from cloudexit.s3.client import Counters, _short, disk_error
 from cloudexit.transfer.fetch import Fetcher
 from cloudexit.transfer.rate import SharedRate
 from cloudexit.transfer.tasks import Result, Task

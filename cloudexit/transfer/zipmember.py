@@ -28,7 +28,7 @@ NOT_CHECKED = ("object MD5/ETag: a member of a zip is read by range, so the zip'
 
 def fetch_member(fetcher: Fetcher, task: Task, result: Result) -> None:
     """Fetch, check and place one member (`task.member`). Raises FetchError like `_fetch`."""
-    from cloudexit.transfer.client import FetchError
+    from cloudexit.s3.client import FetchError
 
     assert task.member is not None
     m = Member.from_json({k: v for k, v in task.member.items() if k != "container"})

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote, urlsplit
 
-from cloudexit.state.meter import Meter
+from cloudexit.s3.meter import Meter
 
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 CREDENTIAL_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken",

@@ -47,8 +47,8 @@ def _nice_max(value: float) -> float:
     magnitude = 10 ** (len(str(int(value))) - 1)
     for step in (1, 2, 2.5, 5, 10):
         if step * magnitude >= value:
-            return step * magnitude
-    return 10 * magnitude
+            return float(step * magnitude)
+    return float(10 * magnitude)
 
 
 def throughput(t0: datetime, span_s: float, bucket_s: int, points: Sequence[Sequence[float]],
