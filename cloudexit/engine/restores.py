@@ -25,12 +25,10 @@ from cloudexit.state import transfers as sql
 from cloudexit.state.db import State, now
 from cloudexit.s3.client import Counters
 
+
 if TYPE_CHECKING:
     from cloudexit.engine.worklist import Worklist
 
-# Storage classes whose objects must be restored before a GET (S3, OSS, COS, OBS names).
-ARCHIVE_CLASSES = {"GLACIER", "DEEP_ARCHIVE", "ARCHIVE", "COLDARCHIVE", "DEEPCOLDARCHIVE",
-                   "COLD", "DEEP_COLD"}
 RESTORE_TIERS = {"bulk": "Bulk", "standard": "Standard", "expedited": "Expedited"}
 # AWS offers Expedited restores for GLACIER (Flexible Retrieval) only, not for DEEP_ARCHIVE
 # (RestoreObject API reference): those fall back to Standard.

@@ -13,7 +13,7 @@ import sqlite3
 from pathlib import PurePosixPath
 
 from cloudexit.core.config import MigrateConfig
-from cloudexit.engine.restores import ARCHIVE_CLASSES
+from cloudexit.s3.source import ARCHIVE_CLASSES
 from cloudexit.state import members
 from cloudexit.state import transfers as sql
 from cloudexit.state.db import State, now

@@ -25,6 +25,7 @@ from cloudexit.core.config import MigrateConfig
 from cloudexit.core.errors import Interrupted, UsageError
 from cloudexit.s3.source import Source
 from cloudexit.state.db import State, now
+from cloudexit.s3.source import ARCHIVE_CLASSES
 
 # Size classes, by the work an object costs: request-bound, CT slices, single GETs of a few MB
 # to the multipart threshold, and ranged reads (the bound is the migrate config's large_object).
@@ -35,7 +36,7 @@ MIN_SPREAD = 0.10  # a measured rate is never given tighter than +-10%
 LATENCY_PROBES = 12
 INTERPRETER_START_S = 0.5  # the command's own start (Python and imports), before the engine
 # Archive tiers cannot be read without a restore: never sampled.
-_NEEDS_RESTORE = ("GLACIER", "DEEP_ARCHIVE", "ARCHIVE", "COLDARCHIVE", "DEEPCOLDARCHIVE")
+_NEEDS_RESTORE = tuple(sorted(ARCHIVE_CLASSES))  # not sampled: a restore takes hours
 
 
 @dataclass

@@ -119,7 +119,7 @@ def signer_of(key: str | os.PathLike[str]) -> Signer:
     elif not os.environ.get("SSH_AUTH_SOCK"):
         raise SigningError(f"--sign {key}: a public key signs through ssh-agent, and none is running",
                            hint="start ssh-agent and ssh-add the private key, or pass the private key file")
-    from cloudexit.report.audit import current_user
+    from cloudexit.report.facts import current_user
 
     line, comment = public
     return Signer(str(path), comment or current_user(), line.split()[0], fingerprint(line), line)

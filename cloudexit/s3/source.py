@@ -26,6 +26,10 @@ from cloudexit.core.errors import (
 )
 from cloudexit.s3.errors import ErrorKind, Failure, classify
 
+# Storage classes whose objects must be restored before a GET (S3, OSS, COS, OBS names).
+ARCHIVE_CLASSES = frozenset({"GLACIER", "DEEP_ARCHIVE", "ARCHIVE", "COLDARCHIVE", "DEEPCOLDARCHIVE",
+                             "COLD", "DEEP_COLD"})
+
 # Provider checksum headers worth keeping: they let migrate verify without trusting the ETag.
 CHECKSUM_HEADERS = (
     "x-amz-checksum-crc32", "x-amz-checksum-crc32c", "x-amz-checksum-crc64nvme",
