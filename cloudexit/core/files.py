@@ -82,3 +82,22 @@ def make_private_dirs(path: str | os.PathLike[str]) -> None:
     except FileExistsError:
         if not os.path.isdir(path):
             raise NotADirectoryError(errno.ENOTDIR, "a file is in the way of a folder", path) from None
+
+
+@contextmanager
+def new_output(path: str | os.PathLike[str], fsync: bool = True) -> Iterator[int]:
+    """A new file (0600, never through a symlink) as a raw fd: fsynced (if asked) and closed when
+    the block ends, removed when it raises, so a failed decode leaves no half file behind."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        yield fd
+        if fsync:
+            os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        raise
+    os.close(fd)

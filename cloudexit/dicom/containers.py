@@ -24,6 +24,7 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
+from cloudexit.core.files import new_output
 from cloudexit.dicom.header import Header, classify
 
 ORTHANC_ZLIB = "orthanc-zlib"
@@ -178,8 +179,7 @@ def decode_file(encoding: str, raw_path: str, out_path: str, fsync: bool = True)
     digest = hashlib.sha256()
     head = bytearray()
     written = 0
-    fd = os.open(out_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    try:
+    with new_output(out_path, fsync) as fd:
         with open(raw_path, "rb") as raw:
             if encoding == ORTHANC_ZLIB:
                 prefix = raw.read(8)
@@ -223,16 +223,6 @@ def decode_file(encoding: str, raw_path: str, out_path: str, fsync: bool = True)
                 pending = inflater.unused_data if inflater.eof else inflater.unconsumed_tail
         if declared is not None and written != declared:
             raise DecodeError(f"{label}: declares {declared} bytes, decodes to {written}")
-        if fsync:
-            os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        try:
-            os.unlink(out_path)
-        except FileNotFoundError:
-            pass
-        raise
-    os.close(fd)
     return Decoded(written, digest.hexdigest(), bytes(head),
                    checks + ([f"gzip-members:{members}"] if members > 1 else []))
 

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from cloudexit.core.files import new_output
 from cloudexit.dicom.header import Header, classify
 
 Read = Callable[[int, int], bytes]  # (start, end exclusive) -> bytes of the object
@@ -353,8 +354,7 @@ def extract_member(raw_path: str, m: Member, out_path: str, fsync: bool = True) 
     plain_digest, raw_digest = hashlib.sha256(), hashlib.sha256()
     head = bytearray()
     written, crc = 0, 0
-    fd = os.open(out_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    try:
+    with new_output(out_path, fsync) as fd:
         with open(raw_path, "rb") as raw:
             fixed = raw.read(30)
             raw_digest.update(fixed)
@@ -411,16 +411,6 @@ def extract_member(raw_path: str, m: Member, out_path: str, fsync: bool = True) 
         if crc != m.crc:
             raise ExtractError(f"zip member {m.name!r}: CRC-32 mismatch (the directory says "
                                f"{m.crc:08x}, the data gives {crc:08x}): damaged in the zip")
-        if fsync:
-            os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        try:
-            os.unlink(out_path)
-        except FileNotFoundError:
-            pass
-        raise
-    os.close(fd)
     return Extracted(written, plain_digest.hexdigest(), bytes(head), raw_digest.hexdigest())
 
 
