@@ -75,11 +75,14 @@ def prepare(server, workload: str, log) -> str:
     return bucket
 
 
-def inventory_db(server, bucket: str, work: Path, env: dict[str, str], log) -> Path:
-    db = work / f"{bucket}.db"
+def inventory_db(server, bucket: str, work: Path, env: dict[str, str], log, base: bool = False) -> Path:
+    """The finished inventory each run starts from (a copy of it). `base`: made by the
+    --compare-tree checkout, whose code may refuse a DB of a newer schema."""
+    db = work / (f"{bucket}-base.db" if base else f"{bucket}.db")
     if not db.exists():
         log(f"inventory of {bucket} (not timed)")
-        result = measure([tool("cloudexit"), "inventory", f"s3://{bucket}", "--db", str(db), "-q"],
+        cli = [sys.executable, "-m", "cloudexit.cli"] if base else [tool("cloudexit")]
+        result = measure([*cli, "inventory", f"s3://{bucket}", "--db", str(db), "-q"],
                          env=env)
         if result.returncode not in (0, 3):
             raise SystemExit("inventory failed")
@@ -130,6 +133,7 @@ def run(args: argparse.Namespace) -> dict:
         for workload in args.workloads:
             bucket = prepare(server, workload, log)
             db = inventory_db(server, bucket, work, env, log)
+            base_db = inventory_db(server, bucket, work, base_env, log, base=True) if args.compare_tree else db
             data: dict[str, list] = {t: [] for t in tools}
             for round_ in range(args.rounds):
                 order = list(tools)
@@ -141,7 +145,7 @@ def run(args: argparse.Namespace) -> dict:
                     db_copy = work / f"run-{workload}.db"
                     for suffix in ("", "-wal", "-shm", ".lock"):
                         Path(str(db_copy) + suffix).unlink(missing_ok=True)
-                    shutil.copy(db, db_copy)
+                    shutil.copy(base_db if name == "cloudexit-base" else db, db_copy)
                     # The previous tool's writes reach the disk now, not during this tool's run
                     # (s5cmd, rclone and aws leave theirs in the page cache when they exit).
                     os.sync()
