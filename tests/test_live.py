@@ -298,3 +298,24 @@ def test_the_page_says_which_pacs_is_paused_and_why_the_link_waits(tmp_path: Pat
         snap = snapshot(state)
         assert snap["run"]["waiting"] == [] and snap["run"]["status"] == "interrupted"
         assert snap["outages"][0]["cause"] == "timeout"
+
+
+def test_the_page_lists_cluster_workers(tmp_path: Path) -> None:
+    """A run on a cluster: each dask worker with its objects, bytes, errors and last report."""
+    from cloudexit.report.live import page, snapshot
+    from cloudexit.state.db import State, now
+
+    with State(tmp_path / "c.db", create=True) as state:
+        with state.transaction() as tx:
+            tx.execute("INSERT INTO migration_runs(started_at, status, dest, options, pid, host, heartbeat_at) "
+                       "VALUES (?, 'running', 'file:///a', '{}', ?, 'h', ?)", (now(), os.getpid(), now()))
+            for i, (worker, state_name) in enumerate([("tcp://10.0.0.7:4001", "verified"),
+                                                      ("tcp://10.0.0.7:4001", "failed"),
+                                                      ("tcp://10.0.0.8:4001", "verified"), (None, "queued")]):
+                tx.execute("INSERT INTO transfers(key, dest, seq, state, size, worker, updated_at, run_id) "
+                           "VALUES (?, 'file:///a', ?, ?, 1000, ?, ?, 1)", (f"k{i}", i, state_name, worker, now()))
+        workers = snapshot(state)["run"]["workers"]
+    assert [(w["worker"], w["objects"], w["bytes"], w["errors"]) for w in workers] == [
+        ("tcp://10.0.0.7:4001", 1, 1000, 1), ("tcp://10.0.0.8:4001", 1, 1000, 0)]
+    assert all(w["last_seen"] for w in workers)
+    assert 'id="workers"' in page("en") and 'id="workers"' in page("zh")

@@ -76,6 +76,8 @@ def snapshot(state: State, now: float | None = None) -> dict[str, Any]:
         "deliveries": [{"dest": d, "done": v["done"], "objects": v["objects"], "by_state": v["by_state"]}
                        for d, v in run["deliveries"].items()],
         "requests": run["usage"]["requests"], "bytes_downloaded": run["usage"]["bytes_downloaded"],
+        # migrate --cluster: each dask worker's objects, bytes, errors and last report (none on one machine)
+        "workers": [{**w, "last_seen": _iso_local(w["last_seen"])} for w in run.get("workers", [])],
     }
     return out
 
@@ -144,6 +146,7 @@ table{border-collapse:collapse;width:100%}th,td{border-bottom:1px solid #e6e6e6;
 <h2 id="h-outages"></h2><table><thead><tr id="outage-head"></tr></thead><tbody id="outages"></tbody></table>
 <h2 id="h-exceptions"></h2><table><tbody id="exceptions"></tbody></table>
 <h2 id="h-deliveries"></h2><table><tbody id="deliveries"></tbody></table>
+<h2 id="h-workers" hidden></h2><table><tbody id="workers"></tbody></table>
 <p class="muted" id="nophi"></p>
 <script>
 "use strict";
@@ -230,6 +233,10 @@ function show(d) {
   const dl = document.getElementById("deliveries"); dl.textContent = "";
   for (const x of r.deliveries) dl.appendChild(row([x.dest, x.done + " / " + x.objects,
     Object.entries(x.by_state).map(e => e[0] + " " + e[1]).join(", ")]));
+  const wk = document.getElementById("workers"); wk.textContent = "";
+  txt("h-workers", W["live.workers"]); document.getElementById("h-workers").hidden = !r.workers.length;
+  for (const x of r.workers) wk.appendChild(row([x.worker, x.objects.toLocaleString() + " " + W["live.count"],
+    bytes(x.bytes), W["ex.failed"] + " " + x.errors, when(x.last_seen)]));
 }
 async function poll() {
   try {
