@@ -1,1 +1,1 @@
-"""The state database and what lives beside it: the file, the patient key, egress meters."""
+"""The state database and what lives beside it: the schema, the file, the patient key, link evidence, per-table SQL."""

@@ -1,1 +1,1 @@
-"""The download path: worker processes, the lean GET client, small objects many at once."""
+"""The download path: worker processes, one object fetched, verified and placed; ranges; small objects many at once; zip members."""
