@@ -1,1 +1,2 @@
-"""The object store as the source: listing, HEADs, the lean GET client, part sizes, deletion calls, egress meters, one error classification."""
+"""The object store as the source: listing, HEADs, the lean GET client, part sizes, deletion
+calls, egress meters, one error classification."""
