@@ -21,6 +21,8 @@ from cloudexit.stores.filesystem import TEMP_PREFIX
 from cloudexit.testing import synthetic
 
 pytest.importorskip("distributed")
+# Every test here starts dask schedulers and worker processes (seconds each, 10 s to tear down).
+pytestmark = pytest.mark.slow
 
 
 def _tree(root: Path) -> dict[str, str]:

@@ -438,6 +438,7 @@ def test_kill_9_mid_extraction_then_resume(s3_env: SeaweedServer, bucket: str, d
     _dcmftest([archive / r["path"] for r in members])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("protocol", ["dicom", "dicomweb"])
 def test_zipped_study_delivered_to_a_pacs(cli: Any, s3: SeaweedServer, bucket: str, db: Path,
                                           tmp_path: Path, pacs: OrthancServer, protocol: str) -> None:
