@@ -160,6 +160,7 @@ class CStoreStore:
         self._idle: list[_Link] = []
         self._slots = threading.BoundedSemaphore(self.parallel)
         self._seen: dict[str, tuple[str, str]] = {}  # SOP UID -> (key, dataset sha256) sent ok
+        self._uid_locks = [threading.Lock() for _ in range(64)]  # striped by SOP Instance UID
 
     def __repr__(self) -> str:
         return f"CStoreStore({self.url!r}, calling={self.calling_aet!r})"
@@ -269,9 +270,12 @@ class CStoreStore:
         if need in self._refused:
             return self._refused_delivery(item, need)
         payload: str | Dataset = staged if info.part10 else self._dataset(staged, sop_class, ts)
-        delivery = self._send(item, need, payload)
-        if delivery.ok:
-            delivery = self._confirm(item, staged, delivery, need)
+        # One SOP Instance UID at a time: the PACS keeps the copy it got first, so the copy sent
+        # first must be the one confirmed first (else both could pass as ours, the conflict lost).
+        with self._uid_locks[hash(item.sop_uid) % len(self._uid_locks)]:
+            delivery = self._send(item, need, payload)
+            if delivery.ok:
+                delivery = self._confirm(item, staged, delivery, need)
         return delivery
 
     def _dataset(self, staged: str, sop_class: str, ts: str) -> Dataset:
