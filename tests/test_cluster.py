@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import os
 import subprocess
 import time
@@ -17,6 +18,7 @@ from dasknodes import node_env
 from dbutil import rows
 
 from cloudexit.cluster.address import parse
+from cloudexit.core.errors import UsageError
 from cloudexit.stores.filesystem import TEMP_PREFIX
 from cloudexit.testing import synthetic
 
@@ -65,6 +67,10 @@ def test_cluster_addresses() -> None:
     assert parse("local:3").workers == 3
     assert parse("tcp://127.0.0.1:8786").loopback and parse("local:1").loopback
     assert not parse("tcp://10.0.0.5:8786").loopback
+    for bad, says in [("tcp://[::1:8786", "not an address"), ("tcp://host:99999", "the port is not a number"),
+                      ("local:0", "1 to 256"), ("http://x:1", "give tcp://HOST:PORT")]:
+        with pytest.raises(UsageError, match=re.escape(says)):
+            parse(bad)
 
 
 def test_credentials_forwarding_refused_over_plain_tcp_to_another_machine(cli, awkward: str, db: Path,

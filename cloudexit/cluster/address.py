@@ -47,7 +47,10 @@ def parse(text: str) -> ClusterAddress:
         if not count.isdigit() or not 1 <= int(count) <= 256:
             raise UsageError(f"--cluster {text!r}: local:N needs N worker processes, 1 to 256", hint=hint)
         return ClusterAddress("local", workers=int(count))
-    parts = urlsplit(text)
+    try:
+        parts = urlsplit(text)
+    except ValueError:  # an unclosed IPv6 bracket
+        raise UsageError(f"--cluster {text!r}: not an address", hint=hint) from None
     if parts.scheme not in ("tcp", "tls"):
         raise UsageError(f"--cluster {text!r}: give tcp://HOST:PORT, tls://HOST:PORT or local:N", hint=hint)
     try:
