@@ -23,6 +23,7 @@ from cloudexit.stores.filesystem import TEMP_PREFIX
 from cloudexit.testing import synthetic
 
 pytest.importorskip("distributed")
+import dask  # installed with distributed
 # Every test here starts dask schedulers and worker processes (seconds each, 10 s to tear down).
 pytestmark = pytest.mark.slow
 
@@ -84,6 +85,21 @@ def test_credentials_forwarding_refused_over_plain_tcp_to_another_machine(cli, a
     assert "tls://" in result.output and "Traceback" not in result.output
     bad = cli("migrate", "--to", str(tmp_path / "archive"), "--db", str(db), "--cluster", "http://x:1")
     assert bad.exit_code == 2 and "give tcp://HOST:PORT, tls://HOST:PORT or local:N" in bad.output
+
+    def refused(*args: str) -> str:
+        result = cli("migrate", "--to", str(tmp_path / "archive"), "--db", str(db), *args)
+        assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+        return result.output
+
+    # tls:// needs dask's certificates: without them dask raised a TypeError from its connect.
+    assert "dask has no TLS certificates configured" in refused("--cluster", "tls://127.0.0.1:8786")
+    with dask.config.set({"distributed.comm.tls.ca-file": str(tmp_path / "no-ca.pem"),
+                          "distributed.comm.tls.client.cert": str(tmp_path / "no-cert.pem")}):
+        assert "dask's TLS settings cannot be used" in refused("--cluster", "tls://127.0.0.1:8786")
+    with pytest.MonkeyPatch.context() as mp:  # dask not installed (None in sys.modules: ImportError)
+        mp.setitem(sys.modules, "distributed", None)
+        assert "pip install 'cloudexit[cluster]'" in refused("--cluster", "local:1")
+    assert not (tmp_path / "archive").exists()  # refused before the run touched DEST
 
 
 # -- real scheduler and workers ----------------------------------------------------------------------
