@@ -28,8 +28,7 @@ from cloudexit.stores.filesystem import TEMP_PREFIX
 from cloudexit.s3.client import Credentials, Endpoint
 from cloudexit.transfer.tasks import Result, Task
 
-TOKEN_PREFIX = ".cloudexit-cluster-"
-TEMP_NAME_START = ".cloudexit-"  # stores/filesystem.py TEMP_PREFIX  # the DEST token file's name (+ run token)
+TOKEN_PREFIX = ".cloudexit-cluster-"  # the DEST token file's name (+ run token)
 IDLE_END = 120.0  # seconds: a run's service idle this long is ended when another run starts
 # Stands in for the credentials in tasks sent to the cluster: each worker fills in its own.
 NO_CREDENTIALS = Credentials("-", "")
