@@ -202,16 +202,24 @@ def _all_verified(db: Path, dest: Path, truth: dict[str, str]) -> None:
     assert not _temps(dest)
 
 
-@pytest.mark.slow
-def test_a_worker_killed_mid_run_loses_nothing(cli, s3, bucket: str, db: Path, tmp_path: Path, dask_nodes) -> None:
+def _slow_run_on_two_workers(cli, s3, bucket: str, db: Path, dest: Path,
+                             dask_nodes) -> tuple[dict[str, str], subprocess.Popen[str]]:
+    """40 CT objects inventoried and a migration to `dest` started at 1 MB/s on workers w1 and
+    w2 (slow enough to place a kill mid-run): the objects' SHA-256 by key, and the process."""
     truth = _ct(s3, bucket, 40)
     _inventory(cli, bucket, db)
     dask_nodes.worker("w1")
     dask_nodes.worker("w2")
     dask_nodes.wait_for(2)
-    dest = tmp_path / "archive"
     proc = _migrate(db, "--to", str(dest), "--cluster", dask_nodes.address, "--bwlimit", "1M", "-q",
                     env=node_env(s3))
+    return truth, proc
+
+
+@pytest.mark.slow
+def test_a_worker_killed_mid_run_loses_nothing(cli, s3, bucket: str, db: Path, tmp_path: Path, dask_nodes) -> None:
+    dest = tmp_path / "archive"
+    truth, proc = _slow_run_on_two_workers(cli, s3, bucket, db, dest, dask_nodes)
     try:  # w2 has placed objects and more are in flight: kill it
         _until(lambda: _count(db, "worker = 'w2' AND state = 'verified'") >= 2
                and _count(db, "state = 'fetching'") >= 4)
@@ -227,14 +235,8 @@ def test_a_worker_killed_mid_run_loses_nothing(cli, s3, bucket: str, db: Path, t
 
 @pytest.mark.slow
 def test_coordinator_killed_then_resumed(cli, s3, bucket: str, db: Path, tmp_path: Path, dask_nodes) -> None:
-    truth = _ct(s3, bucket, 40)
-    _inventory(cli, bucket, db)
-    dask_nodes.worker("w1")
-    dask_nodes.worker("w2")
-    dask_nodes.wait_for(2)
     dest = tmp_path / "archive"
-    proc = _migrate(db, "--to", str(dest), "--cluster", dask_nodes.address, "--bwlimit", "1M", "-q",
-                    env=node_env(s3))
+    truth, proc = _slow_run_on_two_workers(cli, s3, bucket, db, dest, dask_nodes)
     try:
         _until(lambda: _count(db, "state = 'verified'") >= 5 and _count(db, "state = 'fetching'") >= 4)
     finally:
