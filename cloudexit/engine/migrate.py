@@ -37,6 +37,7 @@ from typing import Any, Callable
 
 from cloudexit.core.config import MigrateConfig
 from cloudexit.core.errors import CloudexitError, CredentialsError, Interrupted, StateError
+from cloudexit.core.states import TransferState as T
 from cloudexit.engine.delivery import Outlets
 from cloudexit.engine.executor import Executor
 from cloudexit.engine.flights import Flight, Flights, flight_for
@@ -45,7 +46,7 @@ from cloudexit.transfer.messages import Message, RangeDone, WorkerLost, results_
 from cloudexit.engine.policy import Action, Context, Do, decide
 from cloudexit.engine.progress import MigrateProgress, MigrationSummary
 from cloudexit.engine.restores import Restores, back_to_restore, restore_tier, restore_tier_note
-from cloudexit.engine.runs import (DONE_STATES, RunLock, check_new_archive, check_preconditions, claim_archive,
+from cloudexit.engine.runs import (RunLock, check_new_archive, check_preconditions, claim_archive,
                                    config_from_run, counts, end_run, is_live, last_run, open_run, runs,
                                    set_live_bwlimit)
 from cloudexit.engine.worklist import Worklist
@@ -61,7 +62,7 @@ from cloudexit.s3.client import Counters
 from cloudexit.transfer.tasks import Result
 
 # What callers import from here (the CLI, playbook, status, audit).
-__all__ = ["DONE_STATES", "MigrateProgress", "Migration", "MigrationSummary", "check_new_archive",
+__all__ = ["MigrateProgress", "Migration", "MigrationSummary", "check_new_archive",
            "config_from_run", "counts", "is_live", "last_run", "restore_tier", "restore_tier_note", "runs",
            "set_live_bwlimit"]
 
@@ -230,12 +231,12 @@ class Migration:
                 if self.flights.retries:
                     time.sleep(min(0.2, self.flights.seconds_to_next()))
                     continue
-                if self._has_work("queued"):
+                if self._has_work(T.QUEUED):
                     continue
-                if self.restores.busy or self._has_work("inspect"):
+                if self.restores.busy or self._has_work(T.INSPECT):
                     time.sleep(0.05)
                     continue
-                if self._has_work("restoring"):
+                if self._has_work(T.RESTORING):
                     if not exhausted_at:
                         exhausted_at = clock
                     time.sleep(0.2)
@@ -394,9 +395,9 @@ class Migration:
         if do is Do.DONE:
             self._landed(tx, r, flight, action, stamp)
         elif do is Do.REQUEUE:
-            sql.set_state(tx, key, dest, "queued", stamp)
+            sql.set_state(tx, key, dest, T.QUEUED, stamp)
         elif do is Do.FAIL:
-            self._fail(tx, flight, action.state or "failed", action.reason or "failed", stamp)
+            self._fail(tx, flight, action.state or T.FAILED, action.reason or "failed", stamp)
         elif do is Do.RETRY:
             if action.link_down:
                 self.link.down(tx, r.detail, why=action.why)
@@ -405,7 +406,7 @@ class Migration:
             self.retries += action.retry_counted
             self.flights.retry(flight, delay=action.delay)
         elif do is Do.STOP:
-            sql.set_state(tx, key, dest, "queued", stamp)
+            sql.set_state(tx, key, dest, T.QUEUED, stamp)
             self._stopped(tx, action)
         elif do is Do.RESTORE:
             back_to_restore(tx, key, dest, stamp)
@@ -429,7 +430,7 @@ class Migration:
         reason = action.reason
         if action.conflict:
             reason = self._archive_conflict(tx, key, r, relative, stamp)
-        elif action.state == "quarantined" and reason is None:
+        elif action.state == T.QUARANTINED and reason is None:
             reason = tx.execute("SELECT reason FROM objects WHERE key = ?", (key,)).fetchone()[0]
         self.done_rows.append(
             (action.state, relative, r.sha256, r.md5, ",".join(r.checks),
@@ -443,7 +444,7 @@ class Migration:
         self.verified_delta[0] += flight.size
         self.verified_delta[1] += 1
         self.verified_delta[2] += r.resumed_from
-        if action.state == "quarantined":
+        if action.state == T.QUARANTINED:
             self.progress.quarantined += 1
             self.state.log("migrate.quarantined", tx, key=key, path=relative, reason=reason)
         if r.replaced:
@@ -550,14 +551,14 @@ class Migration:
         c, unfinished = end_run(self.state, self.run_id, self.dest, stop, deliveries)
         run = sql.run_row(self.state, self.run_id)
         failures = [(r["key"], r["state"], r["reason"] or "") for r in sql.failures(
-            self.state, self.dest, ("failed", "missing", "quarantined", "restoring"))]
+            self.state, self.dest, (T.FAILED, T.MISSING, T.QUARANTINED, T.RESTORING))]
         failures += self.outlets.failures()
         summary = MigrationSummary(
             run=self.run_id, resumed=self.resume, dest=self.dest,
             total=sum(v for k, v in c.items() if not k.startswith("_")),
-            verified=c.get("verified", 0), quarantined=c.get("quarantined", 0),
-            duplicates=c.get("duplicate", 0), failed=c.get("failed", 0), missing=c.get("missing", 0),
-            skipped=c.get("skipped", 0), unfinished=unfinished,
+            verified=c.get(T.VERIFIED, 0), quarantined=c.get(T.QUARANTINED, 0),
+            duplicates=c.get(T.DUPLICATE, 0), failed=c.get(T.FAILED, 0), missing=c.get(T.MISSING, 0),
+            skipped=c.get(T.SKIPPED, 0), unfinished=unfinished,
             bytes_verified=c["_bytes_done"], bytes_downloaded=run["bytes_downloaded"],
             requests={"GET": run["get_requests"], "HEAD": run["head_requests"],
                       "LIST": run["list_requests"], "RESTORE": run["restore_requests"]},

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
+from cloudexit.core.states import TransferState as T
 from cloudexit.transfer.tasks import Result
 
 LINK_UP_WINDOW = 2.0  # seconds: an answer this recent means the link is up, the object is at fault
@@ -49,7 +50,7 @@ class Context:
 @dataclass(frozen=True)
 class Action:
     do: Do
-    state: str | None = None
+    state: T | None = None
     reason: str | None = None
     delay: float = 0.0
     strike: bool = False  # count one strike against the object
@@ -66,8 +67,8 @@ class Action:
 
 def decide(r: Result, ctx: Context) -> Action:
     """The action for result `r` (see `Do`)."""
-    if r.outcome in ("verified", "quarantined"):
-        return Action(Do.DONE, state=r.outcome, reason=r.detail, conflict=bool(r.conflict), answered=True)
+    if r.outcome in (T.VERIFIED, T.QUARANTINED):
+        return Action(Do.DONE, state=T(r.outcome), reason=r.detail, conflict=bool(r.conflict), answered=True)
     if r.outcome == "cancelled":
         return Action(Do.REQUEUE, streak=ctx.streak)
     kind = r.error_kind or "permanent"
@@ -79,7 +80,7 @@ def decide(r: Result, ctx: Context) -> Action:
         streak += 1
         link_up = ctx.since_answer < LINK_UP_WINDOW
         if ctx.strikes + link_up >= ctx.attempts:
-            return Action(Do.FAIL, state="failed", reason=r.detail or "connection lost", strike=link_up,
+            return Action(Do.FAIL, state=T.FAILED, reason=r.detail or "connection lost", strike=link_up,
                           streak=streak)
         link_down = streak >= max(3, min(ctx.capacity, 6)) and not link_up
         return Action(Do.RETRY, delay=1.0, strike=link_up, retry_counted=True, link_down=link_down,
@@ -100,14 +101,14 @@ def decide(r: Result, ctx: Context) -> Action:
         return Action(Do.STOP, stop="read-only" if r.error_code in READ_ONLY_CODES else "full",
                       reason=r.detail, answered=True)
     if kind == "gone":
-        return Action(Do.FAIL, state="missing", reason=r.detail or "deleted at the source", answered=True)
+        return Action(Do.FAIL, state=T.MISSING, reason=r.detail or "deleted at the source", answered=True)
     if kind == "archived":
         return Action(Do.RESTORE, answered=True)
     if kind == "changed":
         new = r.changed_to
         if new and new.get("gone"):
-            return Action(Do.FAIL, state="missing", reason="deleted at the source since inventory", answered=True)
+            return Action(Do.FAIL, state=T.MISSING, reason="deleted at the source since inventory", answered=True)
         if not new or ctx.changes >= CHANGES_MAX:
-            return Action(Do.FAIL, state="failed", reason="the object keeps changing at the source", answered=True)
+            return Action(Do.FAIL, state=T.FAILED, reason="the object keeps changing at the source", answered=True)
         return Action(Do.CHANGED, new=new, answered=True)
-    return Action(Do.FAIL, state="failed", reason=r.detail or kind, answered=True)
+    return Action(Do.FAIL, state=T.FAILED, reason=r.detail or kind, answered=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from cloudexit.state.transfers import DONE_STATES
+from cloudexit.core.states import DONE, TransferState as T
 
 
 @dataclass
@@ -29,10 +29,10 @@ class MigrateProgress:
     def load(self, counts: dict[str, int]) -> None:
         """Start from the archive's counts (state/transfers.py `counts`)."""
         self.total = sum(v for k, v in counts.items() if not k.startswith("_"))
-        self.done = sum(counts.get(s, 0) for s in DONE_STATES)
-        self.quarantined = counts.get("quarantined", 0)
-        self.failed = counts.get("failed", 0) + counts.get("missing", 0)
-        self.restoring = counts.get("restoring", 0)
+        self.done = sum(counts.get(s, 0) for s in DONE)
+        self.quarantined = counts.get(T.QUARANTINED, 0)
+        self.failed = counts.get(T.FAILED, 0) + counts.get(T.MISSING, 0)
+        self.restoring = counts.get(T.RESTORING, 0)
         self.bytes_total = counts["_bytes_total"]
         self.bytes_done = counts["_bytes_done"]
 
@@ -65,5 +65,5 @@ class MigrationSummary:
     @property
     def exit_code(self) -> int:
         pacs_bad = any(c.get(s, 0) for c in self.deliveries.values()
-                       for s in ("failed", "conflict", "queued"))
+                       for s in (T.FAILED, T.CONFLICT, T.QUEUED))
         return 3 if (self.failed or self.missing or self.quarantined or self.unfinished or pacs_bad) else 0

@@ -17,11 +17,12 @@ from typing import Any
 
 from cloudexit.core.config import MigrateConfig
 from cloudexit.core.errors import StateError, UsageError
+from cloudexit.core.states import DONE, WAITING, TransferState as T
 from cloudexit.state import transfers as sql
 from cloudexit.state.db import State, now
-from cloudexit.state.transfers import DONE_STATES, counts, last_run, runs
+from cloudexit.state.transfers import counts, last_run, runs
 
-__all__ = ["DONE_STATES", "LIVE_AFTER", "RunLock", "check_new_archive",
+__all__ = ["LIVE_AFTER", "RunLock", "check_new_archive",
            "config_from_run", "counts", "is_live", "last_run", "open_run", "runs", "set_live_bwlimit"]
 
 LIVE_AFTER = 15.0  # seconds: a run whose heartbeat is older is not live
@@ -161,7 +162,7 @@ def open_run(state: State, config: MigrateConfig, dest: str, resume: bool, deliv
     if not resume and unfinished:
         assert run is not None
         c = counts(state, run["dest"])
-        done = sum(c.get(s, 0) for s in DONE_STATES)
+        done = sum(c.get(s, 0) for s in DONE)
         total = sum(v for k, v in c.items() if not k.startswith("_"))
         from cloudexit.core.units import format_bytes
 
@@ -188,24 +189,21 @@ def open_run(state: State, config: MigrateConfig, dest: str, resume: bool, deliv
     return run_id, schedule_text
 
 
-UNFINISHED = ("queued", "fetching", "inspect", "restoring")
-
-
 def end_run(state: State, run_id: int, dest: str, stop: BaseException | None,
             deliveries: dict[str, dict[str, int]]) -> tuple[dict[str, int], int]:
     """Record how the run ended: (the archive's counts, objects unfinished)."""
     from cloudexit.core.errors import Interrupted
 
     c = counts(state, dest)
-    unfinished = sum(c.get(s, 0) for s in UNFINISHED)
-    pacs_queued = sum(d.get("queued", 0) for d in deliveries.values())
-    pacs_bad = sum(d.get("failed", 0) + d.get("conflict", 0) for d in deliveries.values())
+    unfinished = sum(c.get(s, 0) for s in WAITING)
+    pacs_queued = sum(d.get(T.QUEUED, 0) for d in deliveries.values())
+    pacs_bad = sum(d.get(T.FAILED, 0) + d.get(T.CONFLICT, 0) for d in deliveries.values())
     if isinstance(stop, Interrupted):
         status = "interrupted"
     elif stop is not None or unfinished or pacs_queued:
         status = "stopped"
     else:
-        status = "partial" if (c.get("failed") or c.get("missing") or c.get("quarantined")
+        status = "partial" if (c.get(T.FAILED) or c.get(T.MISSING) or c.get(T.QUARANTINED)
                                or pacs_bad) else "complete"
     stamp = now()
     with state.transaction() as tx:

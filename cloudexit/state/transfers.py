@@ -10,7 +10,8 @@ from __future__ import annotations
 import sqlite3
 from typing import Any, Iterable, Sequence
 
-DONE_STATES = ("verified", "duplicate", "quarantined", "skipped")
+from cloudexit.core.states import DONE
+
 # A PACS refusal worth another try on the next run (0xA7xx: out of resources; HTTP 5xx/429).
 TRANSIENT_REASONS = ("0xA7%", "HTTP 5%", "HTTP 429%")
 
@@ -107,7 +108,7 @@ def counts(state: Any, dest: str) -> dict[str, int]:
     found = state.query("SELECT state, count(*) AS n, coalesce(sum(size), 0) AS b FROM transfers "
                         "WHERE dest = ? GROUP BY state", (dest,))
     out = {r["state"]: r["n"] for r in found}
-    out["_bytes_done"] = sum(r["b"] for r in found if r["state"] in DONE_STATES)
+    out["_bytes_done"] = sum(r["b"] for r in found if r["state"] in DONE)
     out["_bytes_total"] = sum(r["b"] for r in found if r["state"] != "missing")
     return out
 
