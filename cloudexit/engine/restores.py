@@ -56,7 +56,7 @@ def restore_tier_note(state: State, tier: str) -> str | None:
 def back_to_restore(tx: sqlite3.Connection, key: str, dest: str, stamp: str) -> None:
     """The source says the object is archived (again): restore it before the next GET."""
     sql.set_state(tx, key, dest, "restoring", stamp)
-    tx.execute("DELETE FROM restores WHERE key = ? AND status != 'requested'", (key,))
+    sql.forget_restore(tx, key)
 
 
 class Restores:
@@ -102,7 +102,7 @@ class Restores:
         # Restores in progress: check them every restore_poll seconds.
         if time.monotonic() >= self.next_poll:
             self.next_poll = time.monotonic() + cfg.restore_poll
-            for r in self.state.query("SELECT key, etag FROM restores WHERE status = 'requested'"):
+            for r in sql.requested_restores(self.state):
                 if r["key"] not in self.busy:
                     self.busy.add(r["key"])
                     self.pool.submit(self._bg_check_restore, r["key"], r["etag"])
@@ -216,15 +216,10 @@ class Restores:
     def _on_restore(self, tx: sqlite3.Connection, key: str, info: dict[str, Any], stamp: str) -> None:
         self.restore_requests += 1
         status = info["status"]
-        tx.execute(
-            "INSERT INTO restores(key, etag, storage_class, tier, days, status, requested_at, reason) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(key) DO UPDATE SET etag = excluded.etag, "
-            "status = excluded.status, requested_at = excluded.requested_at, reason = excluded.reason",
-            (key, info["etag"], info.get("storage_class"),
-             restore_tier(info.get("storage_class"), self.config.restore_tier),
-             self.config.restore_days, status, stamp, info.get("reason")))
-        self.state.log("migrate.restore", tx, key=key, status=status,
-                       tier=restore_tier(info.get("storage_class"), self.config.restore_tier),
+        tier = restore_tier(info.get("storage_class"), self.config.restore_tier)
+        sql.record_restore(tx, key, info["etag"], info.get("storage_class"), tier, self.config.restore_days,
+                           status, stamp, info.get("reason"))
+        self.state.log("migrate.restore", tx, key=key, status=status, tier=tier,
                        days=self.config.restore_days, reason=info.get("reason"))
         if status == "restored":
             self._restored(tx, key, stamp)
@@ -239,10 +234,8 @@ class Restores:
 
     def _on_restore_check(self, tx: sqlite3.Connection, key: str, info: dict[str, Any], stamp: str) -> None:
         self.counters.head += 1
-        tx.execute("UPDATE restores SET checked_at = ?, checks = checks + 1 WHERE key = ?", (stamp, key))
+        sql.restore_checked(tx, key, stamp, bool(info.get("done")), info.get("expiry"))
         if info.get("done"):
-            tx.execute("UPDATE restores SET status = 'restored', restored_at = ?, expiry = ? WHERE key = ?",
-                       (stamp, info.get("expiry"), key))
             self.state.log("migrate.restored", tx, key=key, expiry=info.get("expiry"))
             self._restored(tx, key, stamp)
 

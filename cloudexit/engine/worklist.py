@@ -99,12 +99,9 @@ class Worklist:
         return True
 
     def initial_state(self, o: sqlite3.Row, path: str | None) -> str:
-        if (o["storage_class"] or "").upper() in ARCHIVE_CLASSES:
-            restored = self.state.scalar(
-                "SELECT 1 FROM restores WHERE key = ? AND status = 'restored' AND etag IS ?",
-                (o["key"], o["etag"]))
-            if not restored:
-                return "restoring"
+        archived = (o["storage_class"] or "").upper() in ARCHIVE_CLASSES
+        if archived and not sql.is_restored(self.state, o["key"], o["etag"]):
+            return "restoring"
         if path is None:
             return "inspect"
         if o["kind"] == "other" and self.config.non_dicom == "skip":

@@ -1,4 +1,5 @@
-"""The SQL the migrate engine issues on `transfers`, `transfer_ranges` and `migration_runs`.
+"""The SQL the migrate engine issues on `transfers`, `transfer_ranges`, `migration_runs` and
+`restores`.
 
 One row of `transfers` per (key, destination): the archive folder (`file://...`) and each PACS
 (`dicom://...`, `dicomweb+...`); see docs/state-db.md. Functions take an open transaction
@@ -375,6 +376,41 @@ def to_inspect(state: Any, dest: str, limit: int) -> list[sqlite3.Row]:
     """Rows whose object's header must be read before it has a path."""
     return list(state.query("SELECT t.key, t.etag, t.size FROM transfers t WHERE t.dest = ? "
                             "AND t.state = 'inspect' LIMIT ?", (dest, limit)))
+
+
+# -- restores: one row per key, the last restore asked for ----------------------------------------
+def is_restored(state: Any, key: str, etag: str | None) -> bool:
+    """This version of the object was restored (a copy is readable)."""
+    return bool(state.scalar("SELECT 1 FROM restores WHERE key = ? AND status = 'restored' AND etag IS ?",
+                             (key, etag)))
+
+
+def requested_restores(state: Any) -> list[sqlite3.Row]:
+    """Restores asked for and not known to be done: key, etag."""
+    return list(state.query("SELECT key, etag FROM restores WHERE status = 'requested'"))
+
+
+def record_restore(tx: Tx, key: str, etag: str, storage_class: str | None, tier: str, days: int, status: str,
+                   stamp: str, reason: str | None) -> None:
+    """A restore request's answer (`requested`, `restored` or `failed`), replacing the key's last."""
+    tx.execute(
+        "INSERT INTO restores(key, etag, storage_class, tier, days, status, requested_at, reason) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(key) DO UPDATE SET etag = excluded.etag, "
+        "status = excluded.status, requested_at = excluded.requested_at, reason = excluded.reason",
+        (key, etag, storage_class, tier, days, status, stamp, reason))
+
+
+def restore_checked(tx: Tx, key: str, stamp: str, done: bool, expiry: str | None) -> None:
+    """A HEAD looked at a requested restore; `done`: the copy is readable until `expiry`."""
+    tx.execute("UPDATE restores SET checked_at = ?, checks = checks + 1 WHERE key = ?", (stamp, key))
+    if done:
+        tx.execute("UPDATE restores SET status = 'restored', restored_at = ?, expiry = ? WHERE key = ?",
+                   (stamp, expiry, key))
+
+
+def forget_restore(tx: Tx, key: str) -> None:
+    """The object is archived again: a restore done (or failed) before no longer counts."""
+    tx.execute("DELETE FROM restores WHERE key = ? AND status != 'requested'", (key,))
 
 
 # -- PACS destinations: one row per DICOM object and PACS, fed by the archive's verified files --------
