@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 from cloudexit.core.config import MigrateConfig
 from cloudexit.core.errors import UsageError
+from cloudexit.core.states import TransferState as T
 from cloudexit.state import transfers as sql
 from cloudexit.state.db import State, now
 from cloudexit.stores import Delivery, Item, StoreError, StoreUnavailable
@@ -223,7 +224,7 @@ class Outlets:
                                    detail=str(answer).split("\n")[0])
                 continue
             if isinstance(answer, BaseException):
-                answer = Delivery("failed", code="error", detail=f"{type(answer).__name__}: {answer}")
+                answer = Delivery(T.FAILED, code="error", detail=f"{type(answer).__name__}: {answer}")
             self.done.append((o, key, answer))
 
     def commit(self, tx: sqlite3.Connection, stamp: str) -> None:
@@ -231,10 +232,10 @@ class Outlets:
         rows = []
         for o, key, d in self.done:
             reason = None
-            if d.status != "stored":
+            if d.status != T.STORED:
                 reason = f"{d.code}: {d.detail}" if d.code and d.detail else (d.code or d.detail)
             rows.append((d.status, reason, stamp, stamp, self.run_id, key, o.store.id))
-            if d.status in ("conflict", "failed"):
+            if d.status in (T.CONFLICT, T.FAILED):
                 self.state.log(f"migrate.delivery_{d.status}", tx, key=key, dest=o.store.id, code=d.code,
                                detail=d.detail, **{k: v for k, v in d.extra.items() if isinstance(v, str)})
             o.busy.discard(key)
@@ -248,4 +249,4 @@ class Outlets:
 
     def failures(self) -> list[tuple[str, str, str]]:
         return [(r["key"], r["state"], f"{o.store.id}: {r['reason'] or ''}") for o in self.outlets
-                for r in sql.failures(self.state, o.store.id, ("failed", "conflict"))]
+                for r in sql.failures(self.state, o.store.id, (T.FAILED, T.CONFLICT))]

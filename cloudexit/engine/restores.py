@@ -21,6 +21,7 @@ from cloudexit.core.config import MigrateConfig
 from cloudexit.core.errors import CloudexitError, CredentialsError
 from cloudexit.engine.progress import MigrateProgress
 from cloudexit.s3.source import Source
+from cloudexit.core.states import TransferState as T
 from cloudexit.state import transfers as sql
 from cloudexit.state.db import State, now
 from cloudexit.s3.client import Counters
@@ -55,7 +56,7 @@ def restore_tier_note(state: State, tier: str) -> str | None:
 
 def back_to_restore(tx: sqlite3.Connection, key: str, dest: str, stamp: str) -> None:
     """The source says the object is archived (again): restore it before the next GET."""
-    sql.set_state(tx, key, dest, "restoring", stamp)
+    sql.set_state(tx, key, dest, T.RESTORING, stamp)
     sql.forget_restore(tx, key)
 
 
@@ -224,7 +225,7 @@ class Restores:
         if status == "restored":
             self._restored(tx, key, stamp)
         elif status == "failed":
-            sql.set_state(tx, key, self.dest, "failed", stamp, f"restore request failed: {info.get('reason')}")
+            sql.set_state(tx, key, self.dest, T.FAILED, stamp, f"restore request failed: {info.get('reason')}")
             self.progress.failed += 1
             if info.get("fatal"):
                 self.stop(CredentialsError(f"restore refused: {info.get('reason')}",
@@ -243,14 +244,14 @@ class Restores:
         row = sql.path_of_restoring(tx, key, self.dest)
         if row is None:
             return
-        sql.set_state(tx, key, self.dest, "queued" if row[0] else "inspect", stamp)
+        sql.set_state(tx, key, self.dest, T.QUEUED if row[0] else T.INSPECT, stamp)
         self.progress.restoring = max(0, self.progress.restoring - 1)
 
     def _on_inspect(self, tx: sqlite3.Connection, key: str, info: dict[str, Any], stamp: str) -> None:
         self.counters.get += info.get("requests", 0)
         self.counters.bytes += info.get("bytes", 0)
         if info.get("gone"):
-            sql.set_state(tx, key, self.dest, "missing", stamp, "deleted at the source")
+            sql.set_state(tx, key, self.dest, T.MISSING, stamp, "deleted at the source")
             self.progress.failed += 1
             return
         if info.get("changed"):
@@ -262,13 +263,13 @@ class Restores:
                                              stamp, key))
                 sql.new_identity(tx, key, self.dest, head.get("ETag", "").strip('"'), int(head["ContentLength"]))
             except CloudexitError as exc:
-                sql.set_state(tx, key, self.dest, "failed", stamp, str(exc).split("\n")[0])
+                sql.set_state(tx, key, self.dest, T.FAILED, stamp, str(exc).split("\n")[0])
             return
         if info.get("archived"):
             back_to_restore(tx, key, self.dest, stamp)
             return
         if info.get("error"):
-            sql.set_state(tx, key, self.dest, "failed", stamp, f"header read failed: {info['error']}")
+            sql.set_state(tx, key, self.dest, T.FAILED, stamp, f"header read failed: {info['error']}")
             self.progress.failed += 1
             if info.get("fatal"):
                 self.stop(CredentialsError(info["error"], hint="fix the credentials, then: cloudexit migrate --resume"))
@@ -286,6 +287,6 @@ class Restores:
              h["encoding"], h["plain_size"], h["pacs_metadata"], key, info["etag"]))
         o = sql.rows(tx, "SELECT * FROM objects WHERE key = ?", (key,)).fetchone()
         path, conflict = self.worklist.repath(tx, o)
-        state_name = "skipped" if h["kind"] == "other" and self.config.non_dicom == "skip" else "queued"
+        state_name = T.SKIPPED if h["kind"] == "other" and self.config.non_dicom == "skip" else T.QUEUED
         sql.placed(tx, key, self.dest, state_name, h["kind"], path, conflict, o["etag"], o["size"], stamp,
                    self.worklist.fold(path))

@@ -14,6 +14,7 @@ from pathlib import PurePosixPath
 
 from cloudexit.core.config import MigrateConfig
 from cloudexit.s3.source import ARCHIVE_CLASSES
+from cloudexit.core.states import TransferState as T
 from cloudexit.state import members
 from cloudexit.state import transfers as sql
 from cloudexit.state.db import State, now
@@ -98,17 +99,17 @@ class Worklist:
             folders.update("/".join(parts[:i]) for i in range(1, len(parts)))
         return True
 
-    def initial_state(self, o: sqlite3.Row, path: str | None) -> str:
+    def initial_state(self, o: sqlite3.Row, path: str | None) -> T:
         archived = (o["storage_class"] or "").upper() in ARCHIVE_CLASSES
         if archived and not sql.is_restored(self.state, o["key"], o["etag"]):
-            return "restoring"
+            return T.RESTORING
         if path is None:
-            return "inspect"
+            return T.INSPECT
         if o["kind"] == "other" and self.config.non_dicom == "skip":
-            return "skipped"
+            return T.SKIPPED
         if members.is_zip(o) and not self.config.keep_containers:  # zipped study (state/members.py)
-            return "skipped"
-        return "queued"
+            return T.SKIPPED
+        return T.QUEUED
 
     # -- the start and the end of a run -------------------------------------------------------------
     def sync(self, run_id: int) -> None:
@@ -149,7 +150,7 @@ class Worklist:
         rows = sql.conflicts(self.state, self.dest)
         with self.state.transaction() as tx:
             for r in rows:
-                if r["canon_state"] == "verified" and r["canon_sha"] == r["sha256"]:
+                if r["canon_state"] == T.VERIFIED and r["canon_sha"] == r["sha256"]:
                     try:
                         os.unlink(self.store.absolute(r["path"]))
                     except FileNotFoundError:
@@ -161,15 +162,15 @@ class Worklist:
                     reason = (f"collision: its name differs from {r['conflict_with']!r}'s only in letter "
                               "case or Unicode form, which this destination takes as the same name; "
                               "both kept, this one quarantined")
-                    sql.set_state(tx, r["key"], self.dest, "quarantined", stamp, reason)
+                    sql.set_state(tx, r["key"], self.dest, T.QUARANTINED, stamp, reason)
                     self.state.log("migrate.collision", tx, key=r["key"], holder=r["conflict_with"],
                                    path=r["path"])
                 else:
                     reason = (f"conflict: SOP Instance UID also at {r['conflict_with']!r} with different "
                               f"content; both kept, this one quarantined")
-                    if r["canon_state"] != "verified":
+                    if r["canon_state"] != T.VERIFIED:
                         reason = (f"conflict: SOP Instance UID also at {r['conflict_with']!r} "
                                   f"(not migrated yet: {r['canon_state']}); quarantined")
-                    sql.set_state(tx, r["key"], self.dest, "quarantined", stamp, reason)
+                    sql.set_state(tx, r["key"], self.dest, T.QUARANTINED, stamp, reason)
                     self.state.log("migrate.conflict", tx, key=r["key"], holder=r["conflict_with"],
                                    path=r["path"])
