@@ -242,7 +242,7 @@ compares MD5 with single-part ETags only, aws cli checks `x-amz-checksum-*` when
   before a byte moves. Requests are signed by a standard-library SigV4 signer (tested against
   botocore's, and checked by the server on every request).
 * Small objects (up to 1 MiB, whole, single-part, HTTP or HTTPS without a proxy, no
-  `--bwlimit`) run many at once on each worker process's main thread (`cloudexit/multiget.py`):
+  `--bwlimit`) run many at once on each worker process's main thread (`cloudexit/transfer/multiget.py`):
   16 non-blocking keep-alive connections (connect and TLS handshake on the same selector), one
   selector, the request written in one `send`, the answer parsed from one buffer. With 8 download
   threads per process instead, the GIL changed hands at every system
@@ -263,7 +263,7 @@ compares MD5 with single-part ETags only, aws cli checks `x-amz-checksum-*` when
   below it in one range query), and the SOP-UID conflict query runs only for UIDs that occur
   twice: 20,000 objects plan in ~1.7-2.4 s instead of ~6 s (and the workers are already up).
 * pydicom's header parse (~1 ms per object) was replaced on the hot path by a `struct` walk of
-  the header (~40 µs; `cloudexit/dicomscan.py`) that falls back to pydicom for anything unusual.
+  the header (~40 µs; `cloudexit/dicom/scan.py`) that falls back to pydicom for anything unusual.
 * Hashing only what verification needs: on this CPU MD5 runs at ~440 MB/s (1.2 ms per 0.5 MB
   object), SHA-256 (SHA-NI) at ~1 GB/s (0.5 ms), CRC32 (zlib) at ~1.1 GB/s (0.46 ms). A verified
   MD5 ETag (or multipart ETag) already proves the bytes are those S3 stored, so the provider CRC
