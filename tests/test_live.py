@@ -121,6 +121,9 @@ def test_serve_and_link_report_say_what_is_wrong_in_one_line(cli, tmp_path: Path
     assert r.exit_code == 2 and "too short" in r.output
     r = cli("link-report", "--db", str(inventoried), "--out", str(tmp_path / "l"), "--since", "yesterday-ish")
     assert r.exit_code == 2 and "cannot read --since" in r.output
+    for far in ("0001-01-01", "99999999d"):  # dates a clock cannot show: one line, not a traceback
+        r = cli("link-report", "--db", str(inventoried), "--out", str(tmp_path / "l"), "--since", far)
+        assert r.exit_code == 2 and "cannot read --since" in r.output, r.output
     r = cli("link-report", "--db", str(inventoried), "--out", str(tmp_path / "l"))
     assert r.exit_code == 0, r.output
     facts = json.loads((tmp_path / "l" / "link.json").read_text())
