@@ -93,11 +93,11 @@ def test_minutes_outage_and_roll_up(tmp_path: Path) -> None:
     state.close()
 
 
-def test_a_version_10_db_gains_the_link_tables(tmp_path: Path) -> None:
+def version_10_db(path: Path) -> Path:
+    """A state DB as cloudexit wrote it before the link tables (schema 10)."""
     from cloudexit.state.db import APP_ID
     from cloudexit.state.schema import MIGRATIONS as _MIGRATIONS
 
-    path = tmp_path / "old.db"
     conn = sqlite3.connect(path)
     for version in range(1, 11):
         for statement in _MIGRATIONS[version].split(";"):
@@ -107,7 +107,22 @@ def test_a_version_10_db_gains_the_link_tables(tmp_path: Path) -> None:
     conn.execute(f"PRAGMA application_id={APP_ID}")
     conn.commit()
     conn.close()
+    return path
+
+
+def test_a_version_10_db_gains_the_link_tables(tmp_path: Path) -> None:
+    path = version_10_db(tmp_path / "old.db")
     with State(path) as state:
         assert state.schema_version() == SCHEMA_VERSION
         assert state.query("SELECT count(*) AS n FROM link_series")[0]["n"] == 0
         assert state.query("SELECT count(*) AS n FROM link_outages")[0]["n"] == 0
+
+
+def test_serve_on_a_db_of_another_schema_says_so_in_one_line(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from cloudexit.cli import main
+
+    path = version_10_db(tmp_path / "old.db")
+    r = CliRunner().invoke(main, ["serve", "--db", str(path)], catch_exceptions=False)
+    assert r.exit_code != 0 and "another version of cloudexit (schema 10" in r.output, r.output

@@ -113,10 +113,11 @@ class State:
             raise StateError(f"{self.path} is not a cloudexit state database",
                              hint="pass --db with a new file name for a new migration")
         elif readonly:
-            if self.schema_version() != SCHEMA_VERSION:
+            version = self.schema_version()
+            if version != SCHEMA_VERSION:
                 self.conn.close()
-                raise StateReadOnly(f"{self.path} is read-only and was written by another version of "
-                                    f"cloudexit (schema {self.schema_version()}, this one reads "
+                raise StateReadOnly(f"{self.path} is opened read-only and was written by another version of "
+                                    f"cloudexit (schema {version}, this one reads "
                                     f"{SCHEMA_VERSION})", hint="copy it somewhere writable first")
         else:
             self._migrate(self.schema_version())
