@@ -126,3 +126,19 @@ def test_serve_on_a_db_of_another_schema_says_so_in_one_line(tmp_path: Path) -> 
     path = version_10_db(tmp_path / "old.db")
     r = CliRunner().invoke(main, ["serve", "--db", str(path)], catch_exceptions=False)
     assert r.exit_code != 0 and "another version of cloudexit (schema 10" in r.output, r.output
+
+
+def test_link_report_reads_a_db_of_an_older_schema_without_migrating_it(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from cloudexit.cli import main
+
+    path = version_10_db(tmp_path / "old.db")
+    before = path.read_bytes()
+    r = CliRunner().invoke(main, ["link-report", "--db", str(path), "--out", str(tmp_path / "l"), "-q"],
+                           catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "l" / "link.json").exists()
+    # Evidence is read, never rewritten: same bytes, same schema, no key file beside it.
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["l", "old.db"]

@@ -61,7 +61,7 @@ def link_report(db_path: str, out: str, since: str | None, until: str | None, la
     start, end = parse_moment(since, "--since"), parse_moment(until, "--until")
     if start is not None and end is not None and end <= start:
         raise UsageError("--until is not after --since", hint="swap them, or leave --until out")
-    with open_readable(db_path) as state:
+    with open_readable(db_path, untouched=True) as state:  # evidence: read, never migrated
         facts = write_link_report(state.conn, out, start, end, lang)
     if as_json:
         click.echo(json.dumps({"out": out, "files": list(FILES), "summary": facts["summary"],
