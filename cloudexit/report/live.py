@@ -131,6 +131,7 @@ table{border-collapse:collapse;width:100%}th,td{border-bottom:1px solid #e6e6e6;
 <p style="float:right"><a id="other" href="#">__OTHER_NAME__</a></p>
 <h1 id="title">__TITLE__</h1><p class="muted" id="updated"></p>
 <div id="norun" class="muted" hidden></div>
+<div id="problem" class="down" hidden></div>
 <div id="waiting"></div>
 <div class="grid">
 <div class="card"><span id="l-objects"></span><b id="objects">-</b><div class="bar"><i id="objects-bar" style="width:0"></i></div></div>
@@ -241,7 +242,10 @@ function show(d) {
 async function poll() {
   try {
     const res = await fetch("api/live", {headers: {"Authorization": "Bearer " + token}, cache: "no-store"});
+    const problem = document.getElementById("problem");
+    problem.hidden = res.ok;
     if (res.ok) { show(await res.json()); document.body.dataset.polls = (+(document.body.dataset.polls || 0) + 1); }
+    else if (res.status === 503) problem.textContent = W[(await res.json()).error === "gone" ? "live.gone" : "live.unreadable"];
   } catch (e) { /* the server restarts or the network blinks: try again */ }
   setTimeout(poll, +(params.get("every") || 2) * 1000);
 }
