@@ -142,3 +142,15 @@ def test_link_report_reads_a_db_of_an_older_schema_without_migrating_it(tmp_path
     # Evidence is read, never rewritten: same bytes, same schema, no key file beside it.
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["l", "old.db"]
+
+
+def test_the_link_words_say_the_same_in_en_and_zh() -> None:
+    """Both languages have every key, with the same {placeholders} (a zh line that drops
+    {since} would show the link down with no time; one that misspells it shows '{sinse}')."""
+    import re
+
+    from cloudexit.report.link_i18n import TEXT
+
+    assert set(TEXT["en"]) == set(TEXT["zh"])
+    slots = {lang: {k: sorted(re.findall(r"\{(\w+)\}", v)) for k, v in TEXT[lang].items()} for lang in TEXT}
+    assert slots["en"] == slots["zh"]
