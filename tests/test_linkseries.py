@@ -154,3 +154,32 @@ def test_the_link_words_say_the_same_in_en_and_zh() -> None:
     assert set(TEXT["en"]) == set(TEXT["zh"])
     slots = {lang: {k: sorted(re.findall(r"\{(\w+)\}", v)) for k, v in TEXT[lang].items()} for lang in TEXT}
     assert slots["en"] == slots["zh"]
+
+
+def test_flush_rolls_up_old_minutes_at_most_once_an_hour(tmp_path: Path) -> None:
+    """The roll-up runs from `flush` (the engine's commits) on the recorder's clock: at its first
+    flush, then once an hour, so a commit pays for it rarely and for about an hour of minutes."""
+    state = State(tmp_path / "x.db", create=True)
+    t0 = 1_700_000_000 - 1_700_000_000 % HOUR
+    old = LinkRecorder("migrate", clock=Clock(t0))
+    old.traffic(1000, get=1)
+    with state.transaction() as tx:
+        old.flush(tx)
+    clock = Clock(t0 + KEEP_MINUTES_S + HOUR + 5)
+    rec = LinkRecorder("migrate", clock=clock)
+    spans = lambda: [(r["ts"], r["span"]) for r in state.query("SELECT ts, span FROM link_series ORDER BY ts, span")]  # noqa: E731
+    with state.transaction() as tx:
+        rec.flush(tx)  # the first flush rolls up
+    assert spans() == [(t0, HOUR)]
+    late = t0 + 60  # an old minute written after that roll-up: waits for the next one
+    with state.transaction() as tx:
+        tx.execute("INSERT INTO link_series(ts, span, source, bytes) VALUES (?, 60, 'migrate', 5)", (late,))
+        clock.t += HOUR - 10
+        rec.flush(tx)
+    assert spans() == [(t0, HOUR), (late, 60)]
+    with state.transaction() as tx:
+        clock.t += 20
+        rec.flush(tx)
+    assert spans() == [(t0, HOUR)]
+    assert state.query("SELECT bytes FROM link_series")[0]["bytes"] == 1005
+    state.close()
