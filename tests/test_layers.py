@@ -29,8 +29,8 @@ def _cloudexit_imports(path: Path) -> list[tuple[int, str]]:
         elif isinstance(node, ast.ImportFrom):
             base = package[:len(package) - node.level + 1] if node.level else ()
             module = ".".join([*base, *([node.module] if node.module else [])])
-            if module == "cloudexit":  # `from cloudexit import app`: the names are the modules
-                found += [(node.lineno, f"cloudexit.{a.name}") for a in node.names]
+            if module == "cloudexit":  # `from cloudexit import app`: the layers' names are modules
+                found += [(node.lineno, f"cloudexit.{a.name}") for a in node.names if a.name in LAYERS]
             elif module.startswith("cloudexit."):
                 found.append((node.lineno, module))
     return found
