@@ -36,6 +36,25 @@ MEMBERSHIP_EVERY = 2.0  # seconds between looks at which workers are there
 NO_WORKER_GRACE = 300.0  # seconds without any admitted worker before the run stops
 
 
+def _check_dask(address: ClusterAddress) -> None:
+    """dask.distributed is installed, and for tls:// it has the certificates to use (without
+    them dask fails with a TypeError deep in its connect)."""
+    try:
+        import distributed
+    except ImportError:
+        raise UsageError("--cluster needs dask.distributed, which is not installed",
+                         hint="pip install 'cloudexit[cluster]'") from None
+    if address.scheme != "tls":
+        return
+    hint = "give dask the CA, certificate and key in its configuration (docs/scale-out.md, TLS)"
+    try:
+        context = distributed.Security().get_connection_args("client").get("ssl_context")
+    except (OSError, ValueError) as exc:  # a file named there is missing, unreadable or not PEM
+        raise UsageError(f"--cluster {address.url}: dask's TLS settings cannot be used: {exc}", hint=hint) from None
+    if context is None:
+        raise UsageError(f"--cluster {address.url}: dask has no TLS certificates configured", hint=hint)
+
+
 class DaskExecutor:
     """`Executor` (engine/executor.py) over a dask.distributed cluster."""
 
@@ -48,6 +67,7 @@ class DaskExecutor:
         `profile`: the AWS profile name workers use. `notice`: where warnings and the
         dashboard link go (the CLI prints them)."""
         check_credentials_mode(address, credentials)
+        _check_dask(address)  # refused before the run takes its lock or touches DEST
         self.address, self.mode, self.min_workers = address, credentials, min_workers
         self.profile = profile
         self.notice = notice or (lambda text: None)
@@ -82,11 +102,8 @@ class DaskExecutor:
     def start(self, config: MigrateConfig, root: str, new_meter: Callable[[], str]) -> None:
         from cloudexit.s3.meter import Meter
 
-        try:
-            import distributed
-        except ImportError:
-            raise UsageError("--cluster needs dask.distributed, which is not installed",
-                             hint="pip install 'cloudexit[cluster]'") from None
+        import distributed
+
         # local:N: N dask workers of one cloudexit worker process each (N processes in all).
         self.config = replace(config, processes=1) if self.address.scheme == "local" else config
         self.root = root
