@@ -303,6 +303,9 @@ def test_inventory_records_members_and_migrate_unpacks_them(cli: Any, s3: Seawee
     assert status["studies"] == 4
     assert status["objects"] == len(objects) and status["zip_archives"] == 5
     assert status["zip_members"] == len(members) and status["non_dicom"] == 2  # README, DICOMDIR
+    # Storage classes are the bucket's objects (a member bills nothing of its own).
+    assert status["by_storage_class"] == [{"name": "STANDARD", "objects": len(objects),
+                                           "bytes": sum(map(len, objects.values()))}]
     text = cli("status", "--db", str(db)).output
     assert f"files in zips    {len(members):>10}   inside 5 zip archive(s)" in text, text
 
