@@ -307,16 +307,6 @@ class Source:
         checksums = {h: headers[h] for h in CHECKSUM_HEADERS if h in headers}
         return RangeRead(data, total, resp.get("ETag", "").strip('"'), checksums)
 
-    def get_stream(self, key: str, etag: str | None = None) -> Any:
-        """The whole object as a readable stream (`.read(n)`), checked against `etag`."""
-        args: dict[str, Any] = {"Bucket": self.bucket, "Key": key}
-        if etag:
-            args["IfMatch"] = f'"{etag}"'
-        try:
-            return self.client().get_object(**args)["Body"]
-        except Exception as exc:
-            raise self.translate(exc, f"object {key!r}") from exc
-
     def head(self, key: str) -> dict[str, Any]:
         try:
             return self.client().head_object(Bucket=self.bucket, Key=key)
