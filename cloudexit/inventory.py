@@ -131,6 +131,10 @@ def compile_key_pattern(pattern: str) -> re.Pattern[str]:
     if "{sop}" not in pattern:
         raise UsageError(f"--key-pattern {pattern!r} has no {{sop}}",
                          hint="name at least {sop}; {study} and {series} when the key holds them")
+    for name in ("{study}", "{series}", "{sop}"):
+        if pattern.count(name) > 1:  # one named group each (re.compile would raise)
+            raise UsageError(f"--key-pattern {pattern!r} names {name} twice",
+                             hint="name each of {study}, {series}, {sop} once; `*` matches the rest")
     out = ""
     for token in re.split(r"(\{study\}|\{series\}|\{sop\}|\*\*|\*)", pattern):
         if token in ("{study}", "{series}", "{sop}"):
