@@ -64,8 +64,11 @@ ON CONFLICT(key) DO UPDATE SET
                 THEN excluded.header_source ELSE objects.header_source END,
     size = excluded.size, etag = excluded.etag, last_modified = excluded.last_modified,
     storage_class = excluded.storage_class, status = 'present', key_flags = excluded.key_flags,
-    last_seen_round = excluded.last_seen_round, updated_at = excluded.updated_at
+    last_seen_round = excluded.last_seen_round, updated_at = excluded.updated_at,
+    container = NULL, member = NULL
 """
+# A listed key is a bucket object, even one spelled like a zip's member (`<zip key>!/<name>`,
+# cloudexit/state/members.py): the row stops being the member (the etag differs: read again).
 
 _HEADER_UPDATE = """
 UPDATE objects SET kind = ?, reason = ?, study_uid = ?, series_uid = ?, sop_uid = ?,
@@ -128,6 +131,10 @@ def compile_key_pattern(pattern: str) -> re.Pattern[str]:
     if "{sop}" not in pattern:
         raise UsageError(f"--key-pattern {pattern!r} has no {{sop}}",
                          hint="name at least {sop}; {study} and {series} when the key holds them")
+    for name in ("{study}", "{series}", "{sop}"):
+        if pattern.count(name) > 1:  # one named group each (re.compile would raise)
+            raise UsageError(f"--key-pattern {pattern!r} names {name} twice",
+                             hint="name each of {study}, {series}, {sop} once; `*` matches the rest")
     out = ""
     for token in re.split(r"(\{study\}|\{series\}|\{sop\}|\*\*|\*)", pattern):
         if token in ("{study}", "{series}", "{sop}"):
@@ -522,6 +529,7 @@ class Inventory(Listing):
         r = self.round
         with self.state.transaction() as tx:
             members.carry(tx, r)  # the files of zips listed unchanged are still there
+            members.refuse_clashes(tx, r, now())  # zips whose files a bucket key is spelled as
             # Listing is complete: whatever this round did not see is gone from the bucket, except
             # in the folders --since skipped (the greatest skipped prefix at or below a key is the
             # only one that can hold it: skipped folders never nest).

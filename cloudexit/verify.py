@@ -570,10 +570,3 @@ def check_sample(targets: list[str], sample: int) -> None:
         raise UsageError("--sample fetches instances back from a PACS, and no destination here is one",
                          hint="add --to dicom://AET@HOST:PORT or --to dicomweb+https://HOST/PATH, "
                               "or use --deep to re-hash a folder")
-
-
-def open_destination(dest: str, calling_aet: str | None = None) -> Store:
-    """The store for a recorded destination id (or a `--to` value)."""
-    from cloudexit.stores import open_store
-
-    return open_store(dest, calling_aet=calling_aet)

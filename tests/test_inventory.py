@@ -191,6 +191,13 @@ def test_wrong_key_pattern_is_caught_by_the_sample(cli, s3, bucket: str, db: Pat
     assert _rows(db, "SELECT count(*) AS n FROM objects WHERE header_source = 'header'")[0]["n"] == 30
 
 
+@pytest.mark.parametrize("pattern", ["{sop}/{sop}.dcm", "{study}/{study}/{sop}.dcm"])
+def test_a_key_pattern_naming_a_uid_twice_is_one_usage_error(cli, bucket: str, db: Path,
+                                                             pattern: str) -> None:
+    result = cli("inventory", f"s3://{bucket}", "--db", str(db), "--key-pattern", pattern)
+    assert result.exit_code == 2 and "names {" in result.stderr and "twice" in result.stderr, result.output
+
+
 # -- bad input --------------------------------------------------------------------------------
 def test_wrong_credentials(cli, bucket: str, db: Path, monkeypatch) -> None:
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")

@@ -4,6 +4,7 @@ the boto3 path (`Source`) and the lean path (`LeanS3`) for the same answer of a 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -24,6 +25,7 @@ from cloudexit.core.errors import (
     ObjectArchived,
     SourceError,
     TLSError,
+    UsageError,
 )
 from cloudexit.s3.errors import ErrorKind, Failure, classify, classify_answer
 from cloudexit.s3.lean import LeanS3
@@ -189,3 +191,15 @@ def test_an_sse_c_object_needs_its_key_on_both_paths(s3: SeaweedServer, bucket: 
         lean.close()
     assert type(boto) is type(fast) is CustomerKeyRequired
     assert str(boto) == str(fast)
+
+
+@pytest.mark.parametrize("endpoint", ["notaurl", "s3.example.org:9000", "ftp://host", "http://",
+                                      "http://host:notaport", "https://[::1", "https://host:99999"])
+def test_an_endpoint_that_is_no_http_url_is_one_usage_error(cli: Any, tmp_path: Path, endpoint: str) -> None:
+    """Before any client is made (botocore raised ValueError out of the CLI for some of these,
+    and took others for a missing credential)."""
+    with pytest.raises(UsageError, match="not an http"):
+        Source("s3://bucket", SourceConfig(endpoint_url=endpoint))
+    result = cli("inventory", "s3://bucket", "--db", str(tmp_path / "s.db"), "--endpoint-url", endpoint)
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert "--endpoint-url" in result.output and "https://HOST" in result.output, result.output

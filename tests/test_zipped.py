@@ -303,6 +303,9 @@ def test_inventory_records_members_and_migrate_unpacks_them(cli: Any, s3: Seawee
     assert status["studies"] == 4
     assert status["objects"] == len(objects) and status["zip_archives"] == 5
     assert status["zip_members"] == len(members) and status["non_dicom"] == 2  # README, DICOMDIR
+    # Storage classes are the bucket's objects (a member bills nothing of its own).
+    assert status["by_storage_class"] == [{"name": "STANDARD", "objects": len(objects),
+                                           "bytes": sum(map(len, objects.values()))}]
     text = cli("status", "--db", str(db)).output
     assert f"files in zips    {len(members):>10}   inside 5 zip archive(s)" in text, text
 
@@ -519,3 +522,38 @@ def test_a_member_already_in_place_is_accepted_without_a_get(cli: Any, s3: Seawe
     assert row["state"] == "verified" and row["raw_sha256"] is None and "zip-crc32" in row["checks"]
     assert rows(db, "SELECT sum(get_requests) AS n FROM migration_runs")[0]["n"] == gets
     assert not list(archive.rglob(".cloudexit-*.part*"))
+
+
+@pytest.mark.parametrize("later", [False, True], ids=["same-round", "next-round"])
+def test_a_bucket_key_spelled_like_a_member_never_takes_its_place(cli: Any, s3: SeaweedServer, bucket: str,
+                                                                 db: Path, tmp_path: Path,
+                                                                 later: bool) -> None:
+    """S3 keys may hold '!': a bucket object `s.zip!/IM0` has the name the zip's member IM0 is
+    recorded under. The object stays an object of its own (copied from the bucket), and the zip
+    is refused with the reason (kept as stored), whichever was inventoried first."""
+    study = _instances(2, seed=31)
+    (other,) = _instances(1, seed=32)
+    put = s3.client().put_object
+    put(Bucket=bucket, Key="s.zip", Body=_zip({f"IM{i}": o.body() for i, o in enumerate(study)}))
+    if later:
+        assert cli("inventory", f"s3://{bucket}", "--db", str(db), "-q").exit_code == 0
+        assert len(rows(db, "SELECT 1 FROM objects WHERE container = 's.zip' AND status = 'present'")) == 2
+    put(Bucket=bucket, Key="s.zip!/IM0", Body=other.body())
+    assert cli("inventory", f"s3://{bucket}", "--db", str(db), "-q").exit_code == 0
+    by_key = {r["key"]: r for r in rows(db, "SELECT * FROM objects")}
+    mine = by_key["s.zip!/IM0"]
+    assert (mine["container"], mine["member"], mine["kind"], mine["sop_uid"], mine["size"]) == (
+        None, None, "dicom", other.sop_uid, len(other.body())), dict(mine)
+    assert by_key["s.zip"]["kind"] == "unreadable" and "s.zip!/IM0" in by_key["s.zip"]["reason"]
+    assert not rows(db, "SELECT 1 FROM objects WHERE container = 's.zip' AND status = 'present'")
+    result = cli("migrate", "--to", str(tmp_path / "archive"), "--db", str(db), "-q")
+    states = {r["key"]: r["state"] for r in rows(db, "SELECT key, state FROM transfers")}
+    assert result.exit_code == 3 and states["s.zip!/IM0"] == "verified", (result.output, states)
+    assert states["s.zip"] == "quarantined", states
+    # Once the object is gone (the round after the one that no longer lists it), the zip's
+    # files are read again.
+    s3.client().delete_object(Bucket=bucket, Key="s.zip!/IM0")
+    for _round in range(2):
+        assert cli("inventory", f"s3://{bucket}", "--db", str(db), "-q").exit_code == 0
+    present = rows(db, "SELECT sop_uid FROM objects WHERE container = 's.zip' AND status = 'present'")
+    assert {r["sop_uid"] for r in present} == {o.sop_uid for o in study}

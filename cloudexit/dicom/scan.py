@@ -115,15 +115,7 @@ def _meta(buf: bytes, n: int) -> tuple[int, str | None]:
             group, elem = _TAG(buf, pos)
             if group != 0x0002:
                 return pos, ts
-            vr = buf[pos + 4:pos + 6]
-            if vr in _LONG_VRS:
-                if pos + 12 > n:
-                    raise _NeedMore
-                length, start = _U32(buf, pos + 8)[0], pos + 12
-            elif vr in _VALID_VRS:
-                length, start = _U16(buf, pos + 6)[0], pos + 8
-            else:
-                raise _Undecided
+            length, start = _explicit(buf, pos, n)[1:]
             if length == _UNDEFINED:
                 raise _Undecided
             if start + length > n:
@@ -137,6 +129,18 @@ def _meta(buf: bytes, n: int) -> tuple[int, str | None]:
     if group not in (0x0002, 0x0008):
         raise _Undecided  # not obviously DICOM: pydicom (and the inventory) decide
     return 0, None
+
+
+def _explicit(buf: bytes, pos: int, n: int) -> tuple[bytes, int, int]:
+    """An explicit-VR element at `pos`: (VR, value length, value start)."""
+    vr = buf[pos + 4:pos + 6]
+    if vr in _LONG_VRS:
+        if pos + 12 > n:
+            raise _NeedMore
+        return vr, _U32(buf, pos + 8)[0], pos + 12
+    if vr in _VALID_VRS:
+        return vr, _U16(buf, pos + 6)[0], pos + 8
+    raise _Undecided  # odd VR: pydicom knows more tricks
 
 
 def _walk(buf: bytes, pos: int, n: int, size: int, explicit: bool, depth: int,
@@ -157,15 +161,7 @@ def _walk(buf: bytes, pos: int, n: int, size: int, explicit: bool, depth: int,
         if group == 0xFFFE:
             raise _Broken(f"unexpected delimiter ({group:04X},{elem:04X})")
         if explicit:
-            vr = buf[pos + 4:pos + 6]
-            if vr in _LONG_VRS:
-                if pos + 12 > n:
-                    raise _NeedMore
-                length, start = _U32(buf, pos + 8)[0], pos + 12
-            elif vr in _VALID_VRS:
-                length, start = _U16(buf, pos + 6)[0], pos + 8
-            else:
-                raise _Undecided  # odd VR: pydicom knows more tricks
+            vr, length, start = _explicit(buf, pos, n)
         else:
             vr = b""
             length, start = _U32(buf, pos + 4)[0], pos + 8

@@ -64,7 +64,7 @@ def inventory_summary(state: State) -> dict[str, Any]:
         "by_study_year": _breakdown(state, f"SELECT coalesce(substr(study_date, 1, 4), 'unknown'), "
                                     f"count(*), sum(size) {dicom} GROUP BY 1 ORDER BY 1"),
         "by_storage_class": _breakdown(state, f"SELECT storage_class, count(*), sum(size) "
-                                       f"{present} GROUP BY 1 ORDER BY 3 DESC"),
+                                       f"{present} AND container IS NULL GROUP BY 1 ORDER BY 3 DESC"),
         "patient_key": _patient_key(state),
         "inventory": {
             "rounds": one("SELECT count(*) FROM inventory_rounds"),

@@ -79,6 +79,22 @@ class ObjectChanged(SourceError):
     """The object's ETag no longer matches the one recorded (HTTP 412)."""
 
 
+def check_endpoint(url: str | None) -> None:
+    """Refuse an endpoint that is no http(s) URL with a host, before botocore does it with a
+    ValueError (or takes it for a missing credential)."""
+    if url is None:
+        return
+    try:
+        parts = urlparse(url)
+        ok = parts.scheme in ("http", "https") and bool(parts.hostname) and parts.port != 0
+    except ValueError:  # a bad port or IPv6 literal
+        ok = False
+    if not ok:
+        raise UsageError(f"--endpoint-url {url!r} is not an http(s) URL of a host",
+                         hint="write it as https://HOST or https://HOST:PORT "
+                              "(e.g. https://s3.eu-central-1.amazonaws.com, http://127.0.0.1:8333)")
+
+
 class Source:
     """One bucket (and prefix) on one endpoint."""
 
@@ -86,6 +102,7 @@ class Source:
         self.url = url
         self.bucket, self.prefix = parse_s3_url(url)
         self.config = config or SourceConfig()
+        check_endpoint(self.config.endpoint_url)
         self._local = threading.local()
         self._session: Any = None
 
@@ -306,16 +323,6 @@ class Source:
         total = total_size(headers.get("content-range"), len(data))
         checksums = {h: headers[h] for h in CHECKSUM_HEADERS if h in headers}
         return RangeRead(data, total, resp.get("ETag", "").strip('"'), checksums)
-
-    def get_stream(self, key: str, etag: str | None = None) -> Any:
-        """The whole object as a readable stream (`.read(n)`), checked against `etag`."""
-        args: dict[str, Any] = {"Bucket": self.bucket, "Key": key}
-        if etag:
-            args["IfMatch"] = f'"{etag}"'
-        try:
-            return self.client().get_object(**args)["Body"]
-        except Exception as exc:
-            raise self.translate(exc, f"object {key!r}") from exc
 
     def head(self, key: str) -> dict[str, Any]:
         try:

@@ -42,7 +42,15 @@ ON CONFLICT(key) DO UPDATE SET
     header_source = 'header', last_seen_round = excluded.last_seen_round,
     updated_at = excluded.updated_at, encoding = 'zip', plain_size = excluded.plain_size,
     container = excluded.container, member = excluded.member
+WHERE objects.container IS excluded.container OR objects.status = 'deleted'
 """
+# (never over a bucket object whose key is spelled like the member: `refuse_clashes`)
+
+# Present bucket objects (not members) keyed `<zip key>!/<name>` ('0' follows '/'; `<zip key>!/`
+# alone, a folder marker some stores list, names no file).
+_CLASHING = ("SELECT {what} FROM objects o WHERE o.key > {zip} || '!/' AND o.key < {zip} || '!0' "
+             "AND o.status = 'present' AND o.container IS NULL")
+ZIP_CLASH = "zip archive whose files cannot be told apart from bucket objects"
 
 
 def record(tx: sqlite3.Connection, zip_key: str, etag: str, round_id: int, stamp: str,
@@ -77,6 +85,26 @@ def carry(tx: sqlite3.Connection, round_id: int) -> None:
         {"r": round_id})
 
 
+def refuse_clashes(tx: sqlite3.Connection, round_id: int, stamp: str) -> None:
+    """S3 keys may hold '!': a bucket object keyed `<zip key>!/<name>` has the key a member of
+    that zip would be recorded under. The object stays the bucket's (the listing's upsert and
+    `record` see to it); the zip is refused with the reason (kept as stored, like any unreadable
+    object) and its members leave the round, so nothing is copied under an ambiguous name."""
+    clashing = _CLASHING.format(what="min(o.key)", zip="z.key")
+    found = tx.execute(
+        f"SELECT z.key, ({clashing}) FROM objects z WHERE z.status = 'present' AND z.encoding = 'zip' "
+        "AND z.kind = 'other' AND z.container IS NULL AND EXISTS "
+        f"({_CLASHING.format(what='1', zip='z.key')})").fetchall()
+    for zip_key, key in found:
+        tx.execute("UPDATE objects SET kind = 'unreadable', updated_at = ?, reason = ? WHERE key = ?", (
+            stamp, f"{ZIP_CLASH}: the bucket also holds {key!r}, the name its file "
+            f"{key[len(zip_key) + 2:]!r} would be recorded under; the archive is kept as stored in "
+            "_quarantine/ (rename that object: the inventory round after the one that no longer "
+            "lists it reads the zip's files)", zip_key))
+        tx.execute("UPDATE objects SET status = 'deleted', change = 'deleted', change_round = ?, "
+                   "updated_at = ? WHERE container = ? AND status = 'present'", (round_id, stamp, zip_key))
+
+
 def is_zip(row: Any) -> bool:
     """The row of a zip archive whose files are recorded as members."""
     return row["encoding"] == "zip" and row["kind"] == "other" and row["container"] is None
@@ -84,10 +112,12 @@ def is_zip(row: Any) -> bool:
 
 def read_again(tx: sqlite3.Connection) -> int:
     """Zips whose files were never read (in an archive storage class at inventory time; migrate
-    found them zips once restored): this round reads them. Returns how many."""
+    found them zips once restored, or a bucket object clashed with them and is gone): this
+    round reads them. Returns how many."""
     return tx.execute("UPDATE objects SET kind = 'pending' WHERE status = 'present' AND encoding = 'zip' "
-                      "AND kind = 'unreadable' AND container IS NULL AND reason LIKE ?",
-                      (ZIP_NOT_READ + "%",)).rowcount
+                      "AND kind = 'unreadable' AND container IS NULL AND (reason LIKE ? OR "
+                      f"(reason LIKE ? AND NOT EXISTS ({_CLASHING.format(what='1', zip='objects.key')})))",
+                      (ZIP_NOT_READ + "%", ZIP_CLASH + "%")).rowcount
 
 
 # -- migrate --------------------------------------------------------------------------------------
