@@ -8,14 +8,13 @@ import json
 import re
 import os
 import subprocess
-import time
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 from dasknodes import node_env
-from dbutil import rows
+from dbutil import count, rows, wait_for
 
 from cloudexit.cluster.address import parse
 from cloudexit.core.errors import UsageError
@@ -180,20 +179,6 @@ def _ct(s3: Any, bucket: str, slices: int) -> dict[str, str]:
             for o in synthetic.upload(s3.client(), bucket, synthetic.generate(profile))}
 
 
-def _count(db: Path, where: str) -> int:
-    if not db.exists() or not rows(db, "SELECT count(*) AS n FROM sqlite_master WHERE name = 'transfers'")[0]["n"]:
-        return 0
-    return int(rows(db, f"SELECT count(*) AS n FROM transfers WHERE {where}")[0]["n"])
-
-
-def _until(condition: Any, timeout: float = 90) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("the migration did not get that far")
-        time.sleep(0.1)
-
-
 def _all_verified(db: Path, dest: Path, truth: dict[str, str]) -> None:
     got = {r["key"]: (r["state"], r["sha256"], r["path"]) for r in rows(db, "SELECT * FROM transfers")}
     assert {k: (s, h) for k, (s, h, _p) in got.items()} == {k: ("verified", h) for k, h in truth.items()}
@@ -221,8 +206,8 @@ def test_a_worker_killed_mid_run_loses_nothing(cli, s3, bucket: str, db: Path, t
     dest = tmp_path / "archive"
     truth, proc = _slow_run_on_two_workers(cli, s3, bucket, db, dest, dask_nodes)
     try:  # w2 has placed objects and more are in flight: kill it
-        _until(lambda: _count(db, "worker = 'w2' AND state = 'verified'") >= 2
-               and _count(db, "state = 'fetching'") >= 4)
+        wait_for(proc, lambda: count(db, "worker = 'w2' AND state = 'verified'") >= 2
+                 and count(db, "state = 'fetching'") >= 4, "2 objects verified on w2, 4 in flight", 90)
         dask_nodes.kill("w2")
         _out, err = proc.communicate(timeout=180)
     finally:
@@ -230,7 +215,7 @@ def test_a_worker_killed_mid_run_loses_nothing(cli, s3, bucket: str, db: Path, t
             proc.kill()
     assert proc.returncode == 0, err
     _all_verified(db, dest, truth)
-    assert _count(db, "worker = 'w1'") > 0
+    assert count(db, "worker = 'w1'") > 0
 
 
 @pytest.mark.slow
@@ -238,11 +223,12 @@ def test_coordinator_killed_then_resumed(cli, s3, bucket: str, db: Path, tmp_pat
     dest = tmp_path / "archive"
     truth, proc = _slow_run_on_two_workers(cli, s3, bucket, db, dest, dask_nodes)
     try:
-        _until(lambda: _count(db, "state = 'verified'") >= 5 and _count(db, "state = 'fetching'") >= 4)
+        wait_for(proc, lambda: count(db, "state = 'verified'") >= 5 and count(db, "state = 'fetching'") >= 4,
+                 "5 objects verified, 4 in flight", 90)
     finally:
         proc.kill()  # SIGKILL: the coordinator dies with batches running on the workers
         proc.wait()
-    assert _count(db, "state = 'fetching'") >= 4
+    assert count(db, "state = 'fetching'") >= 4
     again = _migrate(db, "--resume", "--cluster", dask_nodes.address, "-q", env=node_env(s3))
     _out, err = again.communicate(timeout=180)
     assert again.returncode == 0, err
@@ -273,12 +259,13 @@ def test_bwlimit_holds_for_the_whole_cluster(cli, s3, bucket: str, db: Path, tmp
     proc = _migrate(db, "--to", str(tmp_path / "archive"), "--cluster", dask_nodes.address, "--bwlimit", "1M",
                     "--json", env=node_env(s3))
     try:
-        _until(lambda: _count(db, "state = 'fetching'") >= 4)
+        wait_for(proc, lambda: count(db, "state = 'fetching'") >= 4, "4 objects in flight", 90)
         # The budget is split between the workers, and again when a third joins.
         assert sorted(_rates(dask_nodes.address).values()) == [limit / 2] * 2
         dask_nodes.worker("w3")
-        _until(lambda: len(_rates(dask_nodes.address)) == 3, timeout=60)
-        _until(lambda: sorted(_rates(dask_nodes.address).values()) == [limit / 3] * 3, timeout=10)
+        wait_for(proc, lambda: len(_rates(dask_nodes.address)) == 3, "3 workers with a rate", 60)
+        wait_for(proc, lambda: sorted(_rates(dask_nodes.address).values()) == [limit / 3] * 3,
+                 "the limit split in 3", 10)
         out, err = proc.communicate(timeout=180)
     finally:
         if proc.poll() is None:

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 from chromium_pipe import CHROMIUM, Page
-from dbutil import rows
+from conftest import upload_ct
+from dbutil import rows, wait_for
 
 from cloudexit.testing import synthetic
 from cloudexit.testing.s3server import SeaweedServer
@@ -29,10 +30,7 @@ OUTAGE_S = 6.0  # how long the proxy refuses connections
 @pytest.fixture(scope="module")
 def pacs(s3: SeaweedServer) -> tuple[str, list[synthetic.SyntheticObject]]:
     """Three patients' CT series (~0.5 MB a slice), uploaded once for this module."""
-    bucket = f"live-{os.getpid()}"
-    profile = synthetic.Profile(patients=3, studies_per_patient=1, ct_slices_per_series=16,
-                                cr_per_study=0, multiframe_objects=0, awkward=False, seed=11)
-    return bucket, synthetic.upload(s3.client(), bucket, synthetic.generate(profile))
+    return upload_ct(s3, "live", patients=3, slices=16)
 
 
 @pytest.fixture
@@ -169,10 +167,12 @@ def test_live_page_follows_a_migration_through_an_outage(cli, pacs, inventoried:
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             # The outage: once objects are verified in the DB (observed, not timed), the proxy
             # refuses connections for OUTAGE_S seconds.
-            wait_db(db, "SELECT 1 FROM transfers WHERE state = 'verified'", migrate)
+            wait_for(migrate, lambda: rows(db, "SELECT 1 FROM transfers WHERE state = 'verified'"),
+                     "an object verified")
             fault_proxy.refuse()
             refused_at = time.time()
-            wait_db(db, "SELECT 1 FROM link_outages WHERE ended IS NULL", migrate, 30)
+            wait_for(migrate, lambda: rows(db, "SELECT 1 FROM link_outages WHERE ended IS NULL"),
+                     "an open outage in link_outages", 30)
             first = int(page.wait("+document.getElementById('objects').dataset.done", 20, "objects done"))
             shown = page.wait("(document.getElementById('wait-link_down') || {}).dataset?.cause", 20,
                               "the link-down banner")
@@ -181,7 +181,8 @@ def test_live_page_follows_a_migration_through_an_outage(cli, pacs, inventoried:
             time.sleep(max(0.0, refused_at + OUTAGE_S - time.time()))  # the fault's length itself
             fault_proxy.accept()
             accepted_at = time.time()
-            wait_db(db, "SELECT 1 FROM link_outages WHERE ended IS NOT NULL", migrate, 60)
+            wait_for(migrate, lambda: rows(db, "SELECT 1 FROM link_outages WHERE ended IS NOT NULL"),
+                     "the outage closed in link_outages", 60)
             row = page.wait("(() => { const r = document.querySelector('#outages tr.outage');"
                             " return r && !document.getElementById('wait-link_down') && r.dataset.seconds > 0"
                             " ? [r.dataset.cause, +r.dataset.seconds] : null })()", 20, "the closed outage")
@@ -237,16 +238,6 @@ def test_live_page_follows_a_migration_through_an_outage(cli, pacs, inventoried:
     texts.append(digest.split("</section>", 1)[0])
     for text in texts:
         assert not phi_in(text, truth)
-
-
-def wait_db(db: Path, sql: str, proc: subprocess.Popen[str], timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not rows(db, sql):
-        if proc.poll() is not None:
-            raise AssertionError(f"migrate ended ({proc.returncode}) before: {sql}\n{proc.communicate()[1][-2000:]}")
-        if time.monotonic() > deadline:
-            raise AssertionError(f"never seen in the DB: {sql}")
-        time.sleep(0.1)
 
 
 def test_audit_digest(tmp_path: Path) -> None:

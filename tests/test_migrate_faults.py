@@ -11,33 +11,16 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 import psutil
-from dbutil import rows
+from dbutil import count, rows, wait_for
 
 from cloudexit.testing import synthetic
 from cloudexit.testing.s3server import SeaweedServer
 from cloudexit.stores.claim import RESERVED
 
 
-
-
-def verified_count(db: Path) -> int:
-    return rows(db, "SELECT count(*) AS n FROM transfers WHERE state = 'verified'")[0]["n"]
-
-
-def wait_for(proc: subprocess.Popen, condition: Any, what: str, timeout: float = 60) -> None:
-    """Poll `condition()` (rows in the DB, bytes through the proxy) until it holds; fail saying
-    `what` did not happen if the run ends first or the time runs out."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if proc.poll() is not None:
-            raise AssertionError(f"the run ended ({proc.returncode}) before {what}")
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {timeout:.0f} s")
-        time.sleep(0.02)
 
 
 def state_counts(db: Path) -> dict[str, int]:
@@ -126,18 +109,19 @@ def test_kill_9_at_random_points_then_resume(s3_env, ct_bucket, ct_db: Path, tmp
         # Wait until this round has really started (its heartbeat moved), then a random moment.
         beat = rows(ct_db, "SELECT max(heartbeat_at) AS b FROM migration_runs")[0]["b"] \
             if round_ else None
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and proc.poll() is None:
+
+        def started(beat: str | None = beat, proc: subprocess.Popen[bytes] = proc) -> bool:
             now_beat = rows(ct_db, "SELECT max(heartbeat_at) AS b, max(pid) AS p FROM migration_runs")[0]
-            if now_beat["b"] and now_beat["b"] != beat and now_beat["p"] == proc.pid:
-                break
-            time.sleep(0.1)
+            return bool(now_beat["b"] and now_beat["b"] != beat and now_beat["p"] == proc.pid)
+
+        wait_for(proc, started, f"round {round_ + 1} started")
         # A random kill point, placed on what the run has done: 1 to 5 more objects verified in
         # the DB, or 0.5 to 8 MiB more through the proxy (its counters were reset after the last
         # round), wherever that falls in an object or a range.
         if rng.random() < 0.5:
-            target = verified_count(ct_db) + rng.randint(1, 5)
-            wait_for(proc, lambda target=target: verified_count(ct_db) >= target, f"{target} objects verified")
+            target = count(ct_db, "state = 'verified'") + rng.randint(1, 5)
+            wait_for(proc, lambda target=target: count(ct_db, "state = 'verified'") >= target,
+                     f"{target} objects verified")
         else:
             wire = int(rng.uniform(0.5, 8) * 2**20)
             wait_for(proc, lambda wire=wire: fault_proxy.bytes_sent >= wire, f"{wire} bytes through the proxy")
@@ -174,7 +158,7 @@ def test_kill_9_while_small_objects_run_many_at_once(s3_env, ct_bucket, ct_db: P
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
         # Killed once this round verified 3 more objects (with GETs of the next ones in flight).
         target = len(verified) + 3
-        wait_for(proc, lambda target=target: verified_count(ct_db) >= target, f"{target} objects verified")
+        wait_for(proc, lambda target=target: count(ct_db, "state = 'verified'") >= target, f"{target} objects verified")
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         again = [s.key for s in fault_proxy.requests if s.method == "GET" and s.key in verified]
@@ -244,13 +228,10 @@ def test_partial_files_resume_with_range(s3, s3_env, bucket: str, db: Path, tmp_
            "-q"]
     proc = subprocess.Popen(cmd + ["--to", str(dest), "--bwlimit", "4M"], start_new_session=True,
                             stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        time.sleep(0.2)
-        # Part-way, and the DB has recorded a range on disk (the proxy's count runs ahead of what
-        # the client read by its socket buffers, several MB on loopback).
-        if fault_proxy.bytes_sent > total * 0.4 and rows(db, "SELECT 1 FROM transfer_ranges"):
-            break
+    # Part-way, and the DB has recorded a range on disk (the proxy's count runs ahead of what
+    # the client read by its socket buffers, several MB on loopback).
+    wait_for(proc, lambda: fault_proxy.bytes_sent > total * 0.4 and bool(rows(db, "SELECT 1 FROM transfer_ranges")),
+             "a range on disk part-way through")
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     fault_proxy.reset_counters()
@@ -273,11 +254,7 @@ def test_link_down_and_back(s3_env, ct_bucket, ct_db: Path, tmp_path: Path, faul
                              "--bwlimit", "8M", "-q"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     # Cut the link once objects are moving (a fixed sleep raced the start-up on a busy machine).
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.2)
-        if rows(ct_db, "SELECT count(*) AS n FROM transfers WHERE state = 'verified'")[0]["n"]:
-            break
+    wait_for(proc, lambda: count(ct_db, "state = 'verified'"), "an object verified")
     fault_proxy.down()
     deadline = time.monotonic() + 60
     waiting = None

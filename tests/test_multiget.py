@@ -5,7 +5,6 @@ with what the attempt cost."""
 from __future__ import annotations
 
 import hashlib
-import os
 import threading
 from pathlib import Path
 from typing import Any
@@ -13,7 +12,7 @@ from typing import Any
 import pytest
 
 from faultproxy import FaultProxy
-from conftest import server_context
+from conftest import server_context, upload_ct
 
 from cloudexit.testing import synthetic
 from cloudexit.transfer.multiget import MAX_BYTES, MultiGet
@@ -28,10 +27,7 @@ from cloudexit.transfer.tasks import Result, Task
 @pytest.fixture(scope="module")
 def slices(s3: SeaweedServer) -> tuple[str, list[synthetic.SyntheticObject]]:
     """12 CT slices (~0.5 MB each), uploaded once."""
-    bucket = f"multiget-{os.getpid()}"
-    profile = synthetic.Profile(patients=1, studies_per_patient=1, ct_slices_per_series=12,
-                                cr_per_study=0, multiframe_objects=0, awkward=False, seed=11)
-    return bucket, synthetic.upload(s3.client(), bucket, synthetic.generate(profile))
+    return upload_ct(s3, "multiget", patients=1, slices=12)
 
 
 class Harness:
