@@ -152,12 +152,13 @@ PACS_TIMEOUTS = (
 
 
 def pacs_options(f: Callable[..., Any]) -> Callable[..., Any]:
-    """The PACS timeouts, handed to the command as one `pacs_timeouts` (a PacsConfig)."""
+    """The PACS timeouts, handed to the command as one `pacs_timeouts`: the PacsConfig fields
+    given (not the defaults, so that `migrate --resume` keeps the ones its run recorded)."""
 
     @functools.wraps(f)
     def command(*args: Any, **kwargs: Any) -> Any:
         given = {name: kwargs.pop(f"pacs_{name}") for _, name, _ in PACS_TIMEOUTS}
-        kwargs["pacs_timeouts"] = PacsConfig(**{k: v for k, v in given.items() if v is not None})
+        kwargs["pacs_timeouts"] = {k: v for k, v in given.items() if v is not None}
         return f(*args, **kwargs)
 
     for option, name, what in reversed(PACS_TIMEOUTS):
