@@ -138,6 +138,17 @@ def source_options(f: Callable[..., Any]) -> Callable[..., Any]:
     return f
 
 
+class Number(click.FloatRange):
+    """A number in a range, and a number: click's FloatRange lets "nan" through (no comparison
+    with NaN is true), and a NaN timeout makes a PACS that is up look as if it did not answer."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = super().convert(value, param, ctx)
+        if number != number:
+            self.fail(f"{value!r} is not a number", param, ctx)
+        return number
+
+
 # PACS timeouts (seconds): option, PacsConfig field, what it bounds.
 PACS_TIMEOUTS = (
     ("--pacs-connect-timeout", "connect_timeout", "TCP connect to a PACS (C-STORE and STOW-RS)"),
@@ -162,7 +173,7 @@ def pacs_options(f: Callable[..., Any]) -> Callable[..., Any]:
         return f(*args, **kwargs)
 
     for option, name, what in reversed(PACS_TIMEOUTS):
-        command = click.option(option, f"pacs_{name}", type=click.FloatRange(0.1, 86400), default=None,
+        command = click.option(option, f"pacs_{name}", type=Number(0.1, 86400), default=None,
                                help=f"Seconds to wait: {what} (default {getattr(PacsConfig, name):g}).")(command)
     return command
 
