@@ -278,9 +278,3 @@ def write_plan(plan: Any, path: str | Path, lang: str = "en") -> None:
         raise UsageError(f"--out {path}: unknown format", hint="end the name in .md, .html or .json")
     write_private(path, text)
 
-
-def source_from_state(state: State, endpoint_url: str | None = None, profile: str | None = None,
-                      region: str | None = None, retries: int = SourceConfig.max_attempts) -> Source:
-    """The bucket this state DB migrated, on its recorded endpoint unless told otherwise."""
-    return open_source(state, SourceConfig(endpoint_url=endpoint_url, profile=profile, region=region,
-                                           max_attempts=retries))
