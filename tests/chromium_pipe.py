@@ -2,7 +2,8 @@
 
 `render(url, screenshot=PATH)` loads a page and reports what a person's browser would have
 done with it: console messages and errors, every network request the page made, a full-page
-screenshot, and the page count when printed to A4 (PDF).
+screenshot, and the page count when printed to A4 (PDF); it is built on `Page(url)`, which
+keeps a page open for a test to evaluate, wait on, screenshot or print while it updates itself.
 """
 
 from __future__ import annotations
@@ -110,40 +111,16 @@ def render(url: str, screenshot: str | Path | None = None, width: int = 1200,
            pdf: str | Path | None = None, evaluate: str | None = None) -> dict[str, Any]:
     """Load `url`; return {"console": [...], "errors": [...], "requests": [...], "pdf_pages": n}
     and, with `evaluate` (a JavaScript expression), its value as "value"."""
-    profile = tempfile.mkdtemp(prefix="cx-chromium-")
-    pipe = _Pipe(profile)
-    try:
-        target = pipe.send("Target.createTarget", {"url": "about:blank"})["targetId"]
-        session = pipe.send("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
-        for domain in ("Page", "Runtime", "Log", "Network"):
-            pipe.send(f"{domain}.enable", session=session)
-        pipe.events.clear()
-        pipe.send("Emulation.setDeviceMetricsOverride",
-                  {"width": width, "height": 900, "deviceScaleFactor": 1, "mobile": False}, session=session)
-        pipe.send("Page.navigate", {"url": url}, session=session)
-        pipe.wait_for("Page.loadEventFired")
+    with Page(url, width) as page:
         time.sleep(0.3)  # late console messages
-        value = pipe.send("Runtime.evaluate", {"expression": evaluate or "1", "returnByValue": True},
-                          session=session).get("result", {}).get("value")
-        metrics = pipe.send("Page.getLayoutMetrics", session=session)
-        height = int(metrics["cssContentSize"]["height"])
+        value = page.evaluate(evaluate or "1")
+        height = page.height()
         if screenshot is not None:
-            pipe.send("Emulation.setDeviceMetricsOverride",
-                      {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False},
-                      session=session)
-            shot = pipe.send("Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True},
-                             session=session)
-            Path(screenshot).write_bytes(base64.b64decode(shot["data"]))
-        printed = pipe.send("Page.printToPDF", {"paperWidth": 8.27, "paperHeight": 11.69,
-                                                "preferCSSPageSize": True, "printBackground": True},
-                            session=session, timeout=60)
-        data = base64.b64decode(printed["data"])
+            page.screenshot(screenshot)
+        data = page.pdf()
         if pdf is not None:
             Path(pdf).write_bytes(data)
-        events = list(pipe.events)
-    finally:
-        pipe.close()
-        shutil.rmtree(profile, ignore_errors=True)
+        events = list(page.pipe.events)
     console = [e["params"] for e in events if e.get("method") == "Runtime.consoleAPICalled"]
     errors = [e["params"]["exceptionDetails"] for e in events if e.get("method") == "Runtime.exceptionThrown"]
     errors += [e["params"]["entry"] for e in events if e.get("method") == "Log.entryAdded"
@@ -163,13 +140,19 @@ class Page:
         self.profile = tempfile.mkdtemp(prefix="cx-chromium-")
         self.pipe = _Pipe(self.profile)
         self.width = width
-        target = self.pipe.send("Target.createTarget", {"url": "about:blank"})["targetId"]
-        self.session = self.pipe.send("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
-        for domain in ("Page", "Runtime", "Network"):
-            self.pipe.send(f"{domain}.enable", session=self.session)
-        self.pipe.send("Emulation.setDeviceMetricsOverride",
-                       {"width": width, "height": 900, "deviceScaleFactor": 1, "mobile": False}, session=self.session)
-        self.goto(url)
+        try:
+            target = self.pipe.send("Target.createTarget", {"url": "about:blank"})["targetId"]
+            self.session = self.pipe.send("Target.attachToTarget",
+                                          {"targetId": target, "flatten": True})["sessionId"]
+            for domain in ("Page", "Runtime", "Log", "Network"):
+                self.pipe.send(f"{domain}.enable", session=self.session)
+            self.pipe.send("Emulation.setDeviceMetricsOverride",
+                           {"width": width, "height": 900, "deviceScaleFactor": 1, "mobile": False},
+                           session=self.session)
+            self.goto(url)
+        except BaseException:
+            self.close()  # no Chromium left running when the page cannot be opened
+            raise
 
     def goto(self, url: str) -> None:
         self.pipe.events.clear()
@@ -198,14 +181,25 @@ class Page:
         return [e["params"]["request"]["url"] for e in self.pipe.events
                 if e.get("method") == "Network.requestWillBeSent"]
 
+    def height(self) -> int:
+        """The page's full height in CSS pixels."""
+        return int(self.pipe.send("Page.getLayoutMetrics", session=self.session)["cssContentSize"]["height"])
+
     def screenshot(self, path: str | Path) -> None:
-        height = int(self.pipe.send("Page.getLayoutMetrics", session=self.session)["cssContentSize"]["height"])
+        """The whole page, not only the 900 px window."""
         self.pipe.send("Emulation.setDeviceMetricsOverride",
-                       {"width": self.width, "height": height, "deviceScaleFactor": 1, "mobile": False},
+                       {"width": self.width, "height": self.height(), "deviceScaleFactor": 1, "mobile": False},
                        session=self.session)
         shot = self.pipe.send("Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True},
                               session=self.session)
         Path(path).write_bytes(base64.b64decode(shot["data"]))
+
+    def pdf(self) -> bytes:
+        """The page printed to A4 (the page's own CSS page size first), as Chromium's --print-to-pdf."""
+        printed = self.pipe.send("Page.printToPDF", {"paperWidth": 8.27, "paperHeight": 11.69,
+                                                     "preferCSSPageSize": True, "printBackground": True},
+                                 session=self.session, timeout=60)
+        return base64.b64decode(printed["data"])
 
     def close(self) -> None:
         self.pipe.close()

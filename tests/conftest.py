@@ -12,6 +12,7 @@ import pytest
 from click.testing import CliRunner, Result
 
 from cloudexit.cli import main
+from cloudexit.testing import synthetic
 from cloudexit.testing.s3server import SeaweedServer
 from dasknodes import dask_nodes  # noqa: F401 - real dask scheduler and workers (test_cluster.py)
 from faultproxy import fault_proxy  # noqa: F401 - fixtures, registered for every test
@@ -59,6 +60,16 @@ def bucket(s3: SeaweedServer) -> str:
     return name
 
 
+def upload_ct(s3: SeaweedServer, prefix: str, patients: int, slices: int,
+              seed: int = 11) -> tuple[str, list[synthetic.SyntheticObject]]:
+    """CT slices only (~0.5 MB each; one study of `slices` slices per patient: no CR, multi-frame
+    or awkward objects), uploaded to a bucket of their own; for a module-scoped fixture."""
+    bucket = f"{prefix}-{os.getpid()}"
+    profile = synthetic.Profile(patients=patients, studies_per_patient=1, ct_slices_per_series=slices,
+                                cr_per_study=0, multiframe_objects=0, awkward=False, seed=seed)
+    return bucket, synthetic.upload(s3.client(), bucket, synthetic.generate(profile))
+
+
 @pytest.fixture
 def db(tmp_path: Path) -> Path:
     return tmp_path / "state" / "cloudexit.db"
@@ -78,7 +89,8 @@ def cli(s3_env: SeaweedServer) -> Any:
 @pytest.fixture(scope="session")
 def ca(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Path]:
     """A throwaway CA (trustme) that signs the TLS front's certificate, and its PEM file."""
-    trustme = pytest.importorskip("trustme")
+    import trustme  # in the test extra: missing, the TLS tests fail rather than skip in CI
+
     authority = trustme.CA()
     pem = tmp_path_factory.mktemp("ca") / "hospital-ca.pem"
     authority.cert_pem.write_to_path(str(pem))

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from chromium_pipe import CHROMIUM
 
 from cloudexit.testing.s3server import free_port
 from cloudexit.stores import Item
@@ -50,8 +51,7 @@ SYSTEM_PARTS: dict[str, tuple[Callable[[], bool], str]] = {
     "orthanc": (lambda: os.path.exists(ORTHANC) and os.path.exists(DICOMWEB_PLUGIN),
                 "apt-get install orthanc orthanc-dicomweb"),
     "dcmtk": (lambda: shutil.which("findscu") is not None, "apt-get install dcmtk"),
-    "chromium": (lambda: shutil.which("chromium") is not None or os.path.exists("/usr/bin/chromium"),
-                 "apt-get install chromium fonts-wqy-microhei"),
+    "chromium": (lambda: CHROMIUM is not None, "apt-get install chromium fonts-wqy-microhei"),
 }
 
 

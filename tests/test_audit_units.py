@@ -156,6 +156,18 @@ def test_groups_added_up_by_the_manifest_walk_are_the_grouped_queries(tmp_path: 
         assert lines == sum(len(rows) or 1 for _, _, rows, _ in cases.values())
 
 
+def test_an_audit_reads_the_destinations_and_verify_runs_once(tmp_path: Path) -> None:
+    # The manifest's rule, the facts and the verification figures judge by one reading (a scan
+    # of every transfer row for the destinations); queried again, they could also disagree.
+    seen: list[str] = []
+    with make_db(tmp_path / "d.db", {**CASES, **CASES_2}, [ARCHIVE, PACS]) as state:
+        state.conn.set_trace_callback(seen.append)
+        write_audit(state, tmp_path / "out")
+        state.conn.set_trace_callback(None)
+    assert sum("SELECT DISTINCT dest FROM transfers" in q for q in seen) == 1
+    assert sum("SELECT id, dest, kind, started_at FROM verify_runs" in q for q in seen) == 1
+
+
 def test_forced_audit_makes_files_left_readable_by_others_private(tmp_path: Path) -> None:
     out = tmp_path / "out"
     out.mkdir()

@@ -17,6 +17,25 @@ def test_every_package_is_placed() -> None:
     assert found == set(LAYERS)
 
 
+def _cloudexit_imports(path: Path) -> list[tuple[int, str]]:
+    """(line, module) of every import of a cloudexit module: `from cloudexit.x import`, `from
+    cloudexit import x`, `import cloudexit.x` and relative imports (resolved against the
+    importing module's package)."""
+    package = ("cloudexit", *path.relative_to(ROOT).parent.parts)
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, a.name) for a in node.names if a.name.startswith("cloudexit.")]
+        elif isinstance(node, ast.ImportFrom):
+            base = package[:len(package) - node.level + 1] if node.level else ()
+            module = ".".join([*base, *([node.module] if node.module else [])])
+            if module == "cloudexit":  # `from cloudexit import app`: the layers' names are modules
+                found += [(node.lineno, f"cloudexit.{a.name}") for a in node.names if a.name in LAYERS]
+            elif module.startswith("cloudexit."):
+                found.append((node.lineno, module))
+    return found
+
+
 def test_imports_go_down_the_layers() -> None:
     upward = []
     for path in sorted(ROOT.rglob("*.py")):
@@ -24,11 +43,9 @@ def test_imports_go_down_the_layers() -> None:
         if parts == ("__init__",):
             continue
         mine = LAYERS.index(parts[0])
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("cloudexit."):
-                theirs = node.module.split(".")[1]
-                if LAYERS.index(theirs) > mine:
-                    upward.append(f"{path.relative_to(ROOT.parent)}:{node.lineno} imports {node.module}")
+        for lineno, module in _cloudexit_imports(path):
+            if LAYERS.index(module.split(".")[1]) > mine:
+                upward.append(f"{path.relative_to(ROOT.parent)}:{lineno} imports {module}")
     assert not upward, "\n".join(upward)
 
 

@@ -93,11 +93,11 @@ def test_minutes_outage_and_roll_up(tmp_path: Path) -> None:
     state.close()
 
 
-def test_a_version_10_db_gains_the_link_tables(tmp_path: Path) -> None:
+def version_10_db(path: Path) -> Path:
+    """A state DB as cloudexit wrote it before the link tables (schema 10)."""
     from cloudexit.state.db import APP_ID
     from cloudexit.state.schema import MIGRATIONS as _MIGRATIONS
 
-    path = tmp_path / "old.db"
     conn = sqlite3.connect(path)
     for version in range(1, 11):
         for statement in _MIGRATIONS[version].split(";"):
@@ -107,7 +107,79 @@ def test_a_version_10_db_gains_the_link_tables(tmp_path: Path) -> None:
     conn.execute(f"PRAGMA application_id={APP_ID}")
     conn.commit()
     conn.close()
+    return path
+
+
+def test_a_version_10_db_gains_the_link_tables(tmp_path: Path) -> None:
+    path = version_10_db(tmp_path / "old.db")
     with State(path) as state:
         assert state.schema_version() == SCHEMA_VERSION
         assert state.query("SELECT count(*) AS n FROM link_series")[0]["n"] == 0
         assert state.query("SELECT count(*) AS n FROM link_outages")[0]["n"] == 0
+
+
+def test_serve_on_a_db_of_another_schema_says_so_in_one_line(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from cloudexit.cli import main
+
+    path = version_10_db(tmp_path / "old.db")
+    r = CliRunner().invoke(main, ["serve", "--db", str(path)], catch_exceptions=False)
+    assert r.exit_code != 0 and "another version of cloudexit (schema 10" in r.output, r.output
+
+
+def test_link_report_reads_a_db_of_an_older_schema_without_migrating_it(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from cloudexit.cli import main
+
+    path = version_10_db(tmp_path / "old.db")
+    before = path.read_bytes()
+    r = CliRunner().invoke(main, ["link-report", "--db", str(path), "--out", str(tmp_path / "l"), "-q"],
+                           catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "l" / "link.json").exists()
+    # Evidence is read, never rewritten: same bytes, same schema, no key file beside it.
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["l", "old.db"]
+
+
+def test_the_link_words_say_the_same_in_en_and_zh() -> None:
+    """Both languages have every key, with the same {placeholders} (a zh line that drops
+    {since} would show the link down with no time; one that misspells it shows '{sinse}')."""
+    import re
+
+    from cloudexit.report.link_i18n import TEXT
+
+    assert set(TEXT["en"]) == set(TEXT["zh"])
+    slots = {lang: {k: sorted(re.findall(r"\{(\w+)\}", v)) for k, v in TEXT[lang].items()} for lang in TEXT}
+    assert slots["en"] == slots["zh"]
+
+
+def test_flush_rolls_up_old_minutes_at_most_once_an_hour(tmp_path: Path) -> None:
+    """The roll-up runs from `flush` (the engine's commits) on the recorder's clock: at its first
+    flush, then once an hour, so a commit pays for it rarely and for about an hour of minutes."""
+    state = State(tmp_path / "x.db", create=True)
+    t0 = 1_700_000_000 - 1_700_000_000 % HOUR
+    old = LinkRecorder("migrate", clock=Clock(t0))
+    old.traffic(1000, get=1)
+    with state.transaction() as tx:
+        old.flush(tx)
+    clock = Clock(t0 + KEEP_MINUTES_S + HOUR + 5)
+    rec = LinkRecorder("migrate", clock=clock)
+    spans = lambda: [(r["ts"], r["span"]) for r in state.query("SELECT ts, span FROM link_series ORDER BY ts, span")]  # noqa: E731
+    with state.transaction() as tx:
+        rec.flush(tx)  # the first flush rolls up
+    assert spans() == [(t0, HOUR)]
+    late = t0 + 60  # an old minute written after that roll-up: waits for the next one
+    with state.transaction() as tx:
+        tx.execute("INSERT INTO link_series(ts, span, source, bytes) VALUES (?, 60, 'migrate', 5)", (late,))
+        clock.t += HOUR - 10
+        rec.flush(tx)
+    assert spans() == [(t0, HOUR), (late, 60)]
+    with state.transaction() as tx:
+        clock.t += 20
+        rec.flush(tx)
+    assert spans() == [(t0, HOUR)]
+    assert state.query("SELECT bytes FROM link_series")[0]["bytes"] == 1005
+    state.close()

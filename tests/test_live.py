@@ -121,10 +121,34 @@ def test_serve_and_link_report_say_what_is_wrong_in_one_line(cli, tmp_path: Path
     assert r.exit_code == 2 and "too short" in r.output
     r = cli("link-report", "--db", str(inventoried), "--out", str(tmp_path / "l"), "--since", "yesterday-ish")
     assert r.exit_code == 2 and "cannot read --since" in r.output
+    for far in ("0001-01-01", "99999999d"):  # dates a clock cannot show: one line, not a traceback
+        r = cli("link-report", "--db", str(inventoried), "--out", str(tmp_path / "l"), "--since", far)
+        assert r.exit_code == 2 and "cannot read --since" in r.output, r.output
     r = cli("link-report", "--db", str(inventoried), "--out", str(tmp_path / "l"))
     assert r.exit_code == 0, r.output
     facts = json.loads((tmp_path / "l" / "link.json").read_text())
     assert facts["totals"]["requests"]["list"] >= 1  # the inventory's own requests are evidence too
+
+
+def test_a_db_deleted_while_served_is_said_not_shown_frozen(tmp_path: Path) -> None:
+    from cloudexit.state.db import State
+
+    db = tmp_path / "x.db"
+    State(db, create=True).close()
+    proc, url = start_serve(db, "--token", TOKEN)
+    try:
+        auth = {"Authorization": "Bearer " + TOKEN}
+        assert get(base(url) + "/api/live", auth)[0] == 200
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{db}{suffix}").unlink(missing_ok=True)
+        # The open connection could still read the unlinked file: the page must not go on
+        # showing its figures as if they were live.
+        status, body = get(base(url) + "/api/live", auth)
+        assert status == 503 and json.loads(body) == {"error": "gone"}
+        assert "cloudexit serve` again" in get(url)[1].decode()  # the page's words for it
+    finally:
+        proc.terminate()
+        proc.wait(10)
 
 
 @pytest.mark.slow

@@ -26,14 +26,15 @@ def parse_moment(text: str | None, option: str) -> float | None:
     from cloudexit.core.units import parse_duration
 
     try:
-        moment = datetime.fromisoformat(text)
-    except ValueError:
         try:
-            return time.time() - parse_duration(text).total_seconds()
-        except UsageError:
-            raise UsageError(f"cannot read {option} {text!r}",
-                             hint="give a date (2026-03-01), a time (2026-03-01T08:00) or a span back from now (7d, 12h)") from None
-    return moment.timestamp()  # naive: the local time of this computer
+            ts = datetime.fromisoformat(text).timestamp()  # naive: the local time of this computer
+        except ValueError:
+            ts = time.time() - parse_duration(text).total_seconds()
+        datetime.fromtimestamp(ts).astimezone()  # the report shows it: a year 1 or 600,000 years ago cannot be
+    except (UsageError, ValueError, OverflowError, OSError):
+        raise UsageError(f"cannot read {option} {text!r}",
+                         hint="give a date (2026-03-01), a time (2026-03-01T08:00) or a span back from now (7d, 12h)") from None
+    return ts
 
 
 @main.command("link-report", epilog=_examples("link-report"))
@@ -60,7 +61,7 @@ def link_report(db_path: str, out: str, since: str | None, until: str | None, la
     start, end = parse_moment(since, "--since"), parse_moment(until, "--until")
     if start is not None and end is not None and end <= start:
         raise UsageError("--until is not after --since", hint="swap them, or leave --until out")
-    with open_readable(db_path) as state:
+    with open_readable(db_path, untouched=True) as state:  # evidence: read, never migrated
         facts = write_link_report(state.conn, out, start, end, lang)
     if as_json:
         click.echo(json.dumps({"out": out, "files": list(FILES), "summary": facts["summary"],

@@ -24,6 +24,7 @@ from datetime import datetime
 from typing import Any
 
 from cloudexit.plan.timeline import planned_rate
+from cloudexit.state.linkseries import HOUR
 
 STARTUP_S = 10.0  # a minute that begins this soon after its run started holds the start-up
 LIMITED_SHARE = 0.9  # a minute at this share of its bandwidth limit or more was held by it
@@ -94,9 +95,11 @@ def run_minutes(conn: sqlite3.Connection, since: float | None = None, until: flo
     for run, start, end in _runs(conn):
         if end <= start or (since is not None and end < since) or (until is not None and start >= until):
             continue
+        # `ts > start - HOUR` bounds the index range (no row spans more than an hour): without
+        # it each run read every row before its end, so R runs cost R x the whole series.
         rows = conn.execute(
             "SELECT ts, span, bytes, down_seconds, bwlimit FROM link_series WHERE source = 'migrate' "
-            "AND ts + span > ? AND ts < ? ORDER BY ts", (start, end)).fetchall()
+            "AND ts > ? AND ts + span > ? AND ts < ? ORDER BY ts", (start - HOUR, start, end)).fetchall()
         previous: int | str | None = "none"
         for i, (ts, span, nbytes, down, bwlimit) in enumerate(rows):
             inside = min(ts + span, end) - max(ts, start)

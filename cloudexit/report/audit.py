@@ -150,7 +150,7 @@ def write_audit(state: State, out: str | os.PathLike[str], lang: str = "en",
 
     try:
         worker.start()
-        facts = audit_facts(state, include_phi=include_phi, passes=passes)
+        facts = audit_facts(state, include_phi=include_phi, passes=passes, rule=rule)
         from cloudexit.report.linkreport import digest_html  # link evidence: one page, same snapshot
         link_digest = digest_html(state.conn, lang)
         if redact is not None:

@@ -145,7 +145,7 @@ def _check_against_db(folder: Path, db_path: Path, chain: dict[str, Any], listed
     """The exported events are the DB's own (same hashes at the same ids), and the DB's chain
     records this audit (an `audit.written` event naming this SHA256SUMS)."""
     problems: list[str] = []
-    with open_readable(db_path) as state:
+    with open_readable(db_path, untouched=True) as state:  # the evidence is checked, never migrated
         db_problems = state.verify_event_chain()
         problems += [f"state DB event log: {p}" for p in db_problems[:20]]
         stored = {r["id"]: r["hash"] for r in state.query("SELECT id, hash FROM events")}

@@ -21,7 +21,6 @@ from cloudexit.report.groups import LIST_LIMIT, Groups, Rule, grouped
 from cloudexit.report.manifest import read_patient
 from cloudexit.report.verification import verification
 from cloudexit.state.db import GENESIS_HASH, State, now
-from cloudexit.state.destinations import destinations, last_verify_runs
 
 FORMAT = "cloudexit.audit/1"
 _SESSION_END = {"migrate.finished", "migrate.interrupted", "migrate.stopped"}
@@ -30,13 +29,14 @@ _DICOM = f"o.kind = '{ObjectKind.DICOM}'"
 
 
 def audit_facts(state: State, include_phi: bool = False, limit: int = LIST_LIMIT,
-                passes: Callable[[], Groups] | None = None) -> dict[str, Any]:
+                passes: Callable[[], Groups] | None = None, rule: Rule | None = None) -> dict[str, Any]:
     """Every figure of the report, from the state DB (JSON-ready; the body of audit.json).
 
     `passes`: gives `grouped()`, computed elsewhere in the same snapshot (write_audit's second
     thread adds the groups up while it writes the manifest); asked for after every query that
-    does not need them."""
-    dests = destinations(state)
+    does not need them. `rule`: the one those groups were judged by (read here if not given)."""
+    rule = rule or Rule.of(state)
+    dests = list(rule.dests)
     facts: dict[str, Any] = {
         "format": FORMAT,
         "generated_at": now(),
@@ -46,7 +46,6 @@ def audit_facts(state: State, include_phi: bool = False, limit: int = LIST_LIMIT
         "db": {"path": str(state.path.resolve()), "schema_version": state.schema_version(),
                "created_at": state.meta("created_at"), "created_by_version": state.meta("tool_version")},
     }
-    rule = Rule(tuple(dests), last_verify_runs(state))
     facts["source"] = {}  # filled once the groups are in (see `passes`), here in the JSON
     facts["destinations"] = []
     facts["runs"] = _runs(state)
@@ -64,7 +63,7 @@ def audit_facts(state: State, include_phi: bool = False, limit: int = LIST_LIMIT
         for category in facts["exceptions"].values():
             for item in category["items"]:
                 item["patient_id"], item["patient_name"] = read_patient(item.get("dest"), item.get("path"))
-    facts["verification"] = verification(state, tgroups)
+    facts["verification"] = verification(state, tgroups, dests)
     facts["containers"] = envelope_facts(state.conn)  # decoded instances, PACS metadata
     facts["custody"] = _custody(state, dests)
     facts["residency"] = _residency(state, dests)

@@ -58,6 +58,10 @@ TEXT: dict[str, dict[str, str]] = {
         "live.deliveries": "Deliveries", "live.exceptions": "Exceptions to review",
         "live.outages": "Outages", "live.updated": "Updated {at}", "live.no_run": "No migration has run in this database yet.",
         "live.workers": "Workers", "live.state": "State", "live.count": "Objects",
+        "live.gone": "The state database was deleted or replaced: start `cloudexit serve` again on it. "
+                     "The figures below are the last ones read.",
+        "live.unreadable": "The state database cannot be read now (busy or damaged); the figures below "
+                           "are the last ones read. Retrying.",
         "status.running": "running", "status.complete": "complete", "status.partial": "finished with exceptions",
         "status.interrupted": "interrupted", "status.stopped": "stopped", "status.idle": "not running",
         "ex.failed": "failed", "ex.missing": "missing at the source", "ex.quarantined": "quarantined for review",
@@ -108,6 +112,8 @@ TEXT: dict[str, dict[str, str]] = {
         "live.chart_hour": "链路，最近一小时", "live.chart_day": "链路，最近一天",
         "live.deliveries": "投递", "live.exceptions": "待复核的例外",
         "live.outages": "中断", "live.updated": "更新于 {at}", "live.no_run": "此数据库中尚未运行过迁移。",
+        "live.gone": "状态数据库已被删除或替换：请重新对它运行 `cloudexit serve`。下方数字是最后一次读到的。",
+        "live.unreadable": "暂时无法读取状态数据库（繁忙或损坏）；下方数字是最后一次读到的。正在重试。",
         "live.workers": "工作节点", "live.state": "状态", "live.count": "对象数",
         "status.running": "运行中", "status.complete": "已完成", "status.partial": "已结束，有例外",
         "status.interrupted": "已中断", "status.stopped": "已停止", "status.idle": "未运行",

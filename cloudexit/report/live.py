@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from html import escape
 from typing import Any
 
-from cloudexit.report.link_i18n import TEXT, words
+from cloudexit.report.link_i18n import words
 from cloudexit.report.linkfacts import link_facts, local, outages, plan_rate
 from cloudexit.state.db import State
 
@@ -113,8 +113,6 @@ def page(lang: str) -> str:
             .replace("__OTHER_NAME__", "English" if lang == "zh" else "中文"))
 
 
-assert set(TEXT["en"]) == set(TEXT["zh"])  # both languages say everything
-
 _PAGE = r"""<!DOCTYPE html>
 <html lang="__LANG__"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
 <title>__TITLE__</title>
@@ -131,6 +129,7 @@ table{border-collapse:collapse;width:100%}th,td{border-bottom:1px solid #e6e6e6;
 <p style="float:right"><a id="other" href="#">__OTHER_NAME__</a></p>
 <h1 id="title">__TITLE__</h1><p class="muted" id="updated"></p>
 <div id="norun" class="muted" hidden></div>
+<div id="problem" class="down" hidden></div>
 <div id="waiting"></div>
 <div class="grid">
 <div class="card"><span id="l-objects"></span><b id="objects">-</b><div class="bar"><i id="objects-bar" style="width:0"></i></div></div>
@@ -241,7 +240,10 @@ function show(d) {
 async function poll() {
   try {
     const res = await fetch("api/live", {headers: {"Authorization": "Bearer " + token}, cache: "no-store"});
+    const problem = document.getElementById("problem");
+    problem.hidden = res.ok;
     if (res.ok) { show(await res.json()); document.body.dataset.polls = (+(document.body.dataset.polls || 0) + 1); }
+    else if (res.status === 503) problem.textContent = W[(await res.json()).error === "gone" ? "live.gone" : "live.unreadable"];
   } catch (e) { /* the server restarts or the network blinks: try again */ }
   setTimeout(poll, +(params.get("every") || 2) * 1000);
 }

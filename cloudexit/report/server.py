@@ -12,6 +12,7 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import json
+import os
 import secrets
 import socket
 import threading
@@ -57,12 +58,18 @@ class LiveServer(ThreadingHTTPServer):
         self.state, self.token = state, token
         self.lock = threading.Lock()
         self._cached: tuple[float, bytes] | None = None  # (good until, body)
+        self._file = _identity(state.path)
         super().__init__((host, port), _Handler)
 
     def url(self, lang: str = "en") -> str:
         host, port = str(self.server_address[0]), int(self.server_address[1])
         shown = f"[{host}]" if ":" in host else host
         return f"http://{shown}:{port}/?lang={lang}&token={self.token}"
+
+    def db_gone(self) -> bool:
+        """The DB file was deleted or replaced: the open connection would go on reading the old
+        file (Unix keeps it while it is open) and the page would show figures that no longer move."""
+        return _identity(self.state.path) != self._file
 
     def snapshot_json(self) -> bytes:
         with self.lock:
@@ -72,6 +79,14 @@ class LiveServer(ThreadingHTTPServer):
                 took = time.monotonic() - clock
                 self._cached = (time.monotonic() + max(CACHE_S, 5 * took), body)
             return self._cached[1]
+
+
+def _identity(path: os.PathLike[str]) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -110,11 +125,14 @@ class _Handler(BaseHTTPRequestHandler):
             lang = (query.get("lang") or ["en"])[0]
             self._send(HTTPStatus.OK, page("zh" if lang == "zh" else "en").encode(), "text/html; charset=utf-8", head)
         elif parts.path == "/api/live":
-            try:
-                body = self.server.snapshot_json()
-            except Exception as exc:  # noqa: BLE001 - a busy or damaged DB: say so, keep serving
-                body = json.dumps({"error": type(exc).__name__}).encode()
-                self._send(HTTPStatus.SERVICE_UNAVAILABLE, body, "application/json", head)
+            problem: dict[str, str] | None = {"error": "gone"} if self.server.db_gone() else None
+            if problem is None:
+                try:
+                    body = self.server.snapshot_json()
+                except Exception as exc:  # noqa: BLE001 - a busy or damaged DB: say so, keep serving
+                    problem = {"error": "unreadable", "detail": type(exc).__name__}
+            if problem is not None:
+                self._send(HTTPStatus.SERVICE_UNAVAILABLE, json.dumps(problem).encode(), "application/json", head)
                 return
             self._send(HTTPStatus.OK, body, "application/json; charset=utf-8", head)
         else:

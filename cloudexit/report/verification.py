@@ -9,7 +9,7 @@ from typing import Any
 
 from cloudexit.core.states import COPIED, VERIFY_FINISHED, VerifyStatus
 from cloudexit.state.db import State
-from cloudexit.state.destinations import destinations, has_table
+from cloudexit.state.destinations import has_table
 
 # Check names recorded by migrate (transfers.checks) -> report methods.
 CHECK_METHODS = {
@@ -74,7 +74,7 @@ def pacs_mismatches(state: State, limit: int) -> dict[str, Any]:
     return {"checked": True, "count": count, "bytes": 0, "remedy": "verify", "items": items}
 
 
-def verification(state: State, tgroups: list[dict[str, Any]]) -> dict[str, Any]:
+def verification(state: State, tgroups: list[dict[str, Any]], dests: list[str]) -> dict[str, Any]:
     methods = {m: 0 for m in METHODS}
     size_only = checked = 0
     not_checked: dict[str, int] = {}
@@ -94,7 +94,7 @@ def verification(state: State, tgroups: list[dict[str, Any]]) -> dict[str, Any]:
             not_checked[r["not_checked"]] = not_checked.get(r["not_checked"], 0) + r["n"]
     not_checked_rows = [{"reason": k, "objects": v}
                         for k, v in sorted(not_checked.items(), key=lambda kv: -kv[1])[:50]]
-    verify = _verify_results(state)
+    verify = _verify_results(state, dests)
     pacs = [r for r in verify["runs"] if r["kind"] != "filesystem" and r["status"] in VERIFY_FINISHED]
     methods["pacs"] = sum(r["studies_ok"] for r in pacs)
     methods["sample"] = sum(r["samples_same"] for r in pacs)
@@ -105,11 +105,11 @@ def verification(state: State, tgroups: list[dict[str, Any]]) -> dict[str, Any]:
             "samples": sum(r["samples_total"] for r in pacs)}
 
 
-def _verify_results(state: State) -> dict[str, Any]:
+def _verify_results(state: State, dests: list[str]) -> dict[str, Any]:
     """What `cloudexit verify` (issue 5) recorded: the last run per destination."""
     runs = latest_verify_runs(state)
     done = {r["dest"] for r in runs if r["status"] in VERIFY_FINISHED}
     return {"run": bool(done), "runs": runs,
-            "unverified": [d for d in destinations(state) if d not in done]}
+            "unverified": [d for d in dests if d not in done]}
 
 

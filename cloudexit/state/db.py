@@ -113,10 +113,11 @@ class State:
             raise StateError(f"{self.path} is not a cloudexit state database",
                              hint="pass --db with a new file name for a new migration")
         elif readonly:
-            if self.schema_version() != SCHEMA_VERSION:
+            version = self.schema_version()
+            if version != SCHEMA_VERSION:
                 self.conn.close()
-                raise StateReadOnly(f"{self.path} is read-only and was written by another version of "
-                                    f"cloudexit (schema {self.schema_version()}, this one reads "
+                raise StateReadOnly(f"{self.path} is opened read-only and was written by another version of "
+                                    f"cloudexit (schema {version}, this one reads "
                                     f"{SCHEMA_VERSION})", hint="copy it somewhere writable first")
         else:
             self._migrate(self.schema_version())
@@ -321,9 +322,11 @@ class State:
                 hint="use another --db (or CLOUDEXIT_DB) for a different bucket or prefix")
 
 
-def open_readable(path: str | os.PathLike[str], scratch: bool = False) -> State:
+def open_readable(path: str | os.PathLike[str], scratch: bool = False, untouched: bool = False) -> State:
     """Open a DB for a command that only reads it (status, audit verify), or that writes only
-    its own results (verify, audit: `scratch`).
+    its own results (verify, audit: `scratch`). `untouched`: never write the file, even when it
+    could be (link-report, audit verify): opened read-only as if it were not writable, so an
+    older schema is read from a migrated copy instead of migrated in place.
 
     A writable DB opens as usual. A read-only one (an auditor's copy: 0400, a read-only folder
     or mount) opens read-only, or, with `scratch` or an older schema, as a private temporary
@@ -335,7 +338,7 @@ def open_readable(path: str | os.PathLike[str], scratch: bool = False) -> State:
     if not exists(path):
         return State(path)  # says there is none
     refuse_foreign(path)
-    if writable(path):
+    if writable(path) and not untouched:
         return State(path)
     if not scratch:
         try:
