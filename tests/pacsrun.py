@@ -5,18 +5,17 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
-from dbutil import rows
+from dbutil import count, event_kinds, rows, wait_for
 
 from cloudexit.testing import synthetic
 from cloudexit.testing.s3server import SeaweedServer
 
 
 def stored(db: Path, dest: str) -> int:
-    return rows(db, "SELECT count(*) AS n FROM transfers WHERE dest = ? AND state = 'stored'", (dest,))[0]["n"]
+    return count(db, "dest = ? AND state = 'stored'", (dest,))
 
 
 def delivery_states(db: Path, dest: str) -> dict[str, int]:
@@ -25,7 +24,7 @@ def delivery_states(db: Path, dest: str) -> dict[str, int]:
 
 
 def pacs_events(db: Path) -> list[str]:
-    return [r["kind"] for r in rows(db, "SELECT kind FROM events WHERE kind LIKE 'migrate.pacs_%' ORDER BY id")]
+    return event_kinds(db, "migrate.pacs_%")
 
 
 def start_delivering(cli: Any, s3: SeaweedServer, bucket: str, db: Path, archive: Path, dest: str,
@@ -39,10 +38,7 @@ def start_delivering(cli: Any, s3: SeaweedServer, bucket: str, db: Path, archive
                              "--to", dest, "--db", str(db), "--bwlimit", "1M", "-q", *options],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 120
-        while stored(db, dest) < stored_first and time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(0.05)
-        assert proc.poll() is None, proc.communicate()
+        wait_for(proc, lambda: stored(db, dest) >= stored_first, f"{stored_first} stored at the PACS", 120)
         assert stored_first <= stored(db, dest) < len(objects)
     except BaseException:
         proc.kill()
