@@ -33,7 +33,7 @@ import json
 import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -138,9 +138,20 @@ class RunChoice:
 
 
 def choose_run(state: State, dests: Sequence[str] = (), resume: bool = False,
-               settings: dict[str, Any] | None = None, confirmed: bool = False) -> RunChoice:
+               settings: dict[str, Any] | None = None, confirmed: bool = False,
+               pacs: dict[str, Any] | None = None) -> RunChoice:
     """New run or resume, by the rule in this module's docstring. `settings`: MigrateConfig
-    fields the caller was given (None values: not given)."""
+    fields the caller was given, `pacs`: PacsConfig fields (the PACS timeouts); None values:
+    not given. A run continued keeps what it recorded of both unless given again."""
+    choice = _choose_run(state, dests, resume, settings, confirmed)
+    timeouts = {k: v for k, v in (pacs or {}).items() if v is not None}
+    if not timeouts:
+        return choice
+    return replace(choice, config=replace(choice.config, pacs=replace(choice.config.pacs, **timeouts)))
+
+
+def _choose_run(state: State, dests: Sequence[str], resume: bool, settings: dict[str, Any] | None,
+                confirmed: bool) -> RunChoice:
     from cloudexit.engine.migrate import check_new_archive, config_from_run, last_run
 
     given = {k: v for k, v in (settings or {}).items() if v is not None}
@@ -175,13 +186,12 @@ def restore_note(state: State, config: MigrateConfig) -> str | None:
 
 
 def migrate(state: State, source: Source, choice: RunChoice, calling_aet: str | None = None,
-            timeouts: PacsConfig | None = None, progress: Callable[[Any], None] | None = None,
-            executor: Any = None) -> Any:
+            progress: Callable[[Any], None] | None = None, executor: Any = None) -> Any:
     """Run (or continue) the migration `choice` describes; its MigrationSummary. `executor`:
     where the fetch tasks run (None: worker processes here; cloudexit/cluster: a dask cluster)."""
     from cloudexit.engine.migrate import Migration
 
-    deliver_to = open_targets(choice.pacs, calling_aet, timeouts)
+    deliver_to = open_targets(choice.pacs, calling_aet, choice.config.pacs)
     return Migration(state, source, choice.archive, choice.config, progress=progress,
                      resume=choice.resume, deliver_to=deliver_to, executor=executor).run()
 
@@ -268,9 +278,3 @@ def write_plan(plan: Any, path: str | Path, lang: str = "en") -> None:
         raise UsageError(f"--out {path}: unknown format", hint="end the name in .md, .html or .json")
     write_private(path, text)
 
-
-def source_from_state(state: State, endpoint_url: str | None = None, profile: str | None = None,
-                      region: str | None = None, retries: int = SourceConfig.max_attempts) -> Source:
-    """The bucket this state DB migrated, on its recorded endpoint unless told otherwise."""
-    return open_source(state, SourceConfig(endpoint_url=endpoint_url, profile=profile, region=region,
-                                           max_attempts=retries))

@@ -5,12 +5,13 @@ plan documents by name (`app.write_plan`)."""
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 
 from cloudexit import app
-from cloudexit.core.config import MigrateConfig, SourceConfig
+from cloudexit.core.config import MigrateConfig, PacsConfig, SourceConfig
 from cloudexit.core.errors import StateError, UsageError
 from cloudexit.state.db import State
 
@@ -72,6 +73,19 @@ def test_continuing_keeps_the_recorded_settings(state: State, tmp_path: Path) ->
     assert choice.config.threads == 5  # given: wins over the recorded 3
     fresh = app.choose_run(state, [str(tmp_path / "B")], settings={"layout": None}, confirmed=True)
     assert not fresh.resume and fresh.config.layout == MigrateConfig.layout
+
+
+def test_resume_keeps_the_recorded_pacs_timeouts(state: State, tmp_path: Path) -> None:
+    """The PACS timeouts a run was started with are recorded with its options (as the engine
+    writes them: `asdict` of its config), so `--resume` keeps them; one given again wins."""
+    started = MigrateConfig(pacs=PacsConfig(dimse_timeout=2, acse_timeout=3))
+    _run(state, tmp_path / "A", "interrupted", **asdict(started))
+    resumed = app.choose_run(state, resume=True)
+    assert resumed.config.pacs == started.pacs
+    given = app.choose_run(state, resume=True, pacs={"dimse_timeout": 7, "acse_timeout": None})
+    assert (given.config.pacs.dimse_timeout, given.config.pacs.acse_timeout) == (7, 3)
+    _run(state, tmp_path / "A", "interrupted", layout="keys")  # a run recorded before: the defaults
+    assert app.choose_run(state, resume=True).config.pacs == PacsConfig()
 
 
 def test_playbooks_are_held_to_the_second_archive_rule(state: State, tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ import pytest
 from dbutil import rows
 
 from cloudexit.testing import synthetic
-from cloudexit.app import source_from_state
+from cloudexit.app import open_source
 from cloudexit.decommission import execute, plan
 from cloudexit.core.errors import ConfirmationMismatch
 from cloudexit.testing.s3server import SeaweedServer
@@ -86,7 +86,7 @@ def test_delta_round_readiness_and_proof_of_deletion(cli, s3, bucket, db: Path, 
     # they landed; the new and rewritten ones landed after the verify, so they stay.
     decisions = manifest_decisions(tmp_path / "audit-1")
     with State(db) as state:
-        source = source_from_state(state)
+        source = open_source(state)
         dry = plan(state, source)
         to_delete = {r.key for r in dry.to_delete}  # the plan's rows are read from the open state DB
         listed = {r.key for r in dry.rows}

@@ -29,6 +29,16 @@ def test_usage_error_exit_code() -> None:
     assert "Missing argument" in result.output
 
 
+def test_a_number_option_refuses_nan(tmp_path: Path) -> None:
+    """click's FloatRange lets "nan" through; a NaN PACS timeout made a PACS that is up look down."""
+    runner = CliRunner()
+    for args in (["migrate", "--to", str(tmp_path / "a"), "--dimse-timeout", "nan"],
+                 ["verify", "--http-timeout", "NaN"], ["migrate", "--resume", "--restore-poll", "nan"],
+                 ["plan", "--measure-seconds", "nan"]):
+        result = runner.invoke(main, [*args, "--db", str(tmp_path / "x.db")])
+        assert result.exit_code == 2 and "is not a number" in result.output, (args, result.output)
+
+
 def test_traceback_flag_shows_the_stack(tmp_path: Path) -> None:
     runner = CliRunner()
     plain = runner.invoke(main, ["status", "--db", str(tmp_path / "x.db")])

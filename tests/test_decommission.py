@@ -18,7 +18,7 @@ from dbutil import rows
 
 from cloudexit import decommission
 from cloudexit.testing import synthetic
-from cloudexit.app import source_from_state
+from cloudexit.app import open_source
 from cloudexit.decommission import execute, manifest_rows, plan
 from cloudexit.testing.s3server import SeaweedServer
 from cloudexit.state.db import State
@@ -107,7 +107,7 @@ def test_an_object_overwritten_mid_run_is_not_deleted(cli, s3, bucket, db: Path,
     synthetic.upload(s3.client(), bucket, synthetic.generate(SMALL))
     migrate_and_verify(cli, bucket, db, tmp_path / "archive")
     with State(db) as state:
-        source = source_from_state(state)
+        source = open_source(state)
         p = plan(state, source)
         victim = p.to_delete[-1].key
         replaced: list[str] = []

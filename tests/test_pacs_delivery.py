@@ -5,8 +5,6 @@ once; `status` shows the delivery progress per PACS."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -14,8 +12,8 @@ from typing import Any
 import pytest
 from dbutil import rows
 from orthanc import OrthancServer
+from pacsrun import delivery_states, pacs_events, start_delivering, stored
 
-from cloudexit.testing import synthetic
 from cloudexit.testing.s3server import SeaweedServer
 
 
@@ -24,28 +22,15 @@ def _verified(db: Path) -> int:
     return rows(db, "SELECT count(*) AS n FROM transfers WHERE dest LIKE 'file://%' AND state = 'verified'")[0]["n"]
 
 
-def _stored(db: Path, dest: str) -> int:
-    return rows(db, "SELECT count(*) AS n FROM transfers WHERE dest = ? AND state = 'stored'", (dest,))[0]["n"]
-
-
 @pytest.mark.slow
 def test_pacs_killed_mid_delivery_then_back(cli: Any, s3: SeaweedServer, s3_env: SeaweedServer,
                                             bucket: str, db: Path, tmp_path: Path,
                                             pacs: OrthancServer) -> None:
-    objects = synthetic.upload(s3.client(), bucket,
-                               synthetic.generate(synthetic.Profile.ct_bench(150, matrix=128)))
-    assert cli("inventory", f"s3://{bucket}", "--db", str(db), "-q").exit_code == 0
     dest = pacs.dicom_url
     # Slow enough (bwlimit) that the PACS dies while deliveries are going on.
-    proc = subprocess.Popen([sys.executable, "-m", "cloudexit.cli", "migrate", "--to", str(tmp_path / "archive"),
-                             "--to", dest, "--db", str(db), "--bwlimit", "1M", "-q"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc, objects = start_delivering(cli, s3, bucket, db, tmp_path / "archive", dest, 150, 10)
     try:
-        deadline = time.monotonic() + 120
-        while _stored(db, dest) < 10 and time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(0.05)
-        assert proc.poll() is None, proc.communicate()
-        stored_before = _stored(db, dest)
+        stored_before = stored(db, dest)
         assert 10 <= stored_before < len(objects)
         pacs.kill()
         # The run notices, pauses deliveries (the archive keeps filling), and says so in status.
@@ -72,12 +57,10 @@ def test_pacs_killed_mid_delivery_then_back(cli: Any, s3: SeaweedServer, s3_env:
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 0, err
-    states = {r["state"]: r["n"] for r in rows(
-        db, "SELECT state, count(*) AS n FROM transfers WHERE dest = ? GROUP BY state", (dest,))}
-    assert states == {"stored": len(objects)}, states
+    assert delivery_states(db, dest) == {"stored": len(objects)}
     # Every instance is in the PACS once; nothing lost in the crash.
     assert pacs.instance_count() == len({o.sop_uid for o in objects}) == len(objects)
-    kinds = [r["kind"] for r in rows(db, "SELECT kind FROM events WHERE kind LIKE 'migrate.pacs_%' ORDER BY id")]
+    kinds = pacs_events(db)
     assert "migrate.pacs_down" in kinds and kinds.index("migrate.pacs_up") > kinds.index("migrate.pacs_down")
     text = cli("status", "--db", str(db)).output
     assert f"delivered to {dest}: {len(objects)}/{len(objects)}" in text

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -18,6 +16,7 @@ from typing import Any
 import pytest
 from dbutil import rows
 from orthanc import OrthancServer, write_objects
+from pacsrun import delivery_states, pacs_events, start_delivering
 
 from cloudexit.core.config import PacsConfig
 from cloudexit.stores import StoreUnavailable
@@ -107,29 +106,16 @@ def test_stowrs_to_a_hung_pacs_frees_its_thread(pacs: OrthancServer, tmp_path: P
         store.close()
 
 
-def _stored(db: Path, dest: str) -> int:
-    return rows(db, "SELECT count(*) AS n FROM transfers WHERE dest = ? AND state = 'stored'", (dest,))[0]["n"]
-
-
 @pytest.mark.slow
 def test_migrate_pauses_a_hung_pacs_and_delivers_later(cli: Any, s3: SeaweedServer, s3_env: SeaweedServer,
                                                        bucket: str, db: Path, tmp_path: Path,
                                                        pacs: OrthancServer) -> None:
-    objects = synthetic.upload(s3.client(), bucket,
-                               synthetic.generate(synthetic.Profile.ct_bench(60, matrix=128)))
-    assert cli("inventory", f"s3://{bucket}", "--db", str(db), "-q").exit_code == 0
     dest = pacs.dicom_url
     # Slow enough (bwlimit) that deliveries are going on when the PACS hangs.
-    proc = subprocess.Popen([sys.executable, "-m", "cloudexit.cli", "migrate", "--to", str(tmp_path / "archive"),
-                             "--to", dest, "--db", str(db), "--bwlimit", "1M", "-q",
-                             "--dimse-timeout", "2", "--acse-timeout", "2", "--pacs-connect-timeout", "2"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc, objects = start_delivering(cli, s3, bucket, db, tmp_path / "archive", dest, 60, 5,
+                                     "--dimse-timeout", "2", "--acse-timeout", "2",
+                                     "--pacs-connect-timeout", "2")
     try:
-        deadline = time.monotonic() + 120
-        while _stored(db, dest) < 5 and time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(0.05)
-        assert proc.poll() is None, proc.communicate()
-        assert 5 <= _stored(db, dest) < len(objects)
         with hung(pacs):
             started = time.monotonic()
             while time.monotonic() - started < 60 and not rows(
@@ -143,9 +129,7 @@ def test_migrate_pauses_a_hung_pacs_and_delivers_later(cli: Any, s3: SeaweedServ
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 0, err
-    states = {r["state"]: r["n"] for r in rows(
-        db, "SELECT state, count(*) AS n FROM transfers WHERE dest = ? GROUP BY state", (dest,))}
-    assert states == {"stored": len(objects)}, states
+    assert delivery_states(db, dest) == {"stored": len(objects)}
     assert pacs.instance_count() == len(objects)
-    kinds = [r["kind"] for r in rows(db, "SELECT kind FROM events WHERE kind LIKE 'migrate.pacs_%' ORDER BY id")]
+    kinds = pacs_events(db)
     assert kinds.index("migrate.pacs_up") > kinds.index("migrate.pacs_down")

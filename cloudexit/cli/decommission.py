@@ -57,9 +57,11 @@ def decommission(db_path: str, endpoint_url: str | None, profile: str | None, re
     default_manifest = str(Path(db_path).resolve().parent / "decommission-manifest.csv")
     manifest = manifest or default_manifest
     with State(db_path) as state:
-        from cloudexit.app import source_from_state
+        from cloudexit.app import open_source
+        from cloudexit.core.config import SourceConfig
 
-        source = source_from_state(state, endpoint_url, profile, region, retries)
+        source = open_source(state, SourceConfig(endpoint_url=endpoint_url, profile=profile,
+                                                 region=region, max_attempts=retries))
         if not execute:
             p = run_plan(state, source, dests or None, all_versions, manifest)
             if as_json:

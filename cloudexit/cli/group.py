@@ -138,6 +138,17 @@ def source_options(f: Callable[..., Any]) -> Callable[..., Any]:
     return f
 
 
+class Number(click.FloatRange):
+    """A number in a range, and a number: click's FloatRange lets "nan" through (no comparison
+    with NaN is true), and a NaN timeout makes a PACS that is up look as if it did not answer."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = super().convert(value, param, ctx)
+        if number != number:
+            self.fail(f"{value!r} is not a number", param, ctx)
+        return number
+
+
 # PACS timeouts (seconds): option, PacsConfig field, what it bounds.
 PACS_TIMEOUTS = (
     ("--pacs-connect-timeout", "connect_timeout", "TCP connect to a PACS (C-STORE and STOW-RS)"),
@@ -152,16 +163,17 @@ PACS_TIMEOUTS = (
 
 
 def pacs_options(f: Callable[..., Any]) -> Callable[..., Any]:
-    """The PACS timeouts, handed to the command as one `pacs_timeouts` (a PacsConfig)."""
+    """The PACS timeouts, handed to the command as one `pacs_timeouts`: the PacsConfig fields
+    given (not the defaults, so that `migrate --resume` keeps the ones its run recorded)."""
 
     @functools.wraps(f)
     def command(*args: Any, **kwargs: Any) -> Any:
         given = {name: kwargs.pop(f"pacs_{name}") for _, name, _ in PACS_TIMEOUTS}
-        kwargs["pacs_timeouts"] = PacsConfig(**{k: v for k, v in given.items() if v is not None})
+        kwargs["pacs_timeouts"] = {k: v for k, v in given.items() if v is not None}
         return f(*args, **kwargs)
 
     for option, name, what in reversed(PACS_TIMEOUTS):
-        command = click.option(option, f"pacs_{name}", type=click.FloatRange(0.1, 86400), default=None,
+        command = click.option(option, f"pacs_{name}", type=Number(0.1, 86400), default=None,
                                help=f"Seconds to wait: {what} (default {getattr(PacsConfig, name):g}).")(command)
     return command
 

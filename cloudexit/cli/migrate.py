@@ -9,9 +9,8 @@ from typing import Any
 import click
 
 from cloudexit.cli.cluster import cluster_executor, cluster_options  # migrate --cluster
-from cloudexit.cli.group import (db_option, examples, main, output_options, pacs_options, source_options,
-                                 warn_patient_key)
-from cloudexit.core.config import PacsConfig
+from cloudexit.cli.group import (Number, db_option, examples, main, output_options, pacs_options,
+                                 source_options, warn_patient_key)
 from cloudexit.core.errors import UsageError
 from cloudexit.cli.progress import MigrateBar
 
@@ -45,7 +44,7 @@ from cloudexit.cli.progress import MigrateBar
                    "is not offered for DEEP_ARCHIVE, whose objects then get standard (said once).")
 @click.option("--restore-days", type=click.IntRange(1, 365), default=None,
               help="Days a restored copy stays readable (default 7).")
-@click.option("--restore-poll", type=click.FloatRange(1, 86400), default=None,
+@click.option("--restore-poll", type=Number(1, 86400), default=None,
               help="Seconds between checks of restores in progress (default 900).")
 @click.option("--bwlimit", default=None,
               help='Bandwidth timetable, rclone syntax: "20M" (20 MiB/s), "08:00,20M 18:00,off", '
@@ -61,7 +60,7 @@ from cloudexit.cli.progress import MigrateBar
               help="Objects of this many bytes or more download in parallel ranges (default 64 MiB).")
 @click.option("--range-size", type=click.IntRange(65536, 2**32), default=None,
               help="Bytes per ranged GET of a large object (default 16 MiB).")
-@click.option("--backup-every", "backup_minutes", type=click.FloatRange(0, 7 * 24 * 60), default=None,
+@click.option("--backup-every", "backup_minutes", type=Number(0, 7 * 24 * 60), default=None,
               help="Minutes between backups of the state DB (<db>.backup-1, -2; default 30, 0: none).")
 @click.option("--join-archive", is_flag=True, default=None,
               help="Write into an archive folder another migration (another state DB) claimed, to "
@@ -76,7 +75,7 @@ def migrate(dests: tuple[str, ...], resume: bool, yes: bool, calling_aet: str | 
             restore_days: int | None, restore_poll: float | None, bwlimit: str | None,
             processes: int | None, threads: int | None, large_object: int | None,
             range_size: int | None, backup_minutes: float | None, join_archive: bool | None,
-            pacs_timeouts: PacsConfig, as_json: bool, quiet: bool) -> None:
+            pacs_timeouts: dict[str, float], as_json: bool, quiet: bool) -> None:
     """Download every inventoried object into the archive, verified; resumable; then deliver
     each verified DICOM object to every PACS given with more `--to`.
 
@@ -118,7 +117,7 @@ def migrate(dests: tuple[str, ...], resume: bool, yes: bool, calling_aet: str | 
             if not quiet:
                 click.echo(f"Migration run {run['id']} (pid {run['pid']}) now uses --bwlimit {bwlimit!r}.")
             return
-        choice = app.choose_run(state, dests, resume, settings, confirmed=yes)
+        choice = app.choose_run(state, dests, resume, settings, confirmed=yes, pacs=pacs_timeouts)
         source = app.open_source(state, SourceConfig(endpoint_url=endpoint_url, profile=profile,
                                                      region=region, max_attempts=retries))
         note = app.restore_note(state, choice.config)
@@ -126,7 +125,7 @@ def migrate(dests: tuple[str, ...], resume: bool, yes: bool, calling_aet: str | 
             click.echo(note, err=True)
         executor = cluster_executor(profile, quiet or as_json)  # None: worker processes here
         with MigrateBar(quiet or as_json) as bar:
-            summary = app.migrate(state, source, choice, calling_aet, pacs_timeouts, progress=bar.update,
+            summary = app.migrate(state, source, choice, calling_aet, progress=bar.update,
                                   executor=executor)
     if as_json:
         click.echo(json.dumps(summary.__dict__, indent=2, default=str))

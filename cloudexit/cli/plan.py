@@ -6,7 +6,7 @@ import json
 
 import click
 
-from cloudexit.cli.group import db_option, examples, main, output_options, source_options
+from cloudexit.cli.group import Number, db_option, examples, main, output_options, source_options
 from cloudexit.cli.progress import ByteBar
 from cloudexit.core.errors import UsageError
 
@@ -21,7 +21,7 @@ from cloudexit.core.errors import UsageError
 @click.option("--measure", is_flag=True,
               help="Migrate a sample of the bucket (its mix of sizes) with migrate's own engine "
                    "into a temporary folder and time it: the link as migrate will see it.")
-@click.option("--measure-seconds", default=20.0, show_default=True, type=click.FloatRange(3, 3600),
+@click.option("--measure-seconds", default=20.0, show_default=True, type=Number(3, 3600),
               help="Stop the --measure run after this long (the sample may finish sooner).")
 @click.option("--measure-bytes", default="256MB", show_default=True,
               help="The --measure sample's size at most (egress you pay for).")

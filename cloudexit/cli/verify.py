@@ -29,7 +29,7 @@ from cloudexit.core.errors import UsageError
 @pacs_options
 @output_options
 def verify(db_path: str, dests: tuple[str, ...], deep: bool, sample: int, seed: int | None,
-           calling_aet: str, pacs_timeouts: PacsConfig, as_json: bool, quiet: bool) -> None:
+           calling_aet: str, pacs_timeouts: dict[str, float], as_json: bool, quiet: bool) -> None:
     """Re-check what landed against the inventory: files, hashes, PACS counts.
 
     A folder: every recorded file present with its size (and SHA-256 with --deep), no extra
@@ -51,7 +51,7 @@ def verify(db_path: str, dests: tuple[str, ...], deep: bool, sample: int, seed: 
                              hint="run `cloudexit migrate --to DEST` first, or pass --to")
         check_sample(targets, sample)
         for dest in targets:  # a DICOMweb URL appended below (C-FIND refused) is verified too
-            store = open_target(dest, calling_aet, pacs_timeouts)
+            store = open_target(dest, calling_aet, PacsConfig(**pacs_timeouts))
             bar = PhaseBar(quiet or as_json, "verify")
             try:
                 reports.append(run_verify(state, store, deep=deep, sample=sample, seed=seed, progress=bar))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -62,6 +62,9 @@ class MigrateConfig:
     commit_interval: float = 0.25  # seconds between DB commits of finished objects
     join_archive: bool = False  # write into an archive folder another migration claimed
     progress_interval: float = 1.0  # seconds between progress reports (the link measurement: less)
+    # How long to wait for a PACS: recorded with the run's options, so --resume keeps them
+    # (a lambda: PacsConfig is defined below).
+    pacs: PacsConfig = field(default_factory=lambda: PacsConfig())
 
     def worker_processes(self) -> int:
         """Worker processes a run starts: `processes`, or one per CPU (at most 8)."""

@@ -15,7 +15,7 @@ from dataclasses import asdict
 from datetime import datetime, timezone
 from typing import Any
 
-from cloudexit.core.config import MigrateConfig
+from cloudexit.core.config import MigrateConfig, PacsConfig
 from cloudexit.core.errors import StateError, UsageError
 from cloudexit.core.states import DONE, WAITING, TransferState as T
 from cloudexit.state import transfers as sql
@@ -115,9 +115,14 @@ def set_live_bwlimit(state: State, text: str) -> sqlite3.Row:
 
 
 def config_from_run(run: sqlite3.Row, **overrides: Any) -> MigrateConfig:
+    """The settings `run` recorded (a run before PACS timeouts were recorded: the defaults),
+    with the `overrides` that are not None over them."""
     options = json.loads(run["options"] or "{}")
     known = {f for f in MigrateConfig.__dataclass_fields__}
     values = {k: v for k, v in options.items() if k in known}
+    if isinstance(values.get("pacs"), dict):
+        values["pacs"] = PacsConfig(**{k: v for k, v in values["pacs"].items()
+                                       if k in PacsConfig.__dataclass_fields__})
     values.update({k: v for k, v in overrides.items() if v is not None})
     return MigrateConfig(**values)
 

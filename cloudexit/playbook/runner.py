@@ -221,9 +221,9 @@ class Runner:
         engine delivers every verified DICOM object to the playbook's PACS targets in the same pass."""
         from cloudexit import app
 
-        choice = app.choose_run(state, [folder, *self.pb.pacs], settings=self._settings(step))
-        summary = app.migrate(state, self._source(), choice, self.pb.verification["calling_aet"],
-                              self._timeouts())
+        choice = app.choose_run(state, [folder, *self.pb.pacs], settings=self._settings(step),
+                                pacs=self.pb.timeouts)
+        summary = app.migrate(state, self._source(), choice, self.pb.verification["calling_aet"])
         out = {k: getattr(summary, k) for k in ("run", "verified", "quarantined", "duplicates", "failed",
                                                  "missing", "skipped", "unfinished", "bytes_verified",
                                                  "fetched_this_run")}

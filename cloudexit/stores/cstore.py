@@ -159,7 +159,7 @@ class CStoreStore:
         self._refused: set[tuple[str, str]] = set()
         self._idle: list[_Link] = []
         self._slots = threading.BoundedSemaphore(self.parallel)
-        self._seen: dict[str, tuple[str, str]] = {}  # SOP UID -> (key, dataset sha256) sent ok
+        self._seen: dict[str, str] = {}  # SOP UID -> the key first delivered under it
         self._uid_locks = [threading.Lock() for _ in range(64)]  # striped by SOP Instance UID
 
     def __repr__(self) -> str:
@@ -333,11 +333,10 @@ class CStoreStore:
         """For a shared SOP Instance UID, check the PACS holds *our* content."""
         sop = item.sop_uid
         assert sop is not None
-        # Look and claim in one step: two deliveries of one SOP Instance UID that finish at the
-        # same moment must not both find it unseen (the PACS kept one; the other is a conflict).
-        with self._lock:
-            seen = self._seen.setdefault(sop, (item.key, ""))
-        suspect = sop in self.duplicates or seen[0] != item.key
+        # Still needed: a UID first delivered from another key is fetched back and compared.
+        # Look and claim need no lock of their own: deliver holds this UID's stripe lock.
+        seen = self._seen.setdefault(sop, item.key)
+        suspect = sop in self.duplicates or seen != item.key
         if not suspect:
             return delivery
         ours = dataset_sha256(staged)
@@ -352,8 +351,7 @@ class CStoreStore:
                             detail="the PACS already holds different content under this SOP Instance UID "
                                    "and kept it (it answered success)",
                             extra={"pacs_dataset_sha256": theirs, "our_dataset_sha256": ours})
-        with self._lock:
-            self._seen[sop] = (item.key, ours)
+        self._seen[sop] = item.key
         delivery.extra["confirmed"] = "dataset SHA-256 fetched back with C-GET"
         return delivery
 
