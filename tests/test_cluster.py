@@ -21,7 +21,6 @@ from cloudexit.core.errors import UsageError
 from cloudexit.stores.filesystem import TEMP_PREFIX
 from cloudexit.testing import synthetic
 
-pytest.importorskip("distributed")
 import dask  # installed with distributed
 # Every test here starts dask schedulers and worker processes (seconds each, 10 s to tear down).
 pytestmark = pytest.mark.slow

@@ -168,6 +168,7 @@ def test_refused_presentation_context_fails_the_item(status_scp: StatusSCP, tmp_
     assert d.status == "failed" and d.code == "0x0122" and "refused" in (d.detail or "")
 
 
+@pytest.mark.slow  # stops and restarts Orthanc
 def test_pacs_down_mid_run_then_back(pacs: OrthancServer, tiny: list[tuple[Item, str]]) -> None:
     dicom = [(i, p) for i, p in tiny if i.kind == "dicom" and i.sop_uid][:8]
     store = open_cstore(pacs.dicom_url, parallel=2)

@@ -132,6 +132,7 @@ def test_auth_from_env_or_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, 
         open_store("dicomweb+https://user:pw@pacs.example.org/dicom-web")
 
 
+@pytest.mark.slow  # stops and restarts Orthanc
 def test_server_down_mid_run_then_back(pacs: OrthancServer, tiny: list[tuple[Item, str]]) -> None:
     dicom = [(i, p) for i, p in tiny if i.kind == "dicom"][:6]
     store = DicomwebStore(open_dicomweb(pacs.dicomweb_url).base, attempts=2, linger=0.01)

@@ -169,6 +169,7 @@ def test_english_left_finds_english() -> None:
     assert english_left("状态 resumed，nominal usable") == ["resumed", "nominal usable"]
 
 
+@pytest.mark.slow  # Chromium prints each page
 @pytest.mark.parametrize("page", ["audit-zh/audit.html", "plan-zh.html", "plan-40TB-zh.html"])
 def test_chinese_pages_have_no_english_left(exited, page: str, tmp_path: Path) -> None:
     from chromium_pipe import CHROMIUM, render
@@ -204,6 +205,7 @@ def page_text(pdf: Path, page: int) -> str:
                           capture_output=True, text=True, check=True).stdout
 
 
+@pytest.mark.slow  # Chromium prints the audit
 @pytest.mark.parametrize("lang, phrases", [
     ("en", ["Summary for management", "Complete, with exceptions to review", "What was moved",
             "116 objects", "Cost and time", "Exceptions to review", "Quarantined", "Next step"]),
@@ -229,6 +231,7 @@ def test_chart_legend_leaves_room_for_chinese_labels() -> None:
                        [(charts.DONE, "已完成"), (charts.TODO, "未完成"), (charts.BAR, "每 1 s")])
     swatches = [float(x) for x in re.findall(r'<rect x="([\d.]+)" y="\d+" width="10"', svg)]
     labels = re.findall(r'<text x="([\d.]+)" y="\d+">([^<]+)</text>', svg)[-3:]
+    assert [label for _x, label in labels] == ["已完成", "未完成", "每 1 s"] and len(swatches) == 3
     for (x, label), next_swatch in zip(labels, swatches[1:]):
         wide = sum(11 if ord(ch) > 0x2E80 else 6 for ch in label)  # 11 px font
         assert float(x) + wide < next_swatch, label

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
+import trustme
 from conftest import server_context
 from dbutil import rows
 from faultproxy import FaultProxy
@@ -21,8 +22,6 @@ from test_migrate_faults import check_archive
 
 from cloudexit.testing import synthetic
 from cloudexit.testing.s3server import SeaweedServer
-
-trustme = pytest.importorskip("trustme")
 
 
 @pytest.fixture

@@ -101,7 +101,7 @@ def test_archive_verifies(migrated: tuple[Path, Path]) -> None:
     assert text.exit_code == 0 and "verified" in text.output and "studies 3/3 match" in text.output
 
 
-@pytest.mark.parametrize("page", [2000, 2])
+@pytest.mark.parametrize("page", [2000, pytest.param(2, marks=pytest.mark.slow)])  # page 2: over 3 s
 def test_tampered_archive(migrated: tuple[Path, Path], page: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """A missing file, a flipped byte and a stray file are each found; also when the files are
     read two rows at a time (the paging that keeps memory flat on a million-file archive)."""
@@ -195,6 +195,7 @@ def test_pacs_counts_by_c_find(migrated: tuple[Path, Path], pacs: OrthancServer)
     assert rows and rows[-1]["sop_uid"] == victim.sop_uid
 
 
+@pytest.mark.slow  # a PACS filled and queried: over 3 s
 def test_pacs_by_qido(migrated: tuple[Path, Path], pacs: OrthancServer) -> None:
     db, archive = migrated
     items = _archived_items(db, archive)

@@ -285,11 +285,11 @@ INSERT OR IGNORE INTO meta(key, value) VALUES ('redact_key', lower(hex(randomblo
 _SCHEMA_V8 = """
 ALTER TABLE transfers ADD COLUMN part_sizes TEXT;
 CREATE TABLE meters (
-    name TEXT PRIMARY KEY,               -- a worker process's meter file, beside the DB (cloudexit/meter.py)
+    name TEXT PRIMARY KEY,               -- a worker process's meter file, beside the DB (cloudexit/s3/meter.py)
     run_id INTEGER NOT NULL,             -- the migration run it counts for
     bytes INTEGER NOT NULL, gets INTEGER NOT NULL, heads INTEGER NOT NULL, lists INTEGER NOT NULL
 )
-"""  # transfers.part_sizes: JSON {"etag": ..., "sizes": [...]} (see cloudexit/parts.py);
+"""  # transfers.part_sizes: JSON {"etag": ..., "sizes": [...]} (see cloudexit/s3/parts.py);
 # meters: the last reading of each meter file, already added to its run's counters
 # Version 9: each inventory round records its new/changed/deleted counts when it completes
 # (`objects.change` only keeps an object's latest change, so the counts of older rounds cannot
