@@ -164,9 +164,14 @@ def test_changed_and_deleted_objects(cli, s3, inventoried, db: Path, tmp_path: P
     new_body = body[:-1] + bytes([body[-1] ^ 0xFF])
     client.put_object(Bucket=bucket, Key=changed.key, Body=new_body)
     client.delete_object(Bucket=bucket, Key=deleted.key)
+    # A provider checksum recorded for the old version must not be held against the new one.
+    stale = '{"x-amz-checksum-crc32": "AAAAAA=="}'
+    with sqlite3.connect(db) as conn:
+        conn.execute("UPDATE objects SET checksums = ? WHERE key = ?", (stale, changed.key))
     dest = tmp_path / "archive"
     result = cli("migrate", "--to", str(dest), "--db", str(db), "-q")
     assert result.exit_code == 3
+    assert rows(db, "SELECT checksums FROM objects WHERE key = ?", (changed.key,))[0]["checksums"] != stale
     t = {r["key"]: r for r in rows(db, "SELECT * FROM transfers")}
     assert t[changed.key]["state"] == "verified"
     assert t[changed.key]["changes"] == 1

@@ -413,8 +413,9 @@ class Migration:
             self.progress.restoring += 1
         elif do is Do.CHANGED:
             new = action.new or {}
+            # The provider's checksums were the old version's: a new one's come with its header read.
             tx.execute("UPDATE objects SET etag = ?, size = ?, last_modified = ?, change = 'changed', "
-                       "kind = 'pending', updated_at = ? WHERE key = ?",
+                       "kind = 'pending', checksums = NULL, updated_at = ? WHERE key = ?",
                        (new["etag"], new["size"], new.get("last_modified"), stamp, key))
             sql.new_version(tx, key, dest, new["etag"], new["size"], stamp)
             self.progress.bytes_total += new["size"] - flight.size

@@ -258,8 +258,8 @@ class Restores:
             # Changed again: take its new identity from a HEAD and read again next round.
             try:
                 head = self.source.head(key)
-                tx.execute("UPDATE objects SET etag = ?, size = ?, change = 'changed', updated_at = ? "
-                           "WHERE key = ?", (head.get("ETag", "").strip('"'), int(head["ContentLength"]),
+                tx.execute("UPDATE objects SET etag = ?, size = ?, change = 'changed', checksums = NULL, "
+                           "updated_at = ? WHERE key = ?", (head.get("ETag", "").strip('"'), int(head["ContentLength"]),
                                              stamp, key))
                 sql.new_identity(tx, key, self.dest, head.get("ETag", "").strip('"'), int(head["ContentLength"]))
             except CloudexitError as exc:
