@@ -12,6 +12,7 @@ from typing import Any, Sequence
 
 import pytest
 
+from cloudexit.cluster.executor import dask_environment
 from cloudexit.testing.s3server import SeaweedServer, free_port
 
 DASK = Path(sys.executable).with_name("dask")
@@ -21,7 +22,7 @@ def node_env(s3: SeaweedServer) -> dict[str, str]:
     """What a worker machine would have: our code, and S3 credentials of its own."""
     env = {**os.environ, **s3.env(), "PYTHONPATH": os.pathsep.join(sys.path)}
     env.pop("AWS_PROFILE", None)
-    env["DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED"] = "False"  # as docs/scale-out.md advises
+    env.update(dask_environment())  # as docs/scale-out.md advises
     return env
 
 

@@ -274,3 +274,26 @@ def test_bwlimit_holds_for_the_whole_cluster(cli, s3, bucket: str, db: Path, tmp
     assert summary["bytes_downloaded"] / summary["elapsed"] <= limit * 1.05
     assert "dask worker w3 joined the run" not in err  # --json: notices only for warnings
     assert {r["worker"] for r in rows(db, "SELECT DISTINCT worker FROM transfers")} <= {"w1", "w2", "w3"}
+
+
+def test_local_cluster_runs_dask_with_quiet_timers() -> None:
+    """dask's timers cost CPU per second, not per GB (docs/performance.md, cluster): `local:N`'s
+    scheduler and workers run with DASK_SETTINGS (as docs/scale-out.md has the CLI daemons do)."""
+    from distributed import Client
+
+    from cloudexit.cluster.executor import start_local_cluster
+
+    def timers(dask_worker: Any) -> dict[str, float]:
+        return {name: pc.callback_time for name, pc in dask_worker.periodic_callbacks.items()}
+
+    cluster = start_local_cluster(1)
+    try:
+        with Client(cluster) as client:
+            worker = next(iter(client.run(timers).values()))
+        scheduler = timers(cluster.scheduler)
+    finally:
+        cluster.close()
+    assert "profile" not in worker  # dask's statistical profiler is off
+    assert worker["tick"] == scheduler["tick"] == 500 and worker["monitor"] == scheduler["monitor"] == 2000
+    assert worker["memory_monitor"] == 1000
+    assert "stealing" not in scheduler and not any(name.startswith("amm-") for name in scheduler)  # pinned, no data

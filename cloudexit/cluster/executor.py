@@ -30,10 +30,23 @@ from cloudexit.s3.client import Credentials, Endpoint
 from cloudexit.transfer.tasks import Task
 
 BATCH_BYTES = 256 * 2**20  # a batch of small objects holds at most this much
-BATCH_OBJECTS = 32  # and at most this many (dask costs ~ms of CPU a task: fewer, bigger batches)
+BATCH_OBJECTS = 64  # and at most this many: dask costs CPU per task (64 against 32: a third less of
+# dask's own CPU per GB, docs/performance.md, cluster)
 LOCAL_THREADS = 4  # dask threads per LocalCluster worker: batches it works on at once
 MEMBERSHIP_EVERY = 2.0  # seconds between looks at which workers are there
 NO_WORKER_GRACE = 300.0  # seconds without any admitted worker before the run stops
+# dask's defaults suit interactive analysis; a migration's dask processes mostly wait while
+# cloudexit's worker processes work, and these timers cost CPU per second, not per GB
+# (docs/performance.md, cluster). `--cluster local:N` applies them; docs/scale-out.md gives
+# them to `dask scheduler` and `dask worker` as DASK_* variables.
+DASK_SETTINGS: dict[str, Any] = {
+    "distributed.worker.profile.enabled": False,  # samples every thread's stack 100 times a second
+    "distributed.admin.tick.interval": "500ms",  # event-loop health check, 50 times a second
+    "distributed.admin.system-monitor.interval": "2s",  # psutil readings for the dashboard
+    "distributed.worker.memory.monitor-interval": "1s",  # a batch's results are a few KB
+    "distributed.scheduler.work-stealing": False,  # batches are pinned to admitted workers
+    "distributed.scheduler.active-memory-manager.start": False,  # tasks share no data
+}
 
 
 def _check_dask(address: ClusterAddress) -> None:
@@ -110,16 +123,7 @@ class DaskExecutor:
         self.meter = Meter(new_meter())
         try:
             if self.address.scheme == "local":
-                import dask
-
-                # dask's statistical profiler samples every thread's stack 100 times a second:
-                # with cloudexit's download threads that is CPU taken from verification.
-                # Not daemonic: cloudexit's worker processes are its children.
-                with dask.config.set({"distributed.worker.profile.enabled": False,
-                                      "distributed.worker.daemon": False}):
-                    self.cluster = distributed.LocalCluster(
-                        n_workers=self.address.workers, threads_per_worker=LOCAL_THREADS, processes=True,
-                        host="127.0.0.1", dashboard_address="127.0.0.1:0", silence_logs=40)
+                self.cluster = start_local_cluster(self.address.workers)
                 self.client = distributed.Client(self.cluster, timeout=30)
             else:
                 self.client = distributed.Client(self.address.url, timeout=30)
@@ -221,8 +225,10 @@ class DaskExecutor:
         for batch in _batches([service.strip_credentials(t) for t in tasks], BATCH_OBJECTS):
             self.batches += 1
             where = frozenset(self.admitted)
-            # The key names the run and the batch number only: the dashboard shows it.
-            future = self.client.submit(service.run_batch, self.token, batch,
+            # The key names the run and the batch number only: the dashboard shows it. The batch
+            # goes pickled: dask's scheduler unpickles a task's arguments (32 Task objects
+            # otherwise) and pickles them again for the worker; bytes it only passes on.
+            future = self.client.submit(service.run_batch, self.token, service.pack(batch),
                                         key=f"cloudexit-batch-{self.token}-{self.batches}",
                                         workers=list(where), allow_other_workers=False, pure=False)
             self.futures[future] = ([t.id for t in batch], where)
@@ -269,7 +275,7 @@ class DaskExecutor:
                 continue
             if any(counted):
                 self.meter.add(*counted)
-            out.extend(messages)
+            out.extend(service.unpack(messages))
         return out
 
     def set_rate(self, bytes_per_second: float | None) -> None:
@@ -315,6 +321,23 @@ class DaskExecutor:
                 self.cluster.close(timeout=10)
             if self.meter is not None:
                 self.meter.close()
+
+
+def dask_environment() -> dict[str, str]:
+    """DASK_SETTINGS as the DASK_* variables `dask scheduler` and `dask worker` read."""
+    return {"DASK_" + key.upper().replace(".", "__").replace("-", "_"): str(value)
+            for key, value in DASK_SETTINGS.items()}
+
+
+def start_local_cluster(workers: int) -> Any:
+    """`--cluster local:N`: a LocalCluster of N worker processes with DASK_SETTINGS."""
+    import dask
+    import distributed
+
+    # Not daemonic: cloudexit's worker processes are its children.
+    with dask.config.set({**DASK_SETTINGS, "distributed.worker.daemon": False}):
+        return distributed.LocalCluster(n_workers=workers, threads_per_worker=LOCAL_THREADS, processes=True,
+                                        host="127.0.0.1", dashboard_address="127.0.0.1:0", silence_logs=40)
 
 
 def _batches(tasks: Sequence[Task], most: int) -> list[list[Task]]:
