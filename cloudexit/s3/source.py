@@ -98,8 +98,11 @@ def check_endpoint(url: str | None) -> None:
 class Source:
     """One bucket (and prefix) on one endpoint."""
 
-    def __init__(self, url: str, config: SourceConfig | None = None) -> None:
+    def __init__(self, url: str, config: SourceConfig | None = None, credentials: Any = None) -> None:
+        """`credentials`: `client.Credentials` the lean path signs with instead of the boto3
+        chain's (a cluster worker given the coordinator's, `--cluster-credentials forward`)."""
         self.url = url
+        self.credentials = credentials
         self.bucket, self.prefix = parse_s3_url(url)
         self.config = config or SourceConfig()
         check_endpoint(self.config.endpoint_url)
@@ -220,6 +223,8 @@ class Source:
         """The boto3 chain's current credentials (refreshed when temporary), for lean requests."""
         from cloudexit.s3.client import Credentials
 
+        if self.credentials is not None:
+            return self.credentials
         creds = self.session().get_credentials()
         if creds is None:
             raise self.no_credentials()
