@@ -24,7 +24,7 @@ from dataclasses import replace
 from typing import Any, Callable
 
 from cloudexit.cluster import headerservice
-from cloudexit.cluster.address import ClusterAddress, check_credentials_mode
+from cloudexit.cluster.address import ClusterAddress, check_credentials_mode, check_header_reads
 from cloudexit.cluster.connect import check_dask, open_client, present, refuse, sort_answers
 from cloudexit.core import errors
 from cloudexit.core.config import InventoryConfig
@@ -47,7 +47,8 @@ class ClusterHeaders:
     def __init__(self, address: ClusterAddress, credentials: str = "worker", min_workers: int | None = None,
                  notice: Callable[[str], None] | None = None, wait_for_workers: float = 60.0) -> None:
         """As `DaskExecutor` (executor.py): refused at once when dask is missing or forwarding
-        is not allowed to this address."""
+        is not allowed to this address, and over plain tcp:// to another machine (patient IDs)."""
+        check_header_reads(address)
         check_credentials_mode(address, credentials)
         check_dask(address)
         self.address, self.mode, self.min_workers = address, credentials, min_workers
