@@ -36,9 +36,6 @@ cloudexit run records the fingerprint of the inventory modules it ran (`code_ver
                         wall, CPU, and launch to the first request / object GET (a relay)
     --compare-tree DIR  with --startup: also run those two commands from another checkout
                         (`git worktree add /tmp/base main`), alternating: before/after in one run
-    --no-bytecode       with --startup: compile cloudexit's sources at every start, as with
-                        PYTHONDONTWRITEBYTECODE=1 (by default the bytecode is written by one
-                        untimed round first, as `pip install` writes it: what a user runs)
     --header-layout L   layouts of the header-read buckets (flat: Orthanc-style uuid keys)
     --keys 0            no listing bucket (header reads and start-up only)
     --py-spy            also profile one cloudexit run per bucket (py-spy --gil; top frames)
@@ -356,14 +353,14 @@ def _frame(text: str) -> str:
 
 
 def startup(server: Any, client: list[str], scratch: Path, repeat: int,
-            compare_tree: Path | None = None, bytecode: bool = True) -> list[dict[str, Any]]:
+            compare_tree: Path | None = None) -> list[dict[str, Any]]:
     """The fixed start-up of `cloudexit inventory` and `cloudexit migrate` on a one-object
     bucket: wall time, and the time from launch to the first request and the first object GET
     reaching the store (through `FirstRequest`), next to `python -c pass` and `s5cmd cp`.
     `compare_tree`: the same two commands also from that checkout ("before"), the two trees
-    taking turns to go first. `bytecode`: the modules' bytecode written by an untimed round
-    first (a shell with PYTHONDONTWRITEBYTECODE=1 otherwise compiles every module at every
-    start: ~0.1 s of CPU that an installed cloudexit does not spend)."""
+    taking turns to go first. An untimed round first writes the modules' bytecode, as `pip
+    install` does (run from a tree without `__pycache__` under PYTHONDONTWRITEBYTECODE=1, every
+    cloudexit module was compiled at every start: ~0.05-0.1 s of CPU no installed copy spends)."""
     bucket = "inv-flat-1"
     ensure_bucket(server, bucket, 1, "flat", log=_log)
     relay = FirstRequest(int(server.endpoint_url.rsplit(":", 1)[1]), bucket)
@@ -371,13 +368,11 @@ def startup(server: Any, client: list[str], scratch: Path, repeat: int,
     env = {**os.environ, **server.env(), "AWS_ENDPOINT_URL": url}
     env.pop("AWS_PROFILE", None)
     env.pop("PYTHONDONTWRITEBYTECODE", None)
-    if not bytecode:
-        env["PYTHONDONTWRITEBYTECODE"] = "1"
     trees = {"": REPO} | ({" before": compare_tree} if compare_tree else {})
     codes = {tag: code_version() if not tag else _head(tree) for tag, tree in trees.items()}
     rows = []
     try:
-        for rep in range(-1 if bytecode else 0, repeat):  # -1: writes the bytecode, not counted
+        for rep in range(-1, repeat):  # -1: writes the bytecode, not counted
             work = Path(tempfile.mkdtemp(prefix="startup-", dir=scratch))
             cli = [tool("cloudexit")]
             commands: dict[str, tuple[list[str], dict[str, str], str | None]] = {
@@ -404,7 +399,7 @@ def startup(server: Any, client: list[str], scratch: Path, repeat: int,
                        "peak_rss_mb": m.peak_rss_mb, "returncode": m.returncode,
                        "first_request_s": relay.first - launched if relay.first else None,
                        "first_get_s": relay.first_get - launched if relay.first_get else None,
-                       "cpu_to_first_get_s": relay.cpu_at_get, "code": code, "bytecode": bytecode}
+                       "cpu_to_first_get_s": relay.cpu_at_get, "code": code}
                 if rep < 0:
                     continue
                 rows.append(row)
@@ -477,8 +472,6 @@ def main() -> None:
                     help="also measure the start-up of inventory and migrate, N times")
     ap.add_argument("--compare-tree", type=Path, default=None, metavar="DIR",
                     help="with --startup: also run inventory and migrate from this checkout (before/after)")
-    ap.add_argument("--no-bytecode", action="store_true",
-                    help="with --startup: compile the sources at every start (PYTHONDONTWRITEBYTECODE=1)")
     ap.add_argument("--out", default=None, help="JSON results file")
     ap.add_argument("--report", nargs="+", metavar="JSON",
                     help="print the tables of saved results (merged) and stop")
@@ -508,8 +501,7 @@ def main() -> None:
     try:
         if args.startup:
             result["startup"] = startup(server, client, scratch, args.startup,
-                                        args.compare_tree.resolve() if args.compare_tree else None,
-                                        bytecode=not args.no_bytecode)
+                                        args.compare_tree.resolve() if args.compare_tree else None)
             _save(out, result)
             print("\n" + startup_table(result["startup"]) + "\n")
         plan: list[tuple[Target, list[str]]] = []
