@@ -23,8 +23,9 @@ from typing import Any, Callable, Sequence
 
 from cloudexit.cluster import service
 from cloudexit.cluster.address import ClusterAddress, check_credentials_mode
+from cloudexit.cluster.connect import check_dask, open_client, present, refuse, sort_answers
 from cloudexit.core.config import MigrateConfig
-from cloudexit.core.errors import StateError, UsageError
+from cloudexit.core.errors import StateError
 from cloudexit.transfer.messages import Message, WorkerLost
 from cloudexit.s3.client import Credentials, Endpoint
 from cloudexit.transfer.tasks import Task
@@ -34,25 +35,6 @@ BATCH_OBJECTS = 32  # and at most this many (dask costs ~ms of CPU a task: fewer
 LOCAL_THREADS = 4  # dask threads per LocalCluster worker: batches it works on at once
 MEMBERSHIP_EVERY = 2.0  # seconds between looks at which workers are there
 NO_WORKER_GRACE = 300.0  # seconds without any admitted worker before the run stops
-
-
-def _check_dask(address: ClusterAddress) -> None:
-    """dask.distributed is installed, and for tls:// it has the certificates to use (without
-    them dask fails with a TypeError deep in its connect)."""
-    try:
-        import distributed
-    except ImportError:
-        raise UsageError("--cluster needs dask.distributed, which is not installed",
-                         hint="pip install 'cloudexit[cluster]'") from None
-    if address.scheme != "tls":
-        return
-    hint = "give dask the CA, certificate and key in its configuration (docs/scale-out.md, TLS)"
-    try:
-        context = distributed.Security().get_connection_args("client").get("ssl_context")
-    except (OSError, ValueError) as exc:  # a file named there is missing, unreadable or not PEM
-        raise UsageError(f"--cluster {address.url}: dask's TLS settings cannot be used: {exc}", hint=hint) from None
-    if context is None:
-        raise UsageError(f"--cluster {address.url}: dask has no TLS certificates configured", hint=hint)
 
 
 class DaskExecutor:
@@ -67,7 +49,7 @@ class DaskExecutor:
         `profile`: the AWS profile name workers use. `notice`: where warnings and the
         dashboard link go (the CLI prints them)."""
         check_credentials_mode(address, credentials)
-        _check_dask(address)  # refused before the run takes its lock or touches DEST
+        check_dask(address)  # refused before the run takes its lock or touches DEST
         self.address, self.mode, self.min_workers = address, credentials, min_workers
         self.profile = profile
         self.notice = notice or (lambda text: None)
@@ -102,32 +84,15 @@ class DaskExecutor:
     def start(self, config: MigrateConfig, root: str, new_meter: Callable[[], str]) -> None:
         from cloudexit.s3.meter import Meter
 
-        import distributed
-
         # local:N: N dask workers of one cloudexit worker process each (N processes in all).
         self.config = replace(config, processes=1) if self.address.scheme == "local" else config
         self.root = root
         self.meter = Meter(new_meter())
         try:
-            if self.address.scheme == "local":
-                import dask
-
-                # dask's statistical profiler samples every thread's stack 100 times a second:
-                # with cloudexit's download threads that is CPU taken from verification.
-                # Not daemonic: cloudexit's worker processes are its children.
-                with dask.config.set({"distributed.worker.profile.enabled": False,
-                                      "distributed.worker.daemon": False}):
-                    self.cluster = distributed.LocalCluster(
-                        n_workers=self.address.workers, threads_per_worker=LOCAL_THREADS, processes=True,
-                        host="127.0.0.1", dashboard_address="127.0.0.1:0", silence_logs=40)
-                self.client = distributed.Client(self.cluster, timeout=30)
-            else:
-                self.client = distributed.Client(self.address.url, timeout=30)
-        except (OSError, TimeoutError) as exc:
+            self.cluster, self.client = open_client(self.address, LOCAL_THREADS)
+        except StateError:
             self.stop()
-            raise StateError(f"cannot reach the dask scheduler at {self.address.url}: {exc}",
-                             hint="start it with `dask scheduler` (see docs/scale-out.md), check the "
-                                  "address, port 8786 and any firewall") from None
+            raise
         self.done: queue.Queue[Any] = queue.Queue()  # futures as they finish (a callback puts them)
         self.dashboard = self.client.dashboard_link
         if self.dashboard:
@@ -154,35 +119,19 @@ class DaskExecutor:
     # -- membership ----------------------------------------------------------------------------------
     def _look(self, first: bool = False) -> None:
         """Admit new workers (after the DEST check), forget lost ones, rebalance the rate."""
-        info = self.client.scheduler_info(n_workers=-1)["workers"] if hasattr(self.client, "scheduler_info") else {}
-        present = {addr: int(w.get("nthreads", 1)) for addr, w in info.items()}
-        for addr in [a for a in self.admitted if a not in present]:
+        here = present(self.client)
+        for addr in [a for a in self.admitted if a not in here]:
             self.notice(f"dask worker {self.admitted.pop(addr)} left the run")
             self.orphans = True
-        new = [a for a in present if a not in self.admitted and a not in self.refused]
+        new = [a for a in here if a not in self.admitted and a not in self.refused]
         if new:
             found = self.client.run(service.check, self.root, self.token, self.secret, self.profile,
                                     self.forwarded is not None, workers=new, on_error="return")
-            ok, bad = [], {}
-            for addr in new:
-                answer = found.get(addr)
-                if isinstance(answer, dict) and answer.get("problem") is None:
-                    ok.append(addr)
-                else:
-                    label = answer.get("worker", addr) if isinstance(answer, dict) else addr
-                    why = answer.get("problem") if isinstance(answer, dict) else f"it did not answer ({answer})"
-                    bad[addr] = f"{label}: {why}"
-            if bad:
-                admitted = len(self.admitted) + len(ok)
-                if first and (self.min_workers is None or admitted < self.min_workers):
-                    raise StateError(
-                        "dask worker(s) cannot take part in this migration: " + "; ".join(bad.values()),
-                        hint="every worker must mount the archive at the same path "
-                             f"({self.root}) and have S3 credentials; or stop those workers, or "
-                             "allow fewer with --cluster-min-workers")
-                for why in bad.values():
-                    self.notice(f"warning: dask worker left out: {why}")
-                self.refused.update(bad)
+            ok, bad = sort_answers(found, new)
+            refuse(bad, first, len(self.admitted) + len(ok), self.min_workers, "migration",
+                   f"every worker must mount the archive at the same path ({self.root}) and have S3 "
+                   "credentials", self.notice)
+            self.refused.update(bad)
             if ok:
                 names = self.client.run(service.start, self.token, self.config, self.root, self.endpoint,
                                         self._share(len(self.admitted) + len(ok)), self.profile,
