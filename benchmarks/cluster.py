@@ -18,7 +18,7 @@ Each run's steady CPU is broken down by process role (roles.py: coordinator, das
 dask worker, cloudexit's worker processes), so the cluster path's overhead is located, not
 guessed; "worker side" sums what runs on a worker machine. `--trees` runs each mode once per code
 tree (PYTHONPATH), alternating, so a change is measured before and after in one run; the CLI
-daemons get the dask settings the tree's code recommends (`cluster.executor.DASK_SETTINGS`).
+daemons get the dask settings the tree's code recommends (`cluster.connect.DASK_SETTINGS`).
 `--idle S` measures what the dask daemons cost per second with no work. `--spy DIR` records the
 coordinator and the dask workers with py-spy (costs CPU: not for figures).
 """
@@ -81,8 +81,9 @@ def daemon_env(env: dict[str, str]) -> dict[str, str]:
     """`env` plus the dask settings the tree's code recommends for `dask scheduler` and `dask
     worker` (docs/scale-out.md), as DASK_* variables. (Every Python started here runs in
     NEUTRAL: `-m` and `-c` put the current folder first on sys.path, ahead of PYTHONPATH.)"""
-    code = ("import json; from cloudexit.cluster import executor; "
-            "print(json.dumps(executor.dask_environment() if hasattr(executor, 'dask_environment') else {}))")
+    code = ("import json\ntry:\n    from cloudexit.cluster.connect import dask_environment\n"
+            "except ImportError:  # the code before it\n    dask_environment = dict\n"
+            "print(json.dumps(dask_environment()))")
     found = subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True, text=True,
                            cwd=NEUTRAL)
     return {**env, **json.loads(found.stdout)}
@@ -296,15 +297,16 @@ import dask, distributed
 from cloudexit.cluster import executor
 where, seconds = sys.argv[1], float(sys.argv[2])
 if where.startswith("local:"):
-    start = getattr(executor, "start_local_cluster", None)
-    if start is None:  # the code before start_local_cluster: as it started its LocalCluster
+    try:
+        from cloudexit.cluster.address import parse
+        from cloudexit.cluster.connect import open_client
+        cluster, client = open_client(parse(where), executor.LOCAL_THREADS)
+    except ImportError:  # the code before connect.py: as it started its LocalCluster
         with dask.config.set({"distributed.worker.profile.enabled": False, "distributed.worker.daemon": False}):
             cluster = distributed.LocalCluster(n_workers=int(where[6:]), threads_per_worker=executor.LOCAL_THREADS,
                                                processes=True, host="127.0.0.1", dashboard_address="127.0.0.1:0",
                                                silence_logs=40)
-    else:
-        cluster = start(int(where[6:]))
-    client = distributed.Client(cluster, timeout=30)
+        client = distributed.Client(cluster, timeout=30)
 else:
     client = distributed.Client(where, timeout=30)
 client.wait_for_workers(1)

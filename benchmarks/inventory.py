@@ -34,6 +34,9 @@ cloudexit run records the fingerprint of the inventory modules it ran (`code_ver
                         without the server's CPU taken from the client
     --startup N         start-up of inventory and migrate on a one-object bucket, N times:
                         wall, CPU, and launch to the first request / object GET (a relay)
+    --compare-tree DIR  another checkout (`git worktree add /tmp/base main`), alternating with
+                        this one: before/after in one run. With --startup, inventory and migrate
+                        from it too; and cloudexit-list from it (`cloudexit-list-base`)
     --header-layout L   layouts of the header-read buckets (flat: Orthanc-style uuid keys)
     --keys 0            no listing bucket (header reads and start-up only)
     --py-spy            also profile one cloudexit run per bucket (py-spy --gil; top frames)
@@ -65,7 +68,7 @@ from common import (KEY_PATTERN, LAYOUTS, REPO, FirstRequest, Measurement, bench
                     ensure_bucket, measure, tool, versions)
 
 TOOLS = ("cloudexit-list", "cloudexit-headers", "s5cmd", "s5cmd-cp", "rclone", "rclone-fast-list",
-         "aws")
+         "aws", "cloudexit-list-base")
 LABELS = {
     "cloudexit-list": "cloudexit inventory --key-pattern (listing)",
     "cloudexit-headers": "cloudexit inventory (reads every header)",
@@ -74,6 +77,7 @@ LABELS = {
     "rclone": "rclone lsf -R",
     "rclone-fast-list": "rclone lsf -R --fast-list",
     "aws": "aws s3 ls --recursive",
+    "cloudexit-list-base": "cloudexit inventory --key-pattern (listing), --compare-tree code",
 }
 
 
@@ -88,11 +92,13 @@ class Target:
     """One bucket and everything needed to run the tools against it."""
 
     def __init__(self, server: Any, bucket: str, keys: int, layout: str, scratch: Path,
-                 cloudexit_args: list[str], client: list[str] | None = None) -> None:
+                 cloudexit_args: list[str], client: list[str] | None = None,
+                 base_tree: Path | None = None) -> None:
         self.server, self.bucket, self.keys, self.layout = server, bucket, keys, layout
         self.scratch = scratch
         self.client = client or []  # e.g. `taskset -c 0` (--pin)
         self.cloudexit_args = cloudexit_args
+        self.base_tree = base_tree  # --compare-tree: the checkout `cloudexit-list-base` runs
         self.env = {**os.environ, **server.env()}
         self.env.pop("AWS_PROFILE", None)
         self.env.update({
@@ -109,7 +115,7 @@ class Target:
         if name.startswith("cloudexit"):
             cmd = [tool("cloudexit"), "inventory", f"s3://{self.bucket}", "--endpoint-url", url,
                    "--db", str(db), "--json", *self.cloudexit_args]
-            if name == "cloudexit-list":
+            if name in ("cloudexit-list", "cloudexit-list-base"):
                 cmd += ["--key-pattern", KEY_PATTERN[self.layout]]
             if name.startswith("cloudexit-headers-w"):
                 cmd += ["--workers", name.rsplit("-w", 1)[1]]
@@ -131,10 +137,13 @@ class Target:
         work = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=self.scratch))
         db, out = work / "state.db", work / "stdout"
         try:
-            code = code_version()  # the package may be edited between runs: record what ran
+            base = name == "cloudexit-list-base"
+            # The package may be edited between runs: record what ran.
+            code = code_version(self.base_tree) if base and self.base_tree else code_version()
+            env = {**self.env, "PYTHONPATH": str(self.base_tree)} if base and self.base_tree else self.env
             load = os.getloadavg()[0]
             busy0 = _busy()
-            m = measure(self.client + self.command(name, db), env=self.env, stdout=str(out),
+            m = measure(self.client + self.command(name, db), env=env, stdout=str(out),
                         server_pid=self.server.proc.pid, count_lines=not name.startswith("cloudexit"),
                         tree_sample_s=0.25)
             busy = _busy() - busy0
@@ -170,26 +179,26 @@ class Target:
 
 INVENTORY_SOURCES = ("inventory.py", "s3/lean.py", "s3/listing.py", "s3/headers.py", "s3/source.py",
                      "state/db.py", "dicom/header.py", "dicom/scan.py", "core/paths.py",
-                     "core/config.py", "transfer/worker.py", "cli/__init__.py")
+                     "core/config.py", "transfer/worker.py", "cli/__init__.py", "state/listed.py")
 
 
-def code_version() -> str:
+def code_version(root: Path = REPO) -> str:
     """`HEAD` plus a hash of the modules `cloudexit inventory` runs, as they are on disk now
     (`+dirty` when they differ from HEAD): the package is edited while benchmarks run, so every
     run records which code it measured."""
     import hashlib
     import subprocess
 
-    paths = [REPO / "cloudexit" / name for name in INVENTORY_SOURCES]
+    paths = [root / "cloudexit" / name for name in INVENTORY_SOURCES]
 
     def git(*args: str) -> str:
-        out = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True)
+        out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
         return out.stdout.strip()
 
     head = git("rev-parse", "--short", "HEAD") or "?"
     digest = hashlib.sha1()
     for path in paths:
-        digest.update(str(path.relative_to(REPO)).encode() + b"\0"
+        digest.update(str(path.relative_to(root)).encode() + b"\0"
                       + (path.read_bytes() if path.exists() else b""))
     dirty = "+dirty" if git("status", "--porcelain", "--", *map(str, paths)) else ""
     return f"{head}{dirty}:{digest.hexdigest()[:8]}"
@@ -350,43 +359,56 @@ def _frame(text: str) -> str:
     return f"{match['func']} ({short})"
 
 
-def startup(server: Any, client: list[str], scratch: Path, repeat: int) -> list[dict[str, Any]]:
+def startup(server: Any, client: list[str], scratch: Path, repeat: int,
+            compare_tree: Path | None = None) -> list[dict[str, Any]]:
     """The fixed start-up of `cloudexit inventory` and `cloudexit migrate` on a one-object
     bucket: wall time, and the time from launch to the first request and the first object GET
-    reaching the store (through `FirstRequest`), next to `python -c pass` and `s5cmd cp`."""
+    reaching the store (through `FirstRequest`), next to `python -c pass` and `s5cmd cp`.
+    `compare_tree`: the same two commands also from that checkout ("before"), the two trees
+    taking turns to go first. An untimed round first writes the modules' bytecode, as `pip
+    install` does (run from a tree without `__pycache__` under PYTHONDONTWRITEBYTECODE=1, every
+    cloudexit module was compiled at every start: ~0.05-0.1 s of CPU no installed copy spends)."""
     bucket = "inv-flat-1"
     ensure_bucket(server, bucket, 1, "flat", log=_log)
     relay = FirstRequest(int(server.endpoint_url.rsplit(":", 1)[1]), bucket)
     url = f"http://127.0.0.1:{relay.port}"
     env = {**os.environ, **server.env(), "AWS_ENDPOINT_URL": url}
     env.pop("AWS_PROFILE", None)
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    trees = {"": REPO} | ({" before": compare_tree} if compare_tree else {})
+    codes = {tag: code_version() if not tag else _head(tree) for tag, tree in trees.items()}
     rows = []
     try:
-        for rep in range(repeat):
+        for rep in range(-1, repeat):  # -1: writes the bytecode, not counted
             work = Path(tempfile.mkdtemp(prefix="startup-", dir=scratch))
-            db = work / "state.db"
             cli = [tool("cloudexit")]
-            commands = {
-                "python -c pass": [sys.executable, "-c", "pass"],
-                "s5cmd cp (1 object)": [tool("s5cmd"), "--endpoint-url", url, "cp",
-                                        f"s3://{bucket}/*", str(work / "s5") + "/"],
-                "cloudexit --version": [*cli, "--version"],
-                "cloudexit inventory (1 object)": [*cli, "inventory", f"s3://{bucket}", "--endpoint-url",
-                                                   url, "--db", str(db), "-q"],
-                "cloudexit migrate (1 object)": [*cli, "migrate", "--to", str(work / "dest"), "--db",
-                                                 str(db), "-q"],
+            commands: dict[str, tuple[list[str], dict[str, str], str | None]] = {
+                "python -c pass": ([sys.executable, "-c", "pass"], env, None),
+                "s5cmd cp (1 object)": ([tool("s5cmd"), "--endpoint-url", url, "cp",
+                                         f"s3://{bucket}/*", str(work / "s5") + "/"], env, None),
+                "cloudexit --version": ([*cli, "--version"], {**env, "PYTHONPATH": str(REPO)}, codes[""]),
             }
-            for name, cmd in commands.items():
+            tags = list(trees)
+            for tag in tags[rep % len(tags):] + tags[:rep % len(tags)]:
+                db, tree_env = work / f"state{tag.strip()}.db", {**env, "PYTHONPATH": str(trees[tag])}
+                commands[f"cloudexit inventory (1 object){tag}"] = (
+                    [*cli, "inventory", f"s3://{bucket}", "--endpoint-url", url, "--db", str(db), "-q"],
+                    tree_env, codes[tag])
+                commands[f"cloudexit migrate (1 object){tag}"] = (
+                    [*cli, "migrate", "--to", str(work / f"dest{tag.strip()}"), "--db", str(db), "-q"],
+                    tree_env, codes[tag])
+            for name, (cmd, cmd_env, code) in commands.items():
                 relay.reset()
                 launched = time.perf_counter()
-                m = measure(client + cmd, env=env, stdout=str(work / "stdout"), count_lines=False,
+                m = measure(client + cmd, env=cmd_env, stdout=str(work / "stdout"), count_lines=False,
                             on_start=lambda proc: setattr(relay, "watch", proc))
                 row = {"repeat": rep, "what": name, "wall_s": m.wall_s, "cpu_s": m.cpu_s,
                        "peak_rss_mb": m.peak_rss_mb, "returncode": m.returncode,
                        "first_request_s": relay.first - launched if relay.first else None,
                        "first_get_s": relay.first_get - launched if relay.first_get else None,
-                       "cpu_to_first_get_s": relay.cpu_at_get,
-                       "code": code_version() if name.startswith("cloudexit") else None}
+                       "cpu_to_first_get_s": relay.cpu_at_get, "code": code}
+                if rep < 0:
+                    continue
                 rows.append(row)
                 _log(f"  startup [{rep + 1}/{repeat}] {name:<32} {m.wall_s:6.3f} s wall "
                      f"{m.cpu_s:6.3f} s CPU  first request "
@@ -397,6 +419,13 @@ def startup(server: Any, client: list[str], scratch: Path, repeat: int) -> list[
     finally:
         relay.close()
     return rows
+
+
+def _head(tree: Path) -> str:
+    import subprocess
+
+    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=tree, capture_output=True, text=True)
+    return out.stdout.strip() or str(tree)
 
 
 def _secs(value: float | None) -> str:
@@ -448,6 +477,10 @@ def main() -> None:
                     help="the S3 server on core 1, every tool on core 0 (taskset)")
     ap.add_argument("--startup", type=int, default=0, metavar="N",
                     help="also measure the start-up of inventory and migrate, N times")
+    ap.add_argument("--compare-tree", type=Path, default=None, metavar="DIR",
+                    help="another checkout (e.g. a `git worktree` of the commit before a change): "
+                         "with --startup, inventory and migrate also from it; and cloudexit-list "
+                         "from it as the tool cloudexit-list-base")
     ap.add_argument("--out", default=None, help="JSON results file")
     ap.add_argument("--report", nargs="+", metavar="JSON",
                     help="print the tables of saved results (merged) and stop")
@@ -476,7 +509,8 @@ def main() -> None:
                               "versions": versions(), "runs": [], "populate": [], "profiles": []}
     try:
         if args.startup:
-            result["startup"] = startup(server, client, scratch, args.startup)
+            result["startup"] = startup(server, client, scratch, args.startup,
+                                        args.compare_tree.resolve() if args.compare_tree else None)
             _save(out, result)
             print("\n" + startup_table(result["startup"]) + "\n")
         plan: list[tuple[Target, list[str]]] = []
@@ -487,11 +521,14 @@ def main() -> None:
                 bucket = f"inv-{layout}-{keys}"
                 info = ensure_bucket(server, bucket, keys, layout, method=args.populate, log=_log)
                 result["populate"].append(info)
+                base_tree = Path(args.compare_tree).resolve() if args.compare_tree else None
                 target = Target(server, bucket, keys, layout, scratch, args.cloudexit_args.split(),
-                                client)
+                                client, base_tree)
                 tools = [t for t in wanted if t not in ("cloudexit-headers", "s5cmd-cp")]
+                if base_tree and "cloudexit-list" in tools and "cloudexit-list-base" not in tools:
+                    tools.append("cloudexit-list-base")
                 if layout == "flat":  # no UIDs in flat keys
-                    tools = [t for t in tools if t != "cloudexit-list"]
+                    tools = [t for t in tools if not t.startswith("cloudexit-list")]
                 plan.append((target, tools))
         for layout in args.header_layout or layouts:
             if args.header_keys and ("cloudexit-headers" in wanted or args.header_workers):

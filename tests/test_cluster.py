@@ -41,14 +41,6 @@ def _temps(root: Path) -> list[Path]:
     return [p for p in root.rglob(f"{TEMP_PREFIX}*") if p.name.endswith(".part")]
 
 
-@pytest.fixture
-def awkward(s3: Any, bucket: str) -> str:
-    """The tiny synthetic PACS with its awkward cases (odd keys, non-DICOM, unreadable, a
-    multipart multi-frame object)."""
-    synthetic.upload(s3.client(), bucket, synthetic.generate(synthetic.Profile.tiny()), part_size=5 * 2**20)
-    return bucket
-
-
 def _inventory(cli: Any, bucket: str, db: Path) -> None:
     result = cli("inventory", f"s3://{bucket}", "--db", str(db), "-q")
     assert result.exit_code == 0, result.output
@@ -204,14 +196,9 @@ def _slow_run_on_two_workers(cli, s3, bucket: str, db: Path, dest: Path,
 def test_a_worker_killed_mid_run_loses_nothing(cli, s3, bucket: str, db: Path, tmp_path: Path, dask_nodes) -> None:
     dest = tmp_path / "archive"
     truth, proc = _slow_run_on_two_workers(cli, s3, bucket, db, dest, dask_nodes)
-    try:  # w2 has placed objects and more are in flight: kill it
-        wait_for(proc, lambda: count(db, "worker = 'w2' AND state = 'verified'") >= 2
-                 and count(db, "state = 'fetching'") >= 4, "2 objects verified on w2, 4 in flight", 90)
-        dask_nodes.kill("w2")
-        _out, err = proc.communicate(timeout=180)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    # w2 has placed objects and more are in flight: kill it
+    err = dask_nodes.kill_when("w2", proc, lambda: count(db, "worker = 'w2' AND state = 'verified'") >= 2
+                               and count(db, "state = 'fetching'") >= 4, "2 objects verified on w2, 4 in flight")
     assert proc.returncode == 0, err
     _all_verified(db, dest, truth)
     assert count(db, "worker = 'w1'") > 0
@@ -279,19 +266,17 @@ def test_bwlimit_holds_for_the_whole_cluster(cli, s3, bucket: str, db: Path, tmp
 def test_local_cluster_runs_dask_with_quiet_timers() -> None:
     """dask's timers cost CPU per second, not per GB (docs/performance.md, cluster): `local:N`'s
     scheduler and workers run with DASK_SETTINGS (as docs/scale-out.md has the CLI daemons do)."""
-    from distributed import Client
-
-    from cloudexit.cluster.executor import start_local_cluster
+    from cloudexit.cluster.connect import open_client
 
     def timers(dask_worker: Any) -> dict[str, float]:
         return {name: pc.callback_time for name, pc in dask_worker.periodic_callbacks.items()}
 
-    cluster = start_local_cluster(1)
+    cluster, client = open_client(parse("local:1"), 1)
     try:
-        with Client(cluster) as client:
-            worker = next(iter(client.run(timers).values()))
+        worker = next(iter(client.run(timers).values()))
         scheduler = timers(cluster.scheduler)
     finally:
+        client.close()
         cluster.close()
     assert "profile" not in worker  # dask's statistical profiler is off
     assert worker["tick"] == scheduler["tick"] == 500 and worker["monitor"] == scheduler["monitor"] == 2000

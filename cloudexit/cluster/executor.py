@@ -23,49 +23,19 @@ from typing import Any, Callable, Sequence
 
 from cloudexit.cluster import service
 from cloudexit.cluster.address import ClusterAddress, check_credentials_mode
+from cloudexit.cluster.connect import check_dask, open_client, present, refuse, sort_answers
 from cloudexit.core.config import MigrateConfig
-from cloudexit.core.errors import StateError, UsageError
+from cloudexit.core.errors import StateError
 from cloudexit.transfer.messages import Message, WorkerLost
 from cloudexit.s3.client import Credentials, Endpoint
 from cloudexit.transfer.tasks import Task
 
 BATCH_BYTES = 256 * 2**20  # a batch of small objects holds at most this much
 BATCH_OBJECTS = 64  # and at most this many: dask costs CPU per task (64 against 32: a third less of
-# dask's own CPU per GB, docs/performance.md, cluster)
+# dask's own CPU per GB, docs/performance.md, Cluster)
 LOCAL_THREADS = 4  # dask threads per LocalCluster worker: batches it works on at once
 MEMBERSHIP_EVERY = 2.0  # seconds between looks at which workers are there
 NO_WORKER_GRACE = 300.0  # seconds without any admitted worker before the run stops
-# dask's defaults suit interactive analysis; a migration's dask processes mostly wait while
-# cloudexit's worker processes work, and these timers cost CPU per second, not per GB
-# (docs/performance.md, cluster). `--cluster local:N` applies them; docs/scale-out.md gives
-# them to `dask scheduler` and `dask worker` as DASK_* variables.
-DASK_SETTINGS: dict[str, Any] = {
-    "distributed.worker.profile.enabled": False,  # samples every thread's stack 100 times a second
-    "distributed.admin.tick.interval": "500ms",  # event-loop health check, 50 times a second
-    "distributed.admin.system-monitor.interval": "2s",  # psutil readings for the dashboard
-    "distributed.worker.memory.monitor-interval": "1s",  # a batch's results are a few KB
-    "distributed.scheduler.work-stealing": False,  # batches are pinned to admitted workers
-    "distributed.scheduler.active-memory-manager.start": False,  # tasks share no data
-}
-
-
-def _check_dask(address: ClusterAddress) -> None:
-    """dask.distributed is installed, and for tls:// it has the certificates to use (without
-    them dask fails with a TypeError deep in its connect)."""
-    try:
-        import distributed
-    except ImportError:
-        raise UsageError("--cluster needs dask.distributed, which is not installed",
-                         hint="pip install 'cloudexit[cluster]'") from None
-    if address.scheme != "tls":
-        return
-    hint = "give dask the CA, certificate and key in its configuration (docs/scale-out.md, TLS)"
-    try:
-        context = distributed.Security().get_connection_args("client").get("ssl_context")
-    except (OSError, ValueError) as exc:  # a file named there is missing, unreadable or not PEM
-        raise UsageError(f"--cluster {address.url}: dask's TLS settings cannot be used: {exc}", hint=hint) from None
-    if context is None:
-        raise UsageError(f"--cluster {address.url}: dask has no TLS certificates configured", hint=hint)
 
 
 class DaskExecutor:
@@ -80,7 +50,7 @@ class DaskExecutor:
         `profile`: the AWS profile name workers use. `notice`: where warnings and the
         dashboard link go (the CLI prints them)."""
         check_credentials_mode(address, credentials)
-        _check_dask(address)  # refused before the run takes its lock or touches DEST
+        check_dask(address)  # refused before the run takes its lock or touches DEST
         self.address, self.mode, self.min_workers = address, credentials, min_workers
         self.profile = profile
         self.notice = notice or (lambda text: None)
@@ -115,23 +85,15 @@ class DaskExecutor:
     def start(self, config: MigrateConfig, root: str, new_meter: Callable[[], str]) -> None:
         from cloudexit.s3.meter import Meter
 
-        import distributed
-
         # local:N: N dask workers of one cloudexit worker process each (N processes in all).
         self.config = replace(config, processes=1) if self.address.scheme == "local" else config
         self.root = root
         self.meter = Meter(new_meter())
         try:
-            if self.address.scheme == "local":
-                self.cluster = start_local_cluster(self.address.workers)
-                self.client = distributed.Client(self.cluster, timeout=30)
-            else:
-                self.client = distributed.Client(self.address.url, timeout=30)
-        except (OSError, TimeoutError) as exc:
+            self.cluster, self.client = open_client(self.address, LOCAL_THREADS)
+        except StateError:
             self.stop()
-            raise StateError(f"cannot reach the dask scheduler at {self.address.url}: {exc}",
-                             hint="start it with `dask scheduler` (see docs/scale-out.md), check the "
-                                  "address, port 8786 and any firewall") from None
+            raise
         self.done: queue.Queue[Any] = queue.Queue()  # futures as they finish (a callback puts them)
         self.dashboard = self.client.dashboard_link
         if self.dashboard:
@@ -158,35 +120,19 @@ class DaskExecutor:
     # -- membership ----------------------------------------------------------------------------------
     def _look(self, first: bool = False) -> None:
         """Admit new workers (after the DEST check), forget lost ones, rebalance the rate."""
-        info = self.client.scheduler_info(n_workers=-1)["workers"] if hasattr(self.client, "scheduler_info") else {}
-        present = {addr: int(w.get("nthreads", 1)) for addr, w in info.items()}
-        for addr in [a for a in self.admitted if a not in present]:
+        here = present(self.client)
+        for addr in [a for a in self.admitted if a not in here]:
             self.notice(f"dask worker {self.admitted.pop(addr)} left the run")
             self.orphans = True
-        new = [a for a in present if a not in self.admitted and a not in self.refused]
+        new = [a for a in here if a not in self.admitted and a not in self.refused]
         if new:
             found = self.client.run(service.check, self.root, self.token, self.secret, self.profile,
                                     self.forwarded is not None, workers=new, on_error="return")
-            ok, bad = [], {}
-            for addr in new:
-                answer = found.get(addr)
-                if isinstance(answer, dict) and answer.get("problem") is None:
-                    ok.append(addr)
-                else:
-                    label = answer.get("worker", addr) if isinstance(answer, dict) else addr
-                    why = answer.get("problem") if isinstance(answer, dict) else f"it did not answer ({answer})"
-                    bad[addr] = f"{label}: {why}"
-            if bad:
-                admitted = len(self.admitted) + len(ok)
-                if first and (self.min_workers is None or admitted < self.min_workers):
-                    raise StateError(
-                        "dask worker(s) cannot take part in this migration: " + "; ".join(bad.values()),
-                        hint="every worker must mount the archive at the same path "
-                             f"({self.root}) and have S3 credentials; or stop those workers, or "
-                             "allow fewer with --cluster-min-workers")
-                for why in bad.values():
-                    self.notice(f"warning: dask worker left out: {why}")
-                self.refused.update(bad)
+            ok, bad = sort_answers(found, new)
+            refuse(bad, first, len(self.admitted) + len(ok), self.min_workers, "migration",
+                   f"every worker must mount the archive at the same path ({self.root}) and have S3 "
+                   "credentials", self.notice)
+            self.refused.update(bad)
             if ok:
                 names = self.client.run(service.start, self.token, self.config, self.root, self.endpoint,
                                         self._share(len(self.admitted) + len(ok)), self.profile,
@@ -226,7 +172,7 @@ class DaskExecutor:
             self.batches += 1
             where = frozenset(self.admitted)
             # The key names the run and the batch number only: the dashboard shows it. The batch
-            # goes pickled: dask's scheduler unpickles a task's arguments (32 Task objects
+            # goes pickled: dask's scheduler unpickles a task's arguments (64 Task objects
             # otherwise) and pickles them again for the worker; bytes it only passes on.
             future = self.client.submit(service.run_batch, self.token, service.pack(batch),
                                         key=f"cloudexit-batch-{self.token}-{self.batches}",
@@ -321,23 +267,6 @@ class DaskExecutor:
                 self.cluster.close(timeout=10)
             if self.meter is not None:
                 self.meter.close()
-
-
-def dask_environment() -> dict[str, str]:
-    """DASK_SETTINGS as the DASK_* variables `dask scheduler` and `dask worker` read."""
-    return {"DASK_" + key.upper().replace(".", "__").replace("-", "_"): str(value)
-            for key, value in DASK_SETTINGS.items()}
-
-
-def start_local_cluster(workers: int) -> Any:
-    """`--cluster local:N`: a LocalCluster of N worker processes with DASK_SETTINGS."""
-    import dask
-    import distributed
-
-    # Not daemonic: cloudexit's worker processes are its children.
-    with dask.config.set({**DASK_SETTINGS, "distributed.worker.daemon": False}):
-        return distributed.LocalCluster(n_workers=workers, threads_per_worker=LOCAL_THREADS, processes=True,
-                                        host="127.0.0.1", dashboard_address="127.0.0.1:0", silence_logs=40)
 
 
 def _batches(tasks: Sequence[Task], most: int) -> list[list[Task]]:

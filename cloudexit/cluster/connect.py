@@ -1,0 +1,108 @@
+"""What `migrate --cluster` and `inventory --cluster` share: dask.distributed checked, the
+client (and for local:N the LocalCluster) opened, and the workers' answers to an admission
+check turned into admitted workers, or one error line naming those that cannot take part."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from cloudexit.cluster.address import ClusterAddress
+from cloudexit.core.errors import StateError, UsageError
+
+# dask's defaults suit interactive analysis; a migration's dask processes mostly wait while
+# cloudexit's worker processes work, and these timers cost CPU per second, not per GB
+# (docs/performance.md, Cluster). `--cluster local:N` applies them; docs/scale-out.md gives
+# them to `dask scheduler` and `dask worker` as DASK_* variables.
+DASK_SETTINGS: dict[str, Any] = {
+    "distributed.worker.profile.enabled": False,  # samples every thread's stack 100 times a second
+    "distributed.admin.tick.interval": "500ms",  # event-loop health check, 50 times a second
+    "distributed.admin.system-monitor.interval": "2s",  # psutil readings for the dashboard
+    "distributed.worker.memory.monitor-interval": "1s",  # a batch's results are a few KB
+    "distributed.scheduler.work-stealing": False,  # batches are pinned to admitted workers
+    "distributed.scheduler.active-memory-manager.start": False,  # tasks share no data
+}
+
+
+def dask_environment() -> dict[str, str]:
+    """DASK_SETTINGS as the DASK_* variables `dask scheduler` and `dask worker` read."""
+    return {"DASK_" + key.upper().replace(".", "__").replace("-", "_"): str(value)
+            for key, value in DASK_SETTINGS.items()}
+
+
+def check_dask(address: ClusterAddress) -> None:
+    """dask.distributed is installed, and for tls:// it has the certificates to use (without
+    them dask fails with a TypeError deep in its connect)."""
+    try:
+        import distributed
+    except ImportError:
+        raise UsageError("--cluster needs dask.distributed, which is not installed",
+                         hint="pip install 'cloudexit[cluster]'") from None
+    if address.scheme != "tls":
+        return
+    hint = "give dask the CA, certificate and key in its configuration (docs/scale-out.md, TLS)"
+    try:
+        context = distributed.Security().get_connection_args("client").get("ssl_context")
+    except (OSError, ValueError) as exc:  # a file named there is missing, unreadable or not PEM
+        raise UsageError(f"--cluster {address.url}: dask's TLS settings cannot be used: {exc}", hint=hint) from None
+    if context is None:
+        raise UsageError(f"--cluster {address.url}: dask has no TLS certificates configured", hint=hint)
+
+
+def open_client(address: ClusterAddress, threads: int) -> tuple[Any, Any]:
+    """(LocalCluster or None, Client) for `address`; local:N starts N worker processes of
+    `threads` dask threads each. StateError when the scheduler cannot be reached."""
+    import distributed
+
+    cluster = None
+    try:
+        if address.scheme == "local":
+            import dask
+
+            # Not daemonic: cloudexit's worker processes are its children.
+            with dask.config.set({**DASK_SETTINGS, "distributed.worker.daemon": False}):
+                cluster = distributed.LocalCluster(
+                    n_workers=address.workers, threads_per_worker=threads, processes=True,
+                    host="127.0.0.1", dashboard_address="127.0.0.1:0", silence_logs=40)
+            return cluster, distributed.Client(cluster, timeout=30)
+        return None, distributed.Client(address.url, timeout=30)
+    except (OSError, TimeoutError) as exc:
+        if cluster is not None:
+            cluster.close(timeout=10)
+        raise StateError(f"cannot reach the dask scheduler at {address.url}: {exc}",
+                         hint="start it with `dask scheduler` (see docs/scale-out.md), check the "
+                              "address, port 8786 and any firewall") from None
+
+
+def present(client: Any) -> dict[str, int]:
+    """The workers the scheduler knows: address -> dask threads."""
+    info = client.scheduler_info(n_workers=-1)["workers"] if hasattr(client, "scheduler_info") else {}
+    return {addr: int(w.get("nthreads", 1)) for addr, w in info.items()}
+
+
+def sort_answers(found: dict[str, Any], asked: list[str]) -> tuple[list[str], dict[str, str]]:
+    """The answers of `Client.run(check, workers=asked, on_error="return")` (each a dict with
+    `worker`, its name, and `problem`, None when it may take part): (admitted addresses,
+    {address: "name: why not"})."""
+    ok, bad = [], {}
+    for addr in asked:
+        answer = found.get(addr)
+        if isinstance(answer, dict) and answer.get("problem") is None:
+            ok.append(addr)
+        else:
+            label = answer.get("worker", addr) if isinstance(answer, dict) else addr
+            why = answer.get("problem") if isinstance(answer, dict) else f"it did not answer ({answer})"
+            bad[addr] = f"{label}: {why}"
+    return ok, bad
+
+
+def refuse(bad: dict[str, str], first: bool, admitted: int, min_workers: int | None, what: str,
+           hint: str, notice: Callable[[str], None]) -> None:
+    """Workers that failed the check: at the start, one StateError naming them all unless
+    `--cluster-min-workers` is still met by the `admitted`; otherwise each left out, saying so."""
+    if not bad:
+        return
+    if first and (min_workers is None or admitted < min_workers):
+        raise StateError(f"dask worker(s) cannot take part in this {what}: " + "; ".join(bad.values()),
+                         hint=hint + "; or stop those workers, or allow fewer with --cluster-min-workers")
+    for why in bad.values():
+        notice(f"warning: dask worker left out: {why}")
