@@ -35,6 +35,11 @@ def cluster_options(f: Callable[..., Any]) -> Callable[..., Any]:
                      expose_value=False, callback=_keep,
                      help="Leave out (with a warning) workers that cannot read the archive, as "
                           "long as this many can; without it any such worker stops the run.")(f)
+    f = click.option("--cluster-wait", default="5m", show_default=True, expose_value=False, callback=_keep,
+                     metavar="DURATION",
+                     help="How long a run waits for a dask scheduler that stopped answering (a "
+                          "restart), or for a worker when none is left, before it stops "
+                          "(--resume continues), e.g. 90s, 10m, 1h.")(f)
     return f
 
 
@@ -42,6 +47,7 @@ def cluster_executor(profile: str | None, quiet: bool) -> Any:
     """A DaskExecutor for the options given, or None when no --cluster was given."""
     from cloudexit.cluster.address import parse
     from cloudexit.cluster.executor import DaskExecutor
+    from cloudexit.core.units import parse_duration
 
     options = click.get_current_context().meta.get(_KEY, {})
     if not options.get("cluster"):
@@ -51,5 +57,7 @@ def cluster_executor(profile: str | None, quiet: bool) -> Any:
         if not quiet or text.startswith("warning"):
             click.echo(text, err=True)
 
+    grace = parse_duration(options.get("cluster_wait") or "5m").total_seconds()
     return DaskExecutor(parse(options["cluster"]), credentials=options.get("cluster_credentials") or "worker",
-                        min_workers=options.get("cluster_min_workers"), profile=profile, notice=notice)
+                        min_workers=options.get("cluster_min_workers"), profile=profile, notice=notice,
+                        grace=grace)
