@@ -8,10 +8,13 @@ SeaweedFS runs in a network namespace behind a veth pair (benchmarks/netlink.py;
 Shaped (default): `tc ... tbf` at each `--rates` on the namespace side; each tool downloads the
 whole bucket, alternating order each round; the report gives the median wall time, the ratio to
 s5cmd, and the steady-state throughput as a share of the link rate, read from the veth's own
-receive counter every 0.2 s (between 10% and 90% of the bytes: start-up and tail left out).
+receive counter every 0.05 s (between 10% and 90% of the bytes: start-up and tail left out),
+and where the wall time beyond the steady state goes: `head` (launch to 1% of the bytes) and
+`tail` (99% of the bytes to exit).
 Pinned (`--pin`): no shaping; the server runs on core 1 (`taskset -c 1`) and each tool on core 0,
 so the client's CPU is its own; the report gives CPU seconds per GB (and per object) beside the
-MD5 + SHA-256 floor that verification costs at least, measured with hashlib in the same run.
+MD5 + SHA-256 floor that verification costs at least, measured with hashlib in the same run,
+and what fsyncing each file adds to writing it (durability, which s5cmd does not pay).
 Workloads are those of benchmarks/transfer.py, plus ct8000 (8,000 CT slices, 4.2 GB, for the
 steady state) and tiny (200 CT slices of 32 KB: `--quick`).
 """
@@ -80,7 +83,7 @@ class RxMeter:
     def _run(self) -> None:
         while not self._stop.is_set():
             self.points.append((time.perf_counter(), int(self.path.read_text())))
-            self._stop.wait(0.2)
+            self._stop.wait(0.05)
 
     def steady(self) -> float:
         """Bytes/s between 10% and 90% of what arrived."""
@@ -96,6 +99,16 @@ class RxMeter:
         start, end = when(0.10), when(0.90)
         return 0.8 * total / (end - start) if end > start else 0.0
 
+    def head_tail(self, launched: float, ended: float) -> tuple[float, float]:
+        """Seconds from launch to 1% of the bytes, and from 99% of them to the exit."""
+        if len(self.points) < 3:
+            return 0.0, 0.0
+        b0 = self.points[0][1]
+        total = self.points[-1][1] - b0
+        first = next(t for t, b in self.points if b - b0 >= 0.01 * total)
+        last = next(t for t, b in self.points if b - b0 >= 0.99 * total)
+        return max(0.0, first - launched), max(0.0, ended - last)
+
 
 def hash_floor(size: int = 256 * 2**20) -> float:
     """CPU seconds per GB for MD5 + SHA-256 in this process (the verification floor)."""
@@ -104,6 +117,35 @@ def hash_floor(size: int = 256 * 2**20) -> float:
     hashlib.md5(data).digest()
     hashlib.sha256(data).digest()
     return (time.process_time() - started) / (size / 1e9)
+
+
+def fsync_cost(folder: Path, file_size: int = 525_000, total: int = 256 * 2**20) -> float:
+    """CPU seconds per GB that fsync adds to writing files of `file_size` (the CT slices') here:
+    durability, which cloudexit pays and s5cmd does not; written with and without, alternately."""
+    data = os.urandom(file_size)
+    count = max(1, total // file_size)
+    spent = {False: 0.0, True: 0.0}
+    for sync in (False, True, False, True):
+        sub = folder / f"fsync-{sync}"
+        shutil.rmtree(sub, ignore_errors=True)
+        sub.mkdir(parents=True)
+        os.sync()
+        before = os.times()
+        for i in range(count):
+            fd = os.open(sub / f"{i}.tmp", os.O_WRONLY | os.O_CREAT, 0o600)
+            os.write(fd, data)
+            if sync:
+                os.fsync(fd)
+            os.close(fd)
+            os.rename(sub / f"{i}.tmp", sub / f"{i}.dcm")
+        if sync:
+            dfd = os.open(sub, os.O_RDONLY)
+            os.fsync(dfd)
+            os.close(dfd)
+        after = os.times()
+        spent[sync] += (after.user - before.user) + (after.system - before.system)
+        shutil.rmtree(sub, ignore_errors=True)
+    return max(0.0, spent[True] - spent[False]) / 2 / (count * file_size / 1e9)
 
 
 def main() -> None:
@@ -139,6 +181,7 @@ def main() -> None:
                    "RCLONE_S3_SECRET_ACCESS_KEY": server.env()["AWS_SECRET_ACCESS_KEY"]}
             if args.pin:
                 results["hash_floor_cpu_s_per_gb"] = hash_floor()
+                results["fsync_cpu_s_per_gb"] = fsync_cost(work)
             for workload in args.workloads:
                 link.shape(None)
                 bucket = prepare_more(server, workload)
@@ -161,16 +204,22 @@ def main() -> None:
                                 shutil.copy(str(db) + ".key", str(db_copy) + ".key")
                             os.sync()
                             with RxMeter(link.host_dev) as meter:
+                                launched = time.perf_counter()
                                 m = measure(client + command(name, bucket, dest, server, db_copy),
                                             env=env, count_lines=False)
+                                ended = time.perf_counter()
+                            head, tail = meter.head_tail(launched, ended)
                             size = sum(p.stat().st_size for p in dest.rglob("*") if p.is_file())
                             files = sum(1 for p in dest.rglob("*") if p.is_file())
                             row = {"wall_s": m.wall_s, "cpu_s": m.cpu_s, "rc": m.returncode,
-                                   "bytes": size, "files": files, "steady_bps": meter.steady()}
+                                   "bytes": size, "files": files, "steady_bps": meter.steady(),
+                                   "head_s": head, "tail_s": tail,
+                                   "peak_rss_mb": m.peak_tree_rss_mb}
                             runs[name].append(row)
                             print(f"{workload} {rate or 'pinned'} round {round_ + 1} {name:<9} "
                                   f"wall {m.wall_s:6.2f} s cpu {m.cpu_s:6.2f} s steady "
-                                  f"{row['steady_bps'] / 1e6:7.1f} MB/s rc {m.returncode} files {files}")
+                                  f"{row['steady_bps'] / 1e6:7.1f} MB/s head {head:5.2f} s tail {tail:5.2f} s "
+                                  f"rc {m.returncode} files {files}")
                             shutil.rmtree(dest, ignore_errors=True)
                     results["cells"].append(summarise(workload, rate, runs, results))
         finally:
@@ -195,6 +244,9 @@ def summarise(workload: str, rate: str | None, runs: dict[str, list[dict]], resu
             "cpu_s_per_gb": statistics.median(r["cpu_s"] for r in ok) / gb if gb else None,
             "cpu_ms_per_object": statistics.median(r["cpu_s"] for r in ok) * 1000 / max(ok[0]["files"], 1),
             "steady_bps": statistics.median(r["steady_bps"] for r in ok),
+            "head_s": statistics.median(r.get("head_s", 0.0) for r in ok),
+            "tail_s": statistics.median(r.get("tail_s", 0.0) for r in ok),
+            "peak_rss_mb": max(r.get("peak_rss_mb", 0.0) for r in ok),
             "link_share": (statistics.median(r["steady_bps"] for r in ok) / rate_bytes(rate)) if rate else None,
             "rc": max(r["rc"] for r in ok), "files": ok[0]["files"],
         }
@@ -211,17 +263,19 @@ def summarise(workload: str, rate: str | None, runs: dict[str, list[dict]], resu
 
 
 def table(results: dict) -> str:
-    lines = ["| set | link | tool | wall | vs s5cmd | CPU | CPU/GB | ms CPU/object | steady | of link |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| set | link | tool | wall | vs s5cmd | head | tail | CPU | CPU/GB | ms CPU/object | steady | of link | peak RSS |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in results["cells"]:
         for name, t in c["tools"].items():
             share = f"{t['link_share']:.0%}" if t["link_share"] else "-"
             ratio = f"{t['wall_vs_s5cmd']:.2f}x" if t["wall_vs_s5cmd"] else "-"
             lines.append(f"| {c['workload']} | {c['rate']} | {name} | {t['wall_s']:.2f} s | "
-                         f"{ratio} | {t['cpu_s']:.2f} s | {t['cpu_s_per_gb'] or 0:.2f} s | "
-                         f"{t['cpu_ms_per_object']:.2f} | {t['steady_bps'] / 1e6:.1f} MB/s | {share} |")
+                         f"{ratio} | {t['head_s']:.2f} s | {t['tail_s']:.2f} s | {t['cpu_s']:.2f} s | {t['cpu_s_per_gb'] or 0:.2f} s | "
+                         f"{t['cpu_ms_per_object']:.2f} | {t['steady_bps'] / 1e6:.1f} MB/s | {share} | "
+                         f"{t['peak_rss_mb']:.0f} MB |")
     if "hash_floor_cpu_s_per_gb" in results:
-        lines.append(f"\nMD5 + SHA-256 floor: {results['hash_floor_cpu_s_per_gb']:.2f} CPU-s per GB")
+        lines.append(f"\nMD5 + SHA-256 floor: {results['hash_floor_cpu_s_per_gb']:.2f} CPU-s per GB; "
+                     f"fsync of each 525 KB file adds {results.get('fsync_cpu_s_per_gb', 0.0):.2f} CPU-s per GB")
     return "\n".join(lines)
 
 

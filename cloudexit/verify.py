@@ -159,7 +159,13 @@ def _wait_past(stamp: str) -> None:
     when it landed at or before its destination's last verify started (`landed > started_at`
     keeps it). A copy landing in the same second as a fast verify, but after it, would share
     that second and pass for vouched; a verify that reads only once its start second is over
-    has seen every copy stamped with that second or earlier."""
+    has seen every copy stamped with that second or earlier.
+
+    A finer stamp for the verify alone would not remove the wait: the copies' stamps stay to the
+    second, and "12:00:00+00:00" sorts before "12:00:00.250+00:00", so a copy landing at .9
+    would pass for landed before a verify that started at .25. Without the wait, every writer
+    of a landing would have to record something finer (or the verify run current when it
+    committed, which SQLite's one writer orders exactly) and the rule compare that instead."""
     while now() <= stamp:
         time.sleep(0.02)
 

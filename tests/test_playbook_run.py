@@ -228,3 +228,17 @@ def test_playbook_interrupted_mid_step_continues_there(s3_env, bucket, tmp_path:
     assert delta is not None and delta["left_objects"] == 1 and delta["left_bytes"] == 22
     assert delta["destinations"] == [{"dest": f"file://{book.archive}", "objects": 1, "bytes": 22}]
     assert delta["rounds"][0]["new"] == 1
+
+
+def test_a_step_error_names_the_playbook_keys_not_the_cli_options(s3, bucket, tmp_path: Path) -> None:
+    """The library's hint for a missing bucket says "--endpoint-url and --region" (the command
+    line's words); run from a playbook, it names the playbook's keys and the file."""
+    book = Book("dcm4chee-s3", s3, f"{bucket}-never-made", tmp_path)
+    result = book("--until", "inventory")
+    assert result.exit_code == 1, result.output
+    assert f"bucket '{bucket}-never-made' does not exist" in result.output, result.output
+    assert (f"hint: check the bucket name, source.endpoint and source.region (in {book.path})"
+            in result.output), result.output
+    assert "--endpoint-url" not in result.output and "--region" not in result.output
+    failed = book.steps()["inventory"]
+    assert failed["status"] == "failed" and "source.endpoint" in failed["message"]

@@ -143,3 +143,45 @@ def test_pacs_timeouts(tmp_path: Path) -> None:
         tmp_path, GOOD + "pacs:\n  acse_timeout: soon\n")
     assert "unknown key 'pacs.dimse'" in error(tmp_path, GOOD + "pacs:\n  dimse: 3\n")
     assert load(write(tmp_path, GOOD), ["pacs.dimse_timeout=7"], env={}).timeouts["dimse_timeout"] == 7.0
+
+
+@pytest.mark.parametrize(("text", "at", "problem", "hint"), [
+    ("playbook: 1\nname: t\n\tsource: {}\n", "line 3, column 1", "found a tab character that violates indentation",
+     "indent with spaces, not tabs"),
+    ("playbook: 1\nname: step 1: pilot\n", "line 2, column 13", "mapping values are not allowed in this context",
+     "needs quotes"),
+    ("playbook: 1\nsteps: [inventory\n", "line 3, column 1",
+     "did not find expected ',' or ']' (while parsing a flow sequence at line 2, column 8)", "close the bracket"),
+])
+def test_bad_yaml_is_one_line_naming_file_line_and_column(tmp_path: Path, text: str, at: str, problem: str,
+                                                          hint: str) -> None:
+    """PyYAML's own text runs over several lines with a caret drawing; the user gets one line."""
+    path = write(tmp_path, text)
+    result = CliRunner().invoke(main, ["run", str(path), "--db", str(tmp_path / "x.db")])
+    assert result.exit_code == 2, result.output
+    error_line, hint_line = result.output.rstrip("\n").split("\n")
+    assert error_line.startswith(f"Error: {path}, {at}: not valid YAML: {problem}"), result.output
+    assert hint_line.startswith("  hint: ") and hint in hint_line and "docs/playbooks.md" in hint_line
+    assert not (tmp_path / "x.db").exists()
+
+
+def test_a_playbook_endpoint_is_named_by_its_key(tmp_path: Path) -> None:
+    """The library words an endpoint error for the command line (--endpoint-url); a playbook
+    has no such option, so its errors name `source.endpoint` and its line."""
+    path = write(tmp_path, GOOD.replace("${ENDPOINT:-http://127.0.0.1:8333}", "ftp://pacs-s3.local"))
+    result = CliRunner().invoke(main, ["run", str(path), "--db", str(tmp_path / "x.db"), "--dry-run"])
+    assert result.exit_code == 2, result.output
+    assert (f"{path}, line 5: source.endpoint 'ftp://pacs-s3.local' is not an http(s) URL of a host"
+            in result.output), result.output
+    assert "hint: write it as https://HOST" in result.output and "--endpoint-url" not in result.output
+    text = error(tmp_path, GOOD, "source.endpoint=s3.local")
+    assert "--set source.endpoint: source.endpoint 's3.local' is not an http(s) URL" in text, text
+
+
+def test_a_playbook_that_is_not_utf8_is_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "pb.yaml"
+    path.write_bytes(b"playbook: 1\nname: H\xf4pital\n")  # Latin-1, as an old editor saves it
+    with pytest.raises(PlaybookError) as info:
+        load(path, env={})
+    assert info.value.message == f"{path}: not UTF-8 text (byte 19: 0xf4)"
+    assert info.value.hint == "save the playbook as UTF-8 (a YAML file is text)"

@@ -266,6 +266,42 @@ def zip_bucket(s3: SeaweedServer, bucket: str) -> Iterator[dict[str, Any]]:
     yield {"objects": objects, "a": study_a, "b": study_b, "c": study_c}
 
 
+def test_status_and_plan_count_zips_and_their_files_once(cli: Any, bucket: str, db: Path,
+                                                         zip_bucket: dict[str, Any]) -> None:
+    """A file inside a zip has no bytes of its own in the bucket: `status` breaks the DICOM
+    files down by their bytes in the zip (not 0 B, and not the zip again), and the plan says
+    objects in the bucket and files inside zips apart, with one GET per file instead of the zip."""
+    objects = zip_bucket["objects"]
+    assert cli("inventory", f"s3://{bucket}", "--db", str(db), "-q").exit_code == 0
+    members = rows(db, "SELECT * FROM objects WHERE container IS NOT NULL")
+    in_zip: dict[str, int] = {}  # each file's compressed bytes, read from the zips themselves
+    for key in ("zips/a-deflated.zip", "zips/b-stored-zip64.zip", "zips/c-bad-crc.zip"):
+        with zipfile.ZipFile(io.BytesIO(objects[key])) as archive:
+            in_zip |= {zipped.member_key(key, i.filename): i.compress_size for i in archive.infolist()}
+    dicom = [r for r in members if r["kind"] == "dicom"]
+    assert {r["modality"] for r in dicom} == {"CT"} and len(dicom) == 9
+    ct_bytes = len(objects["plain/one.dcm"]) + sum(in_zip[r["key"]] for r in dicom)
+    status = json.loads(cli("status", "--db", str(db), "--json").output)
+    assert status["by_modality"] == [{"name": "CT", "objects": 10, "bytes": ct_bytes}]
+    assert sum(y["bytes"] for y in status["by_study_year"]) == ct_bytes
+    assert status["bytes"] == sum(map(len, objects.values()))  # each zip counted once
+    text = cli("status", "--db", str(db)).output
+    assert "By modality (DICOM objects, files in zips too, bytes as stored):" in text, text
+
+    plan = json.loads(cli("plan", "--db", str(db), "--provider", "aws-s3", "--bandwidth", "100Mbit/s",
+                          "--json").output)
+    w = plan["workload"]
+    assert w["objects"] == len(objects) and w["zip_archives"] == 5 and w["zip_files"] == len(members)
+    # the three zips read are fetched through their files; the hostile and cut ones whole
+    assert w["get_requests"] == len(objects) - 3 + len(members)
+    assert w["classes"]["STANDARD"]["objects"] == len(objects)
+    en = cli("plan", "--db", str(db), "--provider", "aws-s3", "--bandwidth", "100Mbit/s").output
+    assert f"in {len(objects)} objects in the bucket" in en, en
+    assert f"{len(members)} files inside 5 zip archives, one ranged GET each" in en, en
+    zh = cli("plan", "--db", str(db), "--provider", "aws-s3", "--bandwidth", "100Mbit/s", "--lang", "zh").output
+    assert f"存储桶中 {len(objects)} 个对象" in zh and f"5 个 ZIP 压缩包中的 {len(members)} 个文件" in zh, zh
+
+
 def _dcmftest(paths: list[Path]) -> None:
     needs("dcmtk")
     out = subprocess.run(["dcmftest", *map(str, paths)], capture_output=True, text=True, check=False)

@@ -107,7 +107,9 @@ def print_summary(t: dict[str, Any]) -> None:
     for title, key in (("modality", "by_modality"), ("study year", "by_study_year"),
                        ("storage class", "by_storage_class")):
         if t[key]:
-            lines.append(f"By {title}:")
+            # bytes as stored: a file inside a zip counts its bytes in the zip, the zip once
+            lines.append(f"By {title} (" + ("objects in the bucket" if key == "by_storage_class"
+                                            else "DICOM objects, files in zips too") + ", bytes as stored):")
             lines += [f"  {row['name']:<16} {row['objects']:>10}   {format_bytes(row['bytes'])}"
                       for row in t[key]]
     click.echo("\n".join(lines))

@@ -72,7 +72,8 @@ PHRASES: dict[str, str] = {
         "迁出计划的期限未知：返还按全部数据都在期限内计算",
     "data counts as moved when the device is back": "设备寄回时数据才算迁出",
     # cost lines
-    "GET requests (one per object, one per part)": "GET 请求（每个对象一次，分段对象每段一次）",
+    "GET requests (one per object, one per part, one per file inside a zip)":
+        "GET 请求（每个对象一次，分段对象每段一次，ZIP 压缩包中的每个文件一次）",
     "free allowance": "免费额度",
     "egress": "外网流出流量",
     "egress, other hours": "外网流出流量（其他时段）",
@@ -147,7 +148,8 @@ PATTERNS: list[Pattern] = [
     _p("link: {t_source}; usable {low} to {high}, expected {expected}",
        "链路：{t_source}；可用 {low} 至 {high}，预计 {expected}"),
     _p("{n} parallel requests, {ms} ms latency each, {gets} GETs (one per object, one per part of "
-       "multipart objects)", "{n} 个并行请求，每个延迟 {ms} ms，共 {gets} 次 GET（每个对象一次，分段对象每段一次）"),
+       "multipart objects, one per file inside a zip instead of the zip)",
+       "{n} 个并行请求，每个延迟 {ms} ms，共 {gets} 次 GET（每个对象一次，分段对象每段一次，ZIP 压缩包中的每个文件一次，而非整个压缩包）"),
     _p("{t_base}; latency and the client's own work are in the measured rate",
        "{t_base}；延迟与客户端自身开销已包含在实测速率中"),
     _p("1 GB = {n} bytes", "1 GB = {n} 字节"),
@@ -272,8 +274,10 @@ def say(lang: str) -> Callable[[str | None], str]:
 PLAN_TEXT: dict[str, dict[str, str]] = {
     "en": {
         "title": "Leaving {title}: cost and time",
-        "headline": "{title} ({provider}, {region}): {size} in {objects} objects, start {start}",
+        "headline": "{title} ({provider}, {region}): {size} in {objects} objects in the bucket, start {start}",
         "headline.dicom": "{instances} DICOM instances in {studies} studies",
+        # as `cloudexit status` says it ("files in zips ... inside N zip archive(s)")
+        "headline.zips": "{files} files inside {zips} zip archives, one ranged GET each",
         "headline.encoded": "{encoded} stored compressed by the PACS decode to {decoded} in the archive",
         "assumed": "ASSUMPTION: sized as {size}, not as the bucket inventoried ({real_size} in {real_objects} objects); every figure "
                    "below scales the inventory's mix of objects, classes and sizes to that size.",
@@ -290,8 +294,9 @@ PLAN_TEXT: dict[str, dict[str, str]] = {
     },
     "zh": {
         "title": "迁出{title}：费用与时间",
-        "headline": "{title}（{provider}，{region}）：{size}，{objects} 个对象，开始于 {start}",
+        "headline": "{title}（{provider}，{region}）：{size}，存储桶中 {objects} 个对象，开始于 {start}",
         "headline.dicom": "{studies} 个检查中的 {instances} 个 DICOM 实例",
+        "headline.zips": "{zips} 个 ZIP 压缩包中的 {files} 个文件，每个文件一次范围 GET",
         "headline.encoded": "PACS 压缩存储的 {encoded} 在归档中解压为 {decoded}",
         "assumed": "假设：按 {size} 估算，而非清点所得的存储桶实际规模（{real_size}，{real_objects} 个对象）；以下所有数字均按清点所得的对象、"
                    "存储类型和大小构成放大到该规模。",

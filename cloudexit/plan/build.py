@@ -15,6 +15,7 @@ from cloudexit.plan.result import Plan
 from cloudexit.plan.pricing import load_catalogue
 from cloudexit.engine.schedule import Schedule
 from cloudexit.state.db import State
+from cloudexit.state.members import ZIP_ARCHIVE, ZIP_UNPACKED
 
 # Endpoint host fragments -> catalogue names, so `--provider` is rarely needed.
 PROVIDER_HOSTS = {
@@ -35,13 +36,18 @@ def workload_from_state(state: State, config: MigrateConfig | None = None) -> Wo
     objects count one GET per range, at migrate's own threshold and range size."""
     config = config or MigrateConfig()
     threshold, part = config.large_object, config.range_size
+    # A zip whose files are recorded (state/members.py) is fetched through them, one ranged GET
+    # each, not whole (unless --keep-containers); a member is no object of the bucket.
+    unpacked = "0" if config.keep_containers else f"({ZIP_UNPACKED})"
+    whole = f"container IS NULL AND NOT {unpacked} AND size >= :t"
     classes = {}
     for row in state.query(
-            "SELECT coalesce(storage_class, 'STANDARD') AS sc, count(*) AS n, sum(size) AS b, "
-            "sum(size >= ?) AS big, sum(CASE WHEN size >= ? THEN (size + ? - 1) / ? ELSE 0 END) AS parts "
-            "FROM objects WHERE status = 'present' GROUP BY 1",
-            (threshold, threshold, part, part)):
-        classes[row["sc"]] = ClassLoad(row["n"], row["b"] or 0, row["big"] or 0, row["parts"] or 0)
+            "SELECT coalesce(storage_class, 'STANDARD') AS sc, sum(container IS NULL) AS n, sum(size) AS b, "
+            f"sum({whole}) AS big, sum(CASE WHEN {whole} THEN (size + :p - 1) / :p ELSE 0 END) AS parts, "
+            f"sum({unpacked}) AS zips, sum(container IS NOT NULL) AS files "
+            "FROM objects WHERE status = 'present' GROUP BY 1", {"t": threshold, "p": part}):
+        classes[row["sc"]] = ClassLoad(row["n"] or 0, row["b"] or 0, row["big"] or 0, row["parts"] or 0,
+                                       row["zips"] or 0, row["files"] or 0)
     rounds = state.query("SELECT sum(list_requests) AS l, sum(get_requests) AS g, "
                          "sum(header_bytes) AS b FROM inventory_rounds")[0]
     # Instances and studies, not objects: Orthanc keeps ~2 objects per instance.
@@ -50,11 +56,13 @@ def workload_from_state(state: State, config: MigrateConfig | None = None) -> Wo
         "sum(CASE WHEN encoding IS NOT NULL THEN size END) AS e, "
         "sum(CASE WHEN encoding IS NOT NULL THEN coalesce(plain_size, size) END) AS d "
         "FROM objects WHERE status = 'present' AND kind = 'dicom'")[0]
+    zips = state.query(f"SELECT count(*) AS n FROM objects WHERE status = 'present' AND {ZIP_ARCHIVE}")[0]
     return Workload(classes, inventory_header_bytes=rounds["b"] or 0,
                     inventory_get_requests=rounds["g"] or 0,
                     inventory_list_requests=rounds["l"] or 0,
                     instances=counts["i"] or 0, studies=counts["s"] or 0,
-                    encoded_bytes=counts["e"] or 0, decoded_bytes=counts["d"] or 0)
+                    encoded_bytes=counts["e"] or 0, decoded_bytes=counts["d"] or 0,
+                    zip_archives=zips["n"] or 0, zip_files=sum(c.zip_files for c in classes.values()))
 
 
 def link_from(bandwidth: float | None, measurement: Measurement | None,
@@ -95,7 +103,8 @@ def scale_workload(workload: Workload, target_bytes: int) -> Workload:
     def n(value: int) -> int:
         return max(round(value * factor), 1 if value else 0)
 
-    classes = {name: ClassLoad(n(c.objects), n(c.bytes), n(c.multipart_objects), n(c.multipart_parts))
+    classes = {name: ClassLoad(n(c.objects), n(c.bytes), n(c.multipart_objects), n(c.multipart_parts),
+                               n(c.zips_unpacked), n(c.zip_files))
                for name, c in workload.classes.items()}
     objects = sum(c.objects for c in classes.values())
     # A LIST page holds up to 1,000 keys: a small bucket's walk of many short prefixes (35 pages

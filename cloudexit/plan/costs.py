@@ -50,7 +50,7 @@ class Costs:
         gets = self.workload.get_requests
         breakdown.requests.append(
             _line(
-                "GET requests (one per object, one per part)",
+                "GET requests (one per object, one per part, one per file inside a zip)",
                 gets,
                 "requests",
                 cat.get_per_1000,

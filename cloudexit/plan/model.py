@@ -318,8 +318,9 @@ class _Model:
             f"expected {format_rate(self.link.throughput.expected)}",
             f"{self.link.concurrency} parallel requests, {self.link.latency_s * 1000:g} ms latency "
             f"each, {self.workload.get_requests:,} GETs (one per object, one per part of multipart "
-            "objects)" + ("; latency and the client's own work are in the measured rate"
-                          if self.link.overheads_included else ""),
+            "objects, one per file inside a zip instead of the zip)"
+            + ("; latency and the client's own work are in the measured rate"
+               if self.link.overheads_included else ""),
             f"1 GB = {cat.gb_bytes.or_zero():,.0f} bytes",
             f"egress tiers restart every calendar month; {self._free_words()}",
             "the inventory's header reads are billed in the first month; its requests are listed "

@@ -68,6 +68,8 @@ def _headline(plan: Plan, lang: str) -> str:
     extra = []
     if w.instances is not None and w.studies is not None:
         extra.append(T["headline.dicom"].format(instances=f"{w.instances:,}", studies=f"{w.studies:,}"))
+    if w.zip_files:
+        extra.append(T["headline.zips"].format(files=f"{w.zip_files:,}", zips=f"{w.zip_archives:,}"))
     if w.encoded_bytes:
         extra.append(T["headline.encoded"].format(encoded=format_bytes(w.encoded_bytes),
                                                   decoded=format_bytes(w.decoded_bytes)))

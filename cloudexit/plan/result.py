@@ -200,12 +200,16 @@ def _workload_dict(workload: Workload) -> dict:
         "studies": workload.studies,
         "encoded_bytes": workload.encoded_bytes,
         "decoded_bytes": workload.decoded_bytes,
+        "zip_archives": workload.zip_archives,
+        "zip_files": workload.zip_files,
         "classes": {
             name: {
                 "objects": c.objects,
                 "bytes": c.bytes,
                 "multipart_objects": c.multipart_objects,
                 "multipart_parts": c.multipart_parts,
+                "zips_unpacked": c.zips_unpacked,
+                "zip_files": c.zip_files,
             }
             for name, c in workload.classes.items()
         },

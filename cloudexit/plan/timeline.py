@@ -99,7 +99,7 @@ class Timeline:
         # by the link.
         self.client_rate: float | None = None
         if link.cores and not link.overheads_included:
-            cpu_per_byte = CLIENT_CPU_PER_BYTE_S + CLIENT_CPU_PER_OBJECT_S * workload.objects / workload.bytes
+            cpu_per_byte = CLIENT_CPU_PER_BYTE_S + CLIENT_CPU_PER_OBJECT_S * workload.fetches / workload.bytes
             self.client_rate = link.cores / cpu_per_byte
         edges = {b.start_minute for b in catalogue.egress.time_of_day} | {
             b.end_minute % 1440 for b in catalogue.egress.time_of_day

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from cloudexit.core.errors import CloudexitError, GateNotMet, PlaybookError, StateError
-from cloudexit.playbook.schema import PACS_PREFIXES, Playbook, Step
+from cloudexit.playbook.schema import PACS_PREFIXES, Playbook, Step, name_keys
 from cloudexit.state import patientkey
 from cloudexit.state.db import State, now
 
@@ -129,6 +129,8 @@ class Runner:
                     report.stopped_at, report.message = step.name, str(gate)
                     raise GateNotMet(f"step {step.name}: {gate}") from None
                 except (CloudexitError, OSError) as exc:
+                    if isinstance(exc, CloudexitError):  # e.g. "check --endpoint-url": the key here
+                        name_keys(exc, str(self.pb.path))
                     self._mark(state, step, "failed", str(exc))
                     raise
                 message = result.pop("_message", "")

@@ -11,14 +11,20 @@ from typing import Any, Iterable
 
 import yaml
 
-from cloudexit.core.errors import PlaybookError
+from cloudexit.core.errors import CloudexitError, PlaybookError, UsageError
 from cloudexit.plan.pricing.catalogue import _LOADER, _List, _Map, _scalar
+from cloudexit.s3.source import check_endpoint
 
 FORMAT = 1
 STEP_KINDS = ("inventory", "plan", "pilot", "migrate", "delta", "verify", "audit", "checkpoint",
               "decommission")
 PACS_PREFIXES = ("dicom://", "dicomweb+http://", "dicomweb+https://")
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+# The library's messages name the command line's options (they are written for it); inside a
+# playbook the same setting is one of its keys, and the message names that instead.
+OPTION_KEYS = {"--endpoint-url": "source.endpoint", "--profile": "source.profile",
+               "--region": "source.region", "--price-file": "pricing.price_file"}
+_OPTION = re.compile(r"(?<![\w-])(" + "|".join(map(re.escape, OPTION_KEYS)) + r")(?![\w-])")
 
 # -- schema -------------------------------------------------------------------------------------------
 # field: (type, required, default). Types: str, int, bool, "strs" (a string or a list of strings),
@@ -154,6 +160,21 @@ def _interpolate(text: str, env: dict[str, str], where: str) -> str:
     return _VAR.sub(one, text)
 
 
+def in_playbook_words(text: str) -> str:
+    """`text` with the CLI options it names replaced by the playbook's keys."""
+    return _OPTION.sub(lambda m: OPTION_KEYS[m.group(1)], text)
+
+
+def name_keys(exc: CloudexitError, playbook: str) -> CloudexitError:
+    """A library error met by a step, in the playbook's words (changed in place: its class, and
+    so its exit code, stay); the hint then names the file that holds those keys."""
+    message, hint = in_playbook_words(exc.message), in_playbook_words(exc.hint or "")
+    if (message, hint) != (exc.message, exc.hint or ""):
+        exc.args = (message,)
+        exc.hint = f"{hint} (in {playbook})" if hint else f"set it in {playbook}"
+    return exc
+
+
 def _lines(doc: Any) -> dict[str, int]:
     return getattr(doc, "lines", {})
 
@@ -162,9 +183,9 @@ class _Checker:
     def __init__(self, where: str) -> None:
         self.where = where
 
-    def fail(self, line: int | str, message: str) -> PlaybookError:
+    def fail(self, line: int | str, message: str, hint: str = "see docs/playbooks.md for the format") -> PlaybookError:
         at = f"line {line}" if isinstance(line, int) else line
-        return PlaybookError(f"{self.where}, {at}: {message}", hint="see docs/playbooks.md for the format")
+        return PlaybookError(f"{self.where}, {at}: {message}", hint=hint)
 
     def fields(self, doc: Any, spec: Spec, path: str, line: int | str) -> dict[str, Any]:
         if not isinstance(doc, dict):
@@ -244,18 +265,53 @@ def load(path: str | os.PathLike[str], overrides: Iterable[str] = (),
         text = file.read_text(encoding="utf-8")
     except OSError as exc:
         raise PlaybookError(f"cannot read playbook {file}: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise PlaybookError(f"{file}: not UTF-8 text (byte {exc.start}: {exc.object[exc.start]:#04x})",
+                            hint="save the playbook as UTF-8 (a YAML file is text)") from None
     where = str(file)
     environ = dict(os.environ if env is None else env)
     try:
         node = yaml.compose(text, Loader=_LOADER)
     except yaml.YAMLError as exc:
-        raise PlaybookError(f"{where}: not valid YAML: {exc}") from None
+        raise _yaml_error(where, exc) from None
     if node is None:
         raise PlaybookError(f"{where}: the file is empty")
     doc = _walk(node, where, environ)
     for item in overrides:
         _override(doc, item, where)
     return _check(doc, file, hashlib.sha256(text.encode()).hexdigest())
+
+
+# What usually causes each of the YAML parser's complaints (libyaml's words, and PyYAML's where
+# they differ), as a hint: the first that matches.
+_UNCLOSED = "close the bracket or quote the message says was opened there (items of [...] and {...} go between commas)"
+_INDENT = ("check the indentation: the keys of one mapping start in the same column, the items of a "
+           "list each with '- ' in the same column")
+_QUOTE = "a value that starts with @, `, %, !, & or * needs quotes"
+_YAML_HINTS = (
+    ("tab", "indent with spaces, not tabs"),
+    ("mapping values are not allowed", "a value that holds ': ' needs quotes (note: \"step 1: pilot\"), "
+                                       "or a key is indented deeper than the keys beside it"),
+    ("expected key", _INDENT), ("<block end>", _INDENT),
+    ("expected ':'", "write each field as `key: value`, with a space after the colon"),
+    ("end of stream", _UNCLOSED), ("<stream end>", _UNCLOSED), ("node content", _UNCLOSED),
+    ("expected ','", _UNCLOSED),
+    ("cannot start any token", _QUOTE), ("undefined alias", _QUOTE),
+)
+
+
+def _yaml_error(where: str, exc: yaml.YAMLError) -> PlaybookError:
+    """PyYAML's several-line complaint as one line: file, line, column, what is wrong."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc)
+    at = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    context, start = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+    if context and start is not None and (mark is None or (start.line, start.column) != (mark.line, mark.column)):
+        problem += f" ({context} at line {start.line + 1}, column {start.column + 1})"
+    hint = next((h for text, h in _YAML_HINTS if text in problem),
+                "check that line and the one before it")
+    return PlaybookError(f"{where}{at}: not valid YAML: {' '.join(problem.split())}",
+                         hint=f"{hint}; see docs/playbooks.md for the format")
 
 
 def _override(doc: Any, item: str, where: str) -> None:
@@ -302,6 +358,11 @@ def _check(doc: Any, file: Path, sha: str) -> Playbook:
     if not source["url"].startswith("s3://") or len(source["url"]) <= 5:
         raise c.fail(_lines(doc["source"]).get("url", 1), f"field 'source.url' must be s3://BUCKET[/PREFIX], "
                      f"not {source['url']!r}")
+    try:  # said at once, with its line, not when the first step opens the bucket
+        check_endpoint(source["endpoint"])
+    except UsageError as exc:
+        raise c.fail(_lines(doc["source"]).get("endpoint", 1), in_playbook_words(exc.message),
+                     in_playbook_words(exc.hint or "")) from None
     sections = {name: c.fields(doc.get(name) or _Doc(), spec, name, lines.get(name, 1))
                 for name, spec in (("pricing", PRICING), ("schedule", SCHEDULE), ("verification", VERIFICATION),
                                                ("pacs", PACS))}

@@ -18,6 +18,7 @@ from cloudexit.core.states import (
 from cloudexit.core.states import TransferState as T
 from cloudexit.state.db import State
 from cloudexit.state.destinations import destinations
+from cloudexit.state.members import STORED_BYTES, ZIP_ARCHIVE
 
 
 def _patient_key(state: State) -> dict[str, Any]:
@@ -45,9 +46,9 @@ def inventory_summary(state: State) -> dict[str, Any]:
         "series": one(f"SELECT count(DISTINCT series_uid) {dicom}"),
         "patients": one(f"SELECT count(DISTINCT patient_hash) {dicom}"),
         "non_dicom": one(f"SELECT count(*) {present} AND kind = '{ObjectKind.OTHER}' AND pacs_metadata IS NULL "
-                         "AND NOT (encoding IS 'zip' AND container IS NULL)"),
+                         f"AND NOT ({ZIP_ARCHIVE})"),
         # zipped studies (cloudexit/state/members.py): the zips, and the files inside them
-        "zip_archives": one(f"SELECT count(*) {present} AND encoding IS 'zip' AND container IS NULL"),
+        "zip_archives": one(f"SELECT count(*) {present} AND {ZIP_ARCHIVE}"),
         "zip_members": one(f"SELECT count(*) {present} AND container IS NOT NULL"),
         # Orthanc's header-only and DICOM-as-JSON copies: neither instances nor conflicts
         "pacs_metadata": one(f"SELECT count(*) {present} AND pacs_metadata IS NOT NULL"),
@@ -59,10 +60,11 @@ def inventory_summary(state: State) -> dict[str, Any]:
         "hostile_keys": one(f"SELECT count(*) {present} AND key_flags IS NOT NULL"),
         "duplicate_sop_uids": one(
             f"SELECT count(*) FROM (SELECT sop_uid {dicom} GROUP BY sop_uid HAVING count(*) > 1)"),
+        # DICOM rows, files inside zips too (their bytes in the zip: STORED_BYTES)
         "by_modality": _breakdown(state, f"SELECT coalesce(modality, 'unknown'), count(*), "
-                                  f"sum(size) {dicom} GROUP BY 1 ORDER BY 3 DESC"),
+                                  f"sum({STORED_BYTES}) {dicom} GROUP BY 1 ORDER BY 3 DESC"),
         "by_study_year": _breakdown(state, f"SELECT coalesce(substr(study_date, 1, 4), 'unknown'), "
-                                    f"count(*), sum(size) {dicom} GROUP BY 1 ORDER BY 1"),
+                                    f"count(*), sum({STORED_BYTES}) {dicom} GROUP BY 1 ORDER BY 1"),
         "by_storage_class": _breakdown(state, f"SELECT storage_class, count(*), sum(size) "
                                        f"{present} AND container IS NULL GROUP BY 1 ORDER BY 3 DESC"),
         "patient_key": _patient_key(state),

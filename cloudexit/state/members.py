@@ -52,6 +52,16 @@ _CLASHING = ("SELECT {what} FROM objects o WHERE o.key > {zip} || '!/' AND o.key
              "AND o.status = 'present' AND o.container IS NULL")
 ZIP_CLASH = "zip archive whose files cannot be told apart from bucket objects"
 
+# SQL predicates over an `objects` row: a zip archive of the bucket (its files read or not), and
+# one whose files are recorded as members (`is_zip`).
+ZIP_ARCHIVE = "encoding IS 'zip' AND container IS NULL"
+ZIP_UNPACKED = "encoding IS 'zip' AND kind IS 'other' AND container IS NULL"
+
+# An object's bytes as stored in the bucket, for breakdowns over DICOM rows (by modality, study
+# year): a member's are its compressed bytes inside its zip (the zip's row is never in such a
+# breakdown: it is no DICOM row, so its bytes are not counted twice).
+STORED_BYTES = "CASE WHEN container IS NULL THEN size ELSE coalesce(json_extract(member, '$.csize'), 0) END"
+
 
 def record(tx: sqlite3.Connection, zip_key: str, etag: str, round_id: int, stamp: str,
            members: list[tuple[Member, Header, str | None]]) -> None:
@@ -123,7 +133,7 @@ def read_again(tx: sqlite3.Connection) -> int:
 # -- migrate --------------------------------------------------------------------------------------
 ZIP_SKIPPED = ("zipped study: its files are migrated as members; the zip itself is kept only "
                "with migrate --keep-containers")
-_ZIPS = "SELECT key FROM objects WHERE encoding = 'zip' AND kind = 'other' AND container IS NULL"
+_ZIPS = f"SELECT key FROM objects WHERE {ZIP_UNPACKED}"
 
 
 def sync_containers(tx: sqlite3.Connection, dest: str, keep: bool) -> None:
