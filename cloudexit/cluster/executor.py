@@ -18,6 +18,7 @@ this run's meter file: a worker killed mid-object loses at most a few seconds of
 
 from __future__ import annotations
 
+import logging
 import os
 import queue
 import secrets
@@ -103,6 +104,7 @@ class DaskExecutor:
         self.next_look = 0.0
         self.alone_since: float | None = None  # no admitted worker (or no scheduler) since
         self.away_since: float | None = None  # the scheduler does not answer since
+        self.redialing = False  # dask's client gave up: this executor connects again itself
         self.orphans = False  # a worker left: look for batches that can run nowhere
         self.stopped = False
         self.dashboard: str | None = None
@@ -138,6 +140,9 @@ class DaskExecutor:
                         host="127.0.0.1", dashboard_address="127.0.0.1:0", silence_logs=40)
                 self.client = distributed.Client(self.cluster, timeout=30)
             else:
+                # dask's client logs its connection troubles with tracebacks on stderr: this
+                # executor says what matters (waiting, back, given up) in its own lines.
+                logging.getLogger("distributed").setLevel(logging.CRITICAL)
                 self.client = distributed.Client(self.address.url, timeout=CONNECT_TIMEOUT)
         except (OSError, TimeoutError) as exc:
             self.stop()
@@ -321,7 +326,12 @@ class DaskExecutor:
         status = getattr(self.client, "status", "running")
         try:
             if status in ("closing", "closed") and self.cluster is None:
+                if not self.redialing:
+                    self.redialing = True
+                    self.notice(f"warning: still waiting for the dask scheduler at {self.address.url}: "
+                                f"connecting again every {MEMBERSHIP_EVERY:.0f} s")
                 self._redial()
+                self.redialing = False
             elif status != "running":
                 raise ConnectionError("the connection to it was lost")
             self._look()
