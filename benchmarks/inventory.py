@@ -34,6 +34,8 @@ cloudexit run records the fingerprint of the inventory modules it ran (`code_ver
                         without the server's CPU taken from the client
     --startup N         start-up of inventory and migrate on a one-object bucket, N times:
                         wall, CPU, and launch to the first request / object GET (a relay)
+    --compare-tree DIR  with --startup: also run those two commands from another checkout
+                        (`git worktree add /tmp/base main`), alternating: before/after in one run
     --header-layout L   layouts of the header-read buckets (flat: Orthanc-style uuid keys)
     --keys 0            no listing bucket (header reads and start-up only)
     --py-spy            also profile one cloudexit run per bucket (py-spy --gil; top frames)
@@ -350,43 +352,56 @@ def _frame(text: str) -> str:
     return f"{match['func']} ({short})"
 
 
-def startup(server: Any, client: list[str], scratch: Path, repeat: int) -> list[dict[str, Any]]:
+def startup(server: Any, client: list[str], scratch: Path, repeat: int,
+            compare_tree: Path | None = None) -> list[dict[str, Any]]:
     """The fixed start-up of `cloudexit inventory` and `cloudexit migrate` on a one-object
     bucket: wall time, and the time from launch to the first request and the first object GET
-    reaching the store (through `FirstRequest`), next to `python -c pass` and `s5cmd cp`."""
+    reaching the store (through `FirstRequest`), next to `python -c pass` and `s5cmd cp`.
+    `compare_tree`: the same two commands also from that checkout ("before"), the two trees
+    taking turns to go first. An untimed round first writes the modules' bytecode, as `pip
+    install` does (run from a tree without `__pycache__` under PYTHONDONTWRITEBYTECODE=1, every
+    cloudexit module was compiled at every start: ~0.05-0.1 s of CPU no installed copy spends)."""
     bucket = "inv-flat-1"
     ensure_bucket(server, bucket, 1, "flat", log=_log)
     relay = FirstRequest(int(server.endpoint_url.rsplit(":", 1)[1]), bucket)
     url = f"http://127.0.0.1:{relay.port}"
     env = {**os.environ, **server.env(), "AWS_ENDPOINT_URL": url}
     env.pop("AWS_PROFILE", None)
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    trees = {"": REPO} | ({" before": compare_tree} if compare_tree else {})
+    codes = {tag: code_version() if not tag else _head(tree) for tag, tree in trees.items()}
     rows = []
     try:
-        for rep in range(repeat):
+        for rep in range(-1, repeat):  # -1: writes the bytecode, not counted
             work = Path(tempfile.mkdtemp(prefix="startup-", dir=scratch))
-            db = work / "state.db"
             cli = [tool("cloudexit")]
-            commands = {
-                "python -c pass": [sys.executable, "-c", "pass"],
-                "s5cmd cp (1 object)": [tool("s5cmd"), "--endpoint-url", url, "cp",
-                                        f"s3://{bucket}/*", str(work / "s5") + "/"],
-                "cloudexit --version": [*cli, "--version"],
-                "cloudexit inventory (1 object)": [*cli, "inventory", f"s3://{bucket}", "--endpoint-url",
-                                                   url, "--db", str(db), "-q"],
-                "cloudexit migrate (1 object)": [*cli, "migrate", "--to", str(work / "dest"), "--db",
-                                                 str(db), "-q"],
+            commands: dict[str, tuple[list[str], dict[str, str], str | None]] = {
+                "python -c pass": ([sys.executable, "-c", "pass"], env, None),
+                "s5cmd cp (1 object)": ([tool("s5cmd"), "--endpoint-url", url, "cp",
+                                         f"s3://{bucket}/*", str(work / "s5") + "/"], env, None),
+                "cloudexit --version": ([*cli, "--version"], {**env, "PYTHONPATH": str(REPO)}, codes[""]),
             }
-            for name, cmd in commands.items():
+            tags = list(trees)
+            for tag in tags[rep % len(tags):] + tags[:rep % len(tags)]:
+                db, tree_env = work / f"state{tag.strip()}.db", {**env, "PYTHONPATH": str(trees[tag])}
+                commands[f"cloudexit inventory (1 object){tag}"] = (
+                    [*cli, "inventory", f"s3://{bucket}", "--endpoint-url", url, "--db", str(db), "-q"],
+                    tree_env, codes[tag])
+                commands[f"cloudexit migrate (1 object){tag}"] = (
+                    [*cli, "migrate", "--to", str(work / f"dest{tag.strip()}"), "--db", str(db), "-q"],
+                    tree_env, codes[tag])
+            for name, (cmd, cmd_env, code) in commands.items():
                 relay.reset()
                 launched = time.perf_counter()
-                m = measure(client + cmd, env=env, stdout=str(work / "stdout"), count_lines=False,
+                m = measure(client + cmd, env=cmd_env, stdout=str(work / "stdout"), count_lines=False,
                             on_start=lambda proc: setattr(relay, "watch", proc))
                 row = {"repeat": rep, "what": name, "wall_s": m.wall_s, "cpu_s": m.cpu_s,
                        "peak_rss_mb": m.peak_rss_mb, "returncode": m.returncode,
                        "first_request_s": relay.first - launched if relay.first else None,
                        "first_get_s": relay.first_get - launched if relay.first_get else None,
-                       "cpu_to_first_get_s": relay.cpu_at_get,
-                       "code": code_version() if name.startswith("cloudexit") else None}
+                       "cpu_to_first_get_s": relay.cpu_at_get, "code": code}
+                if rep < 0:
+                    continue
                 rows.append(row)
                 _log(f"  startup [{rep + 1}/{repeat}] {name:<32} {m.wall_s:6.3f} s wall "
                      f"{m.cpu_s:6.3f} s CPU  first request "
@@ -397,6 +412,13 @@ def startup(server: Any, client: list[str], scratch: Path, repeat: int) -> list[
     finally:
         relay.close()
     return rows
+
+
+def _head(tree: Path) -> str:
+    import subprocess
+
+    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=tree, capture_output=True, text=True)
+    return out.stdout.strip() or str(tree)
 
 
 def _secs(value: float | None) -> str:
@@ -448,6 +470,8 @@ def main() -> None:
                     help="the S3 server on core 1, every tool on core 0 (taskset)")
     ap.add_argument("--startup", type=int, default=0, metavar="N",
                     help="also measure the start-up of inventory and migrate, N times")
+    ap.add_argument("--compare-tree", type=Path, default=None, metavar="DIR",
+                    help="with --startup: also run inventory and migrate from this checkout (before/after)")
     ap.add_argument("--out", default=None, help="JSON results file")
     ap.add_argument("--report", nargs="+", metavar="JSON",
                     help="print the tables of saved results (merged) and stop")
@@ -476,7 +500,8 @@ def main() -> None:
                               "versions": versions(), "runs": [], "populate": [], "profiles": []}
     try:
         if args.startup:
-            result["startup"] = startup(server, client, scratch, args.startup)
+            result["startup"] = startup(server, client, scratch, args.startup,
+                                        args.compare_tree.resolve() if args.compare_tree else None)
             _save(out, result)
             print("\n" + startup_table(result["startup"]) + "\n")
         plan: list[tuple[Target, list[str]]] = []

@@ -69,12 +69,14 @@ def first_state(db_path: str | os.PathLike[str]) -> Iterator[State]:
 
 
 def inventory(state: State, source: Source, config: InventoryConfig | None = None,
-              since: str | None = None, progress: Callable[[Any], None] | None = None) -> Any:
-    """One inventory round (`--since`: YYYY-MM-DD or "last"); its summary."""
+              since: str | None = None, progress: Callable[[Any], None] | None = None,
+              cluster: Any = None) -> Any:
+    """One inventory round (`--since`: YYYY-MM-DD or "last"); its summary. `cluster`: a
+    `cluster.headers.ClusterHeaders` to read the headers on (None: threads here)."""
     from cloudexit.inventory import Inventory, resolve_since
 
     return Inventory(state, source, config or InventoryConfig(), progress=progress,
-                     since=resolve_since(state, since)).run()
+                     since=resolve_since(state, since), cluster=cluster).run()
 
 
 # -- sources and targets -----------------------------------------------------------------------

@@ -6,7 +6,9 @@ caller's) owns all DB writes; the worker threads only talk to S3 and parse. Ever
 with its resume point in one transaction, so an interrupted run (Ctrl-C, kill -9) continues
 where it stopped and never counts a key twice (keys are the primary key). The listing plan lives
 in the `list_tasks` table and is fed to the workers a few tasks at a time, so memory does not
-grow with the number of folders.
+grow with the number of folders. Header reads (transfer/headers.py) run on this process's
+threads, or with `--cluster` on dask workers (cluster/headers.py); their results are committed
+here either way.
 """
 
 from __future__ import annotations
@@ -16,25 +18,24 @@ import json
 import queue
 import re
 import threading
-import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from cloudexit.core.config import InventoryConfig
-from cloudexit.dicom.containers import ZIP, classify_object
-from cloudexit.dicom.zipped import inspect_zip
-from cloudexit.dicom.header import Header, patient_hash
-from cloudexit.core.errors import CloudexitError, CustomerKeyRequired, ObjectArchived, UsageError
+from cloudexit.dicom.header import patient_hash
+from cloudexit.core.errors import UsageError
 from cloudexit.core.paths import key_flags
 from cloudexit.s3.listing import Listing, ListingPage, ListingTask
-from cloudexit.s3.source import ObjectChanged, ObjectGone, Source, iso
+from cloudexit.s3.source import Source
 from cloudexit.state import members
 from cloudexit.state.db import State, now
 from cloudexit.state.linkseries import LinkRecorder
+from cloudexit.transfer.headers import HeaderReader, HeaderResult, Item, LocalReads, Reads
 
 if TYPE_CHECKING:
+    from cloudexit.cluster.headers import ClusterHeaders
     from cloudexit.s3.lean import LeanS3
 
 _UPSERT = """
@@ -110,22 +111,6 @@ class RoundSummary:
     customer_key_sample: list[str] = field(default_factory=list)  # the first 10 keys
 
 
-@dataclass
-class _HeaderResult:
-    key: str
-    etag: str
-    header: Header | None = None
-    checksums: dict[str, str] = field(default_factory=dict)
-    bytes_read: int = 0
-    requests: int = 0
-    gone: bool = False
-    changed_to: tuple[str, int, str] | None = None  # new (etag, size, last_modified)
-    error: str | None = None
-    unreadable: str | None = None  # why no retry reads it: archived | customer-key
-    ttfb: float | None = None  # link evidence: seconds to the (small) ranged GET's answer
-    members: list | None = None  # zipped study: [(Member, Header)] (cloudexit/dicom/zipped.py)
-
-
 def compile_key_pattern(pattern: str) -> re.Pattern[str]:
     """`{study}/{series}/{sop}.dcm` -> a regex with named groups; `*` matches within a segment."""
     if "{sop}" not in pattern:
@@ -174,8 +159,10 @@ class Inventory(Listing):
 
     def __init__(self, state: State, source: Source, config: InventoryConfig | None = None,
                  progress: Callable[[Progress], None] | None = None,
-                 since: dt.date | None = None) -> None:
+                 since: dt.date | None = None, cluster: ClusterHeaders | None = None) -> None:
+        """`cluster`: header reads on dask workers (`inventory --cluster`), else threads here."""
         self.state = state
+        self.cluster = cluster
         self.source = source
         self.config = config or InventoryConfig()
         self.on_progress = progress or (lambda p: None)
@@ -190,13 +177,11 @@ class Inventory(Listing):
         self._stop = threading.Event()
         # Wakes the writer: a listing page is queued, or a batch of header reads finished.
         self._wake = threading.Event()
-        self._wake_lock = threading.Lock()
-        self._finished = 0  # header reads finished since the last wake
-        self._wake_every = 1
         self._failed: dict[str, str] = {}  # key: why its header could not be read this round
         self._unreadable: dict[str, str] = {}  # of those, the ones no retry reads, and why
         self._changes: dict[str, int] = {}
         self._lean: LeanS3 | None = None
+        self._headers: HeaderReader | None = None
         self.link = LinkRecorder("inventory")  # link evidence (state/linkseries.py)
 
     # -- the round ------------------------------------------------------------------------
@@ -211,27 +196,29 @@ class Inventory(Listing):
         except BaseException:
             self._lean.close()
             raise
-        resumed = self._open_round()
-        self._note_missing_key()
-        if self.pattern is None:
-            with state.transaction() as tx:
-                tx.execute("UPDATE objects SET kind = 'pending' "
-                           "WHERE header_source = 'key-pattern' AND status = 'present'")
-        with state.transaction() as tx:
-            members.read_again(tx)  # zips found after a restore (cloudexit/state/members.py)
-        # pydicom is not imported here: the struct walk reads clean headers, and the threads
-        # that fall back to pydicom import it under `dicom.header.preload`'s lock (start-up).
+        self._headers = HeaderReader(self._lean, self.config.header_bytes, self.config.max_header_bytes,
+                                     self._stop)
+        reads: Reads = self.cluster if self.cluster is not None else LocalReads(
+            self._read_header, self.config.workers, self._wake.set)
         lister = ThreadPoolExecutor(self.config.list_workers, thread_name_prefix="list")
-        reader = ThreadPoolExecutor(self.config.workers, thread_name_prefix="header")
         try:
-            self._loop(lister, reader)
-        except BaseException:
-            self._stop.set()
-            raise
+            if self.cluster is not None:  # workers refused stop the run before a round is opened
+                self.cluster.start(self.source, self.config, self._lean.reader.endpoint, self._wake.set)
+            resumed = self._open_round()
+            self._note_missing_key()
+            if self.pattern is None:
+                with state.transaction() as tx:
+                    tx.execute("UPDATE objects SET kind = 'pending' "
+                               "WHERE header_source = 'key-pattern' AND status = 'present'")
+            with state.transaction() as tx:
+                members.read_again(tx)  # zips found after a restore (cloudexit/state/members.py)
+            # pydicom is not imported here: the struct walk reads clean headers, and the threads
+            # that fall back to pydicom import it under `dicom.header.preload`'s lock (start-up).
+            self._loop(lister, reads)
         finally:
             self._stop.set()
             lister.shutdown(wait=True, cancel_futures=True)
-            reader.shutdown(wait=True, cancel_futures=True)
+            reads.close()
             self._lean.close()
         if self.pattern is not None:
             self._stop.clear()
@@ -268,7 +255,7 @@ class Inventory(Listing):
         if problem is not None:
             self.state.log("patient_key.missing", round=self.round, problem=problem)
 
-    def _loop(self, lister: ThreadPoolExecutor, reader: ThreadPoolExecutor) -> None:
+    def _loop(self, lister: ThreadPoolExecutor, reads: Reads) -> None:
         # Counters kept here instead of counting rows on every turn: open listing tasks (all,
         # and those handed to a worker), and objects waiting for a header read (an estimate for
         # the progress bar; counted exactly once listing and reads are done).
@@ -277,12 +264,7 @@ class Inventory(Listing):
         self.progress.pending = self.state.scalar(
             "SELECT count(*) FROM objects WHERE kind = 'pending' AND status = 'present'") or 0
         running, dispatched_id = 0, 0
-        in_flight: dict[str, Future[_HeaderResult]] = {}
         cursor = ""
-        max_in_flight = self.config.workers * 4
-        # Woken when a quarter of the reads in flight are done, not at every one: a turn of
-        # this loop costs a few queries, and a fixed 50 ms poll capped reads at ~1,300/s.
-        self._wake_every = max(1, max_in_flight // 4)
         max_running = self.config.list_workers * 2  # queued behind the workers: a few, not all
         while True:
             # 1. Hand the next listing tasks to the workers, a bounded batch from the table.
@@ -299,7 +281,7 @@ class Inventory(Listing):
             # 2. Commit listing pages as they come (waiting, when nothing else is to do, for a
             # page or a batch of header reads; 50 ms at most, for the last few reads).
             item = self._next_page()
-            if item is None and (in_flight or open_tasks):
+            if item is None and (reads.pending() or open_tasks):
                 self._wake.wait(0.05)
                 self._wake.clear()  # before looking: a wake after this is kept for the next turn
                 item = self._next_page()
@@ -313,27 +295,30 @@ class Inventory(Listing):
             self.progress.listing_done = open_tasks == 0
             # 3. Collect finished header reads and commit them in batches.
             # Committed before dispatching more, so a finished key is never dispatched twice.
-            results = [in_flight.pop(k).result() for k, f in list(in_flight.items()) if f.done()]
+            results = reads.finished()
             if results:
                 self._commit_headers(results)
             # 4. Keep the header readers busy.
-            if len(in_flight) < max_in_flight:
+            room = reads.capacity - reads.pending()
+            if room > 0:
                 rows = self.state.query(
                     "SELECT key, size, etag FROM objects WHERE kind = 'pending' AND status = 'present'"
-                    " AND key > ? ORDER BY key LIMIT ?", (cursor, max_in_flight * 2))
+                    " AND key > ? ORDER BY key LIMIT ?", (cursor, reads.capacity * 2))
+                items: list[Item] = []
                 for row in rows:
                     key = row["key"]
-                    cursor = key
-                    if key in in_flight or key in self._failed:
+                    if reads.busy(key) or key in self._failed:
+                        cursor = key
                         continue
-                    if len(in_flight) >= max_in_flight:
+                    if len(items) >= room:
                         break
-                    in_flight[key] = reader.submit(self._read_header, key, row["size"], row["etag"])
-                    in_flight[key].add_done_callback(self._header_finished)
-                if len(rows) < max_in_flight * 2:
+                    cursor = key
+                    items.append((key, row["size"], row["etag"]))
+                reads.submit(items)
+                if len(rows) < reads.capacity * 2:
                     cursor = ""  # wrap: listing may have added keys behind the cursor
             self.on_progress(self.progress)
-            if open_tasks == 0 and not in_flight:
+            if open_tasks == 0 and not reads.pending():
                 self.progress.pending = self.state.scalar(
                     "SELECT count(*) FROM objects WHERE kind = 'pending' AND status = 'present'") or 0
                 if self.progress.pending <= len(self._failed):
@@ -345,13 +330,6 @@ class Inventory(Listing):
             return self._pages.get_nowait()
         except queue.Empty:
             return None
-
-    def _header_finished(self, _future: Future[_HeaderResult]) -> None:
-        with self._wake_lock:
-            self._finished += 1
-            if self._finished >= self._wake_every:
-                self._finished = 0
-                self._wake.set()
 
     # -- the writer thread ------------------------------------------------------------------
     def _commit_page(self, page: ListingPage) -> int:
@@ -396,65 +374,12 @@ class Inventory(Listing):
         groups = match.groupdict()
         return groups.get("study"), groups.get("series"), groups["sop"]
 
-    # -- headers (worker threads) ---------------------------------------------------------
-    def _read_header(self, key: str, size: int, etag: str) -> _HeaderResult:
-        assert self._lean is not None
-        result = _HeaderResult(key, etag)
-        if self._stop.is_set():
-            result.error = "stopped"
-            return result
-        if size == 0:
-            result.header = classify_object(key, b"", 0)
-            return result
-        length = min(self.config.header_bytes, size)
-        try:
-            while True:
-                asked = time.monotonic()
-                read = self._lean.read_range(key, 0, length - 1, etag)
-                result.ttfb = time.monotonic() - asked  # link evidence
-                result.requests += 1
-                result.bytes_read += len(read.data)
-                result.checksums = read.checksums
-                header = classify_object(key, read.data, read.size)
-                if header.encoding == ZIP:  # zipped study: its directory, then its members
-                    return self._read_zip(result, key, etag, read.size, read.data)
-                if not header.need_more or length >= size or length >= self.config.max_header_bytes:
-                    if header.need_more:
-                        header.reason = (header.reason or "") + f" (gave up after {length} bytes)"
-                    result.header = header
-                    return result
-                length = min(length * 4, size, self.config.max_header_bytes)
-        except ObjectChanged:
-            if self._changes.get(key, 0) >= 3:
-                result.error = "object keeps changing while being read"
-                return result
-            self._changes[key] = self._changes.get(key, 0) + 1
-            head = self.source.head(key)
-            result.requests += 1
-            result.changed_to = (head.get("ETag", "").strip('"'), int(head["ContentLength"]),
-                                 iso(head["LastModified"]))
-        except ObjectGone:
-            result.gone = True
-        except (ObjectArchived, CustomerKeyRequired) as exc:
-            result.error = str(exc)
-            result.unreadable = "archived" if isinstance(exc, ObjectArchived) else "customer-key"
-        except CloudexitError as exc:
-            if type(exc).__name__ in ("CredentialsError", "EndpointUnreachable"):
-                raise
-            result.error = str(exc)
-        return result
+    # -- headers ------------------------------------------------------------------------
+    def _read_header(self, key: str, size: int, etag: str) -> HeaderResult:
+        assert self._headers is not None
+        return self._headers.read(key, size, etag)
 
-    def _read_zip(self, result: _HeaderResult, key: str, etag: str, size: int, first: bytes) -> _HeaderResult:
-        assert self._lean is not None
-        lean = self._lean
-        found = inspect_zip(lambda a, b: lean.read_range(key, a, b - 1, etag).data, size, first,
-                            self.config.header_bytes, self.config.max_header_bytes)
-        result.header, result.members = found.header, found.members
-        result.requests += found.requests
-        result.bytes_read += found.bytes
-        return result
-
-    def _commit_headers(self, results: list[_HeaderResult]) -> None:
+    def _commit_headers(self, results: list[HeaderResult]) -> None:
         stamp = now()
         updates, requests, nbytes = [], 0, 0
         with self.state.transaction() as tx:
@@ -475,6 +400,11 @@ class Inventory(Listing):
                                (self.round, stamp, r.key))
                     continue
                 if r.changed_to:
+                    self._changes[r.key] = self._changes.get(r.key, 0) + 1
+                    if self._changes[r.key] > 3:
+                        self._failed[r.key] = "object keeps changing while being read"
+                        self.progress.failed = len(self._failed)
+                        continue
                     etag, size, modified = r.changed_to
                     tx.execute("UPDATE objects SET etag = ?, size = ?, last_modified = ?, "
                                "change = 'changed', change_round = ?, updated_at = ? WHERE key = ?",

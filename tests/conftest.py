@@ -71,6 +71,14 @@ def upload_ct(s3: SeaweedServer, prefix: str, patients: int, slices: int,
 
 
 @pytest.fixture
+def awkward(s3: SeaweedServer, bucket: str) -> str:
+    """The tiny synthetic PACS with its awkward cases (odd keys, non-DICOM, unreadable, a
+    multipart multi-frame object), in a fresh bucket (test_cluster*.py)."""
+    synthetic.upload(s3.client(), bucket, synthetic.generate(synthetic.Profile.tiny()), part_size=5 * 2**20)
+    return bucket
+
+
+@pytest.fixture
 def db(tmp_path: Path) -> Path:
     return tmp_path / "state" / "cloudexit.db"
 

@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import pytest
 
@@ -79,6 +79,20 @@ class DaskNodes:
         proc = self.workers.pop(name)
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=10)
+
+    def kill_when(self, name: str, run: subprocess.Popen[str], condition: Callable[[], Any], what: str,
+                  timeout: float = 90) -> str:
+        """Kill -9 worker `name` once `condition()` (rows in the DB) holds while `run` goes
+        on, then wait for `run` to end (killed if the test fails first); its stderr."""
+        from dbutil import wait_for
+
+        try:
+            wait_for(run, condition, what, timeout)
+            self.kill(name)
+            return run.communicate(timeout=180)[1]
+        finally:
+            if run.poll() is None:
+                run.kill()
 
     def close(self) -> None:
         for proc in [*self.workers.values(), self.scheduler]:

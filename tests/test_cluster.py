@@ -44,14 +44,6 @@ def _temps(root: Path) -> list[Path]:
     return [p for p in root.rglob(f"{TEMP_PREFIX}*") if p.name.endswith(".part")]
 
 
-@pytest.fixture
-def awkward(s3: Any, bucket: str) -> str:
-    """The tiny synthetic PACS with its awkward cases (odd keys, non-DICOM, unreadable, a
-    multipart multi-frame object)."""
-    synthetic.upload(s3.client(), bucket, synthetic.generate(synthetic.Profile.tiny()), part_size=5 * 2**20)
-    return bucket
-
-
 def _inventory(cli: Any, bucket: str, db: Path) -> None:
     result = cli("inventory", f"s3://{bucket}", "--db", str(db), "-q")
     assert result.exit_code == 0, result.output
@@ -210,14 +202,9 @@ def _slow_run_on_two_workers(cli, s3, bucket: str, db: Path, dest: Path,
 def test_a_worker_killed_mid_run_loses_nothing(cli, s3, bucket: str, db: Path, tmp_path: Path, dask_nodes) -> None:
     dest = tmp_path / "archive"
     truth, proc = _slow_run_on_two_workers(cli, s3, bucket, db, dest, dask_nodes)
-    try:  # w2 has placed objects and more are in flight: kill it
-        wait_for(proc, lambda: count(db, "worker = 'w2' AND state = 'verified'") >= 2
-                 and count(db, "state = 'fetching'") >= 4, "2 objects verified on w2, 4 in flight", 90)
-        dask_nodes.kill("w2")
-        _out, err = proc.communicate(timeout=180)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    # w2 has placed objects and more are in flight: kill it
+    err = dask_nodes.kill_when("w2", proc, lambda: count(db, "worker = 'w2' AND state = 'verified'") >= 2
+                               and count(db, "state = 'fetching'") >= 4, "2 objects verified on w2, 4 in flight")
     assert proc.returncode == 0, err
     _all_verified(db, dest, truth)
     assert count(db, "worker = 'w1'") > 0

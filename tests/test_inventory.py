@@ -360,3 +360,24 @@ def test_interrupted_inventory_resumes_without_double_counting(s3_env, many_keys
         assert rows[key]["header_bytes"] == nbytes
     status = json.loads(out)["inventory"]
     assert status["objects"] == status["dicom_instances"] == len(truth)
+
+
+def test_objects_changed_or_deleted_while_their_header_is_read(cli, tiny_pacs, fault_proxy, db: Path) -> None:
+    """A 412 on a header GET means the object changed since it was listed (injected by the fault
+    proxy: SeaweedFS serves what it listed): its new version is recorded and read; one that
+    keeps changing is left pending after 3 tries; one deleted before the HEAD is recorded deleted."""
+    bucket, truth = tiny_pacs
+    once, always, gone = [o for o in truth if o.case == "normal"][:3]
+    fault_proxy.status(412, "PreconditionFailed", method="GET", key=re.escape(once.key) + "$", times=1)
+    for key in (always.key, gone.key):
+        fault_proxy.status(412, "PreconditionFailed", method="GET", key=re.escape(key) + "$")
+    fault_proxy.status(404, "NoSuchKey", method="HEAD", key=re.escape(gone.key) + "$")
+    result = cli("inventory", f"s3://{bucket}", "--db", str(db), "--endpoint-url", fault_proxy.endpoint_url)
+    assert result.exit_code == 3, result.output
+    assert f"{always.key!r}: object keeps changing while being read" in result.stderr
+    found = {r["key"]: r for r in _rows(db, "SELECT * FROM objects")}
+    assert (found[once.key]["kind"], found[once.key]["change"]) == ("dicom", "changed")
+    assert found[once.key]["sop_uid"] == once.sop_uid
+    assert found[always.key]["kind"] == "pending"
+    assert found[gone.key]["status"] == "deleted"
+    assert fault_proxy.count("HEAD", key=always.key) == 4

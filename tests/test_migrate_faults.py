@@ -212,6 +212,36 @@ def test_a_worker_killed_alone_stops_the_run_cleanly(s3_env, ct_bucket, ct_db: P
 
 
 @pytest.mark.slow
+def test_the_engine_killed_alone_takes_its_workers_with_it(s3_env, ct_bucket, ct_db: Path, tmp_path: Path,
+                                                           fault_proxy) -> None:
+    """kill -9 of the engine only (not its process group): its workers end at once too
+    (PR_SET_PDEATHSIG), so no orphaned writer goes on in the archive. (A fork server would
+    keep them: every child it forks holds the server's own "engine alive" pipe.)"""
+    fault_proxy.delay(0.15, method="GET")
+    cmd = [sys.executable, "-m", "cloudexit.cli", "migrate", "--db", str(ct_db), "--endpoint-url",
+           fault_proxy.endpoint_url, "-q", "--to", str(tmp_path / "archive")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    engine = psutil.Process(proc.pid)
+
+    def fetching() -> list[psutil.Process]:
+        found = []
+        for child in engine.children(recursive=True):
+            try:
+                if any(c.raddr and c.raddr.port == fault_proxy.port for c in child.net_connections("tcp")):
+                    found.append(child)
+            except psutil.Error:
+                continue
+        return found
+
+    wait_for(proc, lambda: bool(fetching()), "a worker connected to the proxy")
+    family = engine.children(recursive=True)
+    engine.kill()
+    proc.wait(timeout=30)
+    _, alive = psutil.wait_procs(family, timeout=10)
+    assert not alive, [(p.pid, p.name(), p.cmdline()[:3]) for p in alive]
+
+
+@pytest.mark.slow
 def test_partial_files_resume_with_range(s3, s3_env, bucket: str, db: Path, tmp_path: Path,
                                          fault_proxy, cli) -> None:
     """A kill in the middle of a large (ranged) and a small (streamed) object: the bytes on

@@ -1,5 +1,5 @@
 """The report hospital management reads: the demo's awkward bucket (synthetic.Profile.demo(): a
-truncated instance, a SOP Instance UID conflict, non-DICOM files) inventoried, planned and
+truncated instance, a SOP Instance UID conflict, non-DICOM files) and a zipped study inventoried, planned and
 migrated for real into two archives, then `cloudexit audit` and `cloudexit plan` in English
 and Chinese. Every total of audit.json is checked against the others; the Chinese pages are
 read in headless Chromium for English left untranslated; page 1 of the printed audit is the
@@ -7,11 +7,13 @@ director's summary (pdftotext)."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
 import shutil
 import subprocess
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +48,16 @@ def exited(s3: SeaweedServer, tmp_path_factory: pytest.TempPathFactory) -> dict[
     bucket = f"report-{os.getpid()}"
     s3.client().create_bucket(Bucket=bucket)
     truth = synthetic.upload(s3.client(), bucket, synthetic.generate(synthetic.Profile.demo()))
+    # A zipped study (three CT files in one zip, as viewers export them): the audit counts the zip
+    # once among the bucket's objects and the files inside apart, as status and plan do.
+    zipped = [o for o in synthetic.generate(synthetic.Profile(
+        patients=1, studies_per_patient=1, ct_series_per_study=1, ct_slices_per_series=3, ct_matrix=64,
+        cr_per_study=0, multiframe_objects=0, awkward=False, layouts=("uid",), seed=77)) if o.kind == "dicom"]
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as archive:
+        for i, o in enumerate(zipped):
+            archive.writestr(f"IM{i}.dcm", o.body())
+    s3.client().put_object(Bucket=bucket, Key="zipped/study.zip", Body=buf.getvalue())
     root = tmp_path_factory.mktemp("report")
     db = root / "cloudexit.db"
     assert run("inventory", f"s3://{bucket}", "--db", db, "-q").exit_code == 0
@@ -64,7 +76,7 @@ def exited(s3: SeaweedServer, tmp_path_factory: pytest.TempPathFactory) -> dict[
         assert r.exit_code == 0, r.output
         r = run(*plan, "--lang", lang, "--assume-size", "40TB", "--out", root / f"plan-40TB-{lang}.html")
         assert r.exit_code == 0, r.output
-    yield {"truth": truth, "root": root, "db": db}
+    yield {"truth": truth, "root": root, "db": db, "zipped": zipped, "zip": buf.getvalue()}
     mp.undo()
 
 
@@ -78,18 +90,25 @@ def test_every_total_agrees_with_the_others(exited) -> None:
     f, truth = facts_of(exited), exited["truth"]
     src, x = f["source"], f["exceptions"]
     dicom = [o for o in truth if o.kind == "dicom"]
-    # Objects: every key once, by kind.
-    assert src["objects"] == len(truth)
-    assert src["objects"] == src["dicom_objects"] + src["non_dicom"] + src["unreadable"] + src["pending"]
+    zipped, zip_bytes = exited["zipped"], exited["zip"]
+    with zipfile.ZipFile(io.BytesIO(zip_bytes)) as archive:  # each file's bytes as stored in the zip
+        in_zip = sum(i.compress_size for i in archive.infolist())
+    # Objects: every key in the bucket once (the zip once), by kind; the files inside the zip apart.
+    assert src["objects"] == len(truth) + 1
+    assert (src["zip_archives"], src["zip_archives_not_unpacked"], src["zip_files"]) == (1, 0, len(zipped))
+    assert src["objects"] + src["zip_files"] == (src["dicom_objects"] + src["non_dicom"] + src["unreadable"]
+                                                 + src["pending"])
     assert sum(c["objects"] for c in src["storage_classes"]) == src["objects"]
     assert sum(c["bytes"] for c in src["storage_classes"]) == src["bytes"]
-    # DICOM objects: what the charts by modality and by study year add up to.
+    assert src["bytes"] == sum(o.size for o in truth) + len(zip_bytes)
+    # DICOM objects (the files inside the zip too): what the charts by modality and by study year
+    # add up to, a file inside the zip with its bytes in the zip (not 0 B, and not the zip's again).
     for chart in ("by_modality", "by_study_year"):
         rows = f["charts"][chart]
-        assert sum(r["objects"] for r in rows) == src["dicom_objects"] == len(dicom), chart
-        assert sum(r["bytes"] for r in rows) == src["dicom_bytes"] == sum(o.size for o in dicom), chart
+        assert sum(r["objects"] for r in rows) == src["dicom_objects"] == len(dicom) + len(zipped), chart
+        assert sum(r["bytes"] for r in rows) == src["dicom_bytes"] == sum(o.size for o in dicom) + in_zip, chart
     # Instances: distinct SOP Instance UIDs; the duplicate's second copy is the difference.
-    assert src["instances"] == len({o.sop_uid for o in dicom})
+    assert src["instances"] == len({o.sop_uid for o in dicom + zipped})
     assert src["instances"] == src["dicom_objects"] - src["duplicate_copies"]
     assert src["duplicate_copies"] == 1
     # Each destination: its column adds up to the objects sent there.
@@ -97,20 +116,25 @@ def test_every_total_agrees_with_the_others(exited) -> None:
     assert len(dests) == 2
     for d in dests:
         name = d["dest"]
-        held = sum(v["objects"] for v in d["by_state"].values())
+        # the zip whose files were copied is skipped itself (its files are held instead)
+        held = sum(v["objects"] for v in d["by_state"].values()) - src["zip_archives"]
+        assert d["by_state"]["skipped"]["objects"] == src["zip_archives"], name
         assert d["objects"] + d["quarantined"]["objects"] == held, name
         assert d["quarantined"]["objects"] == x["quarantined"]["by_dest"][name] + x["conflicts"]["by_dest"][name]
         assert d["quarantined"]["objects"] == 2, name  # the truncated object and one conflict copy
         assert d["dicom_objects"] <= src["dicom_objects"] and d["instances"] == src["instances"], name
-        for cat in ("failed", "missing", "skipped", "unfinished"):
+        for cat in ("failed", "missing", "unfinished"):
             assert x[cat]["by_dest"][name] == d["by_state"].get(cat, {}).get("objects", 0), (name, cat)
+        assert x["skipped"]["by_dest"][name] == 0, name
     # The headline: objects in quarantine anywhere, each once (it said 4 here: 2 per archive).
     [review] = [r for r in f["verdict"]["reasons"] if r["code"] == "quarantined"]
     assert review["n"] == 2 == x["quarantined"]["count"] + x["conflicts"]["count"]
     assert x["quarantined"]["bytes"] + x["conflicts"]["bytes"] == dests[0]["quarantined"]["bytes"]
-    # Decommission readiness sorts every object the inventory knows into one row.
+    # Decommission readiness sorts every object of the bucket the inventory knows into one row
+    # (the zip by its files: safe once each is verified everywhere); the files apart.
     rows = f["decommission"]["rows"]
     assert sum(r["objects"] for r in rows) == src["objects"] + src["deleted_at_source"]
+    assert sum(r["objects"] for r in f["decommission"]["zip_files"]) == src["zip_files"]
     assert sum(r["bytes"] for r in rows if r["decision"] != "gone") == src["bytes"]
     # The manifest lists one row per object and destination.
     assert f["manifest"]["rows"] >= src["objects"]
@@ -130,6 +154,33 @@ def test_the_page_shows_the_numbers_of_the_json(exited) -> None:
     assert numbers and all(f'data-v="{n}"' in rest for n in numbers), numbers
     assert "2 object(s) are quarantined for review" in re.sub(r"<[^>]+>", "", front)
     assert "How we count" in page and "DICOM objects" in page
+    # the zipped study in the words of status and plan (core/i18n.py), in both languages
+    assert "Zipped studies: 3 files inside 1 zip archives." in page, page
+    zh = (exited["root"] / "audit-zh" / "audit.html").read_text()
+    assert "ZIP 打包的检查：1 个 ZIP 压缩包中的 3 个文件。" in zh
+
+
+def test_the_actual_cost_counts_each_zip_once_per_destination(exited) -> None:
+    """Restore requests and minimum billable sizes are per object of the bucket: the actual cost's
+    workload counts the zip once per archive it was copied into, not each file inside it; the
+    files are fetches (a ranged GET each), as the plan counts them."""
+    from cloudexit.core.states import COPIED, sql_in
+    from cloudexit.report.cost import actual_classes
+    from cloudexit.report.groups import Rule, grouped
+    from cloudexit.state.db import State
+
+    with State(exited["db"]) as state:
+        _, tgroups = grouped(state, Rule.of(state))
+        plain = state.scalar("SELECT count(*) FROM transfers t JOIN objects o ON o.key = t.key "
+                             f"WHERE o.container IS NULL AND t.state IN {sql_in(COPIED)}")
+        files = state.scalar("SELECT count(*) FROM transfers t JOIN objects o ON o.key = t.key "
+                             f"WHERE o.container IS NOT NULL AND t.state IN {sql_in(COPIED)}")
+        loads = list(actual_classes(state, tgroups, 10**6, 0).values())
+    assert files == 2 * len(exited["zipped"])  # each file into both archives
+    assert sum(c.objects for c in loads) == plain + 2  # the zip, once per archive
+    assert sum(c.zips_unpacked for c in loads) == 2 and sum(c.zip_files for c in loads) == files
+    assert sum(c.fetches for c in loads) == plain + files
+    assert facts_of(exited)["cost"]["actual"]["cost"] is not None
 
 
 # Words that may stay as they are in the Chinese pages: units, protocol and standard names,
@@ -139,6 +190,7 @@ ALLOWED = {
     "cloudexit", "Orthanc", "SeaweedFS", "Alibaba", "Amazon", "Azure", "Blob", "Google", "Cloud",
     "Storage", "Huawei", "Tencent", "ETag", "SOP", "Instance", "UID", "Study", "Series", "CNY", "USD",
     "Asia", "Shanghai", "DeleteObjects", "Snowball", "Edge", "Support", "csv", "json", "jsonl", "html", "md", "png",
+    "zlib", "gzip",  # the formats a PACS stores instances in (the decoded row)
     # the timetable exactly as the operator typed it (`--schedule`)
     "Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun", "off",
 }
@@ -208,8 +260,8 @@ def page_text(pdf: Path, page: int) -> str:
 @pytest.mark.slow  # Chromium prints the audit
 @pytest.mark.parametrize("lang, phrases", [
     ("en", ["Summary for management", "Complete, with exceptions to review", "What was moved",
-            "116 objects", "Cost and time", "Exceptions to review", "Quarantined", "Next step"]),
-    ("zh", ["管理层摘要", "已完成，有例外需复核", "迁移了什么", "116 个对象", "费用与时间", "需复核的例外",
+            "117 objects", "Cost and time", "Exceptions to review", "Quarantined", "Next step"]),
+    ("zh", ["管理层摘要", "已完成，有例外需复核", "迁移了什么", "117 个对象", "费用与时间", "需复核的例外",
             "已隔离", "下一步"]),
 ])
 def test_page_one_is_the_directors_summary(printed, lang: str, phrases: list[str]) -> None:

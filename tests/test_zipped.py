@@ -274,32 +274,44 @@ def test_status_and_plan_count_zips_and_their_files_once(cli: Any, bucket: str, 
     objects = zip_bucket["objects"]
     assert cli("inventory", f"s3://{bucket}", "--db", str(db), "-q").exit_code == 0
     members = rows(db, "SELECT * FROM objects WHERE container IS NOT NULL")
-    in_zip: dict[str, int] = {}  # each file's compressed bytes, read from the zips themselves
-    for key in ("zips/a-deflated.zip", "zips/b-stored-zip64.zip", "zips/c-bad-crc.zip"):
-        with zipfile.ZipFile(io.BytesIO(objects[key])) as archive:
-            in_zip |= {zipped.member_key(key, i.filename): i.compress_size for i in archive.infolist()}
     dicom = [r for r in members if r["kind"] == "dicom"]
     assert {r["modality"] for r in dicom} == {"CT"} and len(dicom) == 9
-    ct_bytes = len(objects["plain/one.dcm"]) + sum(in_zip[r["key"]] for r in dicom)
+    ct_bytes = _ct_bytes(objects, dicom)
     status = json.loads(cli("status", "--db", str(db), "--json").output)
     assert status["by_modality"] == [{"name": "CT", "objects": 10, "bytes": ct_bytes}]
     assert sum(y["bytes"] for y in status["by_study_year"]) == ct_bytes
     assert status["bytes"] == sum(map(len, objects.values()))  # each zip counted once
+    # the hostile and the cut zip are counted among the zips, and said apart: no files inside
+    assert (status["zip_archives"], status["zip_archives_not_unpacked"]) == (5, 2)
     text = cli("status", "--db", str(db)).output
     assert "By modality (DICOM objects, files in zips too, bytes as stored):" in text, text
+    assert f"{len(members)} files inside 5 zip archives (2 could not be unpacked)" in text, text
 
     plan = json.loads(cli("plan", "--db", str(db), "--provider", "aws-s3", "--bandwidth", "100Mbit/s",
                           "--json").output)
     w = plan["workload"]
     assert w["objects"] == len(objects) and w["zip_archives"] == 5 and w["zip_files"] == len(members)
+    assert w["zip_archives_not_unpacked"] == 2
     # the three zips read are fetched through their files; the hostile and cut ones whole
     assert w["get_requests"] == len(objects) - 3 + len(members)
     assert w["classes"]["STANDARD"]["objects"] == len(objects)
     en = cli("plan", "--db", str(db), "--provider", "aws-s3", "--bandwidth", "100Mbit/s").output
     assert f"in {len(objects)} objects in the bucket" in en, en
-    assert f"{len(members)} files inside 5 zip archives, one ranged GET each" in en, en
+    assert f"{len(members)} files inside 5 zip archives (2 could not be unpacked), one ranged GET each" in en, en
     zh = cli("plan", "--db", str(db), "--provider", "aws-s3", "--bandwidth", "100Mbit/s", "--lang", "zh").output
-    assert f"存储桶中 {len(objects)} 个对象" in zh and f"5 个 ZIP 压缩包中的 {len(members)} 个文件" in zh, zh
+    assert f"存储桶中 {len(objects)} 个对象" in zh, zh
+    assert f"5 个 ZIP 压缩包中的 {len(members)} 个文件（2 个压缩包无法解包）" in zh, zh
+
+
+
+def _ct_bytes(objects: dict[str, bytes], dicom: list[Any]) -> int:
+    """The bucket's CT bytes as stored: the plain object's, and each zipped file's compressed
+    bytes, read from the zips themselves."""
+    in_zip: dict[str, int] = {}
+    for key in ("zips/a-deflated.zip", "zips/b-stored-zip64.zip", "zips/c-bad-crc.zip"):
+        with zipfile.ZipFile(io.BytesIO(objects[key])) as archive:
+            in_zip |= {zipped.member_key(key, i.filename): i.compress_size for i in archive.infolist()}
+    return len(objects["plain/one.dcm"]) + sum(in_zip[r["key"]] for r in dicom)
 
 
 def _dcmftest(paths: list[Path]) -> None:
@@ -343,7 +355,7 @@ def test_inventory_records_members_and_migrate_unpacks_them(cli: Any, s3: Seawee
     assert status["by_storage_class"] == [{"name": "STANDARD", "objects": len(objects),
                                            "bytes": sum(map(len, objects.values()))}]
     text = cli("status", "--db", str(db)).output
-    assert f"files in zips    {len(members):>10}   inside 5 zip archive(s)" in text, text
+    assert f"files in zips    {len(members):>10}   {len(members)} files inside 5 zip archives" in text, text
 
     archive = tmp_path / "archive"
     result = cli("migrate", "--to", str(archive), "--db", str(db), "--json")
@@ -404,6 +416,18 @@ def test_inventory_records_members_and_migrate_unpacks_them(cli: Any, s3: Seawee
     # The unpacked zips' own rows are not "skipped" exceptions: their files were migrated.
     assert audit["exceptions"]["skipped"]["count"] == 0
     assert audit["exceptions"]["quarantined"]["count"] == 3  # the damaged member, two zips
+    # It counts as status and plan do: the bucket's objects, the files inside zips apart (the two
+    # zips that could not be unpacked said so), DICOM files by their bytes in the zip, the same
+    # words in en and zh (core/i18n.py).
+    src, ct_bytes = audit["source"], _ct_bytes(objects, [r for r in members if r["kind"] == "dicom"])
+    assert src["objects"] == status["objects"] == len(objects) and src["bytes"] == status["bytes"]
+    assert (src["zip_archives"], src["zip_archives_not_unpacked"], src["zip_files"]) == (5, 2, len(members))
+    assert src["dicom_objects"] == status["dicom_objects"] and src["dicom_bytes"] == ct_bytes
+    assert [(r["name"], r["objects"], r["bytes"]) for r in audit["charts"]["by_modality"]] == [("CT", 10, ct_bytes)]
+    assert sum(r["bytes"] for r in audit["charts"]["by_study_year"]) == ct_bytes
+    assert f"{len(members)} files inside 5 zip archives (2 could not be unpacked)" in (out / "audit.html").read_text()
+    assert cli("audit", "--db", str(db), "--out", str(tmp_path / "zh"), "--lang", "zh", "-q").exit_code in (0, 3)
+    assert f"5 个 ZIP 压缩包中的 {len(members)} 个文件（2 个压缩包无法解包）" in (tmp_path / "zh" / "audit.html").read_text()
 
 
 def _manifest(dry: dict[str, Any]) -> list[dict[str, str]]:

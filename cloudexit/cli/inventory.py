@@ -7,6 +7,7 @@ import sys
 
 import click
 
+from cloudexit.cli.cluster import cluster_headers, inventory_cluster_options  # inventory --cluster
 from cloudexit.cli.group import (EXIT_PARTIAL, db_option, examples, main, output_options, source_options,
                                  warn_patient_key)
 from cloudexit.cli.progress import InventoryBar
@@ -19,7 +20,7 @@ from cloudexit.core.config import InventoryConfig, SourceConfig
 @db_option
 @source_options
 @click.option("--workers", default=InventoryConfig.workers, show_default=True, type=click.IntRange(1, 256),
-              help="Threads reading DICOM headers.")
+              help="Threads reading DICOM headers (with --cluster: on each worker).")
 @click.option("--list-workers", default=InventoryConfig.list_workers, show_default=True,
               type=click.IntRange(1, 64), help="Threads listing key ranges in parallel.")
 @click.option("--header-bytes", default=InventoryConfig.header_bytes, show_default=True,
@@ -30,6 +31,7 @@ from cloudexit.core.config import InventoryConfig, SourceConfig
               help="Do not list folders dated wholly before this day (YYYY/, YYYY/MM/, YYYY/MM/DD/, "
                    "YYYYMMDD/ anywhere in the path); 'last': the day before the last complete round "
                    "started. Objects in skipped folders are kept as they were, not marked deleted.")
+@inventory_cluster_options  # --cluster (cloudexit/cli/cluster.py)
 @output_options
 def inventory(url: str, db_path: str, endpoint_url: str | None, profile: str | None,
               region: str | None, retries: int, workers: int, list_workers: int, header_bytes: int,
@@ -53,9 +55,10 @@ def inventory(url: str, db_path: str, endpoint_url: str | None, profile: str | N
                                       max_attempts=retries))
     config = InventoryConfig(workers=workers, list_workers=list_workers, header_bytes=header_bytes,
                              key_pattern=key_pattern)
+    cluster = cluster_headers(quiet or as_json)  # refused here: no dask, forwarding not allowed
     with app.first_state(db_path) as state, InventoryBar(quiet or as_json) as bar:
         warn_patient_key(state)
-        summary = app.inventory(state, source, config, since, bar.update)
+        summary = app.inventory(state, source, config, since, bar.update, cluster=cluster)
         totals = inventory_summary(state)
     if as_json:
         click.echo(json.dumps({"round": summary.__dict__, "inventory": totals}, indent=2, default=str))

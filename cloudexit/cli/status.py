@@ -8,6 +8,7 @@ from typing import Any
 import click
 
 from cloudexit.cli.group import db_option, examples, main, output_options, warn_patient_key
+from cloudexit.core.i18n import zipped_words
 
 
 @main.command(epilog=examples("status"))
@@ -88,9 +89,11 @@ def print_summary(t: dict[str, Any]) -> None:
     if t.get("pacs_metadata"):
         lines.append(f"  PACS metadata    {t['pacs_metadata']:>10}   (Orthanc's header-only and JSON "
                      "copies of instances: not instances, copied to the side area)")
-    if t.get("zip_members"):
-        lines.append(f"  files in zips    {t['zip_members']:>10}   inside {t['zip_archives']} zip archive(s): "
-                     "each DICOM file counted above as an instance, unpacked by migrate")
+    if t.get("zip_archives"):
+        # the glossary's words (core/i18n.py), as plan and audit say them
+        lines.append(f"  files in zips    {t['zip_members']:>10}   "
+                     + zipped_words("en", t["zip_members"], t["zip_archives"], t.get("zip_archives_not_unpacked", 0))
+                     + ": each DICOM file counted above as an instance, unpacked by migrate")
     for row in t.get("by_encoding") or []:
         lines.append(f"  {row['name']:<16} {row['objects']:>10}   objects in this envelope "
                      f"({format_bytes(row['bytes'])} as stored)")

@@ -74,3 +74,13 @@ def check_credentials_mode(address: ClusterAddress, mode: str) -> None:
             hint="use a tls:// scheduler (see docs/scale-out.md, TLS), or leave each worker to "
                  "resolve its own credentials (the default: instance role, profile or env)")
 
+
+
+def check_header_reads(address: ClusterAddress) -> None:
+    """Header reads send each object's patient ID back to this machine (to be hashed here, where
+    the patient key stays): only over TLS, or from a scheduler on this machine."""
+    if address.scheme != "tls" and not address.loopback:
+        raise UsageError(
+            f"inventory --cluster refused: {address.url} is plain tcp:// to another machine, so "
+            "the patient IDs read from the headers would cross the network unencrypted",
+            hint="use a tls:// scheduler (see docs/scale-out.md, TLS), or run inventory without --cluster")

@@ -18,7 +18,6 @@ this run's meter file: a worker killed mid-object loses at most a few seconds of
 
 from __future__ import annotations
 
-import logging
 import os
 import queue
 import secrets
@@ -28,8 +27,9 @@ from typing import Any, Callable, Sequence
 
 from cloudexit.cluster import service
 from cloudexit.cluster.address import ClusterAddress, check_credentials_mode
+from cloudexit.cluster.connect import CONNECT_TIMEOUT, check_dask, open_client, present, refuse, sort_answers
 from cloudexit.core.config import MigrateConfig
-from cloudexit.core.errors import StateError, UsageError
+from cloudexit.core.errors import StateError
 from cloudexit.transfer.messages import Message, WorkerLost
 from cloudexit.s3.client import Credentials, Endpoint
 from cloudexit.transfer.tasks import Task
@@ -39,31 +39,8 @@ BATCH_OBJECTS = 32  # and at most this many (dask costs ~ms of CPU a task: fewer
 LOCAL_THREADS = 4  # dask threads per LocalCluster worker: batches it works on at once
 MEMBERSHIP_EVERY = 2.0  # seconds between looks at which workers are there (and their egress)
 GRACE = 300.0  # seconds without the scheduler, or any admitted worker, before the run stops
-# Seconds to reach the scheduler, at start and at each attempt to reconnect: a wrong address
-# or a scheduler that is down is said at once (dask's default is 30 s), and the engine's
-# thread, which dials, is not held long while the scheduler restarts.
-CONNECT_TIMEOUT = 5.0
 ANSWER_TIMEOUT = 120.0  # seconds for the workers' answer to a check or a start (Client.run)
 TELL_TIMEOUT = 10.0  # seconds the engine waits on a worker told something (a rate, a stop)
-
-
-def _check_dask(address: ClusterAddress) -> None:
-    """dask.distributed is installed, and for tls:// it has the certificates to use (without
-    them dask fails with a TypeError deep in its connect)."""
-    try:
-        import distributed
-    except ImportError:
-        raise UsageError("--cluster needs dask.distributed, which is not installed",
-                         hint="pip install 'cloudexit[cluster]'") from None
-    if address.scheme != "tls":
-        return
-    hint = "give dask the CA, certificate and key in its configuration (docs/scale-out.md, TLS)"
-    try:
-        context = distributed.Security().get_connection_args("client").get("ssl_context")
-    except (OSError, ValueError) as exc:  # a file named there is missing, unreadable or not PEM
-        raise UsageError(f"--cluster {address.url}: dask's TLS settings cannot be used: {exc}", hint=hint) from None
-    if context is None:
-        raise UsageError(f"--cluster {address.url}: dask has no TLS certificates configured", hint=hint)
 
 
 class DaskExecutor:
@@ -79,7 +56,7 @@ class DaskExecutor:
         dashboard link go (the CLI prints them). `grace`: seconds the run waits for a scheduler
         that stopped answering, or for a worker when none is left, before it stops."""
         check_credentials_mode(address, credentials)
-        _check_dask(address)  # refused before the run takes its lock or touches DEST
+        check_dask(address)  # refused before the run takes its lock or touches DEST
         self.address, self.mode, self.min_workers = address, credentials, min_workers
         self.profile = profile
         self.notice = notice or (lambda text: None)
@@ -120,37 +97,15 @@ class DaskExecutor:
     def start(self, config: MigrateConfig, root: str, new_meter: Callable[[], str]) -> None:
         from cloudexit.s3.meter import Meter
 
-        import distributed
-
         # local:N: N dask workers of one cloudexit worker process each (N processes in all).
         self.config = replace(config, processes=1) if self.address.scheme == "local" else config
         self.root = root
         self.meter = Meter(new_meter())
         try:
-            if self.address.scheme == "local":
-                import dask
-
-                # dask's statistical profiler samples every thread's stack 100 times a second:
-                # with cloudexit's download threads that is CPU taken from verification.
-                # Not daemonic: cloudexit's worker processes are its children.
-                with dask.config.set({"distributed.worker.profile.enabled": False,
-                                      "distributed.worker.daemon": False}):
-                    self.cluster = distributed.LocalCluster(
-                        n_workers=self.address.workers, threads_per_worker=LOCAL_THREADS, processes=True,
-                        host="127.0.0.1", dashboard_address="127.0.0.1:0", silence_logs=40)
-                self.client = distributed.Client(self.cluster, timeout=30)
-            else:
-                # dask's client logs its connection troubles with tracebacks on stderr: this
-                # executor says what matters (waiting, back, given up) in its own lines.
-                logging.getLogger("distributed").setLevel(logging.CRITICAL)
-                self.client = distributed.Client(self.address.url, timeout=CONNECT_TIMEOUT)
-        except (OSError, TimeoutError) as exc:
+            self.cluster, self.client = open_client(self.address, LOCAL_THREADS)
+        except StateError:
             self.stop()
-            raise StateError(f"cannot reach the dask scheduler at {self.address.url} "
-                             f"({type(exc).__name__}: {exc})",
-                             hint=f"is `dask scheduler` running on {self.address.host or 'this machine'}? "
-                                  f"Check the address, the port ({self.address.port or 8786}) and any "
-                                  "firewall between here and there (docs/scale-out.md, Deploy)") from None
+            raise
         self.done: queue.Queue[Any] = queue.Queue()  # futures as they finish (a callback puts them)
         self.dashboard = self.client.dashboard_link
         if self.dashboard:
@@ -177,40 +132,25 @@ class DaskExecutor:
     # -- membership ----------------------------------------------------------------------------------
     def _look(self, first: bool = False) -> None:
         """Admit new workers (after the DEST check), forget lost ones, rebalance the rate."""
-        info = self.client.scheduler_info(n_workers=-1)["workers"] if hasattr(self.client, "scheduler_info") else {}
-        present = {addr: int(w.get("nthreads", 1)) for addr, w in info.items()}
-        for w in info.values():  # egress totals the workers' heartbeats brought
-            got = (w.get("metrics") or {}).get(service.EGRESS_METRIC, {}).get(self.token)
-            if got:
-                self._count((got[0], tuple(got[1:])))
-        for addr in [a for a in self.admitted if a not in present]:
+        metrics: dict[str, Any] = {}
+        here = present(self.client, metrics)
+        for got in metrics.values():  # egress totals the workers' heartbeats brought
+            mine = (got.get(service.EGRESS_METRIC) or {}).get(self.token)
+            if mine:
+                self._count((mine[0], tuple(mine[1:])))
+        for addr in [a for a in self.admitted if a not in here]:
             self.notice(f"dask worker {self.admitted.pop(addr)} left the run")
             self.orphans = True
-        new = [a for a in present if a not in self.admitted and a not in self.refused]
+        new = [a for a in here if a not in self.admitted and a not in self.refused]
         if new:
             found = self.client.run(service.check, self.root, self.token, self.secret, self.profile,
                                     self.forwarded is not None, workers=new, on_error="return",
                                     callback_timeout=ANSWER_TIMEOUT)
-            ok, bad = [], {}
-            for addr in new:
-                answer = found.get(addr)
-                if isinstance(answer, dict) and answer.get("problem") is None:
-                    ok.append(addr)
-                else:
-                    label = answer.get("worker", addr) if isinstance(answer, dict) else addr
-                    why = answer.get("problem") if isinstance(answer, dict) else f"it did not answer ({answer})"
-                    bad[addr] = f"{label}: {why}"
-            if bad:
-                admitted = len(self.admitted) + len(ok)
-                if first and (self.min_workers is None or admitted < self.min_workers):
-                    raise StateError(
-                        "dask worker(s) cannot take part in this migration: " + "; ".join(bad.values()),
-                        hint="every worker must mount the archive at the same path "
-                             f"({self.root}) and have S3 credentials; or stop those workers, or "
-                             "allow fewer with --cluster-min-workers")
-                for why in bad.values():
-                    self.notice(f"warning: dask worker left out: {why}")
-                self.refused.update(bad)
+            ok, bad = sort_answers(found, new)
+            refuse(bad, first, len(self.admitted) + len(ok), self.min_workers, "migration",
+                   f"every worker must mount the archive at the same path ({self.root}) and have S3 "
+                   "credentials", self.notice)
+            self.refused.update(bad)
             if ok:
                 names = self.client.run(service.start, self.token, self.config, self.root, self.endpoint,
                                         self._share(len(self.admitted) + len(ok)), self.profile,

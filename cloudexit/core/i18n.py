@@ -56,6 +56,10 @@ PHRASES: dict[str, str] = {
     "instance missing": "实例缺失", "instance extra": "多出的实例",
     "file missing": "文件缺失", "file not-a-file": "不是普通文件", "file size": "文件大小不符",
     "file sha256": "文件 SHA-256 不符", "file extra": "多出的文件",
+    # a check not possible for a file inside a zip (transfer/zipmember.py NOT_CHECKED)
+    "object MD5/ETag: a member of a zip is read by range, so the zip's whole-object checksum cannot be "
+    "compared; the member's CRC-32 from the zip's directory is checked":
+        "对象 MD5/ETag：ZIP 压缩包中的文件按范围读取，无法与整个压缩包的校验和比对；已核对压缩包目录中该文件的 CRC-32",
     # bucket versioning, as the deletion proof shows it
     "versioned": "已启用",
     # plan: assumptions and warnings that take no figures
@@ -276,8 +280,7 @@ PLAN_TEXT: dict[str, dict[str, str]] = {
         "title": "Leaving {title}: cost and time",
         "headline": "{title} ({provider}, {region}): {size} in {objects} objects in the bucket, start {start}",
         "headline.dicom": "{instances} DICOM instances in {studies} studies",
-        # as `cloudexit status` says it ("files in zips ... inside N zip archive(s)")
-        "headline.zips": "{files} files inside {zips} zip archives, one ranged GET each",
+        "headline.zips": "{zipped}, one ranged GET each",
         "headline.encoded": "{encoded} stored compressed by the PACS decode to {decoded} in the archive",
         "assumed": "ASSUMPTION: sized as {size}, not as the bucket inventoried ({real_size} in {real_objects} objects); every figure "
                    "below scales the inventory's mix of objects, classes and sizes to that size.",
@@ -296,7 +299,7 @@ PLAN_TEXT: dict[str, dict[str, str]] = {
         "title": "迁出{title}：费用与时间",
         "headline": "{title}（{provider}，{region}）：{size}，存储桶中 {objects} 个对象，开始于 {start}",
         "headline.dicom": "{studies} 个检查中的 {instances} 个 DICOM 实例",
-        "headline.zips": "{zips} 个 ZIP 压缩包中的 {files} 个文件，每个文件一次范围 GET",
+        "headline.zips": "{zipped}，每个文件一次范围 GET",
         "headline.encoded": "PACS 压缩存储的 {encoded} 在归档中解压为 {decoded}",
         "assumed": "假设：按 {size} 估算，而非清点所得的存储桶实际规模（{real_size}，{real_objects} 个对象）；以下所有数字均按清点所得的对象、"
                    "存储类型和大小构成放大到该规模。",
@@ -311,6 +314,22 @@ PLAN_TEXT: dict[str, dict[str, str]] = {
         "credit": "迁出计划返还", "doc": "cloudexit 迁移计划：{title}",
     },
 }
+
+
+# Zipped studies, as status, plan and audit all say them: the files recorded inside the zips, and
+# the zip archives in the bucket (among its objects), with those that could not be unpacked
+# (unreadable, hostile, or in an archive storage class at inventory time) said apart.
+ZIP_TEXT: dict[str, dict[str, str]] = {
+    "en": {"files": "{files} files inside {zips} zip archives", "not_unpacked": " ({bad} could not be unpacked)"},
+    "zh": {"files": "{zips} 个 ZIP 压缩包中的 {files} 个文件", "not_unpacked": "（{bad} 个压缩包无法解包）"},
+}
+
+
+def zipped_words(lang: str, files: int, zips: int, not_unpacked: int) -> str:
+    """"F files inside M zip archives (K could not be unpacked)" in `lang`."""
+    words = ZIP_TEXT[lang]
+    return (words["files"].format(files=f"{files:,}", zips=f"{zips:,}")
+            + (words["not_unpacked"].format(bad=f"{not_unpacked:,}") if not_unpacked else ""))
 
 
 def plan_texts(lang: str) -> dict[str, str]:

@@ -64,7 +64,8 @@ def preload() -> Any:
     starts `from pydicom.filereader import ...` while another is still running pydicom's
     `__init__` finds the package half-initialised and fails with "cannot import name
     'convert_numbers' from partially initialized module 'pydicom.values'". So the whole
-    package is imported under a lock; callers that start header threads call this first.
+    package is imported under a lock, by the first thread whose header needs pydicom (the
+    struct walk reads clean headers without it: no command pays for pydicom up front).
     """
     global _READ_PARTIAL
     if _READ_PARTIAL is None:

@@ -72,6 +72,7 @@ class Workload:
     # `objects`) and the files recorded inside them (not objects of the bucket)
     zip_archives: int = 0
     zip_files: int = 0
+    zip_archives_not_unpacked: int = 0  # among zip_archives: unreadable, so fetched whole
 
     @property
     def objects(self) -> int:

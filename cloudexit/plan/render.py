@@ -12,7 +12,7 @@ import math
 from datetime import datetime, timedelta
 
 from cloudexit.core.charts import text_width
-from cloudexit.core.i18n import phrase, plan_texts, say
+from cloudexit.core.i18n import phrase, plan_texts, say, zipped_words
 from cloudexit.plan.result import Breakdown, CostLine, Plan, Scenario
 from cloudexit.plan.pricing.catalogue import Fact, Span
 from cloudexit.core.units import format_bytes, format_duration
@@ -68,8 +68,9 @@ def _headline(plan: Plan, lang: str) -> str:
     extra = []
     if w.instances is not None and w.studies is not None:
         extra.append(T["headline.dicom"].format(instances=f"{w.instances:,}", studies=f"{w.studies:,}"))
-    if w.zip_files:
-        extra.append(T["headline.zips"].format(files=f"{w.zip_files:,}", zips=f"{w.zip_archives:,}"))
+    if w.zip_archives:
+        extra.append(T["headline.zips"].format(zipped=zipped_words(lang, w.zip_files, w.zip_archives,
+                                                                   w.zip_archives_not_unpacked)))
     if w.encoded_bytes:
         extra.append(T["headline.encoded"].format(encoded=format_bytes(w.encoded_bytes),
                                                   decoded=format_bytes(w.decoded_bytes)))

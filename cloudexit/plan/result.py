@@ -202,6 +202,7 @@ def _workload_dict(workload: Workload) -> dict:
         "decoded_bytes": workload.decoded_bytes,
         "zip_archives": workload.zip_archives,
         "zip_files": workload.zip_files,
+        "zip_archives_not_unpacked": workload.zip_archives_not_unpacked,
         "classes": {
             name: {
                 "objects": c.objects,

@@ -4,12 +4,14 @@ priced by the same model, throughput over time, and the charts by study year and
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
 from cloudexit.core.deletion import is_home
 from cloudexit.core.errors import CloudexitError
 from cloudexit.core.states import COPIED, ObjectKind, ObjectStatus, sql_in
+from cloudexit.plan.inputs import ClassLoad
 from cloudexit.state.db import State
 
 
@@ -47,7 +49,7 @@ def _actual_cost(state: State, plan: dict[str, Any], facts: dict[str, Any],
                  tgroups: list[dict[str, Any]]) -> tuple[float | None, str | None]:
     """The recorded bytes and requests, priced with the catalogue the plan used, by the plan model
     (billing months, tiers, free allowance) at the run's own average rate."""
-    from cloudexit.plan.inputs import ClassLoad, Link, Range, Workload
+    from cloudexit.plan.inputs import Link, Range, Workload
     from cloudexit.plan.model import make_plan
     from cloudexit.plan.pricing import load_catalogue
 
@@ -56,27 +58,9 @@ def _actual_cost(state: State, plan: dict[str, Any], facts: dict[str, Any],
     start = facts["timeline"]["started_at"]
     if downloaded <= 0 or not start:
         return None, "nothing downloaded yet"
-    by_class: dict[str, dict[str, Any]] = {}
-    for g in tgroups:
-        if g["state"] in COPIED:
-            c = by_class.setdefault(g["sc"], {"sc": g["sc"], "n": 0, "b": 0})
-            c["n"] += g["n"]
-            c["b"] += g["b"]
-    rows = sorted(by_class.values(), key=lambda c: -c["b"])
-    moved = sum(r["b"] or 0 for r in rows)
-    if not rows or moved <= 0:
+    classes = actual_classes(state, tgroups, downloaded, gets)
+    if not classes:
         return None, "nothing downloaded yet"
-    classes: dict[str, ClassLoad] = {}
-    left = downloaded
-    for i, r in enumerate(rows):
-        share = left if i == len(rows) - 1 else int(downloaded * (r["b"] or 0) / moved)
-        left -= share
-        classes[r["sc"]] = ClassLoad(r["n"], max(share, 1))
-    first = rows[0]["sc"]
-    extra = gets - sum(c.objects for c in classes.values())
-    c0 = classes[first]
-    classes[first] = (ClassLoad(c0.objects, c0.bytes, 0, extra) if extra >= 0
-                      else ClassLoad(c0.objects, c0.bytes, min(-extra, c0.objects), 0))
     inv = facts["source"]["inventory"]
     workload = Workload(classes, inventory_header_bytes=inv["header_bytes"],
                         inventory_get_requests=inv["get_requests"],
@@ -98,6 +82,46 @@ def _actual_cost(state: State, plan: dict[str, Any], facts: dict[str, Any],
         return round(scenario.breakdown.total, 2), None
     except CloudexitError as exc:
         return None, str(exc).split("\n")[0]
+
+
+def actual_classes(state: State, tgroups: list[dict[str, Any]], downloaded: int, gets: int) -> dict[str, ClassLoad]:
+    """What was copied, per storage class, as the plan model's ClassLoads: the objects of the
+    bucket fetched (a restore request and a minimum billable size each: a zip fetched through
+    its files counts once, as the plan counts it), the files fetched inside zips, the recorded
+    bytes shared out by what each class moved, and the GETs beyond one per fetch as parts."""
+    by_class: dict[str, dict[str, Any]] = {}
+    for g in tgroups:
+        if g["state"] in COPIED:
+            c = by_class.setdefault(g["sc"], {"sc": g["sc"], "n": 0, "b": 0, "files": 0, "zips": 0})
+            c["n"] += g["n"]
+            c["b"] += g["b"]
+    # Files inside zips (cloudexit/state/members.py) are transfers but no objects of the bucket:
+    # their zips are, once per destination (unless the zip was copied itself, --keep-containers).
+    for m in state.query(
+            "SELECT coalesce(o.storage_class, 'STANDARD') AS sc, count(*) AS files, count(DISTINCT CASE WHEN "
+            "NOT EXISTS (SELECT 1 FROM transfers z WHERE z.key = o.container AND z.dest = t.dest AND "
+            f"z.state IN {sql_in(COPIED)}) THEN t.dest || char(0) || o.container END) AS zips "
+            "FROM objects o JOIN transfers t ON t.key = o.key "
+            f"WHERE o.container IS NOT NULL AND t.state IN {sql_in(COPIED)} GROUP BY 1"):
+        if m["sc"] in by_class:
+            by_class[m["sc"]].update(files=m["files"], zips=m["zips"])
+    rows = sorted(by_class.values(), key=lambda c: -c["b"])
+    moved = sum(r["b"] or 0 for r in rows)
+    if not rows or moved <= 0:
+        return {}
+    classes: dict[str, ClassLoad] = {}
+    left = downloaded
+    for i, r in enumerate(rows):
+        share = left if i == len(rows) - 1 else int(downloaded * (r["b"] or 0) / moved)
+        left -= share
+        classes[r["sc"]] = ClassLoad(r["n"] - r["files"] + r["zips"], max(share, 1),
+                                     zips_unpacked=r["zips"], zip_files=r["files"])
+    first = rows[0]["sc"]
+    extra = gets - sum(c.fetches for c in classes.values())
+    c0 = classes[first]
+    classes[first] = (replace(c0, multipart_parts=extra) if extra >= 0
+                      else replace(c0, multipart_objects=min(-extra, c0.fetches)))
+    return classes
 
 
 def bucket_size(span: float) -> int:
@@ -132,9 +156,9 @@ def charts(throughput: dict[str, Any], groups: list[dict[str, Any]]) -> dict[str
         m = modalities.setdefault(g["modality"], {"name": g["modality"], "objects": 0, "bytes": 0})
         for row in (y, m):
             row["objects"] += g["objects"]
-            row["bytes"] += g["bytes"]
+            row["bytes"] += g["stored"]  # a file inside a zip: its bytes in the zip (groups.py)
         if is_home(g["decision"]):
-            y["done_bytes"] += g["bytes"]
+            y["done_bytes"] += g["stored"]
     by_year = [years[k] for k in sorted(years)]
     by_modality = sorted(modalities.values(), key=lambda m: -m["bytes"])
     return {"throughput": throughput, "by_study_year": by_year, "by_modality": by_modality}

@@ -16,16 +16,22 @@ from cloudexit.state.destinations import has_table
 
 
 def decommission_totals(groups: list[dict[str, Any]]) -> dict[str, Any]:
+    """The decisions over the bucket's objects (what decommission would delete or keep), and
+    apart, over the files inside zips (never deleted themselves: their zip's row is judged by
+    them, "zip_members")."""
     found: dict[tuple[str, str], dict[str, Any]] = {}
+    files: dict[tuple[str, str], dict[str, Any]] = {}
     totals = {d: {"objects": 0, "bytes": 0} for d in ("safe", "review", "keep", "gone")}
     for g in groups:
         decision, _, reason = g["decision"].partition(": ")
-        row = found.setdefault((decision, reason), {"decision": decision, "reason": reason,
-                                                    "objects": 0, "bytes": 0})
+        row = (files if g["member"] else found).setdefault(
+            (decision, reason), {"decision": decision, "reason": reason, "objects": 0, "bytes": 0})
         for k in ("objects", "bytes"):
             row[k] += g[k]
-            totals[decision][k] += g[k]
-    return {"rows": [found[k] for k in sorted(found)], "totals": totals}
+            if not g["member"]:
+                totals[decision][k] += g[k]
+    return {"rows": [found[k] for k in sorted(found)], "totals": totals,
+            "zip_files": [files[k] for k in sorted(files)]}
 
 
 def delta_rounds(state: State, rule: Rule) -> dict[str, Any]:

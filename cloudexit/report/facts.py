@@ -21,6 +21,7 @@ from cloudexit.report.groups import LIST_LIMIT, Groups, Rule, grouped
 from cloudexit.report.manifest import read_patient
 from cloudexit.report.verification import verification
 from cloudexit.state.db import GENESIS_HASH, State, now
+from cloudexit.state.members import ZIP_ARCHIVE, ZIP_UNPACKED
 
 FORMAT = "cloudexit.audit/1"
 _SESSION_END = {"migrate.finished", "migrate.interrupted", "migrate.stopped"}
@@ -92,22 +93,30 @@ def _source_uids(state: State) -> dict[str, int]:
 
 def _source(state: State, groups: list[dict[str, Any]], uids: dict[str, int]) -> dict[str, Any]:
     present = [g for g in groups if g["status"] == ObjectStatus.PRESENT]
+    # the bucket's objects, each key once: not the files inside zips (cloudexit/state/members.py),
+    # counted apart as status and plan count them
+    bucket = [g for g in present if not g["member"]]
 
     def total(rows: list[dict[str, Any]], field: str = "objects") -> int:
         return sum(g[field] for g in rows)
 
-    row = {"objects": total(present), "bytes": total(present, "bytes"),
+    row = {"objects": total(bucket), "bytes": total(bucket, "bytes"),
            "dicom_objects": total([g for g in present if g["kind"] == ObjectKind.DICOM]),
-           "dicom_bytes": total([g for g in present if g["kind"] == ObjectKind.DICOM], "bytes"),
+           # as stored: a file inside a zip its bytes in the zip (what the charts add up)
+           "dicom_bytes": total([g for g in present if g["kind"] == ObjectKind.DICOM], "stored"),
            "non_dicom": total([g for g in present if g["kind"] == ObjectKind.OTHER]),
            "unreadable": total([g for g in present if g["kind"] == ObjectKind.UNREADABLE]),
            "pending": total([g for g in present if g["kind"] == ObjectKind.PENDING]),
            "hostile_keys": total([g for g in present if g["hostile"]])}
     classes: dict[str, dict[str, Any]] = {}
-    for g in present:
+    for g in bucket:
         c = classes.setdefault(g["sc"], {"name": g["sc"], "objects": 0, "bytes": 0})
         c["objects"] += g["objects"]
         c["bytes"] += g["bytes"]
+    zips = dict(state.query(
+        f"SELECT count(*) AS zip_archives, coalesce(sum(NOT ({ZIP_UNPACKED})), 0) AS zip_archives_not_unpacked "
+        f"FROM objects WHERE status = '{ObjectStatus.PRESENT}' AND {ZIP_ARCHIVE}")[0])
+    zips["zip_files"] = total([g for g in present if g["member"]])
     latest = state.query("SELECT status, started_at, finished_at FROM inventory_rounds ORDER BY id DESC LIMIT 1")
     rounds = state.query("SELECT count(*) AS n, sum(list_requests) AS l, sum(get_requests) AS g, "
                          "sum(header_bytes) AS b FROM inventory_rounds")[0]
@@ -120,7 +129,8 @@ def _source(state: State, groups: list[dict[str, Any]], uids: dict[str, int]) ->
         "studies": uids["studies"], "series": uids["series"], "patients": uids["patients"],
         "non_dicom": row["non_dicom"] or 0, "unreadable": row["unreadable"] or 0,
         "pending": row["pending"] or 0, "hostile_keys": row["hostile_keys"] or 0,
-        "deleted_at_source": total([g for g in groups if g["status"] == ObjectStatus.DELETED]),
+        "deleted_at_source": total([g for g in groups if g["status"] == ObjectStatus.DELETED and not g["member"]]),
+        **zips,
         "duplicate_sop_uids": uids["duplicates"],
         "duplicate_copies": uids["copies"],  # dicom_objects - instances: second copies of a UID
         "storage_classes": sorted(classes.values(), key=lambda c: -c["bytes"]),
@@ -335,7 +345,8 @@ def _verdict(state: State, facts: dict[str, Any]) -> dict[str, Any]:
         blocking.append({"code": "not_finished", "status": last["status"]})
     if x["failed"]["count"]:
         blocking.append({"code": "failed", "n": x["failed"]["count"]})
-    stale = facts["decommission"]["rows"]
+    # a stale copy of a file inside a zip too (its zip's own row says "zip_members")
+    stale = facts["decommission"]["rows"] + facts["decommission"]["zip_files"]
     stale_n = sum(r["objects"] for r in stale if r["reason"] == "stale")
     if stale_n:
         blocking.append({"code": "stale", "n": stale_n})

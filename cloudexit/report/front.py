@@ -12,7 +12,7 @@ from html import escape
 from typing import Any
 
 from cloudexit.core.html_bits import _b, _d, _Html, _money, _n
-from cloudexit.core.i18n import say
+from cloudexit.core.i18n import say, zipped_words
 
 _X_FRONT = ("failed", "unfinished", "not_migrated", "quarantined", "conflicts", "changed", "missing",
             "deleted", "skipped")
@@ -77,5 +77,8 @@ def count_note(facts: dict[str, Any], T: dict[str, str], tr: Callable[..., str])
              tr("count.dicom", n=_Html(_n(src["dicom_objects"]))),
              tr("count.instances", n=_Html(_n(src["instances"])), copies=_Html(_n(src.get("duplicate_copies", 0)))),
              escape(T["count.quarantined"])]
+    if src.get("zip_archives"):  # the glossary's words (core/i18n.py), as status and plan say them
+        items.insert(1, tr("count.zips", zipped=zipped_words(T["lang"], src["zip_files"], src["zip_archives"],
+                                                             src["zip_archives_not_unpacked"])))
     return (f'<div class="counting"><h3>{escape(T["count.title"])}</h3><ul class="small">'
             + "".join(f"<li>{i}</li>" for i in items) + "</ul></div>")

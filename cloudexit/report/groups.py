@@ -12,6 +12,7 @@ from cloudexit.core import deletion
 from cloudexit.core.states import HELD, ObjectStatus, sql_in
 from cloudexit.state.db import State
 from cloudexit.state.destinations import destinations, last_verify_runs
+from cloudexit.state.members import stored_bytes
 
 LIST_LIMIT = 200  # exception rows listed in audit.json and audit.html per category
 # (object groups, transfer groups, per destination its first LIST_LIMIT "changed" exceptions as
@@ -46,9 +47,12 @@ _TRANSFER_SUMS = "count(t.key) AS n, coalesce(sum(t.size), 0) AS b, coalesce(sum
 _OBJECT_GROUPS = (
     "o.status, o.kind, coalesce(o.modality, '') AS modality, "
     "coalesce(substr(o.study_date, 1, 4), '') AS year, coalesce(o.storage_class, 'STANDARD') AS sc, "
-    "o.key_flags IS NOT NULL AS hostile")
-_OBJECT_SUMS = "count(*) AS objects, coalesce(sum(o.size), 0) AS bytes"
-_OBJECT_KEYS = ("decision", "status", "kind", "modality", "year", "sc", "hostile")
+    "o.key_flags IS NOT NULL AS hostile, o.container IS NOT NULL AS member")
+# bytes: the bucket's (a file inside a zip has none of its own); stored: as stored in the bucket,
+# a file inside a zip its bytes in the zip (for breakdowns of DICOM files, as status gives them)
+_OBJECT_SUMS = f"count(*) AS objects, coalesce(sum(o.size), 0) AS bytes, coalesce(sum({stored_bytes('o')}), 0) AS stored"
+_OBJECT_KEYS = ("decision", "status", "kind", "modality", "year", "sc", "hostile", "member")
+_OBJECT_TOTALS = ("objects", "bytes", "stored")
 _TRANSFER_KEYS = ("dest", "state", "conflict", "changed", "stale", "sc", "checks", "not_checked")
 
 
@@ -62,15 +66,16 @@ def grouped(state: State, rule: Rule) -> tuple[list[dict[str, Any]], list[dict[s
     if len(rule.dests) != 1:
         groups = [dict(r) for r in state.query(
             f"SELECT {decision} AS decision, {_OBJECT_GROUPS}, {_OBJECT_SUMS} FROM {source} "
-            "GROUP BY 1, 2, 3, 4, 5, 6, 7", params)]
+            f"GROUP BY {', '.join(str(i) for i in range(1, len(_OBJECT_KEYS) + 1))}", params)]
         return groups, [dict(r) for r in state.query(
             f"SELECT {_TRANSFER_GROUPS}, {_TRANSFER_SUMS} FROM transfers t JOIN objects o ON o.key = t.key "
             "GROUP BY 1, 2, 3, 4, 5, 6, 7, 8")]
     both = state.query(
         f"SELECT {decision} AS decision, {_OBJECT_GROUPS}, {_TRANSFER_GROUPS.replace(' AS sc,', ' AS tsc,')}, "
-        f"{_OBJECT_SUMS}, {_TRANSFER_SUMS} FROM {source} GROUP BY {', '.join(str(i) for i in range(1, 16))}",
+        f"{_OBJECT_SUMS}, {_TRANSFER_SUMS} FROM {source} "
+        f"GROUP BY {', '.join(str(i) for i in range(1, len(_OBJECT_KEYS) + len(_TRANSFER_KEYS) + 1))}",
         params)
-    return _fold(both, _OBJECT_KEYS, ("objects", "bytes")), _fold(
+    return _fold(both, _OBJECT_KEYS, _OBJECT_TOTALS), _fold(
         [r for r in both if r["dest"] is not None], _TRANSFER_KEYS, ("n", "b", "sha"), {"sc": "tsc"})
 
 
@@ -102,16 +107,16 @@ def groups_of_walk(walked: dict[tuple[str, str, str | None], list[int]],
     """`grouped`'s answer, rebuilt from what the manifest walk added up (see manifest_lines):
     the same groups, in the same order (ties in the report's rankings keep it)."""
     rows = []
-    for (decision, okey, tkey), (lines, objects, size, tsize, sha) in walked.items():
+    for (decision, okey, tkey), (lines, objects, size, stored, tsize, sha) in walked.items():
         tcols = json.loads(tkey) if tkey is not None else [None] * len(_TRANSFER_KEYS)
         row = {"decision": decision[1:-1], **dict(zip(_OBJECT_KEYS[1:], json.loads(okey))),
                **{f"t_{k}": v for k, v in zip(_TRANSFER_KEYS, tcols)},
-               "objects": objects, "bytes": size,
+               "objects": objects, "bytes": size, "stored": stored,
                "n": lines if tkey is not None else 0, "b": tsize, "sha": sha}
         rows.append(row)
     okeys, tkeys = _OBJECT_KEYS, tuple(f"t_{k}" for k in _TRANSFER_KEYS)
     rows.sort(key=lambda r: [_sql_order(r[k]) for k in (okeys + tkeys if single else okeys)])
-    groups = _fold([r for r in rows if r["objects"]], okeys, ("objects", "bytes"))
+    groups = _fold([r for r in rows if r["objects"]], okeys, _OBJECT_TOTALS)
     moved = [r for r in rows if r["t_dest"] is not None]
     if not single:
         moved.sort(key=lambda r: [_sql_order(r[k]) for k in tkeys])

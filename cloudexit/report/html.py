@@ -209,6 +209,8 @@ def _summary(facts: dict[str, Any], T: dict[str, str], tr: Callable[..., str]) -
                 + [cell for d in dests for cell in (_n(d["studies_complete"]), "")])
     rows.append([escape(T["row.non_dicom"]), _n(src["non_dicom"])] + ["", ""] * len(dests))
     rows.append([escape(T["row.unreadable"]), _n(src["unreadable"])] + ["", ""] * len(dests))
+    if src.get("zip_archives"):
+        rows.append([escape(T["row.zip_files"]), _n(src["zip_files"])] + ["", ""] * len(dests))
     envelopes = facts.get("containers") or {}
     for key, field in (("row.pacs_metadata", "pacs_metadata_total"), ("row.decoded", "decoded_total")):
         if envelopes.get(field):

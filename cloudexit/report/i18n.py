@@ -65,6 +65,8 @@ TEXT: dict[str, dict[str, str]] = {
         "row.bytes": "Bytes",
         "row.non_dicom": "Non-DICOM objects",
         "row.unreadable": "Unreadable DICOM",
+        "row.zip_files": "Files inside zip archives (not objects of the bucket: each DICOM file among them "
+                         "counts above as a DICOM object)",
         "row.pacs_metadata": "of the non-DICOM: PACS metadata attachments (Orthanc's header-only and "
                              "JSON copies of instances, kept in the side area; not instances)",
         "row.decoded": "Instances decoded from the PACS's storage format (Orthanc zlib, gzip, files "
@@ -304,7 +306,8 @@ TEXT: dict[str, dict[str, str]] = {
         "f.next.incomplete": "Finish the migration (see the reasons above) and write this audit again.",
         "f.more": "Sections 1-10 on the following pages give the details; the fingerprint in section 10 identifies this report.",
         "count.title": "How we count",
-        "count.objects": "Objects: each key in the bucket once. In a destination's column, what that destination holds; in totals and in the headline, an object held in several destinations counts once.",
+        "count.objects": "Objects: each key in the bucket once (the files inside zip archives apart). In a destination's column, what that destination holds (a file unpacked from a zip counts there as one); in totals and in the headline, an object held in several destinations counts once.",
+        "count.zips": "Zipped studies: {zipped}. Each zip is an object of the bucket, counted once with its bytes; the files inside are counted apart, and in the charts by modality and by study year a DICOM file counts its bytes as stored in its zip.",
         "count.dicom": "DICOM objects: objects that read as DICOM ({n}); the charts by modality and by study year add up to this number.",
         "count.instances": "DICOM instances: distinct SOP Instance UIDs ({n}); {copies} DICOM object(s) repeat a UID already counted.",
         "count.quarantined": "Quarantined: objects kept aside for a person to decide (damaged, or a SOP Instance UID conflict), counted once; the headline, the table and section 3 give the same number.",

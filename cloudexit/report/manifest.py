@@ -15,6 +15,7 @@ from cloudexit.report.exceptions import EXCEPTIONS
 from cloudexit.report.groups import LIST_LIMIT, STALE, Rule
 from cloudexit.report.redact import Redactor
 from cloudexit.state.db import State
+from cloudexit.state.members import stored_bytes
 
 MANIFEST_COLUMNS = (
     "key", "size", "etag", "last_modified", "storage_class", "source_checksums", "source_status",
@@ -44,7 +45,7 @@ def _csv_ours(column: str) -> str:
 # What each manifest line adds to the report's groups (see groups.grouped): the object's columns and
 # its transfer's, each as one JSON array (one Python string per line, decoded once per group).
 _WALK_OBJECT = ("json_array(o.status, o.kind, coalesce(o.modality, ''), coalesce(substr(o.study_date, 1, 4), ''), "
-                "coalesce(o.storage_class, 'STANDARD'), o.key_flags IS NOT NULL)")
+                "coalesce(o.storage_class, 'STANDARD'), o.key_flags IS NOT NULL, o.container IS NOT NULL)")
 _WALK_TRANSFER = (
     f"CASE WHEN t.key IS NOT NULL THEN json_array(t.dest, t.state, t.conflict_with IS NOT NULL, t.changes > 0, "
     f"{STALE}, coalesce(o.storage_class, 'STANDARD'), t.checks, t.not_checked) END")
@@ -74,7 +75,8 @@ def manifest_sql(rule: Rule, include_phi: bool = False, redact_keys: bool = Fals
     )
     template = ",".join(["%s"] * len(fields)) + ","
     return (f"SELECT printf('{template}', " + ", ".join(fields) + f") AS line, {_csv_ours(decision)}, "
-            f"{'t.dest, t.path' if include_phi else 'NULL, NULL'}, o.rowid, o.size, {_WALK_OBJECT}, {_WALK_TRANSFER}, coalesce(t.size, 0), "
+            f"{'t.dest, t.path' if include_phi else 'NULL, NULL'}, o.rowid, o.size, {stored_bytes('o')}, "
+            f"{_WALK_OBJECT}, {_WALK_TRANSFER}, coalesce(t.size, 0), "
             "t.sha256 IS NOT NULL, CASE WHEN t.key IS NOT NULL AND "
             f"{EXCEPTIONS['changed'][0]} THEN json_array(t.dest, t.seq, t.rowid) END "
             "FROM objects o LEFT JOIN transfers t ON t.key = o.key ORDER BY o.key, t.dest"), params
@@ -88,7 +90,7 @@ def manifest_lines(conn: State | sqlite3.Connection, rule: Rule, include_phi: bo
     destination: one line), in key order. SQLite builds each line; this only streams them.
 
     `walked`: also adds up, per (decision, object columns, transfer columns), the lines, objects
-    (an object's first line), their bytes, the transfers' bytes and SHA-256 digests: the
+    (an object's first line), their bytes and bytes as stored (groups.py), the transfers' bytes and SHA-256 digests: the
     report's groups without a second pass over the tables (groups_of_walk); and in `changed`, per
     destination, the first LIST_LIMIT "changed" exceptions by `seq` (see Groups)."""
     if isinstance(conn, State):
@@ -102,7 +104,7 @@ def manifest_lines(conn: State | sqlite3.Connection, rule: Rule, include_phi: bo
         if not rows:
             return
         if walked is not None:
-            for _, decision, _, _, rowid, size, okey, tkey, tsize, sha, flagged in rows:
+            for _, decision, _, _, rowid, size, stored, okey, tkey, tsize, sha, flagged in rows:
                 if flagged is not None and changed is not None:
                     dest, seq, trowid = json.loads(flagged)
                     heap = changed.setdefault(dest, [])
@@ -114,14 +116,16 @@ def manifest_lines(conn: State | sqlite3.Connection, rule: Rule, include_phi: bo
                 last = rowid
                 g = walked.get((decision, okey, tkey))
                 if g is None:
-                    walked[decision, okey, tkey] = [1, 1, size, tsize, sha] if first else [1, 0, 0, tsize, sha]
+                    walked[decision, okey, tkey] = ([1, 1, size, stored, tsize, sha] if first
+                                                    else [1, 0, 0, 0, tsize, sha])
                 else:
                     g[0] += 1
                     if first:
                         g[1] += 1
                         g[2] += size
-                    g[3] += tsize
-                    g[4] += sha
+                        g[3] += stored
+                    g[4] += tsize
+                    g[5] += sha
         if include_phi:
             yield "".join(f"{r[0]}{r[1]},{_csv_field(pid)},{_csv_field(name)}\n"
                           for r in rows for pid, name in [read_patient(r[2], r[3])]), len(rows)

@@ -18,7 +18,7 @@ from cloudexit.core.states import (
 from cloudexit.core.states import TransferState as T
 from cloudexit.state.db import State
 from cloudexit.state.destinations import destinations
-from cloudexit.state.members import STORED_BYTES, ZIP_ARCHIVE
+from cloudexit.state.members import STORED_BYTES, ZIP_ARCHIVE, ZIP_UNPACKED
 
 
 def _patient_key(state: State) -> dict[str, Any]:
@@ -49,6 +49,8 @@ def inventory_summary(state: State) -> dict[str, Any]:
                          f"AND NOT ({ZIP_ARCHIVE})"),
         # zipped studies (cloudexit/state/members.py): the zips, and the files inside them
         "zip_archives": one(f"SELECT count(*) {present} AND {ZIP_ARCHIVE}"),
+        # among them, those whose files could not be read (kept whole; counted as unreadable too)
+        "zip_archives_not_unpacked": one(f"SELECT count(*) {present} AND {ZIP_ARCHIVE} AND NOT ({ZIP_UNPACKED})"),
         "zip_members": one(f"SELECT count(*) {present} AND container IS NOT NULL"),
         # Orthanc's header-only and DICOM-as-JSON copies: neither instances nor conflicts
         "pacs_metadata": one(f"SELECT count(*) {present} AND pacs_metadata IS NOT NULL"),
@@ -56,7 +58,9 @@ def inventory_summary(state: State) -> dict[str, Any]:
                                   "AND encoding IS NOT NULL AND container IS NULL GROUP BY 1 ORDER BY 2 DESC"),
         "unreadable": one(f"SELECT count(*) {present} AND kind = '{ObjectKind.UNREADABLE}'"),
         "pending": one(f"SELECT count(*) {present} AND kind = '{ObjectKind.PENDING}'"),
-        "deleted_at_source": one(f"SELECT count(*) FROM objects WHERE status = '{ObjectStatus.DELETED}'"),
+        # objects of the bucket (a deleted zip's files are not counted again), as the audit counts them
+        "deleted_at_source": one(f"SELECT count(*) FROM objects WHERE status = '{ObjectStatus.DELETED}' "
+                                 "AND container IS NULL"),
         "hostile_keys": one(f"SELECT count(*) {present} AND key_flags IS NOT NULL"),
         "duplicate_sop_uids": one(
             f"SELECT count(*) FROM (SELECT sop_uid {dicom} GROUP BY sop_uid HAVING count(*) > 1)"),

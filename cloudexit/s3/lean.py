@@ -32,7 +32,7 @@ from cloudexit.s3.source import (
     list_query,
     total_size,
 )
-from cloudexit.s3.client import Counters, FetchError, S3Reader
+from cloudexit.s3.client import Counters, Endpoint, FetchError, S3Reader
 
 if TYPE_CHECKING:
     from cloudexit.s3.source import Source
@@ -44,9 +44,13 @@ CREDENTIALS_EVERY = 300.0  # seconds between refreshes of temporary credentials 
 class LeanS3:
     """Listing and ranged reads of one source; thread-safe (a keep-alive connection per thread)."""
 
-    def __init__(self, source: Source) -> None:
+    def __init__(self, source: Source, endpoint: Endpoint | None = None) -> None:
+        """`endpoint`: as resolved elsewhere (a cluster worker gets the coordinator's)."""
         self.source = source
-        endpoint, credentials = source.lean_endpoint()
+        if endpoint is None:
+            endpoint, credentials = source.lean_endpoint()
+        else:
+            credentials = source.frozen_credentials()
         self.reader = S3Reader(endpoint, credentials)
         self.counters = Counters()
         self._refreshed = time.monotonic()
@@ -78,6 +82,11 @@ class LeanS3:
             headers["if-match"] = f'"{etag}"'
         what = f"object {key!r}"
         return self._retried(lambda: self._get(key, headers, what), what)
+
+    def head(self, key: str) -> dict[str, str]:
+        """HEAD of an object (its current ETag, size, Last-Modified); lower-case headers."""
+        what = f"object {key!r}"
+        return self._retried(lambda: self.reader.head(key, self.counters), what)
 
     def _retried(self, call: Callable[[], T], what: str) -> T:
         """`call`, retried on throttling, 5xx and lost connections like boto3's standard mode."""

@@ -98,13 +98,17 @@ def check_endpoint(url: str | None) -> None:
 class Source:
     """One bucket (and prefix) on one endpoint."""
 
-    def __init__(self, url: str, config: SourceConfig | None = None) -> None:
+    def __init__(self, url: str, config: SourceConfig | None = None, credentials: Any = None) -> None:
+        """`credentials`: `client.Credentials` the lean path signs with instead of the boto3
+        chain's (a cluster worker given the coordinator's, `--cluster-credentials forward`)."""
         self.url = url
+        self.credentials = credentials
         self.bucket, self.prefix = parse_s3_url(url)
         self.config = config or SourceConfig()
         check_endpoint(self.config.endpoint_url)
         self._local = threading.local()
         self._session: Any = None
+        self._plain: Any = False  # s3/credentials.py's answer, once: Plain, or None for botocore
 
     # -- plumbing -------------------------------------------------------------------------
     @property
@@ -121,6 +125,16 @@ class Source:
             client = self._new_client()
             self._local.client = client
         return client
+
+    def plain(self) -> Any:
+        """Static credentials, region and CA bundle when they are plainly given (environment, or
+        ~/.aws/credentials), resolved as botocore would without importing it (start-up); None
+        when only botocore's chain can tell (`s3/credentials.py` decides which)."""
+        if self._plain is False:
+            from cloudexit.s3.credentials import plain
+
+            self._plain = plain(self.config.profile)
+        return self._plain
 
     def session(self) -> Any:
         """The boto3 session (profile, region, the credential chain), made once. The lean path
@@ -217,9 +231,14 @@ class Source:
                                 hint="these credentials lack s3:ListBucket/s3:GetObject on the bucket")
 
     def frozen_credentials(self) -> Any:
-        """The boto3 chain's current credentials (refreshed when temporary), for lean requests."""
+        """The current credentials (refreshed by botocore when temporary), for lean requests."""
         from cloudexit.s3.client import Credentials
 
+        if self.credentials is not None:  # forwarded by a cluster coordinator
+            return self.credentials
+        plain = self.plain()
+        if plain is not None:
+            return plain.credentials
         creds = self.session().get_credentials()
         if creds is None:
             raise self.no_credentials()
@@ -237,7 +256,9 @@ class Source:
         given = self.config.endpoint_url
         if given and "://" in given:
             # A given endpoint is used as it is: no client needed to resolve it (start-up).
-            url, region = given, self.config.region or self.session().region_name or "us-east-1"
+            plain = self.plain()
+            region = self.config.region or (plain.region if plain else self.session().region_name)
+            url, region = given, region or "us-east-1"
         else:
             client = self.client()
             url, region = client.meta.endpoint_url, client.meta.region_name or "us-east-1"
@@ -262,6 +283,11 @@ class Source:
         """The CA bundle boto3 verifies this endpoint with, for our own TLS connections too:
         AWS_CA_BUNDLE or the profile's `ca_bundle`, else botocore's default (certifi's), so
         the lean path trusts exactly what boto3 trusts."""
+        plain = self.plain()
+        if plain is not None:
+            from cloudexit.s3.credentials import default_ca_bundle
+
+            return plain.ca_bundle or default_ca_bundle()
         from botocore.httpsession import get_cert_path
 
         configured = self.session()._session.get_config_variable("ca_bundle")

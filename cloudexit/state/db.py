@@ -18,8 +18,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator, NoReturn
 
-import sqlite_utils
-
 from cloudexit import __version__
 from cloudexit.state import patientkey
 from cloudexit.state import file as statefile
@@ -121,7 +119,6 @@ class State:
                                     f"{SCHEMA_VERSION})", hint="copy it somewhere writable first")
         else:
             self._migrate(self.schema_version())
-        self.db = sqlite_utils.Database(self.conn)
         self.key_path = key_of or patientkey.key_path(self.path)
         self._patient_key: patientkey.PatientKey | None = None
         if not readonly and key_of is None:

@@ -60,7 +60,13 @@ ZIP_UNPACKED = "encoding IS 'zip' AND kind IS 'other' AND container IS NULL"
 # An object's bytes as stored in the bucket, for breakdowns over DICOM rows (by modality, study
 # year): a member's are its compressed bytes inside its zip (the zip's row is never in such a
 # breakdown: it is no DICOM row, so its bytes are not counted twice).
-STORED_BYTES = "CASE WHEN container IS NULL THEN size ELSE coalesce(json_extract(member, '$.csize'), 0) END"
+def stored_bytes(row: str = "") -> str:
+    """STORED_BYTES over the `objects` row named `row` (a query joining another table)."""
+    r = f"{row}." if row else ""
+    return f"CASE WHEN {r}container IS NULL THEN {r}size ELSE coalesce(json_extract({r}member, '$.csize'), 0) END"
+
+
+STORED_BYTES = stored_bytes()
 
 
 def record(tx: sqlite3.Connection, zip_key: str, etag: str, round_id: int, stamp: str,
