@@ -55,7 +55,9 @@ def open_client(address: ClusterAddress, threads: int) -> tuple[Any, Any]:
             return cluster, distributed.Client(cluster, timeout=30)
         # dask's client logs its connection troubles with tracebacks on stderr: the executors
         # say what matters (waiting, back, given up) in their own lines.
-        logging.getLogger("distributed").setLevel(logging.CRITICAL)
+        # (dask's configuration gives some of its loggers levels of their own: each is set.)
+        for name in [n for n in logging.root.manager.loggerDict if n.split(".")[0] == "distributed"]:
+            logging.getLogger(name).setLevel(logging.CRITICAL)
         return None, distributed.Client(address.url, timeout=CONNECT_TIMEOUT)
     except (OSError, TimeoutError) as exc:
         if cluster is not None:
