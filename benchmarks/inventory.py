@@ -34,8 +34,9 @@ cloudexit run records the fingerprint of the inventory modules it ran (`code_ver
                         without the server's CPU taken from the client
     --startup N         start-up of inventory and migrate on a one-object bucket, N times:
                         wall, CPU, and launch to the first request / object GET (a relay)
-    --compare-tree DIR  with --startup: also run those two commands from another checkout
-                        (`git worktree add /tmp/base main`), alternating: before/after in one run
+    --compare-tree DIR  another checkout (`git worktree add /tmp/base main`), alternating with
+                        this one: before/after in one run. With --startup, inventory and migrate
+                        from it too; and cloudexit-list from it (`cloudexit-list-base`)
     --header-layout L   layouts of the header-read buckets (flat: Orthanc-style uuid keys)
     --keys 0            no listing bucket (header reads and start-up only)
     --py-spy            also profile one cloudexit run per bucket (py-spy --gil; top frames)
@@ -67,7 +68,7 @@ from common import (KEY_PATTERN, LAYOUTS, REPO, FirstRequest, Measurement, bench
                     ensure_bucket, measure, tool, versions)
 
 TOOLS = ("cloudexit-list", "cloudexit-headers", "s5cmd", "s5cmd-cp", "rclone", "rclone-fast-list",
-         "aws")
+         "aws", "cloudexit-list-base")
 LABELS = {
     "cloudexit-list": "cloudexit inventory --key-pattern (listing)",
     "cloudexit-headers": "cloudexit inventory (reads every header)",
@@ -76,6 +77,7 @@ LABELS = {
     "rclone": "rclone lsf -R",
     "rclone-fast-list": "rclone lsf -R --fast-list",
     "aws": "aws s3 ls --recursive",
+    "cloudexit-list-base": "cloudexit inventory --key-pattern (listing), --compare-tree code",
 }
 
 
@@ -90,11 +92,13 @@ class Target:
     """One bucket and everything needed to run the tools against it."""
 
     def __init__(self, server: Any, bucket: str, keys: int, layout: str, scratch: Path,
-                 cloudexit_args: list[str], client: list[str] | None = None) -> None:
+                 cloudexit_args: list[str], client: list[str] | None = None,
+                 base_tree: Path | None = None) -> None:
         self.server, self.bucket, self.keys, self.layout = server, bucket, keys, layout
         self.scratch = scratch
         self.client = client or []  # e.g. `taskset -c 0` (--pin)
         self.cloudexit_args = cloudexit_args
+        self.base_tree = base_tree  # --compare-tree: the checkout `cloudexit-list-base` runs
         self.env = {**os.environ, **server.env()}
         self.env.pop("AWS_PROFILE", None)
         self.env.update({
@@ -111,7 +115,7 @@ class Target:
         if name.startswith("cloudexit"):
             cmd = [tool("cloudexit"), "inventory", f"s3://{self.bucket}", "--endpoint-url", url,
                    "--db", str(db), "--json", *self.cloudexit_args]
-            if name == "cloudexit-list":
+            if name in ("cloudexit-list", "cloudexit-list-base"):
                 cmd += ["--key-pattern", KEY_PATTERN[self.layout]]
             if name.startswith("cloudexit-headers-w"):
                 cmd += ["--workers", name.rsplit("-w", 1)[1]]
@@ -133,10 +137,13 @@ class Target:
         work = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=self.scratch))
         db, out = work / "state.db", work / "stdout"
         try:
-            code = code_version()  # the package may be edited between runs: record what ran
+            base = name == "cloudexit-list-base"
+            # The package may be edited between runs: record what ran.
+            code = code_version(self.base_tree) if base and self.base_tree else code_version()
+            env = {**self.env, "PYTHONPATH": str(self.base_tree)} if base and self.base_tree else self.env
             load = os.getloadavg()[0]
             busy0 = _busy()
-            m = measure(self.client + self.command(name, db), env=self.env, stdout=str(out),
+            m = measure(self.client + self.command(name, db), env=env, stdout=str(out),
                         server_pid=self.server.proc.pid, count_lines=not name.startswith("cloudexit"),
                         tree_sample_s=0.25)
             busy = _busy() - busy0
@@ -172,26 +179,26 @@ class Target:
 
 INVENTORY_SOURCES = ("inventory.py", "s3/lean.py", "s3/listing.py", "s3/headers.py", "s3/source.py",
                      "state/db.py", "dicom/header.py", "dicom/scan.py", "core/paths.py",
-                     "core/config.py", "transfer/worker.py", "cli/__init__.py")
+                     "core/config.py", "transfer/worker.py", "cli/__init__.py", "state/listed.py")
 
 
-def code_version() -> str:
+def code_version(root: Path = REPO) -> str:
     """`HEAD` plus a hash of the modules `cloudexit inventory` runs, as they are on disk now
     (`+dirty` when they differ from HEAD): the package is edited while benchmarks run, so every
     run records which code it measured."""
     import hashlib
     import subprocess
 
-    paths = [REPO / "cloudexit" / name for name in INVENTORY_SOURCES]
+    paths = [root / "cloudexit" / name for name in INVENTORY_SOURCES]
 
     def git(*args: str) -> str:
-        out = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True)
+        out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
         return out.stdout.strip()
 
     head = git("rev-parse", "--short", "HEAD") or "?"
     digest = hashlib.sha1()
     for path in paths:
-        digest.update(str(path.relative_to(REPO)).encode() + b"\0"
+        digest.update(str(path.relative_to(root)).encode() + b"\0"
                       + (path.read_bytes() if path.exists() else b""))
     dirty = "+dirty" if git("status", "--porcelain", "--", *map(str, paths)) else ""
     return f"{head}{dirty}:{digest.hexdigest()[:8]}"
@@ -471,7 +478,9 @@ def main() -> None:
     ap.add_argument("--startup", type=int, default=0, metavar="N",
                     help="also measure the start-up of inventory and migrate, N times")
     ap.add_argument("--compare-tree", type=Path, default=None, metavar="DIR",
-                    help="with --startup: also run inventory and migrate from this checkout (before/after)")
+                    help="another checkout (e.g. a `git worktree` of the commit before a change): "
+                         "with --startup, inventory and migrate also from it; and cloudexit-list "
+                         "from it as the tool cloudexit-list-base")
     ap.add_argument("--out", default=None, help="JSON results file")
     ap.add_argument("--report", nargs="+", metavar="JSON",
                     help="print the tables of saved results (merged) and stop")
@@ -512,11 +521,14 @@ def main() -> None:
                 bucket = f"inv-{layout}-{keys}"
                 info = ensure_bucket(server, bucket, keys, layout, method=args.populate, log=_log)
                 result["populate"].append(info)
+                base_tree = Path(args.compare_tree).resolve() if args.compare_tree else None
                 target = Target(server, bucket, keys, layout, scratch, args.cloudexit_args.split(),
-                                client)
+                                client, base_tree)
                 tools = [t for t in wanted if t not in ("cloudexit-headers", "s5cmd-cp")]
+                if base_tree and "cloudexit-list" in tools and "cloudexit-list-base" not in tools:
+                    tools.append("cloudexit-list-base")
                 if layout == "flat":  # no UIDs in flat keys
-                    tools = [t for t in tools if t != "cloudexit-list"]
+                    tools = [t for t in tools if not t.startswith("cloudexit-list")]
                 plan.append((target, tools))
         for layout in args.header_layout or layouts:
             if args.header_keys and ("cloudexit-headers" in wanted or args.header_workers):

@@ -2,8 +2,9 @@
 
 Listing runs in parallel over groups of folders planned from the bucket's own common prefixes
 (cloudexit/s3/listing.py), and header reads start while listing goes on. One thread (the
-caller's) owns all DB writes; the worker threads only talk to S3 and parse. Every page and every batch of headers is committed
-with its resume point in one transaction, so an interrupted run (Ctrl-C, kill -9) continues
+caller's) owns all DB writes; the worker threads only talk to S3 and parse. Every page (the
+pages queued, together) and every batch of headers is committed with its resume point in one
+transaction (the rows: cloudexit/state/listed.py), so an interrupted run (Ctrl-C, kill -9) continues
 where it stopped and never counts a key twice (keys are the primary key). The listing plan lives
 in the `list_tasks` table and is fed to the workers a few tasks at a time, so memory does not
 grow with the number of folders. Header reads (transfer/headers.py) run on this process's
@@ -26,10 +27,9 @@ from typing import TYPE_CHECKING
 from cloudexit.core.config import InventoryConfig
 from cloudexit.dicom.header import patient_hash
 from cloudexit.core.errors import UsageError
-from cloudexit.core.paths import key_flags
 from cloudexit.s3.listing import Listing, ListingPage, ListingTask
 from cloudexit.s3.source import Source
-from cloudexit.state import members
+from cloudexit.state import listed, members
 from cloudexit.state.db import State, now
 from cloudexit.state.linkseries import LinkRecorder
 from cloudexit.transfer.headers import HeaderReader, HeaderResult, Item, LocalReads, Reads
@@ -38,38 +38,10 @@ if TYPE_CHECKING:
     from cloudexit.cluster.headers import ClusterHeaders
     from cloudexit.s3.lean import LeanS3
 
-_UPSERT = """
-INSERT INTO objects (key, size, etag, last_modified, storage_class, status, change, change_round,
-                     kind, key_flags, first_seen_round, last_seen_round, updated_at,
-                     study_uid, series_uid, sop_uid, header_source)
-VALUES (?, ?, ?, ?, ?, 'present', 'new', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-ON CONFLICT(key) DO UPDATE SET
-    change = CASE
-        WHEN objects.etag IS NOT excluded.etag OR objects.size != excluded.size THEN 'changed'
-        WHEN objects.status = 'deleted' THEN 'new'
-        WHEN objects.last_seen_round = excluded.last_seen_round THEN objects.change
-        ELSE 'unchanged' END,
-    change_round = CASE
-        WHEN objects.etag IS NOT excluded.etag OR objects.size != excluded.size
-             OR objects.status = 'deleted' THEN excluded.change_round
-        ELSE objects.change_round END,
-    kind = CASE WHEN objects.etag IS NOT excluded.etag OR objects.size != excluded.size
-                THEN excluded.kind ELSE objects.kind END,
-    study_uid = CASE WHEN objects.etag IS NOT excluded.etag OR objects.size != excluded.size
-                THEN excluded.study_uid ELSE objects.study_uid END,
-    series_uid = CASE WHEN objects.etag IS NOT excluded.etag OR objects.size != excluded.size
-                THEN excluded.series_uid ELSE objects.series_uid END,
-    sop_uid = CASE WHEN objects.etag IS NOT excluded.etag OR objects.size != excluded.size
-                THEN excluded.sop_uid ELSE objects.sop_uid END,
-    header_source = CASE WHEN objects.etag IS NOT excluded.etag OR objects.size != excluded.size
-                THEN excluded.header_source ELSE objects.header_source END,
-    size = excluded.size, etag = excluded.etag, last_modified = excluded.last_modified,
-    storage_class = excluded.storage_class, status = 'present', key_flags = excluded.key_flags,
-    last_seen_round = excluded.last_seen_round, updated_at = excluded.updated_at,
-    container = NULL, member = NULL
-"""
-# A listed key is a bucket object, even one spelled like a zip's member (`<zip key>!/<name>`,
-# cloudexit/state/members.py): the row stops being the member (the etag differs: read again).
+# Listing pages committed in one transaction, when that many are queued: fewer commits write
+# the B-tree pages they share (the table's last leaf, the key index's leaves) fewer times; a
+# resumed round still continues each task after its last committed page.
+PAGES_PER_COMMIT = 8
 
 _HEADER_UPDATE = """
 UPDATE objects SET kind = ?, reason = ?, study_uid = ?, series_uid = ?, sop_uid = ?,
@@ -240,6 +212,7 @@ class Inventory(Listing):
                 self.state.log("inventory.resumed", tx, round=self.round)
                 return True
             since = self.since.isoformat() if self.since else None
+            listed.defer_indexes(tx)  # a first listing: study and SOP indexes built at its end
             cur = tx.execute("INSERT INTO inventory_rounds(started_at, status, key_pattern, since) "
                              "VALUES (?, 'running', ?, ?)", (now(), self.config.key_pattern, since))
             self.round = int(cur.lastrowid or 0)
@@ -280,18 +253,16 @@ class Inventory(Listing):
                     running += 1
             # 2. Commit listing pages as they come (waiting, when nothing else is to do, for a
             # page or a batch of header reads; 50 ms at most, for the last few reads).
-            item = self._next_page()
-            if item is None and (reads.pending() or open_tasks):
+            pages, error = self._next_pages()
+            if not pages and error is None and (reads.pending() or open_tasks):
                 self._wake.wait(0.05)
                 self._wake.clear()  # before looking: a wake after this is kept for the next turn
-                item = self._next_page()
-            while item is not None:
-                if isinstance(item, BaseException):
-                    raise item
-                planned = self._commit_page(item)
-                open_tasks += planned - item.done
-                running -= item.done
-                item = self._next_page()
+                pages, error = self._next_pages()
+            if pages:
+                open_tasks += self._commit_pages(pages)
+                running -= sum(page.done for page in pages)
+            if error is not None:
+                raise error
             self.progress.listing_done = open_tasks == 0
             # 3. Collect finished header reads and commit them in batches.
             # Committed before dispatching more, so a finished key is never dispatched twice.
@@ -325,54 +296,45 @@ class Inventory(Listing):
                     self.on_progress(self.progress)
                     return
 
-    def _next_page(self) -> ListingPage | BaseException | None:
-        try:
-            return self._pages.get_nowait()
-        except queue.Empty:
-            return None
+    def _next_pages(self) -> tuple[list[ListingPage], BaseException | None]:
+        """The pages queued now (a few, committed together), and a worker's error after them."""
+        pages: list[ListingPage] = []
+        while len(pages) < PAGES_PER_COMMIT:
+            try:
+                item = self._pages.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(item, BaseException):
+                return pages, item
+            pages.append(item)
+        return pages, None
 
     # -- the writer thread ------------------------------------------------------------------
-    def _commit_page(self, page: ListingPage) -> int:
-        """Write one page, its resume point and the tasks it planned; returns how many."""
-        task, stamp, rnd, pending = page.task, now(), self.round, 0
-        rows = []
-        for o in page.objects:
-            uids = self._uids_from_key(o.key) if self.pattern is not None else None
-            flags = key_flags(o.key)
-            if uids:
-                rows.append((o.key, o.size, o.etag, o.last_modified, o.storage_class, rnd, "dicom",
-                             ",".join(flags) if flags else None, rnd, rnd, stamp, *uids,
-                             "key-pattern"))
-            else:
-                pending += 1
-                rows.append((o.key, o.size, o.etag, o.last_modified, o.storage_class, rnd, "pending",
-                             ",".join(flags) if flags else None, rnd, rnd, stamp, None, None, None,
-                             None))
-        planned = self._plan_tasks(page) if page.prefixes else []
+    def _commit_pages(self, pages: list[ListingPage]) -> int:
+        """Write listing pages, each with its resume point and the tasks it planned, in one
+        transaction; returns the change in open tasks (planned, less those finished)."""
+        stamp, rnd = now(), self.round
+        work = [(page, *listed.page_rows(page.objects, rnd, stamp, self.pattern),
+                 self._plan_tasks(page) if page.prefixes else []) for page in pages]
+        opened = 0
         with self.state.transaction() as tx:
-            tx.executemany(_UPSERT, rows)
-            if planned:
-                tx.executemany("INSERT INTO list_tasks(round, prefix, start_after, end_before, "
-                               "explore, done, skipped) VALUES (?, ?, ?, ?, ?, ?, ?)", planned)
-            tx.execute("UPDATE list_tasks SET last_key = ?, done = ?, pages = pages + 1, "
-                       "keys = keys + ? WHERE id = ?",
-                       (page.last_key, int(page.done), len(rows), task.id))
-            tx.execute("UPDATE inventory_rounds SET list_requests = list_requests + 1 WHERE id = ?",
-                       (rnd,))
-            self.link.traffic(list_=1)  # link evidence
+            for page, rows, _pending, planned in work:
+                tx.executemany(listed.UPSERT, rows)
+                if planned:
+                    tx.executemany("INSERT INTO list_tasks(round, prefix, start_after, end_before, "
+                                   "explore, done, skipped) VALUES (?, ?, ?, ?, ?, ?, ?)", planned)
+                tx.execute("UPDATE list_tasks SET last_key = ?, done = ?, pages = pages + 1, "
+                           "keys = keys + ? WHERE id = ?",
+                           (page.last_key, int(page.done), len(rows), page.task.id))
+                opened += sum(1 for p in planned if not p[5]) - page.done
+            tx.execute("UPDATE inventory_rounds SET list_requests = list_requests + ? WHERE id = ?",
+                       (len(pages), rnd))
+            self.link.traffic(list_=len(pages))  # link evidence
             self.link.flush(tx)
-        self.progress.listed += len(rows)
-        self.progress.pending += pending  # an upper bound on a re-run: unchanged keys keep their kind
-        return sum(1 for p in planned if not p[5])
-
-    def _uids_from_key(self, key: str) -> tuple[str | None, str | None, str] | None:
-        if self.pattern is None:
-            return None
-        match = self.pattern.search(key)
-        if not match:
-            return None
-        groups = match.groupdict()
-        return groups.get("study"), groups.get("series"), groups["sop"]
+        self.progress.listed += sum(len(rows) for _, rows, _, _ in work)
+        # An upper bound on a re-run: unchanged keys keep their kind.
+        self.progress.pending += sum(pending for _, _, pending, _ in work)
+        return opened
 
     # -- headers ------------------------------------------------------------------------
     def _read_header(self, key: str, size: int, etag: str) -> HeaderResult:
@@ -483,6 +445,7 @@ class Inventory(Listing):
                         counts.get("deleted", 0), r))
             unchanged = tx.execute("SELECT count(*) FROM objects WHERE change = 'unchanged' "
                                    "AND last_seen_round = ?", (r,)).fetchone()[0]
+            listed.build_indexes(tx)  # those a first listing went without (state/listed.py)
             since = self.since.isoformat() if self.since else None
             self.state.log("inventory.complete", tx, round=r, new=counts.get("new", 0),
                            changed=counts.get("changed", 0), deleted=counts.get("deleted", 0),

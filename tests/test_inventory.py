@@ -360,6 +360,9 @@ def test_interrupted_inventory_resumes_without_double_counting(s3_env, many_keys
         assert rows[key]["header_bytes"] == nbytes
     status = json.loads(out)["inventory"]
     assert status["objects"] == status["dicom_instances"] == len(truth)
+    # The first round went without the study and SOP indexes; the resumed round built them.
+    indexes = {r["name"] for r in _rows(db, "SELECT name FROM sqlite_master WHERE type = 'index'")}
+    assert {"objects_study", "objects_sop"} <= indexes
 
 
 def test_objects_changed_or_deleted_while_their_header_is_read(cli, tiny_pacs, fault_proxy, db: Path) -> None:

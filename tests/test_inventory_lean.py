@@ -75,3 +75,23 @@ def test_field_orders_and_quote_spellings() -> None:
             "</ListBucketResult>").encode()
     assert parse_page(body) == parse_page_tree(body)
     assert [o.key for o in parse_page(body).objects] == ["a", ""]
+
+
+def test_pages_of_alike_blocks_are_read_a_block_at_a_time() -> None:
+    """SeaweedFS's and S3's pages have every block alike: one match per block (`_blocks`); a
+    page whose blocks differ is read a field at a time, and both read as ElementTree does."""
+    from cloudexit.s3.lean import _blocks
+
+    weed = ("<Contents><Key>{k}</Key><ETag>&#34;{e}&#34;</ETag><Size>{s}</Size>"
+            "<StorageClass>STANDARD</StorageClass><LastModified>2026-12-03T13:57:43Z</LastModified>"
+            "</Contents>")
+    odd = "<Contents><Key>{k}</Key><ETag>&quot;{e}&quot;</ETag><Size>{s}</Size></Contents>"
+    for shapes, alike in (([weed] * 4, True), ([weed, weed, odd, weed], False)):
+        blocks = "".join(b.format(k=f"d/{i}%2B.dcm", e=f"{i:032x}", s=i) for i, b in enumerate(shapes))
+        text = ('<ListBucketResult><EncodingType>url</EncodingType><IsTruncated>false</IsTruncated>'
+                f"{blocks}</ListBucketResult>")
+        assert (_blocks(text, True) is not None) == alike
+        page = parse_page(text.encode())
+        assert page == parse_page_tree(text.encode())
+        assert [o.key for o in page.objects] == [f"d/{i}+.dcm" for i in range(4)]
+        assert [o.etag for o in page.objects] == [f"{i:032x}" for i in range(4)]

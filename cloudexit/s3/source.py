@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import urlparse
 
 from cloudexit.core.config import SourceConfig
@@ -46,8 +46,7 @@ def parse_s3_url(url: str) -> tuple[str, str]:
     return parsed.netloc, parsed.path.lstrip("/")
 
 
-@dataclass(frozen=True, slots=True)  # slots: a listing page holds a thousand of them
-class ListedObject:
+class ListedObject(NamedTuple):  # a tuple: a listing page makes a thousand (2x cheaper than a dataclass)
     key: str
     size: int
     etag: str

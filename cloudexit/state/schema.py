@@ -369,6 +369,14 @@ _SCHEMA_V13 = """
 ALTER TABLE transfers ADD COLUMN worker TEXT
 """
 
+# Indexes of `objects` (schema v1's) that a first listing drops and builds when the round
+# completes (cloudexit/state/listed.py): the same indexes at rest, so no schema version. Kept:
+# the primary key (one row per key) and `objects_pending` (the header reads query it meanwhile).
+DEFERRED_OBJECT_INDEXES: dict[str, str] = {
+    "objects_study": "CREATE INDEX IF NOT EXISTS objects_study ON objects(study_uid, series_uid)",
+    "objects_sop": "CREATE INDEX IF NOT EXISTS objects_sop ON objects(sop_uid)",
+}
+
 MIGRATIONS: dict[int, str] = {1: _SCHEMA_V1, 2: _SCHEMA_V2, 3: _SCHEMA_V3, 4: _SCHEMA_V4,
                                 5: _SCHEMA_V5, 6: _SCHEMA_V6, 7: _SCHEMA_V7,
                                 8: _SCHEMA_V8, 9: _SCHEMA_V9, 10: _SCHEMA_V10,
