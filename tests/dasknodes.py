@@ -28,7 +28,8 @@ def node_env(s3: SeaweedServer) -> dict[str, str]:
 
 class DaskNodes:
     """A scheduler on 127.0.0.1 and workers started on demand (each its own process, no nanny,
-    so kill -9 of one is the loss of that worker)."""
+    so kill -9 of one is the loss of that worker; or, with `nanny=True`, under dask's nanny as
+    docs/scale-out.md deploys them, which starts the worker again when it ends)."""
 
     def __init__(self, s3: SeaweedServer, log: Path) -> None:
         if not DASK.exists():
@@ -37,20 +38,37 @@ class DaskNodes:
         self.log = log
         self.port = free_port()
         self.address = f"tcp://127.0.0.1:{self.port}"
-        self.scheduler = self._spawn([str(DASK), "scheduler", "--host", "127.0.0.1", "--port", str(self.port),
-                                      "--dashboard-address", f"127.0.0.1:{free_port()}", "--no-show"], "scheduler")
         self.workers: dict[str, subprocess.Popen[bytes]] = {}
+        self.start_scheduler()
 
-    def _spawn(self, argv: Sequence[str], name: str) -> subprocess.Popen[bytes]:
+    def _spawn(self, argv: Sequence[str], name: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         out = open(self.log / f"{name}.log", "ab")  # noqa: SIM115 - the log stays open while the process runs
-        return subprocess.Popen(list(argv), stdout=out, stderr=subprocess.STDOUT, env=self.env,
+        return subprocess.Popen(list(argv), stdout=out, stderr=subprocess.STDOUT, env=env or self.env,
                                 start_new_session=True)
 
-    def worker(self, name: str, wrap: Sequence[str] = (), nthreads: int = 2) -> subprocess.Popen[bytes]:
+    def start_scheduler(self, **config: str) -> None:
+        """A scheduler on the address (again); `config`: its dask settings, e.g. worker_ttl="5s"."""
+        env = {**self.env, **{f"DASK_DISTRIBUTED__SCHEDULER__{k.upper()}": v for k, v in config.items()}}
+        self.scheduler = self._spawn([str(DASK), "scheduler", "--host", "127.0.0.1", "--port", str(self.port),
+                                      "--dashboard-address", f"127.0.0.1:{free_port()}", "--no-show"],
+                                     "scheduler", env)
+
+    def kill_scheduler(self) -> None:
+        self.scheduler.send_signal(signal.SIGKILL)
+        self.scheduler.wait(timeout=10)
+
+    def worker(self, name: str, wrap: Sequence[str] = (), nthreads: int = 2,
+               nanny: bool = False) -> subprocess.Popen[bytes]:
+        env = {**self.env, "DASK_DISTRIBUTED__WORKER__DAEMON": "False"} if nanny else None
         proc = self._spawn([*wrap, str(DASK), "worker", self.address, "--name", name, "--nthreads",
-                            str(nthreads), "--no-nanny", "--no-dashboard", "--host", "127.0.0.1"], name)
+                            str(nthreads), *([] if nanny else ["--no-nanny"]), "--no-dashboard",
+                            "--host", "127.0.0.1"], name, env)
         self.workers[name] = proc
         return proc
+
+    def signal(self, name: str, sig: int) -> None:
+        """Send `sig` to the dask worker process alone (not its cloudexit worker processes)."""
+        self.workers[name].send_signal(sig)
 
     def wait_for(self, count: int, timeout: float = 60) -> None:
         from distributed import Client
@@ -80,6 +98,7 @@ class DaskNodes:
     def close(self) -> None:
         for proc in [*self.workers.values(), self.scheduler]:
             if proc.poll() is None:
+                proc.send_signal(signal.SIGCONT)  # a worker a test stopped
                 proc.terminate()
         deadline = time.monotonic() + 10
         for proc in [*self.workers.values(), self.scheduler]:

@@ -7,8 +7,10 @@ import hashlib
 import json
 import re
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,7 @@ from cloudexit.cluster.address import parse
 from cloudexit.core.errors import UsageError
 from cloudexit.stores.filesystem import TEMP_PREFIX
 from cloudexit.testing import synthetic
+from cloudexit.testing.s3server import free_port
 
 import dask  # installed with distributed
 # Every test here starts dask schedulers and worker processes (seconds each, 10 s to tear down).
@@ -46,9 +49,12 @@ def _inventory(cli: Any, bucket: str, db: Path) -> None:
     assert result.exit_code == 0, result.output
 
 
-def _migrate(db: Path, *args: str, env: dict[str, str]) -> subprocess.Popen[str]:
+def _migrate(db: Path, *args: str, env: dict[str, str], stderr: Path | None = None) -> subprocess.Popen[str]:
+    """`cloudexit migrate` in a process of its own; its stderr piped, or into the file `stderr`
+    (to watch it while the run goes on)."""
+    err: Any = subprocess.PIPE if stderr is None else open(stderr, "w")  # noqa: SIM115 - the child holds it
     return subprocess.Popen([sys.executable, "-m", "cloudexit.cli", "migrate", "--db", str(db), *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                            stdout=subprocess.PIPE, stderr=err, text=True, env=env)
 
 
 # -- fast: what --cluster accepts and refuses --------------------------------------------------------
@@ -282,3 +288,156 @@ def test_local_cluster_runs_dask_with_quiet_timers() -> None:
     assert worker["tick"] == scheduler["tick"] == 500 and worker["monitor"] == scheduler["monitor"] == 2000
     assert worker["memory_monitor"] == 1000
     assert "stealing" not in scheduler and not any(name.startswith("amm-") for name in scheduler)  # pinned, no data
+
+
+# -- the scheduler restarting or gone, a worker cut off, egress of a killed worker ----------------------
+def _said(path: Path, text: str) -> bool:
+    return path.exists() and text in path.read_text()
+
+
+@pytest.mark.slow
+def test_the_scheduler_restarting_the_run_waits_and_carries_on(cli, s3, bucket: str, db: Path, tmp_path: Path,
+                                                                dask_nodes) -> None:
+    dest, log = tmp_path / "archive", tmp_path / "migrate.err"
+    truth = _ct(s3, bucket, 40)
+    _inventory(cli, bucket, db)
+    for name in ("w1", "w2"):
+        dask_nodes.worker(name)
+    dask_nodes.wait_for(2)
+    proc = _migrate(db, "--to", str(dest), "--cluster", dask_nodes.address, "--bwlimit", "1M", "-q",
+                    "--cluster-wait", "2m", env=node_env(s3), stderr=log)
+    try:
+        wait_for(proc, lambda: count(db, "state = 'verified'") >= 5 and count(db, "state = 'fetching'") >= 4,
+                 "5 objects verified, 4 in flight", 90)
+        dask_nodes.kill_scheduler()
+        wait_for(proc, lambda: _said(log, "waiting for the dask scheduler at " + dask_nodes.address),
+                 "the run says it waits for the scheduler", 30)
+        # Down for longer than dask's client tries to reconnect by itself (it gives up, closing).
+        wait_for(proc, lambda: _said(log, "still waiting for the dask scheduler"), "dask's client gave up", 30)
+        # dask workers end with their scheduler (dask has no worker reconnection): a supervisor
+        # (systemd's Restart=always, as docs/scale-out.md says) starts them again.
+        wait_for(proc, lambda: all(w.poll() is not None for w in dask_nodes.workers.values()),
+                 "the dask workers ended", 60)
+        verified = count(db, "state = 'verified'")
+        dask_nodes.start_scheduler()
+        for name in ("w1", "w2"):
+            dask_nodes.worker(name)
+        proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    err = log.read_text()
+    assert proc.returncode == 0, err
+    assert f"the dask scheduler at {dask_nodes.address} answers again" in err and "Traceback" not in err
+    assert verified < len(truth)
+    _all_verified(db, dest, truth)  # each object verified once, its one file, no temp file
+
+
+@pytest.mark.slow
+def test_a_scheduler_gone_longer_than_the_wait_stops_the_run_and_resume_continues(
+        cli, s3, bucket: str, db: Path, tmp_path: Path, dask_nodes) -> None:
+    dest = tmp_path / "archive"
+    truth = _ct(s3, bucket, 40)
+    _inventory(cli, bucket, db)
+    dask_nodes.worker("w1")
+    dask_nodes.wait_for(1)
+    proc = _migrate(db, "--to", str(dest), "--cluster", dask_nodes.address, "--bwlimit", "1M", "-q",
+                    "--cluster-wait", "3s", env=node_env(s3))
+    try:
+        wait_for(proc, lambda: count(db, "state = 'verified'") >= 3, "3 objects verified", 90)
+        dask_nodes.kill_scheduler()
+        _out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 1, err
+    errors = [line for line in err.splitlines() if line.startswith("Error:")]
+    assert errors == [f"Error: the dask scheduler at {dask_nodes.address} has not answered for 3 s; is it "
+                      f"running? Once it is: cloudexit migrate --resume --cluster {dask_nodes.address}"], err
+    assert "Traceback" not in err
+    assert count(db, "state = 'fetching'") == 0  # what was in flight is queued again
+    dask_nodes.start_scheduler()
+    dask_nodes.worker("w1")  # without a nanny, a worker ends with its scheduler
+    dask_nodes.wait_for(1)
+    again = _migrate(db, "--resume", "--cluster", dask_nodes.address, "-q", env=node_env(s3))
+    _out, err = again.communicate(timeout=180)
+    assert again.returncode == 0, err
+    _all_verified(db, dest, truth)
+
+
+@pytest.mark.slow
+def test_an_unreachable_scheduler_is_said_at_once(cli, awkward: str, db: Path, tmp_path: Path) -> None:
+    _inventory(cli, awkward, db)
+    port = free_port()  # nothing listens there
+    started = time.monotonic()
+    result = cli("migrate", "--to", str(tmp_path / "archive"), "--db", str(db), "--cluster", f"tcp://127.0.0.1:{port}")
+    took = time.monotonic() - started
+    assert result.exit_code == 1, result.output
+    assert f"Error: cannot reach the dask scheduler at tcp://127.0.0.1:{port}" in result.output
+    assert "is `dask scheduler` running on 127.0.0.1? Check the address, the port" in result.output
+    assert "Traceback" not in result.output
+    assert took < 12, took  # dask's own default waits 30 s
+
+
+@pytest.mark.slow
+def test_a_worker_cut_off_then_back_loses_nothing_and_counts_nothing_twice(cli, s3, bucket: str, db: Path,
+                                                                           tmp_path: Path, dask_nodes) -> None:
+    from distributed import Client
+
+    dest = tmp_path / "archive"
+    dask_nodes.kill_scheduler()  # one that drops a worker silent for 5 s (dask's default: 5 minutes)
+    dask_nodes.start_scheduler(worker_ttl="5s")
+    truth, proc = _slow_run_on_two_workers(cli, s3, bucket, db, dest, dask_nodes)
+    try:
+        with Client(dask_nodes.address, timeout=30) as client:
+            wait_for(proc, lambda: count(db, "worker = 'w2' AND state = 'verified'") >= 2
+                     and count(db, "state = 'fetching'") >= 4, "2 objects verified on w2, 4 in flight", 90)
+            # w2's dask worker stops answering (a hung machine, a cut cable) while its cloudexit
+            # worker processes go on writing; the scheduler drops it, then it comes back.
+            dask_nodes.signal("w2", signal.SIGSTOP)
+            wait_for(proc, lambda: len(client.scheduler_info(n_workers=-1)["workers"]) == 1,
+                     "the scheduler dropped w2", 60)
+            dask_nodes.signal("w2", signal.SIGCONT)
+        out, err = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    _all_verified(db, dest, truth)
+    run = rows(db, "SELECT * FROM migration_runs")[0]
+    assert run["objects_verified"] == len(truth), dict(run)  # each once: w2's late work not counted
+    assert count(db, "worker = 'w1'") > 0
+
+
+@pytest.mark.slow
+def test_egress_of_a_worker_killed_mid_object_is_counted(cli, s3, bucket: str, db: Path, tmp_path: Path,
+                                                         dask_nodes, fault_proxy) -> None:
+    mib = 2**20
+    body = os.urandom(24 * mib)
+    s3.client().put_object(Bucket=bucket, Key="big.bin", Body=body)
+    _inventory(cli, bucket, db)  # straight to the server: the proxy counts the migration only
+    pace = 2 * mib
+    fault_proxy.shape(pace)  # all responses together (the object's ranges run side by side)
+    dask_nodes.worker("w1")
+    dask_nodes.wait_for(1)
+    proc = _migrate(db, "--to", str(tmp_path / "archive"), "--cluster", dask_nodes.address, "--endpoint-url",
+                    fault_proxy.endpoint_url, "--processes", "1", "--threads", "1", "--large-object", str(8 * mib),
+                    "--range-size", str(8 * mib), "-q", env=node_env(s3))
+    try:  # w1 is killed 18 MiB into the object: its batch never returns what it counted
+        wait_for(proc, lambda: fault_proxy.bytes_sent >= 18 * mib, "18 MiB sent to w1", 60)
+        dask_nodes.kill("w1")
+        dask_nodes.worker("w2")  # the batch runs again there, from the start
+        _out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert (tmp_path / "archive" / rows(db, "SELECT path FROM transfers")[0]["path"]).read_bytes() == body
+    wire = fault_proxy.bytes_sent
+    recorded = rows(db, "SELECT bytes_downloaded FROM migration_runs")[0]["bytes_downloaded"]
+    print(f"\n{wire / mib:.1f} MiB sent by the server, {recorded / mib:.1f} MiB recorded")
+    assert wire >= 42 * mib
+    # The workers' counts reach the coordinator every 2 s (plus a heartbeat, and some slack for
+    # a loaded machine): at most that much of w1's is lost (without the heartbeat counts, all
+    # 18 MiB it received were).
+    assert wire - 5 * pace <= recorded <= wire, (recorded, wire)

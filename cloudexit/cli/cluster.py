@@ -41,8 +41,19 @@ def _options(work: str, needs: str, refused: str) -> Callable[[Callable[..., Any
 
 
 # migrate --cluster, inventory --cluster
-cluster_options = _options("the downloads", "Workers must mount the archive at the same path.",
-                           "read the archive")
+_migrate_options = _options("the downloads", "Workers must mount the archive at the same path.",
+                            "read the archive")
+
+
+def cluster_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    f = _migrate_options(f)
+    return click.option("--cluster-wait", default="5m", show_default=True, expose_value=False, callback=_keep,
+                        metavar="DURATION",
+                        help="How long a run waits for a dask scheduler that stopped answering (a "
+                             "restart), or for a worker when none is left, before it stops "
+                             "(--resume continues), e.g. 90s, 10m, 1h.")(f)
+
+
 inventory_cluster_options = _options("the header reads", "Workers must reach the bucket.", "read the bucket")
 
 
@@ -63,13 +74,16 @@ def cluster_executor(profile: str | None, quiet: bool) -> Any:
     """A DaskExecutor for the options given, or None when no --cluster was given."""
     from cloudexit.cluster.address import parse
     from cloudexit.cluster.executor import DaskExecutor
+    from cloudexit.core.units import parse_duration
 
     given = _given(quiet)
     if given is None:
         return None
     options, notice = given
+    grace = parse_duration(options.get("cluster_wait") or "5m").total_seconds()
     return DaskExecutor(parse(options["cluster"]), credentials=options.get("cluster_credentials") or "worker",
-                        min_workers=options.get("cluster_min_workers"), profile=profile, notice=notice)
+                        min_workers=options.get("cluster_min_workers"), profile=profile, notice=notice,
+                        grace=grace)
 
 
 def cluster_headers(quiet: bool) -> Any:

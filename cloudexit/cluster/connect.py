@@ -4,6 +4,7 @@ check turned into admitted workers, or one error line naming those that cannot t
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Callable
 
 from cloudexit.cluster.address import ClusterAddress
@@ -27,6 +28,12 @@ def dask_environment() -> dict[str, str]:
     """DASK_SETTINGS as the DASK_* variables `dask scheduler` and `dask worker` read."""
     return {"DASK_" + key.upper().replace(".", "__").replace("-", "_"): str(value)
             for key, value in DASK_SETTINGS.items()}
+
+
+# Seconds to reach the scheduler, at start and at each attempt to reconnect: a wrong address
+# or a scheduler that is down is said at once (dask's default is 30 s), and the engine's
+# thread, which dials again while the scheduler restarts, is not held long.
+CONNECT_TIMEOUT = 5.0
 
 
 def check_dask(address: ClusterAddress) -> None:
@@ -64,18 +71,27 @@ def open_client(address: ClusterAddress, threads: int) -> tuple[Any, Any]:
                     n_workers=address.workers, threads_per_worker=threads, processes=True,
                     host="127.0.0.1", dashboard_address="127.0.0.1:0", silence_logs=40)
             return cluster, distributed.Client(cluster, timeout=30)
-        return None, distributed.Client(address.url, timeout=30)
+        # dask's client logs its connection troubles with tracebacks on stderr: the executors
+        # say what matters (waiting, back, given up) in their own lines.
+        # (dask's configuration gives some of its loggers levels of their own: each is set.)
+        for name in [n for n in logging.root.manager.loggerDict if n.split(".")[0] == "distributed"]:
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+        return None, distributed.Client(address.url, timeout=CONNECT_TIMEOUT)
     except (OSError, TimeoutError) as exc:
         if cluster is not None:
             cluster.close(timeout=10)
-        raise StateError(f"cannot reach the dask scheduler at {address.url}: {exc}",
-                         hint="start it with `dask scheduler` (see docs/scale-out.md), check the "
-                              "address, port 8786 and any firewall") from None
+        raise StateError(f"cannot reach the dask scheduler at {address.url} ({type(exc).__name__}: {exc})",
+                         hint=f"is `dask scheduler` running on {address.host or 'this machine'}? Check the "
+                              f"address, the port ({address.port or 8786}) and any firewall between here "
+                              "and there (docs/scale-out.md, Deploy)") from None
 
 
-def present(client: Any) -> dict[str, int]:
-    """The workers the scheduler knows: address -> dask threads."""
+def present(client: Any, metrics: dict[str, Any] | None = None) -> dict[str, int]:
+    """The workers the scheduler knows: address -> dask threads; `metrics`, if given, gets
+    each one's metrics from its last heartbeat (address -> dict)."""
     info = client.scheduler_info(n_workers=-1)["workers"] if hasattr(client, "scheduler_info") else {}
+    if metrics is not None:
+        metrics.update({addr: w.get("metrics") or {} for addr, w in info.items()})
     return {addr: int(w.get("nthreads", 1)) for addr, w in info.items()}
 
 

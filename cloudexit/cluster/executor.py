@@ -7,9 +7,13 @@ worker must read back a token the coordinator wrote under DEST (the same archive
 path), be able to write there and have S3 credentials; workers that join later are checked the
 same way before they get work. A worker lost mid-batch: dask runs the batch again on another
 worker; a batch that can run nowhere comes back as `WorkerLost` and the engine queues its
-objects again. The bandwidth limit is shared: each admitted worker gets an equal part,
-rebalanced as workers come and go. Egress: each batch brings back what its worker counted, added
-to this run's meter file (bytes a killed worker received since its last batch are not counted).
+objects again. The scheduler restarting: dask's client cancels every batch in flight (the
+engine queues their objects again) and this executor holds new batches back, connects again
+(dask's own reconnection gives up after a few seconds) and admits the workers that come back,
+for up to `grace` seconds. The bandwidth limit is shared: each admitted worker gets an equal
+part, rebalanced as workers come and go. Egress: each worker's totals come back with its batches
+and with its heartbeats (read every MEMBERSHIP_EVERY seconds), and what they grew by is added to
+this run's meter file: a worker killed mid-object loses at most a few seconds of its count.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from typing import Any, Callable, Sequence
 
 from cloudexit.cluster import service
 from cloudexit.cluster.address import ClusterAddress, check_credentials_mode
-from cloudexit.cluster.connect import check_dask, open_client, present, refuse, sort_answers
+from cloudexit.cluster.connect import CONNECT_TIMEOUT, check_dask, open_client, present, refuse, sort_answers
 from cloudexit.core.config import MigrateConfig
 from cloudexit.core.errors import StateError
 from cloudexit.transfer.messages import Message, WorkerLost
@@ -34,8 +38,10 @@ BATCH_BYTES = 256 * 2**20  # a batch of small objects holds at most this much
 BATCH_OBJECTS = 64  # and at most this many: dask costs CPU per task (64 against 32: a third less of
 # dask's own CPU per GB, docs/performance.md, Cluster)
 LOCAL_THREADS = 4  # dask threads per LocalCluster worker: batches it works on at once
-MEMBERSHIP_EVERY = 2.0  # seconds between looks at which workers are there
-NO_WORKER_GRACE = 300.0  # seconds without any admitted worker before the run stops
+MEMBERSHIP_EVERY = 2.0  # seconds between looks at which workers are there (and their egress)
+GRACE = 300.0  # seconds without the scheduler, or any admitted worker, before the run stops
+ANSWER_TIMEOUT = 120.0  # seconds for the workers' answer to a check or a start (Client.run)
+TELL_TIMEOUT = 10.0  # seconds the engine waits on a worker told something (a rate, a stop)
 
 
 class DaskExecutor:
@@ -43,18 +49,20 @@ class DaskExecutor:
 
     def __init__(self, address: ClusterAddress, credentials: str = "worker", min_workers: int | None = None,
                  profile: str | None = None, notice: Callable[[str], None] | None = None,
-                 wait_for_workers: float = 60.0) -> None:
+                 wait_for_workers: float = 60.0, grace: float = GRACE) -> None:
         """`credentials`: "worker" (each resolves its own) or "forward" (this machine's, only
         over tls:// or loopback). `min_workers`: workers that fail the DEST check are left out
         with a warning while at least this many pass (None: any failure stops the run).
         `profile`: the AWS profile name workers use. `notice`: where warnings and the
-        dashboard link go (the CLI prints them)."""
+        dashboard link go (the CLI prints them). `grace`: seconds the run waits for a scheduler
+        that stopped answering, or for a worker when none is left, before it stops."""
         check_credentials_mode(address, credentials)
         check_dask(address)  # refused before the run takes its lock or touches DEST
         self.address, self.mode, self.min_workers = address, credentials, min_workers
         self.profile = profile
         self.notice = notice or (lambda text: None)
         self.wait = wait_for_workers
+        self.grace = grace
         self.token = secrets.token_hex(6)
         self.secret = secrets.token_hex(16)
         self.client: Any = None
@@ -64,12 +72,17 @@ class DaskExecutor:
         self.refused: dict[str, str] = {}  # address -> why
         self.processes: dict[str, int] = {}  # address -> cloudexit worker processes there
         self.futures: dict[Any, tuple[list[int], frozenset[str]]] = {}  # -> task ids, where it may run
+        self.held: list[list[Task]] = []  # batches waiting for the scheduler and an admitted worker
+        self.lost: list[Message] = []  # WorkerLost for the engine, at the next poll
+        self.egress: dict[str, tuple[int, ...]] = {}  # a worker service's nonce -> its totals seen
         self.batches = 0
         self.rate: float | None = None
         self.shares: dict[str, float | None] = {}
         self.forwarded: Credentials | None = None
         self.next_look = 0.0
-        self.alone_since: float | None = None
+        self.alone_since: float | None = None  # no admitted worker (or no scheduler) since
+        self.away_since: float | None = None  # the scheduler does not answer since
+        self.redialing = False  # dask's client gave up: this executor connects again itself
         self.orphans = False  # a worker left: look for batches that can run nowhere
         self.stopped = False
         self.dashboard: str | None = None
@@ -120,14 +133,20 @@ class DaskExecutor:
     # -- membership ----------------------------------------------------------------------------------
     def _look(self, first: bool = False) -> None:
         """Admit new workers (after the DEST check), forget lost ones, rebalance the rate."""
-        here = present(self.client)
+        metrics: dict[str, Any] = {}
+        here = present(self.client, metrics)
+        for got in metrics.values():  # egress totals the workers' heartbeats brought
+            mine = (got.get(service.EGRESS_METRIC) or {}).get(self.token)
+            if mine:
+                self._count((mine[0], tuple(mine[1:])))
         for addr in [a for a in self.admitted if a not in here]:
             self.notice(f"dask worker {self.admitted.pop(addr)} left the run")
             self.orphans = True
         new = [a for a in here if a not in self.admitted and a not in self.refused]
         if new:
             found = self.client.run(service.check, self.root, self.token, self.secret, self.profile,
-                                    self.forwarded is not None, workers=new, on_error="return")
+                                    self.forwarded is not None, workers=new, on_error="return",
+                                    callback_timeout=ANSWER_TIMEOUT)
             ok, bad = sort_answers(found, new)
             refuse(bad, first, len(self.admitted) + len(ok), self.min_workers, "migration",
                    f"every worker must mount the archive at the same path ({self.root}) and have S3 "
@@ -136,7 +155,8 @@ class DaskExecutor:
             if ok:
                 names = self.client.run(service.start, self.token, self.config, self.root, self.endpoint,
                                         self._share(len(self.admitted) + len(ok)), self.profile,
-                                        self.forwarded, workers=ok, on_error="return")
+                                        self.forwarded, workers=ok, on_error="return",
+                                        callback_timeout=ANSWER_TIMEOUT)
                 for addr in ok:
                     if isinstance(names.get(addr), tuple):
                         self.admitted[addr], self.processes[addr] = names[addr]
@@ -145,6 +165,14 @@ class DaskExecutor:
         self._rebalance()
         self.alone_since = None if self.admitted else (self.alone_since or time.monotonic())
         self.next_look = time.monotonic() + MEMBERSHIP_EVERY
+
+    def _tell(self, function: Callable[..., Any], *args: Any, workers: list[str]) -> None:
+        """Run `function` on `workers`, waiting at most TELL_TIMEOUT for their answer: a worker
+        that hangs (stopped, cut off) must not hold the run; the membership look deals with it."""
+        try:
+            self.client.run(function, *args, workers=workers, on_error="ignore", callback_timeout=TELL_TIMEOUT)
+        except Exception:  # noqa: BLE001 - a timeout, the scheduler gone
+            pass
 
     def _share(self, workers: int) -> float | None:
         if self.rate is None:
@@ -156,7 +184,7 @@ class DaskExecutor:
         share = self._share(len(self.admitted))
         stale = [a for a in self.admitted if self.shares.get(a, -1.0) != share]
         if stale:
-            self.client.run(service.set_rate, self.token, share, workers=stale, on_error="ignore")
+            self._tell(service.set_rate, self.token, share, workers=stale)
             for a in stale:
                 self.shares[a] = share
 
@@ -166,11 +194,17 @@ class DaskExecutor:
             renewed = next((t.credentials for t in tasks if t.credentials != self.forwarded), None)
             if renewed is not None:  # the engine renewed them: the workers get the new ones
                 self.forwarded = renewed
-                self.client.run(service.set_credentials, self.token, renewed,
-                                workers=list(self.admitted), on_error="ignore")
-        for batch in _batches([service.strip_credentials(t) for t in tasks], BATCH_OBJECTS):
+                self._tell(service.set_credentials, self.token, renewed, workers=list(self.admitted))
+        self.held.extend(_batches([service.strip_credentials(t) for t in tasks], BATCH_OBJECTS))
+        self._send()
+
+    def _send(self) -> None:
+        """Submit the batches held, once the scheduler answers and a worker is admitted."""
+        if not self.admitted or self.away_since is not None:
+            return
+        where = frozenset(self.admitted)
+        for batch in self.held:
             self.batches += 1
-            where = frozenset(self.admitted)
             # The key names the run and the batch number only: the dashboard shows it. The batch
             # goes pickled: dask's scheduler unpickles a task's arguments (64 Task objects
             # otherwise) and pickles them again for the worker; bytes it only passes on.
@@ -179,19 +213,12 @@ class DaskExecutor:
                                         workers=list(where), allow_other_workers=False, pure=False)
             self.futures[future] = ([t.id for t in batch], where)
             future.add_done_callback(self.done.put)  # on the client's thread: a queue put only
+        self.held = []
 
     def poll(self, timeout: float) -> list[Message]:
         if time.monotonic() >= self.next_look:
-            try:
-                self._look()
-            except Exception as exc:  # noqa: BLE001 - the scheduler restarting: wait, say so once
-                if self.alone_since is None:
-                    self.notice(f"warning: the dask scheduler does not answer ({type(exc).__name__}); waiting")
-                self.admitted.clear()
-                self.orphans = True
-                self.alone_since = self.alone_since or time.monotonic()
-                self.next_look = time.monotonic() + MEMBERSHIP_EVERY
-        out: list[Message] = []
+            self._watch()
+        out, self.lost = self.lost, []
         if self.orphans:  # batches every worker they could run on left: the engine requeues them
             self.orphans = False
             live = set(self.admitted)
@@ -216,13 +243,80 @@ class DaskExecutor:
                 out.append(WorkerLost(str(getattr(exc, "last_worker", "") or "?"), ids,
                                       f"{type(exc).__name__}: {exc}"[:300]))
                 continue
+            if counted:
+                self._count(counted)
             if messages is None:  # it ran on a worker not (or no longer) admitted to this run
                 out.append(WorkerLost(name, ids, "the worker has no service for this run"))
                 continue
-            if any(counted):
-                self.meter.add(*counted)
             out.extend(service.unpack(messages))
         return out
+
+    def _count(self, counted: tuple[str, Sequence[int]]) -> None:
+        """A worker service's egress totals (from a batch or a heartbeat): what they grew by
+        since last seen goes to the run's meter, so nothing is counted twice."""
+        nonce, totals = counted
+        seen = self.egress.get(nonce, (0, 0, 0, 0))
+        grew = [max(0, int(a) - b) for a, b in zip(totals, seen)]
+        if any(grew):
+            self.egress[nonce] = tuple(max(int(a), b) for a, b in zip(totals, seen))
+            self.meter.add(*grew)
+
+    # -- the scheduler ---------------------------------------------------------------------------
+    def _watch(self) -> None:
+        """Every MEMBERSHIP_EVERY seconds: is the scheduler there (connect again if dask's client
+        gave up), which workers are, and what they counted."""
+        self.next_look = time.monotonic() + MEMBERSHIP_EVERY
+        status = getattr(self.client, "status", "running")
+        try:
+            if status in ("closing", "closed") and self.cluster is None:
+                if not self.redialing:
+                    self.redialing = True
+                    self.notice(f"warning: still waiting for the dask scheduler at {self.address.url}: "
+                                f"connecting again every {MEMBERSHIP_EVERY:.0f} s")
+                self._redial()
+                self.redialing = False
+            elif status != "running":
+                raise ConnectionError("the connection to it was lost")
+            self._look()
+        except Exception as exc:  # noqa: BLE001 - OSError, TimeoutError, CommClosedError...: wait
+            self._away(exc)
+            return
+        if self.away_since is not None:
+            self.notice(f"warning: the dask scheduler at {self.address.url} answers again after "
+                        f"{time.monotonic() - self.away_since:.0f} s; the run goes on")
+            self.away_since = None
+        self._send()
+
+    def _away(self, exc: BaseException) -> None:
+        """The scheduler does not answer: its workers are forgotten (they are checked again when
+        they come back) and new batches are held; the run waits up to `grace` seconds."""
+        clock = time.monotonic()
+        if self.away_since is None:
+            self.away_since = clock
+            self.notice(f"warning: waiting for the dask scheduler at {self.address.url} "
+                        f"({type(exc).__name__}: {str(exc)[:200]}); the run goes on when it is back, "
+                        f"or stops after {self.grace:.0f} s")
+        if self.admitted:
+            self.admitted.clear()
+            self.shares.clear()
+            self.orphans = True
+        self.alone_since = self.alone_since or clock
+        self.next_look = clock + MEMBERSHIP_EVERY
+
+    def _redial(self) -> None:
+        """dask's client gave up reconnecting (after its timeout): a new one. Batches of the old
+        one were cancelled by it (the engine queues them again); any not reported are now."""
+        import distributed
+
+        for future in list(self.futures):
+            ids, where = self.futures.pop(future)
+            self.lost.append(WorkerLost(",".join(sorted(where)) or "?", ids, "the dask scheduler was lost"))
+        new = distributed.Client(self.address.url, timeout=CONNECT_TIMEOUT)  # raises: still away
+        old, self.client = self.client, new
+        try:
+            old.close(timeout=1)
+        except Exception:  # noqa: BLE001 - it is closed or closing already
+            pass
 
     def set_rate(self, bytes_per_second: float | None) -> None:
         self.rate = bytes_per_second
@@ -230,13 +324,19 @@ class DaskExecutor:
             self._rebalance()
 
     def cancel(self) -> None:
-        if self.client is not None and self.admitted:
-            self.client.run(service.cancel, self.token, workers=list(self.admitted), on_error="ignore")
+        for batch in self.held:  # never sent: back to the engine, which queues them again
+            self.lost.append(WorkerLost("-", [t.id for t in batch], "the run stops"))
+        self.held = []
+        if self.client is not None and self.admitted and self.away_since is None:
+            self._tell(service.cancel, self.token, workers=list(self.admitted))
 
     def health(self) -> str | None:
-        if self.alone_since is not None and time.monotonic() - self.alone_since > NO_WORKER_GRACE:
-            return (f"no dask worker has been available for {NO_WORKER_GRACE:.0f} s at "
-                    f"{self.address.url}")
+        clock = time.monotonic()
+        if self.away_since is not None and clock - self.away_since > self.grace:
+            return (f"the dask scheduler at {self.address.url} has not answered for {self.grace:.0f} s; "
+                    f"is it running? Once it is: cloudexit migrate --resume --cluster {self.address.url}")
+        if self.alone_since is not None and clock - self.alone_since > self.grace:
+            return f"no dask worker has been available for {self.grace:.0f} s at {self.address.url}"
         return None
 
     def workers(self) -> dict[str, str]:
@@ -248,10 +348,10 @@ class DaskExecutor:
             return
         self.stopped = True
         try:
-            if self.client is not None and self.admitted:
+            if self.client is not None and self.admitted and self.away_since is None:
                 for future in self.futures:
                     future.cancel()
-                self.client.run(service.end, self.token, workers=list(self.admitted), on_error="ignore")
+                self._tell(service.end, self.token, workers=list(self.admitted))
         except Exception:  # noqa: BLE001 - the scheduler may be gone; the workers end theirs when idle
             pass
         finally:

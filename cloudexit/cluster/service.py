@@ -30,6 +30,7 @@ from cloudexit.s3.client import Credentials, Endpoint
 from cloudexit.transfer.tasks import Result, Task
 
 TOKEN_PREFIX = ".cloudexit-cluster-"  # the DEST token file's name (+ run token)
+EGRESS_METRIC = "cloudexit-egress"  # the dask worker's heartbeats carry each run's egress totals
 IDLE_END = 120.0  # seconds: a run's service idle this long is ended when another run starts
 # Stands in for the credentials in tasks sent to the cluster: each worker fills in its own.
 NO_CREDENTIALS = Credentials("-", "")
@@ -39,31 +40,29 @@ _lock = threading.Lock()
 
 
 class Tally:
-    """Egress counted by this worker's processes in their meter files (s3/meter.py), taken
-    by each batch that returns: the coordinator adds it to the run's own meter file."""
+    """Egress counted by this worker's processes in their meter files (s3/meter.py), as totals
+    since the service started: each batch brings them back, and so does every heartbeat of the
+    dask worker (`egress`), so that a worker killed mid-object loses at most a few seconds of its
+    count. The coordinator adds what the totals grew by to the run's own meter file."""
 
     def __init__(self) -> None:
         self.folder = tempfile.mkdtemp(prefix="cloudexit-meters-")
         self.paths: list[Path] = []
-        self.lock = threading.Lock()
-        self.seen = [0, 0, 0, 0]  # bytes, GET, HEAD, LIST
 
     def new_path(self) -> str:
         path = Path(self.folder) / f"{len(self.paths)}.meter"
         self.paths.append(path)
         return str(path)
 
-    def take(self) -> tuple[int, int, int, int]:
+    def total(self) -> tuple[int, int, int, int]:
+        """Bytes, GET, HEAD and LIST requests counted here so far."""
         from cloudexit.s3.meter import read
 
-        with self.lock:
-            now = [0, 0, 0, 0]
-            for path in self.paths:
-                for i, value in enumerate(read(path) or (0, 0, 0, 0)):
-                    now[i] += value
-            delta = tuple(max(0, a - b) for a, b in zip(now, self.seen))
-            self.seen = now
-        return delta  # type: ignore[return-value]
+        now = [0, 0, 0, 0]
+        for path in list(self.paths):
+            for i, value in enumerate(read(path) or (0, 0, 0, 0)):
+                now[i] += value
+        return now[0], now[1], now[2], now[3]
 
     def close(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
@@ -96,7 +95,7 @@ class Service:
         from cloudexit.engine.local import LocalProcessExecutor
 
         self.token, self.name, self.profile = token, name, profile
-        self.nonce = secrets.token_hex(4)  # this service's attempts' temp names
+        self.nonce = secrets.token_hex(4)  # this service's attempts' temp names, and its egress totals
         self.forwarded = credentials
         self.leftovers = Leftovers()
         self.chain: Any = None  # botocore's credentials of this machine, resolved once
@@ -190,6 +189,10 @@ class Service:
                 return []
         self.last_active = time.monotonic()
         return None if self.broken and batch.left else batch.messages
+
+    def counted(self) -> tuple[str, tuple[int, int, int, int]]:
+        """This service's egress totals, under its nonce (a worker restarted is a new service)."""
+        return self.nonce, self.tally.total()
 
     def cancel(self) -> None:
         self.stop.set()
@@ -320,18 +323,27 @@ def start(token: str, config: MigrateConfig, root: str, endpoint: Endpoint, rate
         if token not in _services:
             _services[token] = Service(token, worker_label(dask_worker), config, root, endpoint, rate,
                                        profile, credentials)
+        if dask_worker is not None:  # called at each heartbeat, on the worker's event loop
+            dask_worker.metrics[EGRESS_METRIC] = egress
         return _services[token].name, _services[token].processes
 
 
-def run_batch(token: str, tasks: bytes) -> tuple[str, bytes | None, tuple[int, int, int, int]]:
-    """One batch (`pack`ed tasks): (worker name, its messages `pack`ed, egress counted here
-    since the last batch). Messages None: this worker has no service for the run, or its
+def run_batch(token: str, tasks: bytes) -> tuple[str, bytes | None, Any]:
+    """One batch (`pack`ed tasks): (worker name, its messages `pack`ed, the service's egress
+    totals (`Service.counted`)). Messages None: this worker has no service for the run, or its
     processes failed (never raised: dask would log the arguments, keys and all)."""
     service = _services.get(token)
     if service is None:
-        return "?", None, (0, 0, 0, 0)
+        return "?", None, None
     messages = service.run(unpack(tasks), _given_up_check())
-    return service.name, None if messages is None else pack(messages), service.tally.take()
+    return service.name, None if messages is None else pack(messages), service.counted()
+
+
+def egress(dask_worker: Any = None) -> dict[str, list[Any]]:
+    """Each run's egress totals on this worker, by run token: [service nonce, bytes, GET, HEAD,
+    LIST] (a custom metric of the dask worker: its heartbeat takes it to the scheduler, where the
+    coordinator reads it with the workers' list every few seconds)."""
+    return {token: [s.nonce, *s.tally.total()] for token, s in list(_services.items())}
 
 
 def pack(items: list[Any]) -> bytes:
