@@ -58,8 +58,11 @@ class DaskNodes:
         self.scheduler.wait(timeout=10)
 
     def worker(self, name: str, wrap: Sequence[str] = (), nthreads: int = 2,
-               nanny: bool = False) -> subprocess.Popen[bytes]:
-        env = {**self.env, "DASK_DISTRIBUTED__WORKER__DAEMON": "False"} if nanny else None
+               nanny: bool = False, pythonpath: str | None = None) -> subprocess.Popen[bytes]:
+        """`pythonpath`: put first on the worker's path (another cloudexit, say)."""
+        env = {**self.env, "DASK_DISTRIBUTED__WORKER__DAEMON": "False"} if nanny else dict(self.env)
+        if pythonpath:
+            env["PYTHONPATH"] = os.pathsep.join([pythonpath, env.get("PYTHONPATH", "")])
         proc = self._spawn([*wrap, str(DASK), "worker", self.address, "--name", name, "--nthreads",
                             str(nthreads), *([] if nanny else ["--no-nanny"]), "--no-dashboard",
                             "--host", "127.0.0.1"], name, env)

@@ -7,6 +7,7 @@ import hashlib
 import json
 import re
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,6 +19,7 @@ import pytest
 from dasknodes import node_env
 from dbutil import count, rows, wait_for
 
+import cloudexit
 from cloudexit.cluster.address import parse
 from cloudexit.core.errors import UsageError
 from cloudexit.stores.filesystem import TEMP_PREFIX
@@ -25,6 +27,7 @@ from cloudexit.testing import synthetic
 from cloudexit.testing.s3server import free_port
 
 import dask  # installed with distributed
+
 # Every test here starts dask schedulers and worker processes (seconds each, 10 s to tear down).
 pytestmark = pytest.mark.slow
 
@@ -165,6 +168,33 @@ def test_worker_with_another_folder_at_dest_is_refused(cli, s3, awkward: str, db
     assert {r["worker"] for r in rows(db, "SELECT DISTINCT worker FROM transfers WHERE worker IS NOT NULL")} \
         == {"good"}
     assert not list(other.rglob("*"))
+
+
+def test_a_worker_on_other_cloudexit_code_is_refused(cli, s3, awkward: str, db: Path, tmp_path: Path,
+                                                     dask_nodes) -> None:
+    """Tasks and results travel as pickles of cloudexit's classes: a worker on other code would
+    fail every batch, and a failed batch runs again without end. It is named and refused at
+    admission, by migrate and by inventory."""
+    other = tmp_path / "other-release"
+    shutil.copytree(Path(cloudexit.__file__).parent, other / "cloudexit",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    with open(other / "cloudexit" / "transfer" / "fetch.py", "a", encoding="utf-8") as f:
+        f.write("\n# a patched copy\n")
+    dask_nodes.worker("good")
+    dask_nodes.worker("old-code", pythonpath=str(other))
+    dask_nodes.wait_for(2)
+    spread = subprocess.run([sys.executable, "-m", "cloudexit.cli", "inventory", f"s3://{awkward}", "--db",
+                             str(tmp_path / "spread.db"), "--cluster", dask_nodes.address],
+                            capture_output=True, text=True, env=node_env(s3), timeout=120)
+    assert spread.returncode == 1, spread.stderr
+    assert "cannot take part in this inventory: old-code: it runs other cloudexit code" in spread.stderr
+    _inventory(cli, awkward, db)
+    proc = _migrate(db, "--to", str(tmp_path / "archive"), "--cluster", dask_nodes.address, env=node_env(s3))
+    _out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1, err
+    assert "dask worker(s) cannot take part in this migration: old-code: it runs other cloudexit code" in err
+    assert "install the same cloudexit version on every worker" in err and "Traceback" not in err
+    assert "good" not in err.split("cannot take part")[1].split("\n")[0]
 
 
 # -- faults and the shared limit (real processes, killed with SIGKILL on observed progress) --------

@@ -26,6 +26,7 @@ from dataclasses import replace
 from typing import Any, Callable, Sequence
 
 from cloudexit.cluster import service
+from cloudexit.cluster.sameness import code_fingerprint
 from cloudexit.cluster.address import ClusterAddress, check_credentials_mode
 from cloudexit.cluster.connect import CONNECT_TIMEOUT, check_dask, open_client, present, refuse, sort_answers
 from cloudexit.core.config import MigrateConfig
@@ -145,7 +146,7 @@ class DaskExecutor:
         new = [a for a in here if a not in self.admitted and a not in self.refused]
         if new:
             found = self.client.run(service.check, self.root, self.token, self.secret, self.profile,
-                                    self.forwarded is not None, workers=new, on_error="return",
+                                    self.forwarded is not None, code_fingerprint(), workers=new, on_error="return",
                                     callback_timeout=ANSWER_TIMEOUT)
             ok, bad = sort_answers(found, new)
             refuse(bad, first, len(self.admitted) + len(ok), self.min_workers, "migration",

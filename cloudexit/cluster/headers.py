@@ -24,6 +24,7 @@ from dataclasses import replace
 from typing import Any, Callable
 
 from cloudexit.cluster import headerservice
+from cloudexit.cluster.sameness import code_fingerprint
 from cloudexit.cluster.address import ClusterAddress, check_credentials_mode, check_header_reads
 from cloudexit.cluster.connect import check_dask, open_client, present, refuse, sort_answers
 from cloudexit.core import errors
@@ -103,7 +104,7 @@ class ClusterHeaders:
         new = [a for a in here if a not in self.admitted and a not in self.refused]
         if new:
             found = self.client.run(headerservice.admit, self.token, self.source.url, self.source_config,
-                                    self.endpoint, *self.reading, self.forwarded, workers=new,
+                                    self.endpoint, *self.reading, self.forwarded, code_fingerprint(), workers=new,
                                     on_error="return")
             ok, bad = sort_answers(found, new)
             for addr in ok:  # first: close() ends their readers if the others stop the round

@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any
 
+from cloudexit.cluster.sameness import other_code
 from cloudexit.cluster.service import IDLE_END, worker_label
 from cloudexit.core.config import SourceConfig
 from cloudexit.core.errors import CloudexitError
@@ -69,10 +70,15 @@ class Readers:
 
 
 def admit(token: str, url: str, config: SourceConfig, endpoint: Endpoint, threads: int, header_bytes: int,
-          max_header_bytes: int, credentials: Credentials | None, dask_worker: Any = None) -> dict[str, str | None]:
-    """Can this worker read the bucket: {"worker": its name, "problem": None or why not}.
-    Ends other rounds' readers left idle (a coordinator killed, or gone without a word)."""
+          max_header_bytes: int, credentials: Credentials | None, code: str,
+          dask_worker: Any = None) -> dict[str, str | None]:
+    """Can this worker read the bucket: {"worker": its name, "problem": None or why not}; it
+    must run the coordinator's cloudexit (`code`: sameness.py). Ends other rounds' readers left
+    idle (a coordinator killed, or gone without a word)."""
     name = worker_label(dask_worker) if dask_worker is not None else "?"
+    problem = other_code(code)
+    if problem is not None:
+        return {"worker": name, "problem": problem}
     clock = time.monotonic()
     with _lock:
         for other, readers in list(_readers.items()):

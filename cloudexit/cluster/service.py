@@ -272,14 +272,19 @@ def own_temp(task: Task, attempt: str, leftovers: Leftovers) -> None:
 
 
 # -- what the coordinator calls on the workers ------------------------------------------------------
-def check(root: str, token: str, secret: str, profile: str | None, forwarded: bool,
+def check(root: str, token: str, secret: str, profile: str | None, forwarded: bool, code: str,
           dask_worker: Any = None) -> dict[str, str | None]:
-    """Can this worker take work: it reads the coordinator's token under DEST (the same
-    archive, mounted at the same path), can write there, and has S3 credentials."""
+    """Can this worker take work: it runs the coordinator's cloudexit (`code`: sameness.py),
+    reads the coordinator's token under DEST (the same archive, mounted at the same path), can
+    write there, and has S3 credentials."""
     import multiprocessing
 
+    from cloudexit.cluster.sameness import other_code
+
     name = worker_label(dask_worker) if dask_worker is not None else "?"
-    problem = None
+    problem = other_code(code)
+    if problem is not None:
+        return {"worker": name, "problem": problem}
     if multiprocessing.current_process().daemon:
         return {"worker": name, "problem": "it runs as a daemonic process (under dask's nanny), which cannot "
                 "start cloudexit's worker processes: start it with DASK_DISTRIBUTED__WORKER__DAEMON=False "
