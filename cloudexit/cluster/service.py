@@ -102,6 +102,7 @@ class Service:
         self.stop = threading.Event()
         self.tally = Tally()
         self.batches: dict[int, _Batch] = {}
+        self.temps: dict[int, str] = {}  # small objects' attempts' temp files, until their result
         self.block = threading.Lock()
         self.last_active = time.monotonic()
         self.broken: str | None = None
@@ -157,6 +158,7 @@ class Service:
                 message.worker = self.name
                 batch.left.discard(message.id)
                 del self.batches[message.id]
+                self.temps.pop(message.id, None)
             batch.messages.append(message)
             if not batch.left:
                 batch.done.set()
@@ -177,15 +179,19 @@ class Service:
         for task in tasks:
             task.credentials = credentials
             own_temp(task, f"{self.nonce}{task.id}", self.leftovers)
+            if not task.large:  # a large object's ranges are kept for the resume to take over
+                with self.block:
+                    self.temps[task.id] = task.temp
         self.pool.submit(tasks)
         while not batch.done.wait(1.0):
             if given_up():
                 batch.given_up = True
                 with self.block:
-                    if all(b.given_up for b in self.batches.values()):
-                        self.cancel()  # nobody waits for any of this run's work
+                    abandoned = all(b.given_up for b in self.batches.values())
                     for task_id in batch.left:
                         self.batches.pop(task_id, None)
+                if abandoned:  # nobody waits for any of this run's work (its coordinator died)
+                    threading.Thread(target=self.abandon, name=f"cloudexit-{self.token}-end", daemon=True).start()
                 return []
         self.last_active = time.monotonic()
         return None if self.broken and batch.left else batch.messages
@@ -197,6 +203,25 @@ class Service:
     def cancel(self) -> None:
         self.stop.set()
         self.pool.cancel()
+
+    def abandon(self) -> None:
+        """The coordinator that ran this service is gone: stop its processes, then remove the
+        temp files of its unfinished small objects (a large object's, with the ranges its
+        coordinator recorded, is left for the resume to take over). A resumed run on this
+        worker lists each folder once (Leftovers) and may have listed one before these
+        processes stopped writing, so it would never see them; small objects start over anyway."""
+        with _lock:
+            if _services.get(self.token) is self:
+                del _services[self.token]
+        self.cancel()
+        self.end()
+        with self.block:
+            temps, self.temps = list(self.temps.values()), {}
+        for path in temps:
+            try:
+                os.unlink(path)
+            except OSError:  # finished, or taken over by a newer attempt (renamed): not ours now
+                pass
 
     def end(self) -> None:
         self.pool.stop()
