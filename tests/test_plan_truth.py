@@ -139,9 +139,11 @@ def test_the_plan_per_window_and_recalibration_on_a_shaped_link(cli, s3, bucket:
     found = json.loads((report / "link.json").read_text())["plan_windows"]
     first, second = found["windows"]
     assert (first["bwlimit"], second["bwlimit"]) == (LIMIT_LOW, LIMIT_HIGH)
-    # Achieved: what held each window, within a few percent.
-    assert abs(first["rate"] / LIMIT_LOW - 1) < 0.06, first
-    assert abs(second["rate"] / SHAPED - 1) < 0.06, second
+    # Achieved: what held each window, within 10% (windows are cut from per-minute rows at
+    # boundaries stamped to the second, and the limiter starts with a burst: a loaded CI run
+    # measured +8.5% over a 43 s window; an idle one within 6%).
+    assert abs(first["rate"] / LIMIT_LOW - 1) < 0.10, first
+    assert abs(second["rate"] / SHAPED - 1) < 0.10, second
     # The error is the plan's time against the shaped truth.
     for window, truth in ((first, LIMIT_LOW), (second, SHAPED)):
         assert window["error"] == pytest.approx(window["planned_seconds"] / window["seconds"] - 1)
