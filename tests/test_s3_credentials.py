@@ -137,3 +137,17 @@ def test_plain_https_endpoint_needs_no_session_and_trusts_botocores_bundle(aws: 
         assert endpoint.region == ("cn-north-1" if profile else "eu-west-1")
         assert creds.access_key == ("HOSPKEY" if profile else "ENVKEY")
         assert source._session is None
+
+
+@pytest.mark.parametrize("which", ["credentials", "config"])
+def test_a_settings_file_that_is_no_ini_file_is_one_line(aws: Any, tmp_path: Path, which: str) -> None:
+    """plain() leaves a malformed file to botocore, which refuses it: the user gets one line
+    naming the file (with and without a given endpoint), not botocore's traceback."""
+    bad = "[default\naws_access_key_id = X\n"
+    aws(ENV, bad if which == "credentials" else CREDS, bad if which == "config" else CONFIG)
+    assert plain(None) is None
+    for endpoint in ("https://s3.example.org", None):
+        source = Source("s3://b", SourceConfig(endpoint_url=endpoint))
+        with pytest.raises(CredentialsError, match=f"Unable to parse config file: .*{which}") as err:
+            source.lean_endpoint()
+        assert err.value.hint and "INI" in str(err.value)

@@ -140,7 +140,7 @@ class Source:
         needs only this on a given endpoint: a client costs ~0.15 s of CPU more to create."""
         if self._session is None:
             import boto3
-            from botocore.exceptions import ProfileNotFound
+            from botocore.exceptions import ConfigParseError, ProfileNotFound
 
             try:
                 self._session = boto3.Session(profile_name=self.config.profile,
@@ -148,6 +148,11 @@ class Source:
             except ProfileNotFound as exc:
                 raise CredentialsError(f"AWS profile not found: {self.config.profile}",
                                        hint="check ~/.aws/config or drop --profile") from exc
+            except ConfigParseError as exc:  # ~/.aws/credentials or config is no INI file
+                raise CredentialsError(f"{exc} (the AWS settings file is not in INI form)",
+                                       hint="give each profile a [NAME] line and each setting a "
+                                            "`key = value` line, or point AWS_SHARED_CREDENTIALS_FILE/"
+                                            "AWS_CONFIG_FILE at a good file") from exc
             # Timestamps stay ISO text: botocore's dateutil parsing of every LastModified was
             # the largest cost of a listing page, and we store the text anyway.
             factory = self._session._session.get_component("response_parser_factory")
