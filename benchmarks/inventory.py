@@ -137,10 +137,12 @@ class Target:
         work = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=self.scratch))
         db, out = work / "state.db", work / "stdout"
         try:
-            base = name == "cloudexit-list-base"
-            # The package may be edited between runs: record what ran.
-            code = code_version(self.base_tree) if base and self.base_tree else code_version()
-            env = {**self.env, "PYTHONPATH": str(self.base_tree)} if base and self.base_tree else self.env
+            # The tree's code, not the venv's installed copy, and a record of it: the package
+            # may be edited between runs.
+            tree = self.base_tree if name == "cloudexit-list-base" else REPO
+            assert tree is not None, "cloudexit-list-base needs --compare-tree"
+            code = code_version(tree)
+            env = {**self.env, "PYTHONPATH": str(tree)} if name.startswith("cloudexit") else self.env
             load = os.getloadavg()[0]
             busy0 = _busy()
             m = measure(self.client + self.command(name, db), env=env, stdout=str(out),
@@ -376,7 +378,7 @@ def startup(server: Any, client: list[str], scratch: Path, repeat: int,
     env.pop("AWS_PROFILE", None)
     env.pop("PYTHONDONTWRITEBYTECODE", None)
     trees = {"": REPO} | ({" before": compare_tree} if compare_tree else {})
-    codes = {tag: code_version() if not tag else _head(tree) for tag, tree in trees.items()}
+    codes = {tag: code_version(tree) for tag, tree in trees.items()}
     rows = []
     try:
         for rep in range(-1, repeat):  # -1: writes the bytecode, not counted
@@ -421,13 +423,6 @@ def startup(server: Any, client: list[str], scratch: Path, repeat: int,
     return rows
 
 
-def _head(tree: Path) -> str:
-    import subprocess
-
-    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=tree, capture_output=True, text=True)
-    return out.stdout.strip() or str(tree)
-
-
 def _secs(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f} s"
 
@@ -458,8 +453,9 @@ def main() -> None:
                     help="keys in the bucket (repeatable; 0: no listing bucket)")
     ap.add_argument("--layout", choices=LAYOUTS, action="append", help="key layout (repeatable)")
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--tools", default=",".join(TOOLS),
-                    help=f"comma-separated subset of {','.join(TOOLS)}")
+    ap.add_argument("--tools", default=",".join(t for t in TOOLS if t != "cloudexit-list-base"),
+                    help=f"comma-separated subset of {','.join(TOOLS)} (the last: with --compare-tree, "
+                         "which adds it to cloudexit-list)")
     ap.add_argument("--header-keys", type=int, default=10_000,
                     help="bucket size for cloudexit-headers, per layout (0: skip)")
     ap.add_argument("--header-workers", type=int, action="append", default=[],
@@ -494,6 +490,11 @@ def main() -> None:
     for t in wanted:
         if t not in TOOLS:
             ap.error(f"unknown tool {t!r}")
+    base_tree = args.compare_tree.resolve() if args.compare_tree else None
+    if base_tree and not (base_tree / "cloudexit" / "__init__.py").is_file():
+        ap.error(f"--compare-tree {args.compare_tree}: no cloudexit checkout there")
+    if "cloudexit-list-base" in wanted and not base_tree:
+        ap.error("cloudexit-list-base runs the --compare-tree checkout: give --compare-tree DIR")
     started = dt.datetime.now().astimezone()
     out = Path(args.out) if args.out else (
         REPO / "benchmarks" / "results" /
@@ -509,8 +510,7 @@ def main() -> None:
                               "versions": versions(), "runs": [], "populate": [], "profiles": []}
     try:
         if args.startup:
-            result["startup"] = startup(server, client, scratch, args.startup,
-                                        args.compare_tree.resolve() if args.compare_tree else None)
+            result["startup"] = startup(server, client, scratch, args.startup, base_tree)
             _save(out, result)
             print("\n" + startup_table(result["startup"]) + "\n")
         plan: list[tuple[Target, list[str]]] = []
@@ -521,7 +521,6 @@ def main() -> None:
                 bucket = f"inv-{layout}-{keys}"
                 info = ensure_bucket(server, bucket, keys, layout, method=args.populate, log=_log)
                 result["populate"].append(info)
-                base_tree = Path(args.compare_tree).resolve() if args.compare_tree else None
                 target = Target(server, bucket, keys, layout, scratch, args.cloudexit_args.split(),
                                 client, base_tree)
                 tools = [t for t in wanted if t not in ("cloudexit-headers", "s5cmd-cp")]
