@@ -25,6 +25,17 @@ class CloudexitGroup(click.Group):
     """Maps every error to one line (`Error: ...` and a hint on stderr) and its exit code; with
     --json, to `{"error", "hint", "exit"}` on stdout instead."""
 
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().main(*args, **kwargs)
+        finally:
+            # CPython (3.11) notes, process-wide, a KeyboardInterrupt that ended an exec() of a
+            # string (dataclass and namedtuple creation, while a module is imported lazily),
+            # even one caught later; `python -m` then ends the process by SIGINT whatever exit
+            # code was chosen (130 here). Evaluating a string clears the note; an interrupt
+            # that escapes still ends by SIGINT (runpy notes it again).
+            exec("None")
+
     def invoke(self, ctx: click.Context) -> Any:
         words = [*getattr(ctx, "_protected_args", []), *ctx.args]
         as_json = "--json" in words[:words.index("--")] if "--" in words else "--json" in words
