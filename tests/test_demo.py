@@ -69,3 +69,23 @@ def test_a_ctrl_c_met_inside_exec_still_exits_130(tmp_path: Path) -> None:
                           env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 130, (done.returncode, done.stderr)
     assert "Interrupted." in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_ctrl_c_met_while_a_class_is_made_is_no_traceback(tmp_path: Path) -> None:
+    """Python 3.11 turns a KeyboardInterrupt raised in a class's `__set_name__` (a dataclass's
+    fields, while a module is imported lazily) into a RuntimeError: it was a traceback, seen
+    when the demo's Ctrl-C landed in `import cloudexit.inventory`. The stand-in raises it there."""
+    (tmp_path / "interrupted_cli.py").write_text(
+        "from cloudexit.cli import main\n\n"
+        "class Field:\n"
+        "    def __set_name__(self, owner: type, name: str) -> None:\n"
+        "        raise KeyboardInterrupt\n\n"
+        "@main.command('interrupted-in-class')\n"
+        "def interrupted() -> None:\n"
+        "    type('Summary', (), {'failed': Field()})\n\n"
+        "main()\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])}
+    done = subprocess.run([sys.executable, "-m", "interrupted_cli", "interrupted-in-class"], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 130, (done.returncode, done.stderr)
+    assert "Interrupted." in done.stderr and "Traceback" not in done.stderr

@@ -51,6 +51,10 @@ class CloudexitGroup(click.Group):
                 if error is None:
                     raise
                 raise error from exc
+            except RuntimeError as exc:  # Python 3.11 wraps a Ctrl-C met in a class's
+                if isinstance(exc.__cause__, KeyboardInterrupt):  # __set_name__ (a lazy import)
+                    raise exc.__cause__ from None
+                raise
         except CloudexitError as exc:
             if ctx.meta.get("traceback"):
                 raise
