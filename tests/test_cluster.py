@@ -396,6 +396,32 @@ def test_a_scheduler_gone_longer_than_the_wait_stops_the_run_and_resume_continue
 
 
 @pytest.mark.slow
+def test_a_frozen_scheduler_stops_the_run_after_the_wait(cli, s3, bucket: str, db: Path, tmp_path: Path,
+                                                         dask_nodes) -> None:
+    """A scheduler that keeps its connections open but never answers (stopped, a frozen VM):
+    the run waits `--cluster-wait` as for one gone, instead of waiting on it for ever."""
+    _ct(s3, bucket, 40)
+    _inventory(cli, bucket, db)
+    dask_nodes.worker("w1")
+    dask_nodes.wait_for(1)
+    proc = _migrate(db, "--to", str(tmp_path / "archive"), "--cluster", dask_nodes.address, "--bwlimit", "1M",
+                    "-q", "--cluster-wait", "3s", env=node_env(s3))
+    try:
+        wait_for(proc, lambda: count(db, "state = 'verified'") >= 3, "3 objects verified", 90)
+        dask_nodes.freeze_scheduler()
+        _out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 1, err
+    errors = [line for line in err.splitlines() if line.startswith("Error:")]
+    assert errors == [f"Error: the dask scheduler at {dask_nodes.address} has not answered for 3 s; is it "
+                      f"running? Once it is: cloudexit migrate --resume --cluster {dask_nodes.address}"], err
+    assert "Traceback" not in err
+    assert count(db, "state = 'fetching'") == 0  # what was in flight is queued again
+
+
+@pytest.mark.slow
 def test_an_unreachable_scheduler_is_said_at_once(cli, awkward: str, db: Path, tmp_path: Path) -> None:
     _inventory(cli, awkward, db)
     port = free_port()  # nothing listens there

@@ -28,7 +28,8 @@ from typing import Any, Callable, Sequence
 from cloudexit.cluster import service
 from cloudexit.cluster.sameness import code_fingerprint
 from cloudexit.cluster.address import ClusterAddress, check_credentials_mode
-from cloudexit.cluster.connect import CONNECT_TIMEOUT, check_dask, open_client, present, refuse, sort_answers
+from cloudexit.cluster.connect import (ANSWER_TIMEOUT, CONNECT_TIMEOUT, TELL_TIMEOUT, check_dask, open_client,
+                                       present, refuse, sort_answers)
 from cloudexit.core.config import MigrateConfig
 from cloudexit.core.errors import StateError
 from cloudexit.transfer.messages import Message, WorkerLost
@@ -41,8 +42,6 @@ BATCH_OBJECTS = 64  # and at most this many: dask costs CPU per task (64 against
 LOCAL_THREADS = 4  # dask threads per LocalCluster worker: batches it works on at once
 MEMBERSHIP_EVERY = 2.0  # seconds between looks at which workers are there (and their egress)
 GRACE = 300.0  # seconds without the scheduler, or any admitted worker, before the run stops
-ANSWER_TIMEOUT = 120.0  # seconds for the workers' answer to a check or a start (Client.run)
-TELL_TIMEOUT = 10.0  # seconds the engine waits on a worker told something (a rate, a stop)
 
 
 class DaskExecutor:
@@ -276,9 +275,7 @@ class DaskExecutor:
                                 f"connecting again every {MEMBERSHIP_EVERY:.0f} s")
                 self._redial()
                 self.redialing = False
-            elif status != "running":
-                raise ConnectionError("the connection to it was lost")
-            self._look()
+            self._look()  # raises while the scheduler does not answer
         except Exception as exc:  # noqa: BLE001 - OSError, TimeoutError, CommClosedError...: wait
             self._away(exc)
             return
