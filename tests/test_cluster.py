@@ -241,6 +241,26 @@ def test_a_worker_killed_mid_run_loses_nothing(cli, s3, bucket: str, db: Path, t
 
 
 @pytest.mark.slow
+def test_the_last_worker_gone_longer_than_the_wait_stops_the_run(cli, s3, bucket: str, db: Path, tmp_path: Path,
+                                                                 dask_nodes) -> None:
+    _ct(s3, bucket, 40)
+    _inventory(cli, bucket, db)
+    dask_nodes.worker("w1")
+    dask_nodes.wait_for(1)
+    proc = _migrate(db, "--to", str(tmp_path / "archive"), "--cluster", dask_nodes.address, "--bwlimit", "1M",
+                    "-q", "--cluster-wait", "3s", env=node_env(s3))
+    err = dask_nodes.kill_when("w1", proc, lambda: count(db, "state = 'verified'") >= 3, "3 objects verified")
+    assert proc.returncode == 1, err
+    errors = [line for line in err.splitlines() if line.startswith("Error:")]
+    assert errors == [f"Error: no dask worker has been available for 3 s at {dask_nodes.address}"], err
+    # What to do, not the hint for a worker process that died on this machine (memory, system log).
+    assert (f"  hint: start workers (`dask worker {dask_nodes.address}`) on the machines that mount the "
+            f"archive; then: cloudexit migrate --resume --cluster {dask_nodes.address}") in err, err
+    assert "Traceback" not in err
+    assert count(db, "state = 'fetching'") == 0  # what was in flight is queued again
+
+
+@pytest.mark.slow
 def test_coordinator_killed_then_resumed(cli, s3, bucket: str, db: Path, tmp_path: Path, dask_nodes) -> None:
     dest = tmp_path / "archive"
     truth, proc = _slow_run_on_two_workers(cli, s3, bucket, db, dest, dask_nodes)
@@ -384,6 +404,8 @@ def test_a_scheduler_gone_longer_than_the_wait_stops_the_run_and_resume_continue
     errors = [line for line in err.splitlines() if line.startswith("Error:")]
     assert errors == [f"Error: the dask scheduler at {dask_nodes.address} has not answered for 3 s; is it "
                       f"running? Once it is: cloudexit migrate --resume --cluster {dask_nodes.address}"], err
+    # The scheduler's own hint, not the one for a worker process that died (memory, system log).
+    assert "  hint: its log says why it stopped" in err and "check memory" not in err, err
     assert "Traceback" not in err
     assert count(db, "state = 'fetching'") == 0  # what was in flight is queued again
     dask_nodes.start_scheduler()
@@ -417,6 +439,8 @@ def test_a_frozen_scheduler_stops_the_run_after_the_wait(cli, s3, bucket: str, d
     errors = [line for line in err.splitlines() if line.startswith("Error:")]
     assert errors == [f"Error: the dask scheduler at {dask_nodes.address} has not answered for 3 s; is it "
                       f"running? Once it is: cloudexit migrate --resume --cluster {dask_nodes.address}"], err
+    # The scheduler's own hint, not the one for a worker process that died (memory, system log).
+    assert "  hint: its log says why it stopped" in err and "check memory" not in err, err
     assert "Traceback" not in err
     assert count(db, "state = 'fetching'") == 0  # what was in flight is queued again
 

@@ -328,13 +328,19 @@ class DaskExecutor:
         if self.client is not None and self.admitted and self.away_since is None:
             self._tell(service.cancel, self.token, workers=list(self.admitted))
 
-    def health(self) -> str | None:
+    def health(self) -> StateError | None:
+        """The run stops when the scheduler, or every worker, has been away longer than `grace`
+        (not the engine's hint for a process that died: memory and the system log)."""
         clock = time.monotonic()
+        resume = f"cloudexit migrate --resume --cluster {self.address.url}"
         if self.away_since is not None and clock - self.away_since > self.grace:
-            return (f"the dask scheduler at {self.address.url} has not answered for {self.grace:.0f} s; "
-                    f"is it running? Once it is: cloudexit migrate --resume --cluster {self.address.url}")
+            return StateError(f"the dask scheduler at {self.address.url} has not answered for {self.grace:.0f} s; "
+                              f"is it running? Once it is: {resume}",
+                              hint="its log says why it stopped; a longer --cluster-wait rides out a restart")
         if self.alone_since is not None and clock - self.alone_since > self.grace:
-            return f"no dask worker has been available for {self.grace:.0f} s at {self.address.url}"
+            return StateError(f"no dask worker has been available for {self.grace:.0f} s at {self.address.url}",
+                              hint=f"start workers (`dask worker {self.address.url}`) on the machines that "
+                                   f"mount the archive; then: {resume}")
         return None
 
     def workers(self) -> dict[str, str]:
