@@ -68,6 +68,7 @@ def test_cluster_addresses() -> None:
     assert parse("tcp://127.0.0.1:8786").loopback and parse("local:1").loopback
     assert not parse("tcp://10.0.0.5:8786").loopback
     for bad, says in [("tcp://[::1:8786", "not an address"), ("tcp://host:99999", "the port is not a number"),
+                      ("tcp://host:0", "the port is not a number from 1 to 65535"),
                       ("local:0", "1 to 256"), ("http://x:1", "give tcp://HOST:PORT")]:
         with pytest.raises(UsageError, match=re.escape(says)):
             parse(bad)
