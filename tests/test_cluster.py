@@ -278,6 +278,36 @@ def test_coordinator_killed_then_resumed(cli, s3, bucket: str, db: Path, tmp_pat
     _all_verified(db, dest, truth)
 
 
+@pytest.mark.slow
+def test_workers_of_a_coordinator_killed_stop_and_remove_their_temps(cli, s3, bucket: str, db: Path,
+                                                                     tmp_path: Path, dask_nodes) -> None:
+    """Without a resume: the services whose coordinator died (every batch given up) stop their
+    cloudexit worker processes and remove the small objects' temp files they were writing."""
+    import psutil
+
+    dest = tmp_path / "archive"
+    _truth, proc = _slow_run_on_two_workers(cli, s3, bucket, db, dest, dask_nodes)
+
+    def working() -> list[psutil.Process]:
+        found = []
+        for worker in dask_nodes.workers.values():
+            try:
+                found += [p for p in psutil.Process(worker.pid).children(recursive=True)
+                          if p.name() == "cloudexit-work"]
+            except psutil.Error:
+                pass
+        return found
+
+    try:
+        wait_for(proc, lambda: count(db, "state = 'fetching'") >= 4 and _temps(dest), "4 in flight, temps written", 90)
+    finally:
+        proc.kill()  # SIGKILL: the coordinator dies with batches running on the workers
+        proc.wait()
+    assert working()
+    wait_for(dask_nodes.workers["w1"], lambda: not working() and not _temps(dest),
+             "the workers' processes ended and their temp files removed", 60)
+
+
 def _rates(address: str) -> dict[str, float | None]:
     """The limit each worker's service of the running migration holds (bytes/s), by worker."""
     from distributed import Client
