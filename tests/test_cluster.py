@@ -198,6 +198,22 @@ def test_a_worker_on_other_cloudexit_code_is_refused(cli, s3, awkward: str, db: 
     assert "good" not in err.split("cannot take part")[1].split("\n")[0]
 
 
+def test_a_worker_that_does_not_answer_its_check_is_named_not_a_file_error(monkeypatch) -> None:
+    """dask's TimeoutError is an OSError: a worker frozen during the admission check must read
+    as a worker that did not answer, not as a problem with a file (the CLI's OSError line)."""
+    import distributed
+
+    from cloudexit.cluster import connect
+
+    monkeypatch.setattr(connect, "ANSWER_TIMEOUT", 1.0)
+    with distributed.LocalCluster(n_workers=1, processes=False, dashboard_address=None) as local, \
+            distributed.Client(local) as client:
+        (addr,) = client.scheduler_info()["workers"]
+        found = connect.ask(client, time.sleep, 5, workers=[addr])
+        ok, bad = connect.sort_answers(found, [addr])
+    assert ok == [] and bad == {addr: f"{addr}: it did not answer within 1 s"}
+
+
 # -- faults and the shared limit (real processes, killed with SIGKILL on observed progress) --------
 def _ct(s3: Any, bucket: str, slices: int) -> dict[str, str]:
     """`slices` CT objects of 128 KB in 4 studies; key -> SHA-256."""

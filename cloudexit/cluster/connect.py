@@ -105,6 +105,18 @@ def present(client: Any, metrics: dict[str, Any] | None = None) -> dict[str, int
     return {addr: int(w.get("nthreads", 1)) for addr, w in info.items()}
 
 
+def ask(client: Any, function: Callable[..., Any], *args: Any, workers: list[str]) -> dict[str, Any]:
+    """`Client.run(function, *args)` on `workers`, their answers by address. Those that do not
+    answer within ANSWER_TIMEOUT (a frozen machine) answer as a check that failed, saying so:
+    dask's TimeoutError is an OSError, which would otherwise read as a problem with a file."""
+    try:
+        return dict(client.run(function, *args, workers=workers, on_error="return",
+                               callback_timeout=ANSWER_TIMEOUT))
+    except TimeoutError:
+        return {addr: {"worker": addr, "problem": f"it did not answer within {ANSWER_TIMEOUT:.0f} s"}
+                for addr in workers}
+
+
 def sort_answers(found: dict[str, Any], asked: list[str]) -> tuple[list[str], dict[str, str]]:
     """The answers of `Client.run(check, workers=asked, on_error="return")` (each a dict with
     `worker`, its name, and `problem`, None when it may take part): (admitted addresses,

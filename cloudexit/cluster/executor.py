@@ -28,7 +28,7 @@ from typing import Any, Callable, Sequence
 from cloudexit.cluster import service
 from cloudexit.cluster.sameness import code_fingerprint
 from cloudexit.cluster.address import ClusterAddress, check_credentials_mode
-from cloudexit.cluster.connect import (ANSWER_TIMEOUT, CONNECT_TIMEOUT, TELL_TIMEOUT, check_dask, open_client,
+from cloudexit.cluster.connect import (CONNECT_TIMEOUT, TELL_TIMEOUT, ask, check_dask, open_client,
                                        present, refuse, sort_answers)
 from cloudexit.core.config import MigrateConfig
 from cloudexit.core.errors import StateError
@@ -144,19 +144,16 @@ class DaskExecutor:
             self.orphans = True
         new = [a for a in here if a not in self.admitted and a not in self.refused]
         if new:
-            found = self.client.run(service.check, self.root, self.token, self.secret, self.profile,
-                                    self.forwarded is not None, code_fingerprint(), workers=new, on_error="return",
-                                    callback_timeout=ANSWER_TIMEOUT)
+            found = ask(self.client, service.check, self.root, self.token, self.secret, self.profile,
+                        self.forwarded is not None, code_fingerprint(), workers=new)
             ok, bad = sort_answers(found, new)
             refuse(bad, first, len(self.admitted) + len(ok), self.min_workers, "migration",
                    f"every worker must mount the archive at the same path ({self.root}) and have S3 "
                    "credentials", self.notice)
             self.refused.update(bad)
             if ok:
-                names = self.client.run(service.start, self.token, self.config, self.root, self.endpoint,
-                                        self._share(len(self.admitted) + len(ok)), self.profile,
-                                        self.forwarded, workers=ok, on_error="return",
-                                        callback_timeout=ANSWER_TIMEOUT)
+                names = ask(self.client, service.start, self.token, self.config, self.root, self.endpoint,
+                            self._share(len(self.admitted) + len(ok)), self.profile, self.forwarded, workers=ok)
                 for addr in ok:
                     if isinstance(names.get(addr), tuple):
                         self.admitted[addr], self.processes[addr] = names[addr]

@@ -26,7 +26,7 @@ from typing import Any, Callable
 from cloudexit.cluster import headerservice
 from cloudexit.cluster.sameness import code_fingerprint
 from cloudexit.cluster.address import ClusterAddress, check_credentials_mode, check_header_reads
-from cloudexit.cluster.connect import (ANSWER_TIMEOUT, TELL_TIMEOUT, check_dask, open_client, present, refuse,
+from cloudexit.cluster.connect import (TELL_TIMEOUT, ask, check_dask, open_client, present, refuse,
                                        sort_answers)
 from cloudexit.core import errors
 from cloudexit.core.config import InventoryConfig
@@ -104,9 +104,8 @@ class ClusterHeaders:
             self.notice(f"dask worker {self.admitted.pop(addr)} left the inventory")
         new = [a for a in here if a not in self.admitted and a not in self.refused]
         if new:
-            found = self.client.run(headerservice.admit, self.token, self.source.url, self.source_config,
-                                    self.endpoint, *self.reading, self.forwarded, code_fingerprint(), workers=new,
-                                    on_error="return", callback_timeout=ANSWER_TIMEOUT)
+            found = ask(self.client, headerservice.admit, self.token, self.source.url, self.source_config,
+                        self.endpoint, *self.reading, self.forwarded, code_fingerprint(), workers=new)
             ok, bad = sort_answers(found, new)
             for addr in ok:  # first: close() ends their readers if the others stop the round
                 self.admitted[addr] = str(found[addr]["worker"])
