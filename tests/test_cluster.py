@@ -91,6 +91,8 @@ def test_credentials_forwarding_refused_over_plain_tcp_to_another_machine(cli, a
         assert result.exit_code == 2 and "Traceback" not in result.output, result.output
         return result.output
 
+    # A wait that cannot be read names its option.
+    assert "--cluster-wait: cannot read duration 'soon'" in refused("--cluster", "local:1", "--cluster-wait", "soon")
     # tls:// needs dask's certificates: without them dask raised a TypeError from its connect.
     assert "dask has no TLS certificates configured" in refused("--cluster", "tls://127.0.0.1:8786")
     with dask.config.set({"distributed.comm.tls.ca-file": str(tmp_path / "no-ca.pem"),
