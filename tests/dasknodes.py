@@ -57,6 +57,11 @@ class DaskNodes:
         self.scheduler.send_signal(signal.SIGKILL)
         self.scheduler.wait(timeout=10)
 
+    def freeze_scheduler(self) -> None:
+        """Stop the scheduler (SIGSTOP): its connections stay open and nothing answers, as with
+        a frozen machine (close() lets it go on before ending it)."""
+        self.scheduler.send_signal(signal.SIGSTOP)
+
     def worker(self, name: str, wrap: Sequence[str] = (), nthreads: int = 2,
                nanny: bool = False, pythonpath: str | None = None) -> subprocess.Popen[bytes]:
         """`pythonpath`: put first on the worker's path (another cloudexit, say)."""

@@ -68,6 +68,7 @@ def test_cluster_addresses() -> None:
     assert parse("tcp://127.0.0.1:8786").loopback and parse("local:1").loopback
     assert not parse("tcp://10.0.0.5:8786").loopback
     for bad, says in [("tcp://[::1:8786", "not an address"), ("tcp://host:99999", "the port is not a number"),
+                      ("tcp://host:0", "the port is not a number from 1 to 65535"),
                       ("local:0", "1 to 256"), ("http://x:1", "give tcp://HOST:PORT")]:
         with pytest.raises(UsageError, match=re.escape(says)):
             parse(bad)
@@ -90,6 +91,8 @@ def test_credentials_forwarding_refused_over_plain_tcp_to_another_machine(cli, a
         assert result.exit_code == 2 and "Traceback" not in result.output, result.output
         return result.output
 
+    # A wait that cannot be read names its option.
+    assert "--cluster-wait: cannot read duration 'soon'" in refused("--cluster", "local:1", "--cluster-wait", "soon")
     # tls:// needs dask's certificates: without them dask raised a TypeError from its connect.
     assert "dask has no TLS certificates configured" in refused("--cluster", "tls://127.0.0.1:8786")
     with dask.config.set({"distributed.comm.tls.ca-file": str(tmp_path / "no-ca.pem"),
@@ -197,6 +200,22 @@ def test_a_worker_on_other_cloudexit_code_is_refused(cli, s3, awkward: str, db: 
     assert "good" not in err.split("cannot take part")[1].split("\n")[0]
 
 
+def test_a_worker_that_does_not_answer_its_check_is_named_not_a_file_error(monkeypatch) -> None:
+    """dask's TimeoutError is an OSError: a worker frozen during the admission check must read
+    as a worker that did not answer, not as a problem with a file (the CLI's OSError line)."""
+    import distributed
+
+    from cloudexit.cluster import connect
+
+    monkeypatch.setattr(connect, "ANSWER_TIMEOUT", 1.0)
+    with distributed.LocalCluster(n_workers=1, processes=False, dashboard_address=None) as local, \
+            distributed.Client(local) as client:
+        (addr,) = client.scheduler_info()["workers"]
+        found = connect.ask(client, time.sleep, 5, workers=[addr])
+        ok, bad = connect.sort_answers(found, [addr])
+    assert ok == [] and bad == {addr: f"{addr}: it did not answer within 1 s"}
+
+
 # -- faults and the shared limit (real processes, killed with SIGKILL on observed progress) --------
 def _ct(s3: Any, bucket: str, slices: int) -> dict[str, str]:
     """`slices` CT objects of 128 KB in 4 studies; key -> SHA-256."""
@@ -241,6 +260,26 @@ def test_a_worker_killed_mid_run_loses_nothing(cli, s3, bucket: str, db: Path, t
 
 
 @pytest.mark.slow
+def test_the_last_worker_gone_longer_than_the_wait_stops_the_run(cli, s3, bucket: str, db: Path, tmp_path: Path,
+                                                                 dask_nodes) -> None:
+    _ct(s3, bucket, 40)
+    _inventory(cli, bucket, db)
+    dask_nodes.worker("w1")
+    dask_nodes.wait_for(1)
+    proc = _migrate(db, "--to", str(tmp_path / "archive"), "--cluster", dask_nodes.address, "--bwlimit", "1M",
+                    "-q", "--cluster-wait", "3s", env=node_env(s3))
+    err = dask_nodes.kill_when("w1", proc, lambda: count(db, "state = 'verified'") >= 3, "3 objects verified")
+    assert proc.returncode == 1, err
+    errors = [line for line in err.splitlines() if line.startswith("Error:")]
+    assert errors == [f"Error: no dask worker has been available for 3 s at {dask_nodes.address}"], err
+    # What to do, not the hint for a worker process that died on this machine (memory, system log).
+    assert (f"  hint: start workers (`dask worker {dask_nodes.address}`) on the machines that mount the "
+            f"archive; then: cloudexit migrate --resume --cluster {dask_nodes.address}") in err, err
+    assert "Traceback" not in err
+    assert count(db, "state = 'fetching'") == 0  # what was in flight is queued again
+
+
+@pytest.mark.slow
 def test_coordinator_killed_then_resumed(cli, s3, bucket: str, db: Path, tmp_path: Path, dask_nodes) -> None:
     dest = tmp_path / "archive"
     truth, proc = _slow_run_on_two_workers(cli, s3, bucket, db, dest, dask_nodes)
@@ -255,6 +294,36 @@ def test_coordinator_killed_then_resumed(cli, s3, bucket: str, db: Path, tmp_pat
     _out, err = again.communicate(timeout=180)
     assert again.returncode == 0, err
     _all_verified(db, dest, truth)
+
+
+@pytest.mark.slow
+def test_workers_of_a_coordinator_killed_stop_and_remove_their_temps(cli, s3, bucket: str, db: Path,
+                                                                     tmp_path: Path, dask_nodes) -> None:
+    """Without a resume: the services whose coordinator died (every batch given up) stop their
+    cloudexit worker processes and remove the small objects' temp files they were writing."""
+    import psutil
+
+    dest = tmp_path / "archive"
+    _truth, proc = _slow_run_on_two_workers(cli, s3, bucket, db, dest, dask_nodes)
+
+    def working() -> list[psutil.Process]:
+        found = []
+        for worker in dask_nodes.workers.values():
+            try:
+                found += [p for p in psutil.Process(worker.pid).children(recursive=True)
+                          if p.name() == "cloudexit-work"]
+            except psutil.Error:
+                pass
+        return found
+
+    try:
+        wait_for(proc, lambda: count(db, "state = 'fetching'") >= 4 and _temps(dest), "4 in flight, temps written", 90)
+    finally:
+        proc.kill()  # SIGKILL: the coordinator dies with batches running on the workers
+        proc.wait()
+    assert working()
+    wait_for(dask_nodes.workers["w1"], lambda: not working() and not _temps(dest),
+             "the workers' processes ended and their temp files removed", 60)
 
 
 def _rates(address: str) -> dict[str, float | None]:
@@ -384,6 +453,8 @@ def test_a_scheduler_gone_longer_than_the_wait_stops_the_run_and_resume_continue
     errors = [line for line in err.splitlines() if line.startswith("Error:")]
     assert errors == [f"Error: the dask scheduler at {dask_nodes.address} has not answered for 3 s; is it "
                       f"running? Once it is: cloudexit migrate --resume --cluster {dask_nodes.address}"], err
+    # The scheduler's own hint, not the one for a worker process that died (memory, system log).
+    assert "  hint: its log says why it stopped" in err and "check memory" not in err, err
     assert "Traceback" not in err
     assert count(db, "state = 'fetching'") == 0  # what was in flight is queued again
     dask_nodes.start_scheduler()
@@ -393,6 +464,34 @@ def test_a_scheduler_gone_longer_than_the_wait_stops_the_run_and_resume_continue
     _out, err = again.communicate(timeout=180)
     assert again.returncode == 0, err
     _all_verified(db, dest, truth)
+
+
+@pytest.mark.slow
+def test_a_frozen_scheduler_stops_the_run_after_the_wait(cli, s3, bucket: str, db: Path, tmp_path: Path,
+                                                         dask_nodes) -> None:
+    """A scheduler that keeps its connections open but never answers (stopped, a frozen VM):
+    the run waits `--cluster-wait` as for one gone, instead of waiting on it for ever."""
+    _ct(s3, bucket, 40)
+    _inventory(cli, bucket, db)
+    dask_nodes.worker("w1")
+    dask_nodes.wait_for(1)
+    proc = _migrate(db, "--to", str(tmp_path / "archive"), "--cluster", dask_nodes.address, "--bwlimit", "1M",
+                    "-q", "--cluster-wait", "3s", env=node_env(s3))
+    try:
+        wait_for(proc, lambda: count(db, "state = 'verified'") >= 3, "3 objects verified", 90)
+        dask_nodes.freeze_scheduler()
+        _out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 1, err
+    errors = [line for line in err.splitlines() if line.startswith("Error:")]
+    assert errors == [f"Error: the dask scheduler at {dask_nodes.address} has not answered for 3 s; is it "
+                      f"running? Once it is: cloudexit migrate --resume --cluster {dask_nodes.address}"], err
+    # The scheduler's own hint, not the one for a worker process that died (memory, system log).
+    assert "  hint: its log says why it stopped" in err and "check memory" not in err, err
+    assert "Traceback" not in err
+    assert count(db, "state = 'fetching'") == 0  # what was in flight is queued again
 
 
 @pytest.mark.slow

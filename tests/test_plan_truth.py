@@ -139,9 +139,12 @@ def test_the_plan_per_window_and_recalibration_on_a_shaped_link(cli, s3, bucket:
     found = json.loads((report / "link.json").read_text())["plan_windows"]
     first, second = found["windows"]
     assert (first["bwlimit"], second["bwlimit"]) == (LIMIT_LOW, LIMIT_HIGH)
-    # Achieved: what held each window, within 10% (windows are cut from per-minute rows at
-    # boundaries stamped to the second, and the limiter starts with a burst: a loaded CI run
-    # measured +8.5% over a 43 s window; an idle one within 6%).
+    # Achieved: what held each window, within 10%. The limiter charges a read after it is made
+    # (transfer/rate.py), so each of the 8 streams may be a read ahead of it; on a loaded machine
+    # the kernel can have buffered a whole 512 KB object by the time a stream reads: up to ~4 MB more
+    # (+8.5% measured over a 43 s window in a loaded CI run; an idle run +4.4% over 58.5 s). The
+    # window's own arithmetic errs the other way (a start stamped to the second, cut; a start-up
+    # that takes longer than the plan's 1.5 s under load): it is not what widened the bound.
     assert abs(first["rate"] / LIMIT_LOW - 1) < 0.10, first
     assert abs(second["rate"] / SHAPED - 1) < 0.10, second
     # The error is the plan's time against the shaped truth.

@@ -74,13 +74,17 @@ def cluster_executor(profile: str | None, quiet: bool) -> Any:
     """A DaskExecutor for the options given, or None when no --cluster was given."""
     from cloudexit.cluster.address import parse
     from cloudexit.cluster.executor import DaskExecutor
+    from cloudexit.core.errors import UsageError
     from cloudexit.core.units import parse_duration
 
     given = _given(quiet)
     if given is None:
         return None
     options, notice = given
-    grace = parse_duration(options.get("cluster_wait") or "5m").total_seconds()
+    try:
+        grace = parse_duration(options.get("cluster_wait") or "5m").total_seconds()
+    except UsageError as exc:
+        raise UsageError(f"--cluster-wait: {exc.message}", hint="e.g. --cluster-wait 90s, 10m or 1h") from None
     return DaskExecutor(parse(options["cluster"]), credentials=options.get("cluster_credentials") or "worker",
                         min_workers=options.get("cluster_min_workers"), profile=profile, notice=notice,
                         grace=grace)

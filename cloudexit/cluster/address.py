@@ -54,9 +54,11 @@ def parse(text: str) -> ClusterAddress:
     if parts.scheme not in ("tcp", "tls"):
         raise UsageError(f"--cluster {text!r}: give tcp://HOST:PORT, tls://HOST:PORT or local:N", hint=hint)
     try:
-        port = parts.port or 8786
-    except ValueError:
-        raise UsageError(f"--cluster {text!r}: the port is not a number", hint=hint) from None
+        port = 8786 if parts.port is None else parts.port
+    except ValueError:  # not a number, or over 65535
+        port = 0
+    if not 1 <= port <= 65535:  # :0 would have been taken as dask's default port, unsaid
+        raise UsageError(f"--cluster {text!r}: the port is not a number from 1 to 65535", hint=hint)
     if not parts.hostname:
         raise UsageError(f"--cluster {text!r}: no host", hint=hint)
     return ClusterAddress(parts.scheme, parts.hostname, port)

@@ -34,6 +34,11 @@ def dask_environment() -> dict[str, str]:
 # or a scheduler that is down is said at once (dask's default is 30 s), and the engine's
 # thread, which dials again while the scheduler restarts, is not held long.
 CONNECT_TIMEOUT = 5.0
+# Seconds for an answer once connected: a scheduler or worker that is stopped (SIGSTOP, a frozen
+# VM) keeps its connections open and never answers; without a bound the run would wait forever.
+LOOK_TIMEOUT = 10.0  # the scheduler's list of workers
+ANSWER_TIMEOUT = 120.0  # the workers' answer to an admission check or a start (Client.run)
+TELL_TIMEOUT = 10.0  # a worker told something (a rate, credentials, the end)
 
 
 def check_dask(address: ClusterAddress) -> None:
@@ -88,11 +93,28 @@ def open_client(address: ClusterAddress, threads: int) -> tuple[Any, Any]:
 
 def present(client: Any, metrics: dict[str, Any] | None = None) -> dict[str, int]:
     """The workers the scheduler knows: address -> dask threads; `metrics`, if given, gets
-    each one's metrics from its last heartbeat (address -> dict)."""
-    info = client.scheduler_info(n_workers=-1)["workers"] if hasattr(client, "scheduler_info") else {}
+    each one's metrics from its last heartbeat (address -> dict). Raises (ConnectionError,
+    TimeoutError, OSError) when the scheduler does not answer within LOOK_TIMEOUT."""
+    if client.status != "running":  # dask's client reconnecting, or given up
+        raise ConnectionError("the connection to it was lost")
+    # Not `scheduler_info()`: it waits for ever on a scheduler that does not answer, and hides a
+    # lost connection behind its last answer. This is the call its docstring points to.
+    info = client.sync(client.scheduler.identity, n_workers=-1, callback_timeout=LOOK_TIMEOUT)["workers"]
     if metrics is not None:
         metrics.update({addr: w.get("metrics") or {} for addr, w in info.items()})
     return {addr: int(w.get("nthreads", 1)) for addr, w in info.items()}
+
+
+def ask(client: Any, function: Callable[..., Any], *args: Any, workers: list[str]) -> dict[str, Any]:
+    """`Client.run(function, *args)` on `workers`, their answers by address. Those that do not
+    answer within ANSWER_TIMEOUT (a frozen machine) answer as a check that failed, saying so:
+    dask's TimeoutError is an OSError, which would otherwise read as a problem with a file."""
+    try:
+        return dict(client.run(function, *args, workers=workers, on_error="return",
+                               callback_timeout=ANSWER_TIMEOUT))
+    except TimeoutError:
+        return {addr: {"worker": addr, "problem": f"it did not answer within {ANSWER_TIMEOUT:.0f} s"}
+                for addr in workers}
 
 
 def sort_answers(found: dict[str, Any], asked: list[str]) -> tuple[list[str], dict[str, str]]:

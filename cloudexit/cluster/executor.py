@@ -28,7 +28,8 @@ from typing import Any, Callable, Sequence
 from cloudexit.cluster import service
 from cloudexit.cluster.sameness import code_fingerprint
 from cloudexit.cluster.address import ClusterAddress, check_credentials_mode
-from cloudexit.cluster.connect import CONNECT_TIMEOUT, check_dask, open_client, present, refuse, sort_answers
+from cloudexit.cluster.connect import (CONNECT_TIMEOUT, TELL_TIMEOUT, ask, check_dask, open_client,
+                                       present, refuse, sort_answers)
 from cloudexit.core.config import MigrateConfig
 from cloudexit.core.errors import StateError
 from cloudexit.transfer.messages import Message, WorkerLost
@@ -41,8 +42,6 @@ BATCH_OBJECTS = 64  # and at most this many: dask costs CPU per task (64 against
 LOCAL_THREADS = 4  # dask threads per LocalCluster worker: batches it works on at once
 MEMBERSHIP_EVERY = 2.0  # seconds between looks at which workers are there (and their egress)
 GRACE = 300.0  # seconds without the scheduler, or any admitted worker, before the run stops
-ANSWER_TIMEOUT = 120.0  # seconds for the workers' answer to a check or a start (Client.run)
-TELL_TIMEOUT = 10.0  # seconds the engine waits on a worker told something (a rate, a stop)
 
 
 class DaskExecutor:
@@ -145,19 +144,16 @@ class DaskExecutor:
             self.orphans = True
         new = [a for a in here if a not in self.admitted and a not in self.refused]
         if new:
-            found = self.client.run(service.check, self.root, self.token, self.secret, self.profile,
-                                    self.forwarded is not None, code_fingerprint(), workers=new, on_error="return",
-                                    callback_timeout=ANSWER_TIMEOUT)
+            found = ask(self.client, service.check, self.root, self.token, self.secret, self.profile,
+                        self.forwarded is not None, code_fingerprint(), workers=new)
             ok, bad = sort_answers(found, new)
             refuse(bad, first, len(self.admitted) + len(ok), self.min_workers, "migration",
                    f"every worker must mount the archive at the same path ({self.root}) and have S3 "
                    "credentials", self.notice)
             self.refused.update(bad)
             if ok:
-                names = self.client.run(service.start, self.token, self.config, self.root, self.endpoint,
-                                        self._share(len(self.admitted) + len(ok)), self.profile,
-                                        self.forwarded, workers=ok, on_error="return",
-                                        callback_timeout=ANSWER_TIMEOUT)
+                names = ask(self.client, service.start, self.token, self.config, self.root, self.endpoint,
+                            self._share(len(self.admitted) + len(ok)), self.profile, self.forwarded, workers=ok)
                 for addr in ok:
                     if isinstance(names.get(addr), tuple):
                         self.admitted[addr], self.processes[addr] = names[addr]
@@ -276,9 +272,7 @@ class DaskExecutor:
                                 f"connecting again every {MEMBERSHIP_EVERY:.0f} s")
                 self._redial()
                 self.redialing = False
-            elif status != "running":
-                raise ConnectionError("the connection to it was lost")
-            self._look()
+            self._look()  # raises while the scheduler does not answer
         except Exception as exc:  # noqa: BLE001 - OSError, TimeoutError, CommClosedError...: wait
             self._away(exc)
             return
@@ -331,13 +325,19 @@ class DaskExecutor:
         if self.client is not None and self.admitted and self.away_since is None:
             self._tell(service.cancel, self.token, workers=list(self.admitted))
 
-    def health(self) -> str | None:
+    def health(self) -> StateError | None:
+        """The run stops when the scheduler, or every worker, has been away longer than `grace`
+        (not the engine's hint for a process that died: memory and the system log)."""
         clock = time.monotonic()
+        resume = f"cloudexit migrate --resume --cluster {self.address.url}"
         if self.away_since is not None and clock - self.away_since > self.grace:
-            return (f"the dask scheduler at {self.address.url} has not answered for {self.grace:.0f} s; "
-                    f"is it running? Once it is: cloudexit migrate --resume --cluster {self.address.url}")
+            return StateError(f"the dask scheduler at {self.address.url} has not answered for {self.grace:.0f} s; "
+                              f"is it running? Once it is: {resume}",
+                              hint="its log says why it stopped; a longer --cluster-wait rides out a restart")
         if self.alone_since is not None and clock - self.alone_since > self.grace:
-            return f"no dask worker has been available for {self.grace:.0f} s at {self.address.url}"
+            return StateError(f"no dask worker has been available for {self.grace:.0f} s at {self.address.url}",
+                              hint=f"start workers (`dask worker {self.address.url}`) on the machines that "
+                                   f"mount the archive; then: {resume}")
         return None
 
     def workers(self) -> dict[str, str]:

@@ -26,7 +26,8 @@ from typing import Any, Callable
 from cloudexit.cluster import headerservice
 from cloudexit.cluster.sameness import code_fingerprint
 from cloudexit.cluster.address import ClusterAddress, check_credentials_mode, check_header_reads
-from cloudexit.cluster.connect import check_dask, open_client, present, refuse, sort_answers
+from cloudexit.cluster.connect import (TELL_TIMEOUT, ask, check_dask, open_client, present, refuse,
+                                       sort_answers)
 from cloudexit.core import errors
 from cloudexit.core.config import InventoryConfig
 from cloudexit.core.errors import StateError
@@ -103,9 +104,8 @@ class ClusterHeaders:
             self.notice(f"dask worker {self.admitted.pop(addr)} left the inventory")
         new = [a for a in here if a not in self.admitted and a not in self.refused]
         if new:
-            found = self.client.run(headerservice.admit, self.token, self.source.url, self.source_config,
-                                    self.endpoint, *self.reading, self.forwarded, code_fingerprint(), workers=new,
-                                    on_error="return")
+            found = ask(self.client, headerservice.admit, self.token, self.source.url, self.source_config,
+                        self.endpoint, *self.reading, self.forwarded, code_fingerprint(), workers=new)
             ok, bad = sort_answers(found, new)
             for addr in ok:  # first: close() ends their readers if the others stop the round
                 self.admitted[addr] = str(found[addr]["worker"])
@@ -208,7 +208,7 @@ class ClusterHeaders:
         if renewed != self.forwarded:
             self.forwarded = renewed
             self.client.run(headerservice.set_credentials, self.token, renewed, workers=list(self.admitted),
-                            on_error="ignore")
+                            on_error="ignore", callback_timeout=TELL_TIMEOUT)
 
     def close(self) -> None:
         """Idempotent; also after a failed start."""
@@ -220,7 +220,8 @@ class ClusterHeaders:
                 self.futures.clear()
                 self.keys.clear()
                 if self.admitted:
-                    client.run(headerservice.end, self.token, workers=list(self.admitted), on_error="ignore")
+                    client.run(headerservice.end, self.token, workers=list(self.admitted), on_error="ignore",
+                               callback_timeout=TELL_TIMEOUT)
         except Exception:  # noqa: BLE001 - the scheduler may be gone; the workers end theirs when idle
             pass
         finally:

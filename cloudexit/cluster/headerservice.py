@@ -18,7 +18,7 @@ from dataclasses import replace
 from typing import Any
 
 from cloudexit.cluster.sameness import other_code
-from cloudexit.cluster.service import IDLE_END, worker_label
+from cloudexit.cluster.service import end_idle, worker_label
 from cloudexit.core.config import SourceConfig
 from cloudexit.core.errors import CloudexitError
 from cloudexit.s3.client import Credentials, Endpoint
@@ -63,6 +63,9 @@ class Readers:
             self.running -= 1
             self.last_active = time.monotonic()
 
+    def busy(self) -> bool:
+        return self.running > 0
+
     def end(self) -> None:
         self.reader.stop.set()
         self.pool.shutdown(wait=True, cancel_futures=True)
@@ -79,12 +82,8 @@ def admit(token: str, url: str, config: SourceConfig, endpoint: Endpoint, thread
     problem = other_code(code)
     if problem is not None:
         return {"worker": name, "problem": problem}
-    clock = time.monotonic()
     with _lock:
-        for other, readers in list(_readers.items()):
-            if other != token and not readers.running and clock - readers.last_active > IDLE_END:
-                readers.end()
-                del _readers[other]
+        end_idle(_readers, token)
         if token in _readers:
             return {"worker": name, "problem": None}
         try:

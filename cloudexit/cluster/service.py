@@ -21,7 +21,7 @@ import threading
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Protocol, TypeVar
 
 from cloudexit.core.config import MigrateConfig
 from cloudexit.transfer.messages import Message, RangeDone, ResultGroup
@@ -196,6 +196,9 @@ class Service:
         self.last_active = time.monotonic()
         return None if self.broken and batch.left else batch.messages
 
+    def busy(self) -> bool:
+        return bool(self.batches)
+
     def counted(self) -> tuple[str, tuple[int, int, int, int]]:
         """This service's egress totals, under its nonce (a worker restarted is a new service)."""
         return self.nonce, self.tally.total()
@@ -344,18 +347,36 @@ def start(token: str, config: MigrateConfig, root: str, endpoint: Endpoint, rate
           profile: str | None, credentials: Credentials | None, dask_worker: Any = None) -> tuple[str, int]:
     """This run's service on this worker (idempotent): (its name, its worker processes). Ends
     services of other runs left idle (a coordinator killed, or gone without a word)."""
-    clock = time.monotonic()
     with _lock:
-        for other, service in list(_services.items()):
-            if other != token and not service.batches and clock - service.last_active > IDLE_END:
-                service.end()
-                del _services[other]
+        end_idle(_services, token)
         if token not in _services:
             _services[token] = Service(token, worker_label(dask_worker), config, root, endpoint, rate,
                                        profile, credentials)
         if dask_worker is not None:  # called at each heartbeat, on the worker's event loop
             dask_worker.metrics[EGRESS_METRIC] = egress
         return _services[token].name, _services[token].processes
+
+
+class _Run(Protocol):
+    last_active: float
+
+    def busy(self) -> bool: ...
+
+    def end(self) -> None: ...
+
+
+R = TypeVar("R", bound=_Run)
+
+
+def end_idle(runs: dict[str, R], token: str) -> None:
+    """End, and forget, the `runs` (a worker's services, or header readers, by run token) other
+    than `token`'s that are busy with nothing and have been idle IDLE_END seconds: their
+    coordinator was killed, or went without a word. The caller holds the lock of `runs`."""
+    clock = time.monotonic()
+    for other, run in list(runs.items()):
+        if other != token and not run.busy() and clock - run.last_active > IDLE_END:
+            run.end()
+            del runs[other]
 
 
 def run_batch(token: str, tasks: bytes) -> tuple[str, bytes | None, Any]:

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from typing import Callable, Protocol, Sequence, runtime_checkable
 
+from cloudexit.core.errors import StateError
+
 from cloudexit.core.config import MigrateConfig
 from cloudexit.transfer.messages import Message
 from cloudexit.s3.client import Credentials, Endpoint
@@ -64,9 +66,10 @@ class Executor(Protocol):
         partial ranges (`RangeDone`) and no result; nothing unverified reaches a final path."""
         ...
 
-    def health(self) -> str | None:
-        """None, or why the executor cannot go on (a worker ended unexpectedly...): the engine
-        stops the run with that reason; --resume queues the tasks in flight again."""
+    def health(self) -> str | StateError | None:
+        """None, or why the executor cannot go on: the engine stops the run with that reason;
+        --resume queues the tasks in flight again. A text: a worker process ended unexpectedly
+        (the engine's hint: memory, the system log); a StateError: another cause, with its own hint."""
         ...
 
     def stop(self) -> None:

@@ -275,7 +275,7 @@ class Migration:
         in flight that nobody will finish): stop cleanly instead; --resume queues them again."""
         problem = self.executor.health()
         if problem and self.stop_error is None:
-            self.stop_error = StateError(
+            self.stop_error = problem if isinstance(problem, StateError) else StateError(
                 problem, hint="check memory and the system log; then: cloudexit migrate --resume")
 
     def _has_work(self, state_name: str) -> bool:

@@ -15,7 +15,7 @@ from cloudexit.plan.result import Plan
 from cloudexit.plan.pricing import load_catalogue
 from cloudexit.engine.schedule import Schedule
 from cloudexit.state.db import State
-from cloudexit.state.members import ZIP_ARCHIVE, ZIP_UNPACKED
+from cloudexit.state.members import ZIP_UNPACKED, zip_counts
 
 # Endpoint host fragments -> catalogue names, so `--provider` is rarely needed.
 PROVIDER_HOSTS = {
@@ -56,15 +56,13 @@ def workload_from_state(state: State, config: MigrateConfig | None = None) -> Wo
         "sum(CASE WHEN encoding IS NOT NULL THEN size END) AS e, "
         "sum(CASE WHEN encoding IS NOT NULL THEN coalesce(plain_size, size) END) AS d "
         "FROM objects WHERE status = 'present' AND kind = 'dicom'")[0]
-    zips = state.query(f"SELECT count(*) AS n, coalesce(sum(NOT ({ZIP_UNPACKED})), 0) AS bad "
-                       f"FROM objects WHERE status = 'present' AND {ZIP_ARCHIVE}")[0]
+    zips, not_unpacked, files = zip_counts(state.conn)
     return Workload(classes, inventory_header_bytes=rounds["b"] or 0,
                     inventory_get_requests=rounds["g"] or 0,
                     inventory_list_requests=rounds["l"] or 0,
                     instances=counts["i"] or 0, studies=counts["s"] or 0,
                     encoded_bytes=counts["e"] or 0, decoded_bytes=counts["d"] or 0,
-                    zip_archives=zips["n"] or 0, zip_files=sum(c.zip_files for c in classes.values()),
-                    zip_archives_not_unpacked=zips["bad"])
+                    zip_archives=zips, zip_files=files, zip_archives_not_unpacked=not_unpacked)
 
 
 def link_from(bandwidth: float | None, measurement: Measurement | None,

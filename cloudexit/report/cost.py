@@ -97,11 +97,13 @@ def actual_classes(state: State, tgroups: list[dict[str, Any]], downloaded: int,
             c["b"] += g["b"]
     # Files inside zips (cloudexit/state/members.py) are transfers but no objects of the bucket:
     # their zips are, once per destination (unless the zip was copied itself, --keep-containers).
+    # CROSS JOIN: read the members from their index (objects_container), not every transfer (the
+    # planner's choice otherwise: 0.19 s of CPU at 200,000 objects with no zip at all).
     for m in state.query(
             "SELECT coalesce(o.storage_class, 'STANDARD') AS sc, count(*) AS files, count(DISTINCT CASE WHEN "
             "NOT EXISTS (SELECT 1 FROM transfers z WHERE z.key = o.container AND z.dest = t.dest AND "
             f"z.state IN {sql_in(COPIED)}) THEN t.dest || char(0) || o.container END) AS zips "
-            "FROM objects o JOIN transfers t ON t.key = o.key "
+            "FROM objects o CROSS JOIN transfers t ON t.key = o.key "
             f"WHERE o.container IS NOT NULL AND t.state IN {sql_in(COPIED)} GROUP BY 1"):
         if m["sc"] in by_class:
             by_class[m["sc"]].update(files=m["files"], zips=m["zips"])

@@ -21,7 +21,7 @@ from cloudexit.report.groups import LIST_LIMIT, Groups, Rule, grouped
 from cloudexit.report.manifest import read_patient
 from cloudexit.report.verification import verification
 from cloudexit.state.db import GENESIS_HASH, State, now
-from cloudexit.state.members import ZIP_ARCHIVE, ZIP_UNPACKED
+from cloudexit.state.members import zip_counts
 
 FORMAT = "cloudexit.audit/1"
 _SESSION_END = {"migrate.finished", "migrate.interrupted", "migrate.stopped"}
@@ -113,10 +113,7 @@ def _source(state: State, groups: list[dict[str, Any]], uids: dict[str, int]) ->
         c = classes.setdefault(g["sc"], {"name": g["sc"], "objects": 0, "bytes": 0})
         c["objects"] += g["objects"]
         c["bytes"] += g["bytes"]
-    zips = dict(state.query(
-        f"SELECT count(*) AS zip_archives, coalesce(sum(NOT ({ZIP_UNPACKED})), 0) AS zip_archives_not_unpacked "
-        f"FROM objects WHERE status = '{ObjectStatus.PRESENT}' AND {ZIP_ARCHIVE}")[0])
-    zips["zip_files"] = total([g for g in present if g["member"]])
+    zips = dict(zip(("zip_archives", "zip_archives_not_unpacked", "zip_files"), zip_counts(state.conn)))
     latest = state.query("SELECT status, started_at, finished_at FROM inventory_rounds ORDER BY id DESC LIMIT 1")
     rounds = state.query("SELECT count(*) AS n, sum(list_requests) AS l, sum(get_requests) AS g, "
                          "sum(header_bytes) AS b FROM inventory_rounds")[0]

@@ -18,7 +18,7 @@ from cloudexit.core.states import (
 from cloudexit.core.states import TransferState as T
 from cloudexit.state.db import State
 from cloudexit.state.destinations import destinations
-from cloudexit.state.members import STORED_BYTES, ZIP_ARCHIVE, ZIP_UNPACKED
+from cloudexit.state.members import STORED_BYTES, ZIP_ARCHIVE, zip_counts
 
 
 def _patient_key(state: State) -> dict[str, Any]:
@@ -47,11 +47,9 @@ def inventory_summary(state: State) -> dict[str, Any]:
         "patients": one(f"SELECT count(DISTINCT patient_hash) {dicom}"),
         "non_dicom": one(f"SELECT count(*) {present} AND kind = '{ObjectKind.OTHER}' AND pacs_metadata IS NULL "
                          f"AND NOT ({ZIP_ARCHIVE})"),
-        # zipped studies (cloudexit/state/members.py): the zips, and the files inside them
-        "zip_archives": one(f"SELECT count(*) {present} AND {ZIP_ARCHIVE}"),
-        # among them, those whose files could not be read (kept whole; counted as unreadable too)
-        "zip_archives_not_unpacked": one(f"SELECT count(*) {present} AND {ZIP_ARCHIVE} AND NOT ({ZIP_UNPACKED})"),
-        "zip_members": one(f"SELECT count(*) {present} AND container IS NOT NULL"),
+        # zipped studies (cloudexit/state/members.py): the zips, among them those whose files could
+        # not be read (kept whole; counted as unreadable too), and the files inside them
+        **dict(zip(("zip_archives", "zip_archives_not_unpacked", "zip_members"), zip_counts(state.conn))),
         # Orthanc's header-only and DICOM-as-JSON copies: neither instances nor conflicts
         "pacs_metadata": one(f"SELECT count(*) {present} AND pacs_metadata IS NOT NULL"),
         "by_encoding": _breakdown(state, f"SELECT encoding, count(*), sum(size) {present} "

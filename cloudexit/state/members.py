@@ -69,6 +69,16 @@ def stored_bytes(row: str = "") -> str:
 STORED_BYTES = stored_bytes()
 
 
+def zip_counts(conn: sqlite3.Connection) -> tuple[int, int, int]:
+    """(zip archives, those among them not unpacked, files inside them) among the present
+    objects: what status, plan and audit say (core/i18n.py `zipped_words`), counted here once."""
+    archives, bad = conn.execute(f"SELECT count(*), coalesce(sum(NOT ({ZIP_UNPACKED})), 0) FROM objects "
+                                 f"WHERE status = 'present' AND {ZIP_ARCHIVE}").fetchone()
+    files = conn.execute("SELECT count(*) FROM objects WHERE container IS NOT NULL "  # objects_container
+                         "AND status = 'present'").fetchone()[0]
+    return archives, bad, files
+
+
 def record(tx: sqlite3.Connection, zip_key: str, etag: str, round_id: int, stamp: str,
            members: list[tuple[Member, Header, str | None]]) -> None:
     """Write the members of a zip just read (member, its header, its patient hash)."""
