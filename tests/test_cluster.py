@@ -296,6 +296,100 @@ def test_coordinator_killed_then_resumed(cli, s3, bucket: str, db: Path, tmp_pat
     _all_verified(db, dest, truth)
 
 
+def _service_on(s3: Any, bucket: str, root: Path, token: str, sizes: dict[str, int]) -> tuple[Any, Any, tuple[Any, ...]]:
+    """A worker's service of run `token` in this process (real worker processes, SeaweedFS),
+    limited to 512 KB/s; a function making the task of one of `sizes`' objects, uploaded; and
+    the service's config, endpoint and credentials."""
+    import os as _os
+
+    from cloudexit.cluster import service
+    from cloudexit.core.config import MigrateConfig
+    from cloudexit.s3.client import Credentials
+    from cloudexit.s3.source import Source
+    from cloudexit.stores.filesystem import FilesystemStore
+    from cloudexit.transfer.tasks import Task
+
+    client = s3.client()
+    etags = {k: client.put_object(Bucket=bucket, Key=k, Body=_os.urandom(n))["ETag"].strip('"')
+             for k, n in sizes.items()}
+    root.mkdir(exist_ok=True)
+    endpoint, _creds = Source(f"s3://{bucket}").lean_endpoint()
+    creds = Credentials(s3.credentials["aws_access_key_id"], s3.credentials["aws_secret_access_key"])
+
+    def task(i: int, key: str) -> Task:
+        final = str(root / "_non-dicom" / key)
+        return Task(id=i, key=key, etag=etags[key], size=sizes[key], kind="other", final=final,
+                    temp=FilesystemStore.temp_beside(final, key, etags[key]), quarantine=None,
+                    expect={}, provider={}, credentials=creds)
+
+    run = service.Service(token, "w", MigrateConfig(), str(root), endpoint, 512 * 1024, None, creds)
+    service._services[token] = run
+    return run, task, (MigrateConfig(), endpoint, creds)
+
+
+def test_a_batch_given_up_while_another_finishes_still_ends_the_service(s3_env, bucket: str, tmp_path: Path) -> None:
+    """The coordinator killed: each batch on a worker finds it out at its own next look (once a
+    second). A batch that finishes in between must not leave the service running the given-up
+    objects for nobody: once none it waits for is left, its processes stop and its temps go."""
+    import threading
+
+    from cloudexit.cluster import service
+
+    root, token = tmp_path / "archive", "given-up-race"
+    run, task, _args = _service_on(s3_env, bucket, root, token,
+                            {"q/small.bin": 512 * 1024, "p/big-1.bin": 4 * 2**20, "p/big-2.bin": 4 * 2**20})
+    try:
+        answers: dict[str, Any] = {}
+        q = threading.Thread(target=lambda: answers.setdefault("q", run.run([task(1, "q/small.bin")])))
+        q.start()  # first in the queue: done in about 3 s, after the other batch is given up
+        p = threading.Thread(target=lambda: answers.setdefault("p", run.run(
+            [task(2, "p/big-1.bin"), task(3, "p/big-2.bin")], given_up=lambda: True)))
+        p.start()
+        p.join(30)
+        q.join(30)
+        assert answers["p"] == [] and [m.outcome for m in answers["q"]] == ["verified"]
+        deadline = time.monotonic() + 15
+        while (token in service._services or _temps(root)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert token not in service._services and run.pool.stopped  # long before the 4 MB objects end
+        assert not _temps(root)
+        assert not (root / "_non-dicom" / "p").exists() or not any((root / "_non-dicom" / "p").iterdir())
+    finally:
+        service._services.pop(token, None)
+        run.end()
+
+
+def test_a_run_starting_on_a_worker_waits_for_the_killed_runs_processes(s3_env, bucket: str, tmp_path: Path) -> None:
+    """A resume right after a kill: its service must not start while the dead run's processes
+    still write (for up to a second until a batch looks, then while they stop), or their late
+    temp files land beside the new run's, in folders its listing has already seen."""
+    import threading
+
+    from cloudexit.cluster import service
+
+    root, token = tmp_path / "archive", "killed-run"
+    old, task, (config, endpoint, creds) = _service_on(s3_env, bucket, root, token, {"p/big-1.bin": 4 * 2**20, "p/big-2.bin": 4 * 2**20})
+    try:
+        dead = threading.Event()
+        p = threading.Thread(target=old.run, args=([task(1, "p/big-1.bin"), task(2, "p/big-2.bin")], dead.is_set))
+        p.start()
+        deadline = time.monotonic() + 30
+        while not _temps(root) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _temps(root)  # the old run is writing
+        dead.set()  # its coordinator is gone: dask released the batch's task
+        service.start("resumed", config, str(root), endpoint, None, None, creds)
+        assert old.ended.is_set() and old.pool.stopped and token not in service._services
+        assert not _temps(root)
+        p.join(10)
+    finally:
+        for t in (token, "resumed"):
+            s = service._services.pop(t, None)
+            if s is not None:
+                s.end()
+        old.end()
+
+
 @pytest.mark.slow
 def test_workers_of_a_coordinator_killed_stop_and_remove_their_temps(cli, s3, bucket: str, db: Path,
                                                                      tmp_path: Path, dask_nodes) -> None:

@@ -32,6 +32,7 @@ from cloudexit.transfer.tasks import Result, Task
 TOKEN_PREFIX = ".cloudexit-cluster-"  # the DEST token file's name (+ run token)
 EGRESS_METRIC = "cloudexit-egress"  # the dask worker's heartbeats carry each run's egress totals
 IDLE_END = 120.0  # seconds: a run's service idle this long is ended when another run starts
+ENDING_WAIT = 20.0  # seconds a new run waits for an abandoned one's processes (at most 5 + 2) to stop
 # Stands in for the credentials in tasks sent to the cluster: each worker fills in its own.
 NO_CREDENTIALS = Credentials("-", "")
 
@@ -69,11 +70,12 @@ class Tally:
 
 
 class _Batch:
-    def __init__(self, ids: set[int]) -> None:
+    def __init__(self, ids: set[int], given_up: Callable[[], bool] = lambda: False) -> None:
         self.left = set(ids)
         self.messages: list[Message] = []
         self.done = threading.Event()
         self.given_up = False
+        self.let_go = given_up  # has the coordinator let go of it (dask released its task)?
         if not ids:
             self.done.set()
 
@@ -106,6 +108,9 @@ class Service:
         self.block = threading.Lock()
         self.last_active = time.monotonic()
         self.broken: str | None = None
+        self.orphaned = False  # a batch was given up: its objects go on in the processes for nobody
+        self.abandoned = False
+        self.ended = threading.Event()  # set once an abandoned service's processes and temps are gone
         # Own processes, not threads of the dask worker: dask's event loop and its timers then
         # take no GIL from the hashing and writing (measured: 50% more CPU per GB in-process).
         self.pool = LocalProcessExecutor()
@@ -169,10 +174,10 @@ class Service:
         processes failed, the batch must run elsewhere). `given_up()`: the coordinator no
         longer wants it (it was killed or cancelled the run): when every batch here is given
         up, the service stops (what is in flight ends as cancelled)."""
-        if self.broken:
+        if self.broken or self.abandoned:
             return None
         credentials = self.credentials()
-        batch = _Batch({t.id for t in tasks})
+        batch = _Batch({t.id for t in tasks}, given_up)
         with self.block:
             for t in tasks:
                 self.batches[t.id] = batch
@@ -184,17 +189,43 @@ class Service:
                     self.temps[task.id] = task.temp
         self.pool.submit(tasks)
         while not batch.done.wait(1.0):
-            if given_up():
-                batch.given_up = True
-                with self.block:
-                    abandoned = all(b.given_up for b in self.batches.values())
-                    for task_id in batch.left:
-                        self.batches.pop(task_id, None)
-                if abandoned:  # nobody waits for any of this run's work (its coordinator died)
-                    threading.Thread(target=self.abandon, name=f"cloudexit-{self.token}-end", daemon=True).start()
+            if self.abandoned:  # another batch found the run given up: this one ends with it
+                return None
+            if batch.given_up or given_up():
+                self._give_up(batch)
+                self._abandon_if_orphaned()
                 return []
         self.last_active = time.monotonic()
+        self._abandon_if_orphaned()
         return None if self.broken and batch.left else batch.messages
+
+    def _give_up(self, batch: _Batch) -> None:
+        with self.block:
+            batch.given_up = self.orphaned = True
+            for task_id in batch.left:
+                self.batches.pop(task_id, None)
+
+    def settle(self) -> None:
+        """Look now, not at each batch's next look (once a second), whether the coordinator let
+        go of the batches here; if it let go of all of them, the service ends."""
+        with self.block:
+            live = set(self.batches.values())
+        for batch in live:
+            if not batch.given_up and batch.let_go():
+                self._give_up(batch)
+        self._abandon_if_orphaned()
+
+    def _abandon_if_orphaned(self) -> None:
+        """Once a batch was given up (the coordinator died, or let go of this worker's work)
+        and no batch it still waits for is left here, the service ends. Checked both when a
+        batch is given up and when one finishes: another batch may finish between its
+        coordinator's death and its own next look (once a second), and the processes would
+        then go on with the given-up objects, their temp files and all, for nobody."""
+        with self.block:
+            if not self.orphaned or self.abandoned or any(not b.given_up for b in self.batches.values()):
+                return
+            self.abandoned = True
+        threading.Thread(target=self.abandon, name=f"cloudexit-{self.token}-end", daemon=True).start()
 
     def busy(self) -> bool:
         return bool(self.batches)
@@ -210,21 +241,25 @@ class Service:
     def abandon(self) -> None:
         """The coordinator that ran this service is gone: stop its processes, then remove the
         temp files of its unfinished small objects (a large object's, with the ranges its
-        coordinator recorded, is left for the resume to take over). A resumed run on this
-        worker lists each folder once (Leftovers) and may have listed one before these
-        processes stopped writing, so it would never see them; small objects start over anyway."""
-        with _lock:
-            if _services.get(self.token) is self:
-                del _services[self.token]
-        self.cancel()
-        self.end()
-        with self.block:
-            temps, self.temps = list(self.temps.values()), {}
-        for path in temps:
-            try:
-                os.unlink(path)
-            except OSError:  # finished, or taken over by a newer attempt (renamed): not ours now
-                pass
+        coordinator recorded, is left for the resume to take over). It stays listed until then:
+        a run that starts on this worker waits for it (`start`), so that the dead run's processes
+        never write beside the new run's, and the new run's listing of a folder (Leftovers, once
+        per folder) never misses a temp file they wrote late."""
+        try:
+            self.cancel()
+            self.end()
+            with self.block:
+                temps, self.temps = list(self.temps.values()), {}
+            for path in temps:
+                try:
+                    os.unlink(path)
+                except OSError:  # finished, or taken over by a newer attempt (renamed): not ours now
+                    pass
+        finally:
+            with _lock:
+                if _services.get(self.token) is self:
+                    del _services[self.token]
+            self.ended.set()
 
     def end(self) -> None:
         self.pool.stop()
@@ -346,11 +381,23 @@ def check(root: str, token: str, secret: str, profile: str | None, forwarded: bo
 def start(token: str, config: MigrateConfig, root: str, endpoint: Endpoint, rate: float | None,
           profile: str | None, credentials: Credentials | None, dask_worker: Any = None) -> tuple[str, int]:
     """This run's service on this worker (idempotent): (its name, its worker processes). Ends
-    services of other runs left idle (a coordinator killed, or gone without a word)."""
+    services of other runs left idle (a coordinator killed, or gone without a word), and first
+    waits for those whose coordinator let go of their batches to stop (a resume right after a
+    kill: the dead run's processes would otherwise go on writing for a few seconds)."""
+    with _lock:
+        others = list(_services.values())
+    for other in others:
+        other.settle()
+    for other in others:
+        if other.abandoned:
+            other.ended.wait(ENDING_WAIT)
     with _lock:
         end_idle(_services, token)
+        if token in _services and _services[token].abandoned:
+            del _services[token]  # let go of by its coordinator (a scheduler restart): a new one
         if token not in _services:
-            _services[token] = Service(token, worker_label(dask_worker), config, root, endpoint, rate,
+            name = worker_label(dask_worker) if dask_worker is not None else "?"
+            _services[token] = Service(token, name, config, root, endpoint, rate,
                                        profile, credentials)
         if dask_worker is not None:  # called at each heartbeat, on the worker's event loop
             dask_worker.metrics[EGRESS_METRIC] = egress
